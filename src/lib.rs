@@ -1,0 +1,15 @@
+//! mesh: declarative provisioning of ML data-mesh services.
+//!
+//! The flow is `stack` (parse and resolve TOML) → `graph` (resources and
+//! their dependencies) → providers observe live state → `plan` (a pure diff)
+//! → `render` (human or JSON) → `apply` (walk the graph, call providers).
+//! Only `provider` modules do I/O against the outside world.
+
+pub mod stack;
+pub mod resource;
+pub mod graph;
+pub mod plan;
+pub mod render;
+pub mod lock;
+pub mod apply;
+pub mod provider;

@@ -1,0 +1,127 @@
+//! Providers: the only code that talks to the outside world.
+//!
+//! Each provider turns the resolved stack into desired resources (pure),
+//! observes the live resources it owns for a stack and environment (by
+//! ownership marks: AWS tags, Kubernetes labels, local state under `.mesh/`),
+//! and carries out one planned change at a time.
+
+pub mod local;
+#[cfg(feature = "aws")]
+pub mod aws;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use crate::plan::Change;
+use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
+use crate::stack::Stack;
+
+/// Errors a provider reports. Messages name the resource and the cause, and
+/// never contain secret values.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The stack asks for something this provider cannot build.
+    #[error("{address}: {message}")]
+    Invalid { address: Address, message: String },
+    /// The remote API refused the request and retrying will not help.
+    #[error("{address}: {message}")]
+    Api { address: Address, message: String },
+    /// Observing live state failed.
+    #[error("reading live state from {provider}: {message}")]
+    Observe { provider: ProviderId, message: String },
+    /// Waiting for a resource to become ready timed out.
+    #[error("{address}: not ready after {seconds}s: {message}")]
+    Timeout { address: Address, seconds: u64, message: String },
+    /// The operation was interrupted (Ctrl-C); a rerun picks it up.
+    #[error("{address}: interrupted")]
+    Interrupted { address: Address },
+    /// Local I/O.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a provider may use while carrying out a change.
+pub struct ApplyContext {
+    outputs: Mutex<BTreeMap<Address, BTreeMap<String, Value>>>,
+    started: Instant,
+    /// Set when the user pressed Ctrl-C: finish or abandon the current wait.
+    pub cancel: tokio::sync::watch::Receiver<bool>,
+    /// Do not wait for rollouts to become ready (`--no-wait`).
+    pub no_wait: bool,
+    pub scope: Scope,
+}
+
+impl ApplyContext {
+    pub fn new(scope: Scope, live: &[Live], cancel: tokio::sync::watch::Receiver<bool>, no_wait: bool) -> Self {
+        let outputs = live.iter().map(|l| (l.address.clone(), l.outputs.clone())).collect();
+        ApplyContext { outputs: Mutex::new(outputs), started: Instant::now(), cancel, no_wait, scope }
+    }
+
+    /// Resolves references in a value against outputs known now (live state
+    /// plus what this apply has created so far).
+    pub fn resolve(&self, v: &Value) -> Value {
+        let outputs = self.outputs.lock().unwrap_or_else(|e| e.into_inner());
+        resolve_with(v, &outputs)
+    }
+
+    /// The desired attributes with references resolved.
+    pub fn resolved_attrs(&self, d: &Desired) -> BTreeMap<String, Value> {
+        d.attrs.iter().map(|(k, a)| (k.clone(), self.resolve(&a.value))).collect()
+    }
+
+    pub fn record(&self, live: &Live) {
+        let mut outputs = self.outputs.lock().unwrap_or_else(|e| e.into_inner());
+        outputs.insert(live.address.clone(), live.outputs.clone());
+    }
+
+    pub fn forget(&self, address: &Address) {
+        let mut outputs = self.outputs.lock().unwrap_or_else(|e| e.into_inner());
+        outputs.remove(address);
+    }
+
+    /// Progress for people, on stderr: which resource, what, elapsed time.
+    pub fn progress(&self, address: &Address, message: &str) {
+        eprintln!("{address}: {message} [{}s elapsed]", self.started.elapsed().as_secs());
+    }
+
+    pub fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+}
+
+fn resolve_with(v: &Value, outputs: &BTreeMap<Address, BTreeMap<String, Value>>) -> Value {
+    match v {
+        Value::Ref { address, output } => {
+            outputs.get(address).and_then(|o| o.get(output)).cloned().unwrap_or(Value::Unknown)
+        }
+        Value::List(items) => Value::List(items.iter().map(|i| resolve_with(i, outputs)).collect()),
+        Value::Map(m) => Value::Map(m.iter().map(|(k, i)| (k.clone(), resolve_with(i, outputs))).collect()),
+        other => other.clone(),
+    }
+}
+
+/// One provider (local, aws, kubernetes).
+#[async_trait]
+pub trait Provider: Send + Sync {
+    fn id(&self) -> ProviderId;
+
+    /// The desired resources for this provider, in dependency order. Pure
+    /// apart from reading the stack's own files (e.g. to digest a dataset).
+    fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError>;
+
+    /// Reads the live resources this provider owns for `scope`.
+    async fn observe(&self, scope: &Scope) -> Result<Vec<Live>, ProviderError>;
+
+    /// Carries out one change and waits until it is ready. Returns the live
+    /// resource afterwards, or `None` once deleted.
+    async fn apply(&self, change: &Change, ctx: &ApplyContext) -> Result<Option<Live>, ProviderError>;
+}
