@@ -1,1 +1,164 @@
-//! graph
+//! The dependency graph of a stack's resources, and orderings over it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::resource::{Address, Desired};
+
+/// Finds one cycle in a graph given as node → dependencies, if any.
+/// Returns the nodes of the cycle in order.
+pub fn find_cycle<'a>(edges: &BTreeMap<&'a str, BTreeSet<&'a str>>) -> Option<Vec<&'a str>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Visiting,
+        Done,
+    }
+    fn visit<'a>(n: &'a str, edges: &BTreeMap<&'a str, BTreeSet<&'a str>>, marks: &mut BTreeMap<&'a str, Mark>, path: &mut Vec<&'a str>) -> Option<Vec<&'a str>> {
+        match marks.get(n) {
+            Some(Mark::Done) => return None,
+            Some(Mark::Visiting) => {
+                let start = path.iter().position(|p| *p == n).unwrap_or(0);
+                return Some(path[start..].to_vec());
+            }
+            None => {}
+        }
+        marks.insert(n, Mark::Visiting);
+        path.push(n);
+        if let Some(deps) = edges.get(n) {
+            for d in deps {
+                if let Some(c) = visit(d, edges, marks, path) {
+                    return Some(c);
+                }
+            }
+        }
+        path.pop();
+        marks.insert(n, Mark::Done);
+        None
+    }
+    let mut marks = BTreeMap::new();
+    for n in edges.keys() {
+        let mut path = Vec::new();
+        if let Some(c) = visit(n, edges, &mut marks, &mut path) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// Orders resources so each comes after what it depends on (stable: ties
+/// keep their given order). Dependencies on addresses not in `resources`
+/// are ignored. Returns `Err` with a cycle if there is one.
+pub fn topo_order(resources: Vec<Desired>) -> Result<Vec<Desired>, Vec<Address>> {
+    let index: BTreeMap<Address, usize> = resources.iter().enumerate().map(|(i, r)| (r.address.clone(), i)).collect();
+    let n = resources.len();
+    let mut indegree = vec![0usize; n];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, r) in resources.iter().enumerate() {
+        for d in &r.depends_on {
+            if let Some(&j) = index.get(d) {
+                indegree[i] += 1;
+                dependents[j].push(i);
+            }
+        }
+    }
+    let mut ready: BTreeSet<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(&i) = ready.iter().next() {
+        ready.remove(&i);
+        order.push(i);
+        for &k in &dependents[i] {
+            indegree[k] -= 1;
+            if indegree[k] == 0 {
+                ready.insert(k);
+            }
+        }
+    }
+    if order.len() < n {
+        let stuck: Vec<Address> = (0..n).filter(|i| !order.contains(i)).map(|i| resources[i].address.clone()).collect();
+        return Err(stuck);
+    }
+    let mut slots: Vec<Option<Desired>> = resources.into_iter().map(Some).collect();
+    Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
+}
+
+/// Groups resources into levels: every resource in level k depends only on
+/// resources in levels < k, so a level can be applied in parallel.
+pub fn levels(resources: &[Desired]) -> Vec<Vec<Address>> {
+    let known: BTreeSet<&Address> = resources.iter().map(|r| &r.address).collect();
+    let mut level: BTreeMap<&Address, usize> = BTreeMap::new();
+    for r in resources {
+        let l = r.depends_on.iter().filter(|d| known.contains(d)).filter_map(|d| level.get(d)).map(|l| l + 1).max().unwrap_or(0);
+        level.insert(&r.address, l);
+    }
+    let depth = level.values().max().map_or(0, |m| m + 1);
+    let mut out = vec![Vec::new(); depth];
+    for r in resources {
+        out[level[&r.address]].push(r.address.clone());
+    }
+    out
+}
+
+/// One node of the stack-level graph.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Node {
+    pub address: Address,
+    pub depends_on: Vec<Address>,
+}
+
+/// The stack's resources and their dependencies, in dependency order.
+pub fn stack_graph(stack: &crate::stack::Stack) -> Vec<Node> {
+    use crate::stack::{ClusterKind, DatasetSource, Endpoint, EnrichmentSource, Target};
+    let mut nodes: Vec<Desired> = Vec::new();
+    let mk = |kind: &str, name: &str| Desired::new(Address::of(kind, name), kind, crate::resource::ProviderId::Local);
+    let cloud = stack.env.target != Target::Local;
+    if cloud {
+        for n in stack.networks.keys() {
+            nodes.push(mk("network", n));
+        }
+        for (name, c) in &stack.clusters {
+            let mut d = mk("cluster", name);
+            if let ClusterKind::Eks(e) = &c.kind {
+                d = d.depends(Address::of("network", &e.network));
+            }
+            nodes.push(d);
+        }
+        for r in stack.registries.keys() {
+            nodes.push(mk("registry", r));
+        }
+    }
+    for c in stack.connections.keys() {
+        nodes.push(mk("connection", c));
+    }
+    for (name, s) in &stack.services {
+        let mut d = mk("service", name);
+        for ds in s.datasets.values() {
+            if let DatasetSource::Sql { connection, .. } = &ds.source {
+                d = d.depends(Address::of("connection", connection));
+            }
+        }
+        for e in s.endpoints.values() {
+            if let Endpoint::Prediction { enrichments, .. } = e {
+                for en in enrichments {
+                    if let EnrichmentSource::Lookup { service, .. } = &en.source {
+                        d = d.depends(Address::of("service", service));
+                    }
+                }
+            }
+        }
+        if cloud {
+            if let Some(c) = &stack.env.cluster {
+                d = d.depends(Address::of("cluster", c));
+            }
+            if let Some(r) = &stack.env.registry {
+                if stack.registries.contains_key(r) {
+                    d = d.depends(Address::of("registry", r));
+                }
+            }
+        }
+        nodes.push(d);
+    }
+    for (name, e) in &stack.exposes {
+        nodes.push(mk("expose", name).depends(Address::of("service", &e.service)));
+    }
+    let ordered = topo_order(nodes).unwrap_or_default();
+    ordered.into_iter().map(|d| Node { address: d.address, depends_on: d.depends_on.into_iter().collect() }).collect()
+}

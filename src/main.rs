@@ -1,1 +1,127 @@
-fn main() {}
+//! The `mesh` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "mesh", version, about = "Declarative ML data-mesh services: plan, apply and destroy them locally, on EKS or any Kubernetes cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a stack: syntax, types, references, CIDRs, ports, secrets.
+    Validate {
+        /// The stack folder (holding stack.toml).
+        path: PathBuf,
+        /// Environment to validate (with its overlay file); default: every declared one.
+        #[arg(long)]
+        env: Option<String>,
+        /// Print errors as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stack's resources and their dependencies, in dependency order.
+    Graph {
+        path: PathBuf,
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
+        format: GraphFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Text,
+    Dot,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { path, env, json } => validate(&path, env.as_deref(), json),
+        Command::Graph { path, env, format } => graph(&path, env.as_deref(), format),
+    }
+}
+
+fn report_errors(report: &mesh::stack::Report, json: bool) -> ExitCode {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json()).unwrap_or_default());
+    } else {
+        eprint!("{}", report.render());
+    }
+    ExitCode::from(1)
+}
+
+fn validate(path: &std::path::Path, env: Option<&str>, json: bool) -> ExitCode {
+    let envs: Vec<Option<String>> = match env {
+        Some(e) => vec![Some(e.to_owned())],
+        None => match mesh::stack::environments(path) {
+            Ok(list) if !list.is_empty() => list.into_iter().map(Some).collect(),
+            Ok(_) => vec![None],
+            Err(report) => return report_errors(&report, json),
+        },
+    };
+    for e in &envs {
+        match mesh::stack::load(path, e.as_deref()) {
+            Ok(stack) => {
+                if !json {
+                    eprintln!(
+                        "ok: stack {} is valid for environment {} (target {:?}): {} networks, {} clusters, {} registries, {} connections, {} services, {} exposures",
+                        stack.name,
+                        stack.env.name,
+                        stack.env.target,
+                        stack.networks.len(),
+                        stack.clusters.len(),
+                        stack.registries.len(),
+                        stack.connections.len(),
+                        stack.services.len(),
+                        stack.exposes.len()
+                    );
+                }
+            }
+            Err(report) => return report_errors(&report, json),
+        }
+    }
+    if json {
+        println!("{{\"errors\": []}}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn graph(path: &std::path::Path, env: Option<&str>, format: GraphFormat) -> ExitCode {
+    let stack = match mesh::stack::load(path, env) {
+        Ok(s) => s,
+        Err(report) => return report_errors(&report, false),
+    };
+    let nodes = mesh::graph::stack_graph(&stack);
+    match format {
+        GraphFormat::Text => {
+            for (i, n) in nodes.iter().enumerate() {
+                if n.depends_on.is_empty() {
+                    println!("{:>3}. {}", i + 1, n.address);
+                } else {
+                    let deps: Vec<String> = n.depends_on.iter().map(ToString::to_string).collect();
+                    println!("{:>3}. {}  <- {}", i + 1, n.address, deps.join(", "));
+                }
+            }
+        }
+        GraphFormat::Dot => {
+            println!("digraph \"{}\" {{", stack.name);
+            println!("  rankdir = LR;");
+            for n in &nodes {
+                println!("  \"{}\";", n.address);
+                for d in &n.depends_on {
+                    println!("  \"{}\" -> \"{}\";", n.address, d);
+                }
+            }
+            println!("}}");
+        }
+    }
+    ExitCode::SUCCESS
+}

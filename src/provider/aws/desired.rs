@@ -1,0 +1,249 @@
+//! The resolved stack as desired AWS resources (pure).
+//!
+//! Addresses: `network.N` (VPC) with children `.subnet.S`,
+//! `.internet_gateway`, `.route_table.public`, `.security_group.cluster`;
+//! `cluster.C` (EKS) with `.role`, `.node_role`, `.node_group.G`;
+//! `registry.R` (ECR). Cross-resource ids are `Value::Ref`s, so the engine
+//! orders and parallelises them; every attribute has the same name and
+//! shape as [`super::AwsProvider::observe`] reports it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::resource::{Address, Desired, ProviderId, Value};
+use crate::stack::{ClusterKind, Stack};
+
+use super::super::ProviderError;
+use super::{kind, names};
+
+/// Managed policies of the cluster role.
+pub const CLUSTER_POLICIES: &[&str] = &["AmazonEKSClusterPolicy"];
+/// Managed policies of the node role.
+pub const NODE_POLICIES: &[&str] =
+    &["AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly"];
+
+fn r(address: &Address, output: &str) -> Value {
+    Value::Ref { address: address.clone(), output: output.to_owned() }
+}
+
+fn tags(items: impl IntoIterator<Item = (String, String)>) -> Value {
+    Value::Map(items.into_iter().map(|(k, v)| (k, Value::Str(v))).collect())
+}
+
+pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec<Desired>, ProviderError> {
+    let s = stack.name.as_str();
+    let e = stack.env.name.as_str();
+    let mut out = Vec::new();
+
+    // Which EKS clusters use which subnets (for the `kubernetes.io/cluster/<name>` tag).
+    let mut cluster_of_subnet: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for (cname, c) in &stack.clusters {
+        if let ClusterKind::Eks(eks) = &c.kind {
+            let eks_name = names::eks_cluster(s, e, cname);
+            let used = eks.subnets.iter().chain(eks.node_groups.iter().flat_map(|g| g.subnets.iter()));
+            for sub in used {
+                cluster_of_subnet.entry((eks.network.clone(), sub.clone())).or_default().insert(eks_name.clone());
+            }
+        }
+    }
+
+    for (nname, n) in &stack.networks {
+        let vpc = Address::of("network", nname);
+        let mut base_tags: BTreeMap<String, String> = n.tags.clone();
+        base_tags.insert("Name".into(), names::display(s, e, nname));
+        out.push(
+            Desired::new(vpc.clone(), kind::VPC, ProviderId::Aws)
+                .attr_force_new("cidr", n.cidr.to_string())
+                .attr("tags", tags(base_tags.clone())),
+        );
+        let mut public = Vec::new();
+        for sub in &n.subnets {
+            let addr = vpc.child("subnet", &sub.name);
+            let mut t = n.tags.clone();
+            t.insert("Name".into(), names::display(s, e, &format!("{nname}-{}", sub.name)));
+            if sub.public {
+                t.insert("kubernetes.io/role/elb".into(), "1".into());
+                public.push((sub.name.clone(), addr.clone()));
+            } else {
+                t.insert("kubernetes.io/role/internal-elb".into(), "1".into());
+            }
+            if let Some(clusters) = cluster_of_subnet.get(&(nname.clone(), sub.name.clone())) {
+                for c in clusters {
+                    t.insert(format!("kubernetes.io/cluster/{c}"), "shared".into());
+                }
+            }
+            out.push(
+                Desired::new(addr, kind::SUBNET, ProviderId::Aws)
+                    .attr_force_new("vpc_id", r(&vpc, "id"))
+                    .attr_force_new("cidr", sub.cidr.to_string())
+                    .attr_force_new("zone", sub.zone.clone())
+                    .attr("map_public_ip_on_launch", sub.public)
+                    .attr("tags", tags(t))
+                    .depends(vpc.clone()),
+            );
+        }
+        if !public.is_empty() {
+            let igw = Address::new(format!("{vpc}.internet_gateway"));
+            let mut t = n.tags.clone();
+            t.insert("Name".into(), names::display(s, e, nname));
+            out.push(
+                Desired::new(igw.clone(), kind::INTERNET_GATEWAY, ProviderId::Aws)
+                    .attr_force_new("vpc_id", r(&vpc, "id"))
+                    .attr("tags", tags(t.clone()))
+                    .depends(vpc.clone()),
+            );
+            let rt = vpc.child("route_table", "public");
+            let mut d = Desired::new(rt, kind::ROUTE_TABLE, ProviderId::Aws)
+                .attr_force_new("vpc_id", r(&vpc, "id"))
+                .attr("gateway_id", r(&igw, "id"))
+                .attr(
+                    "subnets",
+                    Value::Map(public.iter().map(|(name, a)| (name.clone(), r(a, "id"))).collect()),
+                )
+                .attr("tags", tags(named(&t, s, e, &format!("{nname}-public"))))
+                .depends(vpc.clone())
+                .depends(igw);
+            for (_, a) in &public {
+                d = d.depends(a.clone());
+            }
+            out.push(d);
+        }
+        let sg = vpc.child("security_group", "cluster");
+        out.push(
+            Desired::new(sg, kind::SECURITY_GROUP, ProviderId::Aws)
+                .attr_force_new("vpc_id", r(&vpc, "id"))
+                .attr_force_new("name", names::security_group(s, e, nname))
+                .attr("tags", tags(named(&n.tags, s, e, &format!("{nname}-cluster"))))
+                .depends(vpc.clone()),
+        );
+    }
+
+    for (cname, c) in &stack.clusters {
+        let ClusterKind::Eks(eks) = &c.kind else { continue };
+        let caddr = Address::of("cluster", cname);
+        let Some(net) = stack.networks.get(&eks.network) else {
+            return Err(ProviderError::Invalid {
+                address: caddr,
+                message: format!("network `{}` is not declared", eks.network),
+            });
+        };
+        let vpc = Address::of("network", &eks.network);
+        let subnet_ref = |name: &str| -> Result<(String, Value, Address), ProviderError> {
+            if !net.subnets.iter().any(|x| x.name == name) {
+                return Err(ProviderError::Invalid {
+                    address: caddr.clone(),
+                    message: format!("subnet `{name}` is not declared in network `{}`", eks.network),
+                });
+            }
+            let a = vpc.child("subnet", name);
+            Ok((name.to_owned(), r(&a, "id"), a))
+        };
+
+        let mut cluster = Desired::new(caddr.clone(), kind::EKS_CLUSTER, ProviderId::Aws);
+        let role_arn = match &eks.role_arn {
+            Some(arn) => Value::str(arn.clone()),
+            None => {
+                let raddr = Address::new(format!("{caddr}.role"));
+                let name = names::iam_role(s, e, cname, "cluster");
+                out.push(role(&raddr, s, e, &name, "eks.amazonaws.com", CLUSTER_POLICIES, policy_arn));
+                cluster = cluster.depends(raddr.clone());
+                r(&raddr, "arn")
+            }
+        };
+        let mut subnets = BTreeMap::new();
+        for name in &eks.subnets {
+            let (n, v, a) = subnet_ref(name)?;
+            subnets.insert(n, v);
+            cluster = cluster.depends(a);
+        }
+        let sg = vpc.child("security_group", "cluster");
+        let eks_name = names::eks_cluster(s, e, cname);
+        cluster = cluster
+            .attr_force_new("name", eks_name.clone())
+            .attr("version", eks.version.clone())
+            .attr_force_new("role_arn", role_arn)
+            .attr_force_new("subnets", Value::Map(subnets))
+            .attr_force_new("security_groups", Value::List(vec![r(&sg, "id")]))
+            .attr("endpoint_public", eks.endpoint_public)
+            .attr("endpoint_private", eks.endpoint_private)
+            .attr("tags", Value::Map(BTreeMap::new()))
+            .attr("status", "ACTIVE")
+            .depends(sg);
+        out.push(cluster);
+
+        let node_role = Address::new(format!("{caddr}.node_role"));
+        if eks.node_groups.iter().any(|g| g.role_arn.is_none()) {
+            let name = names::iam_role(s, e, cname, "node");
+            out.push(role(&node_role, s, e, &name, "ec2.amazonaws.com", NODE_POLICIES, policy_arn));
+        }
+        for g in &eks.node_groups {
+            let gaddr = caddr.child("node_group", &g.name);
+            let mut d = Desired::new(gaddr, kind::EKS_NODE_GROUP, ProviderId::Aws).depends(caddr.clone());
+            let role_arn = match &g.role_arn {
+                Some(arn) => Value::str(arn.clone()),
+                None => {
+                    d = d.depends(node_role.clone());
+                    r(&node_role, "arn")
+                }
+            };
+            let names_of_subnets = if g.subnets.is_empty() { &eks.subnets } else { &g.subnets };
+            let mut subnets = BTreeMap::new();
+            for name in names_of_subnets {
+                let (n, v, a) = subnet_ref(name)?;
+                subnets.insert(n, v);
+                d = d.depends(a);
+            }
+            let labels = Value::Map(g.labels.iter().map(|(k, v)| (k.clone(), Value::str(v.clone()))).collect());
+            out.push(
+                d.attr_force_new("cluster", r(&caddr, "name"))
+                    .attr_force_new("name", g.name.clone())
+                    .attr_force_new("role_arn", role_arn)
+                    .attr_force_new("subnets", Value::Map(subnets))
+                    .attr_force_new("instance_types", Value::list_of_str(g.instance_types.iter().cloned()))
+                    .attr_force_new("disk_size", g.disk_size)
+                    .attr("min", g.min)
+                    .attr("max", g.max)
+                    .attr("desired", g.desired)
+                    .attr("labels", labels)
+                    .attr("tags", Value::Map(BTreeMap::new()))
+                    .attr("status", "ACTIVE"),
+            );
+        }
+    }
+
+    for (rname, reg) in &stack.registries {
+        let addr = Address::of("registry", rname);
+        out.push(
+            Desired::new(addr, kind::ECR_REPOSITORY, ProviderId::Aws)
+                .attr_force_new("name", names::ecr_repository(s, e, rname))
+                .attr("scan_on_push", reg.scan_on_push)
+                .attr("immutable_tags", reg.immutable_tags)
+                .attr("keep_last", reg.keep_last.map(Value::from).unwrap_or(Value::Null))
+                .attr("tags", Value::Map(BTreeMap::new())),
+        );
+    }
+    Ok(out)
+}
+
+fn named(base: &BTreeMap<String, String>, s: &str, e: &str, rest: &str) -> BTreeMap<String, String> {
+    let mut t = base.clone();
+    t.insert("Name".into(), names::display(s, e, rest));
+    t
+}
+
+fn role(
+    address: &Address,
+    stack: &str,
+    env: &str,
+    name: &str,
+    service: &str,
+    policies: &[&str],
+    policy_arn: &dyn Fn(&str) -> String,
+) -> Desired {
+    let mut arns: Vec<String> = policies.iter().map(|p| policy_arn(p)).collect();
+    arns.sort();
+    Desired::new(address.clone(), kind::IAM_ROLE, ProviderId::Aws)
+        .attr_force_new("name", name.to_owned())
+        .attr_force_new("path", names::iam_path(stack, env, address.as_str()))
+        .attr_force_new("service", service.to_owned())
+        .attr("policies", Value::list_of_str(arns))
+}

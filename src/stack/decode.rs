@@ -1,0 +1,174 @@
+//! Typed access to a spanned table that collects every error it finds:
+//! unknown keys (with "did you mean"), wrong types, missing fields.
+
+use super::diag::{did_you_mean, Code, Diagnostic};
+use super::source::{Entry, NodeKind, Span, Table};
+
+/// Collected diagnostics.
+#[derive(Default, Debug)]
+pub struct Errors(pub Vec<Diagnostic>);
+
+impl Errors {
+    pub fn push(&mut self, d: Diagnostic) {
+        self.0.push(d);
+    }
+}
+
+/// A table being decoded: `what` names it in messages (e.g. `service.customer-features`).
+pub struct Fields<'t> {
+    pub table: &'t Table,
+    pub span: Span,
+    pub what: String,
+}
+
+impl<'t> Fields<'t> {
+    pub fn new(table: &'t Table, span: Span, what: impl Into<String>) -> Self {
+        Fields { table, span, what: what.into() }
+    }
+
+    /// Reports every key not in `allowed`.
+    pub fn allow(&self, errors: &mut Errors, allowed: &[&str]) {
+        for e in &self.table.entries {
+            if !allowed.contains(&e.key.as_str()) {
+                let mut d = Diagnostic::new(Code::UnknownKey, e.key_span, format!("unknown key `{}` in {}", e.key, self.what))
+                    .label("unknown key");
+                d = match did_you_mean(&e.key, allowed.iter().copied()) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help(format!("expected one of: {}", allowed.join(", "))),
+                };
+                errors.push(d);
+            }
+        }
+    }
+
+    pub fn entry(&self, key: &str) -> Option<&'t Entry> {
+        self.table.get(key)
+    }
+
+    fn missing(&self, errors: &mut Errors, key: &str, ty: &str, example: &str) {
+        errors.push(
+            Diagnostic::new(Code::MissingField, self.span, format!("missing field `{key}` in {}", self.what))
+                .label(format!("`{key}` is required here"))
+                .help(format!("add `{key} = {example}` ({ty})")),
+        );
+    }
+
+    pub fn str_opt(&self, errors: &mut Errors, key: &str) -> Option<(String, Span)> {
+        let e = self.entry(key)?;
+        match &e.value.kind {
+            NodeKind::Str(s) => Some((s.clone(), e.value.span)),
+            other => {
+                errors.push(wrong_type(e, "a string", other));
+                None
+            }
+        }
+    }
+
+    pub fn str_req(&self, errors: &mut Errors, key: &str, example: &str) -> Option<(String, Span)> {
+        if self.entry(key).is_none() {
+            self.missing(errors, key, "a string", example);
+            return None;
+        }
+        self.str_opt(errors, key)
+    }
+
+    pub fn bool_opt(&self, errors: &mut Errors, key: &str) -> Option<bool> {
+        let e = self.entry(key)?;
+        match &e.value.kind {
+            NodeKind::Bool(b) => Some(*b),
+            other => {
+                errors.push(wrong_type(e, "a boolean (`true` or `false`)", other));
+                None
+            }
+        }
+    }
+
+    pub fn int_opt(&self, errors: &mut Errors, key: &str) -> Option<(i64, Span)> {
+        let e = self.entry(key)?;
+        match &e.value.kind {
+            NodeKind::Int(i) => Some((*i, e.value.span)),
+            other => {
+                errors.push(wrong_type(e, "an integer", other));
+                None
+            }
+        }
+    }
+
+    /// A non-negative integer that fits `u32`.
+    pub fn u32_opt(&self, errors: &mut Errors, key: &str) -> Option<u32> {
+        let (v, span) = self.int_opt(errors, key)?;
+        match u32::try_from(v) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                errors.push(
+                    Diagnostic::new(Code::InvalidValue, span, format!("`{key}` must be a non-negative integer, found {v}"))
+                        .label("out of range")
+                        .help(format!("use a value from 0 to {}", u32::MAX)),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn strs_opt(&self, errors: &mut Errors, key: &str) -> Option<Vec<(String, Span)>> {
+        let e = self.entry(key)?;
+        let NodeKind::Array(items) = &e.value.kind else {
+            errors.push(wrong_type(e, "an array of strings", &e.value.kind));
+            return None;
+        };
+        let mut out = Vec::new();
+        for it in items {
+            match &it.kind {
+                NodeKind::Str(s) => out.push((s.clone(), it.span)),
+                other => errors.push(
+                    Diagnostic::new(Code::WrongType, it.span, format!("expected a string in `{key}`, found {}", other.type_name()))
+                        .label("not a string")
+                        .help("quote the value, e.g. \"name\""),
+                ),
+            }
+        }
+        Some(out)
+    }
+
+    pub fn table_opt(&self, errors: &mut Errors, key: &str) -> Option<(&'t Table, Span)> {
+        let e = self.entry(key)?;
+        match &e.value.kind {
+            NodeKind::Table(t) => Some((t, e.value.span)),
+            other => {
+                errors.push(wrong_type(e, "a table", other));
+                None
+            }
+        }
+    }
+
+    /// A table of named tables (`[service.x.endpoint.NAME]`), each with its span.
+    pub fn named_tables(&self, errors: &mut Errors, key: &str) -> Vec<(&'t str, Span, &'t Table, Span)> {
+        let Some((t, _)) = self.table_opt(errors, key) else { return Vec::new() };
+        named_tables_of(errors, t, &format!("{}.{key}", self.what))
+    }
+}
+
+/// Every entry of `t` must be a table.
+pub fn named_tables_of<'t>(errors: &mut Errors, t: &'t Table, what: &str) -> Vec<(&'t str, Span, &'t Table, Span)> {
+    let mut out = Vec::new();
+    for e in &t.entries {
+        match &e.value.kind {
+            NodeKind::Table(inner) => out.push((e.key.as_str(), e.key_span, inner, e.value.span)),
+            other => errors.push(
+                Diagnostic::new(Code::WrongType, e.value.span, format!("`{what}.{}` must be a table, found {}", e.key, other.type_name()))
+                    .label("expected a table")
+                    .help(format!("write it as a section: [{what}.{}]", e.key)),
+            ),
+        }
+    }
+    out
+}
+
+pub fn wrong_type(e: &Entry, expected: &str, found: &NodeKind) -> Diagnostic {
+    Diagnostic::new(Code::WrongType, e.value.span, format!("`{}` must be {expected}, found {}", e.key, found.type_name()))
+        .label(format!("expected {expected}"))
+        .help(match expected {
+            "a string" => format!("quote the value: {} = \"...\"", e.key),
+            _ => format!("change `{}` to {expected}", e.key),
+        })
+}

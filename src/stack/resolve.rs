@@ -1,0 +1,838 @@
+//! Decoding the merged table into the typed [`Stack`] and checking it:
+//! every reference, CIDR, port and secret, reporting all errors at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+
+use super::decode::{named_tables_of, Errors, Fields};
+use super::diag::{did_you_mean, Code, Diagnostic};
+use super::load::{Loaded, TOP_LEVEL};
+use super::model::*;
+use super::source::{NodeKind, Span, Table};
+
+/// Where things were written, for errors found after decoding.
+#[derive(Default)]
+struct Spans {
+    names: BTreeMap<String, Span>,
+}
+
+struct Ctx<'a> {
+    errors: &'a mut Errors,
+    spans: Spans,
+    base_dirs: &'a BTreeMap<String, PathBuf>,
+    root: &'a Path,
+    /// Every reference to check once everything is decoded: (kind, name, span, from).
+    refs: Vec<(&'static str, String, Span, String)>,
+}
+
+impl Ctx<'_> {
+    fn base_dir(&self, addr: &str) -> PathBuf {
+        self.base_dirs.get(addr).cloned().unwrap_or_else(|| self.root.to_path_buf())
+    }
+    fn refer(&mut self, kind: &'static str, name: &str, span: Span, from: &str) {
+        self.refs.push((kind, name.to_owned(), span, from.to_owned()));
+    }
+}
+
+/// Decodes and validates. `env` None validates the stack without choosing an
+/// environment (the first declared one is used for environment fields).
+pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Option<Stack> {
+    let top = Fields::new(&loaded.table, Span { file: loaded.main, start: 0, end: 0 }, "the stack");
+    top.allow(errors, TOP_LEVEL);
+    let mut ctx = Ctx { errors, spans: Spans::default(), base_dirs: &loaded.base_dirs, root: &loaded.root, refs: Vec::new() };
+
+    let mut name = loaded.root.file_name().and_then(|s| s.to_str()).unwrap_or("stack").to_owned();
+    if let Some((t, span)) = top.table_opt(ctx.errors, "stack") {
+        let f = Fields::new(t, span, "[stack]");
+        f.allow(ctx.errors, &["name", "description"]);
+        if let Some((n, span)) = f.str_opt(ctx.errors, "name") {
+            check_name(&mut ctx, &n, span, "stack name");
+            name = n;
+        }
+        f.str_opt(ctx.errors, "description");
+    }
+
+    let environments = decode_environments(&mut ctx, &top);
+    let networks = collect(&mut ctx, &top, "network", decode_network);
+    let clusters = collect(&mut ctx, &top, "cluster", decode_cluster);
+    let registries = collect(&mut ctx, &top, "registry", decode_registry);
+    let connections = collect(&mut ctx, &top, "connection", decode_connection);
+    let services = collect(&mut ctx, &top, "service", decode_service);
+    let exposes = collect(&mut ctx, &top, "expose", decode_expose);
+
+    check_networks(&mut ctx, &networks);
+    check_clusters(&mut ctx, &clusters, &networks);
+    check_references(&mut ctx, &networks, &clusters, &registries, &connections, &services);
+    check_services(&mut ctx, &services);
+    check_exposes(&mut ctx, &exposes, &services);
+
+    let env_name = env.map(str::to_owned).or_else(|| environments.first().map(|e| e.name.clone()));
+    let environment = env_name
+        .and_then(|n| environments.into_iter().find(|e| e.name == n))
+        .unwrap_or(Environment { name: "default".into(), target: Target::Local, region: None, cluster: None, registry: None, namespace: None });
+
+    if !ctx.errors.0.is_empty() {
+        return None;
+    }
+    Some(Stack { name, root: loaded.root.clone(), env: environment, networks, clusters, registries, connections, services, exposes })
+}
+
+fn check_name(ctx: &mut Ctx<'_>, name: &str, span: Span, what: &str) {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-');
+    if !ok {
+        ctx.errors.push(
+            Diagnostic::new(Code::InvalidValue, span, format!("invalid {what} `{name}`"))
+                .label("not a valid name")
+                .help("use lowercase letters, digits and `-`, starting with a letter, at most 63 characters (it becomes a DNS name)"),
+        );
+    }
+}
+
+fn collect<T>(ctx: &mut Ctx<'_>, top: &Fields<'_>, kind: &str, decode: fn(&mut Ctx<'_>, &str, &Table, Span) -> Option<T>) -> BTreeMap<String, T> {
+    let mut out = BTreeMap::new();
+    let Some((t, _)) = top.table_opt(ctx.errors, kind) else { return out };
+    for (name, name_span, table, span) in named_tables_of(ctx.errors, t, kind) {
+        check_name(ctx, name, name_span, &format!("{kind} name"));
+        ctx.spans.names.insert(format!("{kind}.{name}"), name_span);
+        if let Some(v) = decode(ctx, name, table, span) {
+            out.insert(name.to_owned(), v);
+        }
+    }
+    out
+}
+
+fn decode_environments(ctx: &mut Ctx<'_>, top: &Fields<'_>) -> Vec<Environment> {
+    let mut out = Vec::new();
+    let Some((t, _)) = top.table_opt(ctx.errors, "environment") else { return out };
+    for (name, name_span, table, span) in named_tables_of(ctx.errors, t, "environment") {
+        check_name(ctx, name, name_span, "environment name");
+        let f = Fields::new(table, span, format!("environment.{name}"));
+        f.allow(ctx.errors, &["target", "region", "cluster", "registry", "namespace", "description"]);
+        f.str_opt(ctx.errors, "description");
+        let target = match f.str_req(ctx.errors, "target", "\"local\"") {
+            Some((t, span)) => match t.as_str() {
+                "local" => Target::Local,
+                "aws" => Target::Aws,
+                "kubernetes" => Target::Kubernetes,
+                other => {
+                    let mut d = Diagnostic::new(Code::InvalidValue, span, format!("unknown target `{other}`")).label("not a target");
+                    d = match did_you_mean(other, ["local", "aws", "kubernetes"]) {
+                        Some(s) => d.help(format!("did you mean `{s}`?")),
+                        None => d.help("use \"local\", \"aws\" or \"kubernetes\""),
+                    };
+                    ctx.errors.push(d);
+                    continue;
+                }
+            },
+            None => continue,
+        };
+        let cluster = f.str_opt(ctx.errors, "cluster");
+        if let Some((c, span)) = &cluster {
+            ctx.refer("cluster", c, *span, &format!("environment.{name}"));
+        }
+        let registry = f.str_opt(ctx.errors, "registry");
+        if let Some((r, span)) = &registry {
+            if !r.contains('/') && !r.contains(':') {
+                ctx.refer("registry", r, *span, &format!("environment.{name}"));
+            }
+        }
+        if target == Target::Aws && cluster.is_none() && f.entry("cluster").is_none() {
+            // Services need a cluster to run on; networks and registries alone are fine.
+        }
+        out.push(Environment {
+            name: name.to_owned(),
+            target,
+            region: f.str_opt(ctx.errors, "region").map(|v| v.0),
+            cluster: cluster.map(|v| v.0),
+            registry: registry.map(|v| v.0),
+            namespace: f.str_opt(ctx.errors, "namespace").map(|v| v.0),
+        });
+    }
+    out
+}
+
+fn cidr(ctx: &mut Ctx<'_>, value: &str, span: Span) -> Option<Ipv4Net> {
+    match value.parse::<Ipv4Net>() {
+        Ok(net) if net.network() == net.addr() => Some(net),
+        Ok(net) => {
+            ctx.errors.push(
+                Diagnostic::new(Code::InvalidCidr, span, format!("`{value}` has host bits set"))
+                    .label("not a network address")
+                    .help(format!("did you mean \"{}\"?", net.trunc())),
+            );
+            None
+        }
+        Err(_) => {
+            ctx.errors.push(
+                Diagnostic::new(Code::InvalidCidr, span, format!("`{value}` is not an IPv4 CIDR block"))
+                    .label("invalid CIDR")
+                    .help("write it as ADDRESS/PREFIX, e.g. \"10.0.0.0/16\""),
+            );
+            None
+        }
+    }
+}
+
+fn tags(ctx: &mut Ctx<'_>, f: &Fields<'_>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some((t, _)) = f.table_opt(ctx.errors, "tags") {
+        for e in &t.entries {
+            match &e.value.kind {
+                NodeKind::Str(s) => {
+                    out.insert(e.key.clone(), s.clone());
+                }
+                other => ctx.errors.push(super::decode::wrong_type(e, "a string", other)),
+            }
+        }
+    }
+    out
+}
+
+fn decode_network(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Network> {
+    let f = Fields::new(t, span, format!("network.{name}"));
+    f.allow(ctx.errors, &["cidr", "subnet", "tags"]);
+    let cidr_v = f.str_req(ctx.errors, "cidr", "\"10.0.0.0/16\"").and_then(|(v, s)| cidr(ctx, &v, s));
+    let mut subnets = Vec::new();
+    for (sname, sname_span, st, sspan) in f.named_tables(ctx.errors, "subnet") {
+        check_name(ctx, sname, sname_span, "subnet name");
+        ctx.spans.names.insert(format!("network.{name}.subnet.{sname}"), sname_span);
+        let sf = Fields::new(st, sspan, format!("network.{name}.subnet.{sname}"));
+        sf.allow(ctx.errors, &["zone", "cidr", "public"]);
+        let zone = sf.str_req(ctx.errors, "zone", "\"us-east-1a\"");
+        let c = sf.str_req(ctx.errors, "cidr", "\"10.0.1.0/24\"").and_then(|(v, s)| cidr(ctx, &v, s).map(|c| (c, s)));
+        let public = sf.bool_opt(ctx.errors, "public").unwrap_or(false);
+        if let (Some((zone, _)), Some((c, cspan))) = (zone, c) {
+            ctx.spans.names.insert(format!("network.{name}.subnet.{sname}.cidr"), cspan);
+            subnets.push(Subnet { name: sname.to_owned(), zone, cidr: c, public });
+        }
+    }
+    if let Some((_, s)) = f.str_opt(&mut Errors::default(), "cidr") {
+        ctx.spans.names.insert(format!("network.{name}.cidr"), s);
+    }
+    let tags = tags(ctx, &f);
+    Some(Network { name: name.to_owned(), cidr: cidr_v?, subnets, tags })
+}
+
+fn check_networks(ctx: &mut Ctx<'_>, networks: &BTreeMap<String, Network>) {
+    for n in networks.values() {
+        for (i, s) in n.subnets.iter().enumerate() {
+            let span = ctx.spans.names[&format!("network.{}.subnet.{}.cidr", n.name, s.name)];
+            if !n.cidr.contains(&s.cidr) {
+                ctx.errors.push(
+                    Diagnostic::new(Code::SubnetOutsideNetwork, span, format!("subnet {} ({}) is outside network {} ({})", s.name, s.cidr, n.name, n.cidr))
+                        .label("not inside the network's CIDR")
+                        .help(format!("choose a block inside {}", n.cidr)),
+                );
+            }
+            for other in &n.subnets[..i] {
+                if other.cidr.contains(&s.cidr.network()) || s.cidr.contains(&other.cidr.network()) {
+                    let other_span = ctx.spans.names[&format!("network.{}.subnet.{}.cidr", n.name, other.name)];
+                    ctx.errors.push(
+                        Diagnostic::new(Code::OverlappingCidr, span, format!("subnet {} ({}) overlaps subnet {} ({})", s.name, s.cidr, other.name, other.cidr))
+                            .label("overlaps")
+                            .related(other_span, "the other subnet")
+                            .help("give each subnet its own block, e.g. split the network into /24s"),
+                    );
+                }
+            }
+        }
+    }
+    let list: Vec<&Network> = networks.values().collect();
+    for (i, a) in list.iter().enumerate() {
+        for b in &list[..i] {
+            if a.cidr.contains(&b.cidr.network()) || b.cidr.contains(&a.cidr.network()) {
+                let span = ctx.spans.names[&format!("network.{}.cidr", a.name)];
+                let other = ctx.spans.names[&format!("network.{}.cidr", b.name)];
+                ctx.errors.push(
+                    Diagnostic::new(Code::OverlappingCidr, span, format!("network {} ({}) overlaps network {} ({})", a.name, a.cidr, b.name, b.cidr))
+                        .label("overlaps")
+                        .related(other, "the other network")
+                        .help("networks in one stack must not overlap, so they can be peered"),
+                );
+            }
+        }
+    }
+}
+
+fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Cluster> {
+    let f = Fields::new(t, span, format!("cluster.{name}"));
+    let kind = f.str_opt(ctx.errors, "kind").map(|v| v.0).unwrap_or_else(|| "eks".into());
+    if kind == "existing" {
+        f.allow(ctx.errors, &["kind", "context"]);
+        let context = f.str_opt(ctx.errors, "context").map(|v| v.0);
+        return Some(Cluster { name: name.to_owned(), kind: ClusterKind::Existing { context } });
+    }
+    if kind != "eks" {
+        if let Some(e) = f.entry("kind") {
+            ctx.errors.push(
+                Diagnostic::new(Code::InvalidValue, e.value.span, format!("unknown cluster kind `{kind}`"))
+                    .label("not a cluster kind")
+                    .help("use \"eks\" (created by mesh) or \"existing\" (reached by kubeconfig context)"),
+            );
+        }
+        return None;
+    }
+    f.allow(ctx.errors, &["kind", "version", "network", "subnets", "endpoint_public", "endpoint_private", "role_arn", "node_group"]);
+    let version = f.str_req(ctx.errors, "version", "\"1.30\"");
+    if let Some((v, s)) = &version {
+        let ok = v.split_once('.').is_some_and(|(a, b)| a == "1" && !b.is_empty() && b.chars().all(|c| c.is_ascii_digit()));
+        if !ok {
+            ctx.errors.push(Diagnostic::new(Code::InvalidValue, *s, format!("`{v}` is not a Kubernetes version")).label("expected MAJOR.MINOR").help("e.g. version = \"1.30\""));
+        }
+    }
+    let network = f.str_req(ctx.errors, "network", "\"main\"");
+    if let Some((n, s)) = &network {
+        ctx.refer("network", n, *s, &format!("cluster.{name}"));
+    }
+    let subnets = f.strs_opt(ctx.errors, "subnets").unwrap_or_default();
+    if let Some((n, _)) = &network {
+        for (sub, s) in &subnets {
+            ctx.refer("subnet", &format!("{n}.{sub}"), *s, &format!("cluster.{name}"));
+        }
+    }
+    let mut node_groups = Vec::new();
+    if let Some(e) = f.entry("node_group") {
+        let items: Vec<(&Table, Span)> = match &e.value.kind {
+            NodeKind::Array(items) => items
+                .iter()
+                .filter_map(|i| match &i.kind {
+                    NodeKind::Table(t) => Some((t, i.span)),
+                    _ => None,
+                })
+                .collect(),
+            other => {
+                ctx.errors.push(super::decode::wrong_type(e, "an array of tables ([[cluster.NAME.node_group]])", other));
+                Vec::new()
+            }
+        };
+        let mut seen: BTreeMap<String, Span> = BTreeMap::new();
+        for (nt, nspan) in items {
+            let nf = Fields::new(nt, nspan, format!("a node group of cluster.{name}"));
+            nf.allow(ctx.errors, &["name", "instance_types", "min", "max", "desired", "subnets", "disk_size", "labels", "role_arn"]);
+            let Some((ng_name, ng_span)) = nf.str_req(ctx.errors, "name", "\"general\"") else { continue };
+            check_name(ctx, &ng_name, ng_span, "node group name");
+            if let Some(first) = seen.get(&ng_name) {
+                ctx.errors.push(
+                    Diagnostic::new(Code::Duplicate, ng_span, format!("node group `{ng_name}` is defined twice in cluster.{name}"))
+                        .label("duplicate name")
+                        .related(*first, "first defined here")
+                        .help("give each node group a unique name"),
+                );
+                continue;
+            }
+            seen.insert(ng_name.clone(), ng_span);
+            let instance_types: Vec<String> = nf.strs_opt(ctx.errors, "instance_types").unwrap_or_default().into_iter().map(|v| v.0).collect();
+            if instance_types.is_empty() {
+                ctx.errors.push(Diagnostic::new(Code::MissingField, nspan, format!("node group `{ng_name}` needs `instance_types`")).label("here").help("add instance_types = [\"m6i.large\"]"));
+            }
+            let min = nf.u32_opt(ctx.errors, "min").unwrap_or(1);
+            let max = nf.u32_opt(ctx.errors, "max").unwrap_or(min.max(1));
+            let desired = nf.u32_opt(ctx.errors, "desired").unwrap_or(min);
+            if !(min <= desired && desired <= max) || max == 0 {
+                ctx.errors.push(
+                    Diagnostic::new(Code::InvalidValue, ng_span, format!("node group `{ng_name}`: need 0 ≤ min ≤ desired ≤ max and max ≥ 1, found min {min}, desired {desired}, max {max}"))
+                        .label("inconsistent sizes")
+                        .help("adjust min, desired and max"),
+                );
+            }
+            let ng_subnets = nf.strs_opt(ctx.errors, "subnets").unwrap_or_default();
+            if let Some((n, _)) = &network {
+                for (sub, s) in &ng_subnets {
+                    ctx.refer("subnet", &format!("{n}.{sub}"), *s, &format!("cluster.{name}"));
+                }
+            }
+            let mut labels = BTreeMap::new();
+            if let Some((lt, _)) = nf.table_opt(ctx.errors, "labels") {
+                for e in &lt.entries {
+                    if let NodeKind::Str(s) = &e.value.kind {
+                        labels.insert(e.key.clone(), s.clone());
+                    } else {
+                        ctx.errors.push(super::decode::wrong_type(e, "a string", &e.value.kind));
+                    }
+                }
+            }
+            node_groups.push(NodeGroup {
+                name: ng_name,
+                instance_types,
+                min,
+                max,
+                desired,
+                subnets: if ng_subnets.is_empty() { subnets.iter().map(|s| s.0.clone()).collect() } else { ng_subnets.into_iter().map(|v| v.0).collect() },
+                disk_size: nf.u32_opt(ctx.errors, "disk_size").unwrap_or(20),
+                labels,
+                role_arn: nf.str_opt(ctx.errors, "role_arn").map(|v| v.0),
+            });
+        }
+    }
+    Some(Cluster {
+        name: name.to_owned(),
+        kind: ClusterKind::Eks(EksCluster {
+            version: version?.0,
+            network: network?.0,
+            subnets: subnets.into_iter().map(|v| v.0).collect(),
+            endpoint_public: f.bool_opt(ctx.errors, "endpoint_public").unwrap_or(true),
+            endpoint_private: f.bool_opt(ctx.errors, "endpoint_private").unwrap_or(true),
+            role_arn: f.str_opt(ctx.errors, "role_arn").map(|v| v.0),
+            node_groups,
+        }),
+    })
+}
+
+fn check_clusters(ctx: &mut Ctx<'_>, clusters: &BTreeMap<String, Cluster>, networks: &BTreeMap<String, Network>) {
+    let _ = (clusters, networks, &ctx.spans);
+}
+
+fn decode_registry(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Registry> {
+    let f = Fields::new(t, span, format!("registry.{name}"));
+    f.allow(ctx.errors, &["scan_on_push", "immutable_tags", "keep_last"]);
+    let keep_last = f.u32_opt(ctx.errors, "keep_last");
+    if keep_last == Some(0) {
+        if let Some(e) = f.entry("keep_last") {
+            ctx.errors.push(Diagnostic::new(Code::InvalidValue, e.value.span, "`keep_last` must be at least 1").label("keeps nothing").help("remove keep_last to keep every image, or set it to 1 or more"));
+        }
+    }
+    Some(Registry {
+        name: name.to_owned(),
+        scan_on_push: f.bool_opt(ctx.errors, "scan_on_push").unwrap_or(true),
+        immutable_tags: f.bool_opt(ctx.errors, "immutable_tags").unwrap_or(true),
+        keep_last,
+    })
+}
+
+/// A secret reference: `{ env = "NAME" }` or `{ file = "PATH" }`; a plain
+/// string is refused so secrets never live in stack files.
+fn secret_ref(ctx: &mut Ctx<'_>, f: &Fields<'_>, key: &str, base: &Path) -> Option<SecretRef> {
+    let e = f.entry(key)?;
+    secret_node(ctx, &e.value, key, base)
+}
+
+fn secret_node(ctx: &mut Ctx<'_>, n: &super::source::Node, key: &str, base: &Path) -> Option<SecretRef> {
+    match &n.kind {
+        NodeKind::Str(_) => {
+            ctx.errors.push(
+                Diagnostic::new(Code::InlineSecret, n.span, format!("`{key}` is a secret written inline"))
+                    .label("secret value in a stack file")
+                    .help(format!("give it by reference: {key} = {{ env = \"VAR_NAME\" }} or {{ file = \"/path/to/secret\" }}, and remove it from version control")),
+            );
+            None
+        }
+        NodeKind::Table(t) => {
+            let sf = Fields::new(t, n.span, format!("`{key}`"));
+            sf.allow(ctx.errors, &["env", "file"]);
+            match (sf.str_opt(ctx.errors, "env"), sf.str_opt(ctx.errors, "file")) {
+                (Some((v, _)), None) => Some(SecretRef::Env(v)),
+                (None, Some((p, _))) => Some(SecretRef::File(base.join(p))),
+                _ => {
+                    ctx.errors.push(Diagnostic::new(Code::InvalidValue, n.span, format!("`{key}` must name exactly one of `env` or `file`")).label("ambiguous reference").help(format!("{key} = {{ env = \"VAR_NAME\" }}")));
+                    None
+                }
+            }
+        }
+        other => {
+            ctx.errors.push(Diagnostic::new(Code::WrongType, n.span, format!("`{key}` must be a reference, found {}", other.type_name())).label("expected { env = ... } or { file = ... }").help(format!("{key} = {{ env = \"VAR_NAME\" }}")));
+            None
+        }
+    }
+}
+
+fn port(ctx: &mut Ctx<'_>, f: &Fields<'_>, key: &str, range: std::ops::RangeInclusive<i64>, default: Option<u16>) -> Option<u16> {
+    let Some((v, span)) = f.int_opt(ctx.errors, key) else { return default };
+    if !range.contains(&v) {
+        ctx.errors.push(
+            Diagnostic::new(Code::PortOutOfRange, span, format!("`{key}` = {v} is out of range"))
+                .label(format!("must be {}–{}", range.start(), range.end()))
+                .help(format!("choose a port from {} to {}", range.start(), range.end())),
+        );
+        return None;
+    }
+    u16::try_from(v).ok()
+}
+
+fn decode_connection(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Connection> {
+    let f = Fields::new(t, span, format!("connection.{name}"));
+    f.allow(ctx.errors, &["kind", "host", "port", "database", "user", "password"]);
+    let kind = match f.str_req(ctx.errors, "kind", "\"postgres\"") {
+        Some((k, _)) if k == "postgres" || k == "postgresql" => Some(ConnectionKind::Postgres),
+        Some((k, s)) => {
+            ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, format!("unsupported connection kind `{k}`")).label("not supported").help("use \"postgres\" (Snowflake is planned)"));
+            None
+        }
+        None => None,
+    };
+    let host = f.str_req(ctx.errors, "host", "\"db.internal\"");
+    let port = port(ctx, &f, "port", 1..=65535, Some(5432));
+    let database = f.str_req(ctx.errors, "database", "\"analytics\"");
+    let user = f.str_req(ctx.errors, "user", "\"reader\"");
+    let base = ctx.base_dir(&format!("connection.{name}"));
+    let password = secret_ref(ctx, &f, "password", &base);
+    Some(Connection { name: name.to_owned(), kind: kind?, host: host?.0, port: port?, database: database?.0, user: user?.0, password })
+}
+
+fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Service> {
+    let f = Fields::new(t, span, format!("service.{name}"));
+    f.allow(ctx.errors, &["version", "replicas", "autoscaling", "resources", "dataset", "endpoint", "api_keys"]);
+    let base = ctx.base_dir(&format!("service.{name}"));
+    let version = f.str_opt(ctx.errors, "version").map(|v| v.0).unwrap_or_else(|| "0.1.0".into());
+    let replicas = f.u32_opt(ctx.errors, "replicas").unwrap_or(1);
+    let autoscaling = f.table_opt(ctx.errors, "autoscaling").and_then(|(at, aspan)| {
+        let af = Fields::new(at, aspan, format!("service.{name}.autoscaling"));
+        af.allow(ctx.errors, &["min", "max", "cpu_percent"]);
+        let min = af.u32_opt(ctx.errors, "min").unwrap_or(1);
+        let max = af.u32_opt(ctx.errors, "max").unwrap_or(min);
+        let cpu = af.u32_opt(ctx.errors, "cpu_percent").unwrap_or(70);
+        if min == 0 || min > max || cpu == 0 || cpu > 100 {
+            ctx.errors.push(Diagnostic::new(Code::InvalidValue, aspan, format!("autoscaling needs 1 ≤ min ≤ max and 1 ≤ cpu_percent ≤ 100, found min {min}, max {max}, cpu_percent {cpu}")).label("inconsistent bounds").help("e.g. autoscaling = { min = 2, max = 6, cpu_percent = 70 }"));
+        }
+        Some(Autoscaling { min, max, cpu_percent: cpu })
+    });
+    let resources = match f.table_opt(ctx.errors, "resources") {
+        Some((rt, rspan)) => {
+            let rf = Fields::new(rt, rspan, format!("service.{name}.resources"));
+            rf.allow(ctx.errors, &["cpu", "memory"]);
+            Resources {
+                cpu: rf.str_opt(ctx.errors, "cpu").map(|v| v.0).unwrap_or_else(|| "250m".into()),
+                memory: rf.str_opt(ctx.errors, "memory").map(|v| v.0).unwrap_or_else(|| "256Mi".into()),
+            }
+        }
+        None => Resources { cpu: "250m".into(), memory: "256Mi".into() },
+    };
+    let mut api_keys = Vec::new();
+    if let Some(e) = f.entry("api_keys") {
+        match &e.value.kind {
+            NodeKind::Array(items) => {
+                for it in items {
+                    if let Some(r) = secret_node(ctx, it, "api_keys", &base) {
+                        api_keys.push(r);
+                    }
+                }
+            }
+            other => ctx.errors.push(super::decode::wrong_type(e, "an array of references", other)),
+        }
+    }
+
+    let mut datasets = BTreeMap::new();
+    for (dname, dname_span, dt, dspan) in f.named_tables(ctx.errors, "dataset") {
+        check_name(ctx, dname, dname_span, "dataset name");
+        let df = Fields::new(dt, dspan, format!("service.{name}.dataset.{dname}"));
+        df.allow(ctx.errors, &["file", "connection", "query", "mode", "key", "duplicates"]);
+        let key = df.str_req(ctx.errors, "key", "\"customer_id\"");
+        let duplicates = match df.str_opt(ctx.errors, "duplicates") {
+            None => Duplicates::Error,
+            Some((d, _)) if d == "error" => Duplicates::Error,
+            Some((d, _)) if d == "last" => Duplicates::Last,
+            Some((d, s)) => {
+                ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, format!("unknown duplicates policy `{d}`")).label("not a policy").help("use \"error\" or \"last\""));
+                Duplicates::Error
+            }
+        };
+        let source = match (df.str_opt(ctx.errors, "file"), df.str_opt(ctx.errors, "connection")) {
+            (Some((file, fspan)), None) => {
+                let path = base.join(&file);
+                if !path.is_file() {
+                    ctx.errors.push(Diagnostic::new(Code::DanglingReference, fspan, format!("dataset file `{file}` not found")).label(format!("looked for {}", path.display())).help("paths are relative to the file that declares the dataset"));
+                }
+                Some(DatasetSource::File(path))
+            }
+            (None, Some((conn, cspan))) => {
+                ctx.refer("connection", &conn, cspan, &format!("service.{name}"));
+                let query = df.str_req(ctx.errors, "query", "\"select * from table\"");
+                let mode = match df.str_opt(ctx.errors, "mode") {
+                    None => SqlMode::Preload,
+                    Some((m, _)) if m == "preload" => SqlMode::Preload,
+                    Some((m, _)) if m == "live" => SqlMode::Live,
+                    Some((m, s)) => {
+                        ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, format!("unknown mode `{m}`")).label("not a mode").help("use \"preload\" (load at start) or \"live\" (query per request)"));
+                        SqlMode::Preload
+                    }
+                };
+                query.map(|(q, _)| DatasetSource::Sql { connection: conn, query: q, mode })
+            }
+            (Some(_), Some((_, s))) => {
+                ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, "a dataset reads either a `file` or a `connection`, not both").label("second source").help("remove `file` or `connection`"));
+                None
+            }
+            (None, None) => {
+                ctx.errors.push(Diagnostic::new(Code::MissingField, dspan, format!("dataset `{dname}` needs a source")).label("no `file` or `connection`").help("add file = \"data.csv\" or connection = \"warehouse\" with query = \"...\""));
+                None
+            }
+        };
+        if let (Some(source), Some((key, _))) = (source, key) {
+            datasets.insert(dname.to_owned(), Dataset { name: dname.to_owned(), source, key, duplicates });
+        }
+    }
+
+    let mut endpoints = BTreeMap::new();
+    for (ename, ename_span, et, espan) in f.named_tables(ctx.errors, "endpoint") {
+        check_name(ctx, ename, ename_span, "endpoint name");
+        let ef = Fields::new(et, espan, format!("service.{name}.endpoint.{ename}"));
+        let from = format!("service.{name}");
+        match ef.str_req(ctx.errors, "kind", "\"prediction\"") {
+            Some((k, _)) if k == "prediction" => {
+                ef.allow(ctx.errors, &["kind", "model", "enrich"]);
+                let model = ef.str_req(ctx.errors, "model", "\"model.onnx\"").map(|(m, mspan)| {
+                    let path = base.join(&m);
+                    if !path.is_file() {
+                        ctx.errors.push(Diagnostic::new(Code::DanglingReference, mspan, format!("model file `{m}` not found")).label(format!("looked for {}", path.display())).help("paths are relative to the file that declares the endpoint"));
+                    }
+                    path
+                });
+                let mut enrichments = Vec::new();
+                if let Some(e) = ef.entry("enrich") {
+                    let NodeKind::Array(items) = &e.value.kind else {
+                        ctx.errors.push(super::decode::wrong_type(e, "an array of tables", &e.value.kind));
+                        continue;
+                    };
+                    for it in items {
+                        let NodeKind::Table(it_t) = &it.kind else {
+                            ctx.errors.push(Diagnostic::new(Code::WrongType, it.span, "an enrichment must be a table").label("expected { dataset = ..., key = ... }").help("e.g. { lookup = \"features.demographics\", key = \"customer_id\" }"));
+                            continue;
+                        };
+                        let nf = Fields::new(it_t, it.span, format!("an enrichment of service.{name}.endpoint.{ename}"));
+                        nf.allow(ctx.errors, &["dataset", "lookup", "key", "columns", "on_missing"]);
+                        let key = nf.str_req(ctx.errors, "key", "\"customer_id\"");
+                        let source = match (nf.str_opt(ctx.errors, "dataset"), nf.str_opt(ctx.errors, "lookup")) {
+                            (Some((d, dspan)), None) => {
+                                ctx.refer("dataset", &format!("{name}.{d}"), dspan, &from);
+                                Some(EnrichmentSource::Dataset(d))
+                            }
+                            (None, Some((l, lspan))) => match l.split_once('.') {
+                                Some((svc, ep)) => {
+                                    ctx.refer("lookup", &l, lspan, &from);
+                                    Some(EnrichmentSource::Lookup { service: svc.to_owned(), endpoint: ep.to_owned() })
+                                }
+                                None => {
+                                    ctx.errors.push(Diagnostic::new(Code::InvalidValue, lspan, format!("`{l}` must name SERVICE.ENDPOINT")).label("expected SERVICE.ENDPOINT").help("e.g. lookup = \"customer-features.demographics\""));
+                                    None
+                                }
+                            },
+                            _ => {
+                                ctx.errors.push(Diagnostic::new(Code::MissingField, it.span, "an enrichment names exactly one of `dataset` or `lookup`").label("here").help("dataset = \"NAME\" (this service) or lookup = \"SERVICE.ENDPOINT\""));
+                                None
+                            }
+                        };
+                        let columns = nf.strs_opt(ctx.errors, "columns").unwrap_or_default().into_iter().map(|v| v.0).collect();
+                        let on_missing = match nf.str_opt(ctx.errors, "on_missing") {
+                            None => OnMissing::Error,
+                            Some((v, _)) if v == "error" => OnMissing::Error,
+                            Some((v, _)) if v == "null" => OnMissing::Null,
+                            Some((v, s)) => {
+                                ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, format!("unknown on_missing `{v}`")).label("not a policy").help("use \"error\" or \"null\""));
+                                OnMissing::Error
+                            }
+                        };
+                        if let (Some(source), Some((key, _))) = (source, key) {
+                            enrichments.push(Enrichment { source, key, columns, on_missing });
+                        }
+                    }
+                }
+                if let Some(model) = model {
+                    endpoints.insert(ename.to_owned(), Endpoint::Prediction { model, enrichments });
+                }
+            }
+            Some((k, _)) if k == "lookup" => {
+                ef.allow(ctx.errors, &["kind", "datasets"]);
+                let ds = ef.strs_opt(ctx.errors, "datasets").unwrap_or_default();
+                if ds.is_empty() {
+                    ctx.errors.push(Diagnostic::new(Code::MissingField, espan, format!("lookup endpoint `{ename}` needs `datasets`")).label("no datasets").help("add datasets = [\"NAME\"]"));
+                }
+                for (d, s) in &ds {
+                    ctx.refer("dataset", &format!("{name}.{d}"), *s, &from);
+                }
+                endpoints.insert(ename.to_owned(), Endpoint::Lookup { datasets: ds.into_iter().map(|v| v.0).collect() });
+            }
+            Some((k, s)) => {
+                let mut d = Diagnostic::new(Code::InvalidValue, s, format!("unknown endpoint kind `{k}`")).label("not an endpoint kind");
+                d = match did_you_mean(&k, ["prediction", "lookup"]) {
+                    Some(x) => d.help(format!("did you mean `{x}`?")),
+                    None => d.help("use \"prediction\" or \"lookup\""),
+                };
+                ctx.errors.push(d);
+            }
+            None => {}
+        }
+    }
+    if endpoints.is_empty() && f.entry("endpoint").is_none() {
+        ctx.errors.push(Diagnostic::new(Code::MissingField, span, format!("service `{name}` has no endpoints")).label("declared here").help(format!("add [service.{name}.endpoint.NAME] with kind = \"prediction\" or \"lookup\"")));
+    }
+    Some(Service { name: name.to_owned(), version, replicas, autoscaling, resources, datasets, endpoints, api_keys })
+}
+
+fn check_references(
+    ctx: &mut Ctx<'_>,
+    networks: &BTreeMap<String, Network>,
+    clusters: &BTreeMap<String, Cluster>,
+    registries: &BTreeMap<String, Registry>,
+    connections: &BTreeMap<String, Connection>,
+    services: &BTreeMap<String, Service>,
+) {
+    let refs = std::mem::take(&mut ctx.refs);
+    for (kind, name, span, from) in refs {
+        let (found, candidates): (bool, Vec<String>) = match kind {
+            "network" => (networks.contains_key(&name), networks.keys().cloned().collect()),
+            "cluster" => (clusters.contains_key(&name), clusters.keys().cloned().collect()),
+            "registry" => (registries.contains_key(&name), registries.keys().cloned().collect()),
+            "connection" => (connections.contains_key(&name), connections.keys().cloned().collect()),
+            "service" => (services.contains_key(&name), services.keys().cloned().collect()),
+            "subnet" => {
+                let (net, sub) = name.split_once('.').unwrap_or((&name, ""));
+                match networks.get(net) {
+                    // The network itself is reported missing separately.
+                    None => (true, Vec::new()),
+                    Some(n) => (n.subnets.iter().any(|s| s.name == sub), n.subnets.iter().map(|s| format!("{net}.{}", s.name)).collect()),
+                }
+            }
+            "dataset" => {
+                let (svc, ds) = name.split_once('.').unwrap_or((&name, ""));
+                match services.get(svc) {
+                    None => (true, Vec::new()),
+                    Some(s) => (s.datasets.contains_key(ds), s.datasets.keys().map(|d| format!("{svc}.{d}")).collect()),
+                }
+            }
+            "lookup" => {
+                let (svc, ep) = name.split_once('.').unwrap_or((&name, ""));
+                let found = services.get(svc).is_some_and(|s| matches!(s.endpoints.get(ep), Some(Endpoint::Lookup { .. })));
+                let candidates = services
+                    .values()
+                    .flat_map(|s| s.endpoints.iter().filter(|(_, e)| matches!(e, Endpoint::Lookup { .. })).map(move |(e, _)| format!("{}.{e}", s.name)))
+                    .collect();
+                (found, candidates)
+            }
+            _ => (true, Vec::new()),
+        };
+        if found {
+            continue;
+        }
+        let shown = match kind {
+            "subnet" | "dataset" => name.split_once('.').map(|x| x.1.to_owned()).unwrap_or(name.clone()),
+            _ => name.clone(),
+        };
+        let what = if kind == "lookup" { "lookup endpoint" } else { kind };
+        let mut d = Diagnostic::new(Code::DanglingReference, span, format!("{from} refers to undefined {what} `{shown}`")).label(format!("no {what} named `{shown}`"));
+        let cand_short: Vec<String> = candidates.iter().map(|c| if matches!(kind, "subnet" | "dataset") { c.split_once('.').map(|x| x.1.to_owned()).unwrap_or(c.clone()) } else { c.clone() }).collect();
+        d = match did_you_mean(&shown, cand_short.iter().map(String::as_str)) {
+            Some(s) => d.help(format!("did you mean `{s}`?")),
+            None if cand_short.is_empty() => d.help(match kind {
+                "lookup" => match shown.split_once('.') {
+                    Some((svc, ep)) => format!("define it first: [service.{svc}.endpoint.{ep}] with kind = \"lookup\""),
+                    None => format!("name it as SERVICE.ENDPOINT"),
+                },
+                "dataset" | "subnet" => format!("define {what} `{shown}` first"),
+                _ => format!("define it first: [{kind}.{shown}]"),
+            }),
+            None => d.help(format!("defined: {}", cand_short.join(", "))),
+        };
+        ctx.errors.push(d);
+    }
+}
+
+/// Services enrich from each other's lookups; that graph must be acyclic.
+fn check_services(ctx: &mut Ctx<'_>, services: &BTreeMap<String, Service>) {
+    let edges: BTreeMap<&str, BTreeSet<&str>> = services
+        .values()
+        .map(|s| {
+            let deps = s
+                .endpoints
+                .values()
+                .flat_map(|e| match e {
+                    Endpoint::Prediction { enrichments, .. } => enrichments.iter().collect::<Vec<_>>(),
+                    Endpoint::Lookup { .. } => Vec::new(),
+                })
+                .filter_map(|en| match &en.source {
+                    EnrichmentSource::Lookup { service, .. } => Some(service.as_str()),
+                    EnrichmentSource::Dataset(_) => None,
+                })
+                .collect();
+            (s.name.as_str(), deps)
+        })
+        .collect();
+    if let Some(cycle) = crate::graph::find_cycle(&edges) {
+        let first = cycle[0];
+        let span = ctx.spans.names[&format!("service.{first}")];
+        let mut d = Diagnostic::new(Code::Cycle, span, format!("dependency cycle: {}", cycle.iter().chain(std::iter::once(&first)).map(|s| format!("service.{s}")).collect::<Vec<_>>().join(" → ")))
+            .label("part of the cycle")
+            .help("a service cannot enrich, directly or indirectly, from itself: break one `lookup` enrichment");
+        for s in &cycle[1..] {
+            d = d.related(ctx.spans.names[&format!("service.{s}")], "also in the cycle");
+        }
+        ctx.errors.push(d);
+    }
+}
+
+fn decode_expose(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Expose> {
+    let f = Fields::new(t, span, format!("expose.{name}"));
+    f.allow(ctx.errors, &["service", "type", "port", "node_port", "host", "path", "allow"]);
+    let service = f.str_opt(ctx.errors, "service").map(|v| v.0).unwrap_or_else(|| name.to_owned());
+    let service_span = f.entry("service").map(|e| e.value.span).unwrap_or(span);
+    ctx.refs.push(("service", service.clone(), service_span, format!("expose.{name}")));
+    let port_v = port(ctx, &f, "port", 1..=65535, Some(8080));
+    let kind = match f.str_req(ctx.errors, "type", "\"NodePort\"") {
+        Some((ty, tspan)) => match ty.as_str() {
+            "ClusterIP" => port_v.map(|port| ExposeKind::ClusterIP { port }),
+            "NodePort" => {
+                let node_port = port(ctx, &f, "node_port", 30000..=32767, None);
+                port_v.map(|port| ExposeKind::NodePort { port, node_port })
+            }
+            "LoadBalancer" => port_v.map(|port| ExposeKind::LoadBalancer { port }),
+            "Ingress" => {
+                let host = f.str_req(ctx.errors, "host", "\"scoring.example.com\"");
+                let path = f.str_opt(ctx.errors, "path").map(|v| v.0).unwrap_or_else(|| "/".into());
+                match (host, port_v) {
+                    (Some((host, _)), Some(port)) => Some(ExposeKind::Ingress { port, host, path }),
+                    _ => None,
+                }
+            }
+            other => {
+                let mut d = Diagnostic::new(Code::InvalidValue, tspan, format!("unknown exposure type `{other}`")).label("not a type");
+                d = match did_you_mean(other, ["ClusterIP", "NodePort", "LoadBalancer", "Ingress"]) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help("use ClusterIP, NodePort, LoadBalancer or Ingress"),
+                };
+                ctx.errors.push(d);
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some((np, s)) = f.int_opt(&mut Errors::default(), "node_port") {
+        ctx.spans.names.insert(format!("expose.{name}.node_port.{np}"), s);
+    }
+    let mut allow = Vec::new();
+    for (a, s) in f.strs_opt(ctx.errors, "allow").unwrap_or_default() {
+        if a.contains('/') {
+            if let Some(c) = cidr(ctx, &a, s) {
+                allow.push(Caller::Cidr(c));
+            }
+        } else {
+            ctx.refs.push(("service", a.clone(), s, format!("expose.{name}")));
+            allow.push(Caller::Service(a));
+        }
+    }
+    Some(Expose { name: name.to_owned(), service, kind: kind?, allow })
+}
+
+fn check_exposes(ctx: &mut Ctx<'_>, exposes: &BTreeMap<String, Expose>, services: &BTreeMap<String, Service>) {
+    let _ = services;
+    let mut by_port: BTreeMap<u16, &str> = BTreeMap::new();
+    for e in exposes.values() {
+        if let ExposeKind::NodePort { node_port: Some(np), .. } = e.kind {
+            if let Some(first) = by_port.get(&np) {
+                let span = ctx.spans.names[&format!("expose.{}.node_port.{np}", e.name)];
+                let other = ctx.spans.names[&format!("expose.{first}.node_port.{np}")];
+                ctx.errors.push(
+                    Diagnostic::new(Code::Duplicate, span, format!("node_port {np} is used by expose.{first} and expose.{}", e.name))
+                        .label("already taken")
+                        .related(other, "first used here")
+                        .help("give each exposure its own node_port, or omit it to have one allocated"),
+                );
+            } else {
+                by_port.insert(np, &e.name);
+            }
+        }
+    }
+}
