@@ -11,5 +11,6 @@ pub mod graph;
 pub mod plan;
 pub mod render;
 pub mod lock;
-pub mod apply;
 pub mod provider;
+pub mod engine;
+pub mod apply;

@@ -13,7 +13,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// Check a stack: syntax, types, references, CIDRs, ports, secrets.
     Validate {
         /// The stack folder (holding stack.toml).
@@ -33,6 +33,74 @@ enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
         format: GraphFormat,
     },
+    /// Read the live state, diff it against the stack and print what would change.
+    Plan {
+        path: PathBuf,
+        #[arg(long)]
+        env: String,
+        /// Save the plan; `mesh apply FILE` applies exactly it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the plan as JSON (versioned schema) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Exit 0 when there are no changes, 2 when there are, 1 on error.
+        #[arg(long)]
+        detailed_exitcode: bool,
+        /// Plan only these addresses (and what they depend on).
+        #[arg(long = "target", value_name = "ADDR")]
+        targets: Vec<String>,
+        /// Force these addresses to be replaced.
+        #[arg(long = "replace", value_name = "ADDR")]
+        replace: Vec<String>,
+        /// Plan the destruction of everything.
+        #[arg(long)]
+        destroy: bool,
+    },
+    /// Make the live state match the stack (or carry out a saved plan).
+    Apply {
+        /// A stack folder, or a plan file saved by `mesh plan --out`.
+        path: PathBuf,
+        #[arg(long)]
+        env: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        auto_approve: bool,
+        /// How many changes may run at once.
+        #[arg(long, default_value_t = 10)]
+        parallelism: usize,
+        /// Do not wait for rollouts to become ready.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long = "target", value_name = "ADDR")]
+        targets: Vec<String>,
+        #[arg(long = "replace", value_name = "ADDR")]
+        replace: Vec<String>,
+    },
+    /// Tear down everything the stack created in an environment.
+    Destroy {
+        path: PathBuf,
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        auto_approve: bool,
+        #[arg(long, default_value_t = 10)]
+        parallelism: usize,
+    },
+    /// List each exposed service's URLs.
+    Output {
+        path: PathBuf,
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Break a lock left by a killed apply or destroy.
+    Unlock {
+        path: PathBuf,
+        #[arg(long)]
+        env: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -46,8 +114,20 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { path, env, json } => validate(&path, env.as_deref(), json),
         Command::Graph { path, env, format } => graph(&path, env.as_deref(), format),
+        command => {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(commands::run(command))
+        }
     }
 }
+
+mod commands;
 
 fn report_errors(report: &mesh::stack::Report, json: bool) -> ExitCode {
     if json {

@@ -300,6 +300,7 @@ fn create(d: &Desired) -> Change {
         fields: d
             .attrs
             .iter()
+            .filter(|(k, _)| !is_internal(k))
             .map(|(k, a)| FieldChange { path: k.clone(), before: None, after: Some(a.value.clone()), forces_replacement: false })
             .collect(),
         reason: "not found in live state".to_owned(),
@@ -311,7 +312,7 @@ fn create(d: &Desired) -> Change {
 fn compare(d: &Desired, l: &Live, forced: bool) -> Change {
     let mut fields = Vec::new();
     let mut forced_by = Vec::new();
-    for (k, a) in &d.attrs {
+    for (k, a) in d.attrs.iter().filter(|(k, _)| !is_internal(k)) {
         let before = l.attrs.get(k);
         let differs = match (&a.value, before) {
             // An unknown desired value differs unless proven equal later; treat as a change.
@@ -353,6 +354,12 @@ fn compare(d: &Desired, l: &Live, forced: bool) -> Change {
         desired: Some(d.clone()),
         live: Some(l.clone()),
     }
+}
+
+/// Attributes named `_...` carry what a provider needs to apply (e.g. a
+/// generated config) and are neither compared nor shown.
+pub fn is_internal(name: &str) -> bool {
+    name.starts_with('_')
 }
 
 /// Equality with numeric tolerance between ints and floats.

@@ -308,6 +308,7 @@ fn resource_block(out: &mut String, change: &Change, style: Style) {
         .map(|d| {
             d.attrs
                 .keys()
+                .filter(|k| !crate::plan::is_internal(k))
                 .filter(|k| !change.fields.iter().any(|f| &f.path == *k))
                 .count()
         })

@@ -1,1 +1,591 @@
-//! The local target.
+//! The local target: each service is a `mesh-runtime` process on a loopback
+//! port, detached so it outlives the `mesh` command; its bundle (service
+//! config, model, datasets) is staged under `<stack>/.mesh/<env>/`.
+//!
+//! Live state is read from what actually runs: the recorded process must be
+//! alive, be a `mesh-runtime`, and answer `/readyz` on its port; the bundle
+//! digest it was started with is recorded beside it. So a killed process or
+//! an edited dataset shows up in `plan`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use mesh_runtime::config as rc;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{ApplyContext, Provider, ProviderError};
+use crate::plan::{Action, Change};
+use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
+use crate::stack::{self, Caller, DatasetSource, Endpoint, EnrichmentSource, ExposeKind, SecretRef, Stack};
+
+/// Kinds this provider manages.
+pub const SERVICE_KIND: &str = "local_service";
+pub const EXPOSE_KIND: &str = "local_expose";
+
+/// How long a service may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The local provider.
+pub struct LocalProvider {
+    runtime_bin: PathBuf,
+}
+
+/// What is recorded for a running service (`services/<name>/state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ServiceState {
+    address: Address,
+    pid: u32,
+    port: u16,
+    version: String,
+    bundle_digest: String,
+    started_at: u64,
+}
+
+/// What is recorded for an exposure (`exposes/<name>.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ExposeState {
+    address: Address,
+    service: String,
+    port: u16,
+    allow: Vec<String>,
+}
+
+impl LocalProvider {
+    /// Finds the runtime binary: `MESH_RUNTIME_BIN`, then `mesh-runtime`
+    /// beside the running executable, then on `PATH`.
+    pub fn new() -> Result<Self, ProviderError> {
+        Ok(LocalProvider { runtime_bin: find_runtime()? })
+    }
+
+    pub fn with_runtime(runtime_bin: PathBuf) -> Self {
+        LocalProvider { runtime_bin }
+    }
+}
+
+fn find_runtime() -> Result<PathBuf, ProviderError> {
+    if let Some(p) = std::env::var_os("MESH_RUNTIME_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            for candidate in [dir.join("mesh-runtime"), dir.join("../mesh-runtime")] {
+                if candidate.is_file() {
+                    return Ok(candidate);
+                }
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let c = dir.join("mesh-runtime");
+            if c.is_file() {
+                return Ok(c);
+            }
+        }
+    }
+    Err(ProviderError::Invalid {
+        address: Address::new("provider.local"),
+        message: "cannot find the mesh-runtime binary; build it with `cargo build --release --workspace`, or set MESH_RUNTIME_BIN".into(),
+    })
+}
+
+/// The state folder of a stack and environment.
+pub fn state_dir(root: &Path, env: &str) -> PathBuf {
+    root.join(".mesh").join(env)
+}
+
+/// The loopback port a service listens on: its NodePort if it has one,
+/// else a port derived from its name (stable across runs).
+pub fn service_port(stack: &Stack, service: &str) -> u16 {
+    for e in stack.exposes.values() {
+        if e.service == service {
+            if let ExposeKind::NodePort { node_port: Some(p), .. } = e.kind {
+                return p;
+            }
+        }
+    }
+    let h = Sha256::digest(format!("{}/{}/{service}", stack.name, stack.env.name).as_bytes());
+    32000 + (u16::from_be_bytes([h[0], h[1]]) % 700)
+}
+
+fn secret(s: &SecretRef) -> rc::SecretRef {
+    match s {
+        SecretRef::Env(v) => rc::SecretRef::Env(v.clone()),
+        SecretRef::File(p) => rc::SecretRef::File(p.clone()),
+    }
+}
+
+/// Column names of a CSV file's header.
+fn csv_header(path: &Path) -> Vec<String> {
+    use std::io::BufRead;
+    let Ok(f) = std::fs::File::open(path) else { return Vec::new() };
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(f).read_line(&mut line);
+    line.trim_end().split(',').map(|s| s.trim().trim_matches('"').to_owned()).collect()
+}
+
+/// Input names of an ONNX model (empty if it cannot be read).
+fn model_inputs(path: &Path) -> Vec<String> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| mesh_runtime::model::Model::from_bytes(&b).ok())
+        .map(|m| m.inputs().iter().map(|i| i.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The bundle for one service: its `service.json` (paths relative to the
+/// bundle) and the files to copy into it (bundle path → source path).
+pub struct BundlePlan {
+    pub config: rc::ServiceConfig,
+    pub files: BTreeMap<String, PathBuf>,
+}
+
+/// Builds the bundle of a service from the stack. `lookup_url` gives the base
+/// URL of another service (for lookup enrichments).
+pub fn bundle_for(stack: &Stack, svc: &stack::Service, lookup_url: &dyn Fn(&str) -> String) -> BundlePlan {
+    let mut files = BTreeMap::new();
+    let mut datasets = BTreeMap::new();
+    let mut connections = BTreeMap::new();
+    for (name, d) in &svc.datasets {
+        let source = match &d.source {
+            DatasetSource::File(p) => {
+                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("csv");
+                let rel = format!("datasets/{name}.{ext}");
+                files.insert(rel.clone(), p.clone());
+                rc::DatasetSource::Csv(PathBuf::from(rel))
+            }
+            DatasetSource::Sql { connection, query, .. } => {
+                if let Some(c) = stack.connections.get(connection) {
+                    connections.insert(
+                        connection.clone(),
+                        rc::ConnectionConfig::Postgres {
+                            host: c.host.clone(),
+                            port: c.port,
+                            database: c.database.clone(),
+                            user: c.user.clone(),
+                            password: c.password.as_ref().map(secret),
+                            pool_size: 4,
+                        },
+                    );
+                }
+                rc::DatasetSource::Sql(rc::SqlSource { connection: connection.clone(), query: query.clone() })
+            }
+        };
+        let mode = match &d.source {
+            DatasetSource::Sql { mode: stack::SqlMode::Live, .. } => rc::DatasetMode::Live,
+            _ => rc::DatasetMode::Preload,
+        };
+        datasets.insert(
+            name.clone(),
+            rc::DatasetConfig {
+                source,
+                key: d.key.clone(),
+                duplicates: match d.duplicates {
+                    stack::Duplicates::Error => rc::Duplicates::Error,
+                    stack::Duplicates::Last => rc::Duplicates::Last,
+                },
+                mode,
+                columns: BTreeMap::new(),
+            },
+        );
+    }
+    let mut endpoints = BTreeMap::new();
+    for (name, e) in &svc.endpoints {
+        let ep = match e {
+            Endpoint::Lookup { datasets } => rc::EndpointConfig::Lookup { datasets: datasets.clone() },
+            Endpoint::Prediction { model, enrichments } => {
+                let rel = format!("models/{name}.onnx");
+                files.insert(rel.clone(), model.clone());
+                let features: BTreeSet<String> = model_inputs(model).into_iter().collect();
+                let mut out = Vec::new();
+                for en in enrichments {
+                    // Columns available from the source, restricted to model features.
+                    let available: Vec<String> = match &en.source {
+                        EnrichmentSource::Dataset(d) => svc.datasets.get(d).map(|d| dataset_columns(d)).unwrap_or_default(),
+                        EnrichmentSource::Lookup { service, endpoint } => stack
+                            .services
+                            .get(service)
+                            .and_then(|s| match s.endpoints.get(endpoint) {
+                                Some(Endpoint::Lookup { datasets }) => Some(datasets.iter().filter_map(|d| s.datasets.get(d)).flat_map(dataset_columns).collect()),
+                                _ => None,
+                            })
+                            .unwrap_or_default(),
+                    };
+                    let wanted: Vec<String> = if en.columns.is_empty() { available } else { en.columns.clone() };
+                    let columns: Vec<String> = wanted.into_iter().filter(|c| c != &en.key && (features.is_empty() || features.contains(c))).collect();
+                    let (dataset, lookup) = match &en.source {
+                        EnrichmentSource::Dataset(d) => (Some(d.clone()), None),
+                        EnrichmentSource::Lookup { service, endpoint } => (
+                            None,
+                            Some(rc::RemoteLookup {
+                                url: format!("{}/public/api/v1/{service}/{endpoint}/lookup", lookup_url(service)),
+                                api_key: stack.services.get(service).and_then(|s| s.api_keys.first()).map(secret),
+                                timeout_ms: 2000,
+                            }),
+                        ),
+                    };
+                    out.push(rc::EnrichmentConfig {
+                        dataset,
+                        lookup,
+                        key: en.key.clone(),
+                        columns,
+                        on_missing: match en.on_missing {
+                            stack::OnMissing::Error => rc::OnMissing::Error,
+                            stack::OnMissing::Null => rc::OnMissing::Null,
+                        },
+                    });
+                }
+                rc::EndpointConfig::Prediction { model: PathBuf::from(rel), enrichments: out }
+            }
+        };
+        endpoints.insert(name.clone(), ep);
+    }
+    BundlePlan {
+        config: rc::ServiceConfig {
+            service: svc.name.clone(),
+            version: Some(svc.version.clone()),
+            api_keys: svc.api_keys.iter().map(secret).collect(),
+            limits: rc::Limits::default(),
+            connections,
+            datasets,
+            endpoints,
+        },
+        files,
+    }
+}
+
+fn dataset_columns(d: &stack::Dataset) -> Vec<String> {
+    match &d.source {
+        DatasetSource::File(p) => csv_header(p).into_iter().filter(|c| c != &d.key).collect(),
+        DatasetSource::Sql { .. } => Vec::new(),
+    }
+}
+
+/// sha256 over the service config and every file's content, in a fixed order.
+pub fn bundle_digest(b: &BundlePlan) -> Result<String, std::io::Error> {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&b.config).unwrap_or_default());
+    for (rel, src) in &b.files {
+        h.update(rel.as_bytes());
+        h.update([0]);
+        let mut f = std::fs::File::open(src)?;
+        std::io::copy(&mut f, &mut h)?;
+        h.update([0]);
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+fn allow_strings(e: &stack::Expose) -> Vec<String> {
+    e.allow
+        .iter()
+        .map(|c| match c {
+            Caller::Service(s) => format!("service.{s}"),
+            Caller::Cidr(c) => c.to_string(),
+        })
+        .collect()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ProviderError {
+    let context = context.into();
+    move |source| ProviderError::Io { context, source }
+}
+
+/// Is `pid` alive and a mesh-runtime?
+fn runtime_alive(pid: u32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // A zombie (state Z) is not alive.
+            let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            !zombie && String::from_utf8_lossy(&cmd).contains("mesh-runtime")
+        }
+        Err(_) => false,
+    }
+}
+
+/// `GET path` on a loopback port; the status code, if it answered.
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        text.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(std::process::Stdio::null()).status();
+}
+
+async fn stop_process(pid: u32) {
+    if !runtime_alive(pid) {
+        return;
+    }
+    signal(pid, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runtime_alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if runtime_alive(pid) {
+        signal(pid, "KILL");
+        while runtime_alive(pid) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn port_free(port: u16) -> bool {
+    tokio::net::TcpListener::bind(("127.0.0.1", port)).await.is_ok()
+}
+
+impl LocalProvider {
+    fn service_dir(scope: &Scope, name: &str) -> PathBuf {
+        state_dir(&scope.root, &scope.env).join("services").join(name)
+    }
+
+    async fn apply_service(&self, d: &Desired, live: Option<&Live>, ctx: &ApplyContext) -> Result<Live, ProviderError> {
+        let name = d.address.as_str().trim_start_matches("service.").to_owned();
+        let dir = Self::service_dir(&ctx.scope, &name);
+        let port = d.attrs.get("port").and_then(|a| a.value.as_int()).and_then(|p| u16::try_from(p).ok()).ok_or_else(|| ProviderError::Invalid { address: d.address.clone(), message: "no port".into() })?;
+        let bundle_json = d.attrs.get("_bundle").and_then(|a| a.value.as_str()).ok_or_else(|| ProviderError::Invalid { address: d.address.clone(), message: "no bundle".into() })?;
+        let files: BTreeMap<String, PathBuf> = serde_json::from_str(d.attrs.get("_files").and_then(|a| a.value.as_str()).unwrap_or("{}")).unwrap_or_default();
+
+        // Stop what runs now (recorded by us), then make sure the port is free.
+        if let Some(l) = live {
+            if let Ok(pid) = l.id.parse::<u32>() {
+                ctx.progress(&d.address, &format!("stopping pid {pid}"));
+                stop_process(pid).await;
+            }
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("state.json")) {
+            if let Ok(st) = serde_json::from_str::<ServiceState>(&text) {
+                stop_process(st.pid).await;
+            }
+        }
+        if !port_free(port).await {
+            return Err(ProviderError::Api {
+                address: d.address.clone(),
+                message: format!("port 127.0.0.1:{port} is taken by another program; stop it or choose another node_port"),
+            });
+        }
+
+        // Stage the bundle afresh.
+        let bundle = dir.join("bundle");
+        let _ = std::fs::remove_dir_all(&bundle);
+        std::fs::create_dir_all(&bundle).map_err(io(format!("creating {}", bundle.display())))?;
+        for (rel, src) in &files {
+            let dst = bundle.join(rel);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+            }
+            std::fs::copy(src, &dst).map_err(io(format!("copying {} into the bundle", src.display())))?;
+        }
+        std::fs::write(bundle.join(rc::SERVICE_FILE), bundle_json).map_err(io("writing service.json"))?;
+
+        // Start detached: its own process group, output to a log file.
+        let log_path = dir.join("runtime.log");
+        let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(io("log file"))?;
+        let mut cmd = std::process::Command::new(&self.runtime_bin);
+        cmd.arg("serve").arg("--bundle").arg(&bundle).arg("--listen").arg(format!("127.0.0.1:{port}"));
+        cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(log2);
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        ctx.progress(&d.address, &format!("starting on 127.0.0.1:{port}"));
+        let mut child = cmd.spawn().map_err(io(format!("starting {}", self.runtime_bin.display())))?;
+        let pid = child.id();
+
+        let state = ServiceState {
+            address: d.address.clone(),
+            pid,
+            port,
+            version: d.attrs.get("version").and_then(|a| a.value.as_str()).unwrap_or_default().to_owned(),
+            bundle_digest: d.attrs.get("bundle_digest").and_then(|a| a.value.as_str()).unwrap_or_default().to_owned(),
+            started_at: now_secs(),
+        };
+        std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default()).map_err(io("writing state.json"))?;
+
+        // Wait until ready.
+        let start = Instant::now();
+        let mut last_note = Instant::now();
+        loop {
+            if !matches!(child.try_wait(), Ok(None)) {
+                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                return Err(ProviderError::Api {
+                    address: d.address.clone(),
+                    message: format!("mesh-runtime exited during start; last log lines ({}):\n    {}", log_path.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n    ")),
+                });
+            }
+            if http_status(port, "/readyz").await == Some(200) {
+                break;
+            }
+            if ctx.cancelled() {
+                return Err(ProviderError::Interrupted { address: d.address.clone() });
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                return Err(ProviderError::Timeout { address: d.address.clone(), seconds: READY_TIMEOUT.as_secs(), message: format!("see {}", log_path.display()) });
+            }
+            if last_note.elapsed() > Duration::from_secs(10) {
+                ctx.progress(&d.address, "still loading");
+                last_note = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // The process outlives us (init reaps it once we exit).
+        drop(child);
+        Ok(live_service(&state, true))
+    }
+}
+
+fn live_service(st: &ServiceState, running: bool) -> Live {
+    let url = format!("http://127.0.0.1:{}", st.port);
+    Live::new(st.address.clone(), SERVICE_KIND, ProviderId::Local, st.pid.to_string())
+        .attr("version", st.version.clone())
+        .attr("port", st.port)
+        .attr("bundle_digest", st.bundle_digest.clone())
+        .attr("running", running)
+        .output("url", url)
+        .output("port", st.port)
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn id(&self) -> ProviderId {
+        ProviderId::Local
+    }
+
+    fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {
+        let mut out = Vec::new();
+        let url_of = |svc: &str| format!("http://127.0.0.1:{}", service_port(stack, svc));
+        for (name, svc) in &stack.services {
+            let address = Address::of("service", name);
+            let b = bundle_for(stack, svc, &url_of);
+            let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid { address: address.clone(), message: format!("reading the bundle's files: {e}") })?;
+            let mut d = Desired::new(address, SERVICE_KIND, ProviderId::Local)
+                .attr("version", svc.version.clone())
+                .attr("port", service_port(stack, name))
+                .attr("bundle_digest", digest)
+                .attr("running", true);
+            // Carried for apply only: `_` attributes are neither compared nor shown.
+            d.attrs.insert("_bundle".into(), crate::resource::Attr { value: Value::Str(serde_json::to_string_pretty(&b.config).unwrap_or_default()), force_new: false });
+            d.attrs.insert("_files".into(), crate::resource::Attr { value: Value::Str(serde_json::to_string(&b.files).unwrap_or_default()), force_new: false });
+            for dep in svc.endpoints.values() {
+                if let Endpoint::Prediction { enrichments, .. } = dep {
+                    for en in enrichments {
+                        if let EnrichmentSource::Lookup { service, .. } = &en.source {
+                            d = d.depends(Address::of("service", service));
+                        }
+                    }
+                }
+            }
+            out.push(d);
+        }
+        for (name, e) in &stack.exposes {
+            out.push(
+                Desired::new(Address::of("expose", name), EXPOSE_KIND, ProviderId::Local)
+                    .attr("service", e.service.clone())
+                    .attr("port", service_port(stack, &e.service))
+                    .attr("allow", Value::list_of_str(allow_strings(e)))
+                    .depends(Address::of("service", &e.service)),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn observe(&self, scope: &Scope) -> Result<Vec<Live>, ProviderError> {
+        let dir = state_dir(&scope.root, &scope.env);
+        let mut out = Vec::new();
+        let mut checks = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir.join("services")) {
+            for e in entries.flatten() {
+                let Ok(text) = std::fs::read_to_string(e.path().join("state.json")) else { continue };
+                let Ok(st) = serde_json::from_str::<ServiceState>(&text) else { continue };
+                checks.push(tokio::spawn(async move {
+                    let running = runtime_alive(st.pid) && http_status(st.port, "/readyz").await == Some(200);
+                    live_service(&st, running)
+                }));
+            }
+        }
+        for c in checks {
+            if let Ok(l) = c.await {
+                out.push(l);
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(dir.join("exposes")) {
+            for e in entries.flatten() {
+                let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+                let Ok(st) = serde_json::from_str::<ExposeState>(&text) else { continue };
+                out.push(live_expose(&st));
+            }
+        }
+        out.sort_by(|a, b| a.address.cmp(&b.address));
+        Ok(out)
+    }
+
+    async fn apply(&self, change: &Change, ctx: &ApplyContext) -> Result<Option<Live>, ProviderError> {
+        let kind = change.kind.as_str();
+        match (&change.action, kind) {
+            (Action::NoOp, _) => Ok(change.live.clone()),
+            (Action::Delete, SERVICE_KIND) => {
+                let name = change.address.as_str().trim_start_matches("service.");
+                let dir = Self::service_dir(&ctx.scope, name);
+                if let Some(pid) = change.live.as_ref().and_then(|l| l.id.parse::<u32>().ok()) {
+                    ctx.progress(&change.address, &format!("stopping pid {pid}"));
+                    stop_process(pid).await;
+                }
+                std::fs::remove_dir_all(&dir).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(io(format!("removing {}", dir.display())))?;
+                Ok(None)
+            }
+            (_, SERVICE_KIND) => {
+                let d = change.desired.as_ref().ok_or_else(|| ProviderError::Invalid { address: change.address.clone(), message: "no desired state".into() })?;
+                self.apply_service(d, change.live.as_ref(), ctx).await.map(Some)
+            }
+            (Action::Delete, EXPOSE_KIND) => {
+                let name = change.address.as_str().trim_start_matches("expose.");
+                let path = state_dir(&ctx.scope.root, &ctx.scope.env).join("exposes").join(format!("{name}.json"));
+                std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(io(format!("removing {}", path.display())))?;
+                Ok(None)
+            }
+            (_, EXPOSE_KIND) => {
+                let d = change.desired.as_ref().ok_or_else(|| ProviderError::Invalid { address: change.address.clone(), message: "no desired state".into() })?;
+                let attrs = ctx.resolved_attrs(d);
+                let st = ExposeState {
+                    address: d.address.clone(),
+                    service: attrs.get("service").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                    port: attrs.get("port").and_then(Value::as_int).and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
+                    allow: match attrs.get("allow") {
+                        Some(Value::List(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                        _ => Vec::new(),
+                    },
+                };
+                let dir = state_dir(&ctx.scope.root, &ctx.scope.env).join("exposes");
+                std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+                let name = d.address.as_str().trim_start_matches("expose.");
+                std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(&st).unwrap_or_default()).map_err(io("writing expose state"))?;
+                Ok(Some(live_expose(&st)))
+            }
+            _ => Err(ProviderError::Invalid { address: change.address.clone(), message: format!("the local provider does not manage {kind}") }),
+        }
+    }
+}
+
+fn live_expose(st: &ExposeState) -> Live {
+    Live::new(st.address.clone(), EXPOSE_KIND, ProviderId::Local, st.address.to_string())
+        .attr("service", st.service.clone())
+        .attr("port", st.port)
+        .attr("allow", Value::list_of_str(st.allow.clone()))
+        .output("url", format!("http://127.0.0.1:{}", st.port))
+        .output("service", st.service.clone())
+}

@@ -56,6 +56,7 @@ impl<'t> Fields<'t> {
     pub fn str_opt(&self, errors: &mut Errors, key: &str) -> Option<(String, Span)> {
         let e = self.entry(key)?;
         match &e.value.kind {
+            k if k.is_unresolved() => None,
             NodeKind::Str(s) => Some((s.clone(), e.value.span)),
             other => {
                 errors.push(wrong_type(e, "a string", other));
@@ -75,6 +76,7 @@ impl<'t> Fields<'t> {
     pub fn bool_opt(&self, errors: &mut Errors, key: &str) -> Option<bool> {
         let e = self.entry(key)?;
         match &e.value.kind {
+            k if k.is_unresolved() => None,
             NodeKind::Bool(b) => Some(*b),
             other => {
                 errors.push(wrong_type(e, "a boolean (`true` or `false`)", other));
@@ -86,6 +88,7 @@ impl<'t> Fields<'t> {
     pub fn int_opt(&self, errors: &mut Errors, key: &str) -> Option<(i64, Span)> {
         let e = self.entry(key)?;
         match &e.value.kind {
+            k if k.is_unresolved() => None,
             NodeKind::Int(i) => Some((*i, e.value.span)),
             other => {
                 errors.push(wrong_type(e, "an integer", other));
@@ -112,6 +115,9 @@ impl<'t> Fields<'t> {
 
     pub fn strs_opt(&self, errors: &mut Errors, key: &str) -> Option<Vec<(String, Span)>> {
         let e = self.entry(key)?;
+        if e.value.kind.is_unresolved() {
+            return None;
+        }
         let NodeKind::Array(items) = &e.value.kind else {
             errors.push(wrong_type(e, "an array of strings", &e.value.kind));
             return None;
@@ -119,6 +125,7 @@ impl<'t> Fields<'t> {
         let mut out = Vec::new();
         for it in items {
             match &it.kind {
+                k if k.is_unresolved() => {}
                 NodeKind::Str(s) => out.push((s.clone(), it.span)),
                 other => errors.push(
                     Diagnostic::new(Code::WrongType, it.span, format!("expected a string in `{key}`, found {}", other.type_name()))
@@ -133,6 +140,7 @@ impl<'t> Fields<'t> {
     pub fn table_opt(&self, errors: &mut Errors, key: &str) -> Option<(&'t Table, Span)> {
         let e = self.entry(key)?;
         match &e.value.kind {
+            k if k.is_unresolved() => None,
             NodeKind::Table(t) => Some((t, e.value.span)),
             other => {
                 errors.push(wrong_type(e, "a table", other));
@@ -154,6 +162,7 @@ pub fn named_tables_of<'t>(errors: &mut Errors, t: &'t Table, what: &str) -> Vec
     for e in &t.entries {
         match &e.value.kind {
             NodeKind::Table(inner) => out.push((e.key.as_str(), e.key_span, inner, e.value.span)),
+            k if k.is_unresolved() => {}
             other => errors.push(
                 Diagnostic::new(Code::WrongType, e.value.span, format!("`{what}.{}` must be a table, found {}", e.key, other.type_name()))
                     .label("expected a table")
@@ -165,10 +174,21 @@ pub fn named_tables_of<'t>(errors: &mut Errors, t: &'t Table, what: &str) -> Vec
 }
 
 pub fn wrong_type(e: &Entry, expected: &str, found: &NodeKind) -> Diagnostic {
-    Diagnostic::new(Code::WrongType, e.value.span, format!("`{}` must be {expected}, found {}", e.key, found.type_name()))
-        .label(format!("expected {expected}"))
-        .help(match expected {
-            "a string" => format!("quote the value: {} = \"...\"", e.key),
-            _ => format!("change `{}` to {expected}", e.key),
-        })
+    let key = &e.key;
+    // Show the fix with the value the person wrote, when there is an obvious one.
+    let help = match (expected, found) {
+        ("a string", NodeKind::Int(v)) => format!("quote the value: {key} = \"{v}\""),
+        ("a string", NodeKind::Float(v)) => format!("quote the value: {key} = \"{v}\""),
+        ("a string", NodeKind::Bool(v)) => format!("quote the value: {key} = \"{v}\""),
+        ("a string", _) => format!("quote the value: {key} = \"...\""),
+        ("an integer", NodeKind::Str(v)) if v.trim().parse::<i64>().is_ok() => format!("remove the quotes: {key} = {}", v.trim()),
+        (e, NodeKind::Str(v)) if e.starts_with("a boolean") => match v.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => format!("write it without quotes: {key} = true"),
+            "false" | "no" | "off" | "0" => format!("write it without quotes: {key} = false"),
+            _ => format!("write {key} = true or {key} = false, without quotes"),
+        },
+        (e, NodeKind::Int(_)) if e.starts_with("a boolean") => format!("write {key} = true or {key} = false"),
+        _ => format!("change `{key}` to {expected}"),
+    };
+    Diagnostic::new(Code::WrongType, e.value.span, format!("`{key}` must be {expected}, found {}", found.type_name())).label(format!("expected {expected}")).help(help)
 }

@@ -2,12 +2,12 @@
 //! (`<env>.toml`), and the modules it instantiates, merged into one spanned
 //! table before it is decoded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::decode::{named_tables_of, Errors, Fields};
 use super::diag::{did_you_mean, Code, Diagnostic};
-use super::source::{parse, Entry, FileId, Node, NodeKind, Sources, Span, Table};
+use super::source::{expressions, parse, Entry, FileId, Node, NodeKind, Sources, Span, Table};
 
 /// Top-level resource tables.
 pub const RESOURCE_TABLES: &[&str] = &["network", "cluster", "registry", "connection", "service", "expose"];
@@ -39,11 +39,23 @@ fn read(sources: &mut Sources, path: &Path, errors: &mut Errors) -> Option<(File
     match parse(id, sources.text(id)) {
         Ok(t) => Some((id, t)),
         Err(e) => {
-            errors.push(
-                Diagnostic::new(Code::Syntax, e.span, format!("invalid TOML: {}", first_line(&e.message)))
-                    .label("here")
-                    .help("fix the TOML syntax (quotes, brackets, `key = value`)"),
-            );
+            let mut message = first_line(&e.message).to_owned();
+            let (label, help) = if message == "duplicate key" {
+                let key = sources.text(id).get(e.span.start..e.span.end).unwrap_or_default().trim();
+                if !key.is_empty() {
+                    message = format!("duplicate key `{key}`");
+                }
+                ("written a second time", "a key or table can be written only once per file: merge the two or remove one")
+            } else if message.contains("string") {
+                ("the string is not closed", "close the string on the same line (use \"\"\"...\"\"\" for text over several lines)")
+            } else if message.contains("expected `=`") {
+                ("expected `=`", "write each setting as `key = value`")
+            } else if message.contains("expected `]`") {
+                ("expected `]`", "close the table header with `]`, e.g. [service.NAME]")
+            } else {
+                ("here", "fix the TOML syntax (quotes, brackets, `key = value`)")
+            };
+            errors.push(Diagnostic::new(Code::Syntax, e.span, format!("invalid TOML: {message}")).label(label).help(help));
             None
         }
     }
@@ -89,7 +101,7 @@ pub fn load(root: &Path, env: Option<&str>, sources: &mut Sources, errors: &mut 
     let mut base_dirs = BTreeMap::new();
     record_base_dirs(&table, &root, &mut base_dirs);
 
-    expand_modules(&mut table, &root, sources, errors, &mut base_dirs);
+    let modules = expand_modules(&mut table, &root, sources, errors, &mut base_dirs);
 
     // The overlay applies to the expanded stack, so it can override module resources.
     if let Some(env) = env {
@@ -99,6 +111,7 @@ pub fn load(root: &Path, env: Option<&str>, sources: &mut Sources, errors: &mut 
                 .label(if declared.is_empty() { "no environments are declared".to_owned() } else { format!("declared here: {}", declared.join(", ")) });
             d = match did_you_mean(env, declared.iter().map(String::as_str)) {
                 Some(s) => d.help(format!("did you mean `--env {s}`?")),
+                None if declared.is_empty() => d.help(format!("declare it in stack.toml: [environment.{env}] with target = \"local\", \"aws\" or \"kubernetes\"")),
                 None => d.help(format!("pass one of: {}; or add [environment.{env}] to stack.toml", declared.join(", "))),
             };
             errors.push(d);
@@ -111,6 +124,9 @@ pub fn load(root: &Path, env: Option<&str>, sources: &mut Sources, errors: &mut 
             }
         }
     }
+
+    // `${module.M.O}` after the overlay, so overlays may use module outputs too.
+    resolve_outputs(&mut table, &modules, errors);
 
     Some(Loaded { root, main, table, base_dirs })
 }
@@ -143,15 +159,30 @@ pub fn merge(base: &mut Table, overlay: Table) {
 
 const MODULE_KEYS: &[&str] = &["input", "output", "network", "cluster", "registry", "connection", "service", "expose"];
 
-fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors: &mut Errors, base_dirs: &mut BTreeMap<String, PathBuf>) {
-    let Some(pos) = table.entries.iter().position(|e| e.key == "module") else { return };
-    let modules = table.entries[pos].clone();
-    let NodeKind::Table(instances) = &modules.value.kind else {
-        errors.push(super::decode::wrong_type(&modules, "a table", &modules.value.kind));
-        return;
+/// The modules of a stack, for resolving `${module.M.O}`.
+#[derive(Default)]
+struct Modules {
+    /// `module.M.O` → the output's value.
+    outputs: BTreeMap<String, String>,
+    /// Every instantiated module, and those that could not be read (their
+    /// outputs are unknown; the reason is already reported).
+    names: BTreeSet<String>,
+    failed: BTreeSet<String>,
+    /// Module files: their unresolved expressions are reported when expanded.
+    files: BTreeSet<FileId>,
+}
+
+fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors: &mut Errors, base_dirs: &mut BTreeMap<String, PathBuf>) -> Modules {
+    let mut modules = Modules::default();
+    let Some(pos) = table.entries.iter().position(|e| e.key == "module") else { return modules };
+    let module_table = table.entries.remove(pos);
+    let NodeKind::Table(instances) = &module_table.value.kind else {
+        errors.push(super::decode::wrong_type(&module_table, "a table", &module_table.value.kind));
+        return modules;
     };
-    let mut outputs: BTreeMap<String, (String, Span)> = BTreeMap::new();
     for (name, name_span, inst, inst_span) in named_tables_of(errors, instances, "module") {
+        modules.names.insert(name.to_owned());
+        modules.failed.insert(name.to_owned());
         let fields = Fields::new(inst, inst_span, format!("module.{name}"));
         let Some((source, source_span)) = fields.str_req(errors, "source", "\"../../modules/NAME\"") else { continue };
         let dir = root.join(&source);
@@ -164,21 +195,23 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
             );
             continue;
         }
-        let Some((_, body)) = read(sources, &file, errors) else { continue };
+        let Some((body_file, body)) = read(sources, &file, errors) else { continue };
+        modules.failed.remove(name);
+        modules.files.insert(body_file);
         let body_fields = Fields::new(&body, Span { file: name_span.file, start: 0, end: 0 }, format!("module {source}"));
         body_fields.allow(errors, MODULE_KEYS);
 
         // Inputs: declared in the module, given in the instance.
         let mut values: BTreeMap<String, Node> = BTreeMap::new();
         let declared = body_fields.named_tables(errors, "input");
-        let declared_names: Vec<&str> = declared.iter().map(|d| d.0).collect();
+        let declared_names: Vec<String> = declared.iter().map(|d| d.0.to_owned()).collect();
         for e in &inst.entries {
             if e.key == "source" {
                 continue;
             }
-            if !declared_names.contains(&e.key.as_str()) {
+            if !declared_names.contains(&e.key) {
                 let mut d = Diagnostic::new(Code::UnknownKey, e.key_span, format!("module `{name}` has no input `{}`", e.key)).label("unknown input");
-                d = match did_you_mean(&e.key, declared_names.iter().copied()) {
+                d = match did_you_mean(&e.key, declared_names.iter().map(String::as_str)) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help(format!("inputs of {source}: {}", declared_names.join(", "))),
                 };
@@ -205,15 +238,35 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
         }
 
         // Substitute inputs and `this`, then move resources into the stack.
+        // An input keeps the span of the value given for it, so errors in
+        // that value point at the stack that wrote it.
         let mut body = body;
+        let mut unresolved = Vec::new();
         for e in &mut body.entries {
             substitute(&mut e.value, &|expr| {
                 if expr == "this" {
-                    Some(NodeKind::Str(name.to_owned()))
+                    Some((NodeKind::Str(name.to_owned()), None))
                 } else {
-                    expr.strip_prefix("input.").and_then(|i| values.get(i)).map(|n| n.kind.clone())
+                    expr.strip_prefix("input.").and_then(|i| values.get(i)).map(|n| (n.kind.clone(), Some(n.span)))
                 }
             });
+            collect_unresolved(&e.value, &mut unresolved);
+        }
+        for (expr, span) in unresolved {
+            match expr.strip_prefix("input.") {
+                // A declared input without a value is reported at the instance.
+                Some(i) if declared_names.iter().any(|d| d == i) => {}
+                Some(i) => {
+                    let mut d = Diagnostic::new(Code::DanglingReference, span, format!("module `{source}` declares no input `{i}`")).label("undeclared input");
+                    d = match did_you_mean(i, declared_names.iter().map(String::as_str)) {
+                        Some(s) => d.help(format!("did you mean `${{input.{s}}}`?")),
+                        None => d.help(format!("declare it in this module.toml: [input.{i}]")),
+                    };
+                    errors.push(d);
+                }
+                None if expr.starts_with("module.") => {}
+                None => errors.push(unknown_expression(&expr, span, true)),
+            }
         }
         for e in body.entries {
             match e.key.as_str() {
@@ -225,8 +278,8 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
                                 NodeKind::Table(t) => t.get("value").map(|v| v.value.clone()),
                                 _ => Some(o.value.clone()),
                             };
-                            if let Some(Node { kind: NodeKind::Str(s), span }) = v {
-                                outputs.insert(format!("module.{name}.{}", o.key), (s, span));
+                            if let Some(Node { kind: NodeKind::Str(s), .. }) = v {
+                                modules.outputs.insert(format!("module.{name}.{}", o.key), s);
                             }
                         }
                     }
@@ -266,66 +319,90 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
             }
         }
     }
-    // Remove the module table and resolve `${module.M.O}` in the stack.
-    table.entries.retain(|e| e.key != "module");
-    let mut dangling: Vec<(String, Span)> = Vec::new();
+    modules
+}
+
+/// Replaces `${module.M.O}` everywhere and reports every expression left
+/// unresolved, at the string that holds it. Values still holding `${...}`
+/// after this are treated as absent by decoding (the error is reported here).
+fn resolve_outputs(table: &mut Table, modules: &Modules, errors: &mut Errors) {
+    let mut unresolved = Vec::new();
     for e in &mut table.entries {
-        substitute_report(&mut e.value, &outputs, &mut dangling);
+        substitute(&mut e.value, &|expr| modules.outputs.get(expr).map(|v| (NodeKind::Str(v.clone()), None)));
+        collect_unresolved(&e.value, &mut unresolved);
     }
-    for (expr, span) in dangling {
-        let known: Vec<&str> = outputs.keys().map(String::as_str).collect();
-        let mut d = Diagnostic::new(Code::DanglingReference, span, format!("`${{{expr}}}` refers to nothing defined")).label("unresolved reference");
-        d = match did_you_mean(&expr, known.iter().copied()) {
-            Some(s) => d.help(format!("did you mean `${{{s}}}`?")),
-            None if known.is_empty() => d.help("declare the module under [module.NAME] and its output under [output.NAME] in module.toml"),
-            None => d.help(format!("known outputs: {}", known.join(", "))),
+    for (expr, span) in unresolved {
+        let Some(path) = expr.strip_prefix("module.") else {
+            // Inside module files these were reported when the module was expanded.
+            if !modules.files.contains(&span.file) {
+                errors.push(unknown_expression(&expr, span, false));
+            }
+            continue;
+        };
+        let Some((module, output)) = path.split_once('.') else {
+            errors.push(
+                Diagnostic::new(Code::DanglingReference, span, format!("`${{{expr}}}` names a module but not its output"))
+                    .label("expected ${module.MODULE.OUTPUT}")
+                    .help(format!("name one of its outputs, e.g. `${{module.{path}.cluster}}`")),
+            );
+            continue;
+        };
+        if modules.failed.contains(module) {
+            continue;
+        }
+        let d = if modules.names.contains(module) {
+            let prefix = format!("module.{module}.");
+            let known: Vec<&str> = modules.outputs.keys().filter_map(|k| k.strip_prefix(&prefix)).collect();
+            let d = Diagnostic::new(Code::DanglingReference, span, format!("module `{module}` has no output `{output}`")).label("unknown output");
+            match did_you_mean(output, known.iter().copied()) {
+                Some(s) => d.help(format!("did you mean `${{module.{module}.{s}}}`?")),
+                None if known.is_empty() => d.help(format!("module `{module}` declares no outputs; add [output.{output}] with value = \"...\" to its module.toml")),
+                None => d.help(format!("outputs of module `{module}`: {}", known.join(", "))),
+            }
+        } else {
+            let d = Diagnostic::new(Code::DanglingReference, span, format!("`${{{expr}}}` refers to undefined module `{module}`")).label(format!("no module named `{module}`"));
+            match did_you_mean(module, modules.names.iter().map(String::as_str)) {
+                Some(s) => d.help(format!("did you mean `${{module.{s}.{output}}}`?")),
+                None => d.help(format!("instantiate it first: [module.{module}] with source = \"../../modules/NAME\"")),
+            }
         };
         errors.push(d);
     }
 }
 
-fn substitute_report(n: &mut Node, outputs: &BTreeMap<String, (String, Span)>, dangling: &mut Vec<(String, Span)>) {
-    let span = n.span;
-    let mut missing = Vec::new();
-    substitute(n, &|expr| {
-        if expr.starts_with("module.") {
-            outputs.get(expr).map(|(v, _)| NodeKind::Str(v.clone()))
-        } else {
-            None
-        }
-    });
-    collect_unresolved(n, &mut missing);
-    for m in missing {
-        dangling.push((m, span));
-    }
+fn unknown_expression(expr: &str, span: Span, in_module: bool) -> Diagnostic {
+    Diagnostic::new(Code::DanglingReference, span, format!("unknown expression `${{{expr}}}`")).label("not a known reference").help(if in_module {
+        "a module file can use ${input.NAME}, ${this} and ${module.NAME.OUTPUT}"
+    } else {
+        "a stack file can use ${module.NAME.OUTPUT}; ${input.NAME} and ${this} work only inside module files"
+    })
 }
 
-fn collect_unresolved(n: &Node, out: &mut Vec<String>) {
+/// Every `${expr}` left in `n` (values and table keys), with the span of the
+/// string that holds it.
+fn collect_unresolved(n: &Node, out: &mut Vec<(String, Span)>) {
     match &n.kind {
-        NodeKind::Str(s) => {
-            let mut rest = s.as_str();
-            while let Some(i) = rest.find("${") {
-                let after = &rest[i + 2..];
-                let Some(j) = after.find('}') else { break };
-                out.push(after[..j].to_owned());
-                rest = &after[j + 1..];
-            }
-        }
+        NodeKind::Str(s) => out.extend(expressions(s).into_iter().map(|e| (e.to_owned(), n.span))),
         NodeKind::Array(items) => items.iter().for_each(|i| collect_unresolved(i, out)),
-        NodeKind::Table(t) => t.entries.iter().for_each(|e| collect_unresolved(&e.value, out)),
+        NodeKind::Table(t) => t.entries.iter().for_each(|e| {
+            out.extend(expressions(&e.key).into_iter().map(|x| (x.to_owned(), e.key_span)));
+            collect_unresolved(&e.value, out);
+        }),
         _ => {}
     }
 }
 
 /// Replaces `${expr}` in strings: a string that is exactly one expression
 /// takes the value's type; otherwise the value is spliced as text.
-fn substitute(n: &mut Node, lookup: &dyn Fn(&str) -> Option<NodeKind>) {
+/// `lookup` gives the value and, when it has one, the span it was written at.
+fn substitute(n: &mut Node, lookup: &dyn Fn(&str) -> Option<(NodeKind, Option<Span>)>) {
     match &mut n.kind {
         NodeKind::Str(s) => {
             if let Some(expr) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
                 if !expr.contains("${") {
-                    if let Some(v) = lookup(expr) {
+                    if let Some((v, span)) = lookup(expr) {
                         n.kind = v;
+                        n.span = span.unwrap_or(n.span);
                     }
                     return;
                 }
@@ -340,7 +417,7 @@ fn substitute(n: &mut Node, lookup: &dyn Fn(&str) -> Option<NodeKind>) {
                     rest = "";
                     break;
                 };
-                match lookup(&after[..j]) {
+                match lookup(&after[..j]).map(|v| v.0) {
                     Some(NodeKind::Str(v)) => out.push_str(&v),
                     Some(NodeKind::Int(v)) => out.push_str(&v.to_string()),
                     Some(NodeKind::Float(v)) => out.push_str(&v.to_string()),

@@ -29,6 +29,9 @@ pub fn load(path: &Path, env: Option<&str>) -> Result<Stack, Report> {
             if errors.0.is_empty() {
                 errors.push(Diagnostic::global(Code::Io, format!("cannot load the stack at {}", path.display())));
             }
+            // In file order (the stack file, then overlays and modules as read),
+            // however the checks happened to find them.
+            errors.0.sort_by_key(|d| d.span.map(|s| (s.file, s.start)));
             Err(Report { diagnostics: errors.0, sources })
         }
     }

@@ -10,7 +10,7 @@ use super::decode::{named_tables_of, Errors, Fields};
 use super::diag::{did_you_mean, Code, Diagnostic};
 use super::load::{Loaded, TOP_LEVEL};
 use super::model::*;
-use super::source::{NodeKind, Span, Table};
+use super::source::{expressions, NodeKind, Span, Table};
 
 /// Where things were written, for errors found after decoding.
 #[derive(Default)]
@@ -80,6 +80,9 @@ pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Optio
 }
 
 fn check_name(ctx: &mut Ctx<'_>, name: &str, span: Span, what: &str) {
+    if !expressions(name).is_empty() {
+        return; // an unresolved `${...}`, reported while loading
+    }
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
@@ -243,7 +246,9 @@ fn check_networks(ctx: &mut Ctx<'_>, networks: &BTreeMap<String, Network>) {
             }
         }
     }
-    let list: Vec<&Network> = networks.values().collect();
+    // Report each overlap at the network written later, pointing back at the earlier one.
+    let mut list: Vec<&Network> = networks.values().collect();
+    list.sort_by_key(|n| ctx.spans.names.get(&format!("network.{}.cidr", n.name)).map(|s| (s.file, s.start)));
     for (i, a) in list.iter().enumerate() {
         for b in &list[..i] {
             if a.cidr.contains(&b.cidr.network()) || b.cidr.contains(&a.cidr.network()) {
@@ -409,17 +414,26 @@ fn decode_registry(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Opti
 /// string is refused so secrets never live in stack files.
 fn secret_ref(ctx: &mut Ctx<'_>, f: &Fields<'_>, key: &str, base: &Path) -> Option<SecretRef> {
     let e = f.entry(key)?;
-    secret_node(ctx, &e.value, key, base)
+    secret_node(ctx, &e.value, key, false, base)
 }
 
-fn secret_node(ctx: &mut Ctx<'_>, n: &super::source::Node, key: &str, base: &Path) -> Option<SecretRef> {
+/// `item`: the secret is one entry of the array `key`.
+fn secret_node(ctx: &mut Ctx<'_>, n: &super::source::Node, key: &str, item: bool, base: &Path) -> Option<SecretRef> {
     match &n.kind {
+        k if k.is_unresolved() => None,
         NodeKind::Str(_) => {
-            ctx.errors.push(
-                Diagnostic::new(Code::InlineSecret, n.span, format!("`{key}` is a secret written inline"))
-                    .label("secret value in a stack file")
-                    .help(format!("give it by reference: {key} = {{ env = \"VAR_NAME\" }} or {{ file = \"/path/to/secret\" }}, and remove it from version control")),
-            );
+            let (message, help) = if item {
+                (
+                    format!("an entry of `{key}` is a secret written inline"),
+                    format!("give each entry by reference, e.g. {key} = [{{ env = \"VAR_NAME\" }}, {{ file = \"/path/to/secret\" }}], and remove the value from version control"),
+                )
+            } else {
+                (
+                    format!("`{key}` is a secret written inline"),
+                    format!("give it by reference: {key} = {{ env = \"VAR_NAME\" }} or {key} = {{ file = \"/path/to/secret\" }}, and remove the value from version control"),
+                )
+            };
+            ctx.errors.push(Diagnostic::new(Code::InlineSecret, n.span, message).label("secret value in a stack file (not shown)").redact().help(help));
             None
         }
         NodeKind::Table(t) => {
@@ -507,7 +521,7 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
         match &e.value.kind {
             NodeKind::Array(items) => {
                 for it in items {
-                    if let Some(r) = secret_node(ctx, it, "api_keys", &base) {
+                    if let Some(r) = secret_node(ctx, it, "api_keys", true, &base) {
                         api_keys.push(r);
                     }
                 }
@@ -604,6 +618,7 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                             (None, Some((l, lspan))) => match l.split_once('.') {
                                 Some((svc, ep)) => {
                                     ctx.refer("lookup", &l, lspan, &from);
+                                    ctx.spans.names.entry(format!("enriches.{name}.{svc}")).or_insert(lspan);
                                     Some(EnrichmentSource::Lookup { service: svc.to_owned(), endpoint: ep.to_owned() })
                                 }
                                 None => {
@@ -713,7 +728,12 @@ fn check_references(
             _ => name.clone(),
         };
         let what = if kind == "lookup" { "lookup endpoint" } else { kind };
-        let mut d = Diagnostic::new(Code::DanglingReference, span, format!("{from} refers to undefined {what} `{shown}`")).label(format!("no {what} named `{shown}`"));
+        let owner = name.split_once('.').map(|x| x.0).unwrap_or_default();
+        let message = match kind {
+            "subnet" => format!("{from} refers to subnet `{shown}`, which network {owner} does not have"),
+            _ => format!("{from} refers to undefined {what} `{shown}`"),
+        };
+        let mut d = Diagnostic::new(Code::DanglingReference, span, message).label(format!("no {what} named `{shown}`"));
         let cand_short: Vec<String> = candidates.iter().map(|c| if matches!(kind, "subnet" | "dataset") { c.split_once('.').map(|x| x.1.to_owned()).unwrap_or(c.clone()) } else { c.clone() }).collect();
         d = match did_you_mean(&shown, cand_short.iter().map(String::as_str)) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
@@ -722,7 +742,8 @@ fn check_references(
                     Some((svc, ep)) => format!("define it first: [service.{svc}.endpoint.{ep}] with kind = \"lookup\""),
                     None => format!("name it as SERVICE.ENDPOINT"),
                 },
-                "dataset" | "subnet" => format!("define {what} `{shown}` first"),
+                "subnet" => format!("define it first: [network.{owner}.subnet.{shown}]"),
+                "dataset" => format!("define it first: [service.{owner}.dataset.{shown}]"),
                 _ => format!("define it first: [{kind}.{shown}]"),
             }),
             None => d.help(format!("defined: {}", cand_short.join(", "))),
@@ -752,13 +773,19 @@ fn check_services(ctx: &mut Ctx<'_>, services: &BTreeMap<String, Service>) {
         })
         .collect();
     if let Some(cycle) = crate::graph::find_cycle(&edges) {
-        let first = cycle[0];
-        let span = ctx.spans.names[&format!("service.{first}")];
-        let mut d = Diagnostic::new(Code::Cycle, span, format!("dependency cycle: {}", cycle.iter().chain(std::iter::once(&first)).map(|s| format!("service.{s}")).collect::<Vec<_>>().join(" → ")))
-            .label("part of the cycle")
-            .help("a service cannot enrich, directly or indirectly, from itself: break one `lookup` enrichment");
-        for s in &cycle[1..] {
-            d = d.related(ctx.spans.names[&format!("service.{s}")], "also in the cycle");
+        // Point at the `lookup` enrichments that close the cycle, one per edge.
+        let next = |i: usize| cycle[(i + 1) % cycle.len()];
+        let edge_span = |i: usize| {
+            let (from, to) = (cycle[i], next(i));
+            ctx.spans.names.get(&format!("enriches.{from}.{to}")).or_else(|| ctx.spans.names.get(&format!("service.{from}"))).copied()
+        };
+        let (Some(span), rest) = (edge_span(0), (1..cycle.len()).filter_map(|i| edge_span(i).map(|s| (i, s))).collect::<Vec<_>>()) else { return };
+        let path = cycle.iter().chain(std::iter::once(&cycle[0])).map(|s| format!("service.{s}")).collect::<Vec<_>>().join(" → ");
+        let mut d = Diagnostic::new(Code::Cycle, span, format!("dependency cycle: {path}"))
+            .label(format!("service.{} enriches from service.{} here", cycle[0], next(0)))
+            .help("a service cannot enrich, directly or indirectly, from itself: remove one of these `lookup` enrichments");
+        for (i, s) in rest {
+            d = d.related(s, format!("service.{} enriches from service.{} here", cycle[i], next(i)));
         }
         ctx.errors.push(d);
     }

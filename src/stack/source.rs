@@ -110,6 +110,27 @@ impl NodeKind {
     }
 }
 
+/// The `expr` of every `${expr}` in `s`.
+pub fn expressions(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        let after = &rest[i + 2..];
+        let Some(j) = after.find('}') else { break };
+        out.push(&after[..j]);
+        rest = &after[j + 1..];
+    }
+    out
+}
+
+impl NodeKind {
+    /// A string still holding a `${...}` after loading: its error was
+    /// reported by `load`, so decoding treats the value as absent.
+    pub fn is_unresolved(&self) -> bool {
+        matches!(self, NodeKind::Str(s) if !expressions(s).is_empty())
+    }
+}
+
 /// A TOML syntax error.
 #[derive(Debug)]
 pub struct SyntaxError {
