@@ -32,7 +32,11 @@ pub struct Report {
 
 impl Report {
     pub fn succeeded(&self) -> bool {
-        !self.interrupted && self.outcomes.iter().all(|(_, _, o)| matches!(o, Outcome::Done { .. }))
+        !self.interrupted
+            && self
+                .outcomes
+                .iter()
+                .all(|(_, _, o)| matches!(o, Outcome::Done { .. }))
     }
     /// (added, changed, destroyed) among the changes that were done.
     pub fn counts(&self) -> (usize, usize, usize) {
@@ -72,7 +76,11 @@ fn delete_rank(a: &Address) -> usize {
 
 /// For each change, the changes it must wait for.
 fn dependencies(changes: &[Change]) -> Vec<BTreeSet<usize>> {
-    let index: BTreeMap<&Address, usize> = changes.iter().enumerate().map(|(i, c)| (&c.address, i)).collect();
+    let index: BTreeMap<&Address, usize> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (&c.address, i))
+        .collect();
     let mut deps = vec![BTreeSet::new(); changes.len()];
     for (i, c) in changes.iter().enumerate() {
         match c.action {
@@ -83,7 +91,10 @@ fn dependencies(changes: &[Change]) -> Vec<BTreeSet<usize>> {
                     }
                     let child = o.address.as_str().starts_with(&format!("{}.", c.address));
                     let earlier_rank = delete_rank(&o.address) < delete_rank(&c.address);
-                    if child || (earlier_rank && !c.address.as_str().starts_with(&format!("{}.", o.address))) {
+                    if child
+                        || (earlier_rank
+                            && !c.address.as_str().starts_with(&format!("{}.", o.address)))
+                    {
                         deps[i].insert(j);
                     }
                 }
@@ -115,13 +126,27 @@ pub struct Options {
 }
 
 /// Carries out `plan`. `providers` must hold every provider the plan names.
-pub async fn apply(plan: &Plan, providers: &BTreeMap<ProviderId, Arc<dyn Provider>>, ctx: Arc<ApplyContext>, options: &Options) -> Report {
-    let changes: Vec<Change> = plan.changes.iter().filter(|c| !c.action.is_noop()).cloned().collect();
+pub async fn apply(
+    plan: &Plan,
+    providers: &BTreeMap<ProviderId, Arc<dyn Provider>>,
+    ctx: Arc<ApplyContext>,
+    options: &Options,
+) -> Report {
+    let changes: Vec<Change> = plan
+        .changes
+        .iter()
+        .filter(|c| !c.action.is_noop())
+        .cloned()
+        .collect();
     let deps = dependencies(&changes);
     let n = changes.len();
     let mut state: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
     let mut started = vec![false; n];
-    let mut set: JoinSet<(usize, Result<Option<crate::resource::Live>, ProviderError>, f64)> = JoinSet::new();
+    let mut set: JoinSet<(
+        usize,
+        Result<Option<crate::resource::Live>, ProviderError>,
+        f64,
+    )> = JoinSet::new();
     let mut stop = false;
     let mut interrupted = false;
     let mut in_flight: BTreeMap<usize, Instant> = BTreeMap::new();
@@ -136,13 +161,20 @@ pub async fn apply(plan: &Plan, providers: &BTreeMap<ProviderId, Arc<dyn Provide
                 if set.len() >= options.parallelism.max(1) {
                     break;
                 }
-                if started[i] || !deps[i].iter().all(|&j| matches!(state[j], Some(Outcome::Done { .. }))) {
+                if started[i]
+                    || !deps[i]
+                        .iter()
+                        .all(|&j| matches!(state[j], Some(Outcome::Done { .. })))
+                {
                     continue;
                 }
                 started[i] = true;
                 let c = &changes[i];
                 let Some(provider) = providers.get(&c.provider).cloned() else {
-                    state[i] = Some(Outcome::Failed(ProviderError::Invalid { address: c.address.clone(), message: format!("no {} provider in this build", c.provider) }));
+                    state[i] = Some(Outcome::Failed(ProviderError::Invalid {
+                        address: c.address.clone(),
+                        message: format!("no {} provider in this build", c.provider),
+                    }));
                     stop = true;
                     break;
                 };
@@ -210,9 +242,18 @@ pub async fn apply(plan: &Plan, providers: &BTreeMap<ProviderId, Arc<dyn Provide
     let outcomes = changes
         .iter()
         .zip(state)
-        .map(|(c, s)| (c.address.clone(), c.action.clone(), s.unwrap_or(Outcome::NotStarted)))
+        .map(|(c, s)| {
+            (
+                c.address.clone(),
+                c.action.clone(),
+                s.unwrap_or(Outcome::NotStarted),
+            )
+        })
         .collect();
-    Report { outcomes, interrupted }
+    Report {
+        outcomes,
+        interrupted,
+    }
 }
 
 fn verb(a: &Action, done: bool) -> &'static str {
@@ -236,10 +277,17 @@ pub fn render_report(r: &Report) -> String {
         return format!("Apply complete! Resources: {a} added, {c} changed, {d} destroyed.\n");
     }
     let mut out = String::new();
-    out.push_str(if r.interrupted { "Apply interrupted.\n" } else { "Apply failed.\n" });
+    out.push_str(if r.interrupted {
+        "Apply interrupted.\n"
+    } else {
+        "Apply failed.\n"
+    });
     for (addr, action, o) in &r.outcomes {
         let line = match o {
-            Outcome::Done { seconds } => format!("  done        {addr} ({}, {seconds:.1}s)", verb(action, true)),
+            Outcome::Done { seconds } => format!(
+                "  done        {addr} ({}, {seconds:.1}s)",
+                verb(action, true)
+            ),
             Outcome::Failed(e) => format!("  failed      {addr} ({}): {e}", verb(action, false)),
             Outcome::NotStarted => format!("  not started {addr} ({})", verb(action, false)),
         };

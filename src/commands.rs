@@ -67,7 +67,16 @@ fn cancel_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
 
 pub(crate) async fn run(command: Command) -> ExitCode {
     match command {
-        Command::Plan { path, env, out, json, detailed_exitcode, targets, replace, destroy } => {
+        Command::Plan {
+            path,
+            env,
+            out,
+            json,
+            detailed_exitcode,
+            targets,
+            replace,
+            destroy,
+        } => {
             let stack = match load(&path, &env) {
                 Ok(s) => s,
                 Err(c) => return c,
@@ -81,16 +90,30 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 Err(e) => return fail(e),
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&render::json(&plan)).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&render::json(&plan)).unwrap_or_default()
+                );
             } else {
                 print!("{}", render::human(&plan, style()));
             }
             if let Some(out) = out {
-                let saved = SavedPlan { format_version: SAVED_FORMAT.into(), stack_path: path.clone(), env: env.clone(), plan: plan.clone() };
-                if let Err(e) = std::fs::write(&out, serde_json::to_vec_pretty(&saved).unwrap_or_default()) {
+                let saved = SavedPlan {
+                    format_version: SAVED_FORMAT.into(),
+                    stack_path: path.clone(),
+                    env: env.clone(),
+                    plan: plan.clone(),
+                };
+                if let Err(e) =
+                    std::fs::write(&out, serde_json::to_vec_pretty(&saved).unwrap_or_default())
+                {
                     return fail(format!("cannot write {}: {e}", out.display()));
                 }
-                eprintln!("Saved the plan to {}. Apply exactly it with: mesh apply {}", out.display(), out.display());
+                eprintln!(
+                    "Saved the plan to {}. Apply exactly it with: mesh apply {}",
+                    out.display(),
+                    out.display()
+                );
             }
             if detailed_exitcode && plan.has_changes() {
                 ExitCode::from(2)
@@ -98,17 +121,50 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Command::Apply { path, env, auto_approve, parallelism, no_wait, targets, replace } => {
+        Command::Apply {
+            path,
+            env,
+            auto_approve,
+            parallelism,
+            no_wait,
+            targets,
+            replace,
+        } => {
             if path.is_file() && path.extension().is_some_and(|e| e == "json") {
                 return apply_saved(&path, parallelism, no_wait).await;
             }
             let Some(env) = env else {
-                return fail("`mesh apply PATH` needs `--env ENV` (or give a plan file saved by `mesh plan --out`)");
+                return fail(
+                    "`mesh apply PATH` needs `--env ENV` (or give a plan file saved by `mesh plan --out`)",
+                );
             };
-            run_apply(&path, &env, options(targets, replace, false), auto_approve, parallelism, no_wait, "mesh apply").await
+            run_apply(
+                &path,
+                &env,
+                options(targets, replace, false),
+                auto_approve,
+                parallelism,
+                no_wait,
+                "mesh apply",
+            )
+            .await
         }
-        Command::Destroy { path, env, auto_approve, parallelism } => {
-            run_apply(&path, &env, options(Vec::new(), Vec::new(), true), auto_approve, parallelism, true, "mesh destroy").await
+        Command::Destroy {
+            path,
+            env,
+            auto_approve,
+            parallelism,
+        } => {
+            run_apply(
+                &path,
+                &env,
+                options(Vec::new(), Vec::new(), true),
+                auto_approve,
+                parallelism,
+                true,
+                "mesh destroy",
+            )
+            .await
         }
         Command::Output { path, env, json } => output(&path, &env, json).await,
         Command::Unlock { path, env } => {
@@ -119,11 +175,20 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             let dir = mesh::provider::local::state_dir(&stack.root, &env);
             match mesh::lock::break_lock(&dir) {
                 Some(h) => {
-                    eprintln!("Broke the lock held by `{}` (pid {} on {}) since {}.", h.command, h.pid, h.host, mesh::lock::format_time(h.since));
+                    eprintln!(
+                        "Broke the lock held by `{}` (pid {} on {}) since {}.",
+                        h.command,
+                        h.pid,
+                        h.host,
+                        mesh::lock::format_time(h.since)
+                    );
                     ExitCode::SUCCESS
                 }
                 None => {
-                    eprintln!("No lock is held for stack {} (environment {env}).", stack.name);
+                    eprintln!(
+                        "No lock is held for stack {} (environment {env}).",
+                        stack.name
+                    );
                     ExitCode::SUCCESS
                 }
             }
@@ -134,7 +199,9 @@ pub(crate) async fn run(command: Command) -> ExitCode {
 
 fn confirm(what: &str) -> bool {
     if !std::io::stdin().is_terminal() {
-        eprintln!("error: {what} needs confirmation, but stdin is not a terminal\n  help: pass --auto-approve");
+        eprintln!(
+            "error: {what} needs confirmation, but stdin is not a terminal\n  help: pass --auto-approve"
+        );
         return false;
     }
     eprint!("Do you want to perform these actions? Only 'yes' will be accepted: ");
@@ -145,13 +212,27 @@ fn confirm(what: &str) -> bool {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run_apply(path: &Path, env: &str, opts: plan::Options, auto_approve: bool, parallelism: usize, no_wait: bool, command: &str) -> ExitCode {
+async fn run_apply(
+    path: &Path,
+    env: &str,
+    opts: plan::Options,
+    auto_approve: bool,
+    parallelism: usize,
+    no_wait: bool,
+    command: &str,
+) -> ExitCode {
     let stack = match load(path, env) {
         Ok(s) => s,
         Err(c) => return c,
     };
     let state_dir = mesh::provider::local::state_dir(&stack.root, env);
-    let _lock = match mesh::lock::acquire(&state_dir, &stack.name, env, &path.display().to_string(), command) {
+    let _lock = match mesh::lock::acquire(
+        &state_dir,
+        &stack.name,
+        env,
+        &path.display().to_string(),
+        command,
+    ) {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
@@ -164,7 +245,10 @@ async fn run_apply(path: &Path, env: &str, opts: plan::Options, auto_approve: bo
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    eprintln!("planned in {:.0} ms", started.elapsed().as_secs_f64() * 1000.0);
+    eprintln!(
+        "planned in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     print!("{}", render::human(&plan, style()));
     if !plan.has_changes() {
         return ExitCode::SUCCESS;
@@ -177,26 +261,54 @@ async fn run_apply(path: &Path, env: &str, opts: plan::Options, auto_approve: bo
 }
 
 async fn execute(engine: &Engine, plan: &Plan, parallelism: usize, no_wait: bool) -> ExitCode {
-    let ctx = Arc::new(ApplyContext::new(engine.scope.clone(), &plan.live, cancel_on_ctrl_c(), no_wait));
-    let report = apply::apply(plan, &engine.providers, ctx, &apply::Options { parallelism }).await;
+    let ctx = Arc::new(ApplyContext::new(
+        engine.scope.clone(),
+        &plan.live,
+        cancel_on_ctrl_c(),
+        no_wait,
+    ));
+    let report = apply::apply(
+        plan,
+        &engine.providers,
+        ctx,
+        &apply::Options { parallelism },
+    )
+    .await;
     eprint!("{}", apply::render_report(&report));
-    if report.succeeded() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if report.succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 async fn apply_saved(file: &Path, parallelism: usize, no_wait: bool) -> ExitCode {
-    let saved: SavedPlan = match std::fs::read_to_string(file).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string())) {
+    let saved: SavedPlan = match std::fs::read_to_string(file)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
         Ok(s) => s,
         Err(e) => return fail(format!("{} is not a saved mesh plan: {e}", file.display())),
     };
     if saved.format_version != SAVED_FORMAT {
-        return fail(format!("{} has plan format {}, this mesh reads {SAVED_FORMAT}", file.display(), saved.format_version));
+        return fail(format!(
+            "{} has plan format {}, this mesh reads {SAVED_FORMAT}",
+            file.display(),
+            saved.format_version
+        ));
     }
     let stack = match load(&saved.stack_path, &saved.env) {
         Ok(s) => s,
         Err(c) => return c,
     };
     let state_dir = mesh::provider::local::state_dir(&stack.root, &saved.env);
-    let _lock = match mesh::lock::acquire(&state_dir, &stack.name, &saved.env, &saved.stack_path.display().to_string(), "mesh apply (saved plan)") {
+    let _lock = match mesh::lock::acquire(
+        &state_dir,
+        &stack.name,
+        &saved.env,
+        &saved.stack_path.display().to_string(),
+        "mesh apply (saved plan)",
+    ) {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
@@ -210,11 +322,19 @@ async fn apply_saved(file: &Path, parallelism: usize, no_wait: bool) -> ExitCode
     };
     if plan::live_digest(&live) != saved.plan.live_digest {
         let diffs = plan::live_differences(&saved.plan.live, &live);
-        eprintln!("error: the saved plan {} is stale: the live state changed since it was made:", file.display());
+        eprintln!(
+            "error: the saved plan {} is stale: the live state changed since it was made:",
+            file.display()
+        );
         for d in &diffs {
             eprintln!("  - {d}");
         }
-        eprintln!("  help: run `mesh plan {} --env {} --out {}` again and review the new plan", saved.stack_path.display(), saved.env, file.display());
+        eprintln!(
+            "  help: run `mesh plan {} --env {} --out {}` again and review the new plan",
+            saved.stack_path.display(),
+            saved.env,
+            file.display()
+        );
         return ExitCode::from(1);
     }
     print!("{}", render::human(&saved.plan, style()));
@@ -240,8 +360,12 @@ async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
     let mut exposes = serde_json::Map::new();
     for (name, e) in &engine.stack.exposes {
         let address = Address::of("expose", name);
-        let Some(l) = live.iter().find(|l| l.address == address) else { continue };
-        let Some(Value::Str(url)) = l.outputs.get("url") else { continue };
+        let Some(l) = live.iter().find(|l| l.address == address) else {
+            continue;
+        };
+        let Some(Value::Str(url)) = l.outputs.get("url") else {
+            continue;
+        };
         let mut endpoints = serde_json::Map::new();
         if let Some(svc) = engine.stack.services.get(&e.service) {
             for (ep, kind) in &svc.endpoints {
@@ -249,7 +373,13 @@ async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
                     mesh::stack::Endpoint::Prediction { .. } => "predict",
                     mesh::stack::Endpoint::Lookup { .. } => "lookup",
                 };
-                endpoints.insert(ep.clone(), serde_json::Value::String(format!("{url}/public/api/v1/{}/{ep}/{verb}", e.service)));
+                endpoints.insert(
+                    ep.clone(),
+                    serde_json::Value::String(format!(
+                        "{url}/public/api/v1/{}/{ep}/{verb}",
+                        e.service
+                    )),
+                );
             }
         }
         exposes.insert(
@@ -258,9 +388,18 @@ async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
         );
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stack": engine.stack.name, "env": env, "exposes": exposes })).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "stack": engine.stack.name, "env": env, "exposes": exposes })
+            )
+            .unwrap_or_default()
+        );
     } else if exposes.is_empty() {
-        eprintln!("Nothing is exposed yet: run `mesh apply {} --env {env}` first.", path.display());
+        eprintln!(
+            "Nothing is exposed yet: run `mesh apply {} --env {env}` first.",
+            path.display()
+        );
     } else {
         for (name, v) in &exposes {
             println!("{name}: {}", v["url"].as_str().unwrap_or_default());

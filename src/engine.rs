@@ -14,8 +14,14 @@ pub enum EngineError {
     #[error(transparent)]
     Provider(#[from] ProviderError),
     /// The environment needs a provider this build lacks.
-    #[error("environment `{env}` targets {target}, but this mesh was built without the `{feature}` feature\n  help: rebuild with `cargo build --release --features {feature}`")]
-    MissingFeature { env: String, target: &'static str, feature: &'static str },
+    #[error(
+        "environment `{env}` targets {target}, but this mesh was built without the `{feature}` feature\n  help: rebuild with `cargo build --release --features {feature}`"
+    )]
+    MissingFeature {
+        env: String,
+        target: &'static str,
+        feature: &'static str,
+    },
     /// Providers' resources depend on each other in a cycle.
     #[error("dependency cycle between {0}")]
     Cycle(String),
@@ -31,26 +37,67 @@ pub struct Engine {
 impl Engine {
     /// Sets up the providers for the stack's environment.
     pub async fn new(stack: Stack) -> Result<Engine, EngineError> {
-        let scope = Scope { stack: stack.name.clone(), env: stack.env.name.clone(), root: stack.root.clone() };
+        let scope = Scope {
+            stack: stack.name.clone(),
+            env: stack.env.name.clone(),
+            root: stack.root.clone(),
+        };
         let mut providers: BTreeMap<ProviderId, Arc<dyn Provider>> = BTreeMap::new();
         match stack.env.target {
             Target::Local => {
-                providers.insert(ProviderId::Local, Arc::new(crate::provider::local::LocalProvider::new()?));
+                providers.insert(
+                    ProviderId::Local,
+                    Arc::new(crate::provider::local::LocalProvider::new()?),
+                );
             }
             Target::Aws => {
                 #[cfg(feature = "aws")]
                 {
-                    let aws = crate::provider::aws::AwsProvider::new(stack.env.region.clone()).await?;
-                    providers.insert(ProviderId::Aws, Arc::new(aws));
+                    let aws = Arc::new(
+                        crate::provider::aws::AwsProvider::new(stack.env.region.clone()).await?,
+                    );
+                    // Services and exposures go to the environment's cluster.
+                    #[cfg(feature = "kubernetes")]
+                    {
+                        if !stack.services.is_empty() || !stack.exposes.is_empty() {
+                            providers.insert(
+                                ProviderId::Kubernetes,
+                                Arc::new(kubernetes_on_aws(&stack, aws.clone()).await?),
+                            );
+                        }
+                    }
+                    providers.insert(ProviderId::Aws, aws);
                 }
                 #[cfg(not(feature = "aws"))]
-                return Err(EngineError::MissingFeature { env: stack.env.name.clone(), target: "aws", feature: "aws" });
+                return Err(EngineError::MissingFeature {
+                    env: stack.env.name.clone(),
+                    target: "aws",
+                    feature: "aws",
+                });
             }
             Target::Kubernetes => {
-                return Err(EngineError::MissingFeature { env: stack.env.name.clone(), target: "kubernetes", feature: "kubernetes" });
+                #[cfg(feature = "kubernetes")]
+                {
+                    let settings = crate::provider::kubernetes::Settings::from_env();
+                    let k = crate::provider::kubernetes::KubernetesProvider::for_stack(
+                        &stack, settings,
+                    )
+                    .await?;
+                    providers.insert(ProviderId::Kubernetes, Arc::new(k));
+                }
+                #[cfg(not(feature = "kubernetes"))]
+                return Err(EngineError::MissingFeature {
+                    env: stack.env.name.clone(),
+                    target: "kubernetes",
+                    feature: "kubernetes",
+                });
             }
         }
-        Ok(Engine { stack, scope, providers })
+        Ok(Engine {
+            stack,
+            scope,
+            providers,
+        })
     }
 
     /// Every provider's desired resources, in dependency order.
@@ -59,7 +106,15 @@ impl Engine {
         for p in self.providers.values() {
             all.extend(p.desired(&self.stack)?);
         }
-        crate::graph::topo_order(all).map_err(|stuck| EngineError::Cycle(stuck.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")))
+        crate::graph::topo_order(all).map_err(|stuck| {
+            EngineError::Cycle(
+                stuck
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })
     }
 
     /// Every provider's live resources (observed concurrently).
@@ -80,8 +135,58 @@ impl Engine {
     pub async fn plan(&self, options: &plan::Options) -> Result<Plan, EngineError> {
         let desired = self.desired()?;
         let live = self.observe().await?;
-        Ok(plan::diff(&self.stack.name, &self.stack.env.name, &desired, &live, options))
+        Ok(plan::diff(
+            &self.stack.name,
+            &self.stack.env.name,
+            &desired,
+            &live,
+            options,
+        ))
     }
+}
+
+/// The Kubernetes provider for an AWS environment: its EKS cluster, reached
+/// through the AWS provider (endpoint, CA, token) once it exists; until then
+/// live state is empty and every object plans as a create. A cluster of kind
+/// `existing` is reached by kubeconfig as on the `kubernetes` target.
+#[cfg(all(feature = "aws", feature = "kubernetes"))]
+async fn kubernetes_on_aws(
+    stack: &Stack,
+    aws: Arc<crate::provider::aws::AwsProvider>,
+) -> Result<crate::provider::kubernetes::KubernetesProvider, EngineError> {
+    use crate::provider::kubernetes::{AccessSource, KubeAccess, KubernetesProvider, Settings};
+    use crate::stack::ClusterKind;
+    let settings = Settings::from_env();
+    let cluster = stack
+        .env
+        .cluster
+        .as_ref()
+        .and_then(|c| stack.clusters.get(c));
+    let Some(cluster) = cluster.filter(|c| matches!(c.kind, ClusterKind::Eks(_))) else {
+        return Ok(KubernetesProvider::for_stack(stack, settings).await?);
+    };
+    let name =
+        crate::provider::aws::names::eks_cluster(&stack.name, &stack.env.name, &cluster.name);
+    let eks_name = name.clone();
+    let source: AccessSource = Arc::new(move || {
+        let aws = aws.clone();
+        let name = eks_name.clone();
+        Box::pin(async move {
+            match aws.kube_access(&name).await {
+                Ok(a) => Ok(Some(KubeAccess {
+                    endpoint: a.endpoint,
+                    ca_pem: a.ca_pem,
+                    token: a.token,
+                })),
+                // The cluster is to be created by this apply.
+                Err(ProviderError::Api { message, .. }) if message.ends_with("does not exist") => {
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        })
+    });
+    Ok(KubernetesProvider::from_access_source(&name, source, settings).with_state_dir(stack))
 }
 
 async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {

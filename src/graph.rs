@@ -12,7 +12,12 @@ pub fn find_cycle<'a>(edges: &BTreeMap<&'a str, BTreeSet<&'a str>>) -> Option<Ve
         Visiting,
         Done,
     }
-    fn visit<'a>(n: &'a str, edges: &BTreeMap<&'a str, BTreeSet<&'a str>>, marks: &mut BTreeMap<&'a str, Mark>, path: &mut Vec<&'a str>) -> Option<Vec<&'a str>> {
+    fn visit<'a>(
+        n: &'a str,
+        edges: &BTreeMap<&'a str, BTreeSet<&'a str>>,
+        marks: &mut BTreeMap<&'a str, Mark>,
+        path: &mut Vec<&'a str>,
+    ) -> Option<Vec<&'a str>> {
         match marks.get(n) {
             Some(Mark::Done) => return None,
             Some(Mark::Visiting) => {
@@ -48,7 +53,11 @@ pub fn find_cycle<'a>(edges: &BTreeMap<&'a str, BTreeSet<&'a str>>) -> Option<Ve
 /// keep their given order). Dependencies on addresses not in `resources`
 /// are ignored. Returns `Err` with a cycle if there is one.
 pub fn topo_order(resources: Vec<Desired>) -> Result<Vec<Desired>, Vec<Address>> {
-    let index: BTreeMap<Address, usize> = resources.iter().enumerate().map(|(i, r)| (r.address.clone(), i)).collect();
+    let index: BTreeMap<Address, usize> = resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.address.clone(), i))
+        .collect();
     let n = resources.len();
     let mut indegree = vec![0usize; n];
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -73,7 +82,10 @@ pub fn topo_order(resources: Vec<Desired>) -> Result<Vec<Desired>, Vec<Address>>
         }
     }
     if order.len() < n {
-        let stuck: Vec<Address> = (0..n).filter(|i| !order.contains(i)).map(|i| resources[i].address.clone()).collect();
+        let stuck: Vec<Address> = (0..n)
+            .filter(|i| !order.contains(i))
+            .map(|i| resources[i].address.clone())
+            .collect();
         return Err(stuck);
     }
     let mut slots: Vec<Option<Desired>> = resources.into_iter().map(Some).collect();
@@ -86,7 +98,14 @@ pub fn levels(resources: &[Desired]) -> Vec<Vec<Address>> {
     let known: BTreeSet<&Address> = resources.iter().map(|r| &r.address).collect();
     let mut level: BTreeMap<&Address, usize> = BTreeMap::new();
     for r in resources {
-        let l = r.depends_on.iter().filter(|d| known.contains(d)).filter_map(|d| level.get(d)).map(|l| l + 1).max().unwrap_or(0);
+        let l = r
+            .depends_on
+            .iter()
+            .filter(|d| known.contains(d))
+            .filter_map(|d| level.get(d))
+            .map(|l| l + 1)
+            .max()
+            .unwrap_or(0);
         level.insert(&r.address, l);
     }
     let depth = level.values().max().map_or(0, |m| m + 1);
@@ -108,7 +127,13 @@ pub struct Node {
 pub fn stack_graph(stack: &crate::stack::Stack) -> Vec<Node> {
     use crate::stack::{ClusterKind, DatasetSource, Endpoint, EnrichmentSource, Target};
     let mut nodes: Vec<Desired> = Vec::new();
-    let mk = |kind: &str, name: &str| Desired::new(Address::of(kind, name), kind, crate::resource::ProviderId::Local);
+    let mk = |kind: &str, name: &str| {
+        Desired::new(
+            Address::of(kind, name),
+            kind,
+            crate::resource::ProviderId::Local,
+        )
+    };
     let cloud = stack.env.target != Target::Local;
     if cloud {
         for n in stack.networks.keys() {
@@ -148,10 +173,10 @@ pub fn stack_graph(stack: &crate::stack::Stack) -> Vec<Node> {
             if let Some(c) = &stack.env.cluster {
                 d = d.depends(Address::of("cluster", c));
             }
-            if let Some(r) = &stack.env.registry {
-                if stack.registries.contains_key(r) {
-                    d = d.depends(Address::of("registry", r));
-                }
+            if let Some(r) = &stack.env.registry
+                && stack.registries.contains_key(r)
+            {
+                d = d.depends(Address::of("registry", r));
             }
         }
         nodes.push(d);
@@ -160,5 +185,11 @@ pub fn stack_graph(stack: &crate::stack::Stack) -> Vec<Node> {
         nodes.push(mk("expose", name).depends(Address::of("service", &e.service)));
     }
     let ordered = topo_order(nodes).unwrap_or_default();
-    ordered.into_iter().map(|d| Node { address: d.address, depends_on: d.depends_on.into_iter().collect() }).collect()
+    ordered
+        .into_iter()
+        .map(|d| Node {
+            address: d.address,
+            depends_on: d.depends_on.into_iter().collect(),
+        })
+        .collect()
 }

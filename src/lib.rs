@@ -5,12 +5,14 @@
 //! → `render` (human or JSON) → `apply` (walk the graph, call providers).
 //! Only `provider` modules do I/O against the outside world.
 
-pub mod stack;
-pub mod resource;
-pub mod graph;
-pub mod plan;
-pub mod render;
-pub mod lock;
-pub mod provider;
-pub mod engine;
 pub mod apply;
+pub mod engine;
+pub mod graph;
+#[cfg(feature = "kubernetes")]
+pub mod image;
+pub mod lock;
+pub mod plan;
+pub mod provider;
+pub mod render;
+pub mod resource;
+pub mod stack;

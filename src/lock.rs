@@ -24,7 +24,13 @@ pub enum LockError {
     /// Someone else holds the lock.
     #[error("stack {stack} (environment {env}) is locked by `{}` (pid {} on {}) since {}{}\n  help: wait for it to finish; if that run was killed, break the lock with `mesh unlock {path} --env {env}`",
         holder.command, holder.pid, holder.host, format_time(holder.since), if *alive { "" } else { " — that process is no longer running" })]
-    Held { stack: String, env: String, path: String, holder: Holder, alive: bool },
+    Held {
+        stack: String,
+        env: String,
+        path: String,
+        holder: Box<Holder>,
+        alive: bool,
+    },
     #[error("cannot create the lock file {path}: {source}")]
     Io {
         path: PathBuf,
@@ -50,11 +56,16 @@ pub fn lock_path(state_dir: &Path) -> PathBuf {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// RFC 3339 UTC time of a Unix timestamp.
@@ -72,26 +83,65 @@ pub fn format_time(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
 }
 
 /// Takes the lock or says who holds it.
-pub fn acquire(state_dir: &Path, stack: &str, env: &str, stack_path: &str, command: &str) -> Result<Lock, LockError> {
-    std::fs::create_dir_all(state_dir).map_err(|source| LockError::Io { path: state_dir.to_path_buf(), source })?;
+pub fn acquire(
+    state_dir: &Path,
+    stack: &str,
+    env: &str,
+    stack_path: &str,
+    command: &str,
+) -> Result<Lock, LockError> {
+    std::fs::create_dir_all(state_dir).map_err(|source| LockError::Io {
+        path: state_dir.to_path_buf(),
+        source,
+    })?;
     let path = lock_path(state_dir);
-    let holder = Holder { pid: std::process::id(), host: hostname(), command: command.to_owned(), since: now() };
-    match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+    let holder = Holder {
+        pid: std::process::id(),
+        host: hostname(),
+        command: command.to_owned(),
+        since: now(),
+    };
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
         Ok(mut f) => {
-            f.write_all(&serde_json::to_vec_pretty(&holder).unwrap_or_default()).map_err(|source| LockError::Io { path: path.clone(), source })?;
+            f.write_all(&serde_json::to_vec_pretty(&holder).unwrap_or_default())
+                .map_err(|source| LockError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
             Ok(Lock { path })
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let existing: Holder = std::fs::read_to_string(&path)
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or(Holder { pid: 0, host: "unknown".into(), command: "unknown".into(), since: 0 });
-            let alive = existing.host != hostname() || Path::new(&format!("/proc/{}", existing.pid)).exists();
-            Err(LockError::Held { stack: stack.to_owned(), env: env.to_owned(), path: stack_path.to_owned(), holder: existing, alive })
+                .unwrap_or(Holder {
+                    pid: 0,
+                    host: "unknown".into(),
+                    command: "unknown".into(),
+                    since: 0,
+                });
+            let alive = existing.host != hostname()
+                || Path::new(&format!("/proc/{}", existing.pid)).exists();
+            Err(LockError::Held {
+                stack: stack.to_owned(),
+                env: env.to_owned(),
+                path: stack_path.to_owned(),
+                holder: Box::new(existing),
+                alive,
+            })
         }
         Err(source) => Err(LockError::Io { path, source }),
     }
@@ -100,8 +150,10 @@ pub fn acquire(state_dir: &Path, stack: &str, env: &str, stack_path: &str, comma
 /// Breaks a lock. Returns who held it, if anyone.
 pub fn break_lock(state_dir: &Path) -> Option<Holder> {
     let path = lock_path(state_dir);
-    let holder = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
-    std::fs::remove_file(&path).ok().map(|_| holder).flatten()
+    let holder = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    std::fs::remove_file(&path).ok().and(holder)
 }
 
 #[cfg(test)]

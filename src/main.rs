@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "mesh", version, about = "Declarative ML data-mesh services: plan, apply and destroy them locally, on EKS or any Kubernetes cluster")]
+#[command(
+    name = "mesh",
+    version,
+    about = "Declarative ML data-mesh services: plan, apply and destroy them locally, on EKS or any Kubernetes cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -115,7 +119,10 @@ fn main() -> ExitCode {
         Command::Validate { path, env, json } => validate(&path, env.as_deref(), json),
         Command::Graph { path, env, format } => graph(&path, env.as_deref(), format),
         command => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");
@@ -131,7 +138,10 @@ mod commands;
 
 fn report_errors(report: &mesh::stack::Report, json: bool) -> ExitCode {
     if json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json()).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.to_json()).unwrap_or_default()
+        );
     } else {
         eprint!("{}", report.render());
     }

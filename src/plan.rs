@@ -17,7 +17,9 @@ pub enum Action {
     Create,
     Update,
     /// Delete and create again, because these fields cannot change in place.
-    Replace { forced_by: Vec<String> },
+    Replace {
+        forced_by: Vec<String>,
+    },
     Delete,
 }
 
@@ -133,7 +135,10 @@ pub fn diff(stack: &str, env: &str, desired: &[Desired], live: &[Live], options:
         desired.iter().collect()
     } else {
         let selected = with_dependencies(desired, &options.targets);
-        desired.iter().filter(|d| selected.contains(&d.address)).collect()
+        desired
+            .iter()
+            .filter(|d| selected.contains(&d.address))
+            .collect()
     };
 
     let mut changes = Vec::new();
@@ -157,7 +162,11 @@ pub fn diff(stack: &str, env: &str, desired: &[Desired], live: &[Live], options:
     // Live resources the stack no longer declares, deleted in reverse order.
     let declared: BTreeSet<&Address> = desired.iter().map(|d| &d.address).collect();
     let targeted = |a: &Address| {
-        options.targets.is_empty() || options.targets.iter().any(|t| t == a || a.as_str().starts_with(&format!("{t}.")))
+        options.targets.is_empty()
+            || options
+                .targets
+                .iter()
+                .any(|t| t == a || a.as_str().starts_with(&format!("{t}.")))
     };
     let mut deletes: Vec<&Live> = live
         .iter()
@@ -165,7 +174,11 @@ pub fn diff(stack: &str, env: &str, desired: &[Desired], live: &[Live], options:
         .collect();
     // Reverse dependency order: the order desired resources were declared in, reversed;
     // undeclared ones by address, children (longer addresses) first.
-    let order: BTreeMap<&Address, usize> = desired.iter().enumerate().map(|(i, d)| (&d.address, i)).collect();
+    let order: BTreeMap<&Address, usize> = desired
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (&d.address, i))
+        .collect();
     deletes.sort_by(|a, b| {
         let ka = order.get(&a.address).copied();
         let kb = order.get(&b.address).copied();
@@ -182,7 +195,12 @@ pub fn diff(stack: &str, env: &str, desired: &[Desired], live: &[Live], options:
             fields: l
                 .attrs
                 .iter()
-                .map(|(k, v)| FieldChange { path: k.clone(), before: Some(v.clone()), after: None, forces_replacement: false })
+                .map(|(k, v)| FieldChange {
+                    path: k.clone(),
+                    before: Some(v.clone()),
+                    after: None,
+                    forces_replacement: false,
+                })
                 .collect(),
             reason: if options.destroy {
                 "destroy was requested".to_owned()
@@ -259,16 +277,20 @@ fn with_dependencies(desired: &[Desired], targets: &[Address]) -> BTreeSet<Addre
         }
     }
     while let Some(a) = stack.pop() {
-        if out.insert(a.clone()) {
-            if let Some(d) = by_addr.get(&a) {
-                stack.extend(d.depends_on.iter().cloned());
-            }
+        if out.insert(a.clone())
+            && let Some(d) = by_addr.get(&a)
+        {
+            stack.extend(d.depends_on.iter().cloned());
         }
     }
     out
 }
 
-fn resolve_refs(d: &Desired, live: &BTreeMap<&Address, &Live>, pending: &BTreeSet<Address>) -> Desired {
+fn resolve_refs(
+    d: &Desired,
+    live: &BTreeMap<&Address, &Live>,
+    pending: &BTreeSet<Address>,
+) -> Desired {
     let mut out = d.clone();
     for attr in out.attrs.values_mut() {
         attr.value = resolve_value(&attr.value, live, pending);
@@ -277,16 +299,32 @@ fn resolve_refs(d: &Desired, live: &BTreeMap<&Address, &Live>, pending: &BTreeSe
 }
 
 /// Replaces references by the referenced live output, or `Unknown`.
-pub fn resolve_value(v: &Value, live: &BTreeMap<&Address, &Live>, pending: &BTreeSet<Address>) -> Value {
+pub fn resolve_value(
+    v: &Value,
+    live: &BTreeMap<&Address, &Live>,
+    pending: &BTreeSet<Address>,
+) -> Value {
     match v {
         Value::Ref { address, output } => {
             if pending.contains(address) {
                 return Value::Unknown;
             }
-            live.get(address).and_then(|l| l.outputs.get(output)).cloned().unwrap_or(Value::Unknown)
+            live.get(address)
+                .and_then(|l| l.outputs.get(output))
+                .cloned()
+                .unwrap_or(Value::Unknown)
         }
-        Value::List(items) => Value::List(items.iter().map(|i| resolve_value(i, live, pending)).collect()),
-        Value::Map(m) => Value::Map(m.iter().map(|(k, i)| (k.clone(), resolve_value(i, live, pending))).collect()),
+        Value::List(items) => Value::List(
+            items
+                .iter()
+                .map(|i| resolve_value(i, live, pending))
+                .collect(),
+        ),
+        Value::Map(m) => Value::Map(
+            m.iter()
+                .map(|(k, i)| (k.clone(), resolve_value(i, live, pending)))
+                .collect(),
+        ),
         other => other.clone(),
     }
 }
@@ -301,7 +339,12 @@ fn create(d: &Desired) -> Change {
             .attrs
             .iter()
             .filter(|(k, _)| !is_internal(k))
-            .map(|(k, a)| FieldChange { path: k.clone(), before: None, after: Some(a.value.clone()), forces_replacement: false })
+            .map(|(k, a)| FieldChange {
+                path: k.clone(),
+                before: None,
+                after: Some(a.value.clone()),
+                forces_replacement: false,
+            })
             .collect(),
         reason: "not found in live state".to_owned(),
         desired: Some(d.clone()),
@@ -334,13 +377,21 @@ fn compare(d: &Desired, l: &Live, forced: bool) -> Change {
         }
     }
     let (action, reason) = if forced {
-        (Action::Replace { forced_by: Vec::new() }, "replacement was requested with --replace".to_owned())
+        (
+            Action::Replace {
+                forced_by: Vec::new(),
+            },
+            "replacement was requested with --replace".to_owned(),
+        )
     } else if !forced_by.is_empty() {
         let reason = format!("{} cannot be changed in place", forced_by.join(", "));
         (Action::Replace { forced_by }, reason)
     } else if !fields.is_empty() {
         let names: Vec<&str> = fields.iter().map(|f| f.path.as_str()).collect();
-        (Action::Update, format!("{} differ from the stack", names.join(", ")))
+        (
+            Action::Update,
+            format!("{} differ from the stack", names.join(", ")),
+        )
     } else {
         (Action::NoOp, "matches the stack".to_owned())
     };
@@ -366,7 +417,9 @@ pub fn is_internal(name: &str) -> bool {
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Int(x), Value::Float(y)) | (Value::Float(y), Value::Int(x)) => (*x as f64) == *y,
-        (Value::List(x), Value::List(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b)),
+        (Value::List(x), Value::List(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
         (Value::Map(x), Value::Map(y)) => {
             x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
         }
@@ -380,7 +433,8 @@ mod tests {
     use crate::resource::Desired;
 
     fn vpc(cidr: &str) -> Desired {
-        Desired::new(Address::new("network.main"), "aws_vpc", ProviderId::Aws).attr_force_new("cidr", cidr)
+        Desired::new(Address::new("network.main"), "aws_vpc", ProviderId::Aws)
+            .attr_force_new("cidr", cidr)
     }
 
     #[test]
@@ -388,7 +442,15 @@ mod tests {
         let d = vec![vpc("10.0.0.0/16")];
         let p = diff("s", "dev", &d, &[], &Options::default());
         assert_eq!(p.changes[0].action, Action::Create);
-        let live = vec![Live::new(Address::new("network.main"), "aws_vpc", ProviderId::Aws, "vpc-1").attr("cidr", "10.0.0.0/16")];
+        let live = vec![
+            Live::new(
+                Address::new("network.main"),
+                "aws_vpc",
+                ProviderId::Aws,
+                "vpc-1",
+            )
+            .attr("cidr", "10.0.0.0/16"),
+        ];
         let p = diff("s", "dev", &d, &live, &Options::default());
         assert_eq!(p.changes[0].action, Action::NoOp);
         assert!(!p.has_changes());
@@ -396,36 +458,122 @@ mod tests {
 
     #[test]
     fn force_new_field_replaces_and_others_update() {
-        let live = vec![Live::new(Address::new("network.main"), "aws_vpc", ProviderId::Aws, "vpc-1").attr("cidr", "10.1.0.0/16")];
-        let p = diff("s", "dev", &[vpc("10.0.0.0/16")], &live, &Options::default());
-        assert_eq!(p.changes[0].action, Action::Replace { forced_by: vec!["cidr".into()] });
-        let d = vec![Desired::new(Address::new("registry.r"), "aws_ecr", ProviderId::Aws).attr("scan_on_push", true)];
-        let live = vec![Live::new(Address::new("registry.r"), "aws_ecr", ProviderId::Aws, "r").attr("scan_on_push", false)];
+        let live = vec![
+            Live::new(
+                Address::new("network.main"),
+                "aws_vpc",
+                ProviderId::Aws,
+                "vpc-1",
+            )
+            .attr("cidr", "10.1.0.0/16"),
+        ];
+        let p = diff(
+            "s",
+            "dev",
+            &[vpc("10.0.0.0/16")],
+            &live,
+            &Options::default(),
+        );
+        assert_eq!(
+            p.changes[0].action,
+            Action::Replace {
+                forced_by: vec!["cidr".into()]
+            }
+        );
+        let d = vec![
+            Desired::new(Address::new("registry.r"), "aws_ecr", ProviderId::Aws)
+                .attr("scan_on_push", true),
+        ];
+        let live = vec![
+            Live::new(Address::new("registry.r"), "aws_ecr", ProviderId::Aws, "r")
+                .attr("scan_on_push", false),
+        ];
         let p = diff("s", "dev", &d, &live, &Options::default());
         assert_eq!(p.changes[0].action, Action::Update);
-        assert_eq!(p.summary(), Summary { add: 0, change: 1, destroy: 0 });
+        assert_eq!(
+            p.summary(),
+            Summary {
+                add: 0,
+                change: 1,
+                destroy: 0
+            }
+        );
     }
 
     #[test]
     fn undeclared_live_is_deleted_and_refs_to_pending_are_unknown() {
-        let live = vec![Live::new(Address::new("registry.old"), "aws_ecr", ProviderId::Aws, "old")];
-        let subnet = Desired::new(Address::new("network.main.subnet.a"), "aws_subnet", ProviderId::Aws)
-            .attr_force_new("vpc_id", Value::Ref { address: Address::new("network.main"), output: "id".into() });
-        let p = diff("s", "dev", &[vpc("10.0.0.0/16"), subnet], &live, &Options::default());
+        let live = vec![Live::new(
+            Address::new("registry.old"),
+            "aws_ecr",
+            ProviderId::Aws,
+            "old",
+        )];
+        let subnet = Desired::new(
+            Address::new("network.main.subnet.a"),
+            "aws_subnet",
+            ProviderId::Aws,
+        )
+        .attr_force_new(
+            "vpc_id",
+            Value::Ref {
+                address: Address::new("network.main"),
+                output: "id".into(),
+            },
+        );
+        let p = diff(
+            "s",
+            "dev",
+            &[vpc("10.0.0.0/16"), subnet],
+            &live,
+            &Options::default(),
+        );
         assert_eq!(p.changes.len(), 3);
         assert_eq!(p.changes[1].fields[0].after, Some(Value::Unknown));
         assert_eq!(p.changes[2].action, Action::Delete);
-        assert_eq!(p.summary(), Summary { add: 2, change: 0, destroy: 1 });
+        assert_eq!(
+            p.summary(),
+            Summary {
+                add: 2,
+                change: 0,
+                destroy: 1
+            }
+        );
     }
 
     #[test]
     fn destroy_deletes_everything_in_reverse_order() {
-        let d = vec![vpc("10.0.0.0/16"), Desired::new(Address::new("network.main.subnet.a"), "aws_subnet", ProviderId::Aws)];
-        let live = vec![
-            Live::new(Address::new("network.main"), "aws_vpc", ProviderId::Aws, "vpc-1"),
-            Live::new(Address::new("network.main.subnet.a"), "aws_subnet", ProviderId::Aws, "subnet-1"),
+        let d = vec![
+            vpc("10.0.0.0/16"),
+            Desired::new(
+                Address::new("network.main.subnet.a"),
+                "aws_subnet",
+                ProviderId::Aws,
+            ),
         ];
-        let p = diff("s", "dev", &d, &live, &Options { destroy: true, ..Default::default() });
+        let live = vec![
+            Live::new(
+                Address::new("network.main"),
+                "aws_vpc",
+                ProviderId::Aws,
+                "vpc-1",
+            ),
+            Live::new(
+                Address::new("network.main.subnet.a"),
+                "aws_subnet",
+                ProviderId::Aws,
+                "subnet-1",
+            ),
+        ];
+        let p = diff(
+            "s",
+            "dev",
+            &d,
+            &live,
+            &Options {
+                destroy: true,
+                ..Default::default()
+            },
+        );
         let order: Vec<&str> = p.changes.iter().map(|c| c.address.as_str()).collect();
         assert_eq!(order, ["network.main.subnet.a", "network.main"]);
     }

@@ -71,10 +71,15 @@ pub enum Value {
     Map(BTreeMap<String, Value>),
     /// A secret. Only a digest is kept, so a change is detected without the
     /// value ever being stored, printed or written to a saved plan.
-    Sensitive { digest: String },
+    Sensitive {
+        digest: String,
+    },
     /// An output of another resource (`address`, `output`), resolved against
     /// live state before diffing.
-    Ref { address: Address, output: String },
+    Ref {
+        address: Address,
+        output: String,
+    },
     /// Known only after apply (e.g. the id of a VPC not created yet).
     Unknown,
 }
@@ -161,10 +166,16 @@ pub struct Attr {
 
 impl Attr {
     pub fn new(value: impl Into<Value>) -> Self {
-        Attr { value: value.into(), force_new: false }
+        Attr {
+            value: value.into(),
+            force_new: false,
+        }
     }
     pub fn force_new(value: impl Into<Value>) -> Self {
-        Attr { value: value.into(), force_new: true }
+        Attr {
+            value: value.into(),
+            force_new: true,
+        }
     }
 }
 

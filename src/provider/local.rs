@@ -19,7 +19,9 @@ use sha2::{Digest, Sha256};
 use super::{ApplyContext, Provider, ProviderError};
 use crate::plan::{Action, Change};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
-use crate::stack::{self, Caller, DatasetSource, Endpoint, EnrichmentSource, ExposeKind, SecretRef, Stack};
+use crate::stack::{
+    self, Caller, DatasetSource, Endpoint, EnrichmentSource, ExposeKind, SecretRef, Stack,
+};
 
 /// Kinds this provider manages.
 pub const SERVICE_KIND: &str = "local_service";
@@ -57,7 +59,9 @@ impl LocalProvider {
     /// Finds the runtime binary: `MESH_RUNTIME_BIN`, then `mesh-runtime`
     /// beside the running executable, then on `PATH`.
     pub fn new() -> Result<Self, ProviderError> {
-        Ok(LocalProvider { runtime_bin: find_runtime()? })
+        Ok(LocalProvider {
+            runtime_bin: find_runtime()?,
+        })
     }
 
     pub fn with_runtime(runtime_bin: PathBuf) -> Self {
@@ -69,12 +73,12 @@ fn find_runtime() -> Result<PathBuf, ProviderError> {
     if let Some(p) = std::env::var_os("MESH_RUNTIME_BIN") {
         return Ok(PathBuf::from(p));
     }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            for candidate in [dir.join("mesh-runtime"), dir.join("../mesh-runtime")] {
-                if candidate.is_file() {
-                    return Ok(candidate);
-                }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        for candidate in [dir.join("mesh-runtime"), dir.join("../mesh-runtime")] {
+            if candidate.is_file() {
+                return Ok(candidate);
             }
         }
     }
@@ -101,10 +105,12 @@ pub fn state_dir(root: &Path, env: &str) -> PathBuf {
 /// else a port derived from its name (stable across runs).
 pub fn service_port(stack: &Stack, service: &str) -> u16 {
     for e in stack.exposes.values() {
-        if e.service == service {
-            if let ExposeKind::NodePort { node_port: Some(p), .. } = e.kind {
-                return p;
-            }
+        if e.service == service
+            && let ExposeKind::NodePort {
+                node_port: Some(p), ..
+            } = e.kind
+        {
+            return p;
         }
     }
     let h = Sha256::digest(format!("{}/{}/{service}", stack.name, stack.env.name).as_bytes());
@@ -121,10 +127,15 @@ fn secret(s: &SecretRef) -> rc::SecretRef {
 /// Column names of a CSV file's header.
 fn csv_header(path: &Path) -> Vec<String> {
     use std::io::BufRead;
-    let Ok(f) = std::fs::File::open(path) else { return Vec::new() };
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
     let mut line = String::new();
     let _ = std::io::BufReader::new(f).read_line(&mut line);
-    line.trim_end().split(',').map(|s| s.trim().trim_matches('"').to_owned()).collect()
+    line.trim_end()
+        .split(',')
+        .map(|s| s.trim().trim_matches('"').to_owned())
+        .collect()
 }
 
 /// Input names of an ONNX model (empty if it cannot be read).
@@ -145,7 +156,11 @@ pub struct BundlePlan {
 
 /// Builds the bundle of a service from the stack. `lookup_url` gives the base
 /// URL of another service (for lookup enrichments).
-pub fn bundle_for(stack: &Stack, svc: &stack::Service, lookup_url: &dyn Fn(&str) -> String) -> BundlePlan {
+pub fn bundle_for(
+    stack: &Stack,
+    svc: &stack::Service,
+    lookup_url: &dyn Fn(&str) -> String,
+) -> BundlePlan {
     let mut files = BTreeMap::new();
     let mut datasets = BTreeMap::new();
     let mut connections = BTreeMap::new();
@@ -157,7 +172,9 @@ pub fn bundle_for(stack: &Stack, svc: &stack::Service, lookup_url: &dyn Fn(&str)
                 files.insert(rel.clone(), p.clone());
                 rc::DatasetSource::Csv(PathBuf::from(rel))
             }
-            DatasetSource::Sql { connection, query, .. } => {
+            DatasetSource::Sql {
+                connection, query, ..
+            } => {
                 if let Some(c) = stack.connections.get(connection) {
                     connections.insert(
                         connection.clone(),
@@ -171,11 +188,17 @@ pub fn bundle_for(stack: &Stack, svc: &stack::Service, lookup_url: &dyn Fn(&str)
                         },
                     );
                 }
-                rc::DatasetSource::Sql(rc::SqlSource { connection: connection.clone(), query: query.clone() })
+                rc::DatasetSource::Sql(rc::SqlSource {
+                    connection: connection.clone(),
+                    query: query.clone(),
+                })
             }
         };
         let mode = match &d.source {
-            DatasetSource::Sql { mode: stack::SqlMode::Live, .. } => rc::DatasetMode::Live,
+            DatasetSource::Sql {
+                mode: stack::SqlMode::Live,
+                ..
+            } => rc::DatasetMode::Live,
             _ => rc::DatasetMode::Preload,
         };
         datasets.insert(
@@ -195,7 +218,9 @@ pub fn bundle_for(stack: &Stack, svc: &stack::Service, lookup_url: &dyn Fn(&str)
     let mut endpoints = BTreeMap::new();
     for (name, e) in &svc.endpoints {
         let ep = match e {
-            Endpoint::Lookup { datasets } => rc::EndpointConfig::Lookup { datasets: datasets.clone() },
+            Endpoint::Lookup { datasets } => rc::EndpointConfig::Lookup {
+                datasets: datasets.clone(),
+            },
             Endpoint::Prediction { model, enrichments } => {
                 let rel = format!("models/{name}.onnx");
                 files.insert(rel.clone(), model.clone());
@@ -204,25 +229,47 @@ pub fn bundle_for(stack: &Stack, svc: &stack::Service, lookup_url: &dyn Fn(&str)
                 for en in enrichments {
                     // Columns available from the source, restricted to model features.
                     let available: Vec<String> = match &en.source {
-                        EnrichmentSource::Dataset(d) => svc.datasets.get(d).map(|d| dataset_columns(d)).unwrap_or_default(),
+                        EnrichmentSource::Dataset(d) => {
+                            svc.datasets.get(d).map(dataset_columns).unwrap_or_default()
+                        }
                         EnrichmentSource::Lookup { service, endpoint } => stack
                             .services
                             .get(service)
                             .and_then(|s| match s.endpoints.get(endpoint) {
-                                Some(Endpoint::Lookup { datasets }) => Some(datasets.iter().filter_map(|d| s.datasets.get(d)).flat_map(dataset_columns).collect()),
+                                Some(Endpoint::Lookup { datasets }) => Some(
+                                    datasets
+                                        .iter()
+                                        .filter_map(|d| s.datasets.get(d))
+                                        .flat_map(dataset_columns)
+                                        .collect(),
+                                ),
                                 _ => None,
                             })
                             .unwrap_or_default(),
                     };
-                    let wanted: Vec<String> = if en.columns.is_empty() { available } else { en.columns.clone() };
-                    let columns: Vec<String> = wanted.into_iter().filter(|c| c != &en.key && (features.is_empty() || features.contains(c))).collect();
+                    let wanted: Vec<String> = if en.columns.is_empty() {
+                        available
+                    } else {
+                        en.columns.clone()
+                    };
+                    let columns: Vec<String> = wanted
+                        .into_iter()
+                        .filter(|c| c != &en.key && (features.is_empty() || features.contains(c)))
+                        .collect();
                     let (dataset, lookup) = match &en.source {
                         EnrichmentSource::Dataset(d) => (Some(d.clone()), None),
                         EnrichmentSource::Lookup { service, endpoint } => (
                             None,
                             Some(rc::RemoteLookup {
-                                url: format!("{}/public/api/v1/{service}/{endpoint}/lookup", lookup_url(service)),
-                                api_key: stack.services.get(service).and_then(|s| s.api_keys.first()).map(secret),
+                                url: format!(
+                                    "{}/public/api/v1/{service}/{endpoint}/lookup",
+                                    lookup_url(service)
+                                ),
+                                api_key: stack
+                                    .services
+                                    .get(service)
+                                    .and_then(|s| s.api_keys.first())
+                                    .map(secret),
                                 timeout_ms: 2000,
                             }),
                         ),
@@ -238,7 +285,10 @@ pub fn bundle_for(stack: &Stack, svc: &stack::Service, lookup_url: &dyn Fn(&str)
                         },
                     });
                 }
-                rc::EndpointConfig::Prediction { model: PathBuf::from(rel), enrichments: out }
+                rc::EndpointConfig::Prediction {
+                    model: PathBuf::from(rel),
+                    enrichments: out,
+                }
             }
         };
         endpoints.insert(name.clone(), ep);
@@ -289,7 +339,10 @@ fn allow_strings(e: &stack::Expose) -> Vec<String> {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ProviderError {
@@ -303,7 +356,9 @@ fn runtime_alive(pid: u32) -> bool {
         Ok(cmd) => {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // A zombie (state Z) is not alive.
-            let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
             !zombie && String::from_utf8_lossy(&cmd).contains("mesh-runtime")
         }
         Err(_) => false,
@@ -314,18 +369,32 @@ fn runtime_alive(pid: u32) -> bool {
 pub async fn http_status(port: u16, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf);
         text.split_whitespace().nth(1)?.parse().ok()
     };
-    tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(std::process::Stdio::null()).status();
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 async fn stop_process(pid: u32) {
@@ -346,37 +415,69 @@ async fn stop_process(pid: u32) {
 }
 
 async fn port_free(port: u16) -> bool {
-    tokio::net::TcpListener::bind(("127.0.0.1", port)).await.is_ok()
+    tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .is_ok()
 }
 
 impl LocalProvider {
     fn service_dir(scope: &Scope, name: &str) -> PathBuf {
-        state_dir(&scope.root, &scope.env).join("services").join(name)
+        state_dir(&scope.root, &scope.env)
+            .join("services")
+            .join(name)
     }
 
-    async fn apply_service(&self, d: &Desired, live: Option<&Live>, ctx: &ApplyContext) -> Result<Live, ProviderError> {
+    async fn apply_service(
+        &self,
+        d: &Desired,
+        live: Option<&Live>,
+        ctx: &ApplyContext,
+    ) -> Result<Live, ProviderError> {
         let name = d.address.as_str().trim_start_matches("service.").to_owned();
         let dir = Self::service_dir(&ctx.scope, &name);
-        let port = d.attrs.get("port").and_then(|a| a.value.as_int()).and_then(|p| u16::try_from(p).ok()).ok_or_else(|| ProviderError::Invalid { address: d.address.clone(), message: "no port".into() })?;
-        let bundle_json = d.attrs.get("_bundle").and_then(|a| a.value.as_str()).ok_or_else(|| ProviderError::Invalid { address: d.address.clone(), message: "no bundle".into() })?;
-        let files: BTreeMap<String, PathBuf> = serde_json::from_str(d.attrs.get("_files").and_then(|a| a.value.as_str()).unwrap_or("{}")).unwrap_or_default();
+        let port = d
+            .attrs
+            .get("port")
+            .and_then(|a| a.value.as_int())
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| ProviderError::Invalid {
+                address: d.address.clone(),
+                message: "no port".into(),
+            })?;
+        let bundle_json = d
+            .attrs
+            .get("_bundle")
+            .and_then(|a| a.value.as_str())
+            .ok_or_else(|| ProviderError::Invalid {
+                address: d.address.clone(),
+                message: "no bundle".into(),
+            })?;
+        let files: BTreeMap<String, PathBuf> = serde_json::from_str(
+            d.attrs
+                .get("_files")
+                .and_then(|a| a.value.as_str())
+                .unwrap_or("{}"),
+        )
+        .unwrap_or_default();
 
         // Stop what runs now (recorded by us), then make sure the port is free.
-        if let Some(l) = live {
-            if let Ok(pid) = l.id.parse::<u32>() {
-                ctx.progress(&d.address, &format!("stopping pid {pid}"));
-                stop_process(pid).await;
-            }
+        if let Some(l) = live
+            && let Ok(pid) = l.id.parse::<u32>()
+        {
+            ctx.progress(&d.address, &format!("stopping pid {pid}"));
+            stop_process(pid).await;
         }
-        if let Ok(text) = std::fs::read_to_string(dir.join("state.json")) {
-            if let Ok(st) = serde_json::from_str::<ServiceState>(&text) {
-                stop_process(st.pid).await;
-            }
+        if let Ok(text) = std::fs::read_to_string(dir.join("state.json"))
+            && let Ok(st) = serde_json::from_str::<ServiceState>(&text)
+        {
+            stop_process(st.pid).await;
         }
         if !port_free(port).await {
             return Err(ProviderError::Api {
                 address: d.address.clone(),
-                message: format!("port 127.0.0.1:{port} is taken by another program; stop it or choose another node_port"),
+                message: format!(
+                    "port 127.0.0.1:{port} is taken by another program; stop it or choose another node_port"
+                ),
             });
         }
 
@@ -387,34 +488,60 @@ impl LocalProvider {
         for (rel, src) in &files {
             let dst = bundle.join(rel);
             if let Some(parent) = dst.parent() {
-                std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(io(format!("creating {}", parent.display())))?;
             }
-            std::fs::copy(src, &dst).map_err(io(format!("copying {} into the bundle", src.display())))?;
+            std::fs::copy(src, &dst)
+                .map_err(io(format!("copying {} into the bundle", src.display())))?;
         }
-        std::fs::write(bundle.join(rc::SERVICE_FILE), bundle_json).map_err(io("writing service.json"))?;
+        std::fs::write(bundle.join(rc::SERVICE_FILE), bundle_json)
+            .map_err(io("writing service.json"))?;
 
         // Start detached: its own process group, output to a log file.
         let log_path = dir.join("runtime.log");
-        let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
+        let log = std::fs::File::create(&log_path)
+            .map_err(io(format!("creating {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io("log file"))?;
         let mut cmd = std::process::Command::new(&self.runtime_bin);
-        cmd.arg("serve").arg("--bundle").arg(&bundle).arg("--listen").arg(format!("127.0.0.1:{port}"));
-        cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(log2);
+        cmd.arg("serve")
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"));
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2);
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
         ctx.progress(&d.address, &format!("starting on 127.0.0.1:{port}"));
-        let mut child = cmd.spawn().map_err(io(format!("starting {}", self.runtime_bin.display())))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io(format!("starting {}", self.runtime_bin.display())))?;
         let pid = child.id();
 
         let state = ServiceState {
             address: d.address.clone(),
             pid,
             port,
-            version: d.attrs.get("version").and_then(|a| a.value.as_str()).unwrap_or_default().to_owned(),
-            bundle_digest: d.attrs.get("bundle_digest").and_then(|a| a.value.as_str()).unwrap_or_default().to_owned(),
+            version: d
+                .attrs
+                .get("version")
+                .and_then(|a| a.value.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            bundle_digest: d
+                .attrs
+                .get("bundle_digest")
+                .and_then(|a| a.value.as_str())
+                .unwrap_or_default()
+                .to_owned(),
             started_at: now_secs(),
         };
-        std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default()).map_err(io("writing state.json"))?;
+        std::fs::write(
+            dir.join("state.json"),
+            serde_json::to_vec_pretty(&state).unwrap_or_default(),
+        )
+        .map_err(io("writing state.json"))?;
 
         // Wait until ready.
         let start = Instant::now();
@@ -425,17 +552,27 @@ impl LocalProvider {
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
                 return Err(ProviderError::Api {
                     address: d.address.clone(),
-                    message: format!("mesh-runtime exited during start; last log lines ({}):\n    {}", log_path.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n    ")),
+                    message: format!(
+                        "mesh-runtime exited during start; last log lines ({}):\n    {}",
+                        log_path.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n    ")
+                    ),
                 });
             }
             if http_status(port, "/readyz").await == Some(200) {
                 break;
             }
             if ctx.cancelled() {
-                return Err(ProviderError::Interrupted { address: d.address.clone() });
+                return Err(ProviderError::Interrupted {
+                    address: d.address.clone(),
+                });
             }
             if start.elapsed() > READY_TIMEOUT {
-                return Err(ProviderError::Timeout { address: d.address.clone(), seconds: READY_TIMEOUT.as_secs(), message: format!("see {}", log_path.display()) });
+                return Err(ProviderError::Timeout {
+                    address: d.address.clone(),
+                    seconds: READY_TIMEOUT.as_secs(),
+                    message: format!("see {}", log_path.display()),
+                });
             }
             if last_note.elapsed() > Duration::from_secs(10) {
                 ctx.progress(&d.address, "still loading");
@@ -451,13 +588,18 @@ impl LocalProvider {
 
 fn live_service(st: &ServiceState, running: bool) -> Live {
     let url = format!("http://127.0.0.1:{}", st.port);
-    Live::new(st.address.clone(), SERVICE_KIND, ProviderId::Local, st.pid.to_string())
-        .attr("version", st.version.clone())
-        .attr("port", st.port)
-        .attr("bundle_digest", st.bundle_digest.clone())
-        .attr("running", running)
-        .output("url", url)
-        .output("port", st.port)
+    Live::new(
+        st.address.clone(),
+        SERVICE_KIND,
+        ProviderId::Local,
+        st.pid.to_string(),
+    )
+    .attr("version", st.version.clone())
+    .attr("port", st.port)
+    .attr("bundle_digest", st.bundle_digest.clone())
+    .attr("running", running)
+    .output("url", url)
+    .output("port", st.port)
 }
 
 #[async_trait]
@@ -472,15 +614,30 @@ impl Provider for LocalProvider {
         for (name, svc) in &stack.services {
             let address = Address::of("service", name);
             let b = bundle_for(stack, svc, &url_of);
-            let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid { address: address.clone(), message: format!("reading the bundle's files: {e}") })?;
+            let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid {
+                address: address.clone(),
+                message: format!("reading the bundle's files: {e}"),
+            })?;
             let mut d = Desired::new(address, SERVICE_KIND, ProviderId::Local)
                 .attr("version", svc.version.clone())
                 .attr("port", service_port(stack, name))
                 .attr("bundle_digest", digest)
                 .attr("running", true);
             // Carried for apply only: `_` attributes are neither compared nor shown.
-            d.attrs.insert("_bundle".into(), crate::resource::Attr { value: Value::Str(serde_json::to_string_pretty(&b.config).unwrap_or_default()), force_new: false });
-            d.attrs.insert("_files".into(), crate::resource::Attr { value: Value::Str(serde_json::to_string(&b.files).unwrap_or_default()), force_new: false });
+            d.attrs.insert(
+                "_bundle".into(),
+                crate::resource::Attr {
+                    value: Value::Str(serde_json::to_string_pretty(&b.config).unwrap_or_default()),
+                    force_new: false,
+                },
+            );
+            d.attrs.insert(
+                "_files".into(),
+                crate::resource::Attr {
+                    value: Value::Str(serde_json::to_string(&b.files).unwrap_or_default()),
+                    force_new: false,
+                },
+            );
             for dep in svc.endpoints.values() {
                 if let Endpoint::Prediction { enrichments, .. } = dep {
                     for en in enrichments {
@@ -510,10 +667,15 @@ impl Provider for LocalProvider {
         let mut checks = Vec::new();
         if let Ok(entries) = std::fs::read_dir(dir.join("services")) {
             for e in entries.flatten() {
-                let Ok(text) = std::fs::read_to_string(e.path().join("state.json")) else { continue };
-                let Ok(st) = serde_json::from_str::<ServiceState>(&text) else { continue };
+                let Ok(text) = std::fs::read_to_string(e.path().join("state.json")) else {
+                    continue;
+                };
+                let Ok(st) = serde_json::from_str::<ServiceState>(&text) else {
+                    continue;
+                };
                 checks.push(tokio::spawn(async move {
-                    let running = runtime_alive(st.pid) && http_status(st.port, "/readyz").await == Some(200);
+                    let running =
+                        runtime_alive(st.pid) && http_status(st.port, "/readyz").await == Some(200);
                     live_service(&st, running)
                 }));
             }
@@ -525,8 +687,12 @@ impl Provider for LocalProvider {
         }
         if let Ok(entries) = std::fs::read_dir(dir.join("exposes")) {
             for e in entries.flatten() {
-                let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
-                let Ok(st) = serde_json::from_str::<ExposeState>(&text) else { continue };
+                let Ok(text) = std::fs::read_to_string(e.path()) else {
+                    continue;
+                };
+                let Ok(st) = serde_json::from_str::<ExposeState>(&text) else {
+                    continue;
+                };
                 out.push(live_expose(&st));
             }
         }
@@ -534,7 +700,11 @@ impl Provider for LocalProvider {
         Ok(out)
     }
 
-    async fn apply(&self, change: &Change, ctx: &ApplyContext) -> Result<Option<Live>, ProviderError> {
+    async fn apply(
+        &self,
+        change: &Change,
+        ctx: &ApplyContext,
+    ) -> Result<Option<Live>, ProviderError> {
         let kind = change.kind.as_str();
         match (&change.action, kind) {
             (Action::NoOp, _) => Ok(change.live.clone()),
@@ -545,47 +715,102 @@ impl Provider for LocalProvider {
                     ctx.progress(&change.address, &format!("stopping pid {pid}"));
                     stop_process(pid).await;
                 }
-                std::fs::remove_dir_all(&dir).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(io(format!("removing {}", dir.display())))?;
+                std::fs::remove_dir_all(&dir)
+                    .or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(io(format!("removing {}", dir.display())))?;
                 Ok(None)
             }
             (_, SERVICE_KIND) => {
-                let d = change.desired.as_ref().ok_or_else(|| ProviderError::Invalid { address: change.address.clone(), message: "no desired state".into() })?;
-                self.apply_service(d, change.live.as_ref(), ctx).await.map(Some)
+                let d = change
+                    .desired
+                    .as_ref()
+                    .ok_or_else(|| ProviderError::Invalid {
+                        address: change.address.clone(),
+                        message: "no desired state".into(),
+                    })?;
+                self.apply_service(d, change.live.as_ref(), ctx)
+                    .await
+                    .map(Some)
             }
             (Action::Delete, EXPOSE_KIND) => {
                 let name = change.address.as_str().trim_start_matches("expose.");
-                let path = state_dir(&ctx.scope.root, &ctx.scope.env).join("exposes").join(format!("{name}.json"));
-                std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(io(format!("removing {}", path.display())))?;
+                let path = state_dir(&ctx.scope.root, &ctx.scope.env)
+                    .join("exposes")
+                    .join(format!("{name}.json"));
+                std::fs::remove_file(&path)
+                    .or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(io(format!("removing {}", path.display())))?;
                 Ok(None)
             }
             (_, EXPOSE_KIND) => {
-                let d = change.desired.as_ref().ok_or_else(|| ProviderError::Invalid { address: change.address.clone(), message: "no desired state".into() })?;
+                let d = change
+                    .desired
+                    .as_ref()
+                    .ok_or_else(|| ProviderError::Invalid {
+                        address: change.address.clone(),
+                        message: "no desired state".into(),
+                    })?;
                 let attrs = ctx.resolved_attrs(d);
                 let st = ExposeState {
                     address: d.address.clone(),
-                    service: attrs.get("service").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                    port: attrs.get("port").and_then(Value::as_int).and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
+                    service: attrs
+                        .get("service")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    port: attrs
+                        .get("port")
+                        .and_then(Value::as_int)
+                        .and_then(|p| u16::try_from(p).ok())
+                        .unwrap_or(0),
                     allow: match attrs.get("allow") {
-                        Some(Value::List(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                        Some(Value::List(items)) => items
+                            .iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect(),
                         _ => Vec::new(),
                     },
                 };
                 let dir = state_dir(&ctx.scope.root, &ctx.scope.env).join("exposes");
                 std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
                 let name = d.address.as_str().trim_start_matches("expose.");
-                std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(&st).unwrap_or_default()).map_err(io("writing expose state"))?;
+                std::fs::write(
+                    dir.join(format!("{name}.json")),
+                    serde_json::to_vec_pretty(&st).unwrap_or_default(),
+                )
+                .map_err(io("writing expose state"))?;
                 Ok(Some(live_expose(&st)))
             }
-            _ => Err(ProviderError::Invalid { address: change.address.clone(), message: format!("the local provider does not manage {kind}") }),
+            _ => Err(ProviderError::Invalid {
+                address: change.address.clone(),
+                message: format!("the local provider does not manage {kind}"),
+            }),
         }
     }
 }
 
 fn live_expose(st: &ExposeState) -> Live {
-    Live::new(st.address.clone(), EXPOSE_KIND, ProviderId::Local, st.address.to_string())
-        .attr("service", st.service.clone())
-        .attr("port", st.port)
-        .attr("allow", Value::list_of_str(st.allow.clone()))
-        .output("url", format!("http://127.0.0.1:{}", st.port))
-        .output("service", st.service.clone())
+    Live::new(
+        st.address.clone(),
+        EXPOSE_KIND,
+        ProviderId::Local,
+        st.address.to_string(),
+    )
+    .attr("service", st.service.clone())
+    .attr("port", st.port)
+    .attr("allow", Value::list_of_str(st.allow.clone()))
+    .output("url", format!("http://127.0.0.1:{}", st.port))
+    .output("service", st.service.clone())
 }

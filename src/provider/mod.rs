@@ -5,11 +5,11 @@
 //! ownership marks: AWS tags, Kubernetes labels, local state under `.mesh/`),
 //! and carries out one planned change at a time.
 
-pub mod local;
 #[cfg(feature = "aws")]
 pub mod aws;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
+pub mod local;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -33,10 +33,17 @@ pub enum ProviderError {
     Api { address: Address, message: String },
     /// Observing live state failed.
     #[error("reading live state from {provider}: {message}")]
-    Observe { provider: ProviderId, message: String },
+    Observe {
+        provider: ProviderId,
+        message: String,
+    },
     /// Waiting for a resource to become ready timed out.
     #[error("{address}: not ready after {seconds}s: {message}")]
-    Timeout { address: Address, seconds: u64, message: String },
+    Timeout {
+        address: Address,
+        seconds: u64,
+        message: String,
+    },
     /// The operation was interrupted (Ctrl-C); a rerun picks it up.
     #[error("{address}: interrupted")]
     Interrupted { address: Address },
@@ -61,9 +68,23 @@ pub struct ApplyContext {
 }
 
 impl ApplyContext {
-    pub fn new(scope: Scope, live: &[Live], cancel: tokio::sync::watch::Receiver<bool>, no_wait: bool) -> Self {
-        let outputs = live.iter().map(|l| (l.address.clone(), l.outputs.clone())).collect();
-        ApplyContext { outputs: Mutex::new(outputs), started: Instant::now(), cancel, no_wait, scope }
+    pub fn new(
+        scope: Scope,
+        live: &[Live],
+        cancel: tokio::sync::watch::Receiver<bool>,
+        no_wait: bool,
+    ) -> Self {
+        let outputs = live
+            .iter()
+            .map(|l| (l.address.clone(), l.outputs.clone()))
+            .collect();
+        ApplyContext {
+            outputs: Mutex::new(outputs),
+            started: Instant::now(),
+            cancel,
+            no_wait,
+            scope,
+        }
     }
 
     /// Resolves references in a value against outputs known now (live state
@@ -75,7 +96,10 @@ impl ApplyContext {
 
     /// The desired attributes with references resolved.
     pub fn resolved_attrs(&self, d: &Desired) -> BTreeMap<String, Value> {
-        d.attrs.iter().map(|(k, a)| (k.clone(), self.resolve(&a.value))).collect()
+        d.attrs
+            .iter()
+            .map(|(k, a)| (k.clone(), self.resolve(&a.value)))
+            .collect()
     }
 
     pub fn record(&self, live: &Live) {
@@ -90,7 +114,10 @@ impl ApplyContext {
 
     /// Progress for people, on stderr: which resource, what, elapsed time.
     pub fn progress(&self, address: &Address, message: &str) {
-        eprintln!("{address}: {message} [{}s elapsed]", self.started.elapsed().as_secs());
+        eprintln!(
+            "{address}: {message} [{}s elapsed]",
+            self.started.elapsed().as_secs()
+        );
     }
 
     pub fn cancelled(&self) -> bool {
@@ -100,11 +127,17 @@ impl ApplyContext {
 
 fn resolve_with(v: &Value, outputs: &BTreeMap<Address, BTreeMap<String, Value>>) -> Value {
     match v {
-        Value::Ref { address, output } => {
-            outputs.get(address).and_then(|o| o.get(output)).cloned().unwrap_or(Value::Unknown)
-        }
+        Value::Ref { address, output } => outputs
+            .get(address)
+            .and_then(|o| o.get(output))
+            .cloned()
+            .unwrap_or(Value::Unknown),
         Value::List(items) => Value::List(items.iter().map(|i| resolve_with(i, outputs)).collect()),
-        Value::Map(m) => Value::Map(m.iter().map(|(k, i)| (k.clone(), resolve_with(i, outputs))).collect()),
+        Value::Map(m) => Value::Map(
+            m.iter()
+                .map(|(k, i)| (k.clone(), resolve_with(i, outputs)))
+                .collect(),
+        ),
         other => other.clone(),
     }
 }
@@ -123,5 +156,9 @@ pub trait Provider: Send + Sync {
 
     /// Carries out one change and waits until it is ready. Returns the live
     /// resource afterwards, or `None` once deleted.
-    async fn apply(&self, change: &Change, ctx: &ApplyContext) -> Result<Option<Live>, ProviderError>;
+    async fn apply(
+        &self,
+        change: &Change,
+        ctx: &ApplyContext,
+    ) -> Result<Option<Live>, ProviderError>;
 }

@@ -1,7 +1,7 @@
 //! Typed access to a spanned table that collects every error it finds:
 //! unknown keys (with "did you mean"), wrong types, missing fields.
 
-use super::diag::{did_you_mean, Code, Diagnostic};
+use super::diag::{Code, Diagnostic, did_you_mean};
 use super::source::{Entry, NodeKind, Span, Table};
 
 /// Collected diagnostics.
@@ -23,15 +23,23 @@ pub struct Fields<'t> {
 
 impl<'t> Fields<'t> {
     pub fn new(table: &'t Table, span: Span, what: impl Into<String>) -> Self {
-        Fields { table, span, what: what.into() }
+        Fields {
+            table,
+            span,
+            what: what.into(),
+        }
     }
 
     /// Reports every key not in `allowed`.
     pub fn allow(&self, errors: &mut Errors, allowed: &[&str]) {
         for e in &self.table.entries {
             if !allowed.contains(&e.key.as_str()) {
-                let mut d = Diagnostic::new(Code::UnknownKey, e.key_span, format!("unknown key `{}` in {}", e.key, self.what))
-                    .label("unknown key");
+                let mut d = Diagnostic::new(
+                    Code::UnknownKey,
+                    e.key_span,
+                    format!("unknown key `{}` in {}", e.key, self.what),
+                )
+                .label("unknown key");
                 d = match did_you_mean(&e.key, allowed.iter().copied()) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help(format!("expected one of: {}", allowed.join(", "))),
@@ -47,9 +55,13 @@ impl<'t> Fields<'t> {
 
     fn missing(&self, errors: &mut Errors, key: &str, ty: &str, example: &str) {
         errors.push(
-            Diagnostic::new(Code::MissingField, self.span, format!("missing field `{key}` in {}", self.what))
-                .label(format!("`{key}` is required here"))
-                .help(format!("add `{key} = {example}` ({ty})")),
+            Diagnostic::new(
+                Code::MissingField,
+                self.span,
+                format!("missing field `{key}` in {}", self.what),
+            )
+            .label(format!("`{key}` is required here"))
+            .help(format!("add `{key} = {example}` ({ty})")),
         );
     }
 
@@ -104,9 +116,13 @@ impl<'t> Fields<'t> {
             Ok(v) => Some(v),
             Err(_) => {
                 errors.push(
-                    Diagnostic::new(Code::InvalidValue, span, format!("`{key}` must be a non-negative integer, found {v}"))
-                        .label("out of range")
-                        .help(format!("use a value from 0 to {}", u32::MAX)),
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        span,
+                        format!("`{key}` must be a non-negative integer, found {v}"),
+                    )
+                    .label("out of range")
+                    .help(format!("use a value from 0 to {}", u32::MAX)),
                 );
                 None
             }
@@ -128,9 +144,13 @@ impl<'t> Fields<'t> {
                 k if k.is_unresolved() => {}
                 NodeKind::Str(s) => out.push((s.clone(), it.span)),
                 other => errors.push(
-                    Diagnostic::new(Code::WrongType, it.span, format!("expected a string in `{key}`, found {}", other.type_name()))
-                        .label("not a string")
-                        .help("quote the value, e.g. \"name\""),
+                    Diagnostic::new(
+                        Code::WrongType,
+                        it.span,
+                        format!("expected a string in `{key}`, found {}", other.type_name()),
+                    )
+                    .label("not a string")
+                    .help("quote the value, e.g. \"name\""),
                 ),
             }
         }
@@ -150,23 +170,41 @@ impl<'t> Fields<'t> {
     }
 
     /// A table of named tables (`[service.x.endpoint.NAME]`), each with its span.
-    pub fn named_tables(&self, errors: &mut Errors, key: &str) -> Vec<(&'t str, Span, &'t Table, Span)> {
-        let Some((t, _)) = self.table_opt(errors, key) else { return Vec::new() };
+    pub fn named_tables(
+        &self,
+        errors: &mut Errors,
+        key: &str,
+    ) -> Vec<(&'t str, Span, &'t Table, Span)> {
+        let Some((t, _)) = self.table_opt(errors, key) else {
+            return Vec::new();
+        };
         named_tables_of(errors, t, &format!("{}.{key}", self.what))
     }
 }
 
 /// Every entry of `t` must be a table.
-pub fn named_tables_of<'t>(errors: &mut Errors, t: &'t Table, what: &str) -> Vec<(&'t str, Span, &'t Table, Span)> {
+pub fn named_tables_of<'t>(
+    errors: &mut Errors,
+    t: &'t Table,
+    what: &str,
+) -> Vec<(&'t str, Span, &'t Table, Span)> {
     let mut out = Vec::new();
     for e in &t.entries {
         match &e.value.kind {
             NodeKind::Table(inner) => out.push((e.key.as_str(), e.key_span, inner, e.value.span)),
             k if k.is_unresolved() => {}
             other => errors.push(
-                Diagnostic::new(Code::WrongType, e.value.span, format!("`{what}.{}` must be a table, found {}", e.key, other.type_name()))
-                    .label("expected a table")
-                    .help(format!("write it as a section: [{what}.{}]", e.key)),
+                Diagnostic::new(
+                    Code::WrongType,
+                    e.value.span,
+                    format!(
+                        "`{what}.{}` must be a table, found {}",
+                        e.key,
+                        other.type_name()
+                    ),
+                )
+                .label("expected a table")
+                .help(format!("write it as a section: [{what}.{}]", e.key)),
             ),
         }
     }
@@ -181,14 +219,26 @@ pub fn wrong_type(e: &Entry, expected: &str, found: &NodeKind) -> Diagnostic {
         ("a string", NodeKind::Float(v)) => format!("quote the value: {key} = \"{v}\""),
         ("a string", NodeKind::Bool(v)) => format!("quote the value: {key} = \"{v}\""),
         ("a string", _) => format!("quote the value: {key} = \"...\""),
-        ("an integer", NodeKind::Str(v)) if v.trim().parse::<i64>().is_ok() => format!("remove the quotes: {key} = {}", v.trim()),
-        (e, NodeKind::Str(v)) if e.starts_with("a boolean") => match v.trim().to_ascii_lowercase().as_str() {
-            "true" | "yes" | "on" | "1" => format!("write it without quotes: {key} = true"),
-            "false" | "no" | "off" | "0" => format!("write it without quotes: {key} = false"),
-            _ => format!("write {key} = true or {key} = false, without quotes"),
-        },
-        (e, NodeKind::Int(_)) if e.starts_with("a boolean") => format!("write {key} = true or {key} = false"),
+        ("an integer", NodeKind::Str(v)) if v.trim().parse::<i64>().is_ok() => {
+            format!("remove the quotes: {key} = {}", v.trim())
+        }
+        (e, NodeKind::Str(v)) if e.starts_with("a boolean") => {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => format!("write it without quotes: {key} = true"),
+                "false" | "no" | "off" | "0" => format!("write it without quotes: {key} = false"),
+                _ => format!("write {key} = true or {key} = false, without quotes"),
+            }
+        }
+        (e, NodeKind::Int(_)) if e.starts_with("a boolean") => {
+            format!("write {key} = true or {key} = false")
+        }
         _ => format!("change `{key}` to {expected}"),
     };
-    Diagnostic::new(Code::WrongType, e.value.span, format!("`{key}` must be {expected}, found {}", found.type_name())).label(format!("expected {expected}")).help(help)
+    Diagnostic::new(
+        Code::WrongType,
+        e.value.span,
+        format!("`{key}` must be {expected}, found {}", found.type_name()),
+    )
+    .label(format!("expected {expected}"))
+    .help(help)
 }

@@ -71,11 +71,27 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(code: Code, span: Span, message: impl Into<String>) -> Self {
-        Diagnostic { code, message: message.into(), span: Some(span), label: String::new(), help: None, related: Vec::new(), redact: false }
+        Diagnostic {
+            code,
+            message: message.into(),
+            span: Some(span),
+            label: String::new(),
+            help: None,
+            related: Vec::new(),
+            redact: false,
+        }
     }
     /// An error with no place in a file (e.g. a folder that does not exist).
     pub fn global(code: Code, message: impl Into<String>) -> Self {
-        Diagnostic { code, message: message.into(), span: None, label: String::new(), help: None, related: Vec::new(), redact: false }
+        Diagnostic {
+            code,
+            message: message.into(),
+            span: None,
+            label: String::new(),
+            help: None,
+            related: Vec::new(),
+            redact: false,
+        }
     }
     pub fn label(mut self, label: impl Into<String>) -> Self {
         self.label = label.into();
@@ -91,7 +107,10 @@ impl Diagnostic {
         self
     }
     pub fn related(mut self, span: Span, label: impl Into<String>) -> Self {
-        self.related.push(Related { span, label: label.into() });
+        self.related.push(Related {
+            span,
+            label: label.into(),
+        });
         self
     }
 }
@@ -112,7 +131,11 @@ impl Report {
             out.push('\n');
         }
         let n = self.diagnostics.len();
-        let _ = writeln!(out, "error: stack has {n} error{}", if n == 1 { "" } else { "s" });
+        let _ = writeln!(
+            out,
+            "error: stack has {n} error{}",
+            if n == 1 { "" } else { "s" }
+        );
         out
     }
 
@@ -144,7 +167,13 @@ impl std::error::Error for Report {}
 fn render_one(out: &mut String, d: &Diagnostic, sources: &Sources) {
     let _ = writeln!(out, "error[{}]: {}", d.code.as_str(), d.message);
     // One gutter for the whole diagnostic, wide enough for every line number shown.
-    let gutter = d.span.iter().chain(d.related.iter().map(|r| &r.span)).map(|s| sources.line_col(s.file, s.start).0.to_string().len()).max().unwrap_or(1);
+    let gutter = d
+        .span
+        .iter()
+        .chain(d.related.iter().map(|r| &r.span))
+        .map(|s| sources.line_col(s.file, s.start).0.to_string().len())
+        .max()
+        .unwrap_or(1);
     let pad = " ".repeat(gutter);
     if let Some(span) = d.span {
         snippet(out, sources, span, &d.label, '^', gutter, d.redact);
@@ -157,7 +186,15 @@ fn render_one(out: &mut String, d: &Diagnostic, sources: &Sources) {
     }
 }
 
-fn snippet(out: &mut String, sources: &Sources, span: Span, label: &str, mark: char, gutter: usize, redact: bool) {
+fn snippet(
+    out: &mut String,
+    sources: &Sources,
+    span: Span,
+    label: &str,
+    mark: char,
+    gutter: usize,
+    redact: bool,
+) {
     let (line, col) = sources.line_col(span.file, span.start);
     let path = sources.path(span.file).display();
     let pad = " ".repeat(gutter);
@@ -166,12 +203,19 @@ fn snippet(out: &mut String, sources: &Sources, span: Span, label: &str, mark: c
     // Underline to the end of the span or of the line, whichever comes first.
     let (end_line, end_col) = sources.line_col(span.file, span.end.max(span.start + 1));
     let line_len = text.chars().count();
-    let width = if end_line == line { end_col.saturating_sub(col).max(1) } else { (line_len + 1).saturating_sub(col).max(1) };
+    let width = if end_line == line {
+        end_col.saturating_sub(col).max(1)
+    } else {
+        (line_len + 1).saturating_sub(col).max(1)
+    };
     let shown: String = if redact {
         // A secret written inline is not repeated into terminals and CI logs:
         // mask the underlined value but keep its quotes and the column layout.
         let inside = col + 1..(col + width).saturating_sub(1);
-        text.chars().zip(1..).map(|(ch, c)| if inside.contains(&c) { '*' } else { ch }).collect()
+        text.chars()
+            .zip(1..)
+            .map(|(ch, c)| if inside.contains(&c) { '*' } else { ch })
+            .collect()
     } else {
         text.to_owned()
     };
@@ -191,7 +235,10 @@ fn snippet(out: &mut String, sources: &Sources, span: Span, label: &str, mark: c
 /// replaces every letter (`c` for `a`) is not "close"; failing an edit match,
 /// a candidate the word starts with, or that starts with the word, is taken
 /// (`maximum` → `max`).
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let mut best: Option<(usize, &str)> = None;
     let mut prefix: Option<&str> = None;
     let len = word.chars().count();
@@ -201,7 +248,11 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
         if d <= limit && d < len && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
-        let (short, long) = if c.len() < word.len() { (c, word) } else { (word, c) };
+        let (short, long) = if c.len() < word.len() {
+            (c, word)
+        } else {
+            (word, c)
+        };
         if prefix.is_none() && short.chars().count() >= 3 && long.starts_with(short) {
             prefix = Some(c);
         }
@@ -218,13 +269,15 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
             }
@@ -239,10 +292,16 @@ mod tests {
 
     #[test]
     fn suggests_close_names_only() {
-        assert_eq!(did_you_mean("replica", ["replicas", "version"]), Some("replicas"));
+        assert_eq!(
+            did_you_mean("replica", ["replicas", "version"]),
+            Some("replicas")
+        );
         assert_eq!(did_you_mean("zzz", ["replicas", "version"]), None);
         assert_eq!(did_you_mean("mian", ["main", "batch"]), Some("main"));
-        assert_eq!(did_you_mean("maximum", ["min", "max", "cpu_percent"]), Some("max"));
+        assert_eq!(
+            did_you_mean("maximum", ["min", "max", "cpu_percent"]),
+            Some("max")
+        );
         assert_eq!(did_you_mean("c", ["a", "b"]), None);
     }
 }

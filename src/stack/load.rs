@@ -5,14 +5,31 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::decode::{named_tables_of, Errors, Fields};
-use super::diag::{did_you_mean, Code, Diagnostic};
-use super::source::{expressions, parse, Entry, FileId, Node, NodeKind, Sources, Span, Table};
+use super::decode::{Errors, Fields, named_tables_of};
+use super::diag::{Code, Diagnostic, did_you_mean};
+use super::source::{Entry, FileId, Node, NodeKind, Sources, Span, Table, expressions, parse};
 
 /// Top-level resource tables.
-pub const RESOURCE_TABLES: &[&str] = &["network", "cluster", "registry", "connection", "service", "expose"];
+pub const RESOURCE_TABLES: &[&str] = &[
+    "network",
+    "cluster",
+    "registry",
+    "connection",
+    "service",
+    "expose",
+];
 /// Every allowed top-level key.
-pub const TOP_LEVEL: &[&str] = &["stack", "environment", "module", "network", "cluster", "registry", "connection", "service", "expose"];
+pub const TOP_LEVEL: &[&str] = &[
+    "stack",
+    "environment",
+    "module",
+    "network",
+    "cluster",
+    "registry",
+    "connection",
+    "service",
+    "expose",
+];
 
 /// A stack folder merged for one environment, before decoding.
 pub struct Loaded {
@@ -41,21 +58,41 @@ fn read(sources: &mut Sources, path: &Path, errors: &mut Errors) -> Option<(File
         Err(e) => {
             let mut message = first_line(&e.message).to_owned();
             let (label, help) = if message == "duplicate key" {
-                let key = sources.text(id).get(e.span.start..e.span.end).unwrap_or_default().trim();
+                let key = sources
+                    .text(id)
+                    .get(e.span.start..e.span.end)
+                    .unwrap_or_default()
+                    .trim();
                 if !key.is_empty() {
                     message = format!("duplicate key `{key}`");
                 }
-                ("written a second time", "a key or table can be written only once per file: merge the two or remove one")
+                (
+                    "written a second time",
+                    "a key or table can be written only once per file: merge the two or remove one",
+                )
             } else if message.contains("string") {
-                ("the string is not closed", "close the string on the same line (use \"\"\"...\"\"\" for text over several lines)")
+                (
+                    "the string is not closed",
+                    "close the string on the same line (use \"\"\"...\"\"\" for text over several lines)",
+                )
             } else if message.contains("expected `=`") {
                 ("expected `=`", "write each setting as `key = value`")
             } else if message.contains("expected `]`") {
-                ("expected `]`", "close the table header with `]`, e.g. [service.NAME]")
+                (
+                    "expected `]`",
+                    "close the table header with `]`, e.g. [service.NAME]",
+                )
             } else {
-                ("here", "fix the TOML syntax (quotes, brackets, `key = value`)")
+                (
+                    "here",
+                    "fix the TOML syntax (quotes, brackets, `key = value`)",
+                )
             };
-            errors.push(Diagnostic::new(Code::Syntax, e.span, format!("invalid TOML: {message}")).label(label).help(help));
+            errors.push(
+                Diagnostic::new(Code::Syntax, e.span, format!("invalid TOML: {message}"))
+                    .label(label)
+                    .help(help),
+            );
             None
         }
     }
@@ -67,9 +104,21 @@ fn first_line(s: &str) -> &str {
 
 /// Loads `root/stack.toml`, overlays `root/<env>.toml` when `env` is given,
 /// and expands modules.
-pub fn load(root: &Path, env: Option<&str>, sources: &mut Sources, errors: &mut Errors) -> Option<Loaded> {
-    let stack_file = if root.is_file() { root.to_path_buf() } else { root.join("stack.toml") };
-    let root = stack_file.parent().map(Path::to_path_buf).unwrap_or_default();
+pub fn load(
+    root: &Path,
+    env: Option<&str>,
+    sources: &mut Sources,
+    errors: &mut Errors,
+) -> Option<Loaded> {
+    let stack_file = if root.is_file() {
+        root.to_path_buf()
+    } else {
+        root.join("stack.toml")
+    };
+    let root = stack_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let (main, mut table) = read(sources, &stack_file, errors)?;
 
     // Declared environments, and overlay files that match none of them.
@@ -84,11 +133,24 @@ pub fn load(root: &Path, env: Option<&str>, sources: &mut Sources, errors: &mut 
         let mut files: Vec<PathBuf> = dir.filter_map(|d| d.ok().map(|d| d.path())).collect();
         files.sort();
         for f in files {
-            let Some(stem) = f.file_stem().and_then(|s| s.to_str()) else { continue };
-            if f.extension().is_some_and(|x| x == "toml") && stem != "stack" && !declared.iter().any(|d| d == stem) {
+            let Some(stem) = f.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            if f.extension().is_some_and(|x| x == "toml")
+                && stem != "stack"
+                && !declared.iter().any(|d| d == stem)
+            {
                 let id = sources.add(f.clone(), std::fs::read_to_string(&f).unwrap_or_default());
-                let mut d = Diagnostic::new(Code::UnknownEnvironment, Span { file: id, start: 0, end: 0 }, format!("`{stem}.toml` overrides environment `{stem}`, which is not declared"))
-                    .label("overlay for an undeclared environment");
+                let mut d = Diagnostic::new(
+                    Code::UnknownEnvironment,
+                    Span {
+                        file: id,
+                        start: 0,
+                        end: 0,
+                    },
+                    format!("`{stem}.toml` overrides environment `{stem}`, which is not declared"),
+                )
+                .label("overlay for an undeclared environment");
                 d = match did_you_mean(stem, declared.iter().map(String::as_str)) {
                     Some(s) => d.help(format!("rename the file to `{s}.toml`, or declare [environment.{stem}] in stack.toml")),
                     None => d.help(format!("declare [environment.{stem}] in stack.toml, or remove the file")),
@@ -106,9 +168,24 @@ pub fn load(root: &Path, env: Option<&str>, sources: &mut Sources, errors: &mut 
     // The overlay applies to the expanded stack, so it can override module resources.
     if let Some(env) = env {
         if !declared.iter().any(|d| d == env) {
-            let span = table.get("environment").map(|e| e.key_span).unwrap_or(Span { file: main, start: 0, end: 0 });
-            let mut d = Diagnostic::new(Code::UnknownEnvironment, span, format!("unknown environment `{env}`"))
-                .label(if declared.is_empty() { "no environments are declared".to_owned() } else { format!("declared here: {}", declared.join(", ")) });
+            let span = table
+                .get("environment")
+                .map(|e| e.key_span)
+                .unwrap_or(Span {
+                    file: main,
+                    start: 0,
+                    end: 0,
+                });
+            let mut d = Diagnostic::new(
+                Code::UnknownEnvironment,
+                span,
+                format!("unknown environment `{env}`"),
+            )
+            .label(if declared.is_empty() {
+                "no environments are declared".to_owned()
+            } else {
+                format!("declared here: {}", declared.join(", "))
+            });
             d = match did_you_mean(env, declared.iter().map(String::as_str)) {
                 Some(s) => d.help(format!("did you mean `--env {s}`?")),
                 None if declared.is_empty() => d.help(format!("declare it in stack.toml: [environment.{env}] with target = \"local\", \"aws\" or \"kubernetes\"")),
@@ -117,10 +194,10 @@ pub fn load(root: &Path, env: Option<&str>, sources: &mut Sources, errors: &mut 
             errors.push(d);
         } else {
             let overlay_path = root.join(format!("{env}.toml"));
-            if overlay_path.exists() {
-                if let Some((_, overlay)) = read(sources, &overlay_path, errors) {
-                    merge(&mut table, overlay);
-                }
+            if overlay_path.exists()
+                && let Some((_, overlay)) = read(sources, &overlay_path, errors)
+            {
+                merge(&mut table, overlay);
             }
         }
     }
@@ -128,14 +205,27 @@ pub fn load(root: &Path, env: Option<&str>, sources: &mut Sources, errors: &mut 
     // `${module.M.O}` after the overlay, so overlays may use module outputs too.
     resolve_outputs(&mut table, &modules, errors);
 
-    Some(Loaded { root, main, table, base_dirs })
+    Some(Loaded {
+        root,
+        main,
+        table,
+        base_dirs,
+    })
 }
 
 fn record_base_dirs(table: &Table, dir: &Path, out: &mut BTreeMap<String, PathBuf>) {
     for kind in RESOURCE_TABLES {
-        if let Some(Entry { value: Node { kind: NodeKind::Table(t), .. }, .. }) = table.get(kind) {
+        if let Some(Entry {
+            value: Node {
+                kind: NodeKind::Table(t),
+                ..
+            },
+            ..
+        }) = table.get(kind)
+        {
             for e in &t.entries {
-                out.entry(format!("{kind}.{}", e.key)).or_insert_with(|| dir.to_path_buf());
+                out.entry(format!("{kind}.{}", e.key))
+                    .or_insert_with(|| dir.to_path_buf());
             }
         }
     }
@@ -149,7 +239,10 @@ pub fn merge(base: &mut Table, overlay: Table) {
             Some(existing) => match (&mut existing.value.kind, e.value.kind) {
                 (NodeKind::Table(b), NodeKind::Table(o)) if e.key != "source" => merge(b, o),
                 (_, kind) => {
-                    existing.value = Node { kind, span: e.value.span };
+                    existing.value = Node {
+                        kind,
+                        span: e.value.span,
+                    };
                 }
             },
             None => base.entries.push(e),
@@ -157,7 +250,16 @@ pub fn merge(base: &mut Table, overlay: Table) {
     }
 }
 
-const MODULE_KEYS: &[&str] = &["input", "output", "network", "cluster", "registry", "connection", "service", "expose"];
+const MODULE_KEYS: &[&str] = &[
+    "input",
+    "output",
+    "network",
+    "cluster",
+    "registry",
+    "connection",
+    "service",
+    "expose",
+];
 
 /// The modules of a stack, for resolving `${module.M.O}`.
 #[derive(Default)]
@@ -172,33 +274,68 @@ struct Modules {
     files: BTreeSet<FileId>,
 }
 
-fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors: &mut Errors, base_dirs: &mut BTreeMap<String, PathBuf>) -> Modules {
+fn expand_modules(
+    table: &mut Table,
+    root: &Path,
+    sources: &mut Sources,
+    errors: &mut Errors,
+    base_dirs: &mut BTreeMap<String, PathBuf>,
+) -> Modules {
     let mut modules = Modules::default();
-    let Some(pos) = table.entries.iter().position(|e| e.key == "module") else { return modules };
+    let Some(pos) = table.entries.iter().position(|e| e.key == "module") else {
+        return modules;
+    };
     let module_table = table.entries.remove(pos);
     let NodeKind::Table(instances) = &module_table.value.kind else {
-        errors.push(super::decode::wrong_type(&module_table, "a table", &module_table.value.kind));
+        errors.push(super::decode::wrong_type(
+            &module_table,
+            "a table",
+            &module_table.value.kind,
+        ));
         return modules;
     };
     for (name, name_span, inst, inst_span) in named_tables_of(errors, instances, "module") {
         modules.names.insert(name.to_owned());
         modules.failed.insert(name.to_owned());
         let fields = Fields::new(inst, inst_span, format!("module.{name}"));
-        let Some((source, source_span)) = fields.str_req(errors, "source", "\"../../modules/NAME\"") else { continue };
+        let Some((source, source_span)) =
+            fields.str_req(errors, "source", "\"../../modules/NAME\"")
+        else {
+            continue;
+        };
         let dir = root.join(&source);
         let file = dir.join("module.toml");
         if !file.exists() {
             errors.push(
-                Diagnostic::new(Code::DanglingReference, source_span, format!("module source `{source}` not found (looked for {})", file.display()))
-                    .label("no module.toml here")
-                    .help("point `source` at a folder holding module.toml, relative to this stack file"),
+                Diagnostic::new(
+                    Code::DanglingReference,
+                    source_span,
+                    format!(
+                        "module source `{source}` not found (looked for {})",
+                        file.display()
+                    ),
+                )
+                .label("no module.toml here")
+                .help(
+                    "point `source` at a folder holding module.toml, relative to this stack file",
+                ),
             );
             continue;
         }
-        let Some((body_file, body)) = read(sources, &file, errors) else { continue };
+        let Some((body_file, body)) = read(sources, &file, errors) else {
+            continue;
+        };
         modules.failed.remove(name);
         modules.files.insert(body_file);
-        let body_fields = Fields::new(&body, Span { file: name_span.file, start: 0, end: 0 }, format!("module {source}"));
+        let body_fields = Fields::new(
+            &body,
+            Span {
+                file: name_span.file,
+                start: 0,
+                end: 0,
+            },
+            format!("module {source}"),
+        );
         body_fields.allow(errors, MODULE_KEYS);
 
         // Inputs: declared in the module, given in the instance.
@@ -210,7 +347,12 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
                 continue;
             }
             if !declared_names.contains(&e.key) {
-                let mut d = Diagnostic::new(Code::UnknownKey, e.key_span, format!("module `{name}` has no input `{}`", e.key)).label("unknown input");
+                let mut d = Diagnostic::new(
+                    Code::UnknownKey,
+                    e.key_span,
+                    format!("module `{name}` has no input `{}`", e.key),
+                )
+                .label("unknown input");
                 d = match did_you_mean(&e.key, declared_names.iter().map(String::as_str)) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help(format!("inputs of {source}: {}", declared_names.join(", "))),
@@ -229,10 +371,14 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
                     values.insert((*input).to_owned(), d.value.clone());
                 }
                 None => errors.push(
-                    Diagnostic::new(Code::MissingField, name_span, format!("module `{name}` needs input `{input}`"))
-                        .label("instantiated here")
-                        .related(*decl_span, "input declared here")
-                        .help(format!("add `{input} = ...` under [module.{name}]")),
+                    Diagnostic::new(
+                        Code::MissingField,
+                        name_span,
+                        format!("module `{name}` needs input `{input}`"),
+                    )
+                    .label("instantiated here")
+                    .related(*decl_span, "input declared here")
+                    .help(format!("add `{input} = ...` under [module.{name}]")),
                 ),
             }
         }
@@ -247,7 +393,9 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
                 if expr == "this" {
                     Some((NodeKind::Str(name.to_owned()), None))
                 } else {
-                    expr.strip_prefix("input.").and_then(|i| values.get(i)).map(|n| (n.kind.clone(), Some(n.span)))
+                    expr.strip_prefix("input.")
+                        .and_then(|i| values.get(i))
+                        .map(|n| (n.kind.clone(), Some(n.span)))
                 }
             });
             collect_unresolved(&e.value, &mut unresolved);
@@ -257,7 +405,12 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
                 // A declared input without a value is reported at the instance.
                 Some(i) if declared_names.iter().any(|d| d == i) => {}
                 Some(i) => {
-                    let mut d = Diagnostic::new(Code::DanglingReference, span, format!("module `{source}` declares no input `{i}`")).label("undeclared input");
+                    let mut d = Diagnostic::new(
+                        Code::DanglingReference,
+                        span,
+                        format!("module `{source}` declares no input `{i}`"),
+                    )
+                    .label("undeclared input");
                     d = match did_you_mean(i, declared_names.iter().map(String::as_str)) {
                         Some(s) => d.help(format!("did you mean `${{input.{s}}}`?")),
                         None => d.help(format!("declare it in this module.toml: [input.{i}]")),
@@ -278,26 +431,39 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
                                 NodeKind::Table(t) => t.get("value").map(|v| v.value.clone()),
                                 _ => Some(o.value.clone()),
                             };
-                            if let Some(Node { kind: NodeKind::Str(s), .. }) = v {
-                                modules.outputs.insert(format!("module.{name}.{}", o.key), s);
+                            if let Some(Node {
+                                kind: NodeKind::Str(s),
+                                ..
+                            }) = v
+                            {
+                                modules
+                                    .outputs
+                                    .insert(format!("module.{name}.{}", o.key), s);
                             }
                         }
                     }
                 }
                 kind => {
-                    let NodeKind::Table(resources) = e.value.kind else { continue };
+                    let NodeKind::Table(resources) = e.value.kind else {
+                        continue;
+                    };
                     let target = match table.get_mut(kind) {
                         Some(t) => t,
                         None => {
                             table.entries.push(Entry {
                                 key: kind.to_owned(),
                                 key_span: e.key_span,
-                                value: Node { kind: NodeKind::Table(Table::default()), span: e.value.span },
+                                value: Node {
+                                    kind: NodeKind::Table(Table::default()),
+                                    span: e.value.span,
+                                },
                             });
                             table.entries.last_mut().expect("just pushed")
                         }
                     };
-                    let NodeKind::Table(target) = &mut target.value.kind else { continue };
+                    let NodeKind::Table(target) = &mut target.value.kind else {
+                        continue;
+                    };
                     for mut r in resources.entries {
                         if r.key == "this" {
                             r.key = name.to_owned();
@@ -328,7 +494,12 @@ fn expand_modules(table: &mut Table, root: &Path, sources: &mut Sources, errors:
 fn resolve_outputs(table: &mut Table, modules: &Modules, errors: &mut Errors) {
     let mut unresolved = Vec::new();
     for e in &mut table.entries {
-        substitute(&mut e.value, &|expr| modules.outputs.get(expr).map(|v| (NodeKind::Str(v.clone()), None)));
+        substitute(&mut e.value, &|expr| {
+            modules
+                .outputs
+                .get(expr)
+                .map(|v| (NodeKind::Str(v.clone()), None))
+        });
         collect_unresolved(&e.value, &mut unresolved);
     }
     for (expr, span) in unresolved {
@@ -341,9 +512,15 @@ fn resolve_outputs(table: &mut Table, modules: &Modules, errors: &mut Errors) {
         };
         let Some((module, output)) = path.split_once('.') else {
             errors.push(
-                Diagnostic::new(Code::DanglingReference, span, format!("`${{{expr}}}` names a module but not its output"))
-                    .label("expected ${module.MODULE.OUTPUT}")
-                    .help(format!("name one of its outputs, e.g. `${{module.{path}.cluster}}`")),
+                Diagnostic::new(
+                    Code::DanglingReference,
+                    span,
+                    format!("`${{{expr}}}` names a module but not its output"),
+                )
+                .label("expected ${module.MODULE.OUTPUT}")
+                .help(format!(
+                    "name one of its outputs, e.g. `${{module.{path}.cluster}}`"
+                )),
             );
             continue;
         };
@@ -352,18 +529,34 @@ fn resolve_outputs(table: &mut Table, modules: &Modules, errors: &mut Errors) {
         }
         let d = if modules.names.contains(module) {
             let prefix = format!("module.{module}.");
-            let known: Vec<&str> = modules.outputs.keys().filter_map(|k| k.strip_prefix(&prefix)).collect();
-            let d = Diagnostic::new(Code::DanglingReference, span, format!("module `{module}` has no output `{output}`")).label("unknown output");
+            let known: Vec<&str> = modules
+                .outputs
+                .keys()
+                .filter_map(|k| k.strip_prefix(&prefix))
+                .collect();
+            let d = Diagnostic::new(
+                Code::DanglingReference,
+                span,
+                format!("module `{module}` has no output `{output}`"),
+            )
+            .label("unknown output");
             match did_you_mean(output, known.iter().copied()) {
                 Some(s) => d.help(format!("did you mean `${{module.{module}.{s}}}`?")),
                 None if known.is_empty() => d.help(format!("module `{module}` declares no outputs; add [output.{output}] with value = \"...\" to its module.toml")),
                 None => d.help(format!("outputs of module `{module}`: {}", known.join(", "))),
             }
         } else {
-            let d = Diagnostic::new(Code::DanglingReference, span, format!("`${{{expr}}}` refers to undefined module `{module}`")).label(format!("no module named `{module}`"));
+            let d = Diagnostic::new(
+                Code::DanglingReference,
+                span,
+                format!("`${{{expr}}}` refers to undefined module `{module}`"),
+            )
+            .label(format!("no module named `{module}`"));
             match did_you_mean(module, modules.names.iter().map(String::as_str)) {
                 Some(s) => d.help(format!("did you mean `${{module.{s}.{output}}}`?")),
-                None => d.help(format!("instantiate it first: [module.{module}] with source = \"../../modules/NAME\"")),
+                None => d.help(format!(
+                    "instantiate it first: [module.{module}] with source = \"../../modules/NAME\""
+                )),
             }
         };
         errors.push(d);
@@ -385,27 +578,34 @@ fn collect_unresolved(n: &Node, out: &mut Vec<(String, Span)>) {
         NodeKind::Str(s) => out.extend(expressions(s).into_iter().map(|e| (e.to_owned(), n.span))),
         NodeKind::Array(items) => items.iter().for_each(|i| collect_unresolved(i, out)),
         NodeKind::Table(t) => t.entries.iter().for_each(|e| {
-            out.extend(expressions(&e.key).into_iter().map(|x| (x.to_owned(), e.key_span)));
+            out.extend(
+                expressions(&e.key)
+                    .into_iter()
+                    .map(|x| (x.to_owned(), e.key_span)),
+            );
             collect_unresolved(&e.value, out);
         }),
         _ => {}
     }
 }
 
+/// What an expression stands for: its value and, if known, where that was written.
+type Lookup<'a> = dyn Fn(&str) -> Option<(NodeKind, Option<Span>)> + 'a;
+
 /// Replaces `${expr}` in strings: a string that is exactly one expression
 /// takes the value's type; otherwise the value is spliced as text.
 /// `lookup` gives the value and, when it has one, the span it was written at.
-fn substitute(n: &mut Node, lookup: &dyn Fn(&str) -> Option<(NodeKind, Option<Span>)>) {
+fn substitute(n: &mut Node, lookup: &Lookup<'_>) {
     match &mut n.kind {
         NodeKind::Str(s) => {
-            if let Some(expr) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
-                if !expr.contains("${") {
-                    if let Some((v, span)) = lookup(expr) {
-                        n.kind = v;
-                        n.span = span.unwrap_or(n.span);
-                    }
-                    return;
+            if let Some(expr) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}'))
+                && !expr.contains("${")
+            {
+                if let Some((v, span)) = lookup(expr) {
+                    n.kind = v;
+                    n.span = span.unwrap_or(n.span);
                 }
+                return;
             }
             let mut out = String::new();
             let mut rest = s.as_str();
@@ -433,7 +633,10 @@ fn substitute(n: &mut Node, lookup: &dyn Fn(&str) -> Option<(NodeKind, Option<Sp
         NodeKind::Table(t) => {
             for e in &mut t.entries {
                 if e.key.contains("${") {
-                    let mut key = Node { kind: NodeKind::Str(e.key.clone()), span: e.key_span };
+                    let mut key = Node {
+                        kind: NodeKind::Str(e.key.clone()),
+                        span: e.key_span,
+                    };
                     substitute(&mut key, lookup);
                     if let NodeKind::Str(k) = key.kind {
                         e.key = k;

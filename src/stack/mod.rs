@@ -22,17 +22,24 @@ use std::path::Path;
 pub fn load(path: &Path, env: Option<&str>) -> Result<Stack, Report> {
     let mut sources = source::Sources::default();
     let mut errors = decode::Errors::default();
-    let stack = load::load(path, env, &mut sources, &mut errors).and_then(|loaded| resolve::resolve(&loaded, env, &mut errors));
+    let stack = load::load(path, env, &mut sources, &mut errors)
+        .and_then(|loaded| resolve::resolve(&loaded, env, &mut errors));
     match stack {
         Some(s) if errors.0.is_empty() => Ok(s),
         _ => {
             if errors.0.is_empty() {
-                errors.push(Diagnostic::global(Code::Io, format!("cannot load the stack at {}", path.display())));
+                errors.push(Diagnostic::global(
+                    Code::Io,
+                    format!("cannot load the stack at {}", path.display()),
+                ));
             }
             // In file order (the stack file, then overlays and modules as read),
             // however the checks happened to find them.
             errors.0.sort_by_key(|d| d.span.map(|s| (s.file, s.start)));
-            Err(Report { diagnostics: errors.0, sources })
+            Err(Report {
+                diagnostics: errors.0,
+                sources,
+            })
         }
     }
 }
@@ -46,10 +53,15 @@ pub fn environments(path: &Path) -> Result<Vec<String>, Report> {
             .table
             .get("environment")
             .and_then(|e| match &e.value.kind {
-                source::NodeKind::Table(t) => Some(t.entries.iter().map(|e| e.key.clone()).collect()),
+                source::NodeKind::Table(t) => {
+                    Some(t.entries.iter().map(|e| e.key.clone()).collect())
+                }
                 _ => None,
             })
             .unwrap_or_default()),
-        None => Err(Report { diagnostics: errors.0, sources }),
+        None => Err(Report {
+            diagnostics: errors.0,
+            sources,
+        }),
     }
 }

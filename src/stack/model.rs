@@ -77,7 +77,9 @@ pub enum ClusterKind {
     Eks(EksCluster),
     /// Any cluster reachable by a kubeconfig context (None: the current one,
     /// or `MESH_KUBE_CONTEXT`).
-    Existing { context: Option<String> },
+    Existing {
+        context: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -185,7 +187,11 @@ pub enum SqlMode {
 pub enum DatasetSource {
     /// A file bundled with the service (absolute path, resolved from the stack file).
     File(PathBuf),
-    Sql { connection: String, query: String, mode: SqlMode },
+    Sql {
+        connection: String,
+        query: String,
+        mode: SqlMode,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -204,7 +210,9 @@ pub enum Endpoint {
         model: PathBuf,
         enrichments: Vec<Enrichment>,
     },
-    Lookup { datasets: Vec<String> },
+    Lookup {
+        datasets: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -235,10 +243,21 @@ pub struct Enrichment {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type")]
 pub enum ExposeKind {
-    ClusterIP { port: u16 },
-    NodePort { port: u16, node_port: Option<u16> },
-    LoadBalancer { port: u16 },
-    Ingress { port: u16, host: String, path: String },
+    ClusterIP {
+        port: u16,
+    },
+    NodePort {
+        port: u16,
+        node_port: Option<u16>,
+    },
+    LoadBalancer {
+        port: u16,
+    },
+    Ingress {
+        port: u16,
+        host: String,
+        path: String,
+    },
 }
 
 /// Who may call an exposed service.

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 
-use super::decode::{named_tables_of, Errors, Fields};
-use super::diag::{did_you_mean, Code, Diagnostic};
+use super::decode::{Errors, Fields, named_tables_of};
+use super::diag::{Code, Diagnostic, did_you_mean};
 use super::load::{Loaded, TOP_LEVEL};
 use super::model::*;
-use super::source::{expressions, NodeKind, Span, Table};
+use super::source::{NodeKind, Span, Table, expressions};
 
 /// Where things were written, for errors found after decoding.
 #[derive(Default)]
@@ -29,21 +29,44 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn base_dir(&self, addr: &str) -> PathBuf {
-        self.base_dirs.get(addr).cloned().unwrap_or_else(|| self.root.to_path_buf())
+        self.base_dirs
+            .get(addr)
+            .cloned()
+            .unwrap_or_else(|| self.root.to_path_buf())
     }
     fn refer(&mut self, kind: &'static str, name: &str, span: Span, from: &str) {
-        self.refs.push((kind, name.to_owned(), span, from.to_owned()));
+        self.refs
+            .push((kind, name.to_owned(), span, from.to_owned()));
     }
 }
 
 /// Decodes and validates. `env` None validates the stack without choosing an
 /// environment (the first declared one is used for environment fields).
 pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Option<Stack> {
-    let top = Fields::new(&loaded.table, Span { file: loaded.main, start: 0, end: 0 }, "the stack");
+    let top = Fields::new(
+        &loaded.table,
+        Span {
+            file: loaded.main,
+            start: 0,
+            end: 0,
+        },
+        "the stack",
+    );
     top.allow(errors, TOP_LEVEL);
-    let mut ctx = Ctx { errors, spans: Spans::default(), base_dirs: &loaded.base_dirs, root: &loaded.root, refs: Vec::new() };
+    let mut ctx = Ctx {
+        errors,
+        spans: Spans::default(),
+        base_dirs: &loaded.base_dirs,
+        root: &loaded.root,
+        refs: Vec::new(),
+    };
 
-    let mut name = loaded.root.file_name().and_then(|s| s.to_str()).unwrap_or("stack").to_owned();
+    let mut name = loaded
+        .root
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("stack")
+        .to_owned();
     if let Some((t, span)) = top.table_opt(ctx.errors, "stack") {
         let f = Fields::new(t, span, "[stack]");
         f.allow(ctx.errors, &["name", "description"]);
@@ -64,19 +87,45 @@ pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Optio
 
     check_networks(&mut ctx, &networks);
     check_clusters(&mut ctx, &clusters, &networks);
-    check_references(&mut ctx, &networks, &clusters, &registries, &connections, &services);
+    check_references(
+        &mut ctx,
+        &networks,
+        &clusters,
+        &registries,
+        &connections,
+        &services,
+    );
     check_services(&mut ctx, &services);
     check_exposes(&mut ctx, &exposes, &services);
 
-    let env_name = env.map(str::to_owned).or_else(|| environments.first().map(|e| e.name.clone()));
+    let env_name = env
+        .map(str::to_owned)
+        .or_else(|| environments.first().map(|e| e.name.clone()));
     let environment = env_name
         .and_then(|n| environments.into_iter().find(|e| e.name == n))
-        .unwrap_or(Environment { name: "default".into(), target: Target::Local, region: None, cluster: None, registry: None, namespace: None });
+        .unwrap_or(Environment {
+            name: "default".into(),
+            target: Target::Local,
+            region: None,
+            cluster: None,
+            registry: None,
+            namespace: None,
+        });
 
     if !ctx.errors.0.is_empty() {
         return None;
     }
-    Some(Stack { name, root: loaded.root.clone(), env: environment, networks, clusters, registries, connections, services, exposes })
+    Some(Stack {
+        name,
+        root: loaded.root.clone(),
+        env: environment,
+        networks,
+        clusters,
+        registries,
+        connections,
+        services,
+        exposes,
+    })
 }
 
 fn check_name(ctx: &mut Ctx<'_>, name: &str, span: Span, what: &str) {
@@ -85,7 +134,9 @@ fn check_name(ctx: &mut Ctx<'_>, name: &str, span: Span, what: &str) {
     }
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && !name.ends_with('-');
     if !ok {
@@ -97,9 +148,16 @@ fn check_name(ctx: &mut Ctx<'_>, name: &str, span: Span, what: &str) {
     }
 }
 
-fn collect<T>(ctx: &mut Ctx<'_>, top: &Fields<'_>, kind: &str, decode: fn(&mut Ctx<'_>, &str, &Table, Span) -> Option<T>) -> BTreeMap<String, T> {
+fn collect<T>(
+    ctx: &mut Ctx<'_>,
+    top: &Fields<'_>,
+    kind: &str,
+    decode: fn(&mut Ctx<'_>, &str, &Table, Span) -> Option<T>,
+) -> BTreeMap<String, T> {
     let mut out = BTreeMap::new();
-    let Some((t, _)) = top.table_opt(ctx.errors, kind) else { return out };
+    let Some((t, _)) = top.table_opt(ctx.errors, kind) else {
+        return out;
+    };
     for (name, name_span, table, span) in named_tables_of(ctx.errors, t, kind) {
         check_name(ctx, name, name_span, &format!("{kind} name"));
         ctx.spans.names.insert(format!("{kind}.{name}"), name_span);
@@ -112,11 +170,23 @@ fn collect<T>(ctx: &mut Ctx<'_>, top: &Fields<'_>, kind: &str, decode: fn(&mut C
 
 fn decode_environments(ctx: &mut Ctx<'_>, top: &Fields<'_>) -> Vec<Environment> {
     let mut out = Vec::new();
-    let Some((t, _)) = top.table_opt(ctx.errors, "environment") else { return out };
+    let Some((t, _)) = top.table_opt(ctx.errors, "environment") else {
+        return out;
+    };
     for (name, name_span, table, span) in named_tables_of(ctx.errors, t, "environment") {
         check_name(ctx, name, name_span, "environment name");
         let f = Fields::new(table, span, format!("environment.{name}"));
-        f.allow(ctx.errors, &["target", "region", "cluster", "registry", "namespace", "description"]);
+        f.allow(
+            ctx.errors,
+            &[
+                "target",
+                "region",
+                "cluster",
+                "registry",
+                "namespace",
+                "description",
+            ],
+        );
         f.str_opt(ctx.errors, "description");
         let target = match f.str_req(ctx.errors, "target", "\"local\"") {
             Some((t, span)) => match t.as_str() {
@@ -124,7 +194,12 @@ fn decode_environments(ctx: &mut Ctx<'_>, top: &Fields<'_>) -> Vec<Environment> 
                 "aws" => Target::Aws,
                 "kubernetes" => Target::Kubernetes,
                 other => {
-                    let mut d = Diagnostic::new(Code::InvalidValue, span, format!("unknown target `{other}`")).label("not a target");
+                    let mut d = Diagnostic::new(
+                        Code::InvalidValue,
+                        span,
+                        format!("unknown target `{other}`"),
+                    )
+                    .label("not a target");
                     d = match did_you_mean(other, ["local", "aws", "kubernetes"]) {
                         Some(s) => d.help(format!("did you mean `{s}`?")),
                         None => d.help("use \"local\", \"aws\" or \"kubernetes\""),
@@ -140,10 +215,11 @@ fn decode_environments(ctx: &mut Ctx<'_>, top: &Fields<'_>) -> Vec<Environment> 
             ctx.refer("cluster", c, *span, &format!("environment.{name}"));
         }
         let registry = f.str_opt(ctx.errors, "registry");
-        if let Some((r, span)) = &registry {
-            if !r.contains('/') && !r.contains(':') {
-                ctx.refer("registry", r, *span, &format!("environment.{name}"));
-            }
+        if let Some((r, span)) = &registry
+            && !r.contains('/')
+            && !r.contains(':')
+        {
+            ctx.refer("registry", r, *span, &format!("environment.{name}"));
         }
         if target == Target::Aws && cluster.is_none() && f.entry("cluster").is_none() {
             // Services need a cluster to run on; networks and registries alone are fine.
@@ -165,17 +241,25 @@ fn cidr(ctx: &mut Ctx<'_>, value: &str, span: Span) -> Option<Ipv4Net> {
         Ok(net) if net.network() == net.addr() => Some(net),
         Ok(net) => {
             ctx.errors.push(
-                Diagnostic::new(Code::InvalidCidr, span, format!("`{value}` has host bits set"))
-                    .label("not a network address")
-                    .help(format!("did you mean \"{}\"?", net.trunc())),
+                Diagnostic::new(
+                    Code::InvalidCidr,
+                    span,
+                    format!("`{value}` has host bits set"),
+                )
+                .label("not a network address")
+                .help(format!("did you mean \"{}\"?", net.trunc())),
             );
             None
         }
         Err(_) => {
             ctx.errors.push(
-                Diagnostic::new(Code::InvalidCidr, span, format!("`{value}` is not an IPv4 CIDR block"))
-                    .label("invalid CIDR")
-                    .help("write it as ADDRESS/PREFIX, e.g. \"10.0.0.0/16\""),
+                Diagnostic::new(
+                    Code::InvalidCidr,
+                    span,
+                    format!("`{value}` is not an IPv4 CIDR block"),
+                )
+                .label("invalid CIDR")
+                .help("write it as ADDRESS/PREFIX, e.g. \"10.0.0.0/16\""),
             );
             None
         }
@@ -190,7 +274,9 @@ fn tags(ctx: &mut Ctx<'_>, f: &Fields<'_>) -> BTreeMap<String, String> {
                 NodeKind::Str(s) => {
                     out.insert(e.key.clone(), s.clone());
                 }
-                other => ctx.errors.push(super::decode::wrong_type(e, "a string", other)),
+                other => ctx
+                    .errors
+                    .push(super::decode::wrong_type(e, "a string", other)),
             }
         }
     }
@@ -200,26 +286,44 @@ fn tags(ctx: &mut Ctx<'_>, f: &Fields<'_>) -> BTreeMap<String, String> {
 fn decode_network(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Network> {
     let f = Fields::new(t, span, format!("network.{name}"));
     f.allow(ctx.errors, &["cidr", "subnet", "tags"]);
-    let cidr_v = f.str_req(ctx.errors, "cidr", "\"10.0.0.0/16\"").and_then(|(v, s)| cidr(ctx, &v, s));
+    let cidr_v = f
+        .str_req(ctx.errors, "cidr", "\"10.0.0.0/16\"")
+        .and_then(|(v, s)| cidr(ctx, &v, s));
     let mut subnets = Vec::new();
     for (sname, sname_span, st, sspan) in f.named_tables(ctx.errors, "subnet") {
         check_name(ctx, sname, sname_span, "subnet name");
-        ctx.spans.names.insert(format!("network.{name}.subnet.{sname}"), sname_span);
+        ctx.spans
+            .names
+            .insert(format!("network.{name}.subnet.{sname}"), sname_span);
         let sf = Fields::new(st, sspan, format!("network.{name}.subnet.{sname}"));
         sf.allow(ctx.errors, &["zone", "cidr", "public"]);
         let zone = sf.str_req(ctx.errors, "zone", "\"us-east-1a\"");
-        let c = sf.str_req(ctx.errors, "cidr", "\"10.0.1.0/24\"").and_then(|(v, s)| cidr(ctx, &v, s).map(|c| (c, s)));
+        let c = sf
+            .str_req(ctx.errors, "cidr", "\"10.0.1.0/24\"")
+            .and_then(|(v, s)| cidr(ctx, &v, s).map(|c| (c, s)));
         let public = sf.bool_opt(ctx.errors, "public").unwrap_or(false);
         if let (Some((zone, _)), Some((c, cspan))) = (zone, c) {
-            ctx.spans.names.insert(format!("network.{name}.subnet.{sname}.cidr"), cspan);
-            subnets.push(Subnet { name: sname.to_owned(), zone, cidr: c, public });
+            ctx.spans
+                .names
+                .insert(format!("network.{name}.subnet.{sname}.cidr"), cspan);
+            subnets.push(Subnet {
+                name: sname.to_owned(),
+                zone,
+                cidr: c,
+                public,
+            });
         }
     }
     if let Some((_, s)) = f.str_opt(&mut Errors::default(), "cidr") {
         ctx.spans.names.insert(format!("network.{name}.cidr"), s);
     }
     let tags = tags(ctx, &f);
-    Some(Network { name: name.to_owned(), cidr: cidr_v?, subnets, tags })
+    Some(Network {
+        name: name.to_owned(),
+        cidr: cidr_v?,
+        subnets,
+        tags,
+    })
 }
 
 fn check_networks(ctx: &mut Ctx<'_>, networks: &BTreeMap<String, Network>) {
@@ -228,19 +332,35 @@ fn check_networks(ctx: &mut Ctx<'_>, networks: &BTreeMap<String, Network>) {
             let span = ctx.spans.names[&format!("network.{}.subnet.{}.cidr", n.name, s.name)];
             if !n.cidr.contains(&s.cidr) {
                 ctx.errors.push(
-                    Diagnostic::new(Code::SubnetOutsideNetwork, span, format!("subnet {} ({}) is outside network {} ({})", s.name, s.cidr, n.name, n.cidr))
-                        .label("not inside the network's CIDR")
-                        .help(format!("choose a block inside {}", n.cidr)),
+                    Diagnostic::new(
+                        Code::SubnetOutsideNetwork,
+                        span,
+                        format!(
+                            "subnet {} ({}) is outside network {} ({})",
+                            s.name, s.cidr, n.name, n.cidr
+                        ),
+                    )
+                    .label("not inside the network's CIDR")
+                    .help(format!("choose a block inside {}", n.cidr)),
                 );
             }
             for other in &n.subnets[..i] {
-                if other.cidr.contains(&s.cidr.network()) || s.cidr.contains(&other.cidr.network()) {
-                    let other_span = ctx.spans.names[&format!("network.{}.subnet.{}.cidr", n.name, other.name)];
+                if other.cidr.contains(&s.cidr.network()) || s.cidr.contains(&other.cidr.network())
+                {
+                    let other_span =
+                        ctx.spans.names[&format!("network.{}.subnet.{}.cidr", n.name, other.name)];
                     ctx.errors.push(
-                        Diagnostic::new(Code::OverlappingCidr, span, format!("subnet {} ({}) overlaps subnet {} ({})", s.name, s.cidr, other.name, other.cidr))
-                            .label("overlaps")
-                            .related(other_span, "the other subnet")
-                            .help("give each subnet its own block, e.g. split the network into /24s"),
+                        Diagnostic::new(
+                            Code::OverlappingCidr,
+                            span,
+                            format!(
+                                "subnet {} ({}) overlaps subnet {} ({})",
+                                s.name, s.cidr, other.name, other.cidr
+                            ),
+                        )
+                        .label("overlaps")
+                        .related(other_span, "the other subnet")
+                        .help("give each subnet its own block, e.g. split the network into /24s"),
                     );
                 }
             }
@@ -248,17 +368,29 @@ fn check_networks(ctx: &mut Ctx<'_>, networks: &BTreeMap<String, Network>) {
     }
     // Report each overlap at the network written later, pointing back at the earlier one.
     let mut list: Vec<&Network> = networks.values().collect();
-    list.sort_by_key(|n| ctx.spans.names.get(&format!("network.{}.cidr", n.name)).map(|s| (s.file, s.start)));
+    list.sort_by_key(|n| {
+        ctx.spans
+            .names
+            .get(&format!("network.{}.cidr", n.name))
+            .map(|s| (s.file, s.start))
+    });
     for (i, a) in list.iter().enumerate() {
         for b in &list[..i] {
             if a.cidr.contains(&b.cidr.network()) || b.cidr.contains(&a.cidr.network()) {
                 let span = ctx.spans.names[&format!("network.{}.cidr", a.name)];
                 let other = ctx.spans.names[&format!("network.{}.cidr", b.name)];
                 ctx.errors.push(
-                    Diagnostic::new(Code::OverlappingCidr, span, format!("network {} ({}) overlaps network {} ({})", a.name, a.cidr, b.name, b.cidr))
-                        .label("overlaps")
-                        .related(other, "the other network")
-                        .help("networks in one stack must not overlap, so they can be peered"),
+                    Diagnostic::new(
+                        Code::OverlappingCidr,
+                        span,
+                        format!(
+                            "network {} ({}) overlaps network {} ({})",
+                            a.name, a.cidr, b.name, b.cidr
+                        ),
+                    )
+                    .label("overlaps")
+                    .related(other, "the other network")
+                    .help("networks in one stack must not overlap, so they can be peered"),
                 );
             }
         }
@@ -267,28 +399,62 @@ fn check_networks(ctx: &mut Ctx<'_>, networks: &BTreeMap<String, Network>) {
 
 fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Cluster> {
     let f = Fields::new(t, span, format!("cluster.{name}"));
-    let kind = f.str_opt(ctx.errors, "kind").map(|v| v.0).unwrap_or_else(|| "eks".into());
+    let kind = f
+        .str_opt(ctx.errors, "kind")
+        .map(|v| v.0)
+        .unwrap_or_else(|| "eks".into());
     if kind == "existing" {
         f.allow(ctx.errors, &["kind", "context"]);
         let context = f.str_opt(ctx.errors, "context").map(|v| v.0);
-        return Some(Cluster { name: name.to_owned(), kind: ClusterKind::Existing { context } });
+        return Some(Cluster {
+            name: name.to_owned(),
+            kind: ClusterKind::Existing { context },
+        });
     }
     if kind != "eks" {
         if let Some(e) = f.entry("kind") {
             ctx.errors.push(
-                Diagnostic::new(Code::InvalidValue, e.value.span, format!("unknown cluster kind `{kind}`"))
-                    .label("not a cluster kind")
-                    .help("use \"eks\" (created by mesh) or \"existing\" (reached by kubeconfig context)"),
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    e.value.span,
+                    format!("unknown cluster kind `{kind}`"),
+                )
+                .label("not a cluster kind")
+                .help(
+                    "use \"eks\" (created by mesh) or \"existing\" (reached by kubeconfig context)",
+                ),
             );
         }
         return None;
     }
-    f.allow(ctx.errors, &["kind", "version", "network", "subnets", "endpoint_public", "endpoint_private", "role_arn", "node_group"]);
+    f.allow(
+        ctx.errors,
+        &[
+            "kind",
+            "version",
+            "network",
+            "subnets",
+            "endpoint_public",
+            "endpoint_private",
+            "role_arn",
+            "node_group",
+        ],
+    );
     let version = f.str_req(ctx.errors, "version", "\"1.30\"");
     if let Some((v, s)) = &version {
-        let ok = v.split_once('.').is_some_and(|(a, b)| a == "1" && !b.is_empty() && b.chars().all(|c| c.is_ascii_digit()));
+        let ok = v.split_once('.').is_some_and(|(a, b)| {
+            a == "1" && !b.is_empty() && b.chars().all(|c| c.is_ascii_digit())
+        });
         if !ok {
-            ctx.errors.push(Diagnostic::new(Code::InvalidValue, *s, format!("`{v}` is not a Kubernetes version")).label("expected MAJOR.MINOR").help("e.g. version = \"1.30\""));
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    *s,
+                    format!("`{v}` is not a Kubernetes version"),
+                )
+                .label("expected MAJOR.MINOR")
+                .help("e.g. version = \"1.30\""),
+            );
         }
     }
     let network = f.str_req(ctx.errors, "network", "\"main\"");
@@ -298,7 +464,12 @@ fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
     let subnets = f.strs_opt(ctx.errors, "subnets").unwrap_or_default();
     if let Some((n, _)) = &network {
         for (sub, s) in &subnets {
-            ctx.refer("subnet", &format!("{n}.{sub}"), *s, &format!("cluster.{name}"));
+            ctx.refer(
+                "subnet",
+                &format!("{n}.{sub}"),
+                *s,
+                &format!("cluster.{name}"),
+            );
         }
     }
     let mut node_groups = Vec::new();
@@ -312,29 +483,65 @@ fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                 })
                 .collect(),
             other => {
-                ctx.errors.push(super::decode::wrong_type(e, "an array of tables ([[cluster.NAME.node_group]])", other));
+                ctx.errors.push(super::decode::wrong_type(
+                    e,
+                    "an array of tables ([[cluster.NAME.node_group]])",
+                    other,
+                ));
                 Vec::new()
             }
         };
         let mut seen: BTreeMap<String, Span> = BTreeMap::new();
         for (nt, nspan) in items {
             let nf = Fields::new(nt, nspan, format!("a node group of cluster.{name}"));
-            nf.allow(ctx.errors, &["name", "instance_types", "min", "max", "desired", "subnets", "disk_size", "labels", "role_arn"]);
-            let Some((ng_name, ng_span)) = nf.str_req(ctx.errors, "name", "\"general\"") else { continue };
+            nf.allow(
+                ctx.errors,
+                &[
+                    "name",
+                    "instance_types",
+                    "min",
+                    "max",
+                    "desired",
+                    "subnets",
+                    "disk_size",
+                    "labels",
+                    "role_arn",
+                ],
+            );
+            let Some((ng_name, ng_span)) = nf.str_req(ctx.errors, "name", "\"general\"") else {
+                continue;
+            };
             check_name(ctx, &ng_name, ng_span, "node group name");
             if let Some(first) = seen.get(&ng_name) {
                 ctx.errors.push(
-                    Diagnostic::new(Code::Duplicate, ng_span, format!("node group `{ng_name}` is defined twice in cluster.{name}"))
-                        .label("duplicate name")
-                        .related(*first, "first defined here")
-                        .help("give each node group a unique name"),
+                    Diagnostic::new(
+                        Code::Duplicate,
+                        ng_span,
+                        format!("node group `{ng_name}` is defined twice in cluster.{name}"),
+                    )
+                    .label("duplicate name")
+                    .related(*first, "first defined here")
+                    .help("give each node group a unique name"),
                 );
                 continue;
             }
             seen.insert(ng_name.clone(), ng_span);
-            let instance_types: Vec<String> = nf.strs_opt(ctx.errors, "instance_types").unwrap_or_default().into_iter().map(|v| v.0).collect();
+            let instance_types: Vec<String> = nf
+                .strs_opt(ctx.errors, "instance_types")
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v.0)
+                .collect();
             if instance_types.is_empty() {
-                ctx.errors.push(Diagnostic::new(Code::MissingField, nspan, format!("node group `{ng_name}` needs `instance_types`")).label("here").help("add instance_types = [\"m6i.large\"]"));
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::MissingField,
+                        nspan,
+                        format!("node group `{ng_name}` needs `instance_types`"),
+                    )
+                    .label("here")
+                    .help("add instance_types = [\"m6i.large\"]"),
+                );
             }
             let min = nf.u32_opt(ctx.errors, "min").unwrap_or(1);
             let max = nf.u32_opt(ctx.errors, "max").unwrap_or(min.max(1));
@@ -349,7 +556,12 @@ fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
             let ng_subnets = nf.strs_opt(ctx.errors, "subnets").unwrap_or_default();
             if let Some((n, _)) = &network {
                 for (sub, s) in &ng_subnets {
-                    ctx.refer("subnet", &format!("{n}.{sub}"), *s, &format!("cluster.{name}"));
+                    ctx.refer(
+                        "subnet",
+                        &format!("{n}.{sub}"),
+                        *s,
+                        &format!("cluster.{name}"),
+                    );
                 }
             }
             let mut labels = BTreeMap::new();
@@ -358,7 +570,8 @@ fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                     if let NodeKind::Str(s) = &e.value.kind {
                         labels.insert(e.key.clone(), s.clone());
                     } else {
-                        ctx.errors.push(super::decode::wrong_type(e, "a string", &e.value.kind));
+                        ctx.errors
+                            .push(super::decode::wrong_type(e, "a string", &e.value.kind));
                     }
                 }
             }
@@ -368,7 +581,11 @@ fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                 min,
                 max,
                 desired,
-                subnets: if ng_subnets.is_empty() { subnets.iter().map(|s| s.0.clone()).collect() } else { ng_subnets.into_iter().map(|v| v.0).collect() },
+                subnets: if ng_subnets.is_empty() {
+                    subnets.iter().map(|s| s.0.clone()).collect()
+                } else {
+                    ng_subnets.into_iter().map(|v| v.0).collect()
+                },
                 disk_size: nf.u32_opt(ctx.errors, "disk_size").unwrap_or(20),
                 labels,
                 role_arn: nf.str_opt(ctx.errors, "role_arn").map(|v| v.0),
@@ -389,7 +606,11 @@ fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
     })
 }
 
-fn check_clusters(ctx: &mut Ctx<'_>, clusters: &BTreeMap<String, Cluster>, networks: &BTreeMap<String, Network>) {
+fn check_clusters(
+    ctx: &mut Ctx<'_>,
+    clusters: &BTreeMap<String, Cluster>,
+    networks: &BTreeMap<String, Network>,
+) {
     let _ = (clusters, networks, &ctx.spans);
 }
 
@@ -397,10 +618,18 @@ fn decode_registry(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Opti
     let f = Fields::new(t, span, format!("registry.{name}"));
     f.allow(ctx.errors, &["scan_on_push", "immutable_tags", "keep_last"]);
     let keep_last = f.u32_opt(ctx.errors, "keep_last");
-    if keep_last == Some(0) {
-        if let Some(e) = f.entry("keep_last") {
-            ctx.errors.push(Diagnostic::new(Code::InvalidValue, e.value.span, "`keep_last` must be at least 1").label("keeps nothing").help("remove keep_last to keep every image, or set it to 1 or more"));
-        }
+    if keep_last == Some(0)
+        && let Some(e) = f.entry("keep_last")
+    {
+        ctx.errors.push(
+            Diagnostic::new(
+                Code::InvalidValue,
+                e.value.span,
+                "`keep_last` must be at least 1",
+            )
+            .label("keeps nothing")
+            .help("remove keep_last to keep every image, or set it to 1 or more"),
+        );
     }
     Some(Registry {
         name: name.to_owned(),
@@ -418,50 +647,100 @@ fn secret_ref(ctx: &mut Ctx<'_>, f: &Fields<'_>, key: &str, base: &Path) -> Opti
 }
 
 /// `item`: the secret is one entry of the array `key`.
-fn secret_node(ctx: &mut Ctx<'_>, n: &super::source::Node, key: &str, item: bool, base: &Path) -> Option<SecretRef> {
+fn secret_node(
+    ctx: &mut Ctx<'_>,
+    n: &super::source::Node,
+    key: &str,
+    item: bool,
+    base: &Path,
+) -> Option<SecretRef> {
     match &n.kind {
         k if k.is_unresolved() => None,
         NodeKind::Str(_) => {
             let (message, help) = if item {
                 (
                     format!("an entry of `{key}` is a secret written inline"),
-                    format!("give each entry by reference, e.g. {key} = [{{ env = \"VAR_NAME\" }}, {{ file = \"/path/to/secret\" }}], and remove the value from version control"),
+                    format!(
+                        "give each entry by reference, e.g. {key} = [{{ env = \"VAR_NAME\" }}, {{ file = \"/path/to/secret\" }}], and remove the value from version control"
+                    ),
                 )
             } else {
                 (
                     format!("`{key}` is a secret written inline"),
-                    format!("give it by reference: {key} = {{ env = \"VAR_NAME\" }} or {key} = {{ file = \"/path/to/secret\" }}, and remove the value from version control"),
+                    format!(
+                        "give it by reference: {key} = {{ env = \"VAR_NAME\" }} or {key} = {{ file = \"/path/to/secret\" }}, and remove the value from version control"
+                    ),
                 )
             };
-            ctx.errors.push(Diagnostic::new(Code::InlineSecret, n.span, message).label("secret value in a stack file (not shown)").redact().help(help));
+            ctx.errors.push(
+                Diagnostic::new(Code::InlineSecret, n.span, message)
+                    .label("secret value in a stack file (not shown)")
+                    .redact()
+                    .help(help),
+            );
             None
         }
         NodeKind::Table(t) => {
             let sf = Fields::new(t, n.span, format!("`{key}`"));
             sf.allow(ctx.errors, &["env", "file"]);
-            match (sf.str_opt(ctx.errors, "env"), sf.str_opt(ctx.errors, "file")) {
+            match (
+                sf.str_opt(ctx.errors, "env"),
+                sf.str_opt(ctx.errors, "file"),
+            ) {
                 (Some((v, _)), None) => Some(SecretRef::Env(v)),
                 (None, Some((p, _))) => Some(SecretRef::File(base.join(p))),
                 _ => {
-                    ctx.errors.push(Diagnostic::new(Code::InvalidValue, n.span, format!("`{key}` must name exactly one of `env` or `file`")).label("ambiguous reference").help(format!("{key} = {{ env = \"VAR_NAME\" }}")));
+                    ctx.errors.push(
+                        Diagnostic::new(
+                            Code::InvalidValue,
+                            n.span,
+                            format!("`{key}` must name exactly one of `env` or `file`"),
+                        )
+                        .label("ambiguous reference")
+                        .help(format!("{key} = {{ env = \"VAR_NAME\" }}")),
+                    );
                     None
                 }
             }
         }
         other => {
-            ctx.errors.push(Diagnostic::new(Code::WrongType, n.span, format!("`{key}` must be a reference, found {}", other.type_name())).label("expected { env = ... } or { file = ... }").help(format!("{key} = {{ env = \"VAR_NAME\" }}")));
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::WrongType,
+                    n.span,
+                    format!("`{key}` must be a reference, found {}", other.type_name()),
+                )
+                .label("expected { env = ... } or { file = ... }")
+                .help(format!("{key} = {{ env = \"VAR_NAME\" }}")),
+            );
             None
         }
     }
 }
 
-fn port(ctx: &mut Ctx<'_>, f: &Fields<'_>, key: &str, range: std::ops::RangeInclusive<i64>, default: Option<u16>) -> Option<u16> {
-    let Some((v, span)) = f.int_opt(ctx.errors, key) else { return default };
+fn port(
+    ctx: &mut Ctx<'_>,
+    f: &Fields<'_>,
+    key: &str,
+    range: std::ops::RangeInclusive<i64>,
+    default: Option<u16>,
+) -> Option<u16> {
+    let Some((v, span)) = f.int_opt(ctx.errors, key) else {
+        return default;
+    };
     if !range.contains(&v) {
         ctx.errors.push(
-            Diagnostic::new(Code::PortOutOfRange, span, format!("`{key}` = {v} is out of range"))
-                .label(format!("must be {}–{}", range.start(), range.end()))
-                .help(format!("choose a port from {} to {}", range.start(), range.end())),
+            Diagnostic::new(
+                Code::PortOutOfRange,
+                span,
+                format!("`{key}` = {v} is out of range"),
+            )
+            .label(format!("must be {}–{}", range.start(), range.end()))
+            .help(format!(
+                "choose a port from {} to {}",
+                range.start(),
+                range.end()
+            )),
         );
         return None;
     }
@@ -470,11 +749,22 @@ fn port(ctx: &mut Ctx<'_>, f: &Fields<'_>, key: &str, range: std::ops::RangeIncl
 
 fn decode_connection(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Connection> {
     let f = Fields::new(t, span, format!("connection.{name}"));
-    f.allow(ctx.errors, &["kind", "host", "port", "database", "user", "password"]);
+    f.allow(
+        ctx.errors,
+        &["kind", "host", "port", "database", "user", "password"],
+    );
     let kind = match f.str_req(ctx.errors, "kind", "\"postgres\"") {
         Some((k, _)) if k == "postgres" || k == "postgresql" => Some(ConnectionKind::Postgres),
         Some((k, s)) => {
-            ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, format!("unsupported connection kind `{k}`")).label("not supported").help("use \"postgres\" (Snowflake is planned)"));
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    s,
+                    format!("unsupported connection kind `{k}`"),
+                )
+                .label("not supported")
+                .help("use \"postgres\" (Snowflake is planned)"),
+            );
             None
         }
         None => None,
@@ -485,16 +775,38 @@ fn decode_connection(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Op
     let user = f.str_req(ctx.errors, "user", "\"reader\"");
     let base = ctx.base_dir(&format!("connection.{name}"));
     let password = secret_ref(ctx, &f, "password", &base);
-    Some(Connection { name: name.to_owned(), kind: kind?, host: host?.0, port: port?, database: database?.0, user: user?.0, password })
+    Some(Connection {
+        name: name.to_owned(),
+        kind: kind?,
+        host: host?.0,
+        port: port?,
+        database: database?.0,
+        user: user?.0,
+        password,
+    })
 }
 
 fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Service> {
     let f = Fields::new(t, span, format!("service.{name}"));
-    f.allow(ctx.errors, &["version", "replicas", "autoscaling", "resources", "dataset", "endpoint", "api_keys"]);
+    f.allow(
+        ctx.errors,
+        &[
+            "version",
+            "replicas",
+            "autoscaling",
+            "resources",
+            "dataset",
+            "endpoint",
+            "api_keys",
+        ],
+    );
     let base = ctx.base_dir(&format!("service.{name}"));
-    let version = f.str_opt(ctx.errors, "version").map(|v| v.0).unwrap_or_else(|| "0.1.0".into());
+    let version = f
+        .str_opt(ctx.errors, "version")
+        .map(|v| v.0)
+        .unwrap_or_else(|| "0.1.0".into());
     let replicas = f.u32_opt(ctx.errors, "replicas").unwrap_or(1);
-    let autoscaling = f.table_opt(ctx.errors, "autoscaling").and_then(|(at, aspan)| {
+    let autoscaling = f.table_opt(ctx.errors, "autoscaling").map(|(at, aspan)| {
         let af = Fields::new(at, aspan, format!("service.{name}.autoscaling"));
         af.allow(ctx.errors, &["min", "max", "cpu_percent"]);
         let min = af.u32_opt(ctx.errors, "min").unwrap_or(1);
@@ -503,18 +815,27 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
         if min == 0 || min > max || cpu == 0 || cpu > 100 {
             ctx.errors.push(Diagnostic::new(Code::InvalidValue, aspan, format!("autoscaling needs 1 ≤ min ≤ max and 1 ≤ cpu_percent ≤ 100, found min {min}, max {max}, cpu_percent {cpu}")).label("inconsistent bounds").help("e.g. autoscaling = { min = 2, max = 6, cpu_percent = 70 }"));
         }
-        Some(Autoscaling { min, max, cpu_percent: cpu })
+        Autoscaling { min, max, cpu_percent: cpu }
     });
     let resources = match f.table_opt(ctx.errors, "resources") {
         Some((rt, rspan)) => {
             let rf = Fields::new(rt, rspan, format!("service.{name}.resources"));
             rf.allow(ctx.errors, &["cpu", "memory"]);
             Resources {
-                cpu: rf.str_opt(ctx.errors, "cpu").map(|v| v.0).unwrap_or_else(|| "250m".into()),
-                memory: rf.str_opt(ctx.errors, "memory").map(|v| v.0).unwrap_or_else(|| "256Mi".into()),
+                cpu: rf
+                    .str_opt(ctx.errors, "cpu")
+                    .map(|v| v.0)
+                    .unwrap_or_else(|| "250m".into()),
+                memory: rf
+                    .str_opt(ctx.errors, "memory")
+                    .map(|v| v.0)
+                    .unwrap_or_else(|| "256Mi".into()),
             }
         }
-        None => Resources { cpu: "250m".into(), memory: "256Mi".into() },
+        None => Resources {
+            cpu: "250m".into(),
+            memory: "256Mi".into(),
+        },
     };
     let mut api_keys = Vec::new();
     if let Some(e) = f.entry("api_keys") {
@@ -526,7 +847,11 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                     }
                 }
             }
-            other => ctx.errors.push(super::decode::wrong_type(e, "an array of references", other)),
+            other => ctx.errors.push(super::decode::wrong_type(
+                e,
+                "an array of references",
+                other,
+            )),
         }
     }
 
@@ -534,22 +859,44 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
     for (dname, dname_span, dt, dspan) in f.named_tables(ctx.errors, "dataset") {
         check_name(ctx, dname, dname_span, "dataset name");
         let df = Fields::new(dt, dspan, format!("service.{name}.dataset.{dname}"));
-        df.allow(ctx.errors, &["file", "connection", "query", "mode", "key", "duplicates"]);
+        df.allow(
+            ctx.errors,
+            &["file", "connection", "query", "mode", "key", "duplicates"],
+        );
         let key = df.str_req(ctx.errors, "key", "\"customer_id\"");
         let duplicates = match df.str_opt(ctx.errors, "duplicates") {
             None => Duplicates::Error,
             Some((d, _)) if d == "error" => Duplicates::Error,
             Some((d, _)) if d == "last" => Duplicates::Last,
             Some((d, s)) => {
-                ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, format!("unknown duplicates policy `{d}`")).label("not a policy").help("use \"error\" or \"last\""));
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        s,
+                        format!("unknown duplicates policy `{d}`"),
+                    )
+                    .label("not a policy")
+                    .help("use \"error\" or \"last\""),
+                );
                 Duplicates::Error
             }
         };
-        let source = match (df.str_opt(ctx.errors, "file"), df.str_opt(ctx.errors, "connection")) {
+        let source = match (
+            df.str_opt(ctx.errors, "file"),
+            df.str_opt(ctx.errors, "connection"),
+        ) {
             (Some((file, fspan)), None) => {
                 let path = base.join(&file);
                 if !path.is_file() {
-                    ctx.errors.push(Diagnostic::new(Code::DanglingReference, fspan, format!("dataset file `{file}` not found")).label(format!("looked for {}", path.display())).help("paths are relative to the file that declares the dataset"));
+                    ctx.errors.push(
+                        Diagnostic::new(
+                            Code::DanglingReference,
+                            fspan,
+                            format!("dataset file `{file}` not found"),
+                        )
+                        .label(format!("looked for {}", path.display()))
+                        .help("paths are relative to the file that declares the dataset"),
+                    );
                 }
                 Some(DatasetSource::File(path))
             }
@@ -565,10 +912,22 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                         SqlMode::Preload
                     }
                 };
-                query.map(|(q, _)| DatasetSource::Sql { connection: conn, query: q, mode })
+                query.map(|(q, _)| DatasetSource::Sql {
+                    connection: conn,
+                    query: q,
+                    mode,
+                })
             }
             (Some(_), Some((_, s))) => {
-                ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, "a dataset reads either a `file` or a `connection`, not both").label("second source").help("remove `file` or `connection`"));
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        s,
+                        "a dataset reads either a `file` or a `connection`, not both",
+                    )
+                    .label("second source")
+                    .help("remove `file` or `connection`"),
+                );
                 None
             }
             (None, None) => {
@@ -577,7 +936,15 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
             }
         };
         if let (Some(source), Some((key, _))) = (source, key) {
-            datasets.insert(dname.to_owned(), Dataset { name: dname.to_owned(), source, key, duplicates });
+            datasets.insert(
+                dname.to_owned(),
+                Dataset {
+                    name: dname.to_owned(),
+                    source,
+                    key,
+                    duplicates,
+                },
+            );
         }
     }
 
@@ -589,17 +956,31 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
         match ef.str_req(ctx.errors, "kind", "\"prediction\"") {
             Some((k, _)) if k == "prediction" => {
                 ef.allow(ctx.errors, &["kind", "model", "enrich"]);
-                let model = ef.str_req(ctx.errors, "model", "\"model.onnx\"").map(|(m, mspan)| {
-                    let path = base.join(&m);
-                    if !path.is_file() {
-                        ctx.errors.push(Diagnostic::new(Code::DanglingReference, mspan, format!("model file `{m}` not found")).label(format!("looked for {}", path.display())).help("paths are relative to the file that declares the endpoint"));
-                    }
-                    path
-                });
+                let model = ef
+                    .str_req(ctx.errors, "model", "\"model.onnx\"")
+                    .map(|(m, mspan)| {
+                        let path = base.join(&m);
+                        if !path.is_file() {
+                            ctx.errors.push(
+                                Diagnostic::new(
+                                    Code::DanglingReference,
+                                    mspan,
+                                    format!("model file `{m}` not found"),
+                                )
+                                .label(format!("looked for {}", path.display()))
+                                .help("paths are relative to the file that declares the endpoint"),
+                            );
+                        }
+                        path
+                    });
                 let mut enrichments = Vec::new();
                 if let Some(e) = ef.entry("enrich") {
                     let NodeKind::Array(items) = &e.value.kind else {
-                        ctx.errors.push(super::decode::wrong_type(e, "an array of tables", &e.value.kind));
+                        ctx.errors.push(super::decode::wrong_type(
+                            e,
+                            "an array of tables",
+                            &e.value.kind,
+                        ));
                         continue;
                     };
                     for it in items {
@@ -607,10 +988,20 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                             ctx.errors.push(Diagnostic::new(Code::WrongType, it.span, "an enrichment must be a table").label("expected { dataset = ..., key = ... }").help("e.g. { lookup = \"features.demographics\", key = \"customer_id\" }"));
                             continue;
                         };
-                        let nf = Fields::new(it_t, it.span, format!("an enrichment of service.{name}.endpoint.{ename}"));
-                        nf.allow(ctx.errors, &["dataset", "lookup", "key", "columns", "on_missing"]);
+                        let nf = Fields::new(
+                            it_t,
+                            it.span,
+                            format!("an enrichment of service.{name}.endpoint.{ename}"),
+                        );
+                        nf.allow(
+                            ctx.errors,
+                            &["dataset", "lookup", "key", "columns", "on_missing"],
+                        );
                         let key = nf.str_req(ctx.errors, "key", "\"customer_id\"");
-                        let source = match (nf.str_opt(ctx.errors, "dataset"), nf.str_opt(ctx.errors, "lookup")) {
+                        let source = match (
+                            nf.str_opt(ctx.errors, "dataset"),
+                            nf.str_opt(ctx.errors, "lookup"),
+                        ) {
                             (Some((d, dspan)), None) => {
                                 ctx.refer("dataset", &format!("{name}.{d}"), dspan, &from);
                                 Some(EnrichmentSource::Dataset(d))
@@ -618,11 +1009,25 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                             (None, Some((l, lspan))) => match l.split_once('.') {
                                 Some((svc, ep)) => {
                                     ctx.refer("lookup", &l, lspan, &from);
-                                    ctx.spans.names.entry(format!("enriches.{name}.{svc}")).or_insert(lspan);
-                                    Some(EnrichmentSource::Lookup { service: svc.to_owned(), endpoint: ep.to_owned() })
+                                    ctx.spans
+                                        .names
+                                        .entry(format!("enriches.{name}.{svc}"))
+                                        .or_insert(lspan);
+                                    Some(EnrichmentSource::Lookup {
+                                        service: svc.to_owned(),
+                                        endpoint: ep.to_owned(),
+                                    })
                                 }
                                 None => {
-                                    ctx.errors.push(Diagnostic::new(Code::InvalidValue, lspan, format!("`{l}` must name SERVICE.ENDPOINT")).label("expected SERVICE.ENDPOINT").help("e.g. lookup = \"customer-features.demographics\""));
+                                    ctx.errors.push(
+                                        Diagnostic::new(
+                                            Code::InvalidValue,
+                                            lspan,
+                                            format!("`{l}` must name SERVICE.ENDPOINT"),
+                                        )
+                                        .label("expected SERVICE.ENDPOINT")
+                                        .help("e.g. lookup = \"customer-features.demographics\""),
+                                    );
                                     None
                                 }
                             },
@@ -631,38 +1036,77 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                                 None
                             }
                         };
-                        let columns = nf.strs_opt(ctx.errors, "columns").unwrap_or_default().into_iter().map(|v| v.0).collect();
+                        let columns = nf
+                            .strs_opt(ctx.errors, "columns")
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|v| v.0)
+                            .collect();
                         let on_missing = match nf.str_opt(ctx.errors, "on_missing") {
                             None => OnMissing::Error,
                             Some((v, _)) if v == "error" => OnMissing::Error,
                             Some((v, _)) if v == "null" => OnMissing::Null,
                             Some((v, s)) => {
-                                ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, format!("unknown on_missing `{v}`")).label("not a policy").help("use \"error\" or \"null\""));
+                                ctx.errors.push(
+                                    Diagnostic::new(
+                                        Code::InvalidValue,
+                                        s,
+                                        format!("unknown on_missing `{v}`"),
+                                    )
+                                    .label("not a policy")
+                                    .help("use \"error\" or \"null\""),
+                                );
                                 OnMissing::Error
                             }
                         };
                         if let (Some(source), Some((key, _))) = (source, key) {
-                            enrichments.push(Enrichment { source, key, columns, on_missing });
+                            enrichments.push(Enrichment {
+                                source,
+                                key,
+                                columns,
+                                on_missing,
+                            });
                         }
                     }
                 }
                 if let Some(model) = model {
-                    endpoints.insert(ename.to_owned(), Endpoint::Prediction { model, enrichments });
+                    endpoints.insert(
+                        ename.to_owned(),
+                        Endpoint::Prediction { model, enrichments },
+                    );
                 }
             }
             Some((k, _)) if k == "lookup" => {
                 ef.allow(ctx.errors, &["kind", "datasets"]);
                 let ds = ef.strs_opt(ctx.errors, "datasets").unwrap_or_default();
                 if ds.is_empty() {
-                    ctx.errors.push(Diagnostic::new(Code::MissingField, espan, format!("lookup endpoint `{ename}` needs `datasets`")).label("no datasets").help("add datasets = [\"NAME\"]"));
+                    ctx.errors.push(
+                        Diagnostic::new(
+                            Code::MissingField,
+                            espan,
+                            format!("lookup endpoint `{ename}` needs `datasets`"),
+                        )
+                        .label("no datasets")
+                        .help("add datasets = [\"NAME\"]"),
+                    );
                 }
                 for (d, s) in &ds {
                     ctx.refer("dataset", &format!("{name}.{d}"), *s, &from);
                 }
-                endpoints.insert(ename.to_owned(), Endpoint::Lookup { datasets: ds.into_iter().map(|v| v.0).collect() });
+                endpoints.insert(
+                    ename.to_owned(),
+                    Endpoint::Lookup {
+                        datasets: ds.into_iter().map(|v| v.0).collect(),
+                    },
+                );
             }
             Some((k, s)) => {
-                let mut d = Diagnostic::new(Code::InvalidValue, s, format!("unknown endpoint kind `{k}`")).label("not an endpoint kind");
+                let mut d = Diagnostic::new(
+                    Code::InvalidValue,
+                    s,
+                    format!("unknown endpoint kind `{k}`"),
+                )
+                .label("not an endpoint kind");
                 d = match did_you_mean(&k, ["prediction", "lookup"]) {
                     Some(x) => d.help(format!("did you mean `{x}`?")),
                     None => d.help("use \"prediction\" or \"lookup\""),
@@ -673,9 +1117,28 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
         }
     }
     if endpoints.is_empty() && f.entry("endpoint").is_none() {
-        ctx.errors.push(Diagnostic::new(Code::MissingField, span, format!("service `{name}` has no endpoints")).label("declared here").help(format!("add [service.{name}.endpoint.NAME] with kind = \"prediction\" or \"lookup\"")));
+        ctx.errors.push(
+            Diagnostic::new(
+                Code::MissingField,
+                span,
+                format!("service `{name}` has no endpoints"),
+            )
+            .label("declared here")
+            .help(format!(
+                "add [service.{name}.endpoint.NAME] with kind = \"prediction\" or \"lookup\""
+            )),
+        );
     }
-    Some(Service { name: name.to_owned(), version, replicas, autoscaling, resources, datasets, endpoints, api_keys })
+    Some(Service {
+        name: name.to_owned(),
+        version,
+        replicas,
+        autoscaling,
+        resources,
+        datasets,
+        endpoints,
+        api_keys,
+    })
 }
 
 fn check_references(
@@ -689,32 +1152,63 @@ fn check_references(
     let refs = std::mem::take(&mut ctx.refs);
     for (kind, name, span, from) in refs {
         let (found, candidates): (bool, Vec<String>) = match kind {
-            "network" => (networks.contains_key(&name), networks.keys().cloned().collect()),
-            "cluster" => (clusters.contains_key(&name), clusters.keys().cloned().collect()),
-            "registry" => (registries.contains_key(&name), registries.keys().cloned().collect()),
-            "connection" => (connections.contains_key(&name), connections.keys().cloned().collect()),
-            "service" => (services.contains_key(&name), services.keys().cloned().collect()),
+            "network" => (
+                networks.contains_key(&name),
+                networks.keys().cloned().collect(),
+            ),
+            "cluster" => (
+                clusters.contains_key(&name),
+                clusters.keys().cloned().collect(),
+            ),
+            "registry" => (
+                registries.contains_key(&name),
+                registries.keys().cloned().collect(),
+            ),
+            "connection" => (
+                connections.contains_key(&name),
+                connections.keys().cloned().collect(),
+            ),
+            "service" => (
+                services.contains_key(&name),
+                services.keys().cloned().collect(),
+            ),
             "subnet" => {
                 let (net, sub) = name.split_once('.').unwrap_or((&name, ""));
                 match networks.get(net) {
                     // The network itself is reported missing separately.
                     None => (true, Vec::new()),
-                    Some(n) => (n.subnets.iter().any(|s| s.name == sub), n.subnets.iter().map(|s| format!("{net}.{}", s.name)).collect()),
+                    Some(n) => (
+                        n.subnets.iter().any(|s| s.name == sub),
+                        n.subnets
+                            .iter()
+                            .map(|s| format!("{net}.{}", s.name))
+                            .collect(),
+                    ),
                 }
             }
             "dataset" => {
                 let (svc, ds) = name.split_once('.').unwrap_or((&name, ""));
                 match services.get(svc) {
                     None => (true, Vec::new()),
-                    Some(s) => (s.datasets.contains_key(ds), s.datasets.keys().map(|d| format!("{svc}.{d}")).collect()),
+                    Some(s) => (
+                        s.datasets.contains_key(ds),
+                        s.datasets.keys().map(|d| format!("{svc}.{d}")).collect(),
+                    ),
                 }
             }
             "lookup" => {
                 let (svc, ep) = name.split_once('.').unwrap_or((&name, ""));
-                let found = services.get(svc).is_some_and(|s| matches!(s.endpoints.get(ep), Some(Endpoint::Lookup { .. })));
+                let found = services
+                    .get(svc)
+                    .is_some_and(|s| matches!(s.endpoints.get(ep), Some(Endpoint::Lookup { .. })));
                 let candidates = services
                     .values()
-                    .flat_map(|s| s.endpoints.iter().filter(|(_, e)| matches!(e, Endpoint::Lookup { .. })).map(move |(e, _)| format!("{}.{e}", s.name)))
+                    .flat_map(|s| {
+                        s.endpoints
+                            .iter()
+                            .filter(|(_, e)| matches!(e, Endpoint::Lookup { .. }))
+                            .map(move |(e, _)| format!("{}.{e}", s.name))
+                    })
                     .collect();
                 (found, candidates)
             }
@@ -724,23 +1218,46 @@ fn check_references(
             continue;
         }
         let shown = match kind {
-            "subnet" | "dataset" => name.split_once('.').map(|x| x.1.to_owned()).unwrap_or(name.clone()),
+            "subnet" | "dataset" => name
+                .split_once('.')
+                .map(|x| x.1.to_owned())
+                .unwrap_or(name.clone()),
             _ => name.clone(),
         };
-        let what = if kind == "lookup" { "lookup endpoint" } else { kind };
+        let what = if kind == "lookup" {
+            "lookup endpoint"
+        } else {
+            kind
+        };
         let owner = name.split_once('.').map(|x| x.0).unwrap_or_default();
         let message = match kind {
-            "subnet" => format!("{from} refers to subnet `{shown}`, which network {owner} does not have"),
+            "subnet" => {
+                format!("{from} refers to subnet `{shown}`, which network {owner} does not have")
+            }
             _ => format!("{from} refers to undefined {what} `{shown}`"),
         };
-        let mut d = Diagnostic::new(Code::DanglingReference, span, message).label(format!("no {what} named `{shown}`"));
-        let cand_short: Vec<String> = candidates.iter().map(|c| if matches!(kind, "subnet" | "dataset") { c.split_once('.').map(|x| x.1.to_owned()).unwrap_or(c.clone()) } else { c.clone() }).collect();
+        let mut d = Diagnostic::new(Code::DanglingReference, span, message)
+            .label(format!("no {what} named `{shown}`"));
+        let cand_short: Vec<String> = candidates
+            .iter()
+            .map(|c| {
+                if matches!(kind, "subnet" | "dataset") {
+                    c.split_once('.')
+                        .map(|x| x.1.to_owned())
+                        .unwrap_or(c.clone())
+                } else {
+                    c.clone()
+                }
+            })
+            .collect();
         d = match did_you_mean(&shown, cand_short.iter().map(String::as_str)) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
             None if cand_short.is_empty() => d.help(match kind {
                 "lookup" => match shown.split_once('.') {
-                    Some((svc, ep)) => format!("define it first: [service.{svc}.endpoint.{ep}] with kind = \"lookup\""),
-                    None => format!("name it as SERVICE.ENDPOINT"),
+                    Some((svc, ep)) => format!(
+                        "define it first: [service.{svc}.endpoint.{ep}] with kind = \"lookup\""
+                    ),
+                    None => "name it as SERVICE.ENDPOINT".to_owned(),
                 },
                 "subnet" => format!("define it first: [network.{owner}.subnet.{shown}]"),
                 "dataset" => format!("define it first: [service.{owner}.dataset.{shown}]"),
@@ -761,7 +1278,9 @@ fn check_services(ctx: &mut Ctx<'_>, services: &BTreeMap<String, Service>) {
                 .endpoints
                 .values()
                 .flat_map(|e| match e {
-                    Endpoint::Prediction { enrichments, .. } => enrichments.iter().collect::<Vec<_>>(),
+                    Endpoint::Prediction { enrichments, .. } => {
+                        enrichments.iter().collect::<Vec<_>>()
+                    }
                     Endpoint::Lookup { .. } => Vec::new(),
                 })
                 .filter_map(|en| match &en.source {
@@ -777,15 +1296,38 @@ fn check_services(ctx: &mut Ctx<'_>, services: &BTreeMap<String, Service>) {
         let next = |i: usize| cycle[(i + 1) % cycle.len()];
         let edge_span = |i: usize| {
             let (from, to) = (cycle[i], next(i));
-            ctx.spans.names.get(&format!("enriches.{from}.{to}")).or_else(|| ctx.spans.names.get(&format!("service.{from}"))).copied()
+            ctx.spans
+                .names
+                .get(&format!("enriches.{from}.{to}"))
+                .or_else(|| ctx.spans.names.get(&format!("service.{from}")))
+                .copied()
         };
-        let (Some(span), rest) = (edge_span(0), (1..cycle.len()).filter_map(|i| edge_span(i).map(|s| (i, s))).collect::<Vec<_>>()) else { return };
-        let path = cycle.iter().chain(std::iter::once(&cycle[0])).map(|s| format!("service.{s}")).collect::<Vec<_>>().join(" → ");
+        let (Some(span), rest) = (
+            edge_span(0),
+            (1..cycle.len())
+                .filter_map(|i| edge_span(i).map(|s| (i, s)))
+                .collect::<Vec<_>>(),
+        ) else {
+            return;
+        };
+        let path = cycle
+            .iter()
+            .chain(std::iter::once(&cycle[0]))
+            .map(|s| format!("service.{s}"))
+            .collect::<Vec<_>>()
+            .join(" → ");
         let mut d = Diagnostic::new(Code::Cycle, span, format!("dependency cycle: {path}"))
             .label(format!("service.{} enriches from service.{} here", cycle[0], next(0)))
             .help("a service cannot enrich, directly or indirectly, from itself: remove one of these `lookup` enrichments");
         for (i, s) in rest {
-            d = d.related(s, format!("service.{} enriches from service.{} here", cycle[i], next(i)));
+            d = d.related(
+                s,
+                format!(
+                    "service.{} enriches from service.{} here",
+                    cycle[i],
+                    next(i)
+                ),
+            );
         }
         ctx.errors.push(d);
     }
@@ -793,10 +1335,29 @@ fn check_services(ctx: &mut Ctx<'_>, services: &BTreeMap<String, Service>) {
 
 fn decode_expose(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Expose> {
     let f = Fields::new(t, span, format!("expose.{name}"));
-    f.allow(ctx.errors, &["service", "type", "port", "node_port", "host", "path", "allow"]);
-    let service = f.str_opt(ctx.errors, "service").map(|v| v.0).unwrap_or_else(|| name.to_owned());
+    f.allow(
+        ctx.errors,
+        &[
+            "service",
+            "type",
+            "port",
+            "node_port",
+            "host",
+            "path",
+            "allow",
+        ],
+    );
+    let service = f
+        .str_opt(ctx.errors, "service")
+        .map(|v| v.0)
+        .unwrap_or_else(|| name.to_owned());
     let service_span = f.entry("service").map(|e| e.value.span).unwrap_or(span);
-    ctx.refs.push(("service", service.clone(), service_span, format!("expose.{name}")));
+    ctx.refs.push((
+        "service",
+        service.clone(),
+        service_span,
+        format!("expose.{name}"),
+    ));
     let port_v = port(ctx, &f, "port", 1..=65535, Some(8080));
     let kind = match f.str_req(ctx.errors, "type", "\"NodePort\"") {
         Some((ty, tspan)) => match ty.as_str() {
@@ -808,15 +1369,24 @@ fn decode_expose(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option
             "LoadBalancer" => port_v.map(|port| ExposeKind::LoadBalancer { port }),
             "Ingress" => {
                 let host = f.str_req(ctx.errors, "host", "\"scoring.example.com\"");
-                let path = f.str_opt(ctx.errors, "path").map(|v| v.0).unwrap_or_else(|| "/".into());
+                let path = f
+                    .str_opt(ctx.errors, "path")
+                    .map(|v| v.0)
+                    .unwrap_or_else(|| "/".into());
                 match (host, port_v) {
                     (Some((host, _)), Some(port)) => Some(ExposeKind::Ingress { port, host, path }),
                     _ => None,
                 }
             }
             other => {
-                let mut d = Diagnostic::new(Code::InvalidValue, tspan, format!("unknown exposure type `{other}`")).label("not a type");
-                d = match did_you_mean(other, ["ClusterIP", "NodePort", "LoadBalancer", "Ingress"]) {
+                let mut d = Diagnostic::new(
+                    Code::InvalidValue,
+                    tspan,
+                    format!("unknown exposure type `{other}`"),
+                )
+                .label("not a type");
+                d = match did_you_mean(other, ["ClusterIP", "NodePort", "LoadBalancer", "Ingress"])
+                {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help("use ClusterIP, NodePort, LoadBalancer or Ingress"),
                 };
@@ -827,7 +1397,9 @@ fn decode_expose(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option
         None => None,
     };
     if let Some((np, s)) = f.int_opt(&mut Errors::default(), "node_port") {
-        ctx.spans.names.insert(format!("expose.{name}.node_port.{np}"), s);
+        ctx.spans
+            .names
+            .insert(format!("expose.{name}.node_port.{np}"), s);
     }
     let mut allow = Vec::new();
     for (a, s) in f.strs_opt(ctx.errors, "allow").unwrap_or_default() {
@@ -836,26 +1408,47 @@ fn decode_expose(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option
                 allow.push(Caller::Cidr(c));
             }
         } else {
-            ctx.refs.push(("service", a.clone(), s, format!("expose.{name}")));
+            ctx.refs
+                .push(("service", a.clone(), s, format!("expose.{name}")));
             allow.push(Caller::Service(a));
         }
     }
-    Some(Expose { name: name.to_owned(), service, kind: kind?, allow })
+    Some(Expose {
+        name: name.to_owned(),
+        service,
+        kind: kind?,
+        allow,
+    })
 }
 
-fn check_exposes(ctx: &mut Ctx<'_>, exposes: &BTreeMap<String, Expose>, services: &BTreeMap<String, Service>) {
+fn check_exposes(
+    ctx: &mut Ctx<'_>,
+    exposes: &BTreeMap<String, Expose>,
+    services: &BTreeMap<String, Service>,
+) {
     let _ = services;
     let mut by_port: BTreeMap<u16, &str> = BTreeMap::new();
     for e in exposes.values() {
-        if let ExposeKind::NodePort { node_port: Some(np), .. } = e.kind {
+        if let ExposeKind::NodePort {
+            node_port: Some(np),
+            ..
+        } = e.kind
+        {
             if let Some(first) = by_port.get(&np) {
                 let span = ctx.spans.names[&format!("expose.{}.node_port.{np}", e.name)];
                 let other = ctx.spans.names[&format!("expose.{first}.node_port.{np}")];
                 ctx.errors.push(
-                    Diagnostic::new(Code::Duplicate, span, format!("node_port {np} is used by expose.{first} and expose.{}", e.name))
-                        .label("already taken")
-                        .related(other, "first used here")
-                        .help("give each exposure its own node_port, or omit it to have one allocated"),
+                    Diagnostic::new(
+                        Code::Duplicate,
+                        span,
+                        format!(
+                            "node_port {np} is used by expose.{first} and expose.{}",
+                            e.name
+                        ),
+                    )
+                    .label("already taken")
+                    .related(other, "first used here")
+                    .help("give each exposure its own node_port, or omit it to have one allocated"),
                 );
             } else {
                 by_port.insert(np, &e.name);

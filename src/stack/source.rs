@@ -44,7 +44,10 @@ impl Sources {
     }
     /// The full text of a 1-based line.
     pub fn line_text(&self, id: FileId, line: usize) -> &str {
-        self.text(id).lines().nth(line.saturating_sub(1)).unwrap_or("")
+        self.text(id)
+            .lines()
+            .nth(line.saturating_sub(1))
+            .unwrap_or("")
     }
 }
 
@@ -143,12 +146,27 @@ pub fn parse(file: FileId, text: &str) -> Result<Table, SyntaxError> {
     match toml::de::DeTable::parse(text) {
         Ok(doc) => {
             let span = doc.span();
-            Ok(convert_table(file, doc.get_ref(), Span { file, start: span.start, end: span.end }))
+            Ok(convert_table(
+                file,
+                doc.get_ref(),
+                Span {
+                    file,
+                    start: span.start,
+                    end: span.end,
+                },
+            ))
         }
         Err(e) => {
             let range = e.span().unwrap_or(0..0);
             let message = e.message().trim().trim_end_matches('.').to_owned();
-            Err(SyntaxError { message, span: Span { file, start: range.start, end: range.end.max(range.start) } })
+            Err(SyntaxError {
+                message,
+                span: Span {
+                    file,
+                    start: range.start,
+                    end: range.end.max(range.start),
+                },
+            })
         }
     }
 }
@@ -159,7 +177,11 @@ fn convert_table(file: FileId, t: &toml::de::DeTable<'_>, _span: Span) -> Table 
         let ks = k.span();
         entries.push(Entry {
             key: k.get_ref().to_string(),
-            key_span: Span { file, start: ks.start, end: ks.end },
+            key_span: Span {
+                file,
+                start: ks.start,
+                end: ks.end,
+            },
             value: convert(file, v),
         });
     }
@@ -169,7 +191,11 @@ fn convert_table(file: FileId, t: &toml::de::DeTable<'_>, _span: Span) -> Table 
 fn convert(file: FileId, v: &toml::Spanned<toml::de::DeValue<'_>>) -> Node {
     use toml::de::DeValue;
     let r = v.span();
-    let span = Span { file, start: r.start, end: r.end };
+    let span = Span {
+        file,
+        start: r.start,
+        end: r.end,
+    };
     let kind = match v.get_ref() {
         DeValue::String(s) => NodeKind::Str(s.to_string()),
         DeValue::Integer(i) => {
@@ -179,7 +205,9 @@ fn convert(file: FileId, v: &toml::Spanned<toml::de::DeValue<'_>>) -> Node {
                 Err(_) => NodeKind::Float(f64::INFINITY),
             }
         }
-        DeValue::Float(f) => NodeKind::Float(f.as_str().replace('_', "").parse().unwrap_or(f64::NAN)),
+        DeValue::Float(f) => {
+            NodeKind::Float(f.as_str().replace('_', "").parse().unwrap_or(f64::NAN))
+        }
         DeValue::Boolean(b) => NodeKind::Bool(*b),
         DeValue::Datetime(_) => NodeKind::Datetime,
         DeValue::Array(a) => NodeKind::Array(a.iter().map(|x| convert(file, x)).collect()),

@@ -31,7 +31,14 @@ pub enum Service {
 }
 
 impl Service {
-    pub const ALL: [Service; 6] = [Service::Ec2, Service::Eks, Service::Ecr, Service::Iam, Service::Elbv2, Service::Sts];
+    pub const ALL: [Service; 6] = [
+        Service::Ec2,
+        Service::Eks,
+        Service::Ecr,
+        Service::Iam,
+        Service::Elbv2,
+        Service::Sts,
+    ];
 
     fn index(self) -> usize {
         match self {
@@ -80,12 +87,30 @@ impl Default for RateLimits {
         // Below the documented steady-state limits (EC2 describe ~20/s per
         // action bucket, EKS 10/s, ECR 20/s per action, IAM ~10/s).
         RateLimits {
-            ec2: RateLimit { per_second: 20.0, burst: 40 },
-            eks: RateLimit { per_second: 8.0, burst: 16 },
-            ecr: RateLimit { per_second: 15.0, burst: 30 },
-            iam: RateLimit { per_second: 8.0, burst: 16 },
-            elbv2: RateLimit { per_second: 8.0, burst: 16 },
-            sts: RateLimit { per_second: 8.0, burst: 16 },
+            ec2: RateLimit {
+                per_second: 20.0,
+                burst: 40,
+            },
+            eks: RateLimit {
+                per_second: 8.0,
+                burst: 16,
+            },
+            ecr: RateLimit {
+                per_second: 15.0,
+                burst: 30,
+            },
+            iam: RateLimit {
+                per_second: 8.0,
+                burst: 16,
+            },
+            elbv2: RateLimit {
+                per_second: 8.0,
+                burst: 16,
+            },
+            sts: RateLimit {
+                per_second: 8.0,
+                burst: 16,
+            },
         }
     }
 }
@@ -112,7 +137,10 @@ pub struct TokenBucket {
 impl TokenBucket {
     pub fn new(limit: RateLimit) -> Self {
         let burst = f64::from(limit.burst.max(1));
-        TokenBucket { limit, state: tokio::sync::Mutex::new((burst, Instant::now())) }
+        TokenBucket {
+            limit,
+            state: tokio::sync::Mutex::new((burst, Instant::now())),
+        }
     }
 
     /// Waits until a request may be sent.
@@ -145,14 +173,22 @@ pub struct Limiter {
 impl Limiter {
     pub fn new(limits: &RateLimits) -> Self {
         Limiter {
-            buckets: Service::ALL.iter().map(|s| TokenBucket::new(limits.get(*s))).collect(),
+            buckets: Service::ALL
+                .iter()
+                .map(|s| TokenBucket::new(limits.get(*s)))
+                .collect(),
             calls: Service::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     /// Waits for the service's rate limit, counts the call, then runs it and
     /// classifies a failure.
-    pub async fn call<T, E, F>(&self, service: Service, op: &'static str, fut: F) -> Result<T, AwsError>
+    pub async fn call<T, E, F>(
+        &self,
+        service: Service,
+        op: &'static str,
+        fut: F,
+    ) -> Result<T, AwsError>
     where
         F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
@@ -164,7 +200,10 @@ impl Limiter {
 
     /// API calls made so far (logical calls, SDK retries not included), per service.
     pub fn counts(&self) -> Vec<(Service, u64)> {
-        Service::ALL.iter().map(|s| (*s, self.calls[s.index()].load(Ordering::Relaxed))).collect()
+        Service::ALL
+            .iter()
+            .map(|s| (*s, self.calls[s.index()].load(Ordering::Relaxed)))
+            .collect()
     }
 }
 
@@ -200,17 +239,25 @@ impl AwsError {
 
     /// A `*NotFound*` answer (the resource is already gone).
     pub fn is_not_found(&self) -> bool {
-        self.code.as_deref().is_some_and(|c| c.contains("NotFound") || c == "NoSuchEntity")
+        self.code
+            .as_deref()
+            .is_some_and(|c| c.contains("NotFound") || c == "NoSuchEntity")
     }
 
     /// The error for a change of `address`.
     pub fn at(self, address: &Address) -> ProviderError {
-        ProviderError::Api { address: address.clone(), message: self.message }
+        ProviderError::Api {
+            address: address.clone(),
+            message: self.message,
+        }
     }
 
     /// The error while reading live state.
     pub fn observing(self) -> ProviderError {
-        ProviderError::Observe { provider: ProviderId::Aws, message: self.message }
+        ProviderError::Observe {
+            provider: ProviderId::Aws,
+            message: self.message,
+        }
     }
 }
 
@@ -233,7 +280,11 @@ const AUTH_CODES: &[&str] = &[
     "IncompleteSignature",
     "MissingAuthenticationToken",
 ];
-const PERMISSION_CODES: &[&str] = &["AccessDenied", "AccessDeniedException", "UnauthorizedOperation"];
+const PERMISSION_CODES: &[&str] = &[
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnauthorizedOperation",
+];
 
 /// Reduces an SDK error to one line: `Op: Code: message (hint)`.
 pub fn classify<E>(op: &str, err: SdkError<E, HttpResponse>) -> AwsError
@@ -255,12 +306,19 @@ where
                 Some(c) if msg.is_empty() => format!("{op}: {c}"),
                 Some(c) => format!("{op}: {c}: {msg}"),
                 None => match status {
-                    Some(404) => format!("{op}: HTTP 404: the endpoint does not implement this operation"),
+                    Some(404) => {
+                        format!("{op}: HTTP 404: the endpoint does not implement this operation")
+                    }
                     Some(s) => format!("{op}: HTTP {s} without an AWS error code"),
                     None => format!("{op}: the service answered with an error"),
                 },
             };
-            AwsError { kind: ErrorKind::Service, code, status, message }
+            AwsError {
+                kind: ErrorKind::Service,
+                code,
+                status,
+                message,
+            }
         }
         SdkError::TimeoutError(_) => AwsError {
             kind: ErrorKind::Unreachable,
@@ -291,7 +349,12 @@ where
                     message: format!("{op}: cannot reach the AWS endpoint: {}", root_cause(&err)),
                 }
             } else {
-                AwsError { kind: ErrorKind::Other, code: None, status, message: format!("{op}: {}", one_line(&chain)) }
+                AwsError {
+                    kind: ErrorKind::Other,
+                    code: None,
+                    status,
+                    message: format!("{op}: {}", one_line(&chain)),
+                }
             }
         }
     }
@@ -380,12 +443,19 @@ mod tests {
 
     #[tokio::test]
     async fn token_bucket_limits_the_rate() {
-        let bucket = TokenBucket::new(RateLimit { per_second: 50.0, burst: 5 });
+        let bucket = TokenBucket::new(RateLimit {
+            per_second: 50.0,
+            burst: 5,
+        });
         let started = Instant::now();
         for _ in 0..15 {
             bucket.acquire().await;
         }
         // 5 from the burst, 10 more at 50/s take at least ~200 ms.
-        assert!(started.elapsed() >= Duration::from_millis(180), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(180),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -18,18 +18,27 @@ use super::{kind, names};
 /// Managed policies of the cluster role.
 pub const CLUSTER_POLICIES: &[&str] = &["AmazonEKSClusterPolicy"];
 /// Managed policies of the node role.
-pub const NODE_POLICIES: &[&str] =
-    &["AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly"];
+pub const NODE_POLICIES: &[&str] = &[
+    "AmazonEKSWorkerNodePolicy",
+    "AmazonEKS_CNI_Policy",
+    "AmazonEC2ContainerRegistryReadOnly",
+];
 
 fn r(address: &Address, output: &str) -> Value {
-    Value::Ref { address: address.clone(), output: output.to_owned() }
+    Value::Ref {
+        address: address.clone(),
+        output: output.to_owned(),
+    }
 }
 
 fn tags(items: impl IntoIterator<Item = (String, String)>) -> Value {
     Value::Map(items.into_iter().map(|(k, v)| (k, Value::Str(v))).collect())
 }
 
-pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec<Desired>, ProviderError> {
+pub fn desired(
+    stack: &Stack,
+    policy_arn: &dyn Fn(&str) -> String,
+) -> Result<Vec<Desired>, ProviderError> {
     let s = stack.name.as_str();
     let e = stack.env.name.as_str();
     let mut out = Vec::new();
@@ -39,9 +48,15 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
     for (cname, c) in &stack.clusters {
         if let ClusterKind::Eks(eks) = &c.kind {
             let eks_name = names::eks_cluster(s, e, cname);
-            let used = eks.subnets.iter().chain(eks.node_groups.iter().flat_map(|g| g.subnets.iter()));
+            let used = eks
+                .subnets
+                .iter()
+                .chain(eks.node_groups.iter().flat_map(|g| g.subnets.iter()));
             for sub in used {
-                cluster_of_subnet.entry((eks.network.clone(), sub.clone())).or_default().insert(eks_name.clone());
+                cluster_of_subnet
+                    .entry((eks.network.clone(), sub.clone()))
+                    .or_default()
+                    .insert(eks_name.clone());
             }
         }
     }
@@ -59,7 +74,10 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
         for sub in &n.subnets {
             let addr = vpc.child("subnet", &sub.name);
             let mut t = n.tags.clone();
-            t.insert("Name".into(), names::display(s, e, &format!("{nname}-{}", sub.name)));
+            t.insert(
+                "Name".into(),
+                names::display(s, e, &format!("{nname}-{}", sub.name)),
+            );
             if sub.public {
                 t.insert("kubernetes.io/role/elb".into(), "1".into());
                 public.push((sub.name.clone(), addr.clone()));
@@ -97,7 +115,12 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
                 .attr("gateway_id", r(&igw, "id"))
                 .attr(
                     "subnets",
-                    Value::Map(public.iter().map(|(name, a)| (name.clone(), r(a, "id"))).collect()),
+                    Value::Map(
+                        public
+                            .iter()
+                            .map(|(name, a)| (name.clone(), r(a, "id")))
+                            .collect(),
+                    ),
                 )
                 .attr("tags", tags(named(&t, s, e, &format!("{nname}-public"))))
                 .depends(vpc.clone())
@@ -112,13 +135,18 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
             Desired::new(sg, kind::SECURITY_GROUP, ProviderId::Aws)
                 .attr_force_new("vpc_id", r(&vpc, "id"))
                 .attr_force_new("name", names::security_group(s, e, nname))
-                .attr("tags", tags(named(&n.tags, s, e, &format!("{nname}-cluster"))))
+                .attr(
+                    "tags",
+                    tags(named(&n.tags, s, e, &format!("{nname}-cluster"))),
+                )
                 .depends(vpc.clone()),
         );
     }
 
     for (cname, c) in &stack.clusters {
-        let ClusterKind::Eks(eks) = &c.kind else { continue };
+        let ClusterKind::Eks(eks) = &c.kind else {
+            continue;
+        };
         let caddr = Address::of("cluster", cname);
         let Some(net) = stack.networks.get(&eks.network) else {
             return Err(ProviderError::Invalid {
@@ -131,7 +159,10 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
             if !net.subnets.iter().any(|x| x.name == name) {
                 return Err(ProviderError::Invalid {
                     address: caddr.clone(),
-                    message: format!("subnet `{name}` is not declared in network `{}`", eks.network),
+                    message: format!(
+                        "subnet `{name}` is not declared in network `{}`",
+                        eks.network
+                    ),
                 });
             }
             let a = vpc.child("subnet", name);
@@ -144,7 +175,15 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
             None => {
                 let raddr = Address::new(format!("{caddr}.role"));
                 let name = names::iam_role(s, e, cname, "cluster");
-                out.push(role(&raddr, s, e, &name, "eks.amazonaws.com", CLUSTER_POLICIES, policy_arn));
+                out.push(role(
+                    &raddr,
+                    s,
+                    e,
+                    &name,
+                    "eks.amazonaws.com",
+                    CLUSTER_POLICIES,
+                    policy_arn,
+                ));
                 cluster = cluster.depends(raddr.clone());
                 r(&raddr, "arn")
             }
@@ -173,11 +212,20 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
         let node_role = Address::new(format!("{caddr}.node_role"));
         if eks.node_groups.iter().any(|g| g.role_arn.is_none()) {
             let name = names::iam_role(s, e, cname, "node");
-            out.push(role(&node_role, s, e, &name, "ec2.amazonaws.com", NODE_POLICIES, policy_arn));
+            out.push(role(
+                &node_role,
+                s,
+                e,
+                &name,
+                "ec2.amazonaws.com",
+                NODE_POLICIES,
+                policy_arn,
+            ));
         }
         for g in &eks.node_groups {
             let gaddr = caddr.child("node_group", &g.name);
-            let mut d = Desired::new(gaddr, kind::EKS_NODE_GROUP, ProviderId::Aws).depends(caddr.clone());
+            let mut d =
+                Desired::new(gaddr, kind::EKS_NODE_GROUP, ProviderId::Aws).depends(caddr.clone());
             let role_arn = match &g.role_arn {
                 Some(arn) => Value::str(arn.clone()),
                 None => {
@@ -185,20 +233,32 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
                     r(&node_role, "arn")
                 }
             };
-            let names_of_subnets = if g.subnets.is_empty() { &eks.subnets } else { &g.subnets };
+            let names_of_subnets = if g.subnets.is_empty() {
+                &eks.subnets
+            } else {
+                &g.subnets
+            };
             let mut subnets = BTreeMap::new();
             for name in names_of_subnets {
                 let (n, v, a) = subnet_ref(name)?;
                 subnets.insert(n, v);
                 d = d.depends(a);
             }
-            let labels = Value::Map(g.labels.iter().map(|(k, v)| (k.clone(), Value::str(v.clone()))).collect());
+            let labels = Value::Map(
+                g.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::str(v.clone())))
+                    .collect(),
+            );
             out.push(
                 d.attr_force_new("cluster", r(&caddr, "name"))
                     .attr_force_new("name", g.name.clone())
                     .attr_force_new("role_arn", role_arn)
                     .attr_force_new("subnets", Value::Map(subnets))
-                    .attr_force_new("instance_types", Value::list_of_str(g.instance_types.iter().cloned()))
+                    .attr_force_new(
+                        "instance_types",
+                        Value::list_of_str(g.instance_types.iter().cloned()),
+                    )
                     .attr_force_new("disk_size", g.disk_size)
                     .attr("min", g.min)
                     .attr("max", g.max)
@@ -217,14 +277,22 @@ pub fn desired(stack: &Stack, policy_arn: &dyn Fn(&str) -> String) -> Result<Vec
                 .attr_force_new("name", names::ecr_repository(s, e, rname))
                 .attr("scan_on_push", reg.scan_on_push)
                 .attr("immutable_tags", reg.immutable_tags)
-                .attr("keep_last", reg.keep_last.map(Value::from).unwrap_or(Value::Null))
+                .attr(
+                    "keep_last",
+                    reg.keep_last.map(Value::from).unwrap_or(Value::Null),
+                )
                 .attr("tags", Value::Map(BTreeMap::new())),
         );
     }
     Ok(out)
 }
 
-fn named(base: &BTreeMap<String, String>, s: &str, e: &str, rest: &str) -> BTreeMap<String, String> {
+fn named(
+    base: &BTreeMap<String, String>,
+    s: &str,
+    e: &str,
+    rest: &str,
+) -> BTreeMap<String, String> {
     let mut t = base.clone();
     t.insert("Name".into(), names::display(s, e, rest));
     t

@@ -16,8 +16,8 @@ use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 use super::call::{AwsError, Service, retry_for};
 use super::network::{named_ids, reverse};
 use super::{
-    AwsProvider, Polled, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta, ownership_tags, str_map,
-    user_tags, wait_until,
+    AwsProvider, Polled, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
+    ownership_tags, str_map, user_tags, wait_until,
 };
 
 fn owned(tags: Option<&HashMap<String, String>>, scope: &Scope) -> Option<Address> {
@@ -29,10 +29,18 @@ fn owned(tags: Option<&HashMap<String, String>>, scope: &Scope) -> Option<Addres
 }
 
 fn sorted_tags(tags: Option<&HashMap<String, String>>) -> Value {
-    user_tags(tags.into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())))
+    user_tags(
+        tags.into_iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    )
 }
 
-fn cluster_live(address: Address, c: &aws_sdk_eks::types::Cluster, names: &BTreeMap<String, String>) -> Live {
+fn cluster_live(
+    address: Address,
+    c: &aws_sdk_eks::types::Cluster,
+    names: &BTreeMap<String, String>,
+) -> Live {
     let name = c.name().unwrap_or_default();
     let vpc = c.resources_vpc_config();
     let subnets = vpc.map(|v| v.subnet_ids()).unwrap_or_default();
@@ -41,50 +49,128 @@ fn cluster_live(address: Address, c: &aws_sdk_eks::types::Cluster, names: &BTree
         .attr("name", name)
         .attr("version", c.version().unwrap_or_default())
         .attr("role_arn", c.role_arn().unwrap_or_default())
-        .attr("subnets", named_ids(subnets.iter().map(String::as_str), names))
-        .attr("security_groups", Value::list_of_str(groups.iter().cloned()))
-        .attr("endpoint_public", vpc.is_some_and(|v| v.endpoint_public_access()))
-        .attr("endpoint_private", vpc.is_some_and(|v| v.endpoint_private_access()))
+        .attr(
+            "subnets",
+            named_ids(subnets.iter().map(String::as_str), names),
+        )
+        .attr(
+            "security_groups",
+            Value::list_of_str(groups.iter().cloned()),
+        )
+        .attr(
+            "endpoint_public",
+            vpc.is_some_and(|v| v.endpoint_public_access()),
+        )
+        .attr(
+            "endpoint_private",
+            vpc.is_some_and(|v| v.endpoint_private_access()),
+        )
         .attr("tags", sorted_tags(c.tags()))
-        .attr("status", c.status().map(|s| s.as_str()).unwrap_or("UNKNOWN"))
+        .attr(
+            "status",
+            c.status().map(|s| s.as_str()).unwrap_or("UNKNOWN"),
+        )
         .output("name", name)
         .output("arn", c.arn().unwrap_or_default())
         .output("endpoint", c.endpoint().unwrap_or_default())
-        .output("ca", c.certificate_authority().and_then(|x| x.data()).unwrap_or_default())
+        .output(
+            "ca",
+            c.certificate_authority()
+                .and_then(|x| x.data())
+                .unwrap_or_default(),
+        )
         .output("version", c.version().unwrap_or_default())
 }
 
-fn node_group_live(address: Address, g: &aws_sdk_eks::types::Nodegroup, names: &BTreeMap<String, String>) -> Live {
+fn node_group_live(
+    address: Address,
+    g: &aws_sdk_eks::types::Nodegroup,
+    names: &BTreeMap<String, String>,
+) -> Live {
     let cluster = g.cluster_name().unwrap_or_default();
     let name = g.nodegroup_name().unwrap_or_default();
     let scaling = g.scaling_config();
     let labels = Value::Map(
-        g.labels().into_iter().flatten().map(|(k, v)| (k.clone(), Value::str(v.clone()))).collect(),
+        g.labels()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), Value::str(v.clone())))
+            .collect(),
     );
-    Live::new(address, kind::EKS_NODE_GROUP, ProviderId::Aws, format!("{cluster}/{name}"))
-        .attr("cluster", cluster)
-        .attr("name", name)
-        .attr("role_arn", g.node_role().unwrap_or_default())
-        .attr("subnets", named_ids(g.subnets().iter().map(String::as_str), names))
-        .attr("instance_types", Value::list_of_str(g.instance_types().iter().cloned()))
-        .attr("disk_size", g.disk_size().map(i64::from).map(Value::Int).unwrap_or(Value::Null))
-        .attr("min", Value::Int(scaling.and_then(|s| s.min_size()).map(i64::from).unwrap_or(0)))
-        .attr("max", Value::Int(scaling.and_then(|s| s.max_size()).map(i64::from).unwrap_or(0)))
-        .attr("desired", Value::Int(scaling.and_then(|s| s.desired_size()).map(i64::from).unwrap_or(0)))
-        .attr("labels", labels)
-        .attr("tags", sorted_tags(g.tags()))
-        .attr("status", g.status().map(|s| s.as_str()).unwrap_or("UNKNOWN"))
-        .output("name", name)
-        .output("arn", g.nodegroup_arn().unwrap_or_default())
+    Live::new(
+        address,
+        kind::EKS_NODE_GROUP,
+        ProviderId::Aws,
+        format!("{cluster}/{name}"),
+    )
+    .attr("cluster", cluster)
+    .attr("name", name)
+    .attr("role_arn", g.node_role().unwrap_or_default())
+    .attr(
+        "subnets",
+        named_ids(g.subnets().iter().map(String::as_str), names),
+    )
+    .attr(
+        "instance_types",
+        Value::list_of_str(g.instance_types().iter().cloned()),
+    )
+    .attr(
+        "disk_size",
+        g.disk_size()
+            .map(i64::from)
+            .map(Value::Int)
+            .unwrap_or(Value::Null),
+    )
+    .attr(
+        "min",
+        Value::Int(
+            scaling
+                .and_then(|s| s.min_size())
+                .map(i64::from)
+                .unwrap_or(0),
+        ),
+    )
+    .attr(
+        "max",
+        Value::Int(
+            scaling
+                .and_then(|s| s.max_size())
+                .map(i64::from)
+                .unwrap_or(0),
+        ),
+    )
+    .attr(
+        "desired",
+        Value::Int(
+            scaling
+                .and_then(|s| s.desired_size())
+                .map(i64::from)
+                .unwrap_or(0),
+        ),
+    )
+    .attr("labels", labels)
+    .attr("tags", sorted_tags(g.tags()))
+    .attr(
+        "status",
+        g.status().map(|s| s.as_str()).unwrap_or("UNKNOWN"),
+    )
+    .output("name", name)
+    .output("arn", g.nodegroup_arn().unwrap_or_default())
 }
 
 fn int(attrs: &BTreeMap<String, Value>, name: &str) -> Option<i32> {
-    attrs.get(name).and_then(Value::as_int).and_then(|i| i32::try_from(i).ok())
+    attrs
+        .get(name)
+        .and_then(Value::as_int)
+        .and_then(|i| i32::try_from(i).ok())
 }
 
 fn strings(attrs: &BTreeMap<String, Value>, name: &str) -> Vec<String> {
     match attrs.get(name) {
-        Some(Value::List(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(Value::List(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -93,7 +179,11 @@ fn hash(m: BTreeMap<String, String>) -> HashMap<String, String> {
     m.into_iter().collect()
 }
 
-fn tags_with_owner(attrs: &BTreeMap<String, Value>, ctx: &ApplyContext, a: &Address) -> HashMap<String, String> {
+fn tags_with_owner(
+    attrs: &BTreeMap<String, Value>,
+    ctx: &ApplyContext,
+    a: &Address,
+) -> HashMap<String, String> {
     let mut t = str_map(attrs.get("tags"));
     t.extend(ownership_tags(&ctx.scope, a));
     hash(t)
@@ -118,8 +208,17 @@ impl AwsProvider {
         let mut token: Option<String> = None;
         loop {
             let req = self.eks.list_clusters().set_next_token(token.take());
-            let page = self.limiter.call(Service::Eks, "ListClusters", req.send()).await.map_err(AwsError::observing)?;
-            names.extend(page.clusters().iter().filter(|n| n.starts_with(&prefix)).cloned());
+            let page = self
+                .limiter
+                .call(Service::Eks, "ListClusters", req.send())
+                .await
+                .map_err(AwsError::observing)?;
+            names.extend(
+                page.clusters()
+                    .iter()
+                    .filter(|n| n.starts_with(&prefix))
+                    .cloned(),
+            );
             match page.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_owned()),
                 _ => break,
@@ -132,7 +231,9 @@ impl AwsProvider {
                 Ok(None) => continue,
                 Err(e) => return Err(e.observing()),
             };
-            let Some(address) = owned(cluster.tags(), scope) else { continue };
+            let Some(address) = owned(cluster.tags(), scope) else {
+                continue;
+            };
             out.push(cluster_live(address, &cluster, subnet_names));
             let groups = match self.list_node_groups(name).await {
                 Ok(g) => g,
@@ -155,9 +256,16 @@ impl AwsProvider {
     }
 
     /// The cluster, or `None` if it does not exist.
-    pub(super) async fn describe_cluster(&self, name: &str) -> Result<Option<aws_sdk_eks::types::Cluster>, AwsError> {
+    pub(super) async fn describe_cluster(
+        &self,
+        name: &str,
+    ) -> Result<Option<aws_sdk_eks::types::Cluster>, AwsError> {
         let req = self.eks.describe_cluster().name(name);
-        match self.limiter.call(Service::Eks, "DescribeCluster", req.send()).await {
+        match self
+            .limiter
+            .call(Service::Eks, "DescribeCluster", req.send())
+            .await
+        {
             Ok(out) => Ok(out.cluster().cloned()),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -168,8 +276,15 @@ impl AwsProvider {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let req = self.eks.list_nodegroups().cluster_name(cluster).set_next_token(token.take());
-            let page = self.limiter.call(Service::Eks, "ListNodegroups", req.send()).await?;
+            let req = self
+                .eks
+                .list_nodegroups()
+                .cluster_name(cluster)
+                .set_next_token(token.take());
+            let page = self
+                .limiter
+                .call(Service::Eks, "ListNodegroups", req.send())
+                .await?;
             out.extend(page.nodegroups().iter().cloned());
             match page.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_owned()),
@@ -183,8 +298,16 @@ impl AwsProvider {
         cluster: &str,
         name: &str,
     ) -> Result<Option<aws_sdk_eks::types::Nodegroup>, AwsError> {
-        let req = self.eks.describe_nodegroup().cluster_name(cluster).nodegroup_name(name);
-        match self.limiter.call(Service::Eks, "DescribeNodegroup", req.send()).await {
+        let req = self
+            .eks
+            .describe_nodegroup()
+            .cluster_name(cluster)
+            .nodegroup_name(name);
+        match self
+            .limiter
+            .call(Service::Eks, "DescribeNodegroup", req.send())
+            .await
+        {
             Ok(out) => Ok(out.nodegroup().cloned()),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -200,33 +323,63 @@ impl AwsProvider {
         ctx: &ApplyContext,
     ) -> Result<Live, ProviderError> {
         let wait = &self.config.wait;
-        wait_until(ctx, a, "waiting for the EKS cluster to be ACTIVE", wait.cluster_timeout, wait, || async {
-            let Some(c) = self.describe_cluster(name).await.map_err(|e| e.at(a))? else {
-                return Err(ProviderError::Api { address: a.clone(), message: format!("EKS cluster {name} disappeared") });
-            };
-            match c.status().map(|s| s.as_str()).unwrap_or("UNKNOWN") {
-                "ACTIVE" => Ok(Polled::Done(cluster_live(a.clone(), &c, names))),
-                "FAILED" => Err(ProviderError::Api {
-                    address: a.clone(),
-                    message: format!(
-                        "EKS cluster {name} is FAILED{}: delete it or plan with --replace",
-                        health(c.health().map(|h| h.issues().iter().filter_map(|i| i.message()).collect()))
-                    ),
-                }),
-                other => Ok(Polled::Pending(other.to_owned())),
-            }
-        })
+        wait_until(
+            ctx,
+            a,
+            "waiting for the EKS cluster to be ACTIVE",
+            wait.cluster_timeout,
+            wait,
+            || async {
+                let Some(c) = self.describe_cluster(name).await.map_err(|e| e.at(a))? else {
+                    return Err(ProviderError::Api {
+                        address: a.clone(),
+                        message: format!("EKS cluster {name} disappeared"),
+                    });
+                };
+                match c.status().map(|s| s.as_str()).unwrap_or("UNKNOWN") {
+                    "ACTIVE" => Ok(Polled::Done(cluster_live(a.clone(), &c, names))),
+                    "FAILED" => {
+                        Err(ProviderError::Api {
+                            address: a.clone(),
+                            message: format!(
+                                "EKS cluster {name} is FAILED{}: delete it or plan with --replace",
+                                health(c.health().map(|h| {
+                                    h.issues().iter().filter_map(|i| i.message()).collect()
+                                }))
+                            ),
+                        })
+                    }
+                    other => Ok(Polled::Pending(other.to_owned())),
+                }
+            },
+        )
         .await
     }
 
-    async fn wait_cluster_gone(&self, a: &Address, name: &str, ctx: &ApplyContext) -> Result<(), ProviderError> {
+    async fn wait_cluster_gone(
+        &self,
+        a: &Address,
+        name: &str,
+        ctx: &ApplyContext,
+    ) -> Result<(), ProviderError> {
         let wait = &self.config.wait;
-        wait_until(ctx, a, "waiting for the EKS cluster to be deleted", wait.cluster_timeout, wait, || async {
-            match self.describe_cluster(name).await.map_err(|e| e.at(a))? {
-                None => Ok(Polled::Done(())),
-                Some(c) => Ok(Polled::Pending(c.status().map(|s| s.as_str().to_owned()).unwrap_or_default())),
-            }
-        })
+        wait_until(
+            ctx,
+            a,
+            "waiting for the EKS cluster to be deleted",
+            wait.cluster_timeout,
+            wait,
+            || async {
+                match self.describe_cluster(name).await.map_err(|e| e.at(a))? {
+                    None => Ok(Polled::Done(())),
+                    Some(c) => Ok(Polled::Pending(
+                        c.status()
+                            .map(|s| s.as_str().to_owned())
+                            .unwrap_or_default(),
+                    )),
+                }
+            },
+        )
         .await
     }
 
@@ -239,25 +392,40 @@ impl AwsProvider {
         ctx: &ApplyContext,
     ) -> Result<Live, ProviderError> {
         let wait = &self.config.wait;
-        wait_until(ctx, a, "waiting for the node group to be ACTIVE", wait.node_group_timeout, wait, || async {
-            let Some(g) = self.describe_node_group(cluster, name).await.map_err(|e| e.at(a))? else {
-                return Err(ProviderError::Api {
-                    address: a.clone(),
-                    message: format!("node group {cluster}/{name} disappeared"),
-                });
-            };
-            match g.status().map(|s| s.as_str()).unwrap_or("UNKNOWN") {
-                "ACTIVE" => Ok(Polled::Done(node_group_live(a.clone(), &g, names))),
-                s @ ("CREATE_FAILED" | "DEGRADED" | "DELETE_FAILED") => Err(ProviderError::Api {
-                    address: a.clone(),
-                    message: format!(
-                        "node group {cluster}/{name} is {s}{}",
-                        health(g.health().map(|h| h.issues().iter().filter_map(|i| i.message()).collect()))
-                    ),
-                }),
-                other => Ok(Polled::Pending(other.to_owned())),
-            }
-        })
+        wait_until(
+            ctx,
+            a,
+            "waiting for the node group to be ACTIVE",
+            wait.node_group_timeout,
+            wait,
+            || async {
+                let Some(g) = self
+                    .describe_node_group(cluster, name)
+                    .await
+                    .map_err(|e| e.at(a))?
+                else {
+                    return Err(ProviderError::Api {
+                        address: a.clone(),
+                        message: format!("node group {cluster}/{name} disappeared"),
+                    });
+                };
+                match g.status().map(|s| s.as_str()).unwrap_or("UNKNOWN") {
+                    "ACTIVE" => Ok(Polled::Done(node_group_live(a.clone(), &g, names))),
+                    s @ ("CREATE_FAILED" | "DEGRADED" | "DELETE_FAILED") => {
+                        Err(ProviderError::Api {
+                            address: a.clone(),
+                            message: format!(
+                                "node group {cluster}/{name} is {s}{}",
+                                health(g.health().map(|h| {
+                                    h.issues().iter().filter_map(|i| i.message()).collect()
+                                }))
+                            ),
+                        })
+                    }
+                    other => Ok(Polled::Pending(other.to_owned())),
+                }
+            },
+        )
         .await
     }
 
@@ -269,12 +437,27 @@ impl AwsProvider {
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
         let wait = &self.config.wait;
-        wait_until(ctx, a, "waiting for the node group to be deleted", wait.node_group_timeout, wait, || async {
-            match self.describe_node_group(cluster, name).await.map_err(|e| e.at(a))? {
-                None => Ok(Polled::Done(())),
-                Some(g) => Ok(Polled::Pending(g.status().map(|s| s.as_str().to_owned()).unwrap_or_default())),
-            }
-        })
+        wait_until(
+            ctx,
+            a,
+            "waiting for the node group to be deleted",
+            wait.node_group_timeout,
+            wait,
+            || async {
+                match self
+                    .describe_node_group(cluster, name)
+                    .await
+                    .map_err(|e| e.at(a))?
+                {
+                    None => Ok(Polled::Done(())),
+                    Some(g) => Ok(Polled::Pending(
+                        g.status()
+                            .map(|s| s.as_str().to_owned())
+                            .unwrap_or_default(),
+                    )),
+                }
+            },
+        )
         .await
     }
 
@@ -291,8 +474,18 @@ impl AwsProvider {
         let vpc = VpcConfigRequest::builder()
             .set_subnet_ids(Some(subnets.values().cloned().collect()))
             .set_security_group_ids(Some(strings(attrs, "security_groups")))
-            .endpoint_public_access(attrs.get("endpoint_public").and_then(Value::as_bool).unwrap_or(true))
-            .endpoint_private_access(attrs.get("endpoint_private").and_then(Value::as_bool).unwrap_or(false))
+            .endpoint_public_access(
+                attrs
+                    .get("endpoint_public")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true),
+            )
+            .endpoint_private_access(
+                attrs
+                    .get("endpoint_private")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            )
             .build();
         let tags = tags_with_owner(attrs, ctx, a);
         // A role created a moment ago may not be assumable by EKS yet (IAM is eventually consistent).
@@ -300,7 +493,9 @@ impl AwsProvider {
         retry_for(
             budget,
             self.config.dependency_backoff,
-            |e: &AwsError| e.is("InvalidParameterException") && e.message.to_lowercase().contains("role"),
+            |e: &AwsError| {
+                e.is("InvalidParameterException") && e.message.to_lowercase().contains("role")
+            },
             |_| async { ctx.progress(a, "the IAM role is not usable by EKS yet, retrying") },
             || async {
                 let req = self
@@ -311,12 +506,17 @@ impl AwsProvider {
                     .role_arn(attr_str(attrs, "role_arn").unwrap_or_default())
                     .resources_vpc_config(vpc.clone())
                     .set_tags(Some(tags.clone()));
-                self.limiter.call(Service::Eks, "CreateCluster", req.send()).await
+                self.limiter
+                    .call(Service::Eks, "CreateCluster", req.send())
+                    .await
             },
         )
         .await
         .map_err(|e| e.at(a))?;
-        ctx.progress(a, &format!("EKS cluster {name} requested; this takes ~10-15 minutes in AWS"));
+        ctx.progress(
+            a,
+            &format!("EKS cluster {name} requested; this takes ~10-15 minutes in AWS"),
+        );
         self.wait_cluster_active(a, &name, &names, ctx).await
     }
 
@@ -332,14 +532,19 @@ impl AwsProvider {
         let names = reverse(&id_map(attrs, "subnets"));
         match attr_str(&live.attrs, "status").as_deref() {
             Some("DELETING") => {
-                ctx.progress(a, "the cluster is being deleted; waiting, then creating it again");
+                ctx.progress(
+                    a,
+                    "the cluster is being deleted; waiting, then creating it again",
+                );
                 self.wait_cluster_gone(a, name, ctx).await?;
                 return self.create_cluster(d, attrs, ctx).await;
             }
             Some("FAILED") => {
                 return Err(ProviderError::Api {
                     address: a.clone(),
-                    message: format!("EKS cluster {name} is FAILED: delete it or plan with --replace"),
+                    message: format!(
+                        "EKS cluster {name} is FAILED: delete it or plan with --replace"
+                    ),
                 });
             }
             _ => {}
@@ -351,26 +556,53 @@ impl AwsProvider {
         if want_version.is_some() && want_version != attr_str(&current.attrs, "version") {
             let version = want_version.unwrap_or_default();
             ctx.progress(a, &format!("upgrading Kubernetes to {version}"));
-            let req = self.eks.update_cluster_version().name(name).version(&version);
-            self.limiter.call(Service::Eks, "UpdateClusterVersion", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .eks
+                .update_cluster_version()
+                .name(name)
+                .version(&version);
+            self.limiter
+                .call(Service::Eks, "UpdateClusterVersion", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
             current = self.wait_cluster_active(a, name, &names, ctx).await?;
         }
 
         let public = attrs.get("endpoint_public").and_then(Value::as_bool);
         let private = attrs.get("endpoint_private").and_then(Value::as_bool);
-        if public != current.attrs.get("endpoint_public").and_then(Value::as_bool)
-            || private != current.attrs.get("endpoint_private").and_then(Value::as_bool)
+        if public
+            != current
+                .attrs
+                .get("endpoint_public")
+                .and_then(Value::as_bool)
+            || private
+                != current
+                    .attrs
+                    .get("endpoint_private")
+                    .and_then(Value::as_bool)
         {
             let vpc = VpcConfigRequest::builder()
                 .set_endpoint_public_access(public)
                 .set_endpoint_private_access(private)
                 .build();
-            let req = self.eks.update_cluster_config().name(name).resources_vpc_config(vpc);
-            self.limiter.call(Service::Eks, "UpdateClusterConfig", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .eks
+                .update_cluster_config()
+                .name(name)
+                .resources_vpc_config(vpc);
+            self.limiter
+                .call(Service::Eks, "UpdateClusterConfig", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
             current = self.wait_cluster_active(a, name, &names, ctx).await?;
         }
 
-        let arn = current.outputs.get("arn").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let arn = current
+            .outputs
+            .get("arn")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         if self.update_eks_tags(a, &arn, attrs, &current).await? {
             current = self.wait_cluster_active(a, name, &names, ctx).await?;
         }
@@ -385,19 +617,40 @@ impl AwsProvider {
         attrs: &BTreeMap<String, Value>,
         live: &Live,
     ) -> Result<bool, ProviderError> {
-        let (set, remove) = map_delta(&str_map(attrs.get("tags")), &str_map(live.attrs.get("tags")));
+        let (set, remove) = map_delta(
+            &str_map(attrs.get("tags")),
+            &str_map(live.attrs.get("tags")),
+        );
         if !set.is_empty() {
-            let req = self.eks.tag_resource().resource_arn(arn).set_tags(Some(hash(set.clone())));
-            self.limiter.call(Service::Eks, "TagResource", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .eks
+                .tag_resource()
+                .resource_arn(arn)
+                .set_tags(Some(hash(set.clone())));
+            self.limiter
+                .call(Service::Eks, "TagResource", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         if !remove.is_empty() {
-            let req = self.eks.untag_resource().resource_arn(arn).set_tag_keys(Some(remove.clone()));
-            self.limiter.call(Service::Eks, "UntagResource", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .eks
+                .untag_resource()
+                .resource_arn(arn)
+                .set_tag_keys(Some(remove.clone()));
+            self.limiter
+                .call(Service::Eks, "UntagResource", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         Ok(!set.is_empty() || !remove.is_empty())
     }
 
-    pub(super) async fn delete_cluster(&self, live: &Live, ctx: &ApplyContext) -> Result<(), ProviderError> {
+    pub(super) async fn delete_cluster(
+        &self,
+        live: &Live,
+        ctx: &ApplyContext,
+    ) -> Result<(), ProviderError> {
         let a = &live.address;
         let name = live.id.as_str();
         if attr_str(&live.attrs, "status").as_deref() != Some("DELETING") {
@@ -410,13 +663,24 @@ impl AwsProvider {
             for g in &groups {
                 self.delete_node_group_named(a, name, g, ctx).await?;
             }
-            let (budget, base) = (self.config.dependency_timeout, self.config.dependency_backoff);
+            let (budget, base) = (
+                self.config.dependency_timeout,
+                self.config.dependency_backoff,
+            );
             let res = retry_for(
                 budget,
                 base,
                 |e: &AwsError| e.is("ResourceInUseException"),
                 |_| async { ctx.progress(a, "cluster still in use, retrying the delete") },
-                || async { self.limiter.call(Service::Eks, "DeleteCluster", self.eks.delete_cluster().name(name).send()).await },
+                || async {
+                    self.limiter
+                        .call(
+                            Service::Eks,
+                            "DeleteCluster",
+                            self.eks.delete_cluster().name(name).send(),
+                        )
+                        .await
+                },
             )
             .await;
             match res {
@@ -450,7 +714,9 @@ impl AwsProvider {
         retry_for(
             budget,
             self.config.dependency_backoff,
-            |e: &AwsError| e.is("InvalidParameterException") && e.message.to_lowercase().contains("role"),
+            |e: &AwsError| {
+                e.is("InvalidParameterException") && e.message.to_lowercase().contains("role")
+            },
             |_| async { ctx.progress(a, "the node IAM role is not usable by EKS yet, retrying") },
             || async {
                 let req = self
@@ -463,14 +729,21 @@ impl AwsProvider {
                     .set_instance_types(Some(strings(attrs, "instance_types")))
                     .set_disk_size(int(attrs, "disk_size"))
                     .scaling_config(scaling.clone())
-                    .set_labels(if labels.is_empty() { None } else { Some(labels.clone()) })
+                    .set_labels(if labels.is_empty() {
+                        None
+                    } else {
+                        Some(labels.clone())
+                    })
                     .set_tags(Some(tags.clone()));
-                self.limiter.call(Service::Eks, "CreateNodegroup", req.send()).await
+                self.limiter
+                    .call(Service::Eks, "CreateNodegroup", req.send())
+                    .await
             },
         )
         .await
         .map_err(|e| e.at(a))?;
-        self.wait_node_group_active(a, &cluster, &name, &names, ctx).await
+        self.wait_node_group_active(a, &cluster, &name, &names, ctx)
+            .await
     }
 
     pub(super) async fn update_node_group(
@@ -485,24 +758,40 @@ impl AwsProvider {
         let names = reverse(&id_map(attrs, "subnets"));
         match attr_str(&live.attrs, "status").as_deref() {
             Some("DELETING") => {
-                ctx.progress(a, "the node group is being deleted; waiting, then creating it again");
+                ctx.progress(
+                    a,
+                    "the node group is being deleted; waiting, then creating it again",
+                );
                 self.wait_node_group_gone(a, cluster, name, ctx).await?;
                 return self.create_node_group(d, attrs, ctx).await;
             }
             Some(s @ ("CREATE_FAILED" | "DELETE_FAILED")) => {
                 return Err(ProviderError::Api {
                     address: a.clone(),
-                    message: format!("node group {cluster}/{name} is {s}: delete it or plan with --replace"),
+                    message: format!(
+                        "node group {cluster}/{name} is {s}: delete it or plan with --replace"
+                    ),
                 });
             }
             _ => {}
         }
-        let mut current = self.wait_node_group_active(a, cluster, name, &names, ctx).await?;
+        let mut current = self
+            .wait_node_group_active(a, cluster, name, &names, ctx)
+            .await?;
 
-        let scaling_changed = ["min", "max", "desired"].iter().any(|k| int(attrs, k) != int(&current.attrs, k));
-        let (add, remove) = map_delta(&str_map(attrs.get("labels")), &str_map(current.attrs.get("labels")));
+        let scaling_changed = ["min", "max", "desired"]
+            .iter()
+            .any(|k| int(attrs, k) != int(&current.attrs, k));
+        let (add, remove) = map_delta(
+            &str_map(attrs.get("labels")),
+            &str_map(current.attrs.get("labels")),
+        );
         if scaling_changed || !add.is_empty() || !remove.is_empty() {
-            let mut req = self.eks.update_nodegroup_config().cluster_name(cluster).nodegroup_name(name);
+            let mut req = self
+                .eks
+                .update_nodegroup_config()
+                .cluster_name(cluster)
+                .nodegroup_name(name);
             if scaling_changed {
                 req = req.scaling_config(
                     NodegroupScalingConfig::builder()
@@ -515,27 +804,54 @@ impl AwsProvider {
             if !add.is_empty() || !remove.is_empty() {
                 req = req.labels(
                     UpdateLabelsPayload::builder()
-                        .set_add_or_update_labels(if add.is_empty() { None } else { Some(hash(add)) })
-                        .set_remove_labels(if remove.is_empty() { None } else { Some(remove) })
+                        .set_add_or_update_labels(if add.is_empty() {
+                            None
+                        } else {
+                            Some(hash(add))
+                        })
+                        .set_remove_labels(if remove.is_empty() {
+                            None
+                        } else {
+                            Some(remove)
+                        })
                         .build(),
                 );
             }
-            self.limiter.call(Service::Eks, "UpdateNodegroupConfig", req.send()).await.map_err(|e| e.at(a))?;
-            current = self.wait_node_group_active(a, cluster, name, &names, ctx).await?;
+            self.limiter
+                .call(Service::Eks, "UpdateNodegroupConfig", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
+            current = self
+                .wait_node_group_active(a, cluster, name, &names, ctx)
+                .await?;
         }
-        let arn = current.outputs.get("arn").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let arn = current
+            .outputs
+            .get("arn")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         if self.update_eks_tags(a, &arn, attrs, &current).await? {
-            current = self.wait_node_group_active(a, cluster, name, &names, ctx).await?;
+            current = self
+                .wait_node_group_active(a, cluster, name, &names, ctx)
+                .await?;
         }
         Ok(current)
     }
 
-    pub(super) async fn delete_node_group(&self, live: &Live, ctx: &ApplyContext) -> Result<(), ProviderError> {
+    pub(super) async fn delete_node_group(
+        &self,
+        live: &Live,
+        ctx: &ApplyContext,
+    ) -> Result<(), ProviderError> {
         let (cluster, name) = split_id(&live.id);
         if attr_str(&live.attrs, "status").as_deref() == Some("DELETING") {
-            return self.wait_node_group_gone(&live.address, cluster, name, ctx).await;
+            return self
+                .wait_node_group_gone(&live.address, cluster, name, ctx)
+                .await;
         }
-        self.delete_node_group_named(&live.address, cluster, name, ctx).await
+        self.delete_node_group_named(&live.address, cluster, name, ctx)
+            .await
     }
 
     async fn delete_node_group_named(
@@ -545,15 +861,24 @@ impl AwsProvider {
         name: &str,
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
-        let (budget, base) = (self.config.dependency_timeout, self.config.dependency_backoff);
+        let (budget, base) = (
+            self.config.dependency_timeout,
+            self.config.dependency_backoff,
+        );
         let res = retry_for(
             budget,
             base,
             |e: &AwsError| e.is("ResourceInUseException"),
             |_| async { ctx.progress(a, "node group busy (updating), retrying the delete") },
             || async {
-                let req = self.eks.delete_nodegroup().cluster_name(cluster).nodegroup_name(name);
-                self.limiter.call(Service::Eks, "DeleteNodegroup", req.send()).await
+                let req = self
+                    .eks
+                    .delete_nodegroup()
+                    .cluster_name(cluster)
+                    .nodegroup_name(name);
+                self.limiter
+                    .call(Service::Eks, "DeleteNodegroup", req.send())
+                    .await
             },
         )
         .await;

@@ -30,7 +30,9 @@ fn trust_policy(service: &str) -> String {
 /// The service principal of a trust policy document (URL-encoded or not).
 fn trusted_service(doc: &str) -> Value {
     let decoded = percent_decode(doc);
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(&decoded) else { return Value::Null };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&decoded) else {
+        return Value::Null;
+    };
     let statements = match &json["Statement"] {
         serde_json::Value::Array(a) => a.clone(),
         other => vec![other.clone()],
@@ -52,7 +54,9 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'%'
             && i + 2 < bytes.len()
-            && let Some(b) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+            && let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(b);
             i += 3;
@@ -70,8 +74,16 @@ impl AwsProvider {
         let mut roles = Vec::new();
         let mut marker: Option<String> = None;
         loop {
-            let req = self.iam.list_roles().path_prefix(&prefix).set_marker(marker.take());
-            let page = self.limiter.call(Service::Iam, "ListRoles", req.send()).await.map_err(AwsError::observing)?;
+            let req = self
+                .iam
+                .list_roles()
+                .path_prefix(&prefix)
+                .set_marker(marker.take());
+            let page = self
+                .limiter
+                .call(Service::Iam, "ListRoles", req.send())
+                .await
+                .map_err(AwsError::observing)?;
             roles.extend(page.roles().iter().cloned());
             match page.marker() {
                 Some(m) if page.is_truncated() => marker = Some(m.to_owned()),
@@ -80,11 +92,20 @@ impl AwsProvider {
         }
         let mut out = Vec::new();
         for role in &roles {
-            let Some(address) = role.path().strip_prefix(&prefix).map(|p| p.trim_end_matches('/')) else { continue };
+            let Some(address) = role
+                .path()
+                .strip_prefix(&prefix)
+                .map(|p| p.trim_end_matches('/'))
+            else {
+                continue;
+            };
             if address.is_empty() {
                 continue;
             }
-            let policies = self.attached_policies(role.role_name()).await.map_err(AwsError::observing)?;
+            let policies = self
+                .attached_policies(role.role_name())
+                .await
+                .map_err(AwsError::observing)?;
             out.push(role_live(Address::new(address), role, policies));
         }
         Ok(out)
@@ -94,9 +115,20 @@ impl AwsProvider {
         let mut out = Vec::new();
         let mut marker: Option<String> = None;
         loop {
-            let req = self.iam.list_attached_role_policies().role_name(role).set_marker(marker.take());
-            let page = self.limiter.call(Service::Iam, "ListAttachedRolePolicies", req.send()).await?;
-            out.extend(page.attached_policies().iter().filter_map(|p| p.policy_arn().map(str::to_owned)));
+            let req = self
+                .iam
+                .list_attached_role_policies()
+                .role_name(role)
+                .set_marker(marker.take());
+            let page = self
+                .limiter
+                .call(Service::Iam, "ListAttachedRolePolicies", req.send())
+                .await?;
+            out.extend(
+                page.attached_policies()
+                    .iter()
+                    .filter_map(|p| p.policy_arn().map(str::to_owned)),
+            );
             match page.marker() {
                 Some(m) if page.is_truncated() => marker = Some(m.to_owned()),
                 _ => break,
@@ -107,10 +139,20 @@ impl AwsProvider {
     }
 
     async fn read_role(&self, a: &Address, name: &str) -> Result<Live, ProviderError> {
-        let out =
-            self.limiter.call(Service::Iam, "GetRole", self.iam.get_role().role_name(name).send()).await.map_err(|e| e.at(a))?;
+        let out = self
+            .limiter
+            .call(
+                Service::Iam,
+                "GetRole",
+                self.iam.get_role().role_name(name).send(),
+            )
+            .await
+            .map_err(|e| e.at(a))?;
         let Some(role) = out.role() else {
-            return Err(ProviderError::Api { address: a.clone(), message: format!("GetRole: role {name} not returned") });
+            return Err(ProviderError::Api {
+                address: a.clone(),
+                message: format!("GetRole: role {name} not returned"),
+            });
         };
         let policies = self.attached_policies(name).await.map_err(|e| e.at(a))?;
         Ok(role_live(a.clone(), role, policies))
@@ -127,10 +169,15 @@ impl AwsProvider {
         let service = attr_str(attrs, "service").unwrap_or_else(|| "eks.amazonaws.com".into());
         let mut tags = Vec::new();
         for (k, v) in ownership_tags(&ctx.scope, a) {
-            let tag = Tag::builder().key(k).value(v).build().map_err(|e| ProviderError::Invalid {
-                address: a.clone(),
-                message: format!("bad IAM tag: {e}"),
-            })?;
+            let tag =
+                Tag::builder()
+                    .key(k)
+                    .value(v)
+                    .build()
+                    .map_err(|e| ProviderError::Invalid {
+                        address: a.clone(),
+                        message: format!("bad IAM tag: {e}"),
+                    })?;
             tags.push(tag);
         }
         let req = self
@@ -141,10 +188,20 @@ impl AwsProvider {
             .assume_role_policy_document(trust_policy(&service))
             .description(format!("mesh {a}"))
             .set_tags(Some(tags));
-        self.limiter.call(Service::Iam, "CreateRole", req.send()).await.map_err(|e| e.at(a))?;
+        self.limiter
+            .call(Service::Iam, "CreateRole", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
         for arn in policy_list(attrs) {
-            let req = self.iam.attach_role_policy().role_name(&name).policy_arn(&arn);
-            self.limiter.call(Service::Iam, "AttachRolePolicy", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .iam
+                .attach_role_policy()
+                .role_name(&name)
+                .policy_arn(&arn);
+            self.limiter
+                .call(Service::Iam, "AttachRolePolicy", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         self.read_role(a, &name).await
     }
@@ -159,12 +216,26 @@ impl AwsProvider {
         let want = policy_list(attrs);
         let have = policy_list(&live.attrs);
         for arn in want.iter().filter(|p| !have.contains(p)) {
-            let req = self.iam.attach_role_policy().role_name(&live.id).policy_arn(arn);
-            self.limiter.call(Service::Iam, "AttachRolePolicy", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .iam
+                .attach_role_policy()
+                .role_name(&live.id)
+                .policy_arn(arn);
+            self.limiter
+                .call(Service::Iam, "AttachRolePolicy", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         for arn in have.iter().filter(|p| !want.contains(p)) {
-            let req = self.iam.detach_role_policy().role_name(&live.id).policy_arn(arn);
-            self.limiter.call(Service::Iam, "DetachRolePolicy", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .iam
+                .detach_role_policy()
+                .role_name(&live.id)
+                .policy_arn(arn);
+            self.limiter
+                .call(Service::Iam, "DetachRolePolicy", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         self.read_role(a, &live.id).await
     }
@@ -175,8 +246,16 @@ impl AwsProvider {
         match self.attached_policies(name).await {
             Ok(policies) => {
                 for arn in policies {
-                    let req = self.iam.detach_role_policy().role_name(name).policy_arn(&arn);
-                    match self.limiter.call(Service::Iam, "DetachRolePolicy", req.send()).await {
+                    let req = self
+                        .iam
+                        .detach_role_policy()
+                        .role_name(name)
+                        .policy_arn(&arn);
+                    match self
+                        .limiter
+                        .call(Service::Iam, "DetachRolePolicy", req.send())
+                        .await
+                    {
                         Ok(_) => {}
                         Err(e) if e.is_not_found() => {}
                         Err(e) => return Err(e.at(a)),
@@ -186,13 +265,24 @@ impl AwsProvider {
             Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => return Err(e.at(a)),
         }
-        let (budget, base) = (self.config.dependency_timeout, self.config.dependency_backoff);
+        let (budget, base) = (
+            self.config.dependency_timeout,
+            self.config.dependency_backoff,
+        );
         let res = retry_for(
             budget,
             base,
             |e: &AwsError| e.is("DeleteConflict"),
             |_| async {},
-            || async { self.limiter.call(Service::Iam, "DeleteRole", self.iam.delete_role().role_name(name).send()).await },
+            || async {
+                self.limiter
+                    .call(
+                        Service::Iam,
+                        "DeleteRole",
+                        self.iam.delete_role().role_name(name).send(),
+                    )
+                    .await
+            },
         )
         .await;
         gone_ok(res, a)
@@ -200,7 +290,10 @@ impl AwsProvider {
 }
 
 fn role_live(address: Address, role: &aws_sdk_iam::types::Role, policies: Vec<String>) -> Live {
-    let service = role.assume_role_policy_document().map(trusted_service).unwrap_or(Value::Null);
+    let service = role
+        .assume_role_policy_document()
+        .map(trusted_service)
+        .unwrap_or(Value::Null);
     Live::new(address, kind::IAM_ROLE, ProviderId::Aws, role.role_name())
         .attr("name", role.role_name())
         .attr("path", role.path())
@@ -212,7 +305,10 @@ fn role_live(address: Address, role: &aws_sdk_iam::types::Role, policies: Vec<St
 
 fn policy_list(attrs: &BTreeMap<String, Value>) -> Vec<String> {
     match attrs.get("policies") {
-        Some(Value::List(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(Value::List(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -227,7 +323,13 @@ mod tests {
         assert_eq!(trusted_service(&doc), Value::str("eks.amazonaws.com"));
         let encoded: String = doc
             .bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b == b'.' { (b as char).to_string() } else { format!("%{b:02X}") })
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b == b'.' {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
             .collect();
         assert_eq!(trusted_service(&encoded), Value::str("eks.amazonaws.com"));
         assert_eq!(trusted_service("not json"), Value::Null);

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::ProvideCredentials;
-use aws_sigv4::http_request::{SignableBody, SignableRequest, SignatureLocation, SigningSettings, sign};
+use aws_sigv4::http_request::{
+    SignableBody, SignableRequest, SignatureLocation, SigningSettings, sign,
+};
 use aws_sigv4::sign::v4;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -43,7 +45,10 @@ impl fmt::Debug for KubeAccess {
 
 /// Endpoint, CA and token of the EKS cluster named `cluster` (the AWS name,
 /// see [`super::names::eks_cluster`]).
-pub async fn eks_kube_access(provider: &AwsProvider, cluster: &str) -> Result<KubeAccess, ProviderError> {
+pub async fn eks_kube_access(
+    provider: &AwsProvider,
+    cluster: &str,
+) -> Result<KubeAccess, ProviderError> {
     provider.kube_access(cluster).await
 }
 
@@ -74,9 +79,16 @@ pub fn eks_token(
         .map_err(|e| format!("signing parameters: {e}"))?
         .into();
     let headers = [("host", host.as_str()), ("x-k8s-aws-id", cluster)];
-    let request = SignableRequest::new("GET", url.as_str(), headers.into_iter(), SignableBody::Bytes(&[]))
-        .map_err(|e| format!("signable request: {e}"))?;
-    let (instructions, _signature) = sign(request, &params).map_err(|e| format!("signing: {e}"))?.into_parts();
+    let request = SignableRequest::new(
+        "GET",
+        url.as_str(),
+        headers.into_iter(),
+        SignableBody::Bytes(&[]),
+    )
+    .map_err(|e| format!("signable request: {e}"))?;
+    let (instructions, _signature) = sign(request, &params)
+        .map_err(|e| format!("signing: {e}"))?
+        .into_parts();
     let mut presigned = url.clone();
     for (name, value) in instructions.params() {
         presigned.push('&');
@@ -84,7 +96,10 @@ pub fn eks_token(
         presigned.push('=');
         presigned.push_str(&encode(value));
     }
-    Ok(format!("k8s-aws-v1.{}", URL_SAFE_NO_PAD.encode(presigned.as_bytes())))
+    Ok(format!(
+        "k8s-aws-v1.{}",
+        URL_SAFE_NO_PAD.encode(presigned.as_bytes())
+    ))
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
@@ -103,15 +118,31 @@ fn encode(s: &str) -> String {
 impl AwsProvider {
     pub async fn kube_access(&self, cluster: &str) -> Result<KubeAccess, ProviderError> {
         let address = Address::new(format!("eks:{cluster}"));
-        let Some(c) = self.describe_cluster(cluster).await.map_err(|e| e.at(&address))? else {
-            return Err(ProviderError::Api { address, message: format!("EKS cluster {cluster} does not exist") });
+        let Some(c) = self
+            .describe_cluster(cluster)
+            .await
+            .map_err(|e| e.at(&address))?
+        else {
+            return Err(ProviderError::Api {
+                address,
+                message: format!("EKS cluster {cluster} does not exist"),
+            });
         };
-        let endpoint = c.endpoint().unwrap_or_default().trim_end_matches('/').to_owned();
-        let ca_b64 = c.certificate_authority().and_then(|x| x.data()).unwrap_or_default();
-        let ca = STANDARD.decode(ca_b64.trim()).map_err(|e| ProviderError::Api {
-            address: address.clone(),
-            message: format!("the cluster's certificate authority data is not base64: {e}"),
-        })?;
+        let endpoint = c
+            .endpoint()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_owned();
+        let ca_b64 = c
+            .certificate_authority()
+            .and_then(|x| x.data())
+            .unwrap_or_default();
+        let ca = STANDARD
+            .decode(ca_b64.trim())
+            .map_err(|e| ProviderError::Api {
+                address: address.clone(),
+                message: format!("the cluster's certificate authority data is not base64: {e}"),
+            })?;
         let ca_pem = String::from_utf8(ca).map_err(|_| ProviderError::Api {
             address: address.clone(),
             message: "the cluster's certificate authority is not PEM text".to_owned(),
@@ -122,13 +153,20 @@ impl AwsProvider {
                 message: "no AWS credentials provider".to_owned(),
             });
         };
-        let creds = provider.provide_credentials().await.map_err(|e| ProviderError::Observe {
-            provider: ProviderId::Aws,
-            message: format!("no usable AWS credentials: {e}"),
-        })?;
+        let creds = provider
+            .provide_credentials()
+            .await
+            .map_err(|e| ProviderError::Observe {
+                provider: ProviderId::Aws,
+                message: format!("no usable AWS credentials: {e}"),
+            })?;
         let token = eks_token(&creds, &self.region, cluster, SystemTime::now())
             .map_err(|message| ProviderError::Api { address, message })?;
-        Ok(KubeAccess { endpoint, ca_pem, token })
+        Ok(KubeAccess {
+            endpoint,
+            ca_pem,
+            token,
+        })
     }
 }
 
@@ -137,7 +175,13 @@ mod tests {
     use super::*;
 
     fn creds() -> Credentials {
-        Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None, None, "test")
+        Credentials::new(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            None,
+            None,
+            "test",
+        )
     }
 
     #[test]
@@ -146,34 +190,72 @@ mod tests {
         let token = eks_token(&creds(), "us-east-1", "platform-dev-main", time).expect("token");
         let body = token.strip_prefix("k8s-aws-v1.").expect("prefix");
         assert!(!body.contains('='), "no padding");
-        assert!(!body.contains('+') && !body.contains('/'), "url-safe alphabet");
-        let url = String::from_utf8(URL_SAFE_NO_PAD.decode(body).expect("base64url")).expect("utf8");
-        assert!(url.starts_with("https://sts.us-east-1.amazonaws.com/?Action=GetCallerIdentity&Version=2011-06-15&"), "{url}");
+        assert!(
+            !body.contains('+') && !body.contains('/'),
+            "url-safe alphabet"
+        );
+        let url =
+            String::from_utf8(URL_SAFE_NO_PAD.decode(body).expect("base64url")).expect("utf8");
+        assert!(
+            url.starts_with(
+                "https://sts.us-east-1.amazonaws.com/?Action=GetCallerIdentity&Version=2011-06-15&"
+            ),
+            "{url}"
+        );
         assert!(url.contains("X-Amz-Algorithm=AWS4-HMAC-SHA256"), "{url}");
-        assert!(url.contains("X-Amz-Credential=AKIDEXAMPLE%2F20231114%2Fus-east-1%2Fsts%2Faws4_request"), "{url}");
+        assert!(
+            url.contains(
+                "X-Amz-Credential=AKIDEXAMPLE%2F20231114%2Fus-east-1%2Fsts%2Faws4_request"
+            ),
+            "{url}"
+        );
         assert!(url.contains("X-Amz-Date=20231114T221320Z"), "{url}");
         assert!(url.contains("X-Amz-Expires=60"), "{url}");
-        assert!(url.contains("X-Amz-SignedHeaders=host%3Bx-k8s-aws-id"), "{url}");
+        assert!(
+            url.contains("X-Amz-SignedHeaders=host%3Bx-k8s-aws-id"),
+            "{url}"
+        );
         let sig = url.split("X-Amz-Signature=").nth(1).expect("signature");
         assert_eq!(sig.len(), 64);
         assert!(sig.bytes().all(|b| b.is_ascii_hexdigit()));
         // Deterministic for the same inputs; the cluster name is part of the signature.
-        assert_eq!(token, eks_token(&creds(), "us-east-1", "platform-dev-main", time).expect("token"));
-        assert_ne!(token, eks_token(&creds(), "us-east-1", "other", time).expect("token"));
+        assert_eq!(
+            token,
+            eks_token(&creds(), "us-east-1", "platform-dev-main", time).expect("token")
+        );
+        assert_ne!(
+            token,
+            eks_token(&creds(), "us-east-1", "other", time).expect("token")
+        );
     }
 
     #[test]
     fn session_token_is_included() {
         let c = Credentials::new("AKID", "secret", Some("SESSION/TOKEN".into()), None, "test");
         let token = eks_token(&c, "eu-west-1", "c", SystemTime::now()).expect("token");
-        let url = String::from_utf8(URL_SAFE_NO_PAD.decode(&token["k8s-aws-v1.".len()..]).expect("b64")).expect("utf8");
-        assert!(url.contains("X-Amz-Security-Token=SESSION%2FTOKEN"), "{url}");
-        assert!(url.starts_with("https://sts.eu-west-1.amazonaws.com/"), "{url}");
+        let url = String::from_utf8(
+            URL_SAFE_NO_PAD
+                .decode(&token["k8s-aws-v1.".len()..])
+                .expect("b64"),
+        )
+        .expect("utf8");
+        assert!(
+            url.contains("X-Amz-Security-Token=SESSION%2FTOKEN"),
+            "{url}"
+        );
+        assert!(
+            url.starts_with("https://sts.eu-west-1.amazonaws.com/"),
+            "{url}"
+        );
     }
 
     #[test]
     fn debug_hides_the_token() {
-        let k = KubeAccess { endpoint: "https://x".into(), ca_pem: "pem".into(), token: "k8s-aws-v1.secret".into() };
+        let k = KubeAccess {
+            endpoint: "https://x".into(),
+            ca_pem: "pem".into(),
+            token: "k8s-aws-v1.secret".into(),
+        };
         assert!(!format!("{k:?}").contains("secret"));
     }
 }

@@ -141,7 +141,10 @@ impl AwsProvider {
         Self::with_config(region, AwsConfig::default()).await
     }
 
-    pub async fn with_config(region: Option<String>, config: AwsConfig) -> Result<Self, ProviderError> {
+    pub async fn with_config(
+        region: Option<String>,
+        config: AwsConfig,
+    ) -> Result<Self, ProviderError> {
         let retry = RetryConfig::standard()
             .with_max_attempts(config.max_attempts.max(1))
             .with_initial_backoff(config.initial_backoff)
@@ -150,7 +153,9 @@ impl AwsProvider {
             .connect_timeout(config.connect_timeout)
             .operation_attempt_timeout(config.attempt_timeout)
             .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(retry).timeout_config(timeouts);
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(retry)
+            .timeout_config(timeouts);
         if let Some(r) = region.filter(|r| !r.trim().is_empty()) {
             loader = loader.region(aws_config::Region::new(r));
         }
@@ -205,7 +210,11 @@ impl AwsProvider {
     pub async fn check_access(&self) -> Result<String, ProviderError> {
         let out = self
             .limiter
-            .call(Service::Sts, "GetCallerIdentity", self.sts.get_caller_identity().send())
+            .call(
+                Service::Sts,
+                "GetCallerIdentity",
+                self.sts.get_caller_identity().send(),
+            )
             .await
             .map_err(AwsError::observing)?;
         Ok(out.arn().unwrap_or_default().to_owned())
@@ -220,7 +229,10 @@ impl AwsProvider {
 }
 
 fn config_error(message: &str) -> ProviderError {
-    ProviderError::Observe { provider: ProviderId::Aws, message: message.to_owned() }
+    ProviderError::Observe {
+        provider: ProviderId::Aws,
+        message: message.to_owned(),
+    }
 }
 
 fn partition(region: &str) -> &'static str {
@@ -264,7 +276,11 @@ pub mod names {
 
     /// The ECR repository name of `registry.NAME`.
     pub fn ecr_repository(stack: &str, env: &str, registry: &str) -> String {
-        format!("{}/{}", ecr_prefix(stack, env).trim_end_matches('/'), registry.to_lowercase())
+        format!(
+            "{}/{}",
+            ecr_prefix(stack, env).trim_end_matches('/'),
+            registry.to_lowercase()
+        )
     }
 
     pub fn ecr_prefix(stack: &str, env: &str) -> String {
@@ -314,7 +330,10 @@ pub(crate) fn user_tags<'a>(tags: impl IntoIterator<Item = (&'a str, &'a str)>) 
 /// A string-to-string map attribute (`tags`, `labels`).
 pub(crate) fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
     match v {
-        Some(Value::Map(m)) => m.iter().filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned()))).collect(),
+        Some(Value::Map(m)) => m
+            .iter()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+            .collect(),
         _ => BTreeMap::new(),
     }
 }
@@ -324,8 +343,16 @@ pub(crate) fn map_delta(
     desired: &BTreeMap<String, String>,
     live: &BTreeMap<String, String>,
 ) -> (BTreeMap<String, String>, Vec<String>) {
-    let set = desired.iter().filter(|(k, v)| live.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let remove = live.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+    let set = desired
+        .iter()
+        .filter(|(k, v)| live.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let remove = live
+        .keys()
+        .filter(|k| !desired.contains_key(*k))
+        .cloned()
+        .collect();
     (set, remove)
 }
 
@@ -340,7 +367,10 @@ pub(crate) fn id_map(attrs: &BTreeMap<String, Value>, name: &str) -> BTreeMap<St
 }
 
 /// The resolved attributes, failing if a reference is still unknown.
-pub(crate) fn resolved(ctx: &ApplyContext, d: &Desired) -> Result<BTreeMap<String, Value>, ProviderError> {
+pub(crate) fn resolved(
+    ctx: &ApplyContext,
+    d: &Desired,
+) -> Result<BTreeMap<String, Value>, ProviderError> {
     let attrs = ctx.resolved_attrs(d);
     if let Some((k, _)) = attrs.iter().find(|(_, v)| v.is_unknown()) {
         return Err(ProviderError::Invalid {
@@ -377,9 +407,15 @@ impl Provider for AwsProvider {
         Ok(all)
     }
 
-    async fn apply(&self, change: &Change, ctx: &ApplyContext) -> Result<Option<Live>, ProviderError> {
+    async fn apply(
+        &self,
+        change: &Change,
+        ctx: &ApplyContext,
+    ) -> Result<Option<Live>, ProviderError> {
         if ctx.cancelled() {
-            return Err(ProviderError::Interrupted { address: change.address.clone() });
+            return Err(ProviderError::Interrupted {
+                address: change.address.clone(),
+            });
         }
         let live = match &change.action {
             Action::NoOp => return Ok(change.live.clone()),
@@ -414,10 +450,13 @@ impl Provider for AwsProvider {
 }
 
 fn desired_of(change: &Change) -> Result<&Desired, ProviderError> {
-    change.desired.as_ref().ok_or_else(|| ProviderError::Invalid {
-        address: change.address.clone(),
-        message: "the change carries no desired resource".to_owned(),
-    })
+    change
+        .desired
+        .as_ref()
+        .ok_or_else(|| ProviderError::Invalid {
+            address: change.address.clone(),
+            message: "the change carries no desired resource".to_owned(),
+        })
 }
 
 fn live_of(change: &Change) -> Result<&Live, ProviderError> {
@@ -445,7 +484,12 @@ impl AwsProvider {
         }
     }
 
-    async fn update(&self, d: &Desired, live: &Live, ctx: &ApplyContext) -> Result<Live, ProviderError> {
+    async fn update(
+        &self,
+        d: &Desired,
+        live: &Live,
+        ctx: &ApplyContext,
+    ) -> Result<Live, ProviderError> {
         ctx.progress(&d.address, "updating");
         let attrs = resolved(ctx, d)?;
         match d.kind.as_str() {
@@ -481,7 +525,10 @@ impl AwsProvider {
 }
 
 fn unknown_kind(address: &Address, kind: &str) -> ProviderError {
-    ProviderError::Invalid { address: address.clone(), message: format!("the aws provider does not manage `{kind}`") }
+    ProviderError::Invalid {
+        address: address.clone(),
+        message: format!("the aws provider does not manage `{kind}`"),
+    }
 }
 
 /// Waits with backoff until `poll` says done, showing progress and stopping on Ctrl-C.
@@ -503,11 +550,16 @@ where
     let mut last_status = String::new();
     loop {
         if ctx.cancelled() {
-            return Err(ProviderError::Interrupted { address: address.clone() });
+            return Err(ProviderError::Interrupted {
+                address: address.clone(),
+            });
         }
         match poll().await? {
             Polled::Done(v) => {
-                ctx.progress(address, &format!("{what}: done after {}s", started.elapsed().as_secs()));
+                ctx.progress(
+                    address,
+                    &format!("{what}: done after {}s", started.elapsed().as_secs()),
+                );
                 return Ok(v);
             }
             Polled::Pending(status) => {
@@ -521,7 +573,10 @@ where
                 let note = if status == last_status { "still " } else { "" };
                 ctx.progress(
                     address,
-                    &format!("{what}: {note}{status} ({}s so far)", started.elapsed().as_secs()),
+                    &format!(
+                        "{what}: {note}{status} ({}s so far)",
+                        started.elapsed().as_secs()
+                    ),
                 );
                 last_status = status;
             }
@@ -531,7 +586,9 @@ where
             _ = cancel.changed() => {}
         }
         if ctx.cancelled() {
-            return Err(ProviderError::Interrupted { address: address.clone() });
+            return Err(ProviderError::Interrupted {
+                address: address.clone(),
+            });
         }
         interval = interval.mul_f64(1.5).min(wait.max_interval);
     }

@@ -6,39 +6,60 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    AttributeBooleanValue, Filter, IpPermission, ResourceType, Tag, TagSpecification, UserIdGroupPair,
+    AttributeBooleanValue, Filter, IpPermission, ResourceType, Tag, TagSpecification,
+    UserIdGroupPair,
 };
 
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
 use super::call::{AwsError, Service, retry_for};
-use super::{AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta, ownership_tags, str_map, user_tags};
+use super::{
+    AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
+    ownership_tags, str_map, user_tags,
+};
 
 fn filter(name: &str, value: &str) -> Filter {
     Filter::builder().name(name).values(value).build()
 }
 
 fn owner_filters(scope: &Scope) -> Vec<Filter> {
-    vec![filter(&format!("tag:{TAG_STACK}"), &scope.stack), filter(&format!("tag:{TAG_ENV}"), &scope.env)]
+    vec![
+        filter(&format!("tag:{TAG_STACK}"), &scope.stack),
+        filter(&format!("tag:{TAG_ENV}"), &scope.env),
+    ]
 }
 
 fn tag_pairs(tags: &[Tag]) -> impl Iterator<Item = (&str, &str)> {
-    tags.iter().filter_map(|t| Some((t.key()?, t.value().unwrap_or(""))))
+    tags.iter()
+        .filter_map(|t| Some((t.key()?, t.value().unwrap_or(""))))
 }
 
 fn address_of(tags: &[Tag]) -> Option<Address> {
-    tag_pairs(tags).find(|(k, _)| *k == TAG_ADDRESS).map(|(_, v)| Address::new(v))
+    tag_pairs(tags)
+        .find(|(k, _)| *k == TAG_ADDRESS)
+        .map(|(_, v)| Address::new(v))
 }
 
 fn ec2_tags(items: impl IntoIterator<Item = (String, String)>) -> Vec<Tag> {
-    items.into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
+    items
+        .into_iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
 }
 
-fn tag_spec(rt: ResourceType, scope: &Scope, address: &Address, attrs: &BTreeMap<String, Value>) -> TagSpecification {
+fn tag_spec(
+    rt: ResourceType,
+    scope: &Scope,
+    address: &Address,
+    attrs: &BTreeMap<String, Value>,
+) -> TagSpecification {
     let mut tags = str_map(attrs.get("tags"));
     tags.extend(ownership_tags(scope, address));
-    TagSpecification::builder().resource_type(rt).set_tags(Some(ec2_tags(tags))).build()
+    TagSpecification::builder()
+        .resource_type(rt)
+        .set_tags(Some(ec2_tags(tags)))
+        .build()
 }
 
 fn dv(e: &AwsError) -> bool {
@@ -49,15 +70,28 @@ fn dv(e: &AwsError) -> bool {
 pub(super) fn subnet_names(live: &[Live]) -> BTreeMap<String, String> {
     live.iter()
         .filter(|l| l.kind == kind::SUBNET)
-        .filter_map(|l| Some((l.id.clone(), l.address.as_str().rsplit('.').next()?.to_owned())))
+        .filter_map(|l| {
+            Some((
+                l.id.clone(),
+                l.address.as_str().rsplit('.').next()?.to_owned(),
+            ))
+        })
         .collect()
 }
 
 /// `{name: id}` of subnet ids, named where the id is known.
-pub(super) fn named_ids<'a>(ids: impl IntoIterator<Item = &'a str>, names: &BTreeMap<String, String>) -> Value {
+pub(super) fn named_ids<'a>(
+    ids: impl IntoIterator<Item = &'a str>,
+    names: &BTreeMap<String, String>,
+) -> Value {
     Value::Map(
         ids.into_iter()
-            .map(|id| (names.get(id).cloned().unwrap_or_else(|| id.to_owned()), Value::str(id)))
+            .map(|id| {
+                (
+                    names.get(id).cloned().unwrap_or_else(|| id.to_owned()),
+                    Value::str(id),
+                )
+            })
             .collect(),
     )
 }
@@ -87,7 +121,10 @@ fn subnet_live(s: &aws_sdk_ec2::types::Subnet) -> Option<Live> {
             .attr("vpc_id", s.vpc_id().unwrap_or_default())
             .attr("cidr", s.cidr_block().unwrap_or_default())
             .attr("zone", s.availability_zone().unwrap_or_default())
-            .attr("map_public_ip_on_launch", s.map_public_ip_on_launch().unwrap_or(false))
+            .attr(
+                "map_public_ip_on_launch",
+                s.map_public_ip_on_launch().unwrap_or(false),
+            )
             .attr("tags", user_tags(tag_pairs(s.tags())))
             .output("id", id)
             .output("zone", s.availability_zone().unwrap_or_default()),
@@ -97,7 +134,12 @@ fn subnet_live(s: &aws_sdk_ec2::types::Subnet) -> Option<Live> {
 fn igw_live(g: &aws_sdk_ec2::types::InternetGateway) -> Option<Live> {
     let address = address_of(g.tags())?;
     let id = g.internet_gateway_id()?;
-    let vpc = g.attachments().iter().find_map(|a| a.vpc_id()).map(Value::str).unwrap_or(Value::Null);
+    let vpc = g
+        .attachments()
+        .iter()
+        .find_map(|a| a.vpc_id())
+        .map(Value::str)
+        .unwrap_or(Value::Null);
     Some(
         Live::new(address, kind::INTERNET_GATEWAY, ProviderId::Aws, id)
             .attr("vpc_id", vpc)
@@ -106,7 +148,10 @@ fn igw_live(g: &aws_sdk_ec2::types::InternetGateway) -> Option<Live> {
     )
 }
 
-fn route_table_live(t: &aws_sdk_ec2::types::RouteTable, names: &BTreeMap<String, String>) -> Option<Live> {
+fn route_table_live(
+    t: &aws_sdk_ec2::types::RouteTable,
+    names: &BTreeMap<String, String>,
+) -> Option<Live> {
     let address = address_of(t.tags())?;
     let id = t.route_table_id()?;
     let gateway = t
@@ -116,7 +161,11 @@ fn route_table_live(t: &aws_sdk_ec2::types::RouteTable, names: &BTreeMap<String,
         .and_then(|r| r.gateway_id())
         .map(Value::str)
         .unwrap_or(Value::Null);
-    let subnets = t.associations().iter().filter(|a| !a.main().unwrap_or(false)).filter_map(|a| a.subnet_id());
+    let subnets = t
+        .associations()
+        .iter()
+        .filter(|a| !a.main().unwrap_or(false))
+        .filter_map(|a| a.subnet_id());
     Some(
         Live::new(address, kind::ROUTE_TABLE, ProviderId::Aws, id)
             .attr("vpc_id", t.vpc_id().unwrap_or_default())
@@ -151,21 +200,54 @@ impl AwsProvider {
             self.list_security_groups(owner_filters(scope)),
         );
         let mut out: Vec<Live> = Vec::new();
-        out.extend(vpcs.map_err(AwsError::observing)?.iter().filter_map(vpc_live));
-        out.extend(subnets.map_err(AwsError::observing)?.iter().filter_map(subnet_live));
+        out.extend(
+            vpcs.map_err(AwsError::observing)?
+                .iter()
+                .filter_map(vpc_live),
+        );
+        out.extend(
+            subnets
+                .map_err(AwsError::observing)?
+                .iter()
+                .filter_map(subnet_live),
+        );
         let names = subnet_names(&out);
-        out.extend(igws.map_err(AwsError::observing)?.iter().filter_map(igw_live));
-        out.extend(tables.map_err(AwsError::observing)?.iter().filter_map(|t| route_table_live(t, &names)));
-        out.extend(groups.map_err(AwsError::observing)?.iter().filter_map(security_group_live));
+        out.extend(
+            igws.map_err(AwsError::observing)?
+                .iter()
+                .filter_map(igw_live),
+        );
+        out.extend(
+            tables
+                .map_err(AwsError::observing)?
+                .iter()
+                .filter_map(|t| route_table_live(t, &names)),
+        );
+        out.extend(
+            groups
+                .map_err(AwsError::observing)?
+                .iter()
+                .filter_map(security_group_live),
+        );
         Ok(out)
     }
 
-    async fn list_vpcs(&self, filters: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::Vpc>, AwsError> {
+    async fn list_vpcs(
+        &self,
+        filters: Vec<Filter>,
+    ) -> Result<Vec<aws_sdk_ec2::types::Vpc>, AwsError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let req = self.ec2.describe_vpcs().set_filters(Some(filters.clone())).set_next_token(token.take());
-            let page = self.limiter.call(Service::Ec2, "DescribeVpcs", req.send()).await?;
+            let req = self
+                .ec2
+                .describe_vpcs()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take());
+            let page = self
+                .limiter
+                .call(Service::Ec2, "DescribeVpcs", req.send())
+                .await?;
             out.extend(page.vpcs().iter().cloned());
             match page.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_owned()),
@@ -174,12 +256,22 @@ impl AwsProvider {
         }
     }
 
-    async fn list_subnets(&self, filters: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::Subnet>, AwsError> {
+    async fn list_subnets(
+        &self,
+        filters: Vec<Filter>,
+    ) -> Result<Vec<aws_sdk_ec2::types::Subnet>, AwsError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let req = self.ec2.describe_subnets().set_filters(Some(filters.clone())).set_next_token(token.take());
-            let page = self.limiter.call(Service::Ec2, "DescribeSubnets", req.send()).await?;
+            let req = self
+                .ec2
+                .describe_subnets()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take());
+            let page = self
+                .limiter
+                .call(Service::Ec2, "DescribeSubnets", req.send())
+                .await?;
             out.extend(page.subnets().iter().cloned());
             match page.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_owned()),
@@ -188,13 +280,22 @@ impl AwsProvider {
         }
     }
 
-    async fn list_igws(&self, filters: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>, AwsError> {
+    async fn list_igws(
+        &self,
+        filters: Vec<Filter>,
+    ) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>, AwsError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let req =
-                self.ec2.describe_internet_gateways().set_filters(Some(filters.clone())).set_next_token(token.take());
-            let page = self.limiter.call(Service::Ec2, "DescribeInternetGateways", req.send()).await?;
+            let req = self
+                .ec2
+                .describe_internet_gateways()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take());
+            let page = self
+                .limiter
+                .call(Service::Ec2, "DescribeInternetGateways", req.send())
+                .await?;
             out.extend(page.internet_gateways().iter().cloned());
             match page.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_owned()),
@@ -203,12 +304,22 @@ impl AwsProvider {
         }
     }
 
-    async fn list_route_tables(&self, filters: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
+    async fn list_route_tables(
+        &self,
+        filters: Vec<Filter>,
+    ) -> Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let req = self.ec2.describe_route_tables().set_filters(Some(filters.clone())).set_next_token(token.take());
-            let page = self.limiter.call(Service::Ec2, "DescribeRouteTables", req.send()).await?;
+            let req = self
+                .ec2
+                .describe_route_tables()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take());
+            let page = self
+                .limiter
+                .call(Service::Ec2, "DescribeRouteTables", req.send())
+                .await?;
             out.extend(page.route_tables().iter().cloned());
             match page.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_owned()),
@@ -224,9 +335,15 @@ impl AwsProvider {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let req =
-                self.ec2.describe_security_groups().set_filters(Some(filters.clone())).set_next_token(token.take());
-            let page = self.limiter.call(Service::Ec2, "DescribeSecurityGroups", req.send()).await?;
+            let req = self
+                .ec2
+                .describe_security_groups()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take());
+            let page = self
+                .limiter
+                .call(Service::Ec2, "DescribeSecurityGroups", req.send())
+                .await?;
             out.extend(page.security_groups().iter().cloned());
             match page.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_owned()),
@@ -253,17 +370,31 @@ impl AwsProvider {
             |_| async {},
             || async {
                 let live = match kind_name {
-                    kind::VPC => self.list_vpcs(by_id("vpc-id")).await?.iter().find_map(vpc_live),
-                    kind::SUBNET => self.list_subnets(by_id("subnet-id")).await?.iter().find_map(subnet_live),
-                    kind::INTERNET_GATEWAY => {
-                        self.list_igws(by_id("internet-gateway-id")).await?.iter().find_map(igw_live)
-                    }
+                    kind::VPC => self
+                        .list_vpcs(by_id("vpc-id"))
+                        .await?
+                        .iter()
+                        .find_map(vpc_live),
+                    kind::SUBNET => self
+                        .list_subnets(by_id("subnet-id"))
+                        .await?
+                        .iter()
+                        .find_map(subnet_live),
+                    kind::INTERNET_GATEWAY => self
+                        .list_igws(by_id("internet-gateway-id"))
+                        .await?
+                        .iter()
+                        .find_map(igw_live),
                     kind::ROUTE_TABLE => self
                         .list_route_tables(by_id("route-table-id"))
                         .await?
                         .iter()
                         .find_map(|t| route_table_live(t, &names)),
-                    _ => self.list_security_groups(by_id("group-id")).await?.iter().find_map(security_group_live),
+                    _ => self
+                        .list_security_groups(by_id("group-id"))
+                        .await?
+                        .iter()
+                        .find_map(security_group_live),
                 };
                 live.ok_or_else(|| AwsError {
                     kind: super::call::ErrorKind::Service,
@@ -291,14 +422,36 @@ impl AwsProvider {
             .create_vpc()
             .cidr_block(cidr)
             .tag_specifications(tag_spec(ResourceType::Vpc, &ctx.scope, a, attrs));
-        let out = self.limiter.call(Service::Ec2, "CreateVpc", req.send()).await.map_err(|e| e.at(a))?;
-        let id = out.vpc().and_then(|v| v.vpc_id()).unwrap_or_default().to_owned();
+        let out = self
+            .limiter
+            .call(Service::Ec2, "CreateVpc", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
+        let id = out
+            .vpc()
+            .and_then(|v| v.vpc_id())
+            .unwrap_or_default()
+            .to_owned();
         // EKS needs DNS support and hostnames in the VPC.
         let on = || AttributeBooleanValue::builder().value(true).build();
-        let req = self.ec2.modify_vpc_attribute().vpc_id(&id).enable_dns_support(on());
-        self.limiter.call(Service::Ec2, "ModifyVpcAttribute", req.send()).await.map_err(|e| e.at(a))?;
-        let req = self.ec2.modify_vpc_attribute().vpc_id(&id).enable_dns_hostnames(on());
-        self.limiter.call(Service::Ec2, "ModifyVpcAttribute", req.send()).await.map_err(|e| e.at(a))?;
+        let req = self
+            .ec2
+            .modify_vpc_attribute()
+            .vpc_id(&id)
+            .enable_dns_support(on());
+        self.limiter
+            .call(Service::Ec2, "ModifyVpcAttribute", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
+        let req = self
+            .ec2
+            .modify_vpc_attribute()
+            .vpc_id(&id)
+            .enable_dns_hostnames(on());
+        self.limiter
+            .call(Service::Ec2, "ModifyVpcAttribute", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
         self.read_ec2(kind::VPC, a, &id, attrs).await
     }
 
@@ -316,21 +469,41 @@ impl AwsProvider {
             .cidr_block(attr_str(attrs, "cidr").unwrap_or_default())
             .availability_zone(attr_str(attrs, "zone").unwrap_or_default())
             .tag_specifications(tag_spec(ResourceType::Subnet, &ctx.scope, a, attrs));
-        let out = self.limiter.call(Service::Ec2, "CreateSubnet", req.send()).await.map_err(|e| e.at(a))?;
-        let id = out.subnet().and_then(|s| s.subnet_id()).unwrap_or_default().to_owned();
-        if attrs.get("map_public_ip_on_launch").and_then(Value::as_bool) == Some(true) {
+        let out = self
+            .limiter
+            .call(Service::Ec2, "CreateSubnet", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
+        let id = out
+            .subnet()
+            .and_then(|s| s.subnet_id())
+            .unwrap_or_default()
+            .to_owned();
+        if attrs
+            .get("map_public_ip_on_launch")
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
             self.set_map_public_ip(a, &id, true).await?;
         }
         self.read_ec2(kind::SUBNET, a, &id, attrs).await
     }
 
-    async fn set_map_public_ip(&self, a: &Address, id: &str, on: bool) -> Result<(), ProviderError> {
+    async fn set_map_public_ip(
+        &self,
+        a: &Address,
+        id: &str,
+        on: bool,
+    ) -> Result<(), ProviderError> {
         let req = self
             .ec2
             .modify_subnet_attribute()
             .subnet_id(id)
             .map_public_ip_on_launch(AttributeBooleanValue::builder().value(on).build());
-        self.limiter.call(Service::Ec2, "ModifySubnetAttribute", req.send()).await.map_err(|e| e.at(a))?;
+        self.limiter
+            .call(Service::Ec2, "ModifySubnetAttribute", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
         Ok(())
     }
 
@@ -344,12 +517,32 @@ impl AwsProvider {
         let req = self
             .ec2
             .create_internet_gateway()
-            .tag_specifications(tag_spec(ResourceType::InternetGateway, &ctx.scope, a, attrs));
-        let out = self.limiter.call(Service::Ec2, "CreateInternetGateway", req.send()).await.map_err(|e| e.at(a))?;
-        let id = out.internet_gateway().and_then(|g| g.internet_gateway_id()).unwrap_or_default().to_owned();
+            .tag_specifications(tag_spec(
+                ResourceType::InternetGateway,
+                &ctx.scope,
+                a,
+                attrs,
+            ));
+        let out = self
+            .limiter
+            .call(Service::Ec2, "CreateInternetGateway", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
+        let id = out
+            .internet_gateway()
+            .and_then(|g| g.internet_gateway_id())
+            .unwrap_or_default()
+            .to_owned();
         let vpc = attr_str(attrs, "vpc_id").unwrap_or_default();
-        let req = self.ec2.attach_internet_gateway().internet_gateway_id(&id).vpc_id(vpc);
-        self.limiter.call(Service::Ec2, "AttachInternetGateway", req.send()).await.map_err(|e| e.at(a))?;
+        let req = self
+            .ec2
+            .attach_internet_gateway()
+            .internet_gateway_id(&id)
+            .vpc_id(vpc);
+        self.limiter
+            .call(Service::Ec2, "AttachInternetGateway", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
         self.read_ec2(kind::INTERNET_GATEWAY, a, &id, attrs).await
     }
 
@@ -365,15 +558,38 @@ impl AwsProvider {
             .create_route_table()
             .vpc_id(attr_str(attrs, "vpc_id").unwrap_or_default())
             .tag_specifications(tag_spec(ResourceType::RouteTable, &ctx.scope, a, attrs));
-        let out = self.limiter.call(Service::Ec2, "CreateRouteTable", req.send()).await.map_err(|e| e.at(a))?;
-        let id = out.route_table().and_then(|t| t.route_table_id()).unwrap_or_default().to_owned();
+        let out = self
+            .limiter
+            .call(Service::Ec2, "CreateRouteTable", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
+        let id = out
+            .route_table()
+            .and_then(|t| t.route_table_id())
+            .unwrap_or_default()
+            .to_owned();
         if let Some(gw) = attr_str(attrs, "gateway_id") {
-            let req = self.ec2.create_route().route_table_id(&id).destination_cidr_block("0.0.0.0/0").gateway_id(gw);
-            self.limiter.call(Service::Ec2, "CreateRoute", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .ec2
+                .create_route()
+                .route_table_id(&id)
+                .destination_cidr_block("0.0.0.0/0")
+                .gateway_id(gw);
+            self.limiter
+                .call(Service::Ec2, "CreateRoute", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         for subnet in id_map(attrs, "subnets").values() {
-            let req = self.ec2.associate_route_table().route_table_id(&id).subnet_id(subnet);
-            self.limiter.call(Service::Ec2, "AssociateRouteTable", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .ec2
+                .associate_route_table()
+                .route_table_id(&id)
+                .subnet_id(subnet);
+            self.limiter
+                .call(Service::Ec2, "AssociateRouteTable", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         self.read_ec2(kind::ROUTE_TABLE, a, &id, attrs).await
     }
@@ -393,15 +609,27 @@ impl AwsProvider {
             .description(format!("mesh {a}: traffic within the cluster"))
             .vpc_id(attr_str(attrs, "vpc_id").unwrap_or_default())
             .tag_specifications(tag_spec(ResourceType::SecurityGroup, &ctx.scope, a, attrs));
-        let out = self.limiter.call(Service::Ec2, "CreateSecurityGroup", req.send()).await.map_err(|e| e.at(a))?;
+        let out = self
+            .limiter
+            .call(Service::Ec2, "CreateSecurityGroup", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
         let id = out.group_id().unwrap_or_default().to_owned();
         // Everything inside the group may talk to everything else inside it.
         let rule = IpPermission::builder()
             .ip_protocol("-1")
             .user_id_group_pairs(UserIdGroupPair::builder().group_id(&id).build())
             .build();
-        let req = self.ec2.authorize_security_group_ingress().group_id(&id).ip_permissions(rule);
-        match self.limiter.call(Service::Ec2, "AuthorizeSecurityGroupIngress", req.send()).await {
+        let req = self
+            .ec2
+            .authorize_security_group_ingress()
+            .group_id(&id)
+            .ip_permissions(rule);
+        match self
+            .limiter
+            .call(Service::Ec2, "AuthorizeSecurityGroupIngress", req.send())
+            .await
+        {
             Ok(_) => {}
             Err(e) if e.is("InvalidPermission.Duplicate") => {}
             Err(e) => return Err(e.at(a)),
@@ -417,15 +645,35 @@ impl AwsProvider {
         live: &Live,
     ) -> Result<(), ProviderError> {
         let a = &d.address;
-        let (set, remove) = map_delta(&str_map(attrs.get("tags")), &str_map(live.attrs.get("tags")));
+        let (set, remove) = map_delta(
+            &str_map(attrs.get("tags")),
+            &str_map(live.attrs.get("tags")),
+        );
         if !set.is_empty() {
-            let req = self.ec2.create_tags().resources(&live.id).set_tags(Some(ec2_tags(set)));
-            self.limiter.call(Service::Ec2, "CreateTags", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .ec2
+                .create_tags()
+                .resources(&live.id)
+                .set_tags(Some(ec2_tags(set)));
+            self.limiter
+                .call(Service::Ec2, "CreateTags", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         if !remove.is_empty() {
-            let tags = remove.into_iter().map(|k| Tag::builder().key(k).build()).collect();
-            let req = self.ec2.delete_tags().resources(&live.id).set_tags(Some(tags));
-            self.limiter.call(Service::Ec2, "DeleteTags", req.send()).await.map_err(|e| e.at(a))?;
+            let tags = remove
+                .into_iter()
+                .map(|k| Tag::builder().key(k).build())
+                .collect();
+            let req = self
+                .ec2
+                .delete_tags()
+                .resources(&live.id)
+                .set_tags(Some(tags));
+            self.limiter
+                .call(Service::Ec2, "DeleteTags", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
         }
         Ok(())
     }
@@ -436,12 +684,21 @@ impl AwsProvider {
         attrs: &BTreeMap<String, Value>,
         live: &Live,
     ) -> Result<Live, ProviderError> {
-        let want = attrs.get("map_public_ip_on_launch").and_then(Value::as_bool).unwrap_or(false);
-        if live.attrs.get("map_public_ip_on_launch").and_then(Value::as_bool) != Some(want) {
+        let want = attrs
+            .get("map_public_ip_on_launch")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if live
+            .attrs
+            .get("map_public_ip_on_launch")
+            .and_then(Value::as_bool)
+            != Some(want)
+        {
             self.set_map_public_ip(&d.address, &live.id, want).await?;
         }
         self.update_ec2_tags(d, attrs, live).await?;
-        self.read_ec2(kind::SUBNET, &d.address, &live.id, attrs).await
+        self.read_ec2(kind::SUBNET, &d.address, &live.id, attrs)
+            .await
     }
 
     pub(super) async fn update_route_table(
@@ -456,18 +713,39 @@ impl AwsProvider {
         if want_gw != have_gw {
             match (want_gw, have_gw) {
                 (Some(gw), Some(_)) => {
-                    let req =
-                        self.ec2.replace_route().route_table_id(&live.id).destination_cidr_block("0.0.0.0/0").gateway_id(gw);
-                    self.limiter.call(Service::Ec2, "ReplaceRoute", req.send()).await.map_err(|e| e.at(a))?;
+                    let req = self
+                        .ec2
+                        .replace_route()
+                        .route_table_id(&live.id)
+                        .destination_cidr_block("0.0.0.0/0")
+                        .gateway_id(gw);
+                    self.limiter
+                        .call(Service::Ec2, "ReplaceRoute", req.send())
+                        .await
+                        .map_err(|e| e.at(a))?;
                 }
                 (Some(gw), None) => {
-                    let req =
-                        self.ec2.create_route().route_table_id(&live.id).destination_cidr_block("0.0.0.0/0").gateway_id(gw);
-                    self.limiter.call(Service::Ec2, "CreateRoute", req.send()).await.map_err(|e| e.at(a))?;
+                    let req = self
+                        .ec2
+                        .create_route()
+                        .route_table_id(&live.id)
+                        .destination_cidr_block("0.0.0.0/0")
+                        .gateway_id(gw);
+                    self.limiter
+                        .call(Service::Ec2, "CreateRoute", req.send())
+                        .await
+                        .map_err(|e| e.at(a))?;
                 }
                 (None, _) => {
-                    let req = self.ec2.delete_route().route_table_id(&live.id).destination_cidr_block("0.0.0.0/0");
-                    self.limiter.call(Service::Ec2, "DeleteRoute", req.send()).await.map_err(|e| e.at(a))?;
+                    let req = self
+                        .ec2
+                        .delete_route()
+                        .route_table_id(&live.id)
+                        .destination_cidr_block("0.0.0.0/0");
+                    self.limiter
+                        .call(Service::Ec2, "DeleteRoute", req.send())
+                        .await
+                        .map_err(|e| e.at(a))?;
                 }
             }
         }
@@ -475,23 +753,41 @@ impl AwsProvider {
         let have: Vec<String> = id_map(&live.attrs, "subnets").into_values().collect();
         if want != have {
             // Associations are found by describing the table (their ids are not live attributes).
-            let tables = self.list_route_tables(vec![filter("route-table-id", &live.id)]).await.map_err(|e| e.at(a))?;
+            let tables = self
+                .list_route_tables(vec![filter("route-table-id", &live.id)])
+                .await
+                .map_err(|e| e.at(a))?;
             let assocs: Vec<(String, String)> = tables
                 .iter()
                 .flat_map(|t| t.associations())
                 .filter(|x| !x.main().unwrap_or(false))
-                .filter_map(|x| Some((x.subnet_id()?.to_owned(), x.route_table_association_id()?.to_owned())))
+                .filter_map(|x| {
+                    Some((
+                        x.subnet_id()?.to_owned(),
+                        x.route_table_association_id()?.to_owned(),
+                    ))
+                })
                 .collect();
             for (subnet, assoc) in &assocs {
                 if !want.contains(subnet) {
                     let req = self.ec2.disassociate_route_table().association_id(assoc);
-                    self.limiter.call(Service::Ec2, "DisassociateRouteTable", req.send()).await.map_err(|e| e.at(a))?;
+                    self.limiter
+                        .call(Service::Ec2, "DisassociateRouteTable", req.send())
+                        .await
+                        .map_err(|e| e.at(a))?;
                 }
             }
             for subnet in &want {
                 if !assocs.iter().any(|(s, _)| s == subnet) {
-                    let req = self.ec2.associate_route_table().route_table_id(&live.id).subnet_id(subnet);
-                    self.limiter.call(Service::Ec2, "AssociateRouteTable", req.send()).await.map_err(|e| e.at(a))?;
+                    let req = self
+                        .ec2
+                        .associate_route_table()
+                        .route_table_id(&live.id)
+                        .subnet_id(subnet);
+                    self.limiter
+                        .call(Service::Ec2, "AssociateRouteTable", req.send())
+                        .await
+                        .map_err(|e| e.at(a))?;
                 }
             }
         }
@@ -500,10 +796,17 @@ impl AwsProvider {
     }
 
     fn dependency_retry(&self) -> (Duration, Duration) {
-        (self.config.dependency_timeout, self.config.dependency_backoff)
+        (
+            self.config.dependency_timeout,
+            self.config.dependency_backoff,
+        )
     }
 
-    pub(super) async fn delete_vpc(&self, live: &Live, ctx: &ApplyContext) -> Result<(), ProviderError> {
+    pub(super) async fn delete_vpc(
+        &self,
+        live: &Live,
+        ctx: &ApplyContext,
+    ) -> Result<(), ProviderError> {
         let a = &live.address;
         let id = live.id.as_str();
         self.cleanup_kubernetes_leftovers(a, id, ctx).await?;
@@ -513,30 +816,50 @@ impl AwsProvider {
             base,
             dv,
             |attempt| async move {
-                ctx.progress(a, "waiting for resources still in the VPC to go (DependencyViolation)");
+                ctx.progress(
+                    a,
+                    "waiting for resources still in the VPC to go (DependencyViolation)",
+                );
                 if attempt % 3 == 2 {
                     let _ = self.cleanup_kubernetes_leftovers(a, id, ctx).await;
                 }
             },
             || async {
                 let req = self.ec2.delete_vpc().vpc_id(id);
-                self.limiter.call(Service::Ec2, "DeleteVpc", req.send()).await
+                self.limiter
+                    .call(Service::Ec2, "DeleteVpc", req.send())
+                    .await
             },
         )
         .await;
         gone_ok(res, a)
     }
 
-    pub(super) async fn delete_subnet(&self, live: &Live, ctx: &ApplyContext) -> Result<(), ProviderError> {
+    pub(super) async fn delete_subnet(
+        &self,
+        live: &Live,
+        ctx: &ApplyContext,
+    ) -> Result<(), ProviderError> {
         let a = &live.address;
         let id = live.id.as_str();
         // Disassociate route tables first (not every implementation drops them with the subnet).
-        let tables = self.list_route_tables(vec![filter("association.subnet-id", id)]).await.map_err(|e| e.at(a))?;
+        let tables = self
+            .list_route_tables(vec![filter("association.subnet-id", id)])
+            .await
+            .map_err(|e| e.at(a))?;
         for t in &tables {
-            for x in t.associations().iter().filter(|x| x.subnet_id() == Some(id)) {
+            for x in t
+                .associations()
+                .iter()
+                .filter(|x| x.subnet_id() == Some(id))
+            {
                 if let Some(assoc) = x.route_table_association_id() {
                     let req = self.ec2.disassociate_route_table().association_id(assoc);
-                    match self.limiter.call(Service::Ec2, "DisassociateRouteTable", req.send()).await {
+                    match self
+                        .limiter
+                        .call(Service::Ec2, "DisassociateRouteTable", req.send())
+                        .await
+                    {
                         Ok(_) => {}
                         Err(e) if e.is_not_found() => {}
                         Err(e) => return Err(e.at(a)),
@@ -564,7 +887,11 @@ impl AwsProvider {
         gone_ok(res, a)
     }
 
-    pub(super) async fn delete_internet_gateway(&self, live: &Live, ctx: &ApplyContext) -> Result<(), ProviderError> {
+    pub(super) async fn delete_internet_gateway(
+        &self,
+        live: &Live,
+        ctx: &ApplyContext,
+    ) -> Result<(), ProviderError> {
         let a = &live.address;
         let id = live.id.as_str();
         let (budget, base) = self.dependency_retry();
@@ -591,16 +918,32 @@ impl AwsProvider {
             }
         }
         let req = self.ec2.delete_internet_gateway().internet_gateway_id(id);
-        gone_ok(self.limiter.call(Service::Ec2, "DeleteInternetGateway", req.send()).await, a)
+        gone_ok(
+            self.limiter
+                .call(Service::Ec2, "DeleteInternetGateway", req.send())
+                .await,
+            a,
+        )
     }
 
     pub(super) async fn delete_route_table(&self, live: &Live) -> Result<(), ProviderError> {
         let a = &live.address;
-        let tables = self.list_route_tables(vec![filter("route-table-id", &live.id)]).await.map_err(|e| e.at(a))?;
-        for x in tables.iter().flat_map(|t| t.associations()).filter(|x| !x.main().unwrap_or(false)) {
+        let tables = self
+            .list_route_tables(vec![filter("route-table-id", &live.id)])
+            .await
+            .map_err(|e| e.at(a))?;
+        for x in tables
+            .iter()
+            .flat_map(|t| t.associations())
+            .filter(|x| !x.main().unwrap_or(false))
+        {
             if let Some(assoc) = x.route_table_association_id() {
                 let req = self.ec2.disassociate_route_table().association_id(assoc);
-                match self.limiter.call(Service::Ec2, "DisassociateRouteTable", req.send()).await {
+                match self
+                    .limiter
+                    .call(Service::Ec2, "DisassociateRouteTable", req.send())
+                    .await
+                {
                     Ok(_) => {}
                     Err(e) if e.is_not_found() => {}
                     Err(e) => return Err(e.at(a)),
@@ -615,14 +958,20 @@ impl AwsProvider {
             |_| async {},
             || async {
                 let req = self.ec2.delete_route_table().route_table_id(&live.id);
-                self.limiter.call(Service::Ec2, "DeleteRouteTable", req.send()).await
+                self.limiter
+                    .call(Service::Ec2, "DeleteRouteTable", req.send())
+                    .await
             },
         )
         .await;
         gone_ok(res, a)
     }
 
-    pub(super) async fn delete_security_group(&self, live: &Live, ctx: &ApplyContext) -> Result<(), ProviderError> {
+    pub(super) async fn delete_security_group(
+        &self,
+        live: &Live,
+        ctx: &ApplyContext,
+    ) -> Result<(), ProviderError> {
         let a = &live.address;
         let id = live.id.as_str();
         let vpc = attr_str(&live.attrs, "vpc_id").unwrap_or_default();
@@ -633,13 +982,18 @@ impl AwsProvider {
             base,
             dv,
             |_| async move {
-                ctx.progress(a, "security group still in use (DependencyViolation): cleaning up, retrying");
+                ctx.progress(
+                    a,
+                    "security group still in use (DependencyViolation): cleaning up, retrying",
+                );
                 let _ = self.cleanup_kubernetes_leftovers(a, vpc, ctx).await;
                 let _ = self.revoke_references_to(vpc, &[id.to_owned()]).await;
             },
             || async {
                 let req = self.ec2.delete_security_group().group_id(id);
-                self.limiter.call(Service::Ec2, "DeleteSecurityGroup", req.send()).await
+                self.limiter
+                    .call(Service::Ec2, "DeleteSecurityGroup", req.send())
+                    .await
             },
         )
         .await;
@@ -664,8 +1018,15 @@ impl AwsProvider {
         let mut lbs = Vec::new();
         let mut marker: Option<String> = None;
         loop {
-            let req = self.elbv2.describe_load_balancers().set_marker(marker.take());
-            let page = self.limiter.call(Service::Elbv2, "DescribeLoadBalancers", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .elbv2
+                .describe_load_balancers()
+                .set_marker(marker.take());
+            let page = self
+                .limiter
+                .call(Service::Elbv2, "DescribeLoadBalancers", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
             lbs.extend(
                 page.load_balancers()
                     .iter()
@@ -679,19 +1040,37 @@ impl AwsProvider {
         }
         let mut doomed_lbs = Vec::new();
         for chunk in lbs.chunks(20) {
-            let req = self.elbv2.describe_tags().set_resource_arns(Some(chunk.to_vec()));
-            let out = self.limiter.call(Service::Elbv2, "DescribeTags", req.send()).await.map_err(|e| e.at(a))?;
+            let req = self
+                .elbv2
+                .describe_tags()
+                .set_resource_arns(Some(chunk.to_vec()));
+            let out = self
+                .limiter
+                .call(Service::Elbv2, "DescribeTags", req.send())
+                .await
+                .map_err(|e| e.at(a))?;
             for d in out.tag_descriptions() {
-                let k8s = d.tags().iter().filter_map(|t| t.key()).any(is_kubernetes_tag);
+                let k8s = d
+                    .tags()
+                    .iter()
+                    .filter_map(|t| t.key())
+                    .any(is_kubernetes_tag);
                 if k8s && let Some(arn) = d.resource_arn() {
                     doomed_lbs.push(arn.to_owned());
                 }
             }
         }
         for arn in &doomed_lbs {
-            ctx.progress(a, &format!("deleting load balancer left by Kubernetes: {arn}"));
+            ctx.progress(
+                a,
+                &format!("deleting load balancer left by Kubernetes: {arn}"),
+            );
             let req = self.elbv2.delete_load_balancer().load_balancer_arn(arn);
-            match self.limiter.call(Service::Elbv2, "DeleteLoadBalancer", req.send()).await {
+            match self
+                .limiter
+                .call(Service::Elbv2, "DeleteLoadBalancer", req.send())
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.at(a)),
@@ -699,7 +1078,10 @@ impl AwsProvider {
         }
 
         // Security groups Kubernetes created (tagged for a cluster, not owned by mesh).
-        let groups = self.list_security_groups(vec![filter("vpc-id", vpc_id)]).await.map_err(|e| e.at(a))?;
+        let groups = self
+            .list_security_groups(vec![filter("vpc-id", vpc_id)])
+            .await
+            .map_err(|e| e.at(a))?;
         let doomed_groups: Vec<String> = groups
             .iter()
             .filter(|g| g.group_name() != Some("default"))
@@ -716,12 +1098,20 @@ impl AwsProvider {
             .describe_network_interfaces()
             .filters(filter("vpc-id", vpc_id))
             .filters(filter("status", "available"));
-        let enis = self.limiter.call(Service::Ec2, "DescribeNetworkInterfaces", req.send()).await.map_err(|e| e.at(a))?;
+        let enis = self
+            .limiter
+            .call(Service::Ec2, "DescribeNetworkInterfaces", req.send())
+            .await
+            .map_err(|e| e.at(a))?;
         for eni in enis.network_interfaces() {
             if let Some(id) = eni.network_interface_id() {
                 ctx.progress(a, &format!("deleting detached network interface {id}"));
                 let req = self.ec2.delete_network_interface().network_interface_id(id);
-                match self.limiter.call(Service::Ec2, "DeleteNetworkInterface", req.send()).await {
+                match self
+                    .limiter
+                    .call(Service::Ec2, "DeleteNetworkInterface", req.send())
+                    .await
+                {
                     Ok(_) => {}
                     Err(e) if e.is_not_found() || e.is("InvalidNetworkInterface.InUse") => {}
                     Err(e) => return Err(e.at(a)),
@@ -730,11 +1120,20 @@ impl AwsProvider {
         }
 
         if !doomed_groups.is_empty() {
-            self.revoke_references_to(vpc_id, &doomed_groups).await.map_err(|e| e.at(a))?;
+            self.revoke_references_to(vpc_id, &doomed_groups)
+                .await
+                .map_err(|e| e.at(a))?;
             for id in &doomed_groups {
-                ctx.progress(a, &format!("deleting security group left by Kubernetes: {id}"));
+                ctx.progress(
+                    a,
+                    &format!("deleting security group left by Kubernetes: {id}"),
+                );
                 let req = self.ec2.delete_security_group().group_id(id);
-                match self.limiter.call(Service::Ec2, "DeleteSecurityGroup", req.send()).await {
+                match self
+                    .limiter
+                    .call(Service::Ec2, "DeleteSecurityGroup", req.send())
+                    .await
+                {
                     // Still used by an interface that is going away: the caller retries.
                     Ok(_) => {}
                     Err(e) if e.is_not_found() || e.is("DependencyViolation") => {}
@@ -747,20 +1146,30 @@ impl AwsProvider {
 
     /// Revokes ingress rules of other groups in the VPC that refer to `groups`.
     async fn revoke_references_to(&self, vpc_id: &str, groups: &[String]) -> Result<(), AwsError> {
-        let all = self.list_security_groups(vec![filter("vpc-id", vpc_id)]).await?;
+        let all = self
+            .list_security_groups(vec![filter("vpc-id", vpc_id)])
+            .await?;
         for g in &all {
             let Some(gid) = g.group_id() else { continue };
             let refs: Vec<IpPermission> = g
                 .ip_permissions()
                 .iter()
                 .filter(|p| {
-                    p.user_id_group_pairs().iter().any(|u| u.group_id().is_some_and(|x| groups.iter().any(|d| d == x)))
+                    p.user_id_group_pairs()
+                        .iter()
+                        .any(|u| u.group_id().is_some_and(|x| groups.iter().any(|d| d == x)))
                 })
                 .cloned()
                 .collect();
             if !refs.is_empty() && !groups.iter().any(|d| d == gid) {
-                let req = self.ec2.revoke_security_group_ingress().group_id(gid).set_ip_permissions(Some(refs));
-                self.limiter.call(Service::Ec2, "RevokeSecurityGroupIngress", req.send()).await?;
+                let req = self
+                    .ec2
+                    .revoke_security_group_ingress()
+                    .group_id(gid)
+                    .set_ip_permissions(Some(refs));
+                self.limiter
+                    .call(Service::Ec2, "RevokeSecurityGroupIngress", req.send())
+                    .await?;
             }
         }
         Ok(())
@@ -768,7 +1177,9 @@ impl AwsProvider {
 }
 
 fn is_kubernetes_tag(key: &str) -> bool {
-    key.starts_with("kubernetes.io/cluster/") || key == "elbv2.k8s.aws/cluster" || key == "service.k8s.aws/stack"
+    key.starts_with("kubernetes.io/cluster/")
+        || key == "elbv2.k8s.aws/cluster"
+        || key == "service.k8s.aws/stack"
 }
 
 /// A delete that found the resource already gone succeeded.

@@ -1,0 +1,573 @@
+//! The bundle: the contract between the `mesh` CLI and the runtime.
+//!
+//! A bundle is a folder holding `service.json` (a [`ServiceConfig`]) next to
+//! the files it names: ONNX models and CSV datasets. Every relative path in
+//! `service.json` is relative to the bundle folder. The CLI generates the file
+//! from a stack with these types; the runtime reads it with [`Bundle::open`].
+//!
+//! ```json
+//! {
+//!   "service": "customer-scoring",
+//!   "version": "1.0.0",
+//!   "api_keys": [ {"env": "MESH_API_KEY_SCORING"} ],
+//!   "limits": { "max_body_bytes": 1048576, "max_batch": 1000 },
+//!   "connections": { "warehouse": { "kind": "postgres", "host": "127.0.0.1", "port": 5432,
+//!       "database": "mesh", "user": "mesh", "password": {"env": "MESH_CONN_WAREHOUSE_PASSWORD"} } },
+//!   "datasets": {
+//!     "customers": { "source": {"csv": "datasets/customers.csv"}, "key": "customer_id" },
+//!     "behavior":  { "source": {"sql": {"connection": "warehouse", "query": "select * from behavior"}},
+//!                    "key": "customer_id", "mode": "live" }
+//!   },
+//!   "endpoints": {
+//!     "demographics": { "kind": "lookup", "datasets": ["customers"] },
+//!     "high-value": { "kind": "prediction", "model": "models/high_value.onnx",
+//!       "enrichments": [
+//!         { "dataset": "customers", "key": "customer_id", "columns": ["age", "gender"] },
+//!         { "lookup": {"url": "http://127.0.0.1:30080/public/api/v1/customer-features/behavior/lookup"},
+//!           "key": "customer_id", "columns": ["total_spend_30d"], "on_missing": "null" } ] }
+//!   }
+//! }
+//! ```
+//!
+//! Secrets (API keys, database passwords) are never written into the bundle:
+//! only [`SecretRef`]s are, resolved once at start.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the service description inside a bundle folder.
+pub const SERVICE_FILE: &str = "service.json";
+
+/// `service.json`: one service, its endpoints and what they need.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Service name: the `{service}` segment of `/public/api/v1/{service}/...`.
+    pub service: String,
+    /// Free-form version, reported by the v2 model metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Accepted API keys, by reference. Empty: no authentication.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<SecretRef>,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Database connections, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub connections: BTreeMap<String, ConnectionConfig>,
+    /// Datasets, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub datasets: BTreeMap<String, DatasetConfig>,
+    /// Endpoints, by name: the `{endpoint}` segment of the API paths.
+    pub endpoints: BTreeMap<String, EndpointConfig>,
+}
+
+/// A reference to a secret; the value itself never appears in a bundle.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SecretRef {
+    /// `{"env": "NAME"}`: the value of an environment variable.
+    Env(String),
+    /// `{"file": "PATH"}`: a file's content, trailing newline removed;
+    /// relative to the bundle folder.
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env(name) => write!(f, "env:{name}"),
+            SecretRef::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Request limits of the service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted request body; larger bodies get 413.
+    #[serde(default = "Limits::default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Largest number of items in a `*-multi` request or rows in a v2 infer
+    /// request; larger batches get 413.
+    #[serde(default = "Limits::default_max_batch")]
+    pub max_batch: usize,
+}
+
+impl Limits {
+    fn default_max_body_bytes() -> usize {
+        1024 * 1024
+    }
+    fn default_max_batch() -> usize {
+        1000
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: Self::default_max_body_bytes(),
+            max_batch: Self::default_max_batch(),
+        }
+    }
+}
+
+/// A database connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ConnectionConfig {
+    /// PostgreSQL over TCP, without TLS.
+    Postgres {
+        host: String,
+        #[serde(default = "default_pg_port")]
+        port: u16,
+        database: String,
+        user: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password: Option<SecretRef>,
+        /// Connections kept open for `live` datasets (default 4).
+        #[serde(default = "default_pool_size")]
+        pool_size: usize,
+    },
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_pool_size() -> usize {
+    4
+}
+
+/// A dataset: rows indexed by a key column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub source: DatasetSource,
+    /// Name of the key column.
+    pub key: String,
+    /// What to do with a key seen twice (in-memory datasets).
+    #[serde(default)]
+    pub duplicates: Duplicates,
+    /// Load everything at start, or query per request (SQL only).
+    #[serde(default)]
+    pub mode: DatasetMode,
+    /// Column types that override inference (CSV), by column name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, ColumnType>,
+}
+
+/// Where a dataset's rows come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum DatasetSource {
+    /// `{"csv": "datasets/customers.csv"}`: a CSV file with a header line,
+    /// relative to the bundle folder. An empty field is a null.
+    Csv(PathBuf),
+    /// `{"sql": {"connection": "warehouse", "query": "select ..."}}`.
+    Sql(SqlSource),
+}
+
+/// A SQL query over a named connection. For `live` datasets the runtime wraps
+/// it as `SELECT ... FROM (query) WHERE key = $1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlSource {
+    pub connection: String,
+    pub query: String,
+}
+
+/// Handling of duplicate keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Duplicates {
+    /// Refuse to load (the default).
+    #[default]
+    Error,
+    /// The last row with the key wins.
+    Last,
+}
+
+/// When a dataset's rows are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetMode {
+    /// Read all rows at start into memory (the default).
+    #[default]
+    Preload,
+    /// Query the source per request by key (SQL only).
+    Live,
+}
+
+/// Type of a dataset column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnType {
+    /// 64-bit signed integer.
+    Int,
+    /// 64-bit float.
+    Float,
+    /// `true`/`false`.
+    Bool,
+    /// UTF-8 text.
+    String,
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ColumnType::Int => "int",
+            ColumnType::Float => "float",
+            ColumnType::Bool => "bool",
+            ColumnType::String => "string",
+        })
+    }
+}
+
+/// An endpoint of the service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum EndpointConfig {
+    /// Keys in, rows out (`lookup`, `lookup-multi`); rows of several datasets
+    /// are merged by key.
+    Lookup { datasets: Vec<String> },
+    /// Features in, prediction out (`predict`, `predict-multi`, v2 `infer`).
+    Prediction {
+        /// ONNX model file, relative to the bundle folder.
+        model: PathBuf,
+        /// Applied in order; each fills only features still missing.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        enrichments: Vec<EnrichmentConfig>,
+    },
+}
+
+/// Fills missing features of a prediction request from a row found by key.
+/// Exactly one of `dataset` and `lookup` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichmentConfig {
+    /// A dataset of this bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// Another mesh service's lookup endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup: Option<RemoteLookup>,
+    /// Request feature holding the key (sent to a remote lookup under the
+    /// same name).
+    pub key: String,
+    /// Columns to fill; each names a model feature.
+    pub columns: Vec<String>,
+    /// What to do when no row has the key.
+    #[serde(default)]
+    pub on_missing: OnMissing,
+}
+
+/// A remote lookup endpoint (`.../{endpoint}/lookup` of another service).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteLookup {
+    /// `http://host:port/public/api/v1/{service}/{endpoint}/lookup`. The
+    /// runtime calls the `lookup-multi` route next to it.
+    pub url: String,
+    /// API key sent as `Authorization: Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<SecretRef>,
+    /// Per-call timeout (default 2000 ms); exceeding it gives 504.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+
+/// Behaviour of an enrichment whose key has no row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMissing {
+    /// 404 naming the key and the source (the default).
+    #[default]
+    Error,
+    /// Fill the columns with nulls: missing values for the model (NaN for
+    /// numeric inputs, the empty string for string inputs).
+    Null,
+}
+
+/// Errors reading or validating a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `service.json` could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `service.json` is not a valid service description.
+    #[error("invalid {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The description is well-formed but inconsistent.
+    #[error("invalid {path}:\n  - {}", problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+    /// A secret reference could not be resolved.
+    #[error("cannot resolve secret {reference}: {reason}")]
+    Secret {
+        reference: SecretRef,
+        reason: String,
+    },
+}
+
+/// A bundle on disk: its folder and parsed, validated `service.json`.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub config: ServiceConfig,
+}
+
+impl Bundle {
+    /// Reads and validates `DIR/service.json`. Reports every problem found.
+    pub fn open(dir: &Path) -> Result<Bundle, ConfigError> {
+        let path = dir.join(SERVICE_FILE);
+        let text = std::fs::read(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config: ServiceConfig =
+            serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { path, problems });
+        }
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    /// A path of the bundle, resolved against the bundle folder.
+    pub fn path(&self, relative: &Path) -> PathBuf {
+        self.dir.join(relative)
+    }
+
+    /// Resolves a secret reference (file references relative to the bundle).
+    pub fn resolve(&self, secret: &SecretRef) -> Result<String, ConfigError> {
+        let fail = |reason: String| ConfigError::Secret {
+            reference: secret.clone(),
+            reason,
+        };
+        let value = match secret {
+            SecretRef::Env(name) => std::env::var(name).map_err(|e| match e {
+                std::env::VarError::NotPresent => fail("variable not set".into()),
+                std::env::VarError::NotUnicode(_) => fail("variable is not UTF-8".into()),
+            })?,
+            SecretRef::File(path) => {
+                let mut text = std::fs::read_to_string(self.path(path))
+                    .map_err(|e| fail(format!("cannot read file: {}", e.kind())))?;
+                while text.ends_with('\n') || text.ends_with('\r') {
+                    text.pop();
+                }
+                text
+            }
+        };
+        if value.is_empty() {
+            return Err(fail("value is empty".into()));
+        }
+        Ok(value)
+    }
+}
+
+impl ServiceConfig {
+    /// Consistency problems: dangling references, bad names, empty lists.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !valid_name(&self.service) {
+            out.push(format!(
+                "service name `{}` must be non-empty and use only letters, digits, `-`, `_` and `.`",
+                self.service
+            ));
+        }
+        if self.limits.max_body_bytes == 0 || self.limits.max_batch == 0 {
+            out.push("limits must be positive".into());
+        }
+        for (name, conn) in &self.connections {
+            let ConnectionConfig::Postgres { pool_size, .. } = conn;
+            if *pool_size == 0 || *pool_size > 64 {
+                out.push(format!(
+                    "connection `{name}`: pool_size must be between 1 and 64"
+                ));
+            }
+        }
+        for (name, ds) in &self.datasets {
+            if ds.key.is_empty() {
+                out.push(format!("dataset `{name}`: key must not be empty"));
+            }
+            match &ds.source {
+                DatasetSource::Csv(_) => {
+                    if ds.mode == DatasetMode::Live {
+                        out.push(format!(
+                            "dataset `{name}`: mode `live` needs a `sql` source"
+                        ));
+                    }
+                }
+                DatasetSource::Sql(sql) => {
+                    if !self.connections.contains_key(&sql.connection) {
+                        out.push(format!(
+                            "dataset `{name}`: unknown connection `{}`",
+                            sql.connection
+                        ));
+                    }
+                    if sql.query.trim().is_empty() {
+                        out.push(format!("dataset `{name}`: query must not be empty"));
+                    }
+                }
+            }
+        }
+        if self.endpoints.is_empty() {
+            out.push("no endpoints declared".into());
+        }
+        for (name, ep) in &self.endpoints {
+            if !valid_name(name) {
+                out.push(format!(
+                    "endpoint name `{name}` must use only letters, digits, `-`, `_` and `.`"
+                ));
+            }
+            match ep {
+                EndpointConfig::Lookup { datasets } => {
+                    if datasets.is_empty() {
+                        out.push(format!("endpoint `{name}`: no datasets"));
+                    }
+                    for ds in datasets {
+                        if !self.datasets.contains_key(ds) {
+                            out.push(format!("endpoint `{name}`: unknown dataset `{ds}`"));
+                        }
+                    }
+                }
+                EndpointConfig::Prediction { enrichments, .. } => {
+                    for (i, en) in enrichments.iter().enumerate() {
+                        let at = format!("endpoint `{name}` enrichment {}", i + 1);
+                        match (&en.dataset, &en.lookup) {
+                            (Some(ds), None) => {
+                                if !self.datasets.contains_key(ds) {
+                                    out.push(format!("{at}: unknown dataset `{ds}`"));
+                                }
+                            }
+                            (None, Some(remote)) => {
+                                if !remote.url.starts_with("http://") {
+                                    out.push(format!("{at}: lookup url must start with `http://`"));
+                                } else if !remote.url.ends_with("/lookup") {
+                                    out.push(format!("{at}: lookup url must end with `/lookup`"));
+                                }
+                                if remote.timeout_ms == 0 {
+                                    out.push(format!("{at}: timeout_ms must be positive"));
+                                }
+                            }
+                            _ => {
+                                out.push(format!("{at}: set exactly one of `dataset` and `lookup`"))
+                            }
+                        }
+                        if en.key.is_empty() {
+                            out.push(format!("{at}: key must not be empty"));
+                        }
+                        if en.columns.is_empty() {
+                            out.push(format!("{at}: columns must not be empty"));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SKETCH: &str = r#"{
+      "service": "customer-scoring",
+      "version": "1.0.0",
+      "api_keys": [ {"env": "MESH_API_KEY_SCORING"} ],
+      "limits": { "max_body_bytes": 1048576, "max_batch": 1000 },
+      "connections": { "warehouse": { "kind": "postgres", "host": "127.0.0.1", "port": 5432, "database": "mesh", "user": "mesh", "password": {"env": "MESH_CONN_WAREHOUSE_PASSWORD"} } },
+      "datasets": {
+        "customers": { "source": {"csv": "datasets/customers.csv"}, "key": "customer_id", "duplicates": "error" },
+        "behavior":  { "source": {"sql": {"connection": "warehouse", "query": "select * from behavior"}}, "key": "customer_id", "mode": "preload" }
+      },
+      "endpoints": {
+        "demographics": { "kind": "lookup", "datasets": ["customers"] },
+        "high-value": {
+          "kind": "prediction", "model": "models/high_value.onnx",
+          "enrichments": [
+            { "dataset": "customers", "key": "customer_id", "columns": ["age","gender"], "on_missing": "error" },
+            { "lookup": {"url": "http://127.0.0.1:30080/public/api/v1/customer-features/behavior/lookup", "api_key": {"env": "X"}}, "key": "customer_id", "columns": ["total_spend_30d"], "on_missing": "null" }
+          ]
+        }
+      }
+    }"#;
+
+    #[test]
+    fn sketch_parses_and_validates() {
+        let cfg: ServiceConfig = serde_json::from_str(SKETCH).expect("parses");
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        assert_eq!(
+            cfg.api_keys,
+            vec![SecretRef::Env("MESH_API_KEY_SCORING".into())]
+        );
+        // Round trip through the CLI's side.
+        let text = serde_json::to_string(&cfg).expect("serializes");
+        let back: ServiceConfig = serde_json::from_str(&text).expect("parses again");
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let bad = SKETCH.replace("\"duplicates\": \"error\"", "\"duplicate\": \"error\"");
+        let err = serde_json::from_str::<ServiceConfig>(&bad).unwrap_err();
+        assert!(err.to_string().contains("duplicate"), "{err}");
+        let bad = SKETCH.replace("\"port\": 5432,", "\"port\": 5432, \"pasword\": \"x\",");
+        assert!(serde_json::from_str::<ServiceConfig>(&bad).is_err());
+    }
+
+    #[test]
+    fn dangling_references_are_all_reported() {
+        let bad = SKETCH
+            .replace("[\"customers\"]", "[\"nope\"]")
+            .replace("\"connection\": \"warehouse\"", "\"connection\": \"lake\"");
+        let cfg: ServiceConfig = serde_json::from_str(&bad).expect("parses");
+        let problems = cfg.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn secret_refs_do_not_print_values() {
+        let s = SecretRef::Env("MESH_X".into());
+        assert_eq!(format!("{s}"), "env:MESH_X");
+    }
+}

@@ -1,0 +1,644 @@
+//! The HTTP surface: routes, authentication, metrics and JSON errors.
+//!
+//! `app(state)` builds the router; `main` serves it, and tests may call it
+//! directly. The state answers `/healthz` from the first moment; every other
+//! route that needs models or datasets answers 503 until
+//! [`AppState::set_ready`] is called.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{RawPathParams, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::Serialize;
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+
+use crate::config::{EndpointConfig, Limits, ServiceConfig};
+use crate::error::{AppError, json_ok, json_response};
+use crate::input::{ParseError, parse_many, parse_one};
+use crate::metrics::Metrics;
+use crate::predict::{Scored, Timing, score};
+use crate::service::{Endpoint, LookupEndpoint, PredictionEndpoint, Service};
+
+/// Shared state of the server.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service: String,
+    version: Option<String>,
+    limits: Limits,
+    api_keys: Vec<Vec<u8>>,
+    metrics: Metrics,
+    ready: OnceLock<Ready>,
+}
+
+struct Ready {
+    service: Arc<Service>,
+    openapi: Vec<u8>,
+}
+
+impl AppState {
+    /// State for `config`, not ready yet. `api_keys` are the resolved keys
+    /// (empty: no authentication).
+    pub fn new(config: &ServiceConfig, api_keys: Vec<String>) -> AppState {
+        let endpoints = config.endpoints.iter().map(|(name, ep)| {
+            (
+                name.as_str(),
+                matches!(ep, EndpointConfig::Prediction { .. }),
+            )
+        });
+        AppState {
+            inner: Arc::new(Inner {
+                service: config.service.clone(),
+                version: config.version.clone(),
+                limits: config.limits.clone(),
+                api_keys: api_keys.into_iter().map(String::into_bytes).collect(),
+                metrics: Metrics::new(&config.service, endpoints),
+                ready: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Marks the service loaded: every route answers from now on.
+    pub fn set_ready(&self, service: Service) {
+        let openapi =
+            serde_json::to_vec_pretty(&crate::openapi::document(&service)).unwrap_or_default();
+        let _ = self.inner.ready.set(Ready {
+            service: Arc::new(service),
+            openapi,
+        });
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.get().is_some()
+    }
+
+    fn service(&self) -> Result<Arc<Service>, AppError> {
+        self.inner
+            .ready
+            .get()
+            .map(|r| r.service.clone())
+            .ok_or_else(AppError::not_ready)
+    }
+}
+
+/// The router of a service.
+pub fn app(state: AppState) -> Router {
+    let protected = Router::new()
+        .route(
+            "/public/api/v1/{service}/{endpoint}/{action}",
+            post(public_api),
+        )
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/infer", post(model_infer))
+        .route_layer(from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(v2_live))
+        .route("/v2/health/ready", get(v2_ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = state.inner.metrics.route_id(request.uri().path());
+    let start = Instant::now();
+    let response = next.run(request).await;
+    state
+        .inner
+        .metrics
+        .record(route, response.status().as_u16(), start.elapsed());
+    response
+}
+
+/// `Authorization: Bearer KEY` or `X-API-Key: KEY`; 401 without, 403 wrong.
+async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let keys = &state.inner.api_keys;
+    if keys.is_empty() {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    let given = bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    let Some(given) = given else {
+        let mut response = AppError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    };
+    // Compare with every key, without stopping early.
+    let mut ok = false;
+    for key in keys {
+        ok |= constant_time_eq(key, given.as_bytes());
+    }
+    if !ok {
+        return AppError::new(StatusCode::FORBIDDEN, "forbidden", "invalid API key")
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// Equality whose time depends only on the length of `secret`.
+fn constant_time_eq(secret: &[u8], given: &[u8]) -> bool {
+    let mut diff = (secret.len() ^ given.len()) as u64;
+    for (i, &s) in secret.iter().enumerate() {
+        let g = given.get(i).copied().unwrap_or(!s);
+        diff |= u64::from(s ^ g);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.service() {
+        Ok(_) => json_response(StatusCode::OK, br#"{"status":"ready"}"#.to_vec()),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn v2_live() -> Response {
+    json_response(StatusCode::OK, br#"{"live":true}"#.to_vec())
+}
+
+async fn v2_ready(State(state): State<AppState>) -> Response {
+    if state.is_ready() {
+        json_response(StatusCode::OK, br#"{"ready":true}"#.to_vec())
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"ready":false}"#.to_vec(),
+        )
+    }
+}
+
+async fn server_metadata() -> Response {
+    json_ok(&serde_json::json!({
+        "name": "mesh-runtime",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": []
+    }))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.inner.metrics.render(state.is_ready());
+    let mut response = (StatusCode::OK, text).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+async fn openapi(State(state): State<AppState>) -> Response {
+    match state.inner.ready.get() {
+        Some(ready) => json_response(StatusCode::OK, ready.openapi.clone()),
+        None => AppError::not_ready().into_response(),
+    }
+}
+
+async fn not_found() -> AppError {
+    AppError::not_found("unknown_route", "no such route")
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// The body of a JSON request, with JSON errors for every problem: a
+/// non-JSON content type (415), a body over `limit` (413, refused from the
+/// announced length before reading when there is one), a broken stream (400).
+async fn json_body(request: Request, limit: usize) -> Result<Bytes, AppError> {
+    let headers = request.headers();
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(AppError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as `Content-Type: application/json`",
+            ));
+        }
+    }
+    let too_large = || {
+        AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than the service's limit of {limit} bytes"),
+        )
+    };
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|e| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = source {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    return too_large();
+                }
+                source = err.source();
+            }
+            AppError::bad_request("unreadable_body", format!("cannot read the request body: {e}"))
+        })
+}
+
+fn parse_error(e: ParseError) -> AppError {
+    match e {
+        ParseError::Malformed(m) => AppError::bad_request("malformed_json", m),
+        ParseError::Invalid(m) => AppError::bad_request("invalid_request", m),
+        ParseError::TooMany(n) => AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("more than {n} items in one request"),
+        ),
+    }
+}
+
+/// Path parameters, or a JSON 400 (e.g. bad percent-encoding).
+fn path_params(
+    params: Result<RawPathParams, RawPathParamsRejection>,
+) -> Result<RawPathParams, AppError> {
+    params.map_err(|r| AppError::bad_request("invalid_path", r.body_text()))
+}
+
+async fn public_api(
+    State(state): State<AppState>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+) -> Response {
+    let params = match path_params(params) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match public_api_inner(&state, &params, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn public_api_inner(
+    state: &AppState,
+    params: &RawPathParams,
+    request: Request,
+) -> Result<Response, AppError> {
+    let limit = state.inner.limits.max_body_bytes;
+    let mut service_name = "";
+    let mut endpoint_name = "";
+    let mut action = "";
+    for (key, value) in params {
+        match key {
+            "service" => service_name = value,
+            "endpoint" => endpoint_name = value,
+            _ => action = value,
+        }
+    }
+    if service_name != state.inner.service {
+        return Err(AppError::not_found(
+            "unknown_service",
+            format!(
+                "no service `{service_name}` here (this is `{}`)",
+                state.inner.service
+            ),
+        ));
+    }
+    let service = state.service()?;
+    let Some(endpoint) = service.endpoints.get(endpoint_name) else {
+        return Err(AppError::not_found(
+            "unknown_endpoint",
+            format!("service `{service_name}` has no endpoint `{endpoint_name}`"),
+        ));
+    };
+    match (endpoint, action) {
+        (Endpoint::Prediction(ep), "predict") => {
+            let body = json_body(request, limit).await?;
+            predict_one(&service, ep, &body).await
+        }
+        (Endpoint::Prediction(ep), "predict-multi") => {
+            let body = json_body(request, limit).await?;
+            predict_many(&service, ep, &body).await
+        }
+        (Endpoint::Lookup(ep), "lookup") => {
+            let body = json_body(request, limit).await?;
+            lookup_one(ep, &body).await
+        }
+        (Endpoint::Lookup(ep), "lookup-multi") => {
+            let body = json_body(request, limit).await?;
+            lookup_many(&service, ep, &body).await
+        }
+        (Endpoint::Prediction(_), _) => Err(AppError::not_found(
+            "unknown_route",
+            format!("`{endpoint_name}` is a prediction endpoint: use `predict` or `predict-multi`"),
+        )),
+        (Endpoint::Lookup(_), _) => Err(AppError::not_found(
+            "unknown_route",
+            format!("`{endpoint_name}` is a lookup endpoint: use `lookup` or `lookup-multi`"),
+        )),
+    }
+}
+
+/// `{"0": 0.2, "1": 0.8}`.
+struct Probas<'a> {
+    names: &'a [String],
+    values: &'a [f32],
+}
+
+impl Serialize for Probas<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.names.len()))?;
+        for (name, value) in self.names.iter().zip(self.values) {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+/// `["age", "gender"]`.
+struct Enriched<'a> {
+    ep: &'a PredictionEndpoint,
+    slots: &'a [usize],
+}
+
+impl Serialize for Enriched<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.slots.len()))?;
+        for &slot in self.slots {
+            seq.serialize_element(self.ep.fields.name(slot))?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct PredictResult<'a> {
+    prediction: &'a str,
+    probas: Probas<'a>,
+    enriched: Enriched<'a>,
+}
+
+impl<'a> PredictResult<'a> {
+    fn new(ep: &'a PredictionEndpoint, scored: &'a Scored) -> PredictResult<'a> {
+        PredictResult {
+            prediction: &scored.label,
+            probas: Probas {
+                names: &ep.class_names,
+                values: &scored.probabilities,
+            },
+            enriched: Enriched {
+                ep,
+                slots: &scored.enriched,
+            },
+        }
+    }
+}
+
+/// Microseconds per phase.
+#[derive(Serialize)]
+struct TimingBody {
+    enrich: u64,
+    predict: u64,
+    total: u64,
+}
+
+impl TimingBody {
+    fn new(t: Timing, start: Instant) -> TimingBody {
+        TimingBody {
+            enrich: t.enrich_us,
+            predict: t.predict_us,
+            total: start.elapsed().as_micros() as u64,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PredictOne<'a> {
+    result: PredictResult<'a>,
+    timing: TimingBody,
+}
+
+async fn predict_one(
+    service: &Service,
+    ep: &PredictionEndpoint,
+    body: &[u8],
+) -> Result<Response, AppError> {
+    let start = Instant::now();
+    let mut slots = parse_one(body, "features", &ep.fields).map_err(parse_error)?;
+    let mut timing = Timing::default();
+    let mut results = score(service, ep, &mut slots, 1, &mut timing).await?;
+    let scored = results
+        .pop()
+        .unwrap_or_else(|| Err(AppError::internal("no result")))?;
+    Ok(json_ok(&PredictOne {
+        result: PredictResult::new(ep, &scored),
+        timing: TimingBody::new(timing, start),
+    }))
+}
+
+/// One item of a `*-multi` answer.
+enum ItemBody<'a, T> {
+    Ok(&'static str, T),
+    Err(&'a AppError),
+}
+
+impl<T: Serialize> Serialize for ItemBody<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(1))?;
+        match self {
+            ItemBody::Ok(key, value) => map.serialize_entry(key, value)?,
+            ItemBody::Err(e) => map.serialize_entry("error", &e.body().error)?,
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct PredictMany<'a> {
+    items: Vec<ItemBody<'a, PredictResult<'a>>>,
+    timing: TimingBody,
+}
+
+async fn predict_many(
+    service: &Service,
+    ep: &PredictionEndpoint,
+    body: &[u8],
+) -> Result<Response, AppError> {
+    let start = Instant::now();
+    let (mut slots, n) =
+        parse_many(body, "features", &ep.fields, service.limits.max_batch).map_err(parse_error)?;
+    let mut timing = Timing::default();
+    let results = score(service, ep, &mut slots, n, &mut timing).await?;
+    let items = results
+        .iter()
+        .map(|r| match r {
+            Ok(scored) => ItemBody::Ok("result", PredictResult::new(ep, scored)),
+            Err(e) => ItemBody::Err(e),
+        })
+        .collect();
+    Ok(json_ok(&PredictMany {
+        items,
+        timing: TimingBody::new(timing, start),
+    }))
+}
+
+#[derive(Serialize)]
+struct LookupOne<T> {
+    data: T,
+}
+
+async fn lookup_one(ep: &LookupEndpoint, body: &[u8]) -> Result<Response, AppError> {
+    let keys = parse_one(body, "data", &ep.fields).map_err(parse_error)?;
+    let merged = crate::lookup::lookup(ep, &keys).await?;
+    Ok(json_ok(&LookupOne { data: merged }))
+}
+
+#[derive(Serialize)]
+struct LookupMany<'a, T> {
+    items: Vec<ItemBody<'a, T>>,
+}
+
+async fn lookup_many(
+    service: &Service,
+    ep: &LookupEndpoint,
+    body: &[u8],
+) -> Result<Response, AppError> {
+    let (keys, n) =
+        parse_many(body, "data", &ep.fields, service.limits.max_batch).map_err(parse_error)?;
+    let width = ep.fields.len();
+    let mut results = Vec::with_capacity(n);
+    for item in 0..n {
+        let merged = crate::lookup::lookup(ep, &keys[item * width..(item + 1) * width]).await;
+        if let Err(e) = &merged
+            && e.status.is_server_error()
+        {
+            return Err(e.clone());
+        }
+        results.push(merged);
+    }
+    let items = results
+        .iter()
+        .map(|r| match r {
+            Ok(m) => ItemBody::Ok("data", m),
+            Err(e) => ItemBody::Err(e),
+        })
+        .collect();
+    Ok(json_ok(&LookupMany { items }))
+}
+
+async fn model_endpoint(
+    state: &AppState,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+) -> Result<(Arc<Service>, Arc<PredictionEndpoint>), AppError> {
+    let params = path_params(params)?;
+    let name = params
+        .iter()
+        .find(|(k, _)| *k == "name")
+        .map_or("", |(_, v)| v);
+    let service = state.service()?;
+    match service.endpoints.get(name) {
+        Some(Endpoint::Prediction(ep)) => {
+            let ep = ep.clone();
+            Ok((service, ep))
+        }
+        _ => Err(AppError::not_found(
+            "unknown_model",
+            format!("no model `{name}` (models are the prediction endpoints)"),
+        )),
+    }
+}
+
+async fn model_metadata(
+    State(state): State<AppState>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+) -> Response {
+    match model_endpoint(&state, params).await {
+        Ok((_, ep)) => json_ok(&crate::oip::metadata(&ep, state.inner.version.as_deref())),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn model_ready(
+    State(state): State<AppState>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+) -> Response {
+    match model_endpoint(&state, params).await {
+        Ok((_, ep)) => json_ok(&serde_json::json!({"name": ep.name, "ready": true})),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn model_infer(
+    State(state): State<AppState>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+) -> Response {
+    let result = async {
+        let (service, ep) = model_endpoint(&state, params).await?;
+        let body = json_body(request, state.inner.limits.max_body_bytes).await?;
+        crate::oip::infer(
+            &ep,
+            service.version.as_deref(),
+            &body,
+            service.limits.max_batch,
+        )
+    }
+    .await;
+    match result {
+        Ok(answer) => json_ok(&answer),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"secret", b"secre"));
+        assert!(!constant_time_eq(b"secret", b""));
+    }
+}

@@ -1,0 +1,23 @@
+//! mesh-runtime: one binary serves one mesh service.
+//!
+//! A service is described by a *bundle* (a folder holding `service.json`, the
+//! ONNX models and the datasets). See `config` for the bundle schema.
+
+pub mod config;
+pub mod dataset;
+pub mod error;
+pub mod http;
+pub mod input;
+pub mod log;
+pub mod lookup;
+pub mod metrics;
+pub mod model;
+pub mod oip;
+pub mod openapi;
+pub mod predict;
+pub mod remote;
+pub mod scoring;
+pub mod service;
+pub mod sql;
+
+pub use http::{AppState, app};

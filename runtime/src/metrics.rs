@@ -1,0 +1,266 @@
+//! Prometheus metrics: request counts by endpoint, route and status, and a
+//! latency histogram per endpoint and route. Lock-free counters; the text
+//! exposition format is written by hand.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Histogram bucket upper bounds, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Statuses counted separately; anything else counts as `other`.
+const STATUSES: [u16; 16] = [
+    200, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 500, 502, 503, 504, 0,
+];
+
+/// Routes of the operational endpoints: `(path, label)`.
+const SYSTEM: [(&str, &str); 6] = [
+    ("/healthz", "healthz"),
+    ("/readyz", "readyz"),
+    ("/metrics", "metrics"),
+    ("/openapi.json", "openapi"),
+    ("/v2/health/live", "v2-live"),
+    ("/v2/health/ready", "v2-ready"),
+];
+
+struct RouteStats {
+    endpoint: String,
+    route: &'static str,
+    statuses: [AtomicU64; STATUSES.len()],
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl RouteStats {
+    fn new(endpoint: &str, route: &'static str) -> RouteStats {
+        RouteStats {
+            endpoint: endpoint.to_string(),
+            route,
+            statuses: Default::default(),
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+/// All counters of a service.
+pub struct Metrics {
+    service: String,
+    routes: Vec<RouteStats>,
+    /// endpoint → (route label, index into `routes`).
+    by_endpoint: HashMap<String, Vec<(&'static str, usize)>>,
+}
+
+/// Route labels of a prediction endpoint.
+pub const PREDICTION_ROUTES: [&str; 5] = ["predict", "predict-multi", "infer", "metadata", "ready"];
+/// Route labels of a lookup endpoint.
+pub const LOOKUP_ROUTES: [&str; 2] = ["lookup", "lookup-multi"];
+
+impl Metrics {
+    /// `endpoints`: name and whether it is a prediction endpoint.
+    pub fn new<'a>(service: &str, endpoints: impl IntoIterator<Item = (&'a str, bool)>) -> Metrics {
+        let mut routes = Vec::new();
+        for (_, label) in SYSTEM {
+            routes.push(RouteStats::new("_system", label));
+        }
+        routes.push(RouteStats::new("_unmatched", "unmatched"));
+        let mut by_endpoint = HashMap::new();
+        for (name, prediction) in endpoints {
+            let labels: &[&'static str] = if prediction {
+                &PREDICTION_ROUTES
+            } else {
+                &LOOKUP_ROUTES
+            };
+            let mut ids = Vec::new();
+            for &label in labels {
+                ids.push((label, routes.len()));
+                routes.push(RouteStats::new(name, label));
+            }
+            by_endpoint.insert(name.to_string(), ids);
+        }
+        Metrics {
+            service: service.to_string(),
+            routes,
+            by_endpoint,
+        }
+    }
+
+    /// The counters a request path belongs to.
+    pub fn route_id(&self, path: &str) -> usize {
+        if let Some(i) = SYSTEM.iter().position(|(p, _)| *p == path) {
+            return i;
+        }
+        let unmatched = SYSTEM.len();
+        let mut parts = path.trim_start_matches('/').split('/');
+        let (endpoint, action) = match (parts.next(), parts.next()) {
+            (Some("public"), Some("api")) => {
+                let (v, service, endpoint, action, rest) = (
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                );
+                if v != Some("v1") || service != Some(self.service.as_str()) || rest.is_some() {
+                    return unmatched;
+                }
+                match (endpoint, action) {
+                    (Some(e), Some(a)) => (e, a),
+                    _ => return unmatched,
+                }
+            }
+            (Some("v2"), Some("models")) => match (parts.next(), parts.next(), parts.next()) {
+                (Some(name), None, None) => (name, "metadata"),
+                (Some(name), Some("infer"), None) => (name, "infer"),
+                (Some(name), Some("ready"), None) => (name, "ready"),
+                _ => return unmatched,
+            },
+            _ => return unmatched,
+        };
+        self.by_endpoint
+            .get(endpoint)
+            .and_then(|ids| ids.iter().find(|(label, _)| *label == action))
+            .map_or(unmatched, |&(_, id)| id)
+    }
+
+    pub fn record(&self, route: usize, status: u16, elapsed: Duration) {
+        let Some(stats) = self.routes.get(route) else {
+            return;
+        };
+        let slot = STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .unwrap_or(STATUSES.len() - 1);
+        stats.statuses[slot].fetch_add(1, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        if let Some(b) = BUCKETS.iter().position(|&le| secs <= le) {
+            stats.buckets[b].fetch_add(1, Ordering::Relaxed);
+        }
+        stats.count.fetch_add(1, Ordering::Relaxed);
+        stats
+            .sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, ready: bool) -> String {
+        let mut out = String::with_capacity(8192);
+        let _ = writeln!(
+            out,
+            "# HELP mesh_ready Whether models and datasets are loaded."
+        );
+        let _ = writeln!(out, "# TYPE mesh_ready gauge");
+        let _ = writeln!(
+            out,
+            "mesh_ready{{service=\"{}\"}} {}",
+            esc(&self.service),
+            u8::from(ready)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_requests_total HTTP requests by endpoint, route and status."
+        );
+        let _ = writeln!(out, "# TYPE mesh_requests_total counter");
+        for r in &self.routes {
+            for (i, &status) in STATUSES.iter().enumerate() {
+                let n = r.statuses[i].load(Ordering::Relaxed);
+                if n == 0 {
+                    continue;
+                }
+                let code = if status == 0 {
+                    "other".to_string()
+                } else {
+                    status.to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "mesh_requests_total{{endpoint=\"{}\",route=\"{}\",code=\"{code}\"}} {n}",
+                    esc(&r.endpoint),
+                    r.route
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mesh_request_duration_seconds Request latency by endpoint and route."
+        );
+        let _ = writeln!(out, "# TYPE mesh_request_duration_seconds histogram");
+        for r in &self.routes {
+            let count = r.count.load(Ordering::Relaxed);
+            if count == 0 {
+                continue;
+            }
+            let labels = format!("endpoint=\"{}\",route=\"{}\"", esc(&r.endpoint), r.route);
+            let mut cumulative = 0;
+            for (i, le) in BUCKETS.iter().enumerate() {
+                cumulative += r.buckets[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "mesh_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "mesh_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}"
+            );
+            let sum = r.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "mesh_request_duration_seconds_sum{{{labels}}} {sum}");
+            let _ = writeln!(
+                out,
+                "mesh_request_duration_seconds_count{{{labels}}} {count}"
+            );
+        }
+        out
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_exposition() {
+        let m = Metrics::new("svc", [("hv", true), ("demo", false)]);
+        let id = m.route_id("/public/api/v1/svc/hv/predict");
+        assert_ne!(id, m.route_id("/nope"));
+        assert_eq!(
+            m.route_id("/public/api/v1/other/hv/predict"),
+            m.route_id("/nope")
+        );
+        assert_eq!(
+            m.route_id("/public/api/v1/svc/demo/predict"),
+            m.route_id("/nope")
+        );
+        m.record(id, 200, Duration::from_micros(300));
+        m.record(id, 400, Duration::from_millis(3));
+        m.record(
+            m.route_id("/v2/models/hv/infer"),
+            200,
+            Duration::from_micros(50),
+        );
+        let text = m.render(true);
+        assert!(
+            text.contains("mesh_requests_total{endpoint=\"hv\",route=\"predict\",code=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("mesh_request_duration_seconds_bucket{endpoint=\"hv\",route=\"predict\",le=\"0.0005\"} 1"));
+        assert!(
+            text.contains(
+                "mesh_request_duration_seconds_count{endpoint=\"hv\",route=\"predict\"} 2"
+            )
+        );
+        assert!(text.contains("route=\"infer\",code=\"200\"} 1"));
+    }
+}

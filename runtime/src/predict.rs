@@ -1,0 +1,411 @@
+//! Scoring a batch of parsed requests: enrich, convert, run the model.
+//!
+//! Enrichments fill only the model inputs a caller did not send, in declared
+//! order. Values from a request, a dataset or a remote lookup go through the
+//! same conversion into model inputs, so a prediction with only the key gives
+//! bit-identical probabilities to one with every feature sent explicitly.
+
+use std::borrow::Cow;
+
+use axum::http::StatusCode;
+
+use crate::config::OnMissing;
+use crate::dataset::KeyRef;
+use crate::error::AppError;
+use crate::input::Input;
+use crate::model::{Column, InputKind};
+use crate::service::{EnrichmentSource, PredictionEndpoint, RowData, Service};
+
+/// The outcome for one item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub label: String,
+    /// One per class, in `PredictionEndpoint::class_names` order.
+    pub probabilities: Vec<f32>,
+    /// Model input slots filled by enrichments, in input order.
+    pub enriched: Vec<usize>,
+}
+
+/// Time spent per phase, in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    pub enrich_us: u64,
+    pub predict_us: u64,
+}
+
+/// Scores `n` items whose fields are `slots` (row-major, `ep.fields.len()`
+/// per item). A whole-request failure (an upstream down, a model fault) is
+/// `Err`; per-item problems are per-item `Err`s.
+pub async fn score<'a>(
+    service: &'a Service,
+    ep: &'a PredictionEndpoint,
+    slots: &mut [Input<'a>],
+    n: usize,
+    timing: &mut Timing,
+) -> Result<Vec<Result<Scored, AppError>>, AppError> {
+    let width = ep.fields.len();
+    let mut errors: Vec<Option<AppError>> = vec![None; n];
+    let mut enriched = vec![false; n * ep.inputs.len()];
+    let single = n == 1;
+
+    let t = std::time::Instant::now();
+    for en in &ep.enrichments {
+        // Items that need this enrichment, with their keys.
+        let mut wanted: Vec<usize> = Vec::new();
+        for (item, error) in errors.iter_mut().enumerate() {
+            if error.is_some() {
+                continue;
+            }
+            let row = &slots[item * width..(item + 1) * width];
+            let Some(&(missing, _)) = en
+                .targets
+                .iter()
+                .find(|&&(slot, _)| row[slot] == Input::Absent)
+            else {
+                continue;
+            };
+            match &row[en.key_slot] {
+                Input::Str(_) | Input::Int(_) => wanted.push(item),
+                Input::Absent | Input::Null => {
+                    *error = Some(item_err(
+                        single,
+                        item,
+                        AppError::bad_request(
+                            "missing_feature",
+                            format!(
+                                "missing feature `{}`: send it, or send `{}` to fill it from {}",
+                                ep.fields.name(missing),
+                                ep.fields.name(en.key_slot),
+                                en.describe
+                            ),
+                        ),
+                    ))
+                }
+                other => {
+                    *error = Some(item_err(
+                        single,
+                        item,
+                        AppError::bad_request(
+                            "invalid_feature",
+                            format!(
+                                "feature `{}` must be a string or an integer key, got {}",
+                                ep.fields.name(en.key_slot),
+                                other.type_name()
+                            ),
+                        ),
+                    ))
+                }
+            }
+        }
+        if wanted.is_empty() {
+            continue;
+        }
+        match &en.source {
+            EnrichmentSource::Table(table) => {
+                for &item in &wanted {
+                    let base = item * width;
+                    let found = {
+                        let key = slot_key(&slots[base + en.key_slot]);
+                        match table.fetch(key).await {
+                            Ok(found) => found,
+                            Err(e) if single => return Err(e),
+                            Err(e) => {
+                                errors[item] = Some(item_err(single, item, e));
+                                continue;
+                            }
+                        }
+                    };
+                    match found {
+                        Some(row) => {
+                            for &(slot, col) in &en.targets {
+                                if slots[base + slot] == Input::Absent {
+                                    slots[base + slot] = row_input(&row, col);
+                                    enriched[item * ep.inputs.len() + slot] = true;
+                                }
+                            }
+                        }
+                        None => {
+                            let key = slot_key(&slots[base + en.key_slot]);
+                            if let Some(e) =
+                                on_missing(ep, en.on_missing, en.key_slot, key, &en.describe)
+                            {
+                                errors[item] = Some(item_err(single, item, e));
+                            } else {
+                                fill_nulls(slots, &mut enriched, ep, item, &en.targets);
+                            }
+                        }
+                    }
+                }
+            }
+            EnrichmentSource::Remote(remote) => {
+                let keys: Vec<KeyRef<'_>> = wanted
+                    .iter()
+                    .map(|&item| slot_key(&slots[item * width + en.key_slot]))
+                    .collect();
+                let rows = remote.fetch_many(&service.http, &keys).await?;
+                drop(keys);
+                for (&item, row) in wanted.iter().zip(rows) {
+                    let base = item * width;
+                    match row {
+                        Some(map) => {
+                            for &(slot, col) in &en.targets {
+                                if slots[base + slot] != Input::Absent {
+                                    continue;
+                                }
+                                let Some(value) = map.get(&en.columns[col]) else {
+                                    errors[item] = Some(item_err(
+                                        single,
+                                        item,
+                                        AppError::new(
+                                            StatusCode::BAD_GATEWAY,
+                                            "upstream_error",
+                                            format!(
+                                                "{} returned no column `{}`",
+                                                en.describe, en.columns[col]
+                                            ),
+                                        ),
+                                    ));
+                                    break;
+                                };
+                                slots[base + slot] = Input::from_json(value);
+                                enriched[item * ep.inputs.len() + slot] = true;
+                            }
+                        }
+                        None => {
+                            let key = slot_key(&slots[base + en.key_slot]);
+                            if let Some(e) =
+                                on_missing(ep, en.on_missing, en.key_slot, key, &en.describe)
+                            {
+                                errors[item] = Some(item_err(single, item, e));
+                            } else {
+                                fill_nulls(slots, &mut enriched, ep, item, &en.targets);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    timing.enrich_us = t.elapsed().as_micros() as u64;
+
+    // Validate every model input of every remaining item.
+    for (item, error) in errors.iter_mut().enumerate() {
+        if error.is_some() {
+            continue;
+        }
+        let row = &slots[item * width..(item + 1) * width];
+        for (slot, spec) in ep.inputs.iter().enumerate() {
+            if let Err(e) = check(&row[slot], spec.kind, &spec.name) {
+                *error = Some(item_err(single, item, e));
+                break;
+            }
+        }
+    }
+    if single && let Some(e) = errors[0].take() {
+        return Err(e);
+    }
+    let ok: Vec<usize> = (0..n).filter(|&i| errors[i].is_none()).collect();
+
+    let t = std::time::Instant::now();
+    let mut results: Vec<Result<Scored, AppError>> = errors
+        .into_iter()
+        .map(|e| {
+            // Items without an error are all overwritten below.
+            Err(e.unwrap_or_else(|| {
+                AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "not scored")
+            }))
+        })
+        .collect();
+    if !ok.is_empty() {
+        let columns: Vec<Column> = ep
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(slot, spec)| {
+                column(
+                    spec.kind,
+                    ok.iter().map(|&item| &slots[item * width + slot]),
+                )
+            })
+            .collect();
+        let prediction = ep.model.predict(columns).map_err(|e| {
+            AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
+        })?;
+        if prediction.labels.len() != ok.len() || prediction.classes != ep.class_names.len() {
+            return Err(AppError::internal(format_args!(
+                "endpoint `{}`: model returned {} rows of {} classes for {} rows of {} classes",
+                ep.name,
+                prediction.labels.len(),
+                prediction.classes,
+                ok.len(),
+                ep.class_names.len()
+            )));
+        }
+        for (k, &item) in ok.iter().enumerate() {
+            let probabilities = prediction.probabilities_of(k).to_vec();
+            let enriched_slots: Vec<usize> = (0..ep.inputs.len())
+                .filter(|&s| enriched[item * ep.inputs.len() + s])
+                .collect();
+            results[item] = if probabilities.iter().all(|p| p.is_finite()) {
+                Ok(Scored {
+                    label: prediction.labels[k].to_string(),
+                    probabilities,
+                    enriched: enriched_slots,
+                })
+            } else {
+                let nulls: Vec<&str> = (0..ep.inputs.len())
+                    .filter(|&s| slots[item * width + s] == Input::Null)
+                    .map(|s| ep.fields.name(s))
+                    .collect();
+                Err(item_err(
+                    single,
+                    item,
+                    AppError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "undefined_prediction",
+                        format!(
+                            "the model gives no probabilities for missing values (null features: {})",
+                            nulls.join(", ")
+                        ),
+                    ),
+                ))
+            };
+        }
+    }
+    timing.predict_us = t.elapsed().as_micros() as u64;
+    if single && let Some(Err(e)) = results.first() {
+        return Err(e.clone());
+    }
+    Ok(results)
+}
+
+fn item_err(single: bool, item: usize, mut e: AppError) -> AppError {
+    if !single {
+        e.message = format!("item {item}: {}", e.message);
+    }
+    e
+}
+
+fn slot_key<'s>(input: &'s Input<'_>) -> KeyRef<'s> {
+    input.as_key().unwrap_or(KeyRef::Str(""))
+}
+
+fn row_input<'a>(row: &RowData<'a>, col: usize) -> Input<'a> {
+    match row {
+        RowData::Memory(ds, r) => Input::from_value(ds.value(*r, col)),
+        RowData::Owned(values) => match values.get(col) {
+            Some(crate::dataset::Value::Str(s)) => Input::Str(Cow::Owned(s.clone())),
+            Some(v) => match v.as_ref() {
+                crate::dataset::ValueRef::Int(i) => Input::Int(i),
+                crate::dataset::ValueRef::Float(f) => Input::Num(f),
+                crate::dataset::ValueRef::Bool(b) => Input::Bool(b),
+                _ => Input::Null,
+            },
+            None => Input::Null,
+        },
+    }
+}
+
+fn on_missing(
+    ep: &PredictionEndpoint,
+    policy: OnMissing,
+    key_slot: usize,
+    key: KeyRef<'_>,
+    describe: &str,
+) -> Option<AppError> {
+    match policy {
+        OnMissing::Null => None,
+        OnMissing::Error => Some(AppError::not_found(
+            "not_found",
+            format!(
+                "no row with `{}` = {key} in {describe}",
+                ep.fields.name(key_slot)
+            ),
+        )),
+    }
+}
+
+fn fill_nulls(
+    slots: &mut [Input<'_>],
+    enriched: &mut [bool],
+    ep: &PredictionEndpoint,
+    item: usize,
+    targets: &[(usize, usize)],
+) {
+    let base = item * ep.fields.len();
+    for &(slot, _) in targets {
+        if slots[base + slot] == Input::Absent {
+            slots[base + slot] = Input::Null;
+            enriched[item * ep.inputs.len() + slot] = true;
+        }
+    }
+}
+
+/// Whether `input` converts to a model input of `kind`.
+pub fn check(input: &Input<'_>, kind: InputKind, name: &str) -> Result<(), AppError> {
+    let wrong = |expected: &str| {
+        Err(AppError::bad_request(
+            "invalid_feature",
+            format!(
+                "feature `{name}` must be {expected}, got {}",
+                input.type_name()
+            ),
+        ))
+    };
+    match (kind, input) {
+        (_, Input::Absent) => Err(AppError::bad_request(
+            "missing_feature",
+            format!("missing feature `{name}`"),
+        )),
+        (
+            InputKind::F32 | InputKind::F64,
+            Input::Int(_) | Input::Num(_) | Input::Bool(_) | Input::Null,
+        ) => Ok(()),
+        (InputKind::F32 | InputKind::F64, _) => wrong("a number"),
+        (InputKind::I64, Input::Int(_) | Input::Bool(_)) => Ok(()),
+        (InputKind::I64, Input::Num(v)) if v.fract() == 0.0 && v.abs() < 9.2e18 => Ok(()),
+        (InputKind::I64, _) => wrong("an integer"),
+        (InputKind::Str, Input::Str(_) | Input::Int(_) | Input::Null) => Ok(()),
+        (InputKind::Str, _) => wrong("a string"),
+    }
+}
+
+/// The value as a float (after [`check`]); a missing value is NaN.
+fn as_f64(input: &Input<'_>) -> f64 {
+    match input {
+        Input::Int(i) => *i as f64,
+        Input::Num(v) => *v,
+        Input::Bool(b) => f64::from(u8::from(*b)),
+        _ => f64::NAN,
+    }
+}
+
+/// Builds one model column from checked inputs.
+pub fn column<'i, 'a: 'i>(
+    kind: InputKind,
+    values: impl ExactSizeIterator<Item = &'i Input<'a>>,
+) -> Column {
+    match kind {
+        InputKind::F32 => Column::F32(values.map(|v| as_f64(v) as f32).collect()),
+        InputKind::F64 => Column::F64(values.map(as_f64).collect()),
+        InputKind::I64 => Column::I64(
+            values
+                .map(|v| match v {
+                    Input::Int(i) => *i,
+                    Input::Bool(b) => i64::from(*b),
+                    Input::Num(f) => *f as i64,
+                    _ => 0,
+                })
+                .collect(),
+        ),
+        InputKind::Str => Column::Str(
+            values
+                .map(|v| match v {
+                    Input::Str(s) => s.to_string(),
+                    Input::Int(i) => i.to_string(),
+                    _ => String::new(),
+                })
+                .collect(),
+        ),
+    }
+}

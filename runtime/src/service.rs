@@ -1,0 +1,534 @@
+//! A loaded service: datasets, models and the per-endpoint plans built from
+//! the bundle at start.
+//!
+//! Everything a request needs is resolved here once: the slot of each field,
+//! which dataset column fills which model input, the remote lookup clients.
+//! Loading reports each phase with its timing on stderr.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{
+    Bundle, ColumnType, ConfigError, DatasetConfig, DatasetMode, DatasetSource, EndpointConfig,
+    Limits, OnMissing,
+};
+use crate::dataset::{Dataset, KeyRef, Schema, Value, ValueRef};
+use crate::error::AppError;
+use crate::input::FieldMap;
+use crate::log;
+use crate::model::{InputKind, InputSpec};
+use crate::remote::{HttpClient, RemoteLookup};
+use crate::scoring::{Classifier, class_names, load_model};
+use crate::sql::{Connector, LiveTable, SqlError};
+
+/// Errors loading a service; each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Dataset(#[from] crate::dataset::DatasetError),
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    /// A model could not be read or is not supported.
+    #[error("endpoint `{endpoint}`: model {reason}")]
+    Model { endpoint: String, reason: String },
+    /// An endpoint declaration does not fit its model or datasets.
+    #[error("endpoint `{endpoint}`: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+}
+
+/// What to load.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Connect to databases and resolve connection secrets (`false` for an
+    /// offline `check`: SQL datasets and secrets are then not validated).
+    pub connect: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { connect: true }
+    }
+}
+
+/// A service ready to answer requests.
+pub struct Service {
+    pub name: String,
+    pub version: Option<String>,
+    pub limits: Limits,
+    pub endpoints: HashMap<String, Endpoint>,
+    pub datasets: HashMap<String, Table>,
+    pub http: HttpClient,
+}
+
+/// One endpoint.
+pub enum Endpoint {
+    Prediction(Arc<PredictionEndpoint>),
+    Lookup(Arc<LookupEndpoint>),
+}
+
+/// A dataset, in memory or queried per request.
+#[derive(Clone)]
+pub enum Table {
+    Memory(Arc<Dataset>),
+    Live(Arc<LiveTable>),
+}
+
+/// A row fetched from a [`Table`].
+pub enum RowData<'a> {
+    Memory(&'a Dataset, usize),
+    Owned(Vec<Value>),
+}
+
+impl RowData<'_> {
+    pub fn value(&self, column: usize) -> ValueRef<'_> {
+        match self {
+            RowData::Memory(ds, row) => ds.value(*row, column),
+            RowData::Owned(values) => values.get(column).map_or(ValueRef::Null, Value::as_ref),
+        }
+    }
+}
+
+impl Table {
+    pub fn schema(&self) -> &Schema {
+        match self {
+            Table::Memory(ds) => ds.schema(),
+            Table::Live(t) => t.schema(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Table::Memory(ds) => ds.name(),
+            Table::Live(t) => t.name(),
+        }
+    }
+
+    /// The row with `key`; database failures are 502/504.
+    pub async fn fetch(&self, key: KeyRef<'_>) -> Result<Option<RowData<'_>>, AppError> {
+        match self {
+            Table::Memory(ds) => Ok(ds.find(key).map(|row| RowData::Memory(ds, row))),
+            Table::Live(t) => match t.fetch(key).await {
+                Ok(row) => Ok(row.map(RowData::Owned)),
+                Err(SqlError::Timeout { dataset }) => Err(AppError::new(
+                    axum::http::StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!("dataset `{dataset}`: the database did not answer in time"),
+                )),
+                Err(e) => {
+                    log::warn(format_args!("{e}"));
+                    Err(AppError::new(
+                        axum::http::StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        format!("dataset `{}`: the database query failed", t.name()),
+                    ))
+                }
+            },
+        }
+    }
+}
+
+/// A prediction endpoint, planned.
+pub struct PredictionEndpoint {
+    pub name: String,
+    pub model: Arc<dyn Classifier>,
+    /// Request fields: slots `0..inputs.len()` are the model inputs in order,
+    /// then the enrichment keys that are not model inputs.
+    pub fields: FieldMap,
+    pub inputs: Vec<InputSpec>,
+    pub class_names: Vec<String>,
+    pub enrichments: Vec<Enrichment>,
+}
+
+/// An enrichment, planned.
+pub struct Enrichment {
+    pub source: EnrichmentSource,
+    /// For messages: ``dataset `customers` `` or `lookup service URL`.
+    pub describe: String,
+    pub key_slot: usize,
+    /// `(model input slot, source column)`: the column index in the table
+    /// schema, or in `columns` for a remote lookup.
+    pub targets: Vec<(usize, usize)>,
+    pub columns: Vec<String>,
+    pub on_missing: OnMissing,
+}
+
+/// Where an enrichment reads.
+pub enum EnrichmentSource {
+    Table(Table),
+    Remote(RemoteLookup),
+}
+
+/// A lookup endpoint, planned.
+pub struct LookupEndpoint {
+    pub name: String,
+    /// Key fields of the request (one per distinct key name).
+    pub fields: FieldMap,
+    pub parts: Vec<LookupPart>,
+}
+
+/// One dataset of a lookup endpoint.
+pub struct LookupPart {
+    pub table: Table,
+    pub key_slot: usize,
+    /// Columns returned (all but the key), by schema index.
+    pub columns: Vec<usize>,
+}
+
+impl Service {
+    /// Loads datasets, connections and models of a bundle and plans its
+    /// endpoints. `secrets` resolves references (see [`Bundle::resolve`]).
+    pub async fn load(bundle: &Bundle, options: LoadOptions) -> Result<Service, LoadError> {
+        let cfg = &bundle.config;
+        let started = Instant::now();
+
+        // Connections (only those used).
+        let mut connectors = HashMap::new();
+        for (name, conn) in &cfg.connections {
+            let crate::config::ConnectionConfig::Postgres { password, .. } = conn;
+            let password = match password {
+                Some(secret) if options.connect => Some(bundle.resolve(secret)?),
+                _ => None,
+            };
+            connectors.insert(name.clone(), Connector::new(name, conn, password));
+        }
+
+        // Datasets.
+        let mut datasets = HashMap::new();
+        for (name, ds) in &cfg.datasets {
+            let t = Instant::now();
+            let table = match load_table(bundle, name, ds, &connectors, options).await? {
+                Some(table) => table,
+                None => {
+                    log::info(format_args!("dataset `{name}`: skipped (offline check)"));
+                    continue;
+                }
+            };
+            match &table {
+                Table::Memory(d) => log::info(format_args!(
+                    "dataset `{name}`: {} rows, {} keys, {} columns, {:.1} MiB in {}",
+                    d.rows(),
+                    d.keys(),
+                    d.schema().names.len(),
+                    d.heap_bytes() as f64 / (1 << 20) as f64,
+                    ms(t.elapsed())
+                )),
+                Table::Live(l) => log::info(format_args!(
+                    "dataset `{name}`: live, {} columns, pool ready in {}",
+                    l.schema().names.len(),
+                    ms(t.elapsed())
+                )),
+            }
+            datasets.insert(name.clone(), table);
+        }
+
+        // Endpoints.
+        let http = HttpClient::new();
+        let mut endpoints = HashMap::new();
+        for (name, ep) in &cfg.endpoints {
+            let t = Instant::now();
+            let endpoint = match ep {
+                EndpointConfig::Lookup { datasets: names } => {
+                    match plan_lookup(name, names, &datasets)? {
+                        Some(ep) => Endpoint::Lookup(Arc::new(ep)),
+                        None => continue,
+                    }
+                }
+                EndpointConfig::Prediction { model, enrichments } => {
+                    let path = bundle.path(model);
+                    let model = tokio::task::spawn_blocking(move || load_model(&path))
+                        .await
+                        .map_err(|e| LoadError::Model {
+                            endpoint: name.clone(),
+                            reason: e.to_string(),
+                        })?
+                        .map_err(|reason| LoadError::Model {
+                            endpoint: name.clone(),
+                            reason,
+                        })?;
+                    let Some(planned) =
+                        plan_prediction(bundle, name, model, enrichments, &datasets, options)?
+                    else {
+                        log::info(format_args!(
+                            "endpoint `{name}`: skipped (uses a SQL dataset; offline check)"
+                        ));
+                        continue;
+                    };
+                    log::info(format_args!(
+                        "endpoint `{name}`: model with {} inputs, {} classes, {} enrichments, loaded in {}",
+                        planned.inputs.len(),
+                        planned.class_names.len(),
+                        planned.enrichments.len(),
+                        ms(t.elapsed())
+                    ));
+                    Endpoint::Prediction(Arc::new(planned))
+                }
+            };
+            endpoints.insert(name.clone(), endpoint);
+        }
+        log::info(format_args!(
+            "service `{}`: {} endpoints, {} datasets loaded in {}",
+            cfg.service,
+            endpoints.len(),
+            datasets.len(),
+            ms(started.elapsed())
+        ));
+        Ok(Service {
+            name: cfg.service.clone(),
+            version: cfg.version.clone(),
+            limits: cfg.limits.clone(),
+            endpoints,
+            datasets,
+            http,
+        })
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn load_table(
+    bundle: &Bundle,
+    name: &str,
+    ds: &DatasetConfig,
+    connectors: &HashMap<String, Connector>,
+    options: LoadOptions,
+) -> Result<Option<Table>, LoadError> {
+    match &ds.source {
+        DatasetSource::Csv(path) => {
+            let path = bundle.path(path);
+            let (name, key, duplicates, columns) = (
+                name.to_string(),
+                ds.key.clone(),
+                ds.duplicates,
+                ds.columns.clone(),
+            );
+            let loaded = tokio::task::spawn_blocking(move || {
+                Dataset::load_csv(&name, &path, &key, duplicates, &columns)
+            })
+            .await
+            .map_err(|e| LoadError::Endpoint {
+                endpoint: String::new(),
+                reason: e.to_string(),
+            })??;
+            Ok(Some(Table::Memory(Arc::new(loaded))))
+        }
+        DatasetSource::Sql(sql) => {
+            if !options.connect {
+                return Ok(None);
+            }
+            let Some(connector) = connectors.get(&sql.connection) else {
+                return Err(LoadError::Endpoint {
+                    endpoint: String::new(),
+                    reason: format!("dataset `{name}`: unknown connection `{}`", sql.connection),
+                });
+            };
+            match ds.mode {
+                DatasetMode::Preload => Ok(Some(Table::Memory(Arc::new(
+                    crate::sql::preload(connector, name, &sql.query, &ds.key, ds.duplicates)
+                        .await?,
+                )))),
+                DatasetMode::Live => Ok(Some(Table::Live(Arc::new(
+                    LiveTable::open(connector, name, &sql.query, &ds.key, ds.duplicates).await?,
+                )))),
+            }
+        }
+    }
+}
+
+fn plan_lookup(
+    name: &str,
+    names: &[String],
+    datasets: &HashMap<String, Table>,
+) -> Result<Option<LookupEndpoint>, LoadError> {
+    let err = |reason: String| LoadError::Endpoint {
+        endpoint: name.to_string(),
+        reason,
+    };
+    let mut fields = FieldMap::default();
+    let mut parts = Vec::new();
+    let mut seen: HashMap<&str, &str> = HashMap::new();
+    for ds in names {
+        let Some(table) = datasets.get(ds) else {
+            // Skipped in an offline check.
+            return Ok(None);
+        };
+        let schema = table.schema();
+        let key_name = &schema.names[schema.key];
+        let key_slot = fields.add(key_name);
+        let mut columns = Vec::new();
+        for (i, col) in schema.names.iter().enumerate() {
+            if i == schema.key {
+                continue;
+            }
+            if let Some(other) = seen.insert(col, ds) {
+                return Err(err(format!(
+                    "column `{col}` is in both datasets `{other}` and `{ds}`; a lookup merges rows by key, so column names must be distinct"
+                )));
+            }
+            columns.push(i);
+        }
+        parts.push(LookupPart {
+            table: table.clone(),
+            key_slot,
+            columns,
+        });
+    }
+    for slot in 0..fields.len() {
+        if seen.contains_key(fields.name(slot)) {
+            return Err(err(format!(
+                "`{}` is a key of one dataset and a column of another",
+                fields.name(slot)
+            )));
+        }
+    }
+    Ok(Some(LookupEndpoint {
+        name: name.to_string(),
+        fields,
+        parts,
+    }))
+}
+
+fn plan_prediction(
+    bundle: &Bundle,
+    name: &str,
+    model: Arc<dyn Classifier>,
+    enrichments: &[crate::config::EnrichmentConfig],
+    datasets: &HashMap<String, Table>,
+    options: LoadOptions,
+) -> Result<Option<PredictionEndpoint>, LoadError> {
+    let err = |reason: String| LoadError::Endpoint {
+        endpoint: name.to_string(),
+        reason,
+    };
+    let inputs = model.inputs().to_vec();
+    let mut fields = FieldMap::default();
+    for input in &inputs {
+        if input.width != 1 {
+            return Err(err(format!(
+                "model input `{}` has {} columns; prediction endpoints need one graph input per feature (width 1)",
+                input.name, input.width
+            )));
+        }
+        let slot = fields.add(&input.name);
+        if slot + 1 != fields.len() {
+            return Err(err(format!(
+                "model input `{}` is declared twice",
+                input.name
+            )));
+        }
+    }
+    let class_names = class_names(model.classes());
+    if class_names.is_empty() {
+        return Err(err("the model declares no classes".into()));
+    }
+    let mut planned = Vec::new();
+    for (n, en) in enrichments.iter().enumerate() {
+        let at = |reason: String| err(format!("enrichment {}: {reason}", n + 1));
+        let key_slot = fields.add(&en.key);
+        let mut targets = Vec::new();
+        let (source, describe) = match (&en.dataset, &en.lookup) {
+            (Some(ds), _) => {
+                let Some(table) = datasets.get(ds) else {
+                    if !options.connect {
+                        return Ok(None);
+                    }
+                    return Err(at(format!("dataset `{ds}` is not loaded")));
+                };
+                let schema = table.schema();
+                for col in &en.columns {
+                    let slot = input_slot(&fields, &inputs, col).map_err(&at)?;
+                    let Some(ci) = schema.position(col) else {
+                        return Err(at(format!(
+                            "column `{col}` is not in dataset `{ds}` (columns: {})",
+                            schema.names.join(", ")
+                        )));
+                    };
+                    check_compatible(inputs[slot].kind, schema.types[ci])
+                        .map_err(|r| at(format!("column `{col}` of dataset `{ds}`: {r}")))?;
+                    targets.push((slot, ci));
+                }
+                (
+                    EnrichmentSource::Table(table.clone()),
+                    format!("dataset `{ds}`"),
+                )
+            }
+            (None, Some(remote)) => {
+                for (ci, col) in en.columns.iter().enumerate() {
+                    let slot = input_slot(&fields, &inputs, col).map_err(&at)?;
+                    targets.push((slot, ci));
+                }
+                let api_key = match &remote.api_key {
+                    Some(secret) if options.connect => Some(bundle.resolve(secret)?),
+                    _ => None,
+                };
+                let client = RemoteLookup::new(
+                    &remote.url,
+                    api_key,
+                    Duration::from_millis(remote.timeout_ms),
+                    &en.key,
+                )
+                .map_err(&at)?;
+                let describe = format!("lookup service {}", client.url());
+                (EnrichmentSource::Remote(client), describe)
+            }
+            (None, None) => return Err(at("no source".into())),
+        };
+        planned.push(Enrichment {
+            source,
+            describe,
+            key_slot,
+            targets,
+            columns: en.columns.clone(),
+            on_missing: en.on_missing,
+        });
+    }
+    Ok(Some(PredictionEndpoint {
+        name: name.to_string(),
+        model,
+        fields,
+        inputs,
+        class_names,
+        enrichments: planned,
+    }))
+}
+
+fn input_slot(fields: &FieldMap, inputs: &[InputSpec], column: &str) -> Result<usize, String> {
+    match fields.get(column) {
+        Some(slot) if slot < inputs.len() => Ok(slot),
+        _ => Err(format!(
+            "column `{column}` is not a model input (inputs: {})",
+            inputs
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+fn check_compatible(kind: InputKind, column: ColumnType) -> Result<(), String> {
+    use ColumnType as C;
+    use InputKind as K;
+    match (kind, column) {
+        (K::F32 | K::F64, C::Int | C::Float | C::Bool) => Ok(()),
+        (K::I64, C::Int | C::Bool) => Ok(()),
+        (K::Str, C::String | C::Int) => Ok(()),
+        _ => Err(format!(
+            "a {column} column cannot feed a {} model input",
+            kind_name(kind)
+        )),
+    }
+}
+
+pub fn kind_name(kind: InputKind) -> &'static str {
+    match kind {
+        InputKind::F32 => "float32",
+        InputKind::F64 => "float64",
+        InputKind::I64 => "int64",
+        InputKind::Str => "string",
+    }
+}

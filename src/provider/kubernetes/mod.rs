@@ -1,0 +1,793 @@
+//! The Kubernetes provider: a stack's services and exposures on any cluster
+//! (a kubeconfig context, or an EKS cluster reached by endpoint, CA and
+//! token), with server-side apply.
+//!
+//! - Desired objects ([`objects`], pure): per service a ConfigMap (its
+//!   `service.json`), a Secret (credentials by reference, resolved at apply
+//!   time; only a digest is planned), a Deployment (the runtime image pinned
+//!   by digest, [`images`]) and an autoscaler; per exposure a Service, an
+//!   Ingress and a NetworkPolicy; and the namespace.
+//! - Live objects are found by their labels (one list call per kind across
+//!   namespaces) and projected onto the attributes mesh sets ([`project`]),
+//!   so defaulted and allocated fields never show as differences.
+//! - Apply server-side applies with field manager `mesh` (forced), then
+//!   waits for Deployments to roll out ([`rollout`]) unless `--no-wait`.
+//!
+//! This is the only module that imports `kube`.
+
+mod images;
+mod kinds;
+mod objects;
+mod project;
+mod rollout;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::{Value as J, json};
+
+use super::{ApplyContext, Provider, ProviderError};
+use crate::image::RegistryAuth;
+use crate::plan::{Action, Change};
+use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
+use crate::stack::{ClusterKind, Stack};
+
+pub use images::find_runtime;
+pub use kinds::Kind;
+pub use objects::{RUNTIME_PORT, namespace};
+
+/// How to reach a cluster's API server without a kubeconfig (EKS: from
+/// `DescribeCluster` and an STS-signed token). `Debug` hides the token.
+#[derive(Clone)]
+pub struct KubeAccess {
+    /// `https://...`
+    pub endpoint: String,
+    /// The cluster CA, PEM (empty: the system's roots).
+    pub ca_pem: String,
+    /// Bearer token.
+    pub token: String,
+}
+
+impl fmt::Debug for KubeAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeAccess")
+            .field("endpoint", &self.endpoint)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Produces a [`KubeAccess`] when asked; `None` when the cluster does not
+/// exist yet (it is to be created by the same apply): live state is then
+/// empty and every object plans as a create.
+pub type AccessSource = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Option<KubeAccess>, ProviderError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Knobs of the provider; [`Settings::from_env`] suits real clusters.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Registry URL used when the environment names none (`MESH_REGISTRY`).
+    pub registry: Option<String>,
+    /// Credentials for the registry (`MESH_REGISTRY_USER`/`MESH_REGISTRY_PASSWORD`, else anonymous).
+    pub registry_auth: RegistryAuth,
+    /// The runtime binary images ship ([`find_runtime`]).
+    pub runtime: Option<PathBuf>,
+    /// How long a Deployment may take to roll out (`MESH_ROLLOUT_TIMEOUT_SECS`, default 600).
+    pub rollout_timeout: Duration,
+    /// First poll interval while waiting (grows to 2 s).
+    pub poll_interval: Duration,
+    /// How long a deletion may take (LoadBalancer Services, namespaces).
+    pub delete_timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_env() -> Settings {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let registry_auth = match (var("MESH_REGISTRY_USER"), var("MESH_REGISTRY_PASSWORD")) {
+            (Some(user), Some(password)) => RegistryAuth::Basic { user, password },
+            _ => RegistryAuth::Anonymous,
+        };
+        Settings {
+            registry: var("MESH_REGISTRY"),
+            registry_auth,
+            runtime: find_runtime(),
+            rollout_timeout: Duration::from_secs(
+                var("MESH_ROLLOUT_TIMEOUT_SECS")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(600),
+            ),
+            poll_interval: Duration::from_millis(200),
+            delete_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A client and what to call the cluster in messages.
+#[derive(Clone)]
+struct Conn {
+    client: kube::Client,
+    server: String,
+    context: String,
+}
+
+enum Connection {
+    Ready(Conn),
+    /// Built on first use from an [`AccessSource`]; rebuilt after ten
+    /// minutes (EKS tokens live about fifteen).
+    Lazy {
+        name: String,
+        source: AccessSource,
+        cached: tokio::sync::Mutex<Option<(Conn, Instant)>>,
+    },
+}
+
+/// The Kubernetes provider.
+pub struct KubernetesProvider {
+    connection: Connection,
+    settings: Settings,
+    images: images::Images,
+}
+
+const OWNER: &str = "mesh";
+
+impl KubernetesProvider {
+    /// For an environment whose cluster is `kind = "existing"`: its context,
+    /// else `MESH_KUBE_CONTEXT`, else the kubeconfig's current one
+    /// (`KUBECONFIG` honoured).
+    pub async fn for_stack(stack: &Stack, settings: Settings) -> Result<Self, ProviderError> {
+        let named = stack
+            .env
+            .cluster
+            .as_ref()
+            .and_then(|c| stack.clusters.get(c))
+            .and_then(|c| match &c.kind {
+                ClusterKind::Existing { context } => context.clone(),
+                ClusterKind::Eks(_) => None,
+            });
+        let context = named.or_else(|| {
+            std::env::var("MESH_KUBE_CONTEXT")
+                .ok()
+                .filter(|c| !c.is_empty())
+        });
+        Ok(Self::from_kubeconfig(context.as_deref(), settings)
+            .await?
+            .with_state_dir(stack))
+    }
+
+    /// From the kubeconfig (`KUBECONFIG` or `~/.kube/config`), at `context` or the current one.
+    pub async fn from_kubeconfig(
+        context: Option<&str>,
+        settings: Settings,
+    ) -> Result<Self, ProviderError> {
+        let fail = |message: String| ProviderError::Observe {
+            provider: ProviderId::Kubernetes,
+            message,
+        };
+        let where_ = std::env::var("KUBECONFIG")
+            .map(|k| format!("KUBECONFIG={k}"))
+            .unwrap_or_else(|_| "~/.kube/config".to_owned());
+        let kc = Kubeconfig::read()
+            .map_err(|e| fail(format!("cannot read the kubeconfig ({where_}): {e}")))?;
+        let context = context.map(str::to_owned).or_else(|| kc.current_context.clone()).ok_or_else(|| {
+            fail(format!("the kubeconfig ({where_}) has no current context: name one in the stack's cluster (`context = ...`) or with MESH_KUBE_CONTEXT"))
+        })?;
+        let options = KubeConfigOptions {
+            context: Some(context.clone()),
+            ..Default::default()
+        };
+        let config = kube::Config::from_custom_kubeconfig(kc, &options)
+            .await
+            .map_err(|e| fail(format!("kubeconfig context {context} ({where_}): {e}")))?;
+        let conn = connect(config, context)?;
+        Ok(KubernetesProvider {
+            connection: Connection::Ready(conn),
+            settings: settings.clone(),
+            images: images::Images::new(settings.runtime),
+        })
+    }
+
+    /// From an endpoint, CA and token (e.g. an EKS cluster that exists).
+    pub async fn from_access(
+        access: &KubeAccess,
+        settings: Settings,
+    ) -> Result<Self, ProviderError> {
+        let conn = connect_access(access, "eks").await?;
+        Ok(KubernetesProvider {
+            connection: Connection::Ready(conn),
+            settings: settings.clone(),
+            images: images::Images::new(settings.runtime),
+        })
+    }
+
+    /// From an [`AccessSource`] asked on first use (an EKS cluster that may
+    /// not exist yet). `name` names the cluster in messages.
+    pub fn from_access_source(name: &str, source: AccessSource, settings: Settings) -> Self {
+        KubernetesProvider {
+            connection: Connection::Lazy {
+                name: name.to_owned(),
+                source,
+                cached: tokio::sync::Mutex::new(None),
+            },
+            settings: settings.clone(),
+            images: images::Images::new(settings.runtime),
+        }
+    }
+
+    /// Remembers image digests under the stack's state folder (`.mesh/<env>/`).
+    pub fn with_state_dir(self, stack: &Stack) -> Self {
+        self.images
+            .use_cache_dir(&super::local::state_dir(&stack.root, &stack.env.name));
+        self
+    }
+
+    /// The client, or `None` when the cluster does not exist yet.
+    async fn conn(&self) -> Result<Option<Conn>, ProviderError> {
+        match &self.connection {
+            Connection::Ready(c) => Ok(Some(c.clone())),
+            Connection::Lazy {
+                name,
+                source,
+                cached,
+            } => {
+                let mut cached = cached.lock().await;
+                if let Some((c, at)) = cached.as_ref() {
+                    if at.elapsed() < Duration::from_secs(600) {
+                        return Ok(Some(c.clone()));
+                    }
+                }
+                let Some(access) = source().await? else {
+                    return Ok(None);
+                };
+                let c = connect_access(&access, name).await?;
+                *cached = Some((c.clone(), Instant::now()));
+                Ok(Some(c))
+            }
+        }
+    }
+
+    async fn require_conn(&self, address: &Address) -> Result<Conn, ProviderError> {
+        self.conn().await?.ok_or_else(|| ProviderError::Api {
+            address: address.clone(),
+            message: "the cluster does not exist (yet)".into(),
+        })
+    }
+}
+
+fn connect(mut config: kube::Config, context: String) -> Result<Conn, ProviderError> {
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(Duration::from_secs(60));
+    let server = config
+        .cluster_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_owned();
+    let client = kube::Client::try_from(config).map_err(|e| ProviderError::Observe {
+        provider: ProviderId::Kubernetes,
+        message: format!(
+            "cannot set up a client for the Kubernetes API at {server} (context {context}): {}",
+            root_cause(&e)
+        ),
+    })?;
+    Ok(Conn {
+        client,
+        server,
+        context,
+    })
+}
+
+async fn connect_access(access: &KubeAccess, name: &str) -> Result<Conn, ProviderError> {
+    let mut cluster = json!({ "server": access.endpoint });
+    if !access.ca_pem.trim().is_empty() {
+        // Kubeconfig's `certificate-authority-data` is base64; k8s-openapi's ByteString serializes as it.
+        cluster["certificate-authority-data"] =
+            serde_json::to_value(k8s_openapi::ByteString(access.ca_pem.as_bytes().to_vec()))
+                .unwrap_or_default();
+    }
+    let kc = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{ "name": name, "cluster": cluster }],
+        "users": [{ "name": name, "user": { "token": access.token } }],
+        "contexts": [{ "name": name, "context": { "cluster": name, "user": name } }],
+        "current-context": name,
+    });
+    let fail = |message: String| ProviderError::Observe {
+        provider: ProviderId::Kubernetes,
+        message,
+    };
+    let kc: Kubeconfig =
+        serde_json::from_value(kc).map_err(|e| fail(format!("access to cluster {name}: {e}")))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "access to cluster {name} at {}: {e}",
+                access.endpoint
+            ))
+        })?;
+    connect(config, name.to_owned())
+}
+
+/// The innermost cause of an error, for one-line messages.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// An API error as one line: the server's message, or why it was not reached.
+fn describe(e: &kube::Error, conn: &Conn) -> String {
+    match e {
+        kube::Error::Api(s) => {
+            if s.reason.is_empty() {
+                s.message.clone()
+            } else {
+                format!("{} ({}, {})", s.message, s.reason, s.code)
+            }
+        }
+        other => format!(
+            "cannot reach the Kubernetes API at {} (context {}): {}",
+            conn.server,
+            conn.context,
+            root_cause(other)
+        ),
+    }
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+fn api_for(conn: &Conn, kind: Kind, namespace: Option<&str>) -> Api<DynamicObject> {
+    let ar = kind.api_resource();
+    match namespace {
+        Some(ns) if kind.namespaced() => Api::namespaced_with(conn.client.clone(), ns, &ar),
+        _ => Api::all_with(conn.client.clone(), &ar),
+    }
+}
+
+/// The live resource of an object mesh owns (`None` without an address).
+fn live_of(kind: Kind, obj: &J) -> Option<Live> {
+    let address = obj
+        .pointer("/metadata/annotations")?
+        .get(kinds::ANNOTATION_ADDRESS)?
+        .as_str()?;
+    let name = obj.pointer("/metadata/name")?.as_str()?;
+    let ns = obj.pointer("/metadata/namespace").and_then(J::as_str);
+    let id = match ns {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    };
+    let mut live = Live::new(
+        Address::new(address),
+        kind.resource_kind(),
+        ProviderId::Kubernetes,
+        id,
+    )
+    .output("name", name);
+    live.attrs = project::project(kind, obj);
+    if let Some(ns) = ns {
+        live = live.output("namespace", ns);
+    }
+    match kind {
+        Kind::Service => {
+            let port = obj
+                .pointer("/spec/ports/0/port")
+                .and_then(J::as_i64)
+                .unwrap_or(0);
+            if let Some(ip) = obj.pointer("/spec/clusterIP").and_then(J::as_str) {
+                live = live.output("cluster_ip", ip);
+            }
+            if let Some(np) = obj.pointer("/spec/ports/0/nodePort").and_then(J::as_i64) {
+                live = live.output("node_port", np);
+            }
+            let lb = obj
+                .pointer("/status/loadBalancer/ingress/0")
+                .and_then(|i| i.get("hostname").or_else(|| i.get("ip")))
+                .and_then(J::as_str);
+            if let Some(host) = lb {
+                live = live.output("url", format!("http://{host}:{port}"));
+            } else if let Some(ns) = ns {
+                live = live.output(
+                    "url",
+                    format!("http://{name}.{ns}.svc.cluster.local:{port}"),
+                );
+            }
+        }
+        Kind::Ingress => {
+            let host = obj
+                .pointer("/spec/rules/0/host")
+                .and_then(J::as_str)
+                .unwrap_or_default();
+            let path = obj
+                .pointer("/spec/rules/0/http/paths/0/path")
+                .and_then(J::as_str)
+                .unwrap_or("/");
+            live = live.output(
+                "url",
+                format!("http://{host}{}", path.trim_end_matches('/')),
+            );
+        }
+        _ => {}
+    }
+    Some(live)
+}
+
+fn to_json(obj: &DynamicObject) -> J {
+    serde_json::to_value(obj).unwrap_or(J::Null)
+}
+
+fn internal_str<'a>(d: &'a Desired, name: &str) -> Option<&'a str> {
+    d.attrs.get(name).and_then(|a| a.value.as_str())
+}
+
+fn invalid(address: &Address, message: impl Into<String>) -> ProviderError {
+    ProviderError::Invalid {
+        address: address.clone(),
+        message: message.into(),
+    }
+}
+
+impl KubernetesProvider {
+    /// Server-side applies a desired object (resolving secrets and pushing
+    /// the image first), waits for Deployments, returns the live object.
+    async fn put(
+        &self,
+        kind: Kind,
+        change: &Change,
+        ctx: &ApplyContext,
+    ) -> Result<Live, ProviderError> {
+        let address = &change.address;
+        let d = change
+            .desired
+            .as_ref()
+            .ok_or_else(|| invalid(address, "no desired state"))?;
+        let text = internal_str(d, objects::ATTR_MANIFEST)
+            .ok_or_else(|| invalid(address, "no manifest"))?;
+        let mut manifest: J = serde_json::from_str(text)
+            .map_err(|e| invalid(address, format!("the planned manifest does not parse: {e}")))?;
+        let secrets = match internal_str(d, objects::ATTR_SECRETS) {
+            Some(s) => {
+                let refs: std::collections::BTreeMap<String, objects::SecretSource> =
+                    serde_json::from_str(s).map_err(|e| {
+                        invalid(
+                            address,
+                            format!("the planned secret references do not parse: {e}"),
+                        )
+                    })?;
+                // Read now, at apply time; only the digest is ever written outside the Secret.
+                Some(objects::resolve_secrets(&refs).map_err(|m| invalid(address, m))?)
+            }
+            None => None,
+        };
+        match kind {
+            Kind::Secret => {
+                let values = secrets.unwrap_or_default();
+                manifest["metadata"]["annotations"][kinds::ANNOTATION_SECRET_HASH] =
+                    json!(objects::secret_digest(&values));
+                manifest["stringData"] = json!(values);
+            }
+            Kind::Deployment => {
+                if let Some(values) = &secrets {
+                    manifest["spec"]["template"]["metadata"]["annotations"]
+                        [kinds::ANNOTATION_SECRET_HASH] = json!(objects::secret_digest(values));
+                }
+                let image = self.push_image(d, change.live.as_ref(), ctx).await?;
+                manifest["spec"]["template"]["spec"]["containers"][0]["image"] = json!(image);
+            }
+            _ => {}
+        }
+        let conn = self.require_conn(address).await?;
+        let name = manifest
+            .pointer("/metadata/name")
+            .and_then(J::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let ns = manifest
+            .pointer("/metadata/namespace")
+            .and_then(J::as_str)
+            .map(str::to_owned);
+        let api = api_for(&conn, kind, ns.as_deref());
+        let params = PatchParams::apply(OWNER).force();
+        let obj = api
+            .patch(&name, &params, &Patch::Apply(&manifest))
+            .await
+            .map_err(|e| ProviderError::Api {
+                address: address.clone(),
+                message: format!(
+                    "applying {} {}: {}",
+                    kind.kind(),
+                    ns.as_deref()
+                        .map(|n| format!("{n}/{name}"))
+                        .unwrap_or(name.clone()),
+                    describe(&e, &conn)
+                ),
+            })?;
+        let mut obj = to_json(&obj);
+        if kind == Kind::Deployment && !ctx.no_wait {
+            let waiter = rollout::Waiter {
+                api: &api,
+                pods: Api::namespaced_with(
+                    conn.client.clone(),
+                    ns.as_deref().unwrap_or("default"),
+                    &kinds::pod_resource(),
+                ),
+                conn: &conn,
+                settings: &self.settings,
+            };
+            obj = waiter
+                .wait(address, &name, ns.as_deref().unwrap_or("default"), ctx)
+                .await?;
+        }
+        live_of(kind, &obj).ok_or_else(|| {
+            invalid(
+                address,
+                "the applied object has no mesh.dev/address annotation",
+            )
+        })
+    }
+
+    /// Pushes the Deployment's image unless the live one already runs it;
+    /// returns the image reference to apply.
+    async fn push_image(
+        &self,
+        d: &Desired,
+        live: Option<&Live>,
+        ctx: &ApplyContext,
+    ) -> Result<String, ProviderError> {
+        let address = &d.address;
+        let attrs = ctx.resolved_attrs(d);
+        let (repository, digest) = match (
+            attrs.get("image"),
+            attrs.get("image_repository"),
+            attrs.get("image_digest"),
+        ) {
+            (Some(Value::Str(image)), _, _) => match image.split_once('@') {
+                Some((r, dg)) => (r.to_owned(), dg.to_owned()),
+                None => {
+                    return Err(invalid(
+                        address,
+                        format!("image {image} is not pinned by digest"),
+                    ));
+                }
+            },
+            (_, Some(Value::Str(r)), Some(Value::Str(dg))) if !r.is_empty() => {
+                (r.clone(), dg.clone())
+            }
+            _ => {
+                return Err(invalid(
+                    address,
+                    "the registry's URL is not known: is the registry created?",
+                ));
+            }
+        };
+        let pinned = format!("{repository}@{digest}");
+        if live
+            .and_then(|l| l.attrs.get("image"))
+            .and_then(Value::as_str)
+            == Some(pinned.as_str())
+        {
+            return Ok(pinned);
+        }
+        let bundle = objects::bundle_from_attrs(
+            internal_str(d, objects::ATTR_BUNDLE).unwrap_or("{}"),
+            internal_str(d, objects::ATTR_FILES).unwrap_or("{}"),
+        )
+        .map_err(|m| invalid(address, m))?;
+        let service = bundle.config.service.clone();
+        if let Some(rt) = self.images.runtime() {
+            if !crate::image::is_static_executable(rt).unwrap_or(false) {
+                ctx.progress(address, &format!("warning: {} is not statically linked; it will not start in the image (build it with scripts/build-static-runtime and set MESH_RUNTIME_STATIC_BIN)", rt.display()));
+            }
+        }
+        ctx.progress(address, &format!("pushing image {pinned}"));
+        let pushed = self
+            .images
+            .push(
+                &service,
+                bundle,
+                RUNTIME_PORT,
+                &digest,
+                &repository,
+                self.settings.registry_auth.clone(),
+            )
+            .await
+            .map_err(|m| ProviderError::Api {
+                address: address.clone(),
+                message: format!("pushing the image: {m}"),
+            })?;
+        Ok(pushed)
+    }
+
+    /// Deletes a live object. LoadBalancer Services (whose cloud load
+    /// balancer must be gone before the network can be deleted) and objects
+    /// being replaced are waited for; namespaces unless `--no-wait`.
+    async fn remove(
+        &self,
+        kind: Kind,
+        live: &Live,
+        ctx: &ApplyContext,
+        wait: bool,
+    ) -> Result<(), ProviderError> {
+        let address = &live.address;
+        // A cluster that does not exist (any more) holds nothing.
+        let Some(conn) = self.conn().await? else {
+            return Ok(());
+        };
+        let (ns, name) = match live.id.split_once('/') {
+            Some((ns, name)) => (Some(ns), name),
+            None => (None, live.id.as_str()),
+        };
+        let api = api_for(&conn, kind, ns);
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => {
+                return Err(ProviderError::Api {
+                    address: address.clone(),
+                    message: format!(
+                        "deleting {} {}: {}",
+                        kind.kind(),
+                        live.id,
+                        describe(&e, &conn)
+                    ),
+                });
+            }
+        }
+        let load_balancer = kind == Kind::Service
+            && live.attrs.get("type").and_then(Value::as_str) == Some("LoadBalancer");
+        if !(wait || load_balancer || (kind == Kind::Namespace && !ctx.no_wait)) {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let mut last_note = Instant::now();
+        let mut interval = self.settings.poll_interval;
+        loop {
+            match api.get_opt(name).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    return Err(ProviderError::Api {
+                        address: address.clone(),
+                        message: format!(
+                            "waiting for {} {} to go: {}",
+                            kind.kind(),
+                            live.id,
+                            describe(&e, &conn)
+                        ),
+                    });
+                }
+            }
+            if ctx.cancelled() {
+                return Err(ProviderError::Interrupted {
+                    address: address.clone(),
+                });
+            }
+            if start.elapsed() > self.settings.delete_timeout {
+                return Err(ProviderError::Timeout {
+                    address: address.clone(),
+                    seconds: self.settings.delete_timeout.as_secs(),
+                    message: format!(
+                        "{} {} is still being deleted; look at `kubectl{} get {} {name} -o yaml` (finalizers)",
+                        kind.kind(),
+                        live.id,
+                        ns.map(|n| format!(" -n {n}")).unwrap_or_default(),
+                        kind.plural()
+                    ),
+                });
+            }
+            if last_note.elapsed() > Duration::from_secs(10) {
+                ctx.progress(
+                    address,
+                    &format!("waiting for {} {} to be deleted", kind.kind(), live.id),
+                );
+                last_note = Instant::now();
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 3 / 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for KubernetesProvider {
+    fn id(&self) -> ProviderId {
+        ProviderId::Kubernetes
+    }
+
+    fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {
+        let digests = |wanted: &[(&str, &crate::provider::local::BundlePlan)]| {
+            self.images.digests(wanted, RUNTIME_PORT)
+        };
+        let inputs = objects::Inputs {
+            registry: objects::registry(stack, self.settings.registry.as_deref()),
+            image_digests: &digests,
+        };
+        objects::desired(stack, &inputs)
+    }
+
+    async fn observe(&self, scope: &Scope) -> Result<Vec<Live>, ProviderError> {
+        let Some(conn) = self.conn().await? else {
+            return Ok(Vec::new());
+        };
+        let selector = kinds::ownership_selector(&scope.stack, &scope.env);
+        let mut set = tokio::task::JoinSet::new();
+        for kind in Kind::ALL {
+            let api = api_for(&conn, kind, None);
+            let lp = ListParams::default().labels(&selector);
+            set.spawn(async move { (kind, api.list(&lp).await) });
+        }
+        let mut out = Vec::new();
+        let mut first_error = None;
+        while let Some(joined) = set.join_next().await {
+            let Ok((kind, listed)) = joined else { continue };
+            match listed {
+                Ok(list) => {
+                    out.extend(list.items.iter().filter_map(|o| live_of(kind, &to_json(o))))
+                }
+                Err(e) => {
+                    if first_error.is_none() {
+                        first_error = Some(match &e {
+                            kube::Error::Api(_) => {
+                                format!("listing {}: {}", kind.plural(), describe(&e, &conn))
+                            }
+                            _ => describe(&e, &conn),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(message) = first_error {
+            return Err(ProviderError::Observe {
+                provider: ProviderId::Kubernetes,
+                message,
+            });
+        }
+        out.sort_by(|a, b| a.address.cmp(&b.address));
+        Ok(out)
+    }
+
+    async fn apply(
+        &self,
+        change: &Change,
+        ctx: &ApplyContext,
+    ) -> Result<Option<Live>, ProviderError> {
+        let kind = Kind::from_resource_kind(&change.kind).ok_or_else(|| {
+            invalid(
+                &change.address,
+                format!("the kubernetes provider does not manage {}", change.kind),
+            )
+        })?;
+        match &change.action {
+            Action::NoOp => Ok(change.live.clone()),
+            Action::Delete => {
+                if let Some(l) = &change.live {
+                    self.remove(kind, l, ctx, false).await?;
+                }
+                Ok(None)
+            }
+            Action::Replace { .. } => {
+                if let Some(l) = &change.live {
+                    ctx.progress(
+                        &change.address,
+                        &format!("deleting {} {} to create it again", kind.kind(), l.id),
+                    );
+                    self.remove(kind, l, ctx, true).await?;
+                }
+                self.put(kind, change, ctx).await.map(Some)
+            }
+            Action::Create | Action::Update => self.put(kind, change, ctx).await.map(Some),
+        }
+    }
+}

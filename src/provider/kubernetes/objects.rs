@@ -1,0 +1,538 @@
+//! The desired objects of a stack (pure, apart from reading the stack's own
+//! files and the secrets' references to digest them).
+//!
+//! Every object is built as the manifest mesh will server-side apply,
+//! carried in the internal attribute `_manifest`; its compared attributes
+//! are the manifest's [`project`]ion, so desired and live are projected by
+//! the same code.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use mesh_runtime::config as rc;
+use serde_json::{Value as J, json};
+use sha2::{Digest, Sha256};
+
+use super::kinds::{self, Kind};
+use super::project::{content_digest, project};
+use crate::provider::ProviderError;
+use crate::provider::local::{BundlePlan, bundle_for};
+use crate::resource::{Address, Attr, Desired, ProviderId, Value};
+use crate::stack::{self, Caller, ClusterKind, ExposeKind, Stack};
+
+/// The port the runtime listens on inside its container.
+pub const RUNTIME_PORT: u16 = 8080;
+/// Name of the runtime container and of its port.
+pub const CONTAINER: &str = "runtime";
+const PORT_NAME: &str = "http";
+
+/// Internal attributes (never compared nor shown).
+pub const ATTR_MANIFEST: &str = "_manifest";
+/// `{ key: {"env": VAR} | {"file": PATH} }` of a Secret, resolved at apply time.
+pub const ATTR_SECRETS: &str = "_secrets";
+/// The service's bundle: `service.json` text and files (bundle path → source).
+pub const ATTR_BUNDLE: &str = "_bundle";
+pub const ATTR_FILES: &str = "_files";
+
+/// Where images go.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Registry {
+    /// An OCI registry by URL (`127.0.0.1:5001/mesh`): `URL/<stack>-<service>`.
+    Url(String),
+    /// A `registry.NAME` of the stack (ECR): its URL is known once it exists.
+    Stack(String),
+}
+
+/// What the desired objects need besides the stack.
+pub struct Inputs<'a> {
+    pub registry: Option<Registry>,
+    /// Digests (`sha256:...`) of the images of services with these bundles (built, not pushed).
+    pub image_digests: &'a dyn Fn(&[(&str, &BundlePlan)]) -> Vec<Result<String, String>>,
+}
+
+/// The namespace a stack's objects go to.
+pub fn namespace(stack: &Stack) -> String {
+    stack
+        .env
+        .namespace
+        .clone()
+        .unwrap_or_else(|| stack.name.to_lowercase())
+}
+
+/// Namespaces mesh uses but never creates, labels or deletes.
+fn system_namespace(ns: &str) -> bool {
+    ns == "default" || ns.starts_with("kube-")
+}
+
+pub fn configmap_name(service: &str) -> String {
+    format!("{service}-config")
+}
+
+pub fn secret_name(service: &str) -> String {
+    format!("{service}-secrets")
+}
+
+/// Every desired object of the stack, namespace first.
+pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, ProviderError> {
+    let ns = namespace(stack);
+    let mut out = Vec::new();
+    let ns_addr = Address::of("namespace", &ns);
+    let owns_namespace = !system_namespace(&ns);
+    if owns_namespace {
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": meta(stack, &ns_addr, &ns, None),
+        });
+        let mut d = object(&ns_addr, Kind::Namespace, manifest);
+        // On an EKS cluster of this stack, the namespace waits for the cluster and its nodes.
+        if let Some(cluster) = stack
+            .env
+            .cluster
+            .as_ref()
+            .and_then(|c| stack.clusters.get(c))
+        {
+            if let ClusterKind::Eks(eks) = &cluster.kind {
+                let caddr = Address::of("cluster", &cluster.name);
+                for g in &eks.node_groups {
+                    d = d.depends(caddr.child("node_group", &g.name));
+                }
+                d = d.depends(caddr);
+            }
+        }
+        out.push(d);
+    }
+    let in_ns = |d: Desired| {
+        if owns_namespace {
+            d.depends(ns_addr.clone())
+        } else {
+            d
+        }
+    };
+
+    let lookup_url = |service: &str| service_url(stack, &ns, service);
+    let mut bundles = Vec::new();
+    for svc in stack.services.values() {
+        let mut bundle = bundle_for(stack, svc, &lookup_url);
+        let secrets = cluster_secrets(&mut bundle.config);
+        bundles.push((bundle, secrets));
+    }
+    let wanted: Vec<(&str, &BundlePlan)> = stack
+        .services
+        .keys()
+        .zip(&bundles)
+        .map(|(n, (b, _))| (n.as_str(), b))
+        .collect();
+    let mut digests = (inputs.image_digests)(&wanted).into_iter();
+    for ((name, svc), (bundle, secrets)) in stack.services.iter().zip(&bundles) {
+        let base = Address::of("service", name);
+        let config_json = serde_json::to_string_pretty(&bundle.config).unwrap_or_default();
+
+        // ConfigMap: the service's config.
+        let cm_addr = sub(&base, "configmap");
+        let cm = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": meta(stack, &cm_addr, &configmap_name(name), Some(&ns)),
+            "data": { rc::SERVICE_FILE: config_json },
+        });
+        out.push(in_ns(object(&cm_addr, Kind::ConfigMap, cm)));
+
+        // Secret: connection passwords and API keys, by reference; only a digest here.
+        let secret_addr = sub(&base, "secret");
+        let secret_hash = if secrets.is_empty() {
+            None
+        } else {
+            let resolved = resolve_secrets(secrets).map_err(|message| ProviderError::Invalid {
+                address: secret_addr.clone(),
+                message,
+            })?;
+            let digest = secret_digest(&resolved);
+            let mut m = meta(stack, &secret_addr, &secret_name(name), Some(&ns));
+            m["annotations"][kinds::ANNOTATION_SECRET_HASH] = json!(digest);
+            let keys: serde_json::Map<String, J> =
+                secrets.keys().map(|k| (k.clone(), json!(""))).collect();
+            let manifest = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "stringData": keys });
+            let mut d = in_ns(object(&secret_addr, Kind::Secret, manifest));
+            d.attrs.insert(
+                ATTR_SECRETS.to_owned(),
+                internal(serde_json::to_string(secrets).unwrap_or_default()),
+            );
+            out.push(d);
+            Some(digest)
+        };
+
+        // Deployment: the runtime image pinned by digest.
+        let dep_addr = sub(&base, "deployment");
+        let digest = digests
+            .next()
+            .unwrap_or_else(|| Err("no image digest".into()))
+            .map_err(|message| ProviderError::Invalid {
+                address: dep_addr.clone(),
+                message,
+            })?;
+        let (image, image_attrs): (String, Vec<(&str, Value)>) = match &inputs.registry {
+            Some(Registry::Url(url)) => {
+                let image = format!("{}@{digest}", repository(url, &stack.name, name));
+                (image.clone(), vec![("image", Value::str(image))])
+            }
+            Some(Registry::Stack(reg)) => (
+                String::new(),
+                vec![
+                    (
+                        "image_repository",
+                        Value::Ref {
+                            address: Address::of("registry", reg),
+                            output: "url".into(),
+                        },
+                    ),
+                    ("image_digest", Value::str(digest.clone())),
+                ],
+            ),
+            None => {
+                return Err(ProviderError::Invalid {
+                    address: dep_addr,
+                    message: "no registry for the runtime image: set `registry` in the environment or MESH_REGISTRY (e.g. 127.0.0.1:5001/mesh)".into(),
+                });
+            }
+        };
+        let pods = kinds::pod_labels(&stack.name, &stack.env.name, name);
+        let mut template_annotations =
+            json!({ kinds::ANNOTATION_CONFIG_HASH: content_digest(&config_json) });
+        if let Some(h) = &secret_hash {
+            template_annotations[kinds::ANNOTATION_SECRET_HASH] = json!(h);
+        }
+        let mut container = json!({
+            "name": CONTAINER,
+            "image": image,
+            "ports": [{ "name": PORT_NAME, "containerPort": RUNTIME_PORT, "protocol": "TCP" }],
+            "resources": {
+                "requests": { "cpu": svc.resources.cpu, "memory": svc.resources.memory },
+                "limits": { "memory": svc.resources.memory },
+            },
+            "readinessProbe": { "httpGet": { "path": "/readyz", "port": PORT_NAME }, "periodSeconds": 5 },
+            "livenessProbe": { "httpGet": { "path": "/healthz", "port": PORT_NAME }, "initialDelaySeconds": 10, "periodSeconds": 10 },
+            // The ConfigMap's `service.json` over the image's own (the same text), so the
+            // ConfigMap is what the runtime reads.
+            "volumeMounts": [{
+                "name": "config",
+                "mountPath": format!("{}/{}", crate::image::BUNDLE_DIR, rc::SERVICE_FILE),
+                "subPath": rc::SERVICE_FILE,
+                "readOnly": true,
+            }],
+        });
+        if secret_hash.is_some() {
+            container["envFrom"] = json!([{ "secretRef": { "name": secret_name(name) } }]);
+        }
+        let mut spec = json!({
+            "selector": { "matchLabels": pods },
+            "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 } },
+            "template": {
+                "metadata": { "labels": pods, "annotations": template_annotations },
+                "spec": {
+                    "containers": [container],
+                    "volumes": [{ "name": "config", "configMap": { "name": configmap_name(name) } }],
+                },
+            },
+        });
+        // With an autoscaler, the replica count is the autoscaler's: mesh does not apply it.
+        if svc.autoscaling.is_none() {
+            spec["replicas"] = json!(svc.replicas);
+        }
+        let manifest = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": meta(stack, &dep_addr, name, Some(&ns)),
+            "spec": spec,
+        });
+        let mut d = in_ns(object(&dep_addr, Kind::Deployment, manifest));
+        d.attrs.remove("image");
+        d.attrs.remove("image_repository");
+        d.attrs.remove("image_digest");
+        for (k, v) in image_attrs {
+            d.attrs.insert(k.to_owned(), Attr::new(v));
+        }
+        // Apply waits until the rollout completes; a failed or unfinished one shows in the next plan.
+        d.attrs.insert("rollout".to_owned(), Attr::new("complete"));
+        d.attrs
+            .insert(ATTR_BUNDLE.to_owned(), internal(config_json.clone()));
+        d.attrs.insert(
+            ATTR_FILES.to_owned(),
+            internal(serde_json::to_string(&bundle.files).unwrap_or_default()),
+        );
+        if !secrets.is_empty() {
+            d.attrs.insert(
+                ATTR_SECRETS.to_owned(),
+                internal(serde_json::to_string(secrets).unwrap_or_default()),
+            );
+        }
+        d = d.depends(cm_addr.clone());
+        if secret_hash.is_some() {
+            d = d.depends(secret_addr.clone());
+        }
+        for ep in svc.endpoints.values() {
+            if let stack::Endpoint::Prediction { enrichments, .. } = ep {
+                for en in enrichments {
+                    if let stack::EnrichmentSource::Lookup { service, .. } = &en.source {
+                        d = d.depends(sub(&Address::of("service", service), "deployment"));
+                    }
+                }
+            }
+        }
+        if let Some(Registry::Stack(reg)) = &inputs.registry {
+            d = d.depends(Address::of("registry", reg));
+        }
+        out.push(d);
+
+        // HorizontalPodAutoscaler.
+        if let Some(a) = &svc.autoscaling {
+            let hpa_addr = sub(&base, "hpa");
+            let manifest = json!({
+                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                "metadata": meta(stack, &hpa_addr, name, Some(&ns)),
+                "spec": {
+                    "scaleTargetRef": { "apiVersion": "apps/v1", "kind": "Deployment", "name": name },
+                    "minReplicas": a.min,
+                    "maxReplicas": a.max,
+                    "metrics": [{ "type": "Resource", "resource": { "name": "cpu", "target": { "type": "Utilization", "averageUtilization": a.cpu_percent } } }],
+                },
+            });
+            out.push(
+                in_ns(object(&hpa_addr, Kind::HorizontalPodAutoscaler, manifest))
+                    .depends(dep_addr.clone()),
+            );
+        }
+    }
+
+    for (name, e) in &stack.exposes {
+        let base = Address::of("expose", name);
+        let after = sub(&Address::of("service", &e.service), "deployment");
+        let pods = kinds::pod_labels(&stack.name, &stack.env.name, &e.service);
+        let (svc_type, port, node_port) = match &e.kind {
+            ExposeKind::ClusterIP { port } => ("ClusterIP", *port, None),
+            ExposeKind::NodePort { port, node_port } => ("NodePort", *port, *node_port),
+            ExposeKind::LoadBalancer { port } => ("LoadBalancer", *port, None),
+            ExposeKind::Ingress { port, .. } => ("ClusterIP", *port, None),
+        };
+        let mut sp = json!({ "name": PORT_NAME, "port": port, "targetPort": RUNTIME_PORT, "protocol": "TCP" });
+        if let Some(np) = node_port {
+            sp["nodePort"] = json!(np);
+        }
+        let svc_addr = sub(&base, "service");
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": meta(stack, &svc_addr, name, Some(&ns)),
+            "spec": { "type": svc_type, "selector": pods, "ports": [sp] },
+        });
+        out.push(in_ns(object(&svc_addr, Kind::Service, manifest)).depends(after.clone()));
+
+        if let ExposeKind::Ingress { host, path, .. } = &e.kind {
+            let ing_addr = sub(&base, "ingress");
+            let manifest = json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                "metadata": meta(stack, &ing_addr, name, Some(&ns)),
+                "spec": { "rules": [{ "host": host, "http": { "paths": [{
+                    "path": path, "pathType": "Prefix",
+                    "backend": { "service": { "name": name, "port": { "number": port } } },
+                }] } }] },
+            });
+            out.push(in_ns(object(&ing_addr, Kind::Ingress, manifest)).depends(svc_addr.clone()));
+        }
+
+        // Only the declared callers reach the service's pods; everyone else is denied.
+        let from: Vec<J> = e
+            .allow
+            .iter()
+            .map(|c| match c {
+                Caller::Service(s) => json!({ "podSelector": { "matchLabels": kinds::pod_labels(&stack.name, &stack.env.name, s) } }),
+                Caller::Cidr(c) => json!({ "ipBlock": { "cidr": c.to_string() } }),
+            })
+            .collect();
+        let ingress = if from.is_empty() {
+            json!([])
+        } else {
+            json!([{ "from": from, "ports": [{ "port": RUNTIME_PORT, "protocol": "TCP" }] }])
+        };
+        let np_addr = sub(&base, "network_policy");
+        let manifest = json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": meta(stack, &np_addr, name, Some(&ns)),
+            "spec": { "podSelector": { "matchLabels": pods }, "policyTypes": ["Ingress"], "ingress": ingress },
+        });
+        out.push(in_ns(object(&np_addr, Kind::NetworkPolicy, manifest)).depends(after));
+    }
+    Ok(out)
+}
+
+/// `URL/<stack>-<service>` (lowercase: OCI repository names are).
+pub fn repository(registry_url: &str, stack: &str, service: &str) -> String {
+    format!(
+        "{}/{}-{}",
+        registry_url.trim_end_matches('/'),
+        stack.to_lowercase(),
+        service.to_lowercase()
+    )
+}
+
+/// The in-cluster URL of a service: its first exposure's Service.
+fn service_url(stack: &Stack, ns: &str, service: &str) -> String {
+    let exposed = stack
+        .exposes
+        .values()
+        .find(|e| e.service == service)
+        .map(|e| {
+            let port = match &e.kind {
+                ExposeKind::ClusterIP { port }
+                | ExposeKind::NodePort { port, .. }
+                | ExposeKind::LoadBalancer { port }
+                | ExposeKind::Ingress { port, .. } => *port,
+            };
+            (e.name.clone(), port)
+        });
+    let (host, port) = exposed.unwrap_or_else(|| (service.to_owned(), RUNTIME_PORT));
+    format!("http://{host}.{ns}.svc.cluster.local:{port}")
+}
+
+/// A desired resource from a manifest: its projection plus the manifest.
+fn object(address: &Address, kind: Kind, manifest: J) -> Desired {
+    let mut d = Desired::new(
+        address.clone(),
+        kind.resource_kind(),
+        ProviderId::Kubernetes,
+    );
+    for (k, v) in project(kind, &manifest) {
+        let attr = if k == "name" || k == "namespace" {
+            Attr::force_new(v)
+        } else {
+            Attr::new(v)
+        };
+        d.attrs.insert(k, attr);
+    }
+    d.attrs
+        .insert(ATTR_MANIFEST.to_owned(), internal(manifest.to_string()));
+    d
+}
+
+fn internal(s: String) -> Attr {
+    Attr::new(Value::Str(s))
+}
+
+fn meta(stack: &Stack, address: &Address, name: &str, namespace: Option<&str>) -> J {
+    let mut m = json!({
+        "name": name,
+        "labels": kinds::ownership_labels(&stack.name, &stack.env.name),
+        "annotations": { kinds::ANNOTATION_ADDRESS: address.as_str() },
+    });
+    if let Some(ns) = namespace {
+        m["namespace"] = json!(ns);
+    }
+    m
+}
+
+/// A secret reference as carried to apply.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+/// Rewrites a bundle's secret references for a cluster: each becomes an
+/// environment variable of the pod, filled from the service's Secret.
+/// Returns the Secret's keys and where their values come from.
+fn cluster_secrets(config: &mut rc::ServiceConfig) -> BTreeMap<String, SecretSource> {
+    let mut out = BTreeMap::new();
+    let mut rewrite = |r: &mut rc::SecretRef| {
+        let (key, source) = match r {
+            rc::SecretRef::Env(var) => (var.clone(), SecretSource::Env(var.clone())),
+            rc::SecretRef::File(path) => {
+                let h = hex::encode(Sha256::digest(path.to_string_lossy().as_bytes()));
+                (
+                    format!("MESH_SECRET_FILE_{}", h[..12].to_uppercase()),
+                    SecretSource::File(path.clone()),
+                )
+            }
+        };
+        *r = rc::SecretRef::Env(key.clone());
+        out.insert(key, source);
+    };
+    for k in &mut config.api_keys {
+        rewrite(k);
+    }
+    for c in config.connections.values_mut() {
+        let rc::ConnectionConfig::Postgres { password, .. } = c;
+        if let Some(p) = password {
+            rewrite(p);
+        }
+    }
+    for ep in config.endpoints.values_mut() {
+        if let rc::EndpointConfig::Prediction { enrichments, .. } = ep {
+            for en in enrichments {
+                if let Some(k) = en.lookup.as_mut().and_then(|l| l.api_key.as_mut()) {
+                    rewrite(k);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reads each secret now. Errors name the reference, never a value.
+pub fn resolve_secrets(
+    secrets: &BTreeMap<String, SecretSource>,
+) -> Result<BTreeMap<String, String>, String> {
+    secrets
+        .iter()
+        .map(|(k, s)| {
+            let v = match s {
+                SecretSource::Env(var) => std::env::var(var)
+                    .map_err(|_| format!("the secret in environment variable {var} is not set"))?,
+                SecretSource::File(p) => std::fs::read_to_string(p)
+                    .map(|t| {
+                        t.strip_suffix('\n')
+                            .map(|s| s.strip_suffix('\r').unwrap_or(s))
+                            .unwrap_or(&t)
+                            .to_owned()
+                    })
+                    .map_err(|e| format!("cannot read the secret file {}: {e}", p.display()))?,
+            };
+            Ok((k.clone(), v))
+        })
+        .collect()
+}
+
+/// The digest of a Secret's content (what the `mesh.dev/secret-hash` annotation holds).
+pub fn secret_digest(values: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    h.update(b"mesh-secret/1\0");
+    for (k, v) in values {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// The registry an environment pushes to: `registry` if it is a URL (or
+/// names a `registry.NAME` of the stack), else `MESH_REGISTRY`.
+pub fn registry(stack: &Stack, from_env: Option<&str>) -> Option<Registry> {
+    match stack.env.registry.as_deref() {
+        Some(r) if stack.registries.contains_key(r) => Some(Registry::Stack(r.to_owned())),
+        Some(r) if !r.is_empty() => Some(Registry::Url(r.trim_start_matches("oci://").to_owned())),
+        _ => from_env
+            .filter(|s| !s.is_empty())
+            .map(|s| Registry::Url(s.trim_start_matches("oci://").to_owned())),
+    }
+}
+
+/// `service.x` + `deployment` → `service.x.deployment`.
+pub fn sub(base: &Address, part: &str) -> Address {
+    Address::new(format!("{base}.{part}"))
+}
+
+/// A bundle back from a Deployment's internal attributes (at apply time).
+pub fn bundle_from_attrs(config_json: &str, files_json: &str) -> Result<BundlePlan, String> {
+    let config: rc::ServiceConfig = serde_json::from_str(config_json)
+        .map_err(|e| format!("the planned service config does not parse: {e}"))?;
+    let files: BTreeMap<String, PathBuf> = serde_json::from_str(files_json)
+        .map_err(|e| format!("the planned bundle files do not parse: {e}"))?;
+    Ok(BundlePlan { config, files })
+}
