@@ -155,7 +155,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             auto_approve,
             parallelism,
         } => {
-            run_apply(
+            let code = run_apply(
                 &path,
                 &env,
                 options(Vec::new(), Vec::new(), true),
@@ -164,7 +164,22 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 true,
                 "mesh destroy",
             )
-            .await
+            .await;
+            if code == ExitCode::SUCCESS
+                && let Ok(stack) = mesh::stack::load(&path, Some(&env))
+            {
+                // Leave nothing behind: drop the state folders once empty.
+                let dir = mesh::provider::local::state_dir(&stack.root, &env);
+                for d in [
+                    dir.join("services"),
+                    dir.join("exposes"),
+                    dir.clone(),
+                    stack.root.join(".mesh"),
+                ] {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+            code
         }
         Command::Output { path, env, json } => output(&path, &env, json).await,
         Command::Unlock { path, env } => {

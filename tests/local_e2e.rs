@@ -37,7 +37,12 @@ fn free_port() -> u16 {
 fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
     h.finish() as u32
 }
 
@@ -61,11 +66,21 @@ fn copy_dir(from: &Path, to: &Path) {
 impl Mesh {
     fn new() -> Mesh {
         let runtime = runtime_bin();
-        assert!(runtime.is_file(), "mesh-runtime is not built at {}: run `scripts/test` (it builds the whole workspace) or `cargo build -p mesh-runtime`", runtime.display());
+        assert!(
+            runtime.is_file(),
+            "mesh-runtime is not built at {}: run `scripts/test` (it builds the whole workspace) or `cargo build -p mesh-runtime`",
+            runtime.display()
+        );
         let dir = tempfile::tempdir().unwrap();
-        copy_dir(&repo().join("stacks/customer-mesh"), &dir.path().join("stacks/customer-mesh"));
+        copy_dir(
+            &repo().join("stacks/customer-mesh"),
+            &dir.path().join("stacks/customer-mesh"),
+        );
         copy_dir(&repo().join("modules"), &dir.path().join("modules"));
-        copy_dir(&repo().join("examples/customer-mesh"), &dir.path().join("examples/customer-mesh"));
+        copy_dir(
+            &repo().join("examples/customer-mesh"),
+            &dir.path().join("examples/customer-mesh"),
+        );
         let stack = dir.path().join("stacks/customer-mesh");
         let features_port = free_port();
         let mut scoring_port = free_port();
@@ -73,14 +88,23 @@ impl Mesh {
             scoring_port = free_port();
         }
         let toml = std::fs::read_to_string(stack.join("stack.toml")).unwrap();
-        let toml = toml.replace("node_port = 30080", &format!("node_port = {features_port}")).replace("node_port = 30081", &format!("node_port = {scoring_port}"));
+        let toml = toml
+            .replace("node_port = 30080", &format!("node_port = {features_port}"))
+            .replace("node_port = 30081", &format!("node_port = {scoring_port}"));
         std::fs::write(stack.join("stack.toml"), toml).unwrap();
-        Mesh { _dir: dir, stack, features_port, scoring_port }
+        Mesh {
+            _dir: dir,
+            stack,
+            features_port,
+            scoring_port,
+        }
     }
 
     fn mesh(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
-        cmd.args(args).env("MESH_RUNTIME_BIN", runtime_bin()).env("NO_COLOR", "1");
+        cmd.args(args)
+            .env("MESH_RUNTIME_BIN", runtime_bin())
+            .env("NO_COLOR", "1");
         cmd.output().unwrap()
     }
 
@@ -98,12 +122,22 @@ impl Mesh {
     fn plan_json(&self) -> (i32, Value) {
         let out = self.run("plan", &["--json", "--detailed-exitcode"]);
         let code = out.status.code().unwrap_or(-1);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("plan --json is not JSON ({e}): {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "plan --json is not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
         (code, v)
     }
 
     fn pid_of(&self, service: &str) -> u32 {
-        let state = std::fs::read_to_string(self.stack.join(format!(".mesh/local/services/{service}/state.json"))).unwrap();
+        let state = std::fs::read_to_string(
+            self.stack
+                .join(format!(".mesh/local/services/{service}/state.json")),
+        )
+        .unwrap();
         let v: Value = serde_json::from_str(&state).unwrap();
         v["pid"].as_u64().unwrap() as u32
     }
@@ -124,7 +158,13 @@ fn runtime_bin() -> PathBuf {
 }
 
 fn ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what} failed ({:?}):\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn post(url: &str, body: &Value) -> (u16, Value) {
@@ -141,11 +181,17 @@ fn post(url: &str, body: &Value) -> (u16, Value) {
     // Chunked or not, the JSON object is between the first `{` and the last `}`.
     let start = payload.find('{').unwrap_or(0);
     let end = payload.rfind('}').map_or(payload.len(), |i| i + 1);
-    (status, serde_json::from_str(&payload[start..end]).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_str(&payload[start..end]).unwrap_or(Value::Null),
+    )
 }
 
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
 }
 
 fn changed_addresses(plan: &Value) -> Vec<(String, String)> {
@@ -154,7 +200,12 @@ fn changed_addresses(plan: &Value) -> Vec<(String, String)> {
         .unwrap()
         .iter()
         .filter(|c| c["action"] != "no-op")
-        .map(|c| (c["address"].as_str().unwrap().to_owned(), c["action"].as_str().unwrap().to_owned()))
+        .map(|c| {
+            (
+                c["address"].as_str().unwrap().to_owned(),
+                c["action"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -167,16 +218,31 @@ fn apply_serve_drift_repair_destroy() {
     let out = m.run("output", &["--json"]);
     ok(&out, "output");
     let urls: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let predict_url = urls["exposes"]["customer-scoring"]["endpoints"]["high-value"].as_str().unwrap().to_owned();
-    let lookup_url = urls["exposes"]["customer-features"]["endpoints"]["behavior"].as_str().unwrap().to_owned();
-    assert!(predict_url.contains(&m.scoring_port.to_string()), "{predict_url}");
+    let predict_url = urls["exposes"]["customer-scoring"]["endpoints"]["high-value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let lookup_url = urls["exposes"]["customer-features"]["endpoints"]["behavior"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        predict_url.contains(&m.scoring_port.to_string()),
+        "{predict_url}"
+    );
 
     // Predict by id alone: the scoring service enriches from the feature service.
-    let (status, by_id) = post(&predict_url, &serde_json::json!({"features": {"customer_id": "C00042"}}));
+    let (status, by_id) = post(
+        &predict_url,
+        &serde_json::json!({"features": {"customer_id": "C00042"}}),
+    );
     assert_eq!(status, 200, "{by_id}");
     let probas = by_id["result"]["probas"].clone();
     assert!(probas["1"].as_f64().is_some(), "{by_id}");
-    assert!(by_id["result"]["enriched"].as_array().unwrap().len() >= 5, "{by_id}");
+    assert!(
+        by_id["result"]["enriched"].as_array().unwrap().len() >= 5,
+        "{by_id}"
+    );
 
     // Nothing to do now.
     let (code, plan) = m.plan_json();
@@ -185,23 +251,47 @@ fn apply_serve_drift_repair_destroy() {
     // Edit a dataset: only the feature service changes.
     let csv = m.stack.join("../../examples/customer-mesh/behavior.csv");
     let text = std::fs::read_to_string(&csv).unwrap();
-    let line = text.lines().find(|l| l.starts_with("C00042,")).unwrap().to_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("C00042,"))
+        .unwrap()
+        .to_owned();
     let mut cols: Vec<String> = line.split(',').map(str::to_owned).collect();
     cols[1] = "99999.0".into(); // total_spend_30d
     std::fs::write(&csv, text.replace(&line, &cols.join(","))).unwrap();
     let (code, plan) = m.plan_json();
     assert_eq!(code, 2, "{plan}");
-    assert_eq!(changed_addresses(&plan), vec![("service.customer-features".to_owned(), "update".to_owned())]);
+    assert_eq!(
+        changed_addresses(&plan),
+        vec![("service.customer-features".to_owned(), "update".to_owned())]
+    );
     ok(&m.apply(), "apply after dataset edit");
-    let (status, row) = post(&lookup_url, &serde_json::json!({"data": {"customer_id": "C00042"}}));
+    let (status, row) = post(
+        &lookup_url,
+        &serde_json::json!({"data": {"customer_id": "C00042"}}),
+    );
     assert_eq!(status, 200, "{row}");
-    assert_eq!(row["data"]["total_spend_30d"].as_f64(), Some(99999.0), "{row}");
-    let (_, after) = post(&predict_url, &serde_json::json!({"features": {"customer_id": "C00042"}}));
-    assert_ne!(after["result"]["probas"], probas, "a customer spending 99999 must score differently");
+    assert_eq!(
+        row["data"]["total_spend_30d"].as_f64(),
+        Some(99999.0),
+        "{row}"
+    );
+    let (_, after) = post(
+        &predict_url,
+        &serde_json::json!({"features": {"customer_id": "C00042"}}),
+    );
+    assert_ne!(
+        after["result"]["probas"], probas,
+        "a customer spending 99999 must score differently"
+    );
 
     // Kill a runtime: plan shows it, apply repairs it.
     let pid = m.pid_of("customer-features");
-    Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     for _ in 0..100 {
         if !alive(pid) {
             break;
@@ -210,11 +300,17 @@ fn apply_serve_drift_repair_destroy() {
     }
     let (code, plan) = m.plan_json();
     assert_eq!(code, 2, "{plan}");
-    assert_eq!(changed_addresses(&plan), vec![("service.customer-features".to_owned(), "update".to_owned())]);
+    assert_eq!(
+        changed_addresses(&plan),
+        vec![("service.customer-features".to_owned(), "update".to_owned())]
+    );
     ok(&m.apply(), "repairing apply");
     let (code, plan) = m.plan_json();
     assert_eq!(code, 0, "{plan}");
-    let (status, _) = post(&predict_url, &serde_json::json!({"features": {"customer_id": "C00042"}}));
+    let (status, _) = post(
+        &predict_url,
+        &serde_json::json!({"features": {"customer_id": "C00042"}}),
+    );
     assert_eq!(status, 200);
 
     // Destroy: no process, no port, nothing left to destroy.
@@ -224,10 +320,18 @@ fn apply_serve_drift_repair_destroy() {
         assert!(!alive(pid), "pid {pid} still running after destroy");
     }
     for port in [m.features_port, m.scoring_port] {
-        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} still taken after destroy");
+        assert!(
+            TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} still taken after destroy"
+        );
     }
     let out = m.run("plan", &["--destroy", "--detailed-exitcode"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -247,9 +351,15 @@ fn saved_plan_is_refused_after_a_change_and_applies_when_fresh() {
     // A fresh saved plan applies.
     let out = m.run("plan", &["--destroy", "--out", plan_file.to_str().unwrap()]);
     ok(&out, "plan --destroy --out");
-    ok(&m.mesh(&["apply", plan_file.to_str().unwrap()]), "apply saved destroy plan");
+    ok(
+        &m.mesh(&["apply", plan_file.to_str().unwrap()]),
+        "apply saved destroy plan",
+    );
     let (code, _) = m.plan_json();
-    assert_eq!(code, 2, "everything was destroyed, so everything is to create");
+    assert_eq!(
+        code, 2,
+        "everything was destroyed, so everything is to create"
+    );
 }
 
 #[test]
@@ -263,10 +373,16 @@ fn concurrent_apply_is_refused_naming_the_holder() {
     let out = m.apply();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
     assert!(err.contains("2026-11-18T11:06:40Z"), "{err}");
     assert!(err.contains("mesh unlock"), "{err}");
-    assert!(!state.join("services").exists(), "nothing may be started while locked");
+    assert!(
+        !state.join("services").exists(),
+        "nothing may be started while locked"
+    );
     ok(&m.run("unlock", &[]), "unlock");
     ok(&m.apply(), "apply after unlock");
 }
@@ -280,12 +396,26 @@ fn failure_mid_apply_reports_and_a_rerun_converges() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Apply failed."), "{err}");
-    assert!(err.contains("done        service.customer-features"), "{err}");
-    assert!(err.contains("failed      service.customer-scoring"), "{err}");
+    assert!(
+        err.contains("done        service.customer-features"),
+        "{err}"
+    );
+    assert!(
+        err.contains("failed      service.customer-scoring"),
+        "{err}"
+    );
     assert!(err.contains("is taken by another program"), "{err}");
     assert!(err.contains("not started expose.customer-scoring"), "{err}");
     drop(squatter);
     ok(&m.apply(), "rerun");
     let (code, plan) = m.plan_json();
     assert_eq!(code, 0, "{plan}");
+}
+
+#[test]
+fn destroy_leaves_no_state_behind() {
+    let m = Mesh::new();
+    ok(&m.apply(), "apply");
+    ok(&m.run("destroy", &["--auto-approve"]), "destroy");
+    assert!(!m.stack.join(".mesh").exists(), "destroy must remove the .mesh state folder");
 }
