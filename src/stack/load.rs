@@ -401,6 +401,9 @@ fn expand_modules(
             collect_unresolved(&e.value, &mut unresolved);
         }
         for (expr, span) in unresolved {
+            if span.file != body_file {
+                continue; // written in the stack (an input's value): reported with the stack
+            }
             match expr.strip_prefix("input.") {
                 // A declared input without a value is reported at the instance.
                 Some(i) if declared_names.iter().any(|d| d == i) => {}
