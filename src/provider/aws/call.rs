@@ -84,8 +84,10 @@ pub struct RateLimits {
 
 impl Default for RateLimits {
     fn default() -> Self {
-        // Below the documented steady-state limits (EC2 describe ~20/s per
-        // action bucket, EKS 10/s, ECR 20/s per action, IAM ~10/s).
+        // Steady rates below the account's API limits (EC2 describe ~20/s
+        // per action, EKS ~10/s, ECR ~20/s per action, IAM ~10/s); the
+        // bursts let one plan's reads go out at once (ECR needs two calls
+        // per repository).
         RateLimits {
             ec2: RateLimit {
                 per_second: 20.0,
@@ -96,8 +98,8 @@ impl Default for RateLimits {
                 burst: 16,
             },
             ecr: RateLimit {
-                per_second: 15.0,
-                burst: 30,
+                per_second: 20.0,
+                burst: 60,
             },
             iam: RateLimit {
                 per_second: 8.0,
@@ -338,7 +340,7 @@ where
                     status,
                     message: format!(
                         "{op}: no usable AWS credentials ({}): set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or log in with `aws sso login`",
-                        root_cause(&err)
+                        short_cause(&root_cause(&err))
                     ),
                 }
             } else if dispatch {
@@ -379,6 +381,14 @@ fn root_cause(err: &(dyn StdError + 'static)) -> String {
         cur = next;
     }
     one_line(&cur.to_string())
+}
+
+/// The credential chain lists every provider it tried; keep the verdict.
+fn short_cause(cause: &str) -> &str {
+    cause
+        .split_once(". Attempted")
+        .map(|(head, _)| head)
+        .unwrap_or(cause)
 }
 
 fn one_line(s: &str) -> String {

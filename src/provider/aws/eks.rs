@@ -338,17 +338,15 @@ impl AwsProvider {
                 };
                 match c.status().map(|s| s.as_str()).unwrap_or("UNKNOWN") {
                     "ACTIVE" => Ok(Polled::Done(cluster_live(a.clone(), &c, names))),
-                    "FAILED" => {
-                        Err(ProviderError::Api {
-                            address: a.clone(),
-                            message: format!(
-                                "EKS cluster {name} is FAILED{}: delete it or plan with --replace",
-                                health(c.health().map(|h| {
-                                    h.issues().iter().filter_map(|i| i.message()).collect()
-                                }))
-                            ),
-                        })
-                    }
+                    "FAILED" => Err(ProviderError::Api {
+                        address: a.clone(),
+                        message: format!(
+                            "EKS cluster {name} is FAILED{}: delete it or plan with --replace",
+                            health(c.health().map(|h| {
+                                h.issues().iter().filter_map(|i| i.message()).collect()
+                            }))
+                        ),
+                    }),
                     other => Ok(Polled::Pending(other.to_owned())),
                 }
             },
@@ -555,7 +553,8 @@ impl AwsProvider {
         let want_version = attr_str(attrs, "version");
         if want_version.is_some() && want_version != attr_str(&current.attrs, "version") {
             let version = want_version.unwrap_or_default();
-            ctx.progress(a, &format!("upgrading Kubernetes to {version}"));
+            let from = attr_str(&current.attrs, "version").unwrap_or_default();
+            ctx.progress(a, &format!("upgrading Kubernetes {from} → {version}"));
             let req = self
                 .eks
                 .update_cluster_version()
@@ -564,7 +563,10 @@ impl AwsProvider {
             self.limiter
                 .call(Service::Eks, "UpdateClusterVersion", req.send())
                 .await
-                .map_err(|e| e.at(a))?;
+                .map_err(|e| ProviderError::Api {
+                    address: a.clone(),
+                    message: format!("upgrading Kubernetes {from} → {version}: {}", e.message),
+                })?;
             current = self.wait_cluster_active(a, name, &names, ctx).await?;
         }
 

@@ -1,0 +1,1320 @@
+//! The AWS provider against a real AWS API emulator (moto server at
+//! `MESH_TEST_AWS_ENDPOINT`, started by `scripts/test` or
+//! `scripts/services start`), driven through `mesh::plan::diff` and the
+//! provider's `apply` the way the engine drives it. Waiters, retries and
+//! throttling go through the fault-injecting proxy (`tests/aws-fault-proxy`).
+//!
+//! moto's state is shared: every test uses its own stack name.
+#![cfg(feature = "aws")]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use aws_fault_proxy::{FaultProxy, moto_endpoint};
+use mesh::plan::{self, Action, Change, Plan};
+use mesh::provider::aws::{AwsConfig, AwsProvider, WaitConfig, names};
+use mesh::provider::{ApplyContext, Provider, ProviderError};
+use mesh::resource::{Scope, Value};
+use mesh::stack::Stack;
+
+// ---------------------------------------------------------------- helpers
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}{}{:x}{}",
+        std::process::id() % 1000,
+        nanos % 0xffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Fast waits and retries: moto answers at once.
+fn test_config(endpoint: &str) -> AwsConfig {
+    AwsConfig {
+        endpoint_url: Some(endpoint.to_owned()),
+        max_attempts: 5,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        wait: WaitConfig {
+            cluster_timeout: Duration::from_secs(30),
+            node_group_timeout: Duration::from_secs(30),
+            initial_interval: Duration::from_millis(20),
+            max_interval: Duration::from_millis(100),
+        },
+        dependency_timeout: Duration::from_secs(5),
+        dependency_backoff: Duration::from_millis(50),
+        ..AwsConfig::default()
+    }
+}
+
+/// moto loads AWS managed policies only when started with
+/// `MOTO_IAM_LOAD_MANAGED_POLICIES=true`; otherwise create look-alikes in
+/// the account and point the provider at them.
+async fn policy_prefix(endpoint: &str) -> Option<String> {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    let iam = aws_sdk_iam::Client::new(&sdk);
+    let aws = "arn:aws:iam::aws:policy/AmazonEKSClusterPolicy";
+    if iam.get_policy().policy_arn(aws).send().await.is_ok() {
+        return None;
+    }
+    let doc = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"ec2:Describe*","Resource":"*"}]}"#;
+    let mut account = None;
+    for name in [
+        "AmazonEKSClusterPolicy",
+        "AmazonEKSWorkerNodePolicy",
+        "AmazonEKS_CNI_Policy",
+        "AmazonEC2ContainerRegistryReadOnly",
+    ] {
+        match iam
+            .create_policy()
+            .policy_name(name)
+            .policy_document(doc)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let arn = out
+                    .policy()
+                    .and_then(|p| p.arn())
+                    .expect("policy arn")
+                    .to_owned();
+                account = arn.split(':').nth(4).map(str::to_owned);
+            }
+            Err(e) => {
+                let text = format!("{}", aws_sdk_iam::error::DisplayErrorContext(&e));
+                assert!(
+                    text.contains("EntityAlreadyExists"),
+                    "CreatePolicy {name}: {text}"
+                );
+            }
+        }
+    }
+    let account = match account {
+        Some(a) => a,
+        None => {
+            let sts = aws_sdk_sts::Client::new(&sdk);
+            let me = sts
+                .get_caller_identity()
+                .send()
+                .await
+                .expect("GetCallerIdentity");
+            me.account().expect("account").to_owned()
+        }
+    };
+    Some(format!("arn:aws:iam::{account}:policy/"))
+}
+
+async fn provider_at(endpoint: &str) -> AwsProvider {
+    let mut config = test_config(endpoint);
+    config.managed_policy_prefix = policy_prefix(&moto_endpoint()).await;
+    AwsProvider::with_config(Some("us-east-1".into()), config)
+        .await
+        .expect("provider")
+}
+
+fn platform(name: &str, env: &str) -> Stack {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/platform");
+    let mut stack = match mesh::stack::load(&root, Some(env)) {
+        Ok(s) => s,
+        Err(report) => panic!("stacks/platform --env {env} does not load: {report:?}"),
+    };
+    stack.name = name.to_owned();
+    stack
+}
+
+fn scope(stack: &Stack) -> Scope {
+    Scope {
+        stack: stack.name.clone(),
+        env: stack.env.name.clone(),
+        root: stack.root.clone(),
+    }
+}
+
+struct Harness {
+    p: AwsProvider,
+    cancel_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Harness {
+    async fn new(endpoint: &str) -> Self {
+        let (cancel_tx, _) = tokio::sync::watch::channel(false);
+        Harness {
+            p: provider_at(endpoint).await,
+            cancel_tx,
+        }
+    }
+
+    async fn plan(&self, stack: &Stack, options: &plan::Options) -> Plan {
+        let desired = self.p.desired(stack).expect("desired");
+        let live = self.p.observe(&scope(stack)).await.expect("observe");
+        plan::diff(&stack.name, &stack.env.name, &desired, &live, options)
+    }
+
+    async fn apply(&self, stack: &Stack, plan: &Plan) -> Result<(), ProviderError> {
+        let ctx = ApplyContext::new(scope(stack), &plan.live, self.cancel_tx.subscribe(), false);
+        for c in plan.changes.iter().filter(|c| !c.action.is_noop()) {
+            self.p.apply(c, &ctx).await?;
+        }
+        Ok(())
+    }
+
+    async fn destroy(&self, stack: &Stack) {
+        let plan = self
+            .plan(
+                stack,
+                &plan::Options {
+                    destroy: true,
+                    ..Default::default()
+                },
+            )
+            .await;
+        self.apply(stack, &plan).await.expect("destroy");
+    }
+}
+
+fn describe(plan: &Plan) -> String {
+    plan.changes
+        .iter()
+        .filter(|c| !c.action.is_noop())
+        .map(|c| {
+            let fields: Vec<String> = c
+                .fields
+                .iter()
+                .map(|f| format!("{}: {:?} -> {:?}", f.path, f.before, f.after))
+                .collect();
+            format!(
+                "{} {} [{}]",
+                c.action.symbol(),
+                c.address,
+                fields.join("; ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn changes(plan: &Plan) -> BTreeMap<String, Action> {
+    plan.changes
+        .iter()
+        .filter(|c| !c.action.is_noop())
+        .map(|c| (c.address.to_string(), c.action.clone()))
+        .collect()
+}
+
+fn assert_empty(plan: &Plan, when: &str) {
+    assert!(
+        !plan.has_changes(),
+        "plan after {when} is not empty:\n{}",
+        describe(plan)
+    );
+}
+
+async fn sdk(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .load()
+        .await
+}
+
+fn ec2_tags(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+        .collect()
+}
+
+fn owner_filters(stack: &str) -> Vec<aws_sdk_ec2::types::Filter> {
+    vec![
+        aws_sdk_ec2::types::Filter::builder()
+            .name("tag:mesh:stack")
+            .values(stack)
+            .build(),
+    ]
+}
+
+/// Everything tagged for `stack` (any environment) that a tag query finds.
+async fn leftovers(endpoint: &str, stack: &str) -> Vec<String> {
+    let sdk = sdk(endpoint).await;
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let mut out = Vec::new();
+    let f = owner_filters(stack);
+    let v = ec2
+        .describe_vpcs()
+        .set_filters(Some(f.clone()))
+        .send()
+        .await
+        .expect("vpcs");
+    out.extend(
+        v.vpcs()
+            .iter()
+            .filter_map(|x| x.vpc_id().map(str::to_owned)),
+    );
+    let s = ec2
+        .describe_subnets()
+        .set_filters(Some(f.clone()))
+        .send()
+        .await
+        .expect("subnets");
+    out.extend(
+        s.subnets()
+            .iter()
+            .filter_map(|x| x.subnet_id().map(str::to_owned)),
+    );
+    let g = ec2
+        .describe_internet_gateways()
+        .set_filters(Some(f.clone()))
+        .send()
+        .await
+        .expect("igws");
+    out.extend(
+        g.internet_gateways()
+            .iter()
+            .filter_map(|x| x.internet_gateway_id().map(str::to_owned)),
+    );
+    let r = ec2
+        .describe_route_tables()
+        .set_filters(Some(f.clone()))
+        .send()
+        .await
+        .expect("rts");
+    out.extend(
+        r.route_tables()
+            .iter()
+            .filter_map(|x| x.route_table_id().map(str::to_owned)),
+    );
+    let sg = ec2
+        .describe_security_groups()
+        .set_filters(Some(f))
+        .send()
+        .await
+        .expect("sgs");
+    out.extend(
+        sg.security_groups()
+            .iter()
+            .filter_map(|x| x.group_id().map(str::to_owned)),
+    );
+    let eks = aws_sdk_eks::Client::new(&sdk);
+    let clusters = eks.list_clusters().send().await.expect("clusters");
+    out.extend(
+        clusters
+            .clusters()
+            .iter()
+            .filter(|c| c.starts_with(&format!("{stack}-")))
+            .cloned(),
+    );
+    let ecr = aws_sdk_ecr::Client::new(&sdk);
+    let repos = ecr.describe_repositories().send().await.expect("repos");
+    out.extend(
+        repos
+            .repositories()
+            .iter()
+            .filter_map(|r| r.repository_name())
+            .filter(|n| n.starts_with(&format!("{stack}/")))
+            .map(str::to_owned),
+    );
+    let iam = aws_sdk_iam::Client::new(&sdk);
+    let roles = iam
+        .list_roles()
+        .path_prefix(format!("/mesh/{stack}/"))
+        .send()
+        .await
+        .expect("roles");
+    out.extend(roles.roles().iter().map(|r| r.role_name().to_owned()));
+    out
+}
+
+fn node_group_mut<'a>(
+    stack: &'a mut Stack,
+    cluster: &str,
+    group: &str,
+) -> &'a mut mesh::stack::NodeGroup {
+    let c = stack.clusters.get_mut(cluster).expect("cluster");
+    let mesh::stack::ClusterKind::Eks(eks) = &mut c.kind else {
+        panic!("not eks")
+    };
+    eks.node_groups
+        .iter_mut()
+        .find(|g| g.name == group)
+        .expect("node group")
+}
+
+fn one_line(e: &ProviderError) -> String {
+    let s = e.to_string();
+    eprintln!("error as shown: {s}");
+    assert!(!s.contains('\n'), "error is not one line: {s}");
+    assert!(!s.contains("backtrace") && !s.contains("panicked"), "{s}");
+    s
+}
+
+// ---------------------------------------------------------------- the lifecycle
+
+#[tokio::test]
+async fn platform_lifecycle_plan_apply_update_replace_delete_destroy() {
+    let endpoint = moto_endpoint();
+    let h = Harness::new(&endpoint).await;
+    let name = unique("plat");
+    let mut stack = platform(&name, "dev");
+
+    // 1. Everything is a create.
+    let first = h.plan(&stack, &plan::Options::default()).await;
+    let creates: Vec<&Change> = first
+        .changes
+        .iter()
+        .filter(|c| c.action == Action::Create)
+        .collect();
+    let expected = [
+        "network.main",
+        "network.main.subnet.public-a",
+        "network.main.subnet.public-b",
+        "network.main.subnet.private-a",
+        "network.main.subnet.private-b",
+        "network.main.internet_gateway",
+        "network.main.route_table.public",
+        "network.main.security_group.cluster",
+        "cluster.main.role",
+        "cluster.main",
+        "cluster.main.node_role",
+        "cluster.main.node_group.general",
+        "cluster.main.node_group.scoring",
+        "registry.services",
+    ];
+    let mut got: Vec<&str> = creates.iter().map(|c| c.address.as_str()).collect();
+    got.sort();
+    let mut want = expected.to_vec();
+    want.sort();
+    assert_eq!(got, want, "{}", describe(&first));
+    assert_eq!(first.changes.len(), expected.len());
+
+    h.apply(&stack, &first).await.expect("apply");
+
+    // 2. Read back with the SDK: tags and settings.
+    let sdk = sdk(&endpoint).await;
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let vpcs = ec2
+        .describe_vpcs()
+        .set_filters(Some(owner_filters(&name)))
+        .send()
+        .await
+        .expect("vpcs");
+    assert_eq!(vpcs.vpcs().len(), 1);
+    let vpc = &vpcs.vpcs()[0];
+    let tags = ec2_tags(vpc.tags());
+    assert_eq!(
+        tags.get("mesh:stack").map(String::as_str),
+        Some(name.as_str())
+    );
+    assert_eq!(tags.get("mesh:env").map(String::as_str), Some("dev"));
+    assert_eq!(
+        tags.get("mesh:address").map(String::as_str),
+        Some("network.main")
+    );
+    assert_eq!(tags.get("team").map(String::as_str), Some("data-platform"));
+    assert_eq!(vpc.cidr_block(), Some("10.40.0.0/16"));
+    let subnets = ec2
+        .describe_subnets()
+        .set_filters(Some(owner_filters(&name)))
+        .send()
+        .await
+        .expect("subnets");
+    assert_eq!(subnets.subnets().len(), 4);
+    let eks_name = names::eks_cluster(&name, "dev", "main");
+    for s in subnets.subnets() {
+        let t = ec2_tags(s.tags());
+        let addr = t.get("mesh:address").cloned().unwrap_or_default();
+        if addr.contains("public") {
+            assert_eq!(s.map_public_ip_on_launch(), Some(true), "{addr}");
+            assert_eq!(
+                t.get("kubernetes.io/role/elb").map(String::as_str),
+                Some("1"),
+                "{addr}"
+            );
+        } else {
+            assert_eq!(s.map_public_ip_on_launch(), Some(false), "{addr}");
+            assert_eq!(
+                t.get("kubernetes.io/role/internal-elb").map(String::as_str),
+                Some("1"),
+                "{addr}"
+            );
+            assert_eq!(
+                t.get(&format!("kubernetes.io/cluster/{eks_name}"))
+                    .map(String::as_str),
+                Some("shared"),
+                "{addr}"
+            );
+        }
+    }
+    let eks = aws_sdk_eks::Client::new(&sdk);
+    let cluster = eks
+        .describe_cluster()
+        .name(&eks_name)
+        .send()
+        .await
+        .expect("cluster");
+    let cluster = cluster.cluster().expect("cluster");
+    assert_eq!(cluster.version(), Some("1.31"));
+    assert_eq!(cluster.status().map(|s| s.as_str()), Some("ACTIVE"));
+    assert_eq!(
+        cluster
+            .tags()
+            .and_then(|t| t.get("mesh:address"))
+            .map(String::as_str),
+        Some("cluster.main")
+    );
+    assert_eq!(
+        cluster.resources_vpc_config().map(|v| v.subnet_ids().len()),
+        Some(2)
+    );
+    let ng = eks
+        .describe_nodegroup()
+        .cluster_name(&eks_name)
+        .nodegroup_name("general")
+        .send()
+        .await
+        .expect("ng");
+    let ng = ng.nodegroup().expect("ng");
+    let scaling = ng.scaling_config().expect("scaling");
+    assert_eq!(
+        (
+            scaling.min_size(),
+            scaling.max_size(),
+            scaling.desired_size()
+        ),
+        (Some(1), Some(3), Some(2))
+    );
+    assert_eq!(
+        ng.labels()
+            .and_then(|l| l.get("workload"))
+            .map(String::as_str),
+        Some("general")
+    );
+    assert_eq!(ng.instance_types(), ["m6i.large".to_owned()]);
+    assert_eq!(
+        ng.tags()
+            .and_then(|t| t.get("mesh:stack"))
+            .map(String::as_str),
+        Some(name.as_str())
+    );
+    let ecr = aws_sdk_ecr::Client::new(&sdk);
+    let repo_name = names::ecr_repository(&name, "dev", "services");
+    let repos = ecr
+        .describe_repositories()
+        .repository_names(&repo_name)
+        .send()
+        .await
+        .expect("repo");
+    let repo = &repos.repositories()[0];
+    assert_eq!(
+        repo.image_scanning_configuration()
+            .map(|c| c.scan_on_push()),
+        Some(true)
+    );
+    assert_eq!(
+        repo.image_tag_mutability().map(|m| m.as_str()),
+        Some("IMMUTABLE")
+    );
+    let policy = ecr
+        .get_lifecycle_policy()
+        .repository_name(&repo_name)
+        .send()
+        .await
+        .expect("lifecycle");
+    assert!(
+        policy
+            .lifecycle_policy_text()
+            .unwrap_or_default()
+            .contains("\"countNumber\":30")
+    );
+    let repo_tags = ecr
+        .list_tags_for_resource()
+        .resource_arn(repo.repository_arn().unwrap_or_default())
+        .send()
+        .await
+        .expect("tags");
+    assert!(
+        repo_tags
+            .tags()
+            .iter()
+            .any(|t| t.key() == "mesh:address" && t.value() == "registry.services")
+    );
+    let iam = aws_sdk_iam::Client::new(&sdk);
+    let role = iam
+        .get_role()
+        .role_name(names::iam_role(&name, "dev", "main", "node"))
+        .send()
+        .await
+        .expect("role");
+    assert!(
+        role.role()
+            .is_some_and(|r| r.path().ends_with("/cluster.main.node_role/"))
+    );
+    let attached = iam
+        .list_attached_role_policies()
+        .role_name(names::iam_role(&name, "dev", "main", "node"))
+        .send()
+        .await
+        .expect("policies");
+    assert_eq!(attached.attached_policies().len(), 3);
+
+    // 3. Nothing to do.
+    assert_empty(
+        &h.plan(&stack, &plan::Options::default()).await,
+        "the first apply",
+    );
+
+    // 4. Scale a node group and change an ECR setting: updates in place.
+    {
+        let g = node_group_mut(&mut stack, "main", "general");
+        g.desired = 3;
+        g.max = 4;
+    }
+    // (Not scan_on_push true → false: the SDK omits `scanOnPush: false` as the
+    // default and moto then keeps the old value; AWS applies the default.)
+    let reg = stack.registries.get_mut("services").expect("registry");
+    reg.immutable_tags = false;
+    reg.keep_last = Some(10);
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let expected: BTreeMap<String, Action> = [
+        ("cluster.main.node_group.general".to_owned(), Action::Update),
+        ("registry.services".to_owned(), Action::Update),
+    ]
+    .into();
+    assert_eq!(changes(&p), expected, "{}", describe(&p));
+    h.apply(&stack, &p).await.expect("apply updates");
+    let ng = eks
+        .describe_nodegroup()
+        .cluster_name(&eks_name)
+        .nodegroup_name("general")
+        .send()
+        .await
+        .expect("ng");
+    let scaling = ng
+        .nodegroup()
+        .and_then(|g| g.scaling_config())
+        .expect("scaling");
+    assert_eq!(
+        (scaling.max_size(), scaling.desired_size()),
+        (Some(4), Some(3))
+    );
+    let repos = ecr
+        .describe_repositories()
+        .repository_names(&repo_name)
+        .send()
+        .await
+        .expect("repo");
+    assert_eq!(
+        repos.repositories()[0]
+            .image_tag_mutability()
+            .map(|m| m.as_str()),
+        Some("MUTABLE")
+    );
+    let policy = ecr
+        .get_lifecycle_policy()
+        .repository_name(&repo_name)
+        .send()
+        .await
+        .expect("lifecycle");
+    assert!(
+        policy
+            .lifecycle_policy_text()
+            .unwrap_or_default()
+            .contains("\"countNumber\":10")
+    );
+    assert_empty(
+        &h.plan(&stack, &plan::Options::default()).await,
+        "the updates",
+    );
+
+    // 5. Drift made by hand shows as updates: a tag removed, a node group scaled, a label changed.
+    let vpc_id = vpc.vpc_id().expect("vpc id");
+    ec2.delete_tags()
+        .resources(vpc_id)
+        .tags(aws_sdk_ec2::types::Tag::builder().key("team").build())
+        .send()
+        .await
+        .expect("delete tag");
+    eks.update_nodegroup_config()
+        .cluster_name(&eks_name)
+        .nodegroup_name("scoring")
+        .scaling_config(
+            aws_sdk_eks::types::NodegroupScalingConfig::builder()
+                .min_size(0)
+                .max_size(4)
+                .desired_size(4)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("scale by hand");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let expected: BTreeMap<String, Action> = [
+        ("network.main".to_owned(), Action::Update),
+        ("cluster.main.node_group.scoring".to_owned(), Action::Update),
+    ]
+    .into();
+    assert_eq!(changes(&p), expected, "{}", describe(&p));
+    let drift = p
+        .changes
+        .iter()
+        .find(|c| c.address.as_str() == "cluster.main.node_group.scoring")
+        .expect("drift");
+    assert_eq!(drift.fields.len(), 1, "{}", describe(&p));
+    assert_eq!(drift.fields[0].path, "desired");
+    assert_eq!(drift.fields[0].before, Some(Value::Int(4)));
+    h.apply(&stack, &p).await.expect("repair drift");
+    assert_empty(
+        &h.plan(&stack, &plan::Options::default()).await,
+        "repairing drift",
+    );
+
+    // 6. A Kubernetes version upgrade is an update; moto lacks the call: a clear one-line error.
+    if let Some(mesh::stack::Cluster {
+        kind: mesh::stack::ClusterKind::Eks(e),
+        ..
+    }) = stack.clusters.get_mut("main")
+    {
+        e.version = "1.32".into();
+    }
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    assert_eq!(
+        changes(&p),
+        [("cluster.main".to_owned(), Action::Update)].into(),
+        "{}",
+        describe(&p)
+    );
+    let err = h
+        .apply(&stack, &p)
+        .await
+        .expect_err("moto has no UpdateClusterVersion");
+    let msg = one_line(&err);
+    assert!(
+        msg.starts_with("cluster.main: upgrading Kubernetes 1.31 → 1.32: UpdateClusterVersion: "),
+        "{msg}"
+    );
+    assert!(msg.contains("404"), "{msg}");
+    if let Some(mesh::stack::Cluster {
+        kind: mesh::stack::ClusterKind::Eks(e),
+        ..
+    }) = stack.clusters.get_mut("main")
+    {
+        e.version = "1.31".into();
+    }
+
+    // 7. A subnet CIDR change replaces the subnet (and re-associates the route table).
+    let net = stack.networks.get_mut("main").expect("network");
+    let sub = net
+        .subnets
+        .iter_mut()
+        .find(|s| s.name == "public-b")
+        .expect("public-b");
+    sub.cidr = "10.40.2.0/24".parse().expect("cidr");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let replace = p
+        .changes
+        .iter()
+        .find(|c| c.address.as_str() == "network.main.subnet.public-b")
+        .expect("subnet");
+    assert_eq!(
+        replace.action,
+        Action::Replace {
+            forced_by: vec!["cidr".into()]
+        },
+        "{}",
+        describe(&p)
+    );
+    let expected: BTreeMap<String, Action> = [
+        (
+            "network.main.subnet.public-b".to_owned(),
+            Action::Replace {
+                forced_by: vec!["cidr".into()],
+            },
+        ),
+        ("network.main.route_table.public".to_owned(), Action::Update),
+    ]
+    .into();
+    assert_eq!(changes(&p), expected, "{}", describe(&p));
+    h.apply(&stack, &p).await.expect("replace subnet");
+    assert_empty(
+        &h.plan(&stack, &plan::Options::default()).await,
+        "replacing the subnet",
+    );
+    let subnets = ec2
+        .describe_subnets()
+        .set_filters(Some(owner_filters(&name)))
+        .send()
+        .await
+        .expect("subnets");
+    let cidrs: Vec<&str> = subnets
+        .subnets()
+        .iter()
+        .filter_map(|s| s.cidr_block())
+        .collect();
+    assert!(
+        cidrs.contains(&"10.40.2.0/24") && !cidrs.contains(&"10.40.1.0/24"),
+        "{cidrs:?}"
+    );
+
+    // 8. Removing the registry from the stack deletes it.
+    stack.registries.clear();
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    assert_eq!(
+        changes(&p),
+        [("registry.services".to_owned(), Action::Delete)].into(),
+        "{}",
+        describe(&p)
+    );
+    h.apply(&stack, &p).await.expect("delete registry");
+    assert_empty(
+        &h.plan(&stack, &plan::Options::default()).await,
+        "deleting the registry",
+    );
+
+    // 9. Load balancers, security groups and interfaces Kubernetes made in the VPC do not block destroy.
+    let k8s = kubernetes_leftovers(&endpoint, vpc_id, &eks_name, &name).await;
+
+    // 10. Destroy leaves nothing.
+    h.destroy(&stack).await;
+    let left = leftovers(&endpoint, &name).await;
+    assert!(left.is_empty(), "left after destroy: {left:?}");
+    assert!(
+        h.p.observe(&scope(&stack))
+            .await
+            .expect("observe")
+            .is_empty()
+    );
+    k8s.assert_gone(&endpoint).await;
+}
+
+/// What a Kubernetes cloud controller leaves in a VPC.
+struct K8sLeftovers {
+    lb_arn: String,
+    group_id: String,
+    eni_id: String,
+}
+
+async fn kubernetes_leftovers(
+    endpoint: &str,
+    vpc_id: &str,
+    cluster: &str,
+    stack: &str,
+) -> K8sLeftovers {
+    let sdk = sdk(endpoint).await;
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let subnets = ec2
+        .describe_subnets()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("vpc-id")
+                .values(vpc_id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("subnets");
+    let public: Vec<String> = subnets
+        .subnets()
+        .iter()
+        .filter(|s| s.map_public_ip_on_launch() == Some(true))
+        .filter_map(|s| s.subnet_id().map(str::to_owned))
+        .collect();
+    assert_eq!(public.len(), 2, "public subnets of {stack}");
+    let sg = ec2
+        .create_security_group()
+        .group_name(format!("k8s-elb-{stack}"))
+        .description("created by the AWS load balancer controller")
+        .vpc_id(vpc_id)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::SecurityGroup)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key(format!("kubernetes.io/cluster/{cluster}"))
+                        .value("owned")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .expect("k8s security group");
+    let group_id = sg.group_id().expect("group id").to_owned();
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
+    let lb = elb
+        .create_load_balancer()
+        .name(format!("k8s-{}", &stack[..stack.len().min(20)]))
+        .set_subnets(Some(public.clone()))
+        .security_groups(&group_id)
+        .tags(
+            aws_sdk_elasticloadbalancingv2::types::Tag::builder()
+                .key(format!("kubernetes.io/cluster/{cluster}"))
+                .value("owned")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("k8s load balancer");
+    let lb_arn = lb.load_balancers()[0]
+        .load_balancer_arn()
+        .expect("arn")
+        .to_owned();
+    let eni = ec2
+        .create_network_interface()
+        .subnet_id(&public[0])
+        .description("leaked by the VPC CNI")
+        .send()
+        .await
+        .expect("eni");
+    let eni_id = eni
+        .network_interface()
+        .and_then(|n| n.network_interface_id())
+        .expect("eni id")
+        .to_owned();
+    K8sLeftovers {
+        lb_arn,
+        group_id,
+        eni_id,
+    }
+}
+
+impl K8sLeftovers {
+    async fn assert_gone(&self, endpoint: &str) {
+        let sdk = sdk(endpoint).await;
+        let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
+        let lbs = elb.describe_load_balancers().send().await.expect("lbs");
+        assert!(
+            !lbs.load_balancers()
+                .iter()
+                .any(|l| l.load_balancer_arn() == Some(self.lb_arn.as_str())),
+            "the Kubernetes load balancer survived destroy"
+        );
+        let ec2 = aws_sdk_ec2::Client::new(&sdk);
+        let groups = ec2.describe_security_groups().send().await.expect("sgs");
+        assert!(
+            !groups
+                .security_groups()
+                .iter()
+                .any(|g| g.group_id() == Some(self.group_id.as_str())),
+            "the Kubernetes security group survived destroy"
+        );
+        let enis = ec2
+            .describe_network_interfaces()
+            .send()
+            .await
+            .expect("enis");
+        assert!(
+            !enis
+                .network_interfaces()
+                .iter()
+                .any(|n| n.network_interface_id() == Some(self.eni_id.as_str())),
+            "the leaked network interface survived destroy"
+        );
+    }
+}
+
+#[tokio::test]
+async fn prod_environment_plans_its_own_resources() {
+    let endpoint = moto_endpoint();
+    let h = Harness::new(&endpoint).await;
+    let name = unique("prod");
+    let stack = platform(&name, "prod");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    assert_eq!(p.summary().add, 14, "{}", describe(&p));
+    let vpc = p
+        .changes
+        .iter()
+        .find(|c| c.address.as_str() == "network.main")
+        .expect("vpc");
+    let cidr = vpc
+        .desired
+        .as_ref()
+        .and_then(|d| d.attrs.get("cidr"))
+        .map(|a| a.value.clone());
+    assert_eq!(cidr, Some(Value::str("10.50.0.0/16")));
+    let ng = p
+        .changes
+        .iter()
+        .find(|c| c.address.as_str() == "cluster.main.node_group.scoring")
+        .expect("ng");
+    let desired = ng
+        .desired
+        .as_ref()
+        .and_then(|d| d.attrs.get("desired"))
+        .map(|a| a.value.clone());
+    assert_eq!(desired, Some(Value::Int(2)));
+}
+
+// ---------------------------------------------------------------- waiters, retries, throttling
+
+/// A network and a cluster with one node group, no registry.
+fn small(name: &str) -> Stack {
+    let mut stack = platform(name, "dev");
+    stack.registries.clear();
+    if let Some(mesh::stack::Cluster {
+        kind: mesh::stack::ClusterKind::Eks(e),
+        ..
+    }) = stack.clusters.get_mut("main")
+    {
+        e.node_groups.retain(|g| g.name == "general");
+    }
+    stack
+}
+
+#[tokio::test]
+async fn waits_for_cluster_and_node_group_to_become_active_and_gone() {
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let h = Harness::new(&proxy.endpoint()).await;
+    let stack = small(&unique("wait"));
+    proxy.rewrite_status("DescribeCluster", 3, "ACTIVE", "CREATING");
+    proxy.rewrite_status("DescribeNodegroup", 2, "ACTIVE", "CREATING");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    h.apply(&stack, &p).await.expect("apply through CREATING");
+    assert_eq!(proxy.count("CreateCluster"), 1);
+    assert!(
+        proxy.count("DescribeCluster") >= 4,
+        "DescribeCluster polled {} times",
+        proxy.count("DescribeCluster")
+    );
+    assert!(
+        proxy.count("DescribeNodegroup") >= 3,
+        "DescribeNodegroup polled {} times",
+        proxy.count("DescribeNodegroup")
+    );
+    assert_empty(&h.plan(&stack, &plan::Options::default()).await, "waiting");
+
+    // Deleting: the cluster answers DELETING twice before it is gone.
+    proxy.reset();
+    let eks_name = names::eks_cluster(&stack.name, "dev", "main");
+    let deleting = format!(r#"{{"cluster":{{"name":"{eks_name}","status":"DELETING"}}}}"#);
+    let destroy = h
+        .plan(
+            &stack,
+            &plan::Options {
+                destroy: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    // Program the answers only once the destroy plan has observed the live cluster.
+    proxy.respond("DescribeCluster", 2, 200, "application/json", deleting);
+    h.apply(&stack, &destroy).await.expect("destroy");
+    assert_eq!(proxy.count("DeleteCluster"), 1);
+    assert!(
+        proxy.count("DescribeCluster") >= 3,
+        "DescribeCluster polled {} times",
+        proxy.count("DescribeCluster")
+    );
+    assert!(leftovers(&moto_endpoint(), &stack.name).await.is_empty());
+}
+
+#[tokio::test]
+async fn ctrl_c_stops_a_wait_and_a_rerun_picks_it_up() {
+    let proxy = std::sync::Arc::new(FaultProxy::start(&moto_endpoint()));
+    let h = Harness::new(&proxy.endpoint()).await;
+    let mut stack = small(&unique("intr"));
+    if let Some(mesh::stack::Cluster {
+        kind: mesh::stack::ClusterKind::Eks(e),
+        ..
+    }) = stack.clusters.get_mut("main")
+    {
+        e.node_groups.clear();
+    }
+    // The cluster stays CREATING until the faults are cleared.
+    proxy.rewrite_status("DescribeCluster", 10_000, "ACTIVE", "CREATING");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    // Ctrl-C arrives while the cluster is being waited for.
+    let tx = h.cancel_tx.clone();
+    let watcher = proxy.clone();
+    let interrupt = tokio::spawn(async move {
+        while watcher.count("DescribeCluster") < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = tx.send(true);
+    });
+    let err = h.apply(&stack, &p).await.expect_err("interrupted");
+    interrupt.await.expect("interrupt task");
+    assert!(
+        matches!(err, ProviderError::Interrupted { ref address } if address.as_str() == "cluster.main"),
+        "{err}"
+    );
+    assert_eq!(proxy.count("CreateCluster"), 1);
+
+    // The rerun observes the cluster still CREATING: an update of `status` that only waits.
+    h.cancel_tx.send_replace(false);
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let c = p
+        .changes
+        .iter()
+        .find(|c| c.address.as_str() == "cluster.main")
+        .expect("cluster");
+    assert_eq!(c.action, Action::Update, "{}", describe(&p));
+    assert_eq!(
+        c.fields.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+        ["status"]
+    );
+    proxy.clear_faults();
+    proxy.rewrite_status("DescribeCluster", 2, "ACTIVE", "CREATING");
+    h.apply(&stack, &p).await.expect("rerun waits");
+    assert_eq!(
+        proxy.count("CreateCluster"),
+        1,
+        "the rerun must not create again"
+    );
+    assert_empty(
+        &h.plan(&stack, &plan::Options::default()).await,
+        "the rerun",
+    );
+    h.destroy(&stack).await;
+    assert!(leftovers(&moto_endpoint(), &stack.name).await.is_empty());
+}
+
+#[tokio::test]
+async fn throttling_and_server_errors_are_retried() {
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let h = Harness::new(&proxy.endpoint()).await;
+    let stack = small(&unique("thr"));
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    h.apply(&stack, &p).await.expect("apply");
+    proxy.reset();
+
+    proxy.throttle("DescribeVpcs", 3);
+    proxy.server_error("DescribeSubnets", 2);
+    proxy.service_unavailable("DescribeRouteTables", 1);
+    proxy.throttle("ListRoles", 2);
+    proxy.throttle("ListClusters", 2);
+    proxy.server_error("DescribeCluster", 1);
+    proxy.throttle("DescribeRepositories", 2);
+    let started = std::time::Instant::now();
+    let again = h.plan(&stack, &plan::Options::default()).await;
+    assert_empty(&again, "throttled observe");
+    assert_eq!(proxy.count("DescribeVpcs"), 4);
+    assert_eq!(proxy.count("DescribeSubnets"), 3);
+    assert_eq!(proxy.count("DescribeRouteTables"), 2);
+    assert_eq!(proxy.count("ListRoles"), 3);
+    assert_eq!(proxy.count("ListClusters"), 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A throttled write is retried too.
+    proxy.reset();
+    let mut changed = stack.clone();
+    node_group_mut(&mut changed, "main", "general").desired = 3;
+    let p = h.plan(&changed, &plan::Options::default()).await;
+    proxy.throttle("UpdateNodegroupConfig", 2);
+    h.apply(&changed, &p).await.expect("throttled update");
+    assert_eq!(proxy.count("UpdateNodegroupConfig"), 3);
+    h.destroy(&changed).await;
+}
+
+#[tokio::test]
+async fn too_much_throttling_fails_with_the_code_and_address() {
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let h = Harness::new(&proxy.endpoint()).await;
+    let mut stack = small(&unique("thx"));
+    stack.clusters.clear();
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    proxy.throttle("CreateVpc", 100);
+    let err = h.apply(&stack, &p).await.expect_err("throttled for good");
+    let msg = one_line(&err);
+    assert!(
+        msg.starts_with("network.main: CreateVpc: RequestLimitExceeded"),
+        "{msg}"
+    );
+    assert_eq!(proxy.count("CreateVpc"), 5, "max_attempts");
+}
+
+#[tokio::test]
+async fn permanent_errors_fail_fast_with_the_aws_code_and_the_address() {
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let h = Harness::new(&proxy.endpoint()).await;
+    let mut stack = small(&unique("bad"));
+    stack.clusters.clear();
+    // A subnet outside the VPC's CIDR (the stack parser refuses this; the API must too).
+    let net = stack.networks.get_mut("main").expect("network");
+    net.subnets[0].cidr = "10.99.0.0/24".parse().expect("cidr");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let err = h.apply(&stack, &p).await.expect_err("invalid subnet");
+    let msg = one_line(&err);
+    assert!(
+        msg.starts_with("network.main.subnet.public-a: CreateSubnet: InvalidSubnet.Range"),
+        "{msg}"
+    );
+    assert_eq!(
+        proxy.count("CreateSubnet"),
+        1,
+        "a validation error is not retried"
+    );
+    h.destroy(&stack).await;
+    assert!(leftovers(&moto_endpoint(), &stack.name).await.is_empty());
+}
+
+// ---------------------------------------------------------------- setup errors: one clear line each
+
+#[tokio::test]
+async fn rejected_credentials_give_one_clear_line() {
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>AuthFailure</Code><Message>AWS was not able to validate the provided access credentials</Message></Error></Errors><RequestID>r</RequestID></Response>";
+    proxy.respond("*", 100, 401, "text/xml", body);
+    let p = AwsProvider::with_config(Some("us-east-1".into()), test_config(&proxy.endpoint()))
+        .await
+        .expect("provider");
+    let stack = small(&unique("cred"));
+    let err = p.observe(&scope(&stack)).await.expect_err("rejected");
+    let msg = one_line(&err);
+    assert!(msg.contains("AuthFailure"), "{msg}");
+    assert!(msg.contains("credentials were rejected"), "{msg}");
+}
+
+#[tokio::test]
+async fn unreachable_endpoint_gives_one_clear_line() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let mut config = test_config(&format!("http://{addr}"));
+    config.max_attempts = 2;
+    let p = AwsProvider::with_config(Some("us-east-1".into()), config)
+        .await
+        .expect("provider");
+    let stack = small(&unique("unr"));
+    let started = std::time::Instant::now();
+    let err = p.observe(&scope(&stack)).await.expect_err("unreachable");
+    let msg = one_line(&err);
+    assert!(msg.contains("cannot reach the AWS endpoint"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+/// Runs this test binary again with a scrubbed AWS environment, for the
+/// cases that depend on the process environment (missing region, missing
+/// credentials); returns the child's stdout.
+fn run_child(case: &str, remove: &[&str], endpoint: &str) -> String {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "--exact",
+        "setup_error_child",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    cmd.env("MESH_AWS_SETUP_CASE", case)
+        .env("MESH_AWS_SETUP_ENDPOINT", endpoint);
+    for v in remove {
+        cmd.env_remove(v);
+    }
+    cmd.env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true");
+    let out = cmd.output().expect("run child");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Helper of `missing_region_and_credentials_give_one_clear_line`: does
+/// nothing unless run by it (with `MESH_AWS_SETUP_CASE` set).
+#[tokio::test]
+async fn setup_error_child() {
+    let Ok(case) = std::env::var("MESH_AWS_SETUP_CASE") else {
+        return;
+    };
+    let endpoint = std::env::var("MESH_AWS_SETUP_ENDPOINT").unwrap_or_default();
+    let mut config = test_config(&endpoint);
+    config.max_attempts = 1;
+    let result = match case.as_str() {
+        "region" => AwsProvider::with_config(None, config).await.map(|_| ()),
+        _ => match AwsProvider::with_config(Some("us-east-1".into()), config).await {
+            Ok(p) => p
+                .observe(&Scope {
+                    stack: "x".into(),
+                    env: "dev".into(),
+                    root: ".".into(),
+                })
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => println!("RESULT: ok"),
+        Err(e) => println!("RESULT: {e}"),
+    }
+}
+
+#[test]
+fn missing_region_and_credentials_give_one_clear_line() {
+    let endpoint = moto_endpoint();
+    let all = [
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ENDPOINT_URL",
+    ];
+    let region = run_child("region", &all, &endpoint);
+    let line = result_line(&region);
+    assert!(line.contains("no AWS region"), "{line}");
+
+    let creds = [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ];
+    let out = run_child("credentials", &creds, &endpoint);
+    let line = result_line(&out);
+    assert!(
+        line.contains("no usable AWS credentials") || line.contains("no AWS credentials"),
+        "{line}"
+    );
+}
+
+fn result_line(stdout: &str) -> String {
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("RESULT: ").map(|(_, r)| r))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let line = lines[0].to_owned();
+    eprintln!("error as shown: {line}");
+    assert_ne!(line, "ok", "expected an error");
+    line
+}
+
+// ---------------------------------------------------------------- observe cost
+
+#[tokio::test]
+async fn observe_makes_a_handful_of_calls_per_kind() {
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let h = Harness::new(&proxy.endpoint()).await;
+    let stack = platform(&unique("cost"), "dev");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    h.apply(&stack, &p).await.expect("apply");
+    proxy.reset();
+    let live = h.p.observe(&scope(&stack)).await.expect("observe");
+    assert_eq!(live.len(), 14);
+    let calls = proxy.calls();
+    let total = proxy.total_requests();
+    // 5 EC2 describes, ListRoles + 2 ListAttachedRolePolicies, ListClusters + DescribeCluster
+    // + ListNodegroups + 2 DescribeNodegroup, DescribeRepositories + 2 per repository.
+    assert!(total <= 16, "{total} calls: {calls:?}");
+    h.destroy(&stack).await;
+}
