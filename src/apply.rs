@@ -66,7 +66,7 @@ fn delete_rank(a: &Address) -> usize {
     match a.as_str().split('.').next().unwrap_or("") {
         "expose" => 0,
         "service" => 1,
-        "connection" => 2,
+        "connection" | "namespace" => 2,
         "registry" => 3,
         "cluster" => 4,
         "network" => 5,

@@ -300,8 +300,11 @@ impl Dataset {
         }
 
         // Pass 2: typed columns.
-        let mut builders: Vec<ColumnBuilder> =
-            types.iter().map(|&t| ColumnBuilder::new(t, rows)).collect();
+        let mut builders: Vec<ColumnBuilder> = types
+            .iter()
+            .zip(&infer)
+            .map(|(&t, i)| ColumnBuilder::new(t, rows, i.bytes))
+            .collect();
         let mut reader = open()?;
         reader.headers().map_err(csv_err)?;
         while reader.read_byte_record(&mut record).map_err(csv_err)? {
@@ -334,7 +337,7 @@ impl Dataset {
         let mut builders: Vec<ColumnBuilder> = schema
             .types
             .iter()
-            .map(|&t| ColumnBuilder::new(t, 0))
+            .map(|&t| ColumnBuilder::new(t, 0, 0))
             .collect();
         for (n, row) in rows.into_iter().enumerate() {
             for ((value, builder), column) in
@@ -401,7 +404,8 @@ impl Dataset {
             }
             ColumnData::Int { values, nulls } => {
                 let mut map = HashMap::with_capacity(rows);
-                for (row, &k) in values.iter().enumerate() {
+                for row in 0..rows {
+                    let k = values.get(row);
                     if nulls.is_null(row) {
                         return Err(null_err(row));
                     }
@@ -489,7 +493,7 @@ impl Nulls {
 
 enum ColumnData {
     Int {
-        values: Vec<i64>,
+        values: Ints,
         nulls: Nulls,
     },
     Float {
@@ -517,7 +521,7 @@ impl ColumnData {
                 if nulls.is_null(row) {
                     ValueRef::Null
                 } else {
-                    ValueRef::Int(values[row])
+                    ValueRef::Int(values.get(row))
                 }
             }
             ColumnData::Float { values, nulls } => {
@@ -538,10 +542,47 @@ impl ColumnData {
 
     fn heap_bytes(&self) -> usize {
         match self {
-            ColumnData::Int { values, nulls } => values.capacity() * 8 + nulls.heap_bytes(),
+            ColumnData::Int { values, nulls } => values.heap_bytes() + nulls.heap_bytes(),
             ColumnData::Float { values, nulls } => values.capacity() * 8 + nulls.heap_bytes(),
             ColumnData::Bool(values) => values.capacity(),
             ColumnData::Str(col) => col.heap_bytes(),
+        }
+    }
+}
+
+/// Integers of one column, 32-bit when they all fit.
+enum Ints {
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+}
+
+impl Ints {
+    fn narrow(values: Vec<i64>) -> Ints {
+        if values.iter().all(|&v| i32::try_from(v).is_ok()) {
+            Ints::I32(values.into_iter().map(|v| v as i32).collect())
+        } else {
+            Ints::I64(values)
+        }
+    }
+
+    fn get(&self, row: usize) -> i64 {
+        match self {
+            Ints::I32(v) => i64::from(v[row]),
+            Ints::I64(v) => v[row],
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Ints::I32(v) => v.len(),
+            Ints::I64(v) => v.len(),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Ints::I32(v) => v.capacity() * 4,
+            Ints::I64(v) => v.capacity() * 8,
         }
     }
 }
@@ -607,6 +648,8 @@ enum StrBuilder {
         values: Vec<Box<str>>,
         lookup: HashMap<Box<str>, u32>,
         codes: Vec<u32>,
+        /// Expected total text bytes, to size an arena once.
+        bytes_hint: usize,
     },
     Arena {
         bytes: String,
@@ -621,6 +664,7 @@ impl StrBuilder {
             values,
             lookup,
             codes,
+            bytes_hint,
         } = self
         {
             match value {
@@ -643,7 +687,7 @@ impl StrBuilder {
                 }
             }
             // Too many distinct values: move to an arena.
-            let mut bytes = String::new();
+            let mut bytes = String::with_capacity(*bytes_hint);
             let mut ends = Vec::with_capacity(codes.capacity());
             let mut nulls = Nulls::default();
             for (row, &code) in codes.iter().enumerate() {
@@ -694,7 +738,7 @@ enum ColumnBuilder {
 }
 
 impl ColumnBuilder {
-    fn new(ty: ColumnType, rows: usize) -> ColumnBuilder {
+    fn new(ty: ColumnType, rows: usize, bytes_hint: usize) -> ColumnBuilder {
         match ty {
             ColumnType::Int => ColumnBuilder::Int(Vec::with_capacity(rows), Nulls::default()),
             ColumnType::Float => ColumnBuilder::Float(Vec::with_capacity(rows), Nulls::default()),
@@ -703,6 +747,7 @@ impl ColumnBuilder {
                 values: Vec::new(),
                 lookup: HashMap::new(),
                 codes: Vec::with_capacity(rows),
+                bytes_hint,
             }),
         }
     }
@@ -757,7 +802,10 @@ impl ColumnBuilder {
 
     fn finish(self) -> ColumnData {
         match self {
-            ColumnBuilder::Int(values, nulls) => ColumnData::Int { values, nulls },
+            ColumnBuilder::Int(values, nulls) => ColumnData::Int {
+                values: Ints::narrow(values),
+                nulls,
+            },
             ColumnBuilder::Float(values, nulls) => ColumnData::Float { values, nulls },
             ColumnBuilder::Bool(values) => ColumnData::Bool(values),
             ColumnBuilder::Str(b) => ColumnData::Str(b.finish()),
@@ -768,6 +816,8 @@ impl ColumnBuilder {
 #[derive(Clone)]
 struct Inference {
     declared: Option<ColumnType>,
+    /// Total bytes of the column's text.
+    bytes: usize,
     any: bool,
     bool_ok: bool,
     int_ok: bool,
@@ -778,6 +828,7 @@ impl Default for Inference {
     fn default() -> Self {
         Inference {
             declared: None,
+            bytes: 0,
             any: false,
             bool_ok: true,
             int_ok: true,
@@ -788,6 +839,7 @@ impl Default for Inference {
 
 impl Inference {
     fn observe(&mut self, field: &[u8]) {
+        self.bytes += field.len();
         if self.declared.is_some() || field.is_empty() {
             return;
         }

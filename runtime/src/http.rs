@@ -280,7 +280,10 @@ async fn json_body(request: Request, limit: usize) -> Result<Bytes, AppError> {
                 }
                 source = err.source();
             }
-            AppError::bad_request("unreadable_body", format!("cannot read the request body: {e}"))
+            AppError::bad_request(
+                "unreadable_body",
+                format!("cannot read the request body: {e}"),
+            )
         })
 }
 

@@ -462,10 +462,7 @@ mod tests {
             parse_one(br#"{"features": {}} x"#, "features", &f),
             Err(ParseError::Malformed(_))
         ));
-        assert!(matches!(
-            parse_one(br#"{"features": {"age": 1e999}}"#, "features", &f),
-            Err(_)
-        ));
+        assert!(parse_one(br#"{"features": {"age": 1e999}}"#, "features", &f).is_err());
     }
 
     #[test]

@@ -244,6 +244,11 @@ pub fn infer(
                     "the model gave non-finite probabilities",
                 ));
             }
+            // Print each value as its shortest f32 spelling (`0.8`, not `0.800000011920929`).
+            let data: Vec<f64> = data
+                .iter()
+                .map(|p| p.to_string().parse::<f64>().unwrap_or(f64::from(*p)))
+                .collect();
             outputs.push(json!({"name": "probabilities", "datatype": "FP32", "shape": [rows, classes], "data": data}));
         }
     }

@@ -231,7 +231,10 @@ pub async fn score<'a>(
         let prediction = ep.model.predict(columns).map_err(|e| {
             AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
         })?;
-        if prediction.labels.len() != ok.len() || prediction.classes != ep.class_names.len() {
+        if prediction.labels.len() != ok.len()
+            || prediction.classes != ep.class_names.len()
+            || prediction.probabilities.len() != ok.len() * ep.class_names.len()
+        {
             return Err(AppError::internal(format_args!(
                 "endpoint `{}`: model returned {} rows of {} classes for {} rows of {} classes",
                 ep.name,

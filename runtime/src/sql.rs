@@ -259,6 +259,9 @@ pub async fn preload(
     )?)
 }
 
+/// A pooled connection with the live query prepared on it.
+type PooledConn = Arc<(Client, Statement)>;
+
 /// A `live` dataset: one prepared query per pooled connection.
 pub struct LiveTable {
     name: String,
@@ -268,7 +271,7 @@ pub struct LiveTable {
     kinds: Vec<Kind>,
     key_type: Type,
     duplicates: Duplicates,
-    slots: Vec<Mutex<Option<Arc<(Client, Statement)>>>>,
+    slots: Vec<Mutex<Option<PooledConn>>>,
     next: AtomicUsize,
 }
 
@@ -302,7 +305,7 @@ impl LiveTable {
             reason: pg_reason(&e),
         })?;
         let key_type = stmt.params().first().cloned().unwrap_or(Type::TEXT);
-        let mut slots: Vec<Mutex<Option<Arc<(Client, Statement)>>>> =
+        let mut slots: Vec<Mutex<Option<PooledConn>>> =
             (0..connector.pool_size).map(|_| Mutex::new(None)).collect();
         slots[0] = Mutex::new(Some(Arc::new((client, stmt))));
         Ok(LiveTable {
@@ -326,7 +329,7 @@ impl LiveTable {
         &self.name
     }
 
-    async fn conn(&self) -> Result<Arc<(Client, Statement)>, SqlError> {
+    async fn conn(&self) -> Result<PooledConn, SqlError> {
         let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
         let current = slot.lock().map(|g| g.clone()).unwrap_or(None);
         if let Some(conn) = current.filter(|c| !c.0.is_closed()) {

@@ -16,7 +16,11 @@ fn write_rows(path: &std::path::Path, kind: &str) {
     match kind {
         // Like behavior.csv: a key, two money columns, two counts.
         "behavior" => {
-            writeln!(f, "customer_id,total_spend_30d,orders_90d,days_since_last_order,avg_basket").expect("w");
+            writeln!(
+                f,
+                "customer_id,total_spend_30d,orders_90d,days_since_last_order,avg_basket"
+            )
+            .expect("w");
             for i in 0..ROWS {
                 writeln!(
                     f,
@@ -59,8 +63,14 @@ fn load_and_measure(kind: &str) {
     write_rows(&path, kind);
     let raw = std::fs::metadata(&path).expect("stat").len() as usize;
     let started = Instant::now();
-    let ds = Dataset::load_csv(kind, &path, "customer_id", Duplicates::Error, &BTreeMap::new())
-        .expect("loads");
+    let ds = Dataset::load_csv(
+        kind,
+        &path,
+        "customer_id",
+        Duplicates::Error,
+        &BTreeMap::new(),
+    )
+    .expect("loads");
     let took = started.elapsed();
     let heap = ds.heap_bytes();
     eprintln!(
@@ -74,8 +84,14 @@ fn load_and_measure(kind: &str) {
     assert_eq!(ds.keys(), ROWS);
     let r = ds.find(KeyRef::Str("C0999999")).expect("last key");
     assert_eq!(r, ROWS - 1);
-    assert!(matches!(ds.value(r, 1), ValueRef::Float(_) | ValueRef::Int(_)));
-    assert!(heap <= 2 * raw, "{heap} bytes in memory for {raw} bytes of CSV");
+    assert!(matches!(
+        ds.value(r, 1),
+        ValueRef::Float(_) | ValueRef::Int(_)
+    ));
+    assert!(
+        heap <= 2 * raw,
+        "{heap} bytes in memory for {raw} bytes of CSV"
+    );
     // Unoptimised test builds are ~10x slower than release; still seconds.
     assert!(took < Duration::from_secs(60), "took {took:?}");
 }

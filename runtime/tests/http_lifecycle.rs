@@ -84,7 +84,7 @@ fn sigterm_finishes_in_flight_requests() {
     let answer = json!({"items": [{"data": {"customer_id": "C00001", "total_spend_30d": 0.0,
         "orders_90d": 1, "days_since_last_order": 13, "avg_basket": 18.12}}]})
     .to_string();
-    let slow = fake_upstream(
+    let (slow, upstream_calls) = fake_upstream_counted(
         Duration::from_millis(1500),
         200,
         Some(answer),
@@ -111,7 +111,15 @@ fn sigterm_finishes_in_flight_requests() {
             br#"{"features": {"customer_id": "C00001"}}"#,
         )
     });
-    std::thread::sleep(Duration::from_millis(400));
+    // Signal once the request is in flight (waiting on the upstream).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while upstream_calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     s.signal("TERM");
     let r = in_flight.join().expect("request thread");
     assert_eq!(r.status, 200, "{}", r.text());

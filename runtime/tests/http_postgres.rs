@@ -28,9 +28,13 @@ fn pg() -> Pg {
         .strip_prefix("postgresql://")
         .or_else(|| url.strip_prefix("postgres://"))
         .expect("MESH_TEST_POSTGRES_URL must start with postgresql://");
-    let (auth, hostpart) = rest.split_once('@').expect("user:password@ in MESH_TEST_POSTGRES_URL");
+    let (auth, hostpart) = rest
+        .split_once('@')
+        .expect("user:password@ in MESH_TEST_POSTGRES_URL");
     let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
-    let (hostport, database) = hostpart.split_once('/').expect("/database in MESH_TEST_POSTGRES_URL");
+    let (hostport, database) = hostpart
+        .split_once('/')
+        .expect("/database in MESH_TEST_POSTGRES_URL");
     let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
     Pg {
         host: host.to_string(),
@@ -131,12 +135,20 @@ fn sql_datasets_preload_and_live() {
         let id = &rows[i][0];
         let only_key = format!(r#"{{"features": {{"customer_id": "{id}"}}}}"#);
         let explicit = s
-            .api("hv-plain", "predict", &format!(r#"{{"features": {}}}"#, explicit_features(i)))
+            .api(
+                "hv-plain",
+                "predict",
+                &format!(r#"{{"features": {}}}"#, explicit_features(i)),
+            )
             .json();
         for ep in ["hv-preload", "hv-live"] {
             let r = s.api(ep, "predict", &only_key);
             assert_eq!(r.status, 200, "{ep}: {}", r.text());
-            assert_eq!(probas_bits(&r.json()), probas_bits(&explicit), "{ep} customer {id}");
+            assert_eq!(
+                probas_bits(&r.json()),
+                probas_bits(&explicit),
+                "{ep} customer {id}"
+            );
         }
     }
 
@@ -155,9 +167,15 @@ fn sql_datasets_preload_and_live() {
     }
     // Integer keys: by number or by text; typed values and nulls.
     let r = s.api("segments", "lookup", r#"{"data": {"id": 1}}"#);
-    assert_eq!(r.json(), json!({"data": {"id": 1, "segment": "gold", "score": 0.5, "vip": true}}));
+    assert_eq!(
+        r.json(),
+        json!({"data": {"id": 1, "segment": "gold", "score": 0.5, "vip": true}})
+    );
     let r = s.api("segments", "lookup", r#"{"data": {"id": "2"}}"#);
-    assert_eq!(r.json(), json!({"data": {"id": "2", "segment": "silver", "score": null, "vip": false}}));
+    assert_eq!(
+        r.json(),
+        json!({"data": {"id": "2", "segment": "silver", "score": null, "vip": false}})
+    );
     s.api("segments", "lookup", r#"{"data": {"id": "two"}}"#)
         .assert_error(404, "not_found");
     s.api("segments", "lookup", r#"{"data": {"id": 99999999999}}"#)
@@ -209,7 +227,10 @@ fn unreachable_database_fails_check_without_leaking_the_password() {
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("connection `warehouse`: cannot connect"), "{err}");
+    assert!(
+        err.contains("connection `warehouse`: cannot connect"),
+        "{err}"
+    );
     assert!(!err.contains("s3cret-pw"), "{err}");
     // Offline check skips the database.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-runtime"))
@@ -217,7 +238,11 @@ fn unreachable_database_fails_check_without_leaking_the_password() {
         .arg(b.path())
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

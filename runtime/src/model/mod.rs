@@ -6,7 +6,7 @@
 //! API contract used by the rest of the runtime (do not change without
 //! updating the server):
 //!
-//! ```ignore
+//! ```text
 //! let model = Model::from_bytes(&std::fs::read("model.onnx")?)?;
 //! for input in model.inputs() { /* input.name, input.kind, input.width */ }
 //! let batch = Batch::new(vec![Column::Str(vec!["F".into()]), Column::F32(vec![42.0])])?;

@@ -326,7 +326,11 @@ pub fn raw(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
 }
 
 /// As [`raw`], giving up reading after `timeout`.
-pub fn raw_with_timeout(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> std::io::Result<Response> {
+pub fn raw_with_timeout(
+    addr: SocketAddr,
+    bytes: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(bytes)?;
@@ -380,18 +384,18 @@ fn parse_response(buf: &[u8]) -> std::io::Result<Response> {
     if chunked {
         let mut out = Vec::new();
         let mut rest = &body[..];
-        loop {
-            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
             let size =
                 usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap_or("0").trim(), 16)
                     .unwrap_or(0);
             if size == 0 {
                 break;
             }
-            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
-            rest = &rest[nl + 2 + size + 2..];
+            let Some(chunk) = rest.get(nl + 2..nl + 2 + size) else {
+                break;
+            };
+            out.extend_from_slice(chunk);
+            rest = rest.get(nl + 2 + size + 2..).unwrap_or(&[]);
         }
         body = out;
     }
@@ -421,9 +425,21 @@ pub fn fake_upstream(
     body: Option<String>,
     lifetime: Duration,
 ) -> SocketAddr {
+    fake_upstream_counted(delay, status, body, lifetime).0
+}
+
+/// As [`fake_upstream`], also counting the requests it has read.
+pub fn fake_upstream_counted(
+    delay: Duration,
+    status: u16,
+    body: Option<String>,
+    lifetime: Duration,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     listener.set_nonblocking(true).expect("nonblocking");
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
     std::thread::spawn(move || {
         let deadline = Instant::now() + lifetime;
         let mut held = Vec::new();
@@ -435,6 +451,7 @@ pub fn fake_upstream(
                     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
                     let mut buf = [0u8; 65536];
                     let _ = stream.read(&mut buf);
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     match body {
                         Some(body) => {
                             std::thread::spawn(move || {
@@ -453,7 +470,7 @@ pub fn fake_upstream(
             }
         }
     });
-    addr
+    (addr, count)
 }
 
 /// A loopback port with nothing listening.

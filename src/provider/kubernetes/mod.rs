@@ -136,6 +136,9 @@ pub struct KubernetesProvider {
     connection: Connection,
     settings: Settings,
     images: images::Images,
+    /// The stack's namespace, once known: where to look when listing across
+    /// namespaces is forbidden (a user with rights in one namespace only).
+    namespace: std::sync::Mutex<Option<String>>,
 }
 
 const OWNER: &str = "mesh";
@@ -193,6 +196,7 @@ impl KubernetesProvider {
             connection: Connection::Ready(conn),
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
+            namespace: std::sync::Mutex::new(None),
         })
     }
 
@@ -206,6 +210,7 @@ impl KubernetesProvider {
             connection: Connection::Ready(conn),
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
+            namespace: std::sync::Mutex::new(None),
         })
     }
 
@@ -220,6 +225,7 @@ impl KubernetesProvider {
             },
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
+            namespace: std::sync::Mutex::new(None),
         }
     }
 
@@ -227,7 +233,12 @@ impl KubernetesProvider {
     pub fn with_state_dir(self, stack: &Stack) -> Self {
         self.images
             .use_cache_dir(&super::local::state_dir(&stack.root, &stack.env.name));
+        self.remember_namespace(stack);
         self
+    }
+
+    fn remember_namespace(&self, stack: &Stack) {
+        *self.namespace.lock().unwrap_or_else(|e| e.into_inner()) = Some(objects::namespace(stack));
     }
 
     /// The client, or `None` when the cluster does not exist yet.
@@ -240,10 +251,10 @@ impl KubernetesProvider {
                 cached,
             } => {
                 let mut cached = cached.lock().await;
-                if let Some((c, at)) = cached.as_ref() {
-                    if at.elapsed() < Duration::from_secs(600) {
-                        return Ok(Some(c.clone()));
-                    }
+                if let Some((c, at)) = cached.as_ref()
+                    && at.elapsed() < Duration::from_secs(600)
+                {
+                    return Ok(Some(c.clone()));
                 }
                 let Some(access) = source().await? else {
                     return Ok(None);
@@ -263,7 +274,14 @@ impl KubernetesProvider {
     }
 }
 
+/// With every feature on, rustls sees two crypto back ends (ring from kube,
+/// aws-lc-rs from the AWS SDK) and cannot pick one itself: choose ring.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn connect(mut config: kube::Config, context: String) -> Result<Conn, ProviderError> {
+    install_crypto_provider();
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(60));
     let server = config
@@ -342,6 +360,40 @@ fn describe(e: &kube::Error, conn: &Conn) -> String {
             conn.context,
             root_cause(other)
         ),
+    }
+}
+
+/// The objects of one kind carrying `lp`'s labels, across namespaces; where
+/// that is forbidden (403), in the stack's namespace only.
+async fn list_owned(
+    conn: &Conn,
+    kind: Kind,
+    lp: &ListParams,
+    namespace: Option<&str>,
+) -> Result<Vec<DynamicObject>, kube::Error> {
+    match api_for(conn, kind, None).list(lp).await {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(s)) if s.code == 403 && namespace.is_some() => {
+            let ns = namespace.unwrap_or_default();
+            if kind == Kind::Namespace {
+                // One namespace by name; owned only if it carries the stack's labels.
+                let wanted = lp.label_selector.clone().unwrap_or_default();
+                let obj = api_for(conn, kind, None).get_opt(ns).await.ok().flatten();
+                Ok(obj
+                    .filter(|o| {
+                        let labels = o.metadata.labels.clone().unwrap_or_default();
+                        wanted.split(',').all(|kv| {
+                            kv.split_once('=')
+                                .is_some_and(|(k, v)| labels.get(k).map(String::as_str) == Some(v))
+                        })
+                    })
+                    .into_iter()
+                    .collect())
+            } else {
+                Ok(api_for(conn, kind, Some(ns)).list(lp).await?.items)
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -547,6 +599,12 @@ impl KubernetesProvider {
         ctx: &ApplyContext,
     ) -> Result<String, ProviderError> {
         let address = &d.address;
+        if let Some(message) = internal_str(d, objects::ATTR_IMAGE_ERROR) {
+            return Err(invalid(
+                address,
+                format!("cannot build the image: {message}"),
+            ));
+        }
         let attrs = ctx.resolved_attrs(d);
         let (repository, digest) = match (
             attrs.get("image"),
@@ -586,10 +644,10 @@ impl KubernetesProvider {
         )
         .map_err(|m| invalid(address, m))?;
         let service = bundle.config.service.clone();
-        if let Some(rt) = self.images.runtime() {
-            if !crate::image::is_static_executable(rt).unwrap_or(false) {
-                ctx.progress(address, &format!("warning: {} is not statically linked; it will not start in the image (build it with scripts/build-static-runtime and set MESH_RUNTIME_STATIC_BIN)", rt.display()));
-            }
+        if let Some(rt) = self.images.runtime()
+            && !crate::image::is_static_executable(rt).unwrap_or(false)
+        {
+            ctx.progress(address, &format!("warning: {} is not statically linked; it will not start in the image (build it with scripts/build-static-runtime and set MESH_RUNTIME_STATIC_BIN)", rt.display()));
         }
         ctx.progress(address, &format!("pushing image {pinned}"));
         let pushed = self
@@ -707,6 +765,7 @@ impl Provider for KubernetesProvider {
     }
 
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {
+        self.remember_namespace(stack);
         let digests = |wanted: &[(&str, &crate::provider::local::BundlePlan)]| {
             self.images.digests(wanted, RUNTIME_PORT)
         };
@@ -722,20 +781,24 @@ impl Provider for KubernetesProvider {
             return Ok(Vec::new());
         };
         let selector = kinds::ownership_selector(&scope.stack, &scope.env);
+        let hint = self
+            .namespace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut set = tokio::task::JoinSet::new();
         for kind in Kind::ALL {
-            let api = api_for(&conn, kind, None);
+            let conn = conn.clone();
             let lp = ListParams::default().labels(&selector);
-            set.spawn(async move { (kind, api.list(&lp).await) });
+            let hint = hint.clone();
+            set.spawn(async move { (kind, list_owned(&conn, kind, &lp, hint.as_deref()).await) });
         }
         let mut out = Vec::new();
         let mut first_error = None;
         while let Some(joined) = set.join_next().await {
             let Ok((kind, listed)) = joined else { continue };
             match listed {
-                Ok(list) => {
-                    out.extend(list.items.iter().filter_map(|o| live_of(kind, &to_json(o))))
-                }
+                Ok(items) => out.extend(items.iter().filter_map(|o| live_of(kind, &to_json(o)))),
                 Err(e) => {
                     if first_error.is_none() {
                         first_error = Some(match &e {

@@ -33,6 +33,8 @@ pub const ATTR_SECRETS: &str = "_secrets";
 /// The service's bundle: `service.json` text and files (bundle path → source).
 pub const ATTR_BUNDLE: &str = "_bundle";
 pub const ATTR_FILES: &str = "_files";
+/// Why the image could not be built at plan time (apply fails with it).
+pub const ATTR_IMAGE_ERROR: &str = "_image_error";
 
 /// Where images go.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,11 +45,14 @@ pub enum Registry {
     Stack(String),
 }
 
+/// Digests (`sha256:...`) of the images of services (name, bundle), or why not.
+pub type ImageDigests<'a> = dyn Fn(&[(&str, &BundlePlan)]) -> Vec<Result<String, String>> + 'a;
+
 /// What the desired objects need besides the stack.
 pub struct Inputs<'a> {
     pub registry: Option<Registry>,
     /// Digests (`sha256:...`) of the images of services with these bundles (built, not pushed).
-    pub image_digests: &'a dyn Fn(&[(&str, &BundlePlan)]) -> Vec<Result<String, String>>,
+    pub image_digests: &'a ImageDigests<'a>,
 }
 
 /// The namespace a stack's objects go to.
@@ -90,14 +95,13 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             .cluster
             .as_ref()
             .and_then(|c| stack.clusters.get(c))
+            && let ClusterKind::Eks(eks) = &cluster.kind
         {
-            if let ClusterKind::Eks(eks) = &cluster.kind {
-                let caddr = Address::of("cluster", &cluster.name);
-                for g in &eks.node_groups {
-                    d = d.depends(caddr.child("node_group", &g.name));
-                }
-                d = d.depends(caddr);
+            let caddr = Address::of("cluster", &cluster.name);
+            for g in &eks.node_groups {
+                d = d.depends(caddr.child("node_group", &g.name));
             }
+            d = d.depends(caddr);
         }
         out.push(d);
     }
@@ -137,21 +141,29 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         out.push(in_ns(object(&cm_addr, Kind::ConfigMap, cm)));
 
         // Secret: connection passwords and API keys, by reference; only a digest here.
+        // A secret that cannot be read now is known after apply (which reads it
+        // again and fails if it still cannot), so `destroy` never needs secrets.
         let secret_addr = sub(&base, "secret");
-        let secret_hash = if secrets.is_empty() {
+        let secret_hash: Option<Value> = if secrets.is_empty() {
             None
         } else {
-            let resolved = resolve_secrets(secrets).map_err(|message| ProviderError::Invalid {
-                address: secret_addr.clone(),
-                message,
-            })?;
-            let digest = secret_digest(&resolved);
-            let mut m = meta(stack, &secret_addr, &secret_name(name), Some(&ns));
-            m["annotations"][kinds::ANNOTATION_SECRET_HASH] = json!(digest);
+            let digest = match resolve_secrets(secrets) {
+                Ok(resolved) => Value::str(secret_digest(&resolved)),
+                Err(message) => {
+                    warn(
+                        &secret_addr,
+                        &format!("{message}; its content is known after apply"),
+                    );
+                    Value::Unknown
+                }
+            };
+            let m = meta(stack, &secret_addr, &secret_name(name), Some(&ns));
             let keys: serde_json::Map<String, J> =
                 secrets.keys().map(|k| (k.clone(), json!(""))).collect();
             let manifest = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "stringData": keys });
             let mut d = in_ns(object(&secret_addr, Kind::Secret, manifest));
+            d.attrs
+                .insert("data".to_owned(), Attr::new(sensitive(&digest)));
             d.attrs.insert(
                 ATTR_SECRETS.to_owned(),
                 internal(serde_json::to_string(secrets).unwrap_or_default()),
@@ -160,44 +172,49 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             Some(digest)
         };
 
-        // Deployment: the runtime image pinned by digest.
+        // Deployment: the runtime image pinned by digest. An image that cannot
+        // be built now (no runtime binary, no registry) is known after apply,
+        // where it is an error.
         let dep_addr = sub(&base, "deployment");
         let digest = digests
             .next()
-            .unwrap_or_else(|| Err("no image digest".into()))
-            .map_err(|message| ProviderError::Invalid {
-                address: dep_addr.clone(),
-                message,
-            })?;
-        let (image, image_attrs): (String, Vec<(&str, Value)>) = match &inputs.registry {
-            Some(Registry::Url(url)) => {
-                let image = format!("{}@{digest}", repository(url, &stack.name, name));
-                (image.clone(), vec![("image", Value::str(image))])
+            .unwrap_or_else(|| Err("no image digest".into()));
+        let mut image_error = None;
+        let image_attrs: Vec<(&str, Value)> = match (&inputs.registry, digest) {
+            (_, Err(message)) => {
+                image_error = Some(message);
+                vec![("image", Value::Unknown)]
             }
-            Some(Registry::Stack(reg)) => (
-                String::new(),
-                vec![
-                    (
-                        "image_repository",
-                        Value::Ref {
-                            address: Address::of("registry", reg),
-                            output: "url".into(),
-                        },
-                    ),
-                    ("image_digest", Value::str(digest.clone())),
-                ],
-            ),
-            None => {
-                return Err(ProviderError::Invalid {
-                    address: dep_addr,
-                    message: "no registry for the runtime image: set `registry` in the environment or MESH_REGISTRY (e.g. 127.0.0.1:5001/mesh)".into(),
-                });
+            (Some(Registry::Url(url)), Ok(digest)) => vec![(
+                "image",
+                Value::str(format!("{}@{digest}", repository(url, &stack.name, name))),
+            )],
+            (Some(Registry::Stack(reg)), Ok(digest)) => vec![
+                (
+                    "image_repository",
+                    Value::Ref {
+                        address: Address::of("registry", reg),
+                        output: "url".into(),
+                    },
+                ),
+                ("image_digest", Value::str(digest)),
+            ],
+            (None, Ok(_)) => {
+                image_error = Some("no registry for the runtime image: set `registry` in the environment or MESH_REGISTRY (e.g. 127.0.0.1:5001/mesh)".to_owned());
+                vec![("image", Value::Unknown)]
             }
         };
+        if let Some(message) = &image_error {
+            warn(
+                &dep_addr,
+                &format!("{message}; the image is known after apply"),
+            );
+        }
+        let image = String::new();
         let pods = kinds::pod_labels(&stack.name, &stack.env.name, name);
         let mut template_annotations =
             json!({ kinds::ANNOTATION_CONFIG_HASH: content_digest(&config_json) });
-        if let Some(h) = &secret_hash {
+        if let Some(Value::Str(h)) = &secret_hash {
             template_annotations[kinds::ANNOTATION_SECRET_HASH] = json!(h);
         }
         let mut container = json!({
@@ -248,6 +265,14 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         d.attrs.remove("image_digest");
         for (k, v) in image_attrs {
             d.attrs.insert(k.to_owned(), Attr::new(v));
+        }
+        if let Some(h) = &secret_hash {
+            d.attrs
+                .insert("secret_hash".to_owned(), Attr::new(sensitive(h)));
+        }
+        if let Some(message) = image_error {
+            d.attrs
+                .insert(ATTR_IMAGE_ERROR.to_owned(), internal(message));
         }
         // Apply waits until the rollout completes; a failed or unfinished one shows in the next plan.
         d.attrs.insert("rollout".to_owned(), Attr::new("complete"));
@@ -359,6 +384,19 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         out.push(in_ns(object(&np_addr, Kind::NetworkPolicy, manifest)).depends(after));
     }
     Ok(out)
+}
+
+/// A digest as a sensitive value (`Unknown` stays unknown).
+fn sensitive(v: &Value) -> Value {
+    match v {
+        Value::Str(d) => Value::Sensitive { digest: d.clone() },
+        other => other.clone(),
+    }
+}
+
+/// A plan-time problem that does not stop the plan (stderr, like progress).
+fn warn(address: &Address, message: &str) {
+    eprintln!("warning: {address}: {message}");
 }
 
 /// `URL/<stack>-<service>` (lowercase: OCI repository names are).

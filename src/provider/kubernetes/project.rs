@@ -22,10 +22,10 @@ pub fn project(kind: Kind, obj: &J) -> BTreeMap<String, Value> {
     if let Some(name) = str_at(obj, &["metadata", "name"]) {
         a.insert("name".to_owned(), Value::str(name));
     }
-    if kind.namespaced() {
-        if let Some(ns) = str_at(obj, &["metadata", "namespace"]) {
-            a.insert("namespace".to_owned(), Value::str(ns));
-        }
+    if kind.namespaced()
+        && let Some(ns) = str_at(obj, &["metadata", "namespace"])
+    {
+        a.insert("namespace".to_owned(), Value::str(ns));
     }
     match kind {
         Kind::Namespace => {}

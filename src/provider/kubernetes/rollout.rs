@@ -169,16 +169,16 @@ fn pod_state(p: &J) -> PodState {
         .cloned()
         .unwrap_or_default();
     for c in &statuses {
-        if let Some(w) = c.pointer("/state/waiting") {
-            if let Some(r) = w.get("reason").and_then(J::as_str) {
-                if r != "ContainerCreating" && r != "PodInitializing" {
-                    return PodState {
-                        name,
-                        reason: Some(r.to_owned()),
-                        message: w.get("message").and_then(J::as_str).map(str::to_owned),
-                    };
-                }
-            }
+        if let Some(w) = c.pointer("/state/waiting")
+            && let Some(r) = w.get("reason").and_then(J::as_str)
+            && r != "ContainerCreating"
+            && r != "PodInitializing"
+        {
+            return PodState {
+                name,
+                reason: Some(r.to_owned()),
+                message: w.get("message").and_then(J::as_str).map(str::to_owned),
+            };
         }
     }
     let conditions = p
@@ -257,7 +257,7 @@ fn failure(ns: &str, deployment: &str, p: &PodState, what: &str) -> String {
     if !hint.is_empty() {
         m.push_str(&format!("\n  hint: {hint}"));
     }
-    m.push_str("\n  the previous pods keep serving; fix the stack and apply again, or apply the previous stack to roll back");
+    m.push_str("\n  pods of the previous template, if any, keep serving; fix the stack and apply again, or apply the previous stack to roll back");
     m
 }
 

@@ -122,6 +122,8 @@ impl KubeDouble {
 
     /// A `kube::Client` talking plain HTTP to the double, default namespace `default`.
     pub fn client(&self) -> kube::Client {
+        // A test binary may also link the AWS SDK (aws-lc-rs): pick ring explicitly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let url = self.url().parse().expect("valid url");
         let mut config = kube::Config::new(url);
         config.default_namespace = "default".into();

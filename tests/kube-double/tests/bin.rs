@@ -31,6 +31,7 @@ async fn binary_serves_and_writes_a_kubeconfig() {
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &opts)
             .await
             .map_err(|e| e.to_string())?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
         let nss: Api<Namespace> = Api::all(client);
         let list = nss

@@ -1,0 +1,665 @@
+//! End to end on the `kubernetes` target, over the real `mesh` binary: the
+//! example stack's `existing` environment against the Kubernetes API test
+//! double (`tests/kube-double`, run in-process, reached through a kubeconfig
+//! file) and the real OCI registry on loopback (`MESH_TEST_REGISTRY`, started
+//! by `scripts/services start`).
+//!
+//! Pods never run here, so the images carry a small stand-in for the runtime
+//! binary (`MESH_RUNTIME_STATIC_BIN`); building real runtime images is
+//! `tests/image.rs`'s business.
+#![cfg(feature = "kubernetes")]
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use kube_double::{KubeDouble, Rollout};
+use serde_json::Value;
+
+const STACK: &str = "customer-mesh";
+const NS: &str = "customer-mesh";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn registry() -> String {
+    match std::env::var("MESH_TEST_REGISTRY") {
+        Ok(r) if !r.is_empty() => r,
+        _ => panic!(
+            "MESH_TEST_REGISTRY is not set: these tests push images to the OCI registry on loopback; \
+             run `scripts/services start` and `eval \"$(scripts/services env)\"` (or `scripts/test`)"
+        ),
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name == ".mesh" || name == "__pycache__" {
+            continue;
+        }
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(&name));
+        } else {
+            std::fs::copy(&p, to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// A copy of the example stack, a double, and a kubeconfig pointing at it.
+struct Cluster {
+    dir: tempfile::TempDir,
+    stack: PathBuf,
+    double: KubeDouble,
+    registry: String,
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let registry = format!("{}/mesh-e2e-{}", registry(), std::process::id());
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(
+            &repo().join("stacks/customer-mesh"),
+            &dir.path().join("stacks/customer-mesh"),
+        );
+        copy_dir(&repo().join("modules"), &dir.path().join("modules"));
+        copy_dir(
+            &repo().join("examples/customer-mesh"),
+            &dir.path().join("examples/customer-mesh"),
+        );
+        let double = KubeDouble::start().await;
+        std::fs::write(dir.path().join("kubeconfig"), double.kubeconfig_yaml("e2e")).unwrap();
+        // A small stand-in for the runtime binary: the double runs no pods.
+        std::fs::write(
+            dir.path().join("mesh-runtime"),
+            b"#!/bin/sh\n# stand-in runtime for kubernetes_e2e\n",
+        )
+        .unwrap();
+        let stack = dir.path().join("stacks/customer-mesh");
+        Cluster {
+            dir,
+            stack,
+            double,
+            registry,
+        }
+    }
+
+    async fn mesh_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh"));
+        cmd.args(args)
+            .env("KUBECONFIG", self.dir.path().join("kubeconfig"))
+            .env("MESH_KUBE_CONTEXT", "e2e")
+            .env("MESH_REGISTRY", &self.registry)
+            .env(
+                "MESH_RUNTIME_STATIC_BIN",
+                self.dir.path().join("mesh-runtime"),
+            )
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().await.unwrap()
+    }
+
+    async fn run(&self, verb: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let stack = self.stack.to_str().unwrap().to_owned();
+        let mut args = vec![verb, stack.as_str(), "--env", "existing"];
+        args.extend_from_slice(extra);
+        self.mesh_env(&args, env).await
+    }
+
+    async fn apply(&self, env: &[(&str, &str)]) -> Output {
+        self.run("apply", &["--auto-approve"], env).await
+    }
+
+    async fn plan_json(&self, env: &[(&str, &str)]) -> (i32, Value, Output) {
+        let out = self
+            .run("plan", &["--json", "--detailed-exitcode"], env)
+            .await;
+        let code = out.status.code().unwrap_or(-1);
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("plan --json is not JSON ({e}):\n{}", text(&out)));
+        (code, v, out)
+    }
+
+    fn object(&self, api_version: &str, kind: &str, name: &str) -> Value {
+        self.double
+            .object(api_version, kind, NS, name)
+            .unwrap_or_else(|| panic!("{kind} {NS}/{name} does not exist in the double"))
+    }
+
+    fn edit(&self, rel: &str, f: impl FnOnce(String) -> String) {
+        let p = self.dir.path().join(rel);
+        let s = std::fs::read_to_string(&p).unwrap();
+        let t = f(s.clone());
+        assert_ne!(s, t, "editing {rel} changed nothing");
+        std::fs::write(p, t).unwrap();
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what} failed: {}", text(out));
+}
+
+/// address → action of every change that is not a no-op.
+fn changes(plan: &Value) -> Vec<(String, String)> {
+    plan["resource_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["action"] != "no-op")
+        .map(|c| {
+            (
+                c["address"].as_str().unwrap().to_owned(),
+                c["action"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `GET http://HOST:PORT/PATH` with an `Accept` header; the status code.
+fn http_get_status(host_port: &str, path: &str, accept: &str) -> u16 {
+    let mut s = std::net::TcpStream::connect(host_port)
+        .unwrap_or_else(|e| panic!("cannot reach the registry at {host_port}: {e}"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+const EVERY_OBJECT: &[&str] = &[
+    "namespace.customer-mesh",
+    "service.customer-features.configmap",
+    "service.customer-features.deployment",
+    "service.customer-features.hpa",
+    "service.customer-scoring.configmap",
+    "service.customer-scoring.deployment",
+    "service.customer-scoring.hpa",
+    "expose.customer-features.service",
+    "expose.customer-features.network_policy",
+    "expose.customer-scoring.service",
+    "expose.customer-scoring.network_policy",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_apply_change_and_destroy_on_an_existing_cluster() {
+    let c = Cluster::new().await;
+
+    // Plan: every object is a create.
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
+    let want: BTreeSet<(String, String)> = EVERY_OBJECT
+        .iter()
+        .map(|a| (a.to_string(), "create".to_string()))
+        .collect();
+    assert_eq!(got, want);
+
+    // Apply, then the objects are there with the fields mesh set.
+    let out = c.apply(&[]).await;
+    ok(&out, "apply");
+    let owned = c
+        .double
+        .objects_with_label(&format!("mesh.dev/stack={STACK}"));
+    assert!(owned.len() >= EVERY_OBJECT.len(), "{owned:#?}");
+
+    let dep = c.object("apps/v1", "Deployment", "customer-features");
+    let labels = &dep["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "mesh");
+    assert_eq!(labels["mesh.dev/stack"], STACK);
+    assert_eq!(labels["mesh.dev/env"], "existing");
+    assert_eq!(
+        dep["metadata"]["annotations"]["mesh.dev/address"],
+        "service.customer-features.deployment"
+    );
+    let image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (repository, digest) = image
+        .split_once('@')
+        .unwrap_or_else(|| panic!("image {image} is not pinned by digest"));
+    assert_eq!(
+        repository,
+        format!("{}/customer-mesh-customer-features", c.registry)
+    );
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    // The image is in the registry.
+    let (host, path) = repository.split_once('/').unwrap();
+    assert_eq!(
+        http_get_status(
+            host,
+            &format!("/v2/{path}/manifests/{digest}"),
+            "application/vnd.oci.image.manifest.v1+json"
+        ),
+        200
+    );
+    // The autoscaler owns the replica count (min 1).
+    assert_eq!(dep["spec"]["replicas"], 1);
+    assert_eq!(
+        c.object(
+            "autoscaling/v2",
+            "HorizontalPodAutoscaler",
+            "customer-features"
+        )["spec"]["minReplicas"],
+        1
+    );
+    let probe = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(probe["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(probe["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(dep["spec"]["strategy"]["type"], "RollingUpdate");
+
+    let svc = c.object("v1", "Service", "customer-features");
+    assert_eq!(svc["spec"]["type"], "NodePort");
+    assert_eq!(svc["spec"]["ports"][0]["nodePort"], 30080);
+    assert_eq!(
+        c.object("v1", "Service", "customer-scoring")["spec"]["ports"][0]["nodePort"],
+        30081
+    );
+
+    let np = c.object("networking.k8s.io/v1", "NetworkPolicy", "customer-features");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"]["mesh.dev/service"],
+        "customer-features"
+    );
+    let from = &np["spec"]["ingress"][0]["from"];
+    assert_eq!(from.as_array().unwrap().len(), 1, "{np:#}");
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"]["mesh.dev/service"],
+        "customer-scoring"
+    );
+    let np = c.object("networking.k8s.io/v1", "NetworkPolicy", "customer-scoring");
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["ipBlock"]["cidr"],
+        "0.0.0.0/0"
+    );
+
+    let cm = c.object("v1", "ConfigMap", "customer-scoring-config");
+    let config: Value = serde_json::from_str(cm["data"]["service.json"].as_str().unwrap()).unwrap();
+    let lookup = config.to_string();
+    assert!(lookup.contains("http://customer-features.customer-mesh.svc.cluster.local:8080/public/api/v1/customer-features/"), "{config:#}");
+
+    // Nothing to do now: no perpetual diff from defaulted or allocated fields.
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}\n{:#}", text(&out), plan);
+
+    // More replicas and a changed dataset: only customer-features' objects change.
+    c.edit("stacks/customer-mesh/stack.toml", |s| {
+        s.replace("node_port = 30080\n", "node_port = 30080\nreplicas = 2\n")
+    });
+    c.edit("examples/customer-mesh/customers.csv", |mut s| {
+        let last = s.lines().last().unwrap().to_owned();
+        let rest = last.split_once(',').map(|(_, r)| r.to_owned()).unwrap();
+        s.push_str(&format!(
+            "{}C99001,{rest}\n",
+            if s.ends_with('\n') { "" } else { "\n" }
+        ));
+        s
+    });
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
+    let want: BTreeSet<(String, String)> = [
+        ("service.customer-features.deployment", "update"),
+        ("service.customer-features.hpa", "update"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got, want, "{plan:#}");
+    let dep_change = plan["resource_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["address"] == "service.customer-features.deployment")
+        .unwrap();
+    let fields: Vec<&str> = dep_change["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["image"], "{dep_change:#}");
+    ok(&c.apply(&[]).await, "apply of the change");
+    assert_eq!(
+        c.object("apps/v1", "Deployment", "customer-features")["spec"]["replicas"],
+        2
+    );
+    assert_ne!(
+        c.object("apps/v1", "Deployment", "customer-features")["spec"]["template"]["spec"]["containers"]
+            [0]["image"],
+        image.as_str()
+    );
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+
+    // customer-features behind an Ingress, then back to a NodePort: the Ingress is deleted.
+    let module = "modules/lookup-service/module.toml";
+    c.edit(module, |s| {
+        s.replace(
+            "type = \"NodePort\"\nport = 8080\nnode_port = \"${input.node_port}\"\n",
+            "type = \"Ingress\"\nport = 8080\nhost = \"features.example.test\"\npath = \"/\"\n",
+        )
+    });
+    let (_, plan, _) = c.plan_json(&[]).await;
+    let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
+    assert!(
+        got.contains(&("expose.customer-features.ingress".into(), "create".into())),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&("expose.customer-features.service".into(), "update".into())),
+        "{got:?}"
+    );
+    ok(&c.apply(&[]).await, "apply with an Ingress");
+    let ing = c.object("networking.k8s.io/v1", "Ingress", "customer-features");
+    assert_eq!(ing["spec"]["rules"][0]["host"], "features.example.test");
+    assert_eq!(
+        ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"],
+        "customer-features"
+    );
+    assert_eq!(
+        c.object("v1", "Service", "customer-features")["spec"]["type"],
+        "ClusterIP"
+    );
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+
+    c.edit(module, |s| {
+        s.replace(
+            "type = \"Ingress\"\nport = 8080\nhost = \"features.example.test\"\npath = \"/\"\n",
+            "type = \"NodePort\"\nport = 8080\nnode_port = \"${input.node_port}\"\n",
+        )
+    });
+    let (_, plan, _) = c.plan_json(&[]).await;
+    let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
+    assert!(
+        got.contains(&("expose.customer-features.ingress".into(), "delete".into())),
+        "{got:?}"
+    );
+    ok(&c.apply(&[]).await, "apply without the Ingress");
+    assert!(
+        c.double
+            .object("networking.k8s.io/v1", "Ingress", NS, "customer-features")
+            .is_none()
+    );
+    assert_eq!(
+        c.object("v1", "Service", "customer-features")["spec"]["ports"][0]["nodePort"],
+        30080
+    );
+
+    // Remove customer-features' exposure: its Service and NetworkPolicy are deleted.
+    c.edit(module, |s| {
+        let start = s.find("[expose.this]").unwrap();
+        s[..start].to_owned()
+    });
+    let (_, plan, _) = c.plan_json(&[]).await;
+    let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
+    assert!(
+        got.contains(&("expose.customer-features.service".into(), "delete".into())),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&(
+            "expose.customer-features.network_policy".into(),
+            "delete".into()
+        )),
+        "{got:?}"
+    );
+    ok(
+        &c.apply(&[]).await,
+        "apply without customer-features' exposure",
+    );
+    assert!(
+        c.double
+            .object("v1", "Service", NS, "customer-features")
+            .is_none()
+    );
+
+    // Destroy: nothing with the stack's labels remains.
+    ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
+    let left = c
+        .double
+        .objects_with_label(&format!("mesh.dev/stack={STACK}"));
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    assert!(changes(&plan).iter().all(|(_, a)| a == "create"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rollout_names_the_pod_reason() {
+    let c = Cluster::new().await;
+    c.double
+        .set_rollout(NS, "customer-features", Rollout::ImagePullBackOff);
+    let out = c.apply(&[]).await;
+    assert!(!out.status.success(), "apply should fail: {}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ImagePullBackOff"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("kubectl -n {NS} describe pod customer-features-")),
+        "{stderr}"
+    );
+
+    // The failed rollout shows in the next plan, and --no-wait applies without waiting.
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    assert!(
+        changes(&plan).contains(&(
+            "service.customer-features.deployment".into(),
+            "update".into()
+        )),
+        "{plan:#}"
+    );
+    let out = c.run("apply", &["--auto-approve", "--no-wait"], &[]).await;
+    ok(&out, "apply --no-wait");
+
+    // The image becomes pullable: the next apply waits and succeeds.
+    c.double
+        .set_rollout(NS, "customer-features", Rollout::Ready);
+    ok(&c.apply(&[]).await, "apply after the fix");
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+    ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_planned_by_digest_and_never_shown() {
+    let c = Cluster::new().await;
+    const VAR: &str = "MESH_E2E_SCORING_API_KEY";
+    const FIRST: &str = "first-secret-4b1d0c";
+    const SECOND: &str = "second-secret-9f3e21";
+    c.edit("stacks/customer-mesh/stack.toml", |s| {
+        s.replace("[service.customer-scoring]\nversion = \"1.0.0\"\n", &format!("[service.customer-scoring]\nversion = \"1.0.0\"\napi_keys = [{{ env = \"{VAR}\" }}]\n"))
+    });
+
+    let plan_text = c.run("plan", &[], &[(VAR, FIRST)]).await;
+    let (_, plan, out) = c.plan_json(&[(VAR, FIRST)]).await;
+    for o in [&plan_text, &out] {
+        let all = text(o);
+        assert!(!all.contains(FIRST), "the secret leaked: {all}");
+    }
+    assert!(
+        String::from_utf8_lossy(&plan_text.stdout).contains("(sensitive)"),
+        "{}",
+        text(&plan_text)
+    );
+    assert!(changes(&plan).contains(&("service.customer-scoring.secret".into(), "create".into())));
+
+    let out = c.apply(&[(VAR, FIRST)]).await;
+    ok(&out, "apply");
+    assert!(!text(&out).contains(FIRST));
+    let secret = c.object("v1", "Secret", "customer-scoring-secrets");
+    assert!(
+        secret["metadata"]["annotations"]["mesh.dev/secret-hash"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    let stored = secret["data"][VAR].as_str().unwrap();
+    let encoded = serde_json::to_value(k8s_openapi::ByteString(FIRST.as_bytes().to_vec())).unwrap();
+    assert_eq!(stored, encoded.as_str().unwrap());
+    let dep = c.object("apps/v1", "Deployment", "customer-scoring");
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"],
+        "customer-scoring-secrets"
+    );
+    let cm = c.object("v1", "ConfigMap", "customer-scoring-config");
+    assert!(cm["data"]["service.json"].as_str().unwrap().contains(VAR));
+    let (code, _, out) = c.plan_json(&[(VAR, FIRST)]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+
+    // A new value: the Secret (and the pods using it) show as updates, the value never.
+    let (code, plan, out) = c.plan_json(&[(VAR, SECOND)]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
+    assert!(
+        got.contains(&("service.customer-scoring.secret".into(), "update".into())),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .all(|(a, _)| a.starts_with("service.customer-scoring.")),
+        "{got:?}"
+    );
+    let plan_text = c.run("plan", &[], &[(VAR, SECOND)]).await;
+    for o in [&plan_text, &out] {
+        let all = text(o);
+        assert!(
+            !all.contains(FIRST) && !all.contains(SECOND),
+            "the secret leaked: {all}"
+        );
+    }
+    ok(&c.apply(&[(VAR, SECOND)]).await, "apply of the new secret");
+    let (code, _, out) = c.plan_json(&[(VAR, SECOND)]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+
+    // Without the variable, plan warns which one is missing (not a value), apply
+    // fails naming it, and destroy does not need it.
+    let out = c.run("plan", &[], &[]).await;
+    ok(&out, "plan without the secret");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(VAR),
+        "{}",
+        text(&out)
+    );
+    let out = c.apply(&[]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(VAR),
+        "{}",
+        text(&out)
+    );
+    ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
+    assert!(
+        c.double
+            .objects_with_label(&format!("mesh.dev/stack={STACK}"))
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cluster_is_one_clear_line() {
+    let c = Cluster::new().await;
+    // A kubeconfig pointing at a port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(
+        c.dir.path().join("kubeconfig"),
+        kube_double::kubeconfig_yaml(&format!("http://{dead}"), "e2e"),
+    )
+    .unwrap();
+    let out = c.run("plan", &[], &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains(&format!("http://{dead}")) && line.contains("context e2e"),
+        "{stderr}"
+    );
+}
+
+/// The EKS path, through the library: a cluster reached by endpoint and token
+/// from an access source; before the cluster exists, live state is empty and
+/// every object still plans (nothing fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_still_to_be_created_plans_every_object() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use mesh::provider::Provider;
+    use mesh::provider::kubernetes::{AccessSource, KubeAccess, KubernetesProvider, Settings};
+
+    let c = Cluster::new().await;
+    let stack =
+        mesh::stack::load(&c.stack, Some("existing")).unwrap_or_else(|r| panic!("{}", r.render()));
+    let exists = Arc::new(AtomicBool::new(false));
+    let url = c.double.url();
+    let flag = exists.clone();
+    let source: AccessSource = Arc::new(move || {
+        let exists = flag.load(Ordering::SeqCst);
+        let url = url.clone();
+        Box::pin(async move {
+            Ok(exists.then(|| KubeAccess {
+                endpoint: url,
+                ca_pem: String::new(),
+                token: "t0ken".into(),
+            }))
+        })
+    });
+    let mut settings = Settings::from_env();
+    settings.registry = Some(c.registry.clone());
+    settings.runtime = Some(c.dir.path().join("mesh-runtime"));
+    let p = KubernetesProvider::from_access_source("to-be-created", source, settings)
+        .with_state_dir(&stack);
+    let scope = mesh::resource::Scope {
+        stack: stack.name.clone(),
+        env: stack.env.name.clone(),
+        root: stack.root.clone(),
+    };
+
+    let before = c.double.request_count();
+    assert!(p.observe(&scope).await.unwrap().is_empty());
+    assert_eq!(
+        c.double.request_count(),
+        before,
+        "nothing is asked of a cluster that does not exist"
+    );
+    let desired = p.desired(&stack).unwrap();
+    let addresses: BTreeSet<&str> = desired.iter().map(|d| d.address.as_str()).collect();
+    assert_eq!(addresses, EVERY_OBJECT.iter().copied().collect());
+
+    // Once it exists, the same provider reads it (one list per kind).
+    exists.store(true, Ordering::SeqCst);
+    assert!(p.observe(&scope).await.unwrap().is_empty());
+    assert_eq!(c.double.request_count() - before, 8);
+}
