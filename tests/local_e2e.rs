@@ -417,5 +417,8 @@ fn destroy_leaves_no_state_behind() {
     let m = Mesh::new();
     ok(&m.apply(), "apply");
     ok(&m.run("destroy", &["--auto-approve"]), "destroy");
-    assert!(!m.stack.join(".mesh").exists(), "destroy must remove the .mesh state folder");
+    assert!(
+        !m.stack.join(".mesh").exists(),
+        "destroy must remove the .mesh state folder"
+    );
 }
