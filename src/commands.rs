@@ -374,13 +374,27 @@ async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
     };
     let mut exposes = serde_json::Map::new();
     for (name, e) in &engine.stack.exposes {
-        let address = Address::of("expose", name);
-        let Some(l) = live.iter().find(|l| l.address == address) else {
-            continue;
-        };
-        let Some(Value::Str(url)) = l.outputs.get("url") else {
-            continue;
-        };
+        // Local exposures live at `expose.NAME`; Kubernetes ones at
+        // `expose.NAME.ingress` / `expose.NAME.service`, the ingress first.
+        let candidates = [
+            Address::of("expose", name),
+            Address::new(format!("expose.{name}.ingress")),
+            Address::new(format!("expose.{name}.service")),
+        ];
+        let found = candidates.iter().find_map(|a| {
+            let l = live.iter().find(|l| &l.address == a)?;
+            match l.outputs.get("url") {
+                Some(Value::Str(url)) => Some((l, url.clone())),
+                _ => None,
+            }
+        });
+        let Some((l, url)) = found else { continue };
+        let node_port = live
+            .iter()
+            .find(|x| x.address.as_str() == format!("expose.{name}.service"))
+            .and_then(|x| x.outputs.get("node_port"))
+            .or_else(|| l.outputs.get("node_port"))
+            .and_then(Value::as_int);
         let mut endpoints = serde_json::Map::new();
         if let Some(svc) = engine.stack.services.get(&e.service) {
             for (ep, kind) in &svc.endpoints {
@@ -399,7 +413,7 @@ async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
         }
         exposes.insert(
             name.clone(),
-            serde_json::json!({ "service": e.service, "url": url, "health": format!("{url}/readyz"), "openapi": format!("{url}/openapi.json"), "endpoints": endpoints }),
+            serde_json::json!({ "service": e.service, "url": url, "node_port": node_port, "health": format!("{url}/readyz"), "openapi": format!("{url}/openapi.json"), "endpoints": endpoints }),
         );
     }
     if json {

@@ -224,6 +224,25 @@ async fn plan_apply_change_and_destroy_on_an_existing_cluster() {
         .objects_with_label(&format!("mesh.dev/stack={STACK}"));
     assert!(owned.len() >= EVERY_OBJECT.len(), "{owned:#?}");
 
+    // `mesh output` lists each exposure with its URL and node port.
+    let out = c.run("output", &["--json"], &[]).await;
+    ok(&out, "output");
+    let urls: Value = serde_json::from_slice(&out.stdout).expect("output --json");
+    let scoring = &urls["exposes"]["customer-scoring"];
+    assert!(
+        scoring["url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("http://")),
+        "{urls}"
+    );
+    assert_eq!(scoring["node_port"], 30081, "{urls}");
+    assert!(
+        scoring["endpoints"]["high-value"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/public/api/v1/customer-scoring/high-value/predict")),
+        "{urls}"
+    );
+
     let dep = c.object("apps/v1", "Deployment", "customer-features");
     let labels = &dep["metadata"]["labels"];
     assert_eq!(labels["app.kubernetes.io/managed-by"], "mesh");

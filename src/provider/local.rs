@@ -92,7 +92,7 @@ fn find_runtime() -> Result<PathBuf, ProviderError> {
     }
     Err(ProviderError::Invalid {
         address: Address::new("provider.local"),
-        message: "cannot find the mesh-runtime binary; build it with `cargo build --release --workspace`, or set MESH_RUNTIME_BIN".into(),
+        message: "cannot find the mesh-runtime binary; build it with `cargo build --release -p mesh-runtime`, or set MESH_RUNTIME_BIN".into(),
     })
 }
 
