@@ -274,6 +274,13 @@ fn verb(a: &Action, done: bool) -> &'static str {
 pub fn render_report(r: &Report) -> String {
     let (a, c, d) = r.counts();
     if r.succeeded() {
+        let only_deletes = !r.outcomes.is_empty()
+            && r.outcomes
+                .iter()
+                .all(|(_, action, _)| *action == Action::Delete);
+        if only_deletes {
+            return format!("Destroy complete! Resources: {d} destroyed.\n");
+        }
         return format!("Apply complete! Resources: {a} added, {c} changed, {d} destroyed.\n");
     }
     let mut out = String::new();

@@ -416,7 +416,13 @@ fn failure_mid_apply_reports_and_a_rerun_converges() {
 fn destroy_leaves_no_state_behind() {
     let m = Mesh::new();
     ok(&m.apply(), "apply");
-    ok(&m.run("destroy", &["--auto-approve"]), "destroy");
+    let out = m.run("destroy", &["--auto-approve"]);
+    ok(&out, "destroy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Destroy complete! Resources: 4 destroyed."),
+        "{err}"
+    );
     assert!(
         !m.stack.join(".mesh").exists(),
         "destroy must remove the .mesh state folder"
