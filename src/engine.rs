@@ -117,17 +117,24 @@ impl Engine {
         })
     }
 
-    /// Every provider's live resources (observed concurrently).
+    /// Every provider's live resources, observed concurrently.
     pub async fn observe(&self) -> Result<Vec<Live>, EngineError> {
-        let futures = self.providers.values().map(|p| {
+        let mut set = tokio::task::JoinSet::new();
+        for p in self.providers.values() {
             let p = p.clone();
             let scope = self.scope.clone();
-            async move { p.observe(&scope).await }
-        });
-        let mut live = Vec::new();
-        for r in futures_join(futures).await {
-            live.extend(r?);
+            set.spawn(async move { p.observe(&scope).await });
         }
+        let mut live = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let observed = joined.map_err(|e| ProviderError::Observe {
+                provider: ProviderId::Local,
+                message: format!("an observer task failed: {e}"),
+            })?;
+            live.extend(observed?);
+        }
+        // Providers finish in any order; keep the result stable.
+        live.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(live)
     }
 
@@ -187,12 +194,4 @@ async fn kubernetes_on_aws(
         })
     });
     Ok(KubernetesProvider::from_access_source(&name, source, settings).with_state_dir(stack))
-}
-
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut out = Vec::new();
-    for f in futures {
-        out.push(f.await);
-    }
-    out
 }

@@ -92,30 +92,6 @@ pub fn topo_order(resources: Vec<Desired>) -> Result<Vec<Desired>, Vec<Address>>
     Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
 }
 
-/// Groups resources into levels: every resource in level k depends only on
-/// resources in levels < k, so a level can be applied in parallel.
-pub fn levels(resources: &[Desired]) -> Vec<Vec<Address>> {
-    let known: BTreeSet<&Address> = resources.iter().map(|r| &r.address).collect();
-    let mut level: BTreeMap<&Address, usize> = BTreeMap::new();
-    for r in resources {
-        let l = r
-            .depends_on
-            .iter()
-            .filter(|d| known.contains(d))
-            .filter_map(|d| level.get(d))
-            .map(|l| l + 1)
-            .max()
-            .unwrap_or(0);
-        level.insert(&r.address, l);
-    }
-    let depth = level.values().max().map_or(0, |m| m + 1);
-    let mut out = vec![Vec::new(); depth];
-    for r in resources {
-        out[level[&r.address]].push(r.address.clone());
-    }
-    out
-}
-
 /// One node of the stack-level graph.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Node {

@@ -298,35 +298,21 @@ fn resolve_refs(
     out
 }
 
-/// Replaces references by the referenced live output, or `Unknown`.
-pub fn resolve_value(
+/// Replaces references by the referenced live output, or `Unknown` when the
+/// referenced resource is about to be created or replaced.
+fn resolve_value(
     v: &Value,
     live: &BTreeMap<&Address, &Live>,
     pending: &BTreeSet<Address>,
 ) -> Value {
-    match v {
-        Value::Ref { address, output } => {
-            if pending.contains(address) {
-                return Value::Unknown;
-            }
-            live.get(address)
-                .and_then(|l| l.outputs.get(output))
-                .cloned()
-                .unwrap_or(Value::Unknown)
+    v.resolve_refs(&|address, output| {
+        if pending.contains(address) {
+            return None;
         }
-        Value::List(items) => Value::List(
-            items
-                .iter()
-                .map(|i| resolve_value(i, live, pending))
-                .collect(),
-        ),
-        Value::Map(m) => Value::Map(
-            m.iter()
-                .map(|(k, i)| (k.clone(), resolve_value(i, live, pending)))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
+        live.get(address)
+            .and_then(|l| l.outputs.get(output))
+            .cloned()
+    })
 }
 
 fn create(d: &Desired) -> Change {

@@ -113,6 +113,23 @@ impl Value {
             _ => None,
         }
     }
+    /// Replaces every `Ref` by what `lookup` says the referenced output is,
+    /// or `Unknown` when it is not known (yet).
+    pub fn resolve_refs(&self, lookup: &dyn Fn(&Address, &str) -> Option<Value>) -> Value {
+        match self {
+            Value::Ref { address, output } => lookup(address, output).unwrap_or(Value::Unknown),
+            Value::List(items) => {
+                Value::List(items.iter().map(|i| i.resolve_refs(lookup)).collect())
+            }
+            Value::Map(m) => Value::Map(
+                m.iter()
+                    .map(|(k, i)| (k.clone(), i.resolve_refs(lookup)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+
     /// True if the value (or anything inside it) is only known after apply.
     pub fn is_unknown(&self) -> bool {
         match self {

@@ -91,7 +91,7 @@ impl ApplyContext {
     /// plus what this apply has created so far).
     pub fn resolve(&self, v: &Value) -> Value {
         let outputs = self.outputs.lock().unwrap_or_else(|e| e.into_inner());
-        resolve_with(v, &outputs)
+        v.resolve_refs(&|address, output| outputs.get(address).and_then(|o| o.get(output)).cloned())
     }
 
     /// The desired attributes with references resolved.
@@ -122,23 +122,6 @@ impl ApplyContext {
 
     pub fn cancelled(&self) -> bool {
         *self.cancel.borrow()
-    }
-}
-
-fn resolve_with(v: &Value, outputs: &BTreeMap<Address, BTreeMap<String, Value>>) -> Value {
-    match v {
-        Value::Ref { address, output } => outputs
-            .get(address)
-            .and_then(|o| o.get(output))
-            .cloned()
-            .unwrap_or(Value::Unknown),
-        Value::List(items) => Value::List(items.iter().map(|i| resolve_with(i, outputs)).collect()),
-        Value::Map(m) => Value::Map(
-            m.iter()
-                .map(|(k, i)| (k.clone(), resolve_with(i, outputs)))
-                .collect(),
-        ),
-        other => other.clone(),
     }
 }
 

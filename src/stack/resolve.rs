@@ -86,7 +86,6 @@ pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Optio
     let exposes = collect(&mut ctx, &top, "expose", decode_expose);
 
     check_networks(&mut ctx, &networks);
-    check_clusters(&mut ctx, &clusters, &networks);
     check_references(
         &mut ctx,
         &networks,
@@ -604,14 +603,6 @@ fn decode_cluster(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
             node_groups,
         }),
     })
-}
-
-fn check_clusters(
-    ctx: &mut Ctx<'_>,
-    clusters: &BTreeMap<String, Cluster>,
-    networks: &BTreeMap<String, Network>,
-) {
-    let _ = (clusters, networks, &ctx.spans);
 }
 
 fn decode_registry(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Registry> {
