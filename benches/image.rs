@@ -6,7 +6,10 @@
 //! process compresses the runtime layer; later ones, and other services, reuse
 //! it), compressed and uncompressed size of each layer, the total, and —
 //! when `MESH_TEST_REGISTRY` is set — the time of a first push and of a re-push
-//! (nothing to send) to that registry.
+//! (nothing to send) to that registry. Then, with a registry, the time and the
+//! bytes sent to push [`SERVICES`] images (one per service, each to its own
+//! repository) with and without mounting the runtime layer from the first
+//! one's repository (`PushOptions::mount_from`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,6 +18,8 @@ use mesh::image::{self, ImageSpec, LayerKind, RegistryAuth};
 use mesh::provider::local::bundle_for;
 
 const RUNS: usize = 5;
+/// Services (repositories) of the mount comparison.
+const SERVICES: usize = 10;
 /// The goal for the runtime layer, compressed.
 const RUNTIME_LAYER_GOAL: u64 = 25 * 1024 * 1024;
 
@@ -96,7 +101,12 @@ fn main() {
                 let push_time = t.elapsed();
                 let t = Instant::now();
                 let p = rt
-                    .block_on(image::push_detailed(&img, &repo, RegistryAuth::Anonymous))
+                    .block_on(image::push_detailed(
+                        &img,
+                        &repo,
+                        RegistryAuth::Anonymous,
+                        &image::PushOptions::default(),
+                    ))
                     .unwrap();
                 assert!(p.uploaded.is_empty());
                 (ms(push_time), ms(t.elapsed()))
@@ -114,6 +124,9 @@ fn main() {
             mb(img.total_size()),
         );
     }
+    if let Some(reg) = &registry {
+        mount_figures(&rt, &runtime, &stack, reg);
+    }
     println!();
     println!(
         "goal: runtime layer under {} compressed: {}",
@@ -122,5 +135,74 @@ fn main() {
     );
     if over_goal {
         std::process::exit(1);
+    }
+}
+
+/// Pushes [`SERVICES`] images (the first service's bundle under SERVICES
+/// names: same runtime layer, a config of their own) to as many new
+/// repositories, each way, and prints time and bytes sent.
+fn mount_figures(
+    rt: &tokio::runtime::Runtime,
+    runtime: &Path,
+    stack: &mesh::stack::Stack,
+    registry: &str,
+) {
+    let (name, svc) = stack.services.iter().next().expect("a service");
+    let bundle = bundle_for(stack, svc, &|s| format!("http://{s}:8080"));
+    let images: Vec<image::Image> = (0..SERVICES)
+        .map(|i| {
+            image::build(&ImageSpec {
+                runtime_bin: runtime.to_path_buf(),
+                bundle: &bundle,
+                service: format!("{name}-{i}"),
+                port: 8080,
+            })
+            .unwrap()
+        })
+        .collect();
+    let runtime_layer = images[0].layer(LayerKind::Runtime).size;
+    println!();
+    println!(
+        "{SERVICES} service images (runtime layer {}), each pushed to its own new repository, one after the other:",
+        mb(runtime_layer)
+    );
+    println!();
+    println!("| runtime layer | time | sent | runtime layers sent / mounted |");
+    println!("| --- | --- | --- | --- |");
+    for mount in [false, true] {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let base = format!("mesh-bench/mount-{mount}-{nanos}");
+        let (mut sent, mut sent_layers, mut mounted) = (0, 0, 0);
+        let t = Instant::now();
+        for (i, img) in images.iter().enumerate() {
+            let options = image::PushOptions {
+                mount_from: (mount && i > 0).then(|| format!("{base}-0")),
+            };
+            let p = rt
+                .block_on(image::push_detailed(
+                    img,
+                    &format!("{registry}/{base}-{i}"),
+                    RegistryAuth::Anonymous,
+                    &options,
+                ))
+                .unwrap();
+            let digest = &img.layer(LayerKind::Runtime).digest;
+            sent += p.uploaded_bytes;
+            sent_layers += usize::from(p.uploaded.contains(digest));
+            mounted += usize::from(p.mounted.contains(digest));
+        }
+        println!(
+            "| {} | {} | {} | {sent_layers} / {mounted} |",
+            if mount {
+                "mounted from the first repository"
+            } else {
+                "sent to every repository"
+            },
+            ms(t.elapsed()),
+            mb(sent),
+        );
     }
 }

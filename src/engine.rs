@@ -161,7 +161,10 @@ async fn kubernetes_on_aws(
     stack: &Stack,
     aws: Arc<crate::provider::aws::AwsProvider>,
 ) -> Result<crate::provider::kubernetes::KubernetesProvider, EngineError> {
-    use crate::provider::kubernetes::{AccessSource, KubeAccess, KubernetesProvider, Settings};
+    use crate::image::RegistryAuth;
+    use crate::provider::kubernetes::{
+        AccessSource, KubeAccess, KubernetesProvider, RegistryAuthSource, Settings,
+    };
     use crate::stack::ClusterKind;
     let settings = Settings::from_env();
     let cluster = stack
@@ -169,8 +172,27 @@ async fn kubernetes_on_aws(
         .cluster
         .as_ref()
         .and_then(|c| stack.clusters.get(c));
+    // Images go to the stack's ECR registry with the account's push token.
+    let auth: RegistryAuthSource = Arc::new({
+        let aws = aws.clone();
+        move |host: String| {
+            let aws = aws.clone();
+            Box::pin(async move {
+                if !crate::provider::aws::is_ecr_host(&host) {
+                    return Ok(None);
+                }
+                let c = aws.registry_credentials().await?;
+                Ok(Some(RegistryAuth::Basic {
+                    user: c.user,
+                    password: c.password,
+                }))
+            })
+        }
+    });
     let Some(cluster) = cluster.filter(|c| matches!(c.kind, ClusterKind::Eks(_))) else {
-        return Ok(KubernetesProvider::for_stack(stack, settings).await?);
+        return Ok(KubernetesProvider::for_stack(stack, settings)
+            .await?
+            .with_registry_auth_source(auth));
     };
     let name =
         crate::provider::aws::names::eks_cluster(&stack.name, &stack.env.name, &cluster.name);
@@ -179,19 +201,17 @@ async fn kubernetes_on_aws(
         let aws = aws.clone();
         let name = eks_name.clone();
         Box::pin(async move {
-            match aws.kube_access(&name).await {
-                Ok(a) => Ok(Some(KubeAccess {
-                    endpoint: a.endpoint,
-                    ca_pem: a.ca_pem,
-                    token: a.token,
-                })),
-                // The cluster is to be created by this apply.
-                Err(ProviderError::Api { message, .. }) if message.ends_with("does not exist") => {
-                    Ok(None)
-                }
-                Err(e) => Err(e),
-            }
+            // `None`: the cluster is to be created by this apply.
+            Ok(aws.kube_access(&name).await?.map(|a| KubeAccess {
+                endpoint: a.endpoint,
+                ca_pem: a.ca_pem,
+                token: a.token,
+            }))
         })
     });
-    Ok(KubernetesProvider::from_access_source(&name, source, settings).with_state_dir(stack))
+    Ok(
+        KubernetesProvider::from_access_source(&name, source, settings)
+            .with_state_dir(stack)
+            .with_registry_auth_source(auth),
+    )
 }

@@ -1318,3 +1318,114 @@ async fn observe_makes_a_handful_of_calls_per_kind() {
     assert!(total <= 16, "{total} calls: {calls:?}");
     h.destroy(&stack).await;
 }
+
+// ---------------------------------------------------------------- images and clusters for the Kubernetes provider
+
+/// Push credentials come from ECR's `GetAuthorizationToken` (decoded, the
+/// host from `proxyEndpoint`) and are fetched once per provider; a cluster
+/// that does not exist gives no access (and no error), so objects on it plan
+/// as creates.
+#[tokio::test]
+async fn registry_credentials_and_access_to_a_cluster_not_yet_created() {
+    let h = Harness::new(&moto_endpoint()).await;
+    let sdk = sdk(&moto_endpoint()).await;
+    let account = aws_sdk_sts::Client::new(&sdk)
+        .get_caller_identity()
+        .send()
+        .await
+        .expect("GetCallerIdentity")
+        .account()
+        .expect("account")
+        .to_owned();
+    let ecr_calls = |p: &AwsProvider| {
+        p.api_calls()
+            .into_iter()
+            .find(|(s, _)| *s == mesh::provider::aws::Service::Ecr)
+            .map(|(_, n)| n)
+            .unwrap_or(0)
+    };
+    let before = ecr_calls(&h.p);
+    let c = h.p.registry_credentials().await.expect("credentials");
+    assert_eq!(c.user, "AWS");
+    assert_eq!(c.password, format!("{account}-auth-token"));
+    assert_eq!(c.host, format!("{account}.dkr.ecr.us-east-1.amazonaws.com"));
+    assert!(mesh::provider::aws::is_ecr_host(&c.host));
+    assert!(
+        !format!("{c:?}").contains(&c.password),
+        "Debug hides the password"
+    );
+    let again = h.p.registry_credentials().await.expect("credentials");
+    assert_eq!(again.password, c.password);
+    assert_eq!(ecr_calls(&h.p) - before, 1, "one GetAuthorizationToken");
+
+    let missing = names::eks_cluster(&unique("nocluster"), "dev", "main");
+    assert!(
+        h.p.kube_access(&missing).await.expect("no error").is_none(),
+        "a cluster that does not exist gives no access"
+    );
+}
+
+/// The stack's registry keeps the last N images of each service that pushes
+/// to it (one lifecycle rule per service), and a new service shows as an
+/// update of the policy.
+#[tokio::test]
+async fn the_registry_keeps_the_last_images_of_each_service() {
+    let h = Harness::new(&moto_endpoint()).await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+    let mut stack = mesh::stack::load(&root, Some("dev")).unwrap_or_else(|r| panic!("{r:?}"));
+    stack.name = unique("ecr");
+    // Only the registry: the network and cluster are the lifecycle test's business.
+    stack.networks.clear();
+    stack.clusters.clear();
+    let reg_name = stack.env.registry.clone().expect("dev names a registry");
+    let first = h.plan(&stack, &plan::Options::default()).await;
+    let reg = first
+        .changes
+        .iter()
+        .find(|c| c.address.as_str() == format!("registry.{reg_name}"))
+        .expect("registry planned");
+    assert_eq!(reg.action, Action::Create);
+    h.apply(&stack, &first).await.expect("apply");
+
+    let sdk = sdk(&moto_endpoint()).await;
+    let ecr = aws_sdk_ecr::Client::new(&sdk);
+    let repo_name = names::ecr_repository(&stack.name, "dev", &reg_name);
+    let policy = ecr
+        .get_lifecycle_policy()
+        .repository_name(&repo_name)
+        .send()
+        .await
+        .expect("lifecycle");
+    let policy: serde_json::Value =
+        serde_json::from_str(policy.lifecycle_policy_text().unwrap_or_default()).expect("json");
+    let prefixes: Vec<String> = policy["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| {
+            r["selection"]["tagPrefixList"][0]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(prefixes, ["customer-features.", "customer-scoring."]);
+    assert_empty(&h.plan(&stack, &plan::Options::default()).await, "apply");
+
+    // A third service: the policy gains its rule.
+    let extra = stack.services["customer-features"].clone();
+    stack.services.insert("customer-extra".into(), extra);
+    let second = h.plan(&stack, &plan::Options::default()).await;
+    let changed: Vec<(&str, Action)> = second
+        .changes
+        .iter()
+        .filter(|c| c.address.as_str().starts_with("registry."))
+        .map(|c| (c.address.as_str(), c.action.clone()))
+        .collect();
+    assert_eq!(
+        changed,
+        [(format!("registry.{reg_name}").as_str(), Action::Update)]
+    );
+    h.apply(&stack, &second).await.expect("update");
+    assert_empty(&h.plan(&stack, &plan::Options::default()).await, "update");
+    h.destroy(&stack).await;
+}

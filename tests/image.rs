@@ -13,7 +13,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mesh::image::{self, Image, ImageError, ImageSpec, LayerKind, RegistryAuth};
+mod support;
+
+use mesh::image::{self, Image, ImageError, ImageSpec, LayerKind, PushOptions, RegistryAuth};
 use mesh::provider::local::{BundlePlan, bundle_for};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -114,15 +116,34 @@ fn http(
     path: &str,
     accept: Option<&str>,
 ) -> (u16, BTreeMap<String, String>, Vec<u8>) {
+    http_as(method, host, path, accept, None)
+}
+
+/// [`http`], with Basic credentials `(user, password)` when given.
+fn http_as(
+    method: &str,
+    host: &str,
+    path: &str,
+    accept: Option<&str>,
+    basic: Option<(&str, &str)>,
+) -> (u16, BTreeMap<String, String>, Vec<u8>) {
     let mut s =
         std::net::TcpStream::connect(host).unwrap_or_else(|e| panic!("connecting to {host}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let accept = accept
         .map(|a| format!("Accept: {a}\r\n"))
         .unwrap_or_default();
+    let authorization = basic
+        .map(|(u, p)| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                base64(format!("{u}:{p}").as_bytes())
+            )
+        })
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: {host}\r\n{accept}\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\n{accept}{authorization}\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();
@@ -146,6 +167,28 @@ fn http(
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     (status, headers, raw[split + 4..].to_vec())
+}
+
+/// Standard base64, padded (for `Authorization: Basic`).
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from_be_bytes([0, b[0], b[1], b[2]]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// `host:port` and repository path of a `host:port/repo` reference.
@@ -185,15 +228,21 @@ async fn push_then_pull_back_the_manifest() {
     let img = build(&runtime, &bundle);
     let repo = unique_repo("customer-features");
 
-    let pushed = image::push_detailed(&img, &repo, RegistryAuth::Anonymous)
-        .await
-        .unwrap();
+    let pushed = image::push_detailed(
+        &img,
+        &repo,
+        RegistryAuth::Anonymous,
+        &PushOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(pushed.pinned, format!("{repo}@{}", img.manifest_digest()));
     assert_eq!(
         pushed.uploaded.len(),
         3,
         "both layers and the config are new: {pushed:?}"
     );
+    assert!(pushed.mounted.is_empty() && pushed.manifest_written);
     assert_eq!(
         pushed.tag.as_deref(),
         Some(&*format!(
@@ -301,13 +350,19 @@ async fn push_then_pull_back_the_manifest() {
     );
 
     // A second push sends nothing.
-    let again = image::push_detailed(&img, &repo, RegistryAuth::Anonymous)
-        .await
-        .unwrap();
+    let again = image::push_detailed(
+        &img,
+        &repo,
+        RegistryAuth::Anonymous,
+        &PushOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(again.pinned, pushed.pinned);
     assert!(again.uploaded.is_empty(), "{again:?}");
     assert_eq!(again.existing.len(), 3);
     assert_eq!(again.tag, None, "the manifest was already there");
+    assert!(!again.manifest_written);
 
     // An explicit tag is honoured (and `push` returns the pinned reference).
     let tagged = format!("{repo}:v1");
@@ -443,9 +498,14 @@ async fn a_changed_dataset_changes_only_the_bundle_layer() {
     image::push(&before, &repo, RegistryAuth::Anonymous)
         .await
         .unwrap();
-    let pushed = image::push_detailed(&after, &repo, RegistryAuth::Anonymous)
-        .await
-        .unwrap();
+    let pushed = image::push_detailed(
+        &after,
+        &repo,
+        RegistryAuth::Anonymous,
+        &PushOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         pushed.existing,
         vec![after.layer(LayerKind::Runtime).digest.clone()]
@@ -511,119 +571,345 @@ async fn credentials_are_never_in_errors() {
     image::push(&img, &repo, auth).await.unwrap();
 }
 
-/// A registry of its own with htpasswd (Basic) auth, as ECR's `AWS:<token>` is used:
-/// Debian's `docker-registry` (installed by `scripts/services start`) on a free loopback port.
-struct AuthRegistry {
-    child: std::process::Child,
-    host: String,
-    _dir: tempfile::TempDir,
-}
+// ------------------------------------------- a registry that requires credentials
 
-impl Drop for AuthRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+use support::{AUTH_PASSWORD, AUTH_USER, auth_registry};
+
+fn good_auth() -> RegistryAuth {
+    RegistryAuth::Basic {
+        user: AUTH_USER.into(),
+        password: AUTH_PASSWORD.into(),
     }
 }
 
-const AUTH_USER: &str = "AWS";
-const AUTH_PASSWORD: &str = "mesh-test-password";
-
-fn auth_registry() -> AuthRegistry {
-    let bin = Path::new("/usr/bin/docker-registry");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `scripts/services start` (it installs Debian's docker-registry)",
-        bin.display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    // bcrypt of AUTH_PASSWORD (cost 5).
-    std::fs::write(
-        dir.path().join("htpasswd"),
-        format!("{AUTH_USER}:$2b$05$5T.yhq/8q.XUwKukvxxn0e.OHXNgPruZV2ihSelhdZcB9phiZ0swy\n"),
-    )
-    .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let host = format!("127.0.0.1:{port}");
-    let config = format!(
-        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {data}\n\
-         auth:\n  htpasswd:\n    realm: mesh-test\n    path: {htpasswd}\nhttp:\n  addr: {host}\n",
-        data = dir.path().join("data").display(),
-        htpasswd = dir.path().join("htpasswd").display(),
-    );
-    std::fs::write(dir.path().join("config.yml"), config).unwrap();
-    let mut cmd = std::process::Command::new(bin);
-    cmd.arg("serve").arg(dir.path().join("config.yml"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("REGISTRY_")) {
-        cmd.env_remove(k);
-    }
-    let child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let reg = AuthRegistry {
-        child,
-        host,
-        _dir: dir,
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&reg.host).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the htpasswd registry did not start on {}",
-            reg.host
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    reg
-}
+const AS_USER: Option<(&str, &str)> = Some((AUTH_USER, AUTH_PASSWORD));
 
 #[tokio::test]
-async fn basic_auth_registry_accepts_good_credentials_and_names_bad_ones() {
-    let reg = auth_registry();
-    // It does demand credentials.
+async fn a_registry_that_requires_credentials_takes_the_right_ones_only() {
+    let reg = auth_registry(AUTH_USER, AUTH_PASSWORD);
+    // It does demand them, over plain HTTP on loopback.
     let (status, headers, _) = http("GET", &reg.host, "/v2/", None);
     assert_eq!(status, 401);
-    assert!(
-        headers
-            .get("www-authenticate")
-            .is_some_and(|h| h.starts_with("Basic")),
+    assert_eq!(
+        headers.get("www-authenticate").map(String::as_str),
+        Some(r#"Basic realm="mesh-test""#),
         "{headers:?}"
     );
+    assert_eq!(http_as("GET", &reg.host, "/v2/", None, AS_USER).0, 200);
+    let wrong_password = "not-the-auth-token";
+    let wrong = Some((AUTH_USER, wrong_password));
+    assert_eq!(http_as("GET", &reg.host, "/v2/", None, wrong).0, 401);
 
     let tmp = tempfile::tempdir().unwrap();
     let img = build(&fake_runtime(tmp.path()), &bundle(&root(), SERVICE));
-    let repo = format!("{}/mesh/customer-features", reg.host);
+    let repo = format!("{}/mesh/customer-mesh-customer-features", reg.host);
 
-    let good = RegistryAuth::Basic {
-        user: AUTH_USER.into(),
-        password: AUTH_PASSWORD.into(),
-    };
-    let pinned = image::push(&img, &repo, good).await.unwrap();
-    assert_eq!(pinned, format!("{repo}@{}", img.manifest_digest()));
+    // Without credentials, and with a wrong password: refused, in one line that
+    // names the registry and says why, and never shows a password.
+    let cases = [
+        (
+            "anonymous",
+            RegistryAuth::Anonymous,
+            "it requires credentials and none were given",
+        ),
+        (
+            "wrong password",
+            RegistryAuth::Basic {
+                user: AUTH_USER.into(),
+                password: wrong_password.into(),
+            },
+            "it refused the credentials of user AWS",
+        ),
+    ];
+    for (what, auth, why) in cases {
+        let err = image::push(&img, &repo, auth).await.unwrap_err();
+        assert!(matches!(err, ImageError::Unauthorized { .. }), "{err:?}");
+        let msg = err.to_string();
+        eprintln!("{what}: {msg}");
+        assert!(!msg.contains('\n'), "{what}: one line: {msg:?}");
+        assert!(
+            msg.starts_with(&format!(
+                "authentication to the registry {} failed for {repo}: {why} (",
+                reg.host
+            )),
+            "{what}: {msg}"
+        );
+        assert!(msg.contains("401 Unauthorized"), "{what}: {msg}");
+        let all = format!("{msg} {err:?}");
+        assert!(
+            !all.contains(wrong_password) && !all.contains(AUTH_PASSWORD),
+            "{what}: {all}"
+        );
+    }
+    // Nothing was stored.
+    let (_, name) = split(&repo);
+    let (status, _, _) = http_as(
+        "HEAD",
+        &reg.host,
+        &format!("/v2/{name}/manifests/{}", img.manifest_digest()),
+        Some(image::MANIFEST_MEDIA_TYPE),
+        AS_USER,
+    );
+    assert_eq!(status, 404);
 
-    let wrong = RegistryAuth::Basic {
-        user: AUTH_USER.into(),
-        password: "not-the-password".into(),
+    // The right ones: pushed, and the registry serves it back (with them only).
+    let pushed = image::push_detailed(&img, &repo, good_auth(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(pushed.pinned, format!("{repo}@{}", img.manifest_digest()));
+    assert_eq!(pushed.uploaded.len(), 3, "{pushed:?}");
+    assert!(pushed.manifest_written);
+    let path = format!("/v2/{name}/manifests/{}", img.manifest_digest());
+    let (status, headers, body) = http_as(
+        "GET",
+        &reg.host,
+        &path,
+        Some(image::MANIFEST_MEDIA_TYPE),
+        AS_USER,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(sha256(&body), img.manifest_digest());
+    assert_eq!(
+        headers.get("docker-content-digest").map(String::as_str),
+        Some(img.manifest_digest())
+    );
+    let tag_path = format!("/v2/{name}/manifests/{}", pushed.tag.unwrap());
+    let (status, _, by_tag) = http_as(
+        "GET",
+        &reg.host,
+        &tag_path,
+        Some(image::MANIFEST_MEDIA_TYPE),
+        AS_USER,
+    );
+    assert_eq!((status, by_tag.as_slice()), (200, img.manifest()));
+    assert_eq!(
+        http("GET", &reg.host, &path, Some(image::MANIFEST_MEDIA_TYPE)).0,
+        401
+    );
+}
+
+#[tokio::test]
+async fn the_runtime_layer_is_mounted_from_another_repository() {
+    let reg = auth_registry(AUTH_USER, AUTH_PASSWORD);
+    let tmp = tempfile::tempdir().unwrap();
+    let runtime = fake_runtime(tmp.path());
+    let features = build(&runtime, &bundle(&root(), SERVICE));
+    let scoring = image::build(&ImageSpec {
+        runtime_bin: runtime.clone(),
+        bundle: &bundle(&root(), "customer-scoring"),
+        service: "customer-scoring".into(),
+        port: 8080,
+    })
+    .unwrap();
+    let rt = scoring.layer(LayerKind::Runtime).clone();
+    assert_eq!(rt.digest, features.layer(LayerKind::Runtime).digest);
+    let (seed_path, other_path) = (
+        "mesh/customer-mesh-customer-features",
+        "mesh/customer-mesh-customer-scoring",
+    );
+    let seed = format!("{}/{seed_path}", reg.host);
+    let other = format!("{}/{other_path}", reg.host);
+    let mount = PushOptions {
+        mount_from: Some(seed_path.into()),
     };
-    let err = image::push(&img, &repo, wrong).await.unwrap_err();
-    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err:?}");
-    let msg = err.to_string();
-    eprintln!("wrong password: {msg}");
-    assert!(msg.contains(&reg.host) && msg.contains(&repo), "{msg}");
-    assert!(
-        !format!("{msg} {err:?}").contains("not-the-password"),
-        "{msg}"
+
+    let first = image::push_detailed(&features, &seed, good_auth(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert!(first.uploaded.contains(&rt.digest), "{first:?}");
+    let second = image::push_detailed(&scoring, &other, good_auth(), &mount)
+        .await
+        .unwrap();
+    eprintln!(
+        "first push: {} bytes sent; second, mounting the runtime layer ({} bytes): {} bytes sent",
+        first.uploaded_bytes, rt.size, second.uploaded_bytes
+    );
+    assert_eq!(second.mounted, vec![rt.digest.clone()], "{second:?}");
+    assert!(!second.uploaded.contains(&rt.digest), "{second:?}");
+    assert!(second.uploaded_bytes < rt.size, "{second:?}");
+    assert_eq!(
+        second.uploaded_bytes,
+        scoring.layer(LayerKind::Bundle).size + scoring.config().len() as u64
+    );
+    assert!(second.manifest_written);
+    // The other repository has the layer now, and the image is whole there.
+    let (status, h, _) = http_as(
+        "HEAD",
+        &reg.host,
+        &format!("/v2/{other_path}/blobs/{}", rt.digest),
+        None,
+        AS_USER,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("content-length").map(String::as_str),
+        Some(&*rt.size.to_string())
+    );
+    let (status, _, body) = http_as(
+        "GET",
+        &reg.host,
+        &format!("/v2/{other_path}/manifests/{}", scoring.manifest_digest()),
+        Some(image::MANIFEST_MEDIA_TYPE),
+        AS_USER,
+    );
+    assert_eq!(
+        (status, sha256(&body)),
+        (200, scoring.manifest_digest().into())
     );
 
-    let err = image::push(&img, &repo, RegistryAuth::Anonymous)
+    // Mounting from the repository itself: nothing to mount, all there.
+    let own = PushOptions {
+        mount_from: Some(other_path.into()),
+    };
+    let again = image::push_detailed(&scoring, &other, good_auth(), &own)
+        .await
+        .unwrap();
+    assert!(
+        again.mounted.is_empty() && again.uploaded.is_empty(),
+        "{again:?}"
+    );
+    assert_eq!(again.existing.len(), 3);
+
+    // A source without the layer: the registry declines (202), and it is sent instead.
+    let third = format!("{}/mesh/customer-mesh-third", reg.host);
+    let nowhere = PushOptions {
+        mount_from: Some("mesh/no-such-repository".into()),
+    };
+    let fallback = image::push_detailed(&scoring, &third, good_auth(), &nowhere)
+        .await
+        .unwrap();
+    assert!(fallback.mounted.is_empty(), "{fallback:?}");
+    assert!(fallback.uploaded.contains(&rt.digest), "{fallback:?}");
+    assert!(fallback.uploaded_bytes > rt.size);
+
+    // Not a repository path of this registry: refused before anything is sent.
+    for bad in [
+        format!("{}/{seed_path}", reg.host),
+        format!("{seed_path}:v1"),
+        format!("{seed_path}@{}", rt.digest),
+        "UPPER/case".to_owned(),
+    ] {
+        let opts = PushOptions {
+            mount_from: Some(bad.clone()),
+        };
+        let err = image::push_detailed(&scoring, &other, good_auth(), &opts)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ImageError::InvalidReference { .. }),
+            "{bad}: {err:?}"
+        );
+        assert!(err.to_string().contains(&bad), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn an_explicit_tag_is_written_once_and_moved_only_where_allowed() {
+    let reg = auth_registry(AUTH_USER, AUTH_PASSWORD);
+    let tmp = tempfile::tempdir().unwrap();
+    let runtime = fake_runtime(tmp.path());
+    let features = build(&runtime, &bundle(&root(), SERVICE));
+    let scoring = image::build(&ImageSpec {
+        runtime_bin: runtime.clone(),
+        bundle: &bundle(&root(), "customer-scoring"),
+        service: "customer-scoring".into(),
+        port: 8080,
+    })
+    .unwrap();
+    // One repository for the stack, one tag per service and image (as for ECR).
+    let name = "mesh/customer-mesh";
+    let tag = format!(
+        "{SERVICE}.{}",
+        features.manifest_digest().trim_start_matches("sha256:")
+    );
+    let tagged = format!("{}/{name}:{tag}", reg.host);
+
+    let first = image::push_detailed(&features, &tagged, good_auth(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(first.tag.as_deref(), Some(tag.as_str()));
+    assert!(first.manifest_written, "{first:?}");
+    assert_eq!(
+        first.pinned,
+        format!("{}/{name}@{}", reg.host, features.manifest_digest())
+    );
+    let second = image::push_detailed(&features, &tagged, good_auth(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(second.tag.as_deref(), Some(tag.as_str()));
+    assert!(
+        !second.manifest_written,
+        "the tag holds it already: {second:?}"
+    );
+    assert!(second.uploaded.is_empty(), "{second:?}");
+    assert_eq!(second.pinned, first.pinned);
+
+    // A tag that holds another image moves (this registry's tags are mutable).
+    let moving = format!("{}/{name}:moving", reg.host);
+    image::push(&scoring, &moving, good_auth()).await.unwrap();
+    let moved = image::push_detailed(&features, &moving, good_auth(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert!(moved.manifest_written, "{moved:?}");
+    let (status, h, _) = http_as(
+        "HEAD",
+        &reg.host,
+        &format!("/v2/{name}/manifests/moving"),
+        Some(image::MANIFEST_MEDIA_TYPE),
+        AS_USER,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("docker-content-digest").map(String::as_str),
+        Some(features.manifest_digest())
+    );
+    // The registry has those two tags, and no content-derived one.
+    let (status, _, body) = http_as(
+        "GET",
+        &reg.host,
+        &format!("/v2/{name}/tags/list"),
+        None,
+        AS_USER,
+    );
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_slice(&body).unwrap();
+    let mut tags: Vec<&str> = list["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    tags.sort();
+    let mut want = vec!["moving", tag.as_str()];
+    want.sort();
+    assert_eq!(tags, want);
+
+    // Read-only, the registry refuses every write (as ECR refuses to store a
+    // manifest again under a tag that holds it, or to move an immutable tag).
+    let reg = reg.restart_read_only();
+    let tagged = format!("{}/{name}:{tag}", reg.host);
+    let third = image::push_detailed(&features, &tagged, good_auth(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        !third.manifest_written && third.uploaded.is_empty(),
+        "{third:?}"
+    );
+    assert_eq!(third.tag.as_deref(), Some(tag.as_str()));
+    let untagged = format!("{}/{name}", reg.host);
+    let fourth = image::push_detailed(&features, &untagged, good_auth(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((fourth.tag, fourth.manifest_written), (None, false));
+    // Moving the tag to another image: refused, and the error names the tag.
+    let err = image::push(&scoring, &tagged, good_auth())
         .await
         .unwrap_err();
-    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err:?}");
+    let msg = err.to_string();
+    eprintln!("moving a tag in a read-only registry: {msg}");
+    assert!(matches!(err, ImageError::Registry { .. }), "{err:?}");
+    assert!(msg.contains(&format!("under the tag {tag}")), "{msg}");
+    assert!(!msg.contains('\n') && !msg.contains(AUTH_PASSWORD), "{msg}");
 }
 
 #[test]

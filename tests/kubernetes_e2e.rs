@@ -14,6 +14,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+mod support;
+
 use kube_double::{KubeDouble, Rollout};
 use serde_json::Value;
 
@@ -681,4 +683,332 @@ async fn a_cluster_still_to_be_created_plans_every_object() {
     exists.store(true, Ordering::SeqCst);
     assert!(p.observe(&scope).await.unwrap().is_empty());
     assert_eq!(c.double.request_count() - before, 8);
+}
+
+/// A namespace that was there before the stack (made by hand, with its own
+/// labels) is adopted on apply and given back on destroy: its labels stay,
+/// mesh's go, and the namespace is not deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_was_there_is_given_back_not_deleted() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+
+    let c = Cluster::new().await;
+    let namespaces: Api<Namespace> = Api::all(c.double.client());
+    let mut ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": NS, "labels": { "team": "data" } }
+    }))
+    .unwrap();
+    ns = namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let uid = ns.metadata.uid.clone().expect("uid");
+
+    let out = c.apply(&[]).await;
+    ok(&out, "apply");
+    assert!(
+        text(&out).contains("already exists: adopting it"),
+        "{}",
+        text(&out)
+    );
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+
+    ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
+    assert!(
+        c.double
+            .objects_with_label(&format!("mesh.dev/stack={STACK}"))
+            .is_empty()
+    );
+    let after = namespaces
+        .get(NS)
+        .await
+        .expect("the namespace is still there");
+    assert_eq!(
+        after.metadata.uid.as_deref(),
+        Some(uid.as_str()),
+        "the same one"
+    );
+    let labels = after.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("team").map(String::as_str), Some("data"));
+    assert!(
+        labels
+            .keys()
+            .all(|k| !k.starts_with("mesh.dev/") && k != "app.kubernetes.io/managed-by"),
+        "{labels:?}"
+    );
+    let annotations = after.metadata.annotations.unwrap_or_default();
+    assert!(
+        annotations.keys().all(|k| !k.starts_with("mesh.dev/")),
+        "{annotations:?}"
+    );
+    // Its objects are gone all the same.
+    assert!(
+        c.double
+            .object("apps/v1", "Deployment", NS, "customer-features")
+            .is_none()
+    );
+    // A new apply creates the stack again in it; a destroy gives it back again.
+    ok(&c.apply(&[]).await, "apply again");
+    ok(
+        &c.run("destroy", &["--auto-approve"], &[]).await,
+        "destroy again",
+    );
+    assert!(namespaces.get(NS).await.is_ok());
+}
+
+/// Images go to a registry that requires credentials with those the
+/// provider's registry-auth source gives for its host (on an aws environment:
+/// ECR's `GetAuthorizationToken`); without them the push fails in one line
+/// that names the registry and shows no password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_pushed_with_the_credentials_of_the_auth_source() {
+    use std::sync::{Arc, Mutex};
+
+    use mesh::image::RegistryAuth;
+    use mesh::plan;
+    use mesh::provider::kubernetes::{
+        AccessSource, KubeAccess, KubernetesProvider, RegistryAuthSource, Settings,
+    };
+    use mesh::provider::{ApplyContext, Provider};
+
+    let reg = support::auth_registry(support::AUTH_USER, support::AUTH_PASSWORD);
+    let c = Cluster::new().await;
+    let stack =
+        mesh::stack::load(&c.stack, Some("existing")).unwrap_or_else(|r| panic!("{}", r.render()));
+    let scope = mesh::resource::Scope {
+        stack: stack.name.clone(),
+        env: stack.env.name.clone(),
+        root: stack.root.clone(),
+    };
+    let url = c.double.url();
+    let access: AccessSource = Arc::new(move || {
+        let url = url.clone();
+        Box::pin(async move {
+            Ok(Some(KubeAccess {
+                endpoint: url,
+                ca_pem: String::new(),
+                token: "t0ken".into(),
+            }))
+        })
+    });
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = asked.clone();
+    let auth: RegistryAuthSource = Arc::new(move |host: String| {
+        seen.lock().unwrap().push(host);
+        Box::pin(async move {
+            Ok(Some(RegistryAuth::Basic {
+                user: support::AUTH_USER.into(),
+                password: support::AUTH_PASSWORD.into(),
+            }))
+        })
+    });
+    let provider = |with_auth: bool| {
+        let mut settings = Settings::from_env();
+        settings.registry = Some(format!("{}/mesh", reg.host));
+        settings.registry_auth = RegistryAuth::Anonymous;
+        settings.runtime = Some(c.dir.path().join("mesh-runtime"));
+        let p = KubernetesProvider::from_access_source("with-auth", access.clone(), settings)
+            .with_state_dir(&stack);
+        if with_auth {
+            p.with_registry_auth_source(auth.clone())
+        } else {
+            p
+        }
+    };
+    let run = |p: KubernetesProvider| {
+        let stack = &stack;
+        let scope = scope.clone();
+        async move {
+            let desired = p.desired(stack).unwrap();
+            let live = p.observe(&scope).await.unwrap();
+            let plan = plan::diff(
+                &stack.name,
+                &stack.env.name,
+                &desired,
+                &live,
+                &plan::Options::default(),
+            );
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let ctx = ApplyContext::new(scope, &plan.live, rx, true);
+            for ch in plan.changes.iter().filter(|ch| !ch.action.is_noop()) {
+                p.apply(ch, &ctx).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        }
+    };
+
+    // Anonymous: refused by the registry, nothing applied past it.
+    let err = run(provider(false))
+        .await
+        .expect_err("an anonymous push is refused");
+    assert!(err.contains(&reg.host) && err.contains("401"), "{err}");
+    assert!(!err.contains(support::AUTH_PASSWORD), "{err}");
+    assert!(asked.lock().unwrap().is_empty());
+
+    // With the source's credentials: pushed, and the Deployment pins the image.
+    run(provider(true)).await.expect("apply with credentials");
+    assert!(
+        asked.lock().unwrap().iter().all(|h| *h == reg.host) && !asked.lock().unwrap().is_empty(),
+        "{asked:?}"
+    );
+    let dep = c.object("apps/v1", "Deployment", "customer-features");
+    let image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (repository, digest) = image.split_once('@').expect("pinned by digest");
+    assert_eq!(
+        repository,
+        format!("{}/mesh/customer-mesh-customer-features", reg.host)
+    );
+    let path = repository.split_once('/').unwrap().1;
+    let basic = serde_json::to_value(k8s_openapi::ByteString(
+        format!("{}:{}", support::AUTH_USER, support::AUTH_PASSWORD).into_bytes(),
+    ))
+    .unwrap();
+    let get = |auth: Option<&str>| {
+        let mut s = std::net::TcpStream::connect(&reg.host).unwrap();
+        let auth = auth
+            .map(|a| format!("Authorization: Basic {a}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET /v2/{path}/manifests/{digest} HTTP/1.1\r\nHost: {}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n{auth}Connection: close\r\n\r\n",
+            reg.host
+        )
+        .unwrap();
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        buf.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(get(basic.as_str()), 200, "the image is in the registry");
+    assert_eq!(get(None), 401, "and the registry does require credentials");
+}
+
+/// On an aws environment the images go to the stack's registry (ECR): one
+/// repository for all services, each image tagged `<service>.<digest hex>`
+/// (what the registry's per-service lifecycle rules select), pushed with the
+/// auth source's credentials. The registry's URL is the live output of
+/// `registry.NAME` — here a registry that requires credentials, standing where
+/// ECR's `<account>.dkr.ecr.<region>.amazonaws.com/<repo>` would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_aws_every_service_is_a_tag_in_the_stacks_registry() {
+    use std::sync::Arc;
+
+    use mesh::image::RegistryAuth;
+    use mesh::plan;
+    use mesh::provider::kubernetes::{
+        AccessSource, KubeAccess, KubernetesProvider, RegistryAuthSource, Settings,
+    };
+    use mesh::provider::{ApplyContext, Provider};
+    use mesh::resource::{Address, Live, ProviderId};
+
+    let reg = support::auth_registry(support::AUTH_USER, support::AUTH_PASSWORD);
+    let c = Cluster::new().await;
+    let stack =
+        mesh::stack::load(&c.stack, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+    let registry_name = stack.env.registry.clone().expect("dev names a registry");
+    let scope = mesh::resource::Scope {
+        stack: stack.name.clone(),
+        env: stack.env.name.clone(),
+        root: stack.root.clone(),
+    };
+    let url = c.double.url();
+    let access: AccessSource = Arc::new(move || {
+        let url = url.clone();
+        Box::pin(async move {
+            Ok(Some(KubeAccess {
+                endpoint: url,
+                ca_pem: String::new(),
+                token: "t0ken".into(),
+            }))
+        })
+    });
+    let auth: RegistryAuthSource = Arc::new(|_host: String| {
+        Box::pin(async {
+            Ok(Some(RegistryAuth::Basic {
+                user: support::AUTH_USER.into(),
+                password: support::AUTH_PASSWORD.into(),
+            }))
+        })
+    });
+    let mut settings = Settings::from_env();
+    settings.registry = None;
+    settings.runtime = Some(c.dir.path().join("mesh-runtime"));
+    let p = KubernetesProvider::from_access_source("eks", access, settings)
+        .with_state_dir(&stack)
+        .with_registry_auth_source(auth);
+
+    // The registry as the aws provider reports it once created.
+    let repository = format!("{}/customer-mesh/dev/{registry_name}", reg.host);
+    let registry_live = Live::new(
+        Address::of("registry", &registry_name),
+        "aws_ecr_repository",
+        ProviderId::Aws,
+        "customer-mesh/dev/platform",
+    )
+    .output("url", repository.as_str());
+
+    let desired = p.desired(&stack).unwrap();
+    let mut live = p.observe(&scope).await.unwrap();
+    live.push(registry_live);
+    let the_plan = plan::diff(
+        &stack.name,
+        &stack.env.name,
+        &desired,
+        &live,
+        &plan::Options::default(),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let ctx = ApplyContext::new(scope, &the_plan.live, rx, true);
+    for ch in the_plan
+        .changes
+        .iter()
+        .filter(|ch| !ch.action.is_noop() && ch.desired.is_some())
+    {
+        p.apply(ch, &ctx)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", ch.address));
+    }
+
+    let path = repository.split_once('/').unwrap().1.to_owned();
+    let mut want_tags = BTreeSet::new();
+    for svc in ["customer-features", "customer-scoring"] {
+        let dep = c.object("apps/v1", "Deployment", svc);
+        let image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (repo, digest) = image.split_once('@').expect("pinned by digest");
+        assert_eq!(repo, repository, "{svc} is in the stack's repository");
+        want_tags.insert(format!("{svc}.{}", digest.trim_start_matches("sha256:")));
+    }
+    let basic = serde_json::to_value(k8s_openapi::ByteString(
+        format!("{}:{}", support::AUTH_USER, support::AUTH_PASSWORD).into_bytes(),
+    ))
+    .unwrap();
+    let mut s = std::net::TcpStream::connect(&reg.host).unwrap();
+    write!(
+        s,
+        "GET /v2/{path}/tags/list HTTP/1.1\r\nHost: {}\r\nAuthorization: Basic {}\r\nConnection: close\r\n\r\n",
+        reg.host,
+        basic.as_str().unwrap()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let tags: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {buf}"));
+    let got: BTreeSet<String> = tags["tags"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{buf}"))
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, want_tags);
 }

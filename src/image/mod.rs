@@ -38,7 +38,10 @@
 //!
 //! Pushing uses the OCI distribution API through `oci-client`: plain HTTP for
 //! loopback registries (and those listed in `MESH_INSECURE_REGISTRIES`),
-//! HTTPS otherwise. Blobs the registry already has are not sent again.
+//! HTTPS otherwise. Blobs the registry already has are not sent again, and
+//! the runtime layer, the same in every service's image, can be mounted from
+//! another repository of the same registry instead of being sent
+//! ([`PushOptions::mount_from`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -286,10 +289,14 @@ pub enum ImageError {
         url: String,
         message: String,
     },
-    #[error("the registry {registry} refused the credentials for {reference}: {message}")]
+    /// 401 or 403: no credentials given, or refused. Never shows the password.
+    #[error("authentication to the registry {registry} failed for {reference}: {why} ({message})")]
     Unauthorized {
         registry: String,
         reference: String,
+        /// "it requires credentials and none were given", or "it refused the
+        /// credentials of user NAME".
+        why: String,
         message: String,
     },
     #[error("the registry {registry} failed to {operation} for {reference}: {message}")]
@@ -679,43 +686,91 @@ impl fmt::Debug for RegistryAuth {
     }
 }
 
+/// How to push, beyond where and with which credentials.
+#[derive(Clone, Debug, Default)]
+pub struct PushOptions {
+    /// A repository of the same registry, as a path without the host (e.g.
+    /// `mesh/customer-mesh-customer-features`), that already holds the
+    /// runtime layer: when the target repository lacks it, the registry is
+    /// asked to mount it from there (`POST …/blobs/uploads/?mount=…&from=…`)
+    /// instead of it being sent. A registry that declines (or a source
+    /// without the layer) means a normal upload. Only the runtime layer is
+    /// tried: the bundle layer and the config differ per service.
+    pub mount_from: Option<String>,
+}
+
 /// What a push did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pushed {
     /// `registry/repository@sha256:…`, to put in a Deployment.
     pub pinned: String,
-    /// The tag the manifest was stored under: the reference's, else
-    /// `mesh-<manifest sha256 hex>` (see [`push`]); `None` when the registry
-    /// already had the manifest and the reference named no tag.
+    /// The tag that names the manifest: the reference's (whether this push
+    /// wrote it or found it there, see `manifest_written`), else
+    /// `mesh-<manifest sha256 hex>` (see [`push_detailed`]); `None` when the
+    /// reference named no tag and the registry already had the manifest.
     pub tag: Option<String>,
+    /// Whether this push stored the manifest. `false` when the reference
+    /// named no tag and the registry had the manifest, or when the named tag
+    /// already held exactly this manifest (registries with immutable tags,
+    /// such as ECR, refuse to store it again).
+    pub manifest_written: bool,
     /// Digests of the blobs (layers, config) sent.
     pub uploaded: Vec<String>,
-    /// Digests of the blobs the registry already had.
+    /// Digests of the blobs mounted from [`PushOptions::mount_from`] (not sent).
+    pub mounted: Vec<String>,
+    /// Digests of the blobs the repository already had.
     pub existing: Vec<String>,
-    /// Bytes of blobs sent.
+    /// Bytes of blobs sent (mounted and existing blobs count nothing).
     pub uploaded_bytes: u64,
 }
 
 /// Pushes `image` to `reference` (`registry/repository[:tag]`, e.g.
-/// `127.0.0.1:5001/mesh/customer-features`) and returns
+/// `127.0.0.1:5001/mesh/customer-features`) with default options and returns
 /// `registry/repository@sha256:…`. See [`push_detailed`].
 pub async fn push(
     image: &Image,
     reference: &str,
     auth: RegistryAuth,
 ) -> Result<String, ImageError> {
-    Ok(push_detailed(image, reference, auth).await?.pinned)
+    Ok(
+        push_detailed(image, reference, auth, &PushOptions::default())
+            .await?
+            .pinned,
+    )
 }
 
-/// Pushes `image` with the OCI distribution API: each blob the registry lacks
-/// (checked with `HEAD`), then the manifest, byte for byte as built (so the
-/// registry's digest is [`Image::manifest_digest`]).
+/// The registry (`host[:port]`) and the repository path (without the host)
+/// of an image reference such as `127.0.0.1:5001/mesh/customer-features:v1`.
+pub fn registry_and_repository(reference: &str) -> Result<(String, String), ImageError> {
+    let parsed = parse_reference(reference)?;
+    Ok((parsed.registry().to_owned(), parsed.repository().to_owned()))
+}
+
+fn parse_reference(reference: &str) -> Result<oci_client::Reference, ImageError> {
+    reference
+        .parse()
+        .map_err(|e: oci_client::ParseError| ImageError::InvalidReference {
+            reference: reference.to_owned(),
+            message: e.to_string(),
+        })
+}
+
+/// Pushes `image` with the OCI distribution API: each blob the repository
+/// lacks (checked with `HEAD`; the runtime layer mounted from
+/// [`PushOptions::mount_from`] when given and possible, else sent), then the
+/// manifest, byte for byte as built (so the registry's digest is
+/// [`Image::manifest_digest`]).
 ///
 /// The manifest is stored under the reference's tag, or, without one, under
 /// the content-derived tag `mesh-<hex of the manifest digest>` (registries
 /// such as ECR answer a push by digest without a `Location`, and a tag that
 /// never moves suits immutable-tag repositories); with no tag given and the
-/// manifest already present, nothing is written at all.
+/// manifest already present, nothing is written at all. With a tag given,
+/// the registry is first asked what the tag holds: when it is this manifest,
+/// nothing is written (ECR refuses to store a manifest again under a tag
+/// that holds it); when it is another one, the manifest is pushed, which
+/// moves the tag in a mutable repository and fails, with the registry's
+/// message, in an immutable one.
 ///
 /// Plain HTTP is used for loopback registries (`127.0.0.0/8`, `localhost`,
 /// `[::1]`) and those listed in `MESH_INSECURE_REGISTRIES`; HTTPS otherwise.
@@ -723,17 +778,12 @@ pub async fn push_detailed(
     image: &Image,
     reference: &str,
     auth: RegistryAuth,
+    options: &PushOptions,
 ) -> Result<Pushed, ImageError> {
     use oci_client::client::{ClientConfig, ClientProtocol};
     use oci_client::{Reference, RegistryOperation};
 
-    let parsed: Reference =
-        reference
-            .parse()
-            .map_err(|e: oci_client::ParseError| ImageError::InvalidReference {
-                reference: reference.to_owned(),
-                message: e.to_string(),
-            })?;
+    let parsed = parse_reference(reference)?;
     if let Some(d) = parsed.digest()
         && d != image.manifest_digest()
     {
@@ -762,6 +812,26 @@ pub async fn push_detailed(
         parsed.repository().to_owned(),
         image.manifest_digest().to_owned(),
     );
+    // The repository to mount the runtime layer from: another one, valid, same registry.
+    let mount_source = match options.mount_from.as_deref() {
+        Some(from) if from != parsed.repository() => {
+            let invalid = || ImageError::InvalidReference {
+                reference: reference.to_owned(),
+                message: format!(
+                    "the repository to mount from, {from:?}, is not a repository path of {registry} (no host, tag nor digest)"
+                ),
+            };
+            if from.contains([':', '@']) {
+                return Err(invalid());
+            }
+            let source = parse_reference(&format!("{registry}/{from}")).map_err(|_| invalid())?;
+            if source.registry() != registry {
+                return Err(invalid());
+            }
+            Some(source)
+        }
+        _ => None,
+    };
 
     // reqwest is built without a TLS provider of its own: use ring, as kube does.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -786,6 +856,7 @@ pub async fn push_detailed(
             &registry,
             reference,
             &format!("{scheme}://{}/v2/", parsed.resolve_registry()),
+            &auth,
             operation,
             e,
         )
@@ -800,16 +871,18 @@ pub async fn push_detailed(
     let mut pushed = Pushed {
         pinned,
         tag: None,
+        manifest_written: false,
         uploaded: Vec::new(),
+        mounted: Vec::new(),
         existing: Vec::new(),
         uploaded_bytes: 0,
     };
     let blobs = image
         .layers
         .iter()
-        .map(|l| (l.digest.as_str(), l.data.as_slice()))
-        .chain([(image.config_digest.as_str(), image.config.as_slice())]);
-    for (digest, data) in blobs {
+        .map(|l| (Some(l.kind), l.digest.as_str(), l.data.as_slice()))
+        .chain([(None, image.config_digest.as_str(), image.config.as_slice())]);
+    for (kind, digest, data) in blobs {
         let have = client
             .blob_exists(&parsed, digest)
             .await
@@ -817,6 +890,16 @@ pub async fn push_detailed(
         if have {
             pushed.existing.push(digest.to_owned());
             continue;
+        }
+        if let Some(source) = &mount_source
+            && kind == Some(LayerKind::Runtime)
+        {
+            // 201: mounted. Anything else (202: declined, an upload session
+            // was opened instead; 404; denied) means sending it after all.
+            if client.mount_blob(&parsed, source, digest).await.is_ok() {
+                pushed.mounted.push(digest.to_owned());
+                continue;
+            }
         }
         client
             .push_blob(&parsed, data.to_vec(), digest)
@@ -832,32 +915,49 @@ pub async fn push_detailed(
         .next()
         .and_then(|n| n.rsplit('/').next())
         .is_some_and(|last| last.contains(':'));
-    let tag = match parsed.tag().filter(|_| named_tag) {
-        Some(t) => Some(t.to_owned()),
-        None => {
-            let present = client
-                .fetch_manifest_digest(&by_digest, &oci_auth)
+    let holds_this = |r: Reference| {
+        let client = &client;
+        let oci_auth = &oci_auth;
+        async move {
+            client
+                .fetch_manifest_digest(&r, oci_auth)
                 .await
-                .is_ok_and(|d| d == image.manifest_digest());
-            (!present).then(|| {
-                format!(
-                    "mesh-{}",
-                    image.manifest_digest().trim_start_matches("sha256:")
-                )
-            })
+                .is_ok_and(|d| d == image.manifest_digest())
         }
     };
-    if let Some(tag) = &tag {
+    // (tag, whether to write the manifest under it)
+    let (tag, write) = match parsed.tag().filter(|_| named_tag) {
+        Some(t) => (Some(t.to_owned()), !holds_this(at(t)).await),
+        None => {
+            let present = holds_this(by_digest).await;
+            let tag = format!(
+                "mesh-{}",
+                image.manifest_digest().trim_start_matches("sha256:")
+            );
+            ((!present).then_some(tag), !present)
+        }
+    };
+    if let Some(tag) = tag.as_deref().filter(|_| write) {
         let content_type = MANIFEST_MEDIA_TYPE.parse().expect("a valid header value");
-        client
+        match client
             .push_manifest_raw(&at(tag), image.manifest.clone(), content_type)
             .await
-            .map_err(|e| {
-                fail(
-                    &format!("store the manifest {}", image.manifest_digest()),
+        {
+            Ok(_) => pushed.manifest_written = true,
+            // Refused, but the tag holds this manifest now (another push of
+            // the same image won the race, or the registry refuses to store a
+            // manifest again under a tag that already holds it): done.
+            Err(_) if holds_this(at(tag)).await => {}
+            Err(e) => {
+                return Err(fail(
+                    &format!(
+                        "store the manifest {} under the tag {tag}",
+                        image.manifest_digest()
+                    ),
                     e,
-                )
-            })?;
+                ));
+            }
+        }
     }
     pushed.tag = tag;
     Ok(pushed)
@@ -899,34 +999,35 @@ fn registry_error(
     registry: &str,
     reference: &str,
     url: &str,
+    auth: &RegistryAuth,
     operation: &str,
     e: oci_client::errors::OciDistributionError,
 ) -> ImageError {
     use oci_client::errors::OciDistributionError as E;
-    let message = chain(&e);
+    // One line: registries answer with (multi-line) JSON bodies.
+    let message = chain(&e).split_whitespace().collect::<Vec<_>>().join(" ");
     let denied = |code: u16| code == 401 || code == 403;
+    let unauthorized = |message: String| ImageError::Unauthorized {
+        registry: registry.to_owned(),
+        reference: reference.to_owned(),
+        why: match auth {
+            RegistryAuth::Anonymous => "it requires credentials and none were given".to_owned(),
+            RegistryAuth::Basic { user, .. } => {
+                format!("it refused the credentials of user {user}")
+            }
+        },
+        message,
+    };
     match &e {
         E::RequestError(r) if r.is_connect() || r.is_timeout() => ImageError::Unreachable {
             registry: registry.to_owned(),
             url: url.to_owned(),
             message,
         },
-        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => ImageError::Unauthorized {
-            registry: registry.to_owned(),
-            reference: reference.to_owned(),
-            message,
-        },
-        E::ServerError { code, .. } if denied(*code) => ImageError::Unauthorized {
-            registry: registry.to_owned(),
-            reference: reference.to_owned(),
-            message,
-        },
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => unauthorized(message),
+        E::ServerError { code, .. } if denied(*code) => unauthorized(message),
         E::RequestError(r) if r.status().is_some_and(|s| denied(s.as_u16())) => {
-            ImageError::Unauthorized {
-                registry: registry.to_owned(),
-                reference: reference.to_owned(),
-                message,
-            }
+            unauthorized(message)
         }
         _ => ImageError::Registry {
             registry: registry.to_owned(),

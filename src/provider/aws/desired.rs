@@ -281,10 +281,27 @@ pub fn desired(
                     "keep_last",
                     reg.keep_last.map(Value::from).unwrap_or(Value::Null),
                 )
+                .attr(
+                    "keep_last_per",
+                    if reg.keep_last.is_some() {
+                        Value::list_of_str(pushing_services(stack, rname))
+                    } else {
+                        Value::Null
+                    },
+                )
                 .attr("tags", Value::Map(BTreeMap::new())),
         );
     }
     Ok(out)
+}
+
+/// The services whose images go to `registry.NAME` (the environment's
+/// registry), sorted: each gets its own lifecycle rule.
+fn pushing_services(stack: &Stack, registry: &str) -> Vec<String> {
+    if stack.env.registry.as_deref() != Some(registry) {
+        return Vec::new();
+    }
+    stack.services.keys().cloned().collect()
 }
 
 fn named(

@@ -44,11 +44,12 @@ impl fmt::Debug for KubeAccess {
 }
 
 /// Endpoint, CA and token of the EKS cluster named `cluster` (the AWS name,
-/// see [`super::names::eks_cluster`]).
+/// see [`super::names::eks_cluster`]); `None` while it does not exist or has
+/// no endpoint yet (see [`AwsProvider::kube_access`]).
 pub async fn eks_kube_access(
     provider: &AwsProvider,
     cluster: &str,
-) -> Result<KubeAccess, ProviderError> {
+) -> Result<Option<KubeAccess>, ProviderError> {
     provider.kube_access(cluster).await
 }
 
@@ -116,23 +117,27 @@ fn encode(s: &str) -> String {
 }
 
 impl AwsProvider {
-    pub async fn kube_access(&self, cluster: &str) -> Result<KubeAccess, ProviderError> {
+    /// How to reach the EKS cluster `cluster` (its AWS name). `None` when it
+    /// does not exist, or has no endpoint yet (still `CREATING`): a cluster
+    /// the same apply is to create holds nothing yet. Other failures are
+    /// errors.
+    pub async fn kube_access(&self, cluster: &str) -> Result<Option<KubeAccess>, ProviderError> {
         let address = Address::new(format!("eks:{cluster}"));
         let Some(c) = self
             .describe_cluster(cluster)
             .await
             .map_err(|e| e.at(&address))?
         else {
-            return Err(ProviderError::Api {
-                address,
-                message: format!("EKS cluster {cluster} does not exist"),
-            });
+            return Ok(None);
         };
         let endpoint = c
             .endpoint()
             .unwrap_or_default()
             .trim_end_matches('/')
             .to_owned();
+        if endpoint.is_empty() {
+            return Ok(None);
+        }
         let ca_b64 = c
             .certificate_authority()
             .and_then(|x| x.data())
@@ -162,11 +167,11 @@ impl AwsProvider {
             })?;
         let token = eks_token(&creds, &self.region, cluster, SystemTime::now())
             .map_err(|message| ProviderError::Api { address, message })?;
-        Ok(KubeAccess {
+        Ok(Some(KubeAccess {
             endpoint,
             ca_pem,
             token,
-        })
+        }))
     }
 }
 

@@ -36,6 +36,7 @@ use crate::stack::Stack;
 use super::{ApplyContext, Provider, ProviderError};
 
 pub use call::{AwsError, RateLimit, RateLimits, Service};
+pub use ecr::{RegistryCredentials, decode_authorization_token, is_ecr_host};
 pub use kube_access::{KubeAccess, eks_kube_access, eks_token};
 
 /// Resource kinds this provider manages.
@@ -131,6 +132,8 @@ pub struct AwsProvider {
     region: String,
     config: AwsConfig,
     limiter: call::Limiter,
+    /// The last ECR push credentials and when they were fetched.
+    registry_credentials: tokio::sync::Mutex<Option<(RegistryCredentials, std::time::Instant)>>,
 }
 
 impl AwsProvider {
@@ -181,6 +184,7 @@ impl AwsProvider {
             elbv2: aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
             sts: aws_sdk_sts::Client::new(&sdk),
             limiter: call::Limiter::new(&config.rate_limits),
+            registry_credentials: tokio::sync::Mutex::new(None),
             sdk,
             region,
             config,

@@ -7,14 +7,19 @@
 //! bundle's digest, the service and port, `SOURCE_DATE_EPOCH`): a plan of an
 //! unchanged stack builds nothing. Apply always builds again and checks the
 //! digest against the plan's before pushing.
+//!
+//! Every service's image has the same runtime layer. Pushes run concurrently,
+//! each service to its own repository, so the first push of that layer to a
+//! registry sends it and the others wait for it, then have the registry
+//! mount it from the first one's repository (see [`Images::push`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
-use crate::image::{self, ImageSpec, RegistryAuth};
+use crate::image::{self, ImageSpec, LayerKind, PushOptions, Pushed, RegistryAuth};
 use crate::provider::local::{BundlePlan, bundle_digest};
 
 /// Finds the runtime binary images ship: `MESH_RUNTIME_STATIC_BIN`, else the
@@ -37,7 +42,13 @@ pub struct Images {
     runtime_digest: OnceLock<Result<String, String>>,
     cache_file: Mutex<Option<PathBuf>>,
     cache: Mutex<BTreeMap<String, String>>,
+    /// (registry host, runtime layer digest) → the repository path the
+    /// layer was first pushed to, once that push has succeeded.
+    seeds: Mutex<HashMap<(String, String), Seed>>,
 }
+
+/// The repository path a runtime layer was first pushed to, once that push succeeded.
+type Seed = Arc<tokio::sync::OnceCell<String>>;
 
 impl Images {
     pub fn new(runtime: Option<PathBuf>) -> Self {
@@ -46,6 +57,7 @@ impl Images {
             runtime_digest: OnceLock::new(),
             cache_file: Mutex::new(None),
             cache: Mutex::new(BTreeMap::new()),
+            seeds: Mutex::new(HashMap::new()),
         }
     }
 
@@ -171,7 +183,14 @@ impl Images {
     }
 
     /// Builds the image again, checks it is the planned one, and pushes it
-    /// to `repository`. Returns `repository@sha256:...`.
+    /// to `repository` (`host/repo`, or `host/repo:tag` to store the
+    /// manifest under that tag). Returns `host/repo@sha256:...`.
+    ///
+    /// The first push of a runtime layer to a registry sends it; concurrent
+    /// and later pushes of the same layer to other repositories of that
+    /// registry wait for that one and mount the layer from its repository
+    /// (a registry that declines gets it sent). A first push that fails
+    /// leaves the next one to be the first.
     pub async fn push(
         &self,
         service: &str,
@@ -181,6 +200,21 @@ impl Images {
         repository: &str,
         auth: RegistryAuth,
     ) -> Result<String, String> {
+        self.push_detailed(service, bundle, port, planned_digest, repository, auth)
+            .await
+            .map(|p| p.pinned)
+    }
+
+    /// [`Images::push`], telling what was sent, mounted or already there.
+    async fn push_detailed(
+        &self,
+        service: &str,
+        bundle: BundlePlan,
+        port: u16,
+        planned_digest: &str,
+        repository: &str,
+        auth: RegistryAuth,
+    ) -> Result<Pushed, String> {
         let runtime = self.runtime_or_err()?.to_owned();
         let svc = service.to_owned();
         let img = tokio::task::spawn_blocking(move || {
@@ -200,7 +234,36 @@ impl Images {
                 img.manifest_digest()
             ));
         }
-        image::push(&img, repository, auth)
+        let (registry, path) =
+            image::registry_and_repository(repository).map_err(|e| e.to_string())?;
+        let runtime_layer = img.layer(LayerKind::Runtime).digest.clone();
+        let seed = self
+            .seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((registry, runtime_layer))
+            .or_default()
+            .clone();
+        // The first push (or the next one after a failed first) sends the
+        // layer; the others wait here until it is in the registry.
+        let mut first = None;
+        let seeded = seed
+            .get_or_try_init(|| async {
+                let pushed =
+                    image::push_detailed(&img, repository, auth.clone(), &PushOptions::default())
+                        .await?;
+                first = Some(pushed);
+                Ok::<_, image::ImageError>(path.clone())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(pushed) = first {
+            return Ok(pushed);
+        }
+        let options = PushOptions {
+            mount_from: (*seeded != path).then(|| seeded.clone()),
+        };
+        image::push_detailed(&img, repository, auth, &options)
             .await
             .map_err(|e| e.to_string())
     }
@@ -215,5 +278,135 @@ fn write_cache(file: &Path, cache: &BTreeMap<String, String>) {
     let tmp = dir.join(format!(".kubernetes-images.{}.tmp", std::process::id()));
     if std::fs::write(&tmp, serde_json::to_vec_pretty(cache).unwrap_or_default()).is_ok() {
         let _ = std::fs::rename(&tmp, file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registry of `scripts/services` (`MESH_TEST_REGISTRY`).
+    fn registry() -> String {
+        match std::env::var("MESH_TEST_REGISTRY") {
+            Ok(r) if !r.is_empty() => r,
+            _ => panic!(
+                "MESH_TEST_REGISTRY is not set: this test needs the OCI registry on loopback; \
+                 run `scripts/services start` and `eval \"$(scripts/services env)\"` (scripts/test does both)"
+            ),
+        }
+    }
+
+    fn bundle(service: &str) -> BundlePlan {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let stack = crate::stack::load(&root.join("stacks/customer-mesh"), Some("local"))
+            .unwrap_or_else(|e| panic!("loading stacks/customer-mesh: {e:?}"));
+        let svc = stack
+            .services
+            .get(service)
+            .unwrap_or_else(|| panic!("no service {service}"));
+        crate::provider::local::bundle_for(&stack, svc, &|n| format!("http://{n}:8080"))
+    }
+
+    /// Concurrent pushes of two services to two repositories of one registry
+    /// send the runtime layer once; the other mounts it, and so does a later
+    /// push to a third repository; a push to the first one's repository finds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_runtime_layer_is_sent_once_per_registry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        // A runtime of its own (512 KiB that gzip cannot shrink, xorshift),
+        // so its layer is new to the registry and larger than a bundle's.
+        let runtime = tmp.path().join("mesh-runtime");
+        let mut data = format!("\x7fELF runtime of the seeding test {nanos}\n").into_bytes();
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ nanos as u64;
+        data.extend((0..512 * 1024).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        }));
+        std::fs::write(&runtime, data).unwrap();
+        let images = Images::new(Some(runtime));
+
+        let services = ["customer-features", "customer-scoring"];
+        let (b0, b1) = (bundle(services[0]), bundle(services[1]));
+        let digests: Vec<String> = images
+            .digests(&[(services[0], &b0), (services[1], &b1)], 8080)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let base = format!(
+            "{}/mesh-test/seeding-{}-{nanos}",
+            registry(),
+            std::process::id()
+        );
+        let repo = |s: &str| format!("{base}-{s}");
+        let rt = images
+            .build(services[0], &b0, 8080)
+            .unwrap()
+            .layer(LayerKind::Runtime)
+            .clone();
+
+        let auth = RegistryAuth::Anonymous;
+        let (r0, r1) = (repo(services[0]), repo(services[1]));
+        let (a, b) = tokio::join!(
+            images.push_detailed(services[0], b0, 8080, &digests[0], &r0, auth.clone()),
+            images.push_detailed(
+                services[1],
+                bundle(services[1]),
+                8080,
+                &digests[1],
+                &r1,
+                auth.clone()
+            ),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let sent: Vec<&Pushed> = [&a, &b]
+            .into_iter()
+            .filter(|p| p.uploaded.contains(&rt.digest))
+            .collect();
+        assert_eq!(sent.len(), 1, "sent once: {a:?} {b:?}");
+        let (seed, other) = if sent[0] == &a { (&a, &b) } else { (&b, &a) };
+        assert_eq!(other.mounted, vec![rt.digest.clone()], "{other:?}");
+        assert!(other.uploaded_bytes < rt.size, "{other:?}");
+        assert!(seed.mounted.is_empty(), "{seed:?}");
+
+        // Later: a third repository mounts it too; the seed's repository has it.
+        let third = images
+            .push_detailed(
+                services[1],
+                bundle(services[1]),
+                8080,
+                &digests[1],
+                &repo("third"),
+                auth.clone(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(third.mounted, vec![rt.digest.clone()], "{third:?}");
+        let seed_repo = seed.pinned.split('@').next().unwrap();
+        let seed_service = if seed == &a { services[0] } else { services[1] };
+        let seed_bundle = bundle(seed_service);
+        let seed_digest = if seed == &a { &digests[0] } else { &digests[1] };
+        let again = images
+            .push_detailed(
+                seed_service,
+                seed_bundle,
+                8080,
+                seed_digest,
+                &format!("{seed_repo}:again"),
+                auth,
+            )
+            .await
+            .unwrap();
+        assert!(
+            again.mounted.is_empty() && again.uploaded.is_empty(),
+            "{again:?}"
+        );
+        assert_eq!(again.tag.as_deref(), Some("again"));
+        assert!(again.manifest_written);
     }
 }

@@ -21,6 +21,9 @@ pub const ANNOTATION_ADDRESS: &str = "mesh.dev/address";
 pub const ANNOTATION_SECRET_HASH: &str = "mesh.dev/secret-hash";
 /// Digest of the service config (on the pod template, so a config change rolls the pods).
 pub const ANNOTATION_CONFIG_HASH: &str = "mesh.dev/config-hash";
+/// On a namespace that existed before mesh applied the stack: destroy gives
+/// it back (removes mesh's labels and annotations) instead of deleting it.
+pub const ANNOTATION_ADOPTED: &str = "mesh.dev/adopted";
 
 /// One kind of object mesh manages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

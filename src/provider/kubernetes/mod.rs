@@ -73,6 +73,18 @@ pub type AccessSource = Arc<
         + Sync,
 >;
 
+/// Credentials for pushing to a registry host (e.g. ECR's, from the aws
+/// provider's `GetAuthorizationToken`), asked at push time. `None`: the
+/// host is not one the source knows; [`Settings::registry_auth`] is used.
+pub type RegistryAuthSource = Arc<
+    dyn Fn(
+            String,
+        )
+            -> Pin<Box<dyn Future<Output = Result<Option<RegistryAuth>, ProviderError>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Knobs of the provider; [`Settings::from_env`] suits real clusters.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -139,6 +151,8 @@ pub struct KubernetesProvider {
     /// The stack's namespace, once known: where to look when listing across
     /// namespaces is forbidden (a user with rights in one namespace only).
     namespace: std::sync::Mutex<Option<String>>,
+    /// Where push credentials come from before [`Settings::registry_auth`].
+    registry_auth_source: Option<RegistryAuthSource>,
 }
 
 const OWNER: &str = "mesh";
@@ -197,6 +211,7 @@ impl KubernetesProvider {
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
+            registry_auth_source: None,
         })
     }
 
@@ -211,6 +226,7 @@ impl KubernetesProvider {
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
+            registry_auth_source: None,
         })
     }
 
@@ -226,7 +242,25 @@ impl KubernetesProvider {
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
+            registry_auth_source: None,
         }
+    }
+
+    /// Asks `source` for push credentials first (ECR on an aws environment).
+    pub fn with_registry_auth_source(mut self, source: RegistryAuthSource) -> Self {
+        self.registry_auth_source = Some(source);
+        self
+    }
+
+    /// The credentials to push to `repository` (`host/path`).
+    async fn registry_auth_for(&self, repository: &str) -> Result<RegistryAuth, ProviderError> {
+        let host = repository.split('/').next().unwrap_or_default().to_owned();
+        if let Some(source) = &self.registry_auth_source
+            && let Some(auth) = source(host).await?
+        {
+            return Ok(auth);
+        }
+        Ok(self.settings.registry_auth.clone())
     }
 
     /// Remembers image digests under the stack's state folder (`.mesh/<env>/`).
@@ -433,6 +467,16 @@ fn live_of(kind: Kind, obj: &J) -> Option<Live> {
         live = live.output("namespace", ns);
     }
     match kind {
+        Kind::Namespace => {
+            let adopted = obj
+                .pointer("/metadata/annotations")
+                .and_then(|a| a.get(kinds::ANNOTATION_ADOPTED))
+                .and_then(J::as_str)
+                == Some("true");
+            if adopted {
+                live = live.output("adopted", true);
+            }
+        }
         Kind::Service => {
             let port = obj
                 .pointer("/spec/ports/0/port")
@@ -551,6 +595,21 @@ impl KubernetesProvider {
             .and_then(J::as_str)
             .map(str::to_owned);
         let api = api_for(&conn, kind, ns.as_deref());
+        // A namespace that is already there (made by hand, or by another
+        // tool) is adopted: destroy will give it back rather than delete it.
+        if kind == Kind::Namespace && change.live.is_none() {
+            let existing = api.get_opt(&name).await.map_err(|e| ProviderError::Api {
+                address: address.clone(),
+                message: format!("reading Namespace {name}: {}", describe(&e, &conn)),
+            })?;
+            if existing.is_some() {
+                manifest["metadata"]["annotations"][kinds::ANNOTATION_ADOPTED] = json!("true");
+                ctx.progress(
+                    address,
+                    &format!("namespace {name} already exists: adopting it (destroy will leave it in place)"),
+                );
+            }
+        }
         let params = PatchParams::apply(OWNER).force();
         let obj = api
             .patch(&name, &params, &Patch::Apply(&manifest))
@@ -606,13 +665,16 @@ impl KubernetesProvider {
             ));
         }
         let attrs = ctx.resolved_attrs(d);
-        let (repository, digest) = match (
+        // A registry of the stack (ECR) is one repository for all services:
+        // each image is tagged `<service>.<digest hex>`, so the registry's
+        // lifecycle policy keeps the last N of every service.
+        let (repository, digest, shared) = match (
             attrs.get("image"),
             attrs.get("image_repository"),
             attrs.get("image_digest"),
         ) {
             (Some(Value::Str(image)), _, _) => match image.split_once('@') {
-                Some((r, dg)) => (r.to_owned(), dg.to_owned()),
+                Some((r, dg)) => (r.to_owned(), dg.to_owned(), false),
                 None => {
                     return Err(invalid(
                         address,
@@ -621,7 +683,7 @@ impl KubernetesProvider {
                 }
             },
             (_, Some(Value::Str(r)), Some(Value::Str(dg))) if !r.is_empty() => {
-                (r.clone(), dg.clone())
+                (r.clone(), dg.clone(), true)
             }
             _ => {
                 return Err(invalid(
@@ -644,6 +706,12 @@ impl KubernetesProvider {
         )
         .map_err(|m| invalid(address, m))?;
         let service = bundle.config.service.clone();
+        let reference = if shared {
+            objects::shared_repository_tag(&repository, &service, &digest)
+        } else {
+            repository.clone()
+        };
+        let auth = self.registry_auth_for(&repository).await?;
         if let Some(rt) = self.images.runtime()
             && !crate::image::is_static_executable(rt).unwrap_or(false)
         {
@@ -652,20 +720,47 @@ impl KubernetesProvider {
         ctx.progress(address, &format!("pushing image {pinned}"));
         let pushed = self
             .images
-            .push(
-                &service,
-                bundle,
-                RUNTIME_PORT,
-                &digest,
-                &repository,
-                self.settings.registry_auth.clone(),
-            )
+            .push(&service, bundle, RUNTIME_PORT, &digest, &reference, auth)
             .await
             .map_err(|m| ProviderError::Api {
                 address: address.clone(),
                 message: format!("pushing the image: {m}"),
             })?;
         Ok(pushed)
+    }
+
+    /// Leaves an adopted namespace as it was found: only the labels and
+    /// annotations mesh put on it are removed (a JSON merge patch).
+    async fn give_back_namespace(
+        &self,
+        api: &Api<DynamicObject>,
+        live: &Live,
+        conn: &Conn,
+    ) -> Result<(), ProviderError> {
+        let labels: serde_json::Map<String, J> =
+            [kinds::MANAGED_BY, kinds::LABEL_STACK, kinds::LABEL_ENV]
+                .iter()
+                .map(|k| ((*k).to_owned(), J::Null))
+                .collect();
+        let patch = json!({ "metadata": {
+            "labels": labels,
+            "annotations": { kinds::ANNOTATION_ADDRESS: null, kinds::ANNOTATION_ADOPTED: null },
+        }});
+        match api
+            .patch(&live.id, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(ProviderError::Api {
+                address: live.address.clone(),
+                message: format!(
+                    "removing mesh's labels from Namespace {}: {}",
+                    live.id,
+                    describe(&e, conn)
+                ),
+            }),
+        }
     }
 
     /// Deletes a live object. LoadBalancer Services (whose cloud load
@@ -688,6 +783,9 @@ impl KubernetesProvider {
             None => (None, live.id.as_str()),
         };
         let api = api_for(&conn, kind, ns);
+        if kind == Kind::Namespace && live.outputs.get("adopted") == Some(&Value::Bool(true)) {
+            return self.give_back_namespace(&api, live, &conn).await;
+        }
         match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => return Ok(()),

@@ -409,6 +409,17 @@ pub fn repository(registry_url: &str, stack: &str, service: &str) -> String {
     )
 }
 
+/// `REPO:<service>.<digest hex>`: an image in a repository that several
+/// services share (a stack's ECR registry). Tags are at most 128
+/// characters: 63 (a service name) + 1 + 64.
+pub fn shared_repository_tag(repository: &str, service: &str, digest: &str) -> String {
+    format!(
+        "{repository}:{}.{}",
+        service.to_lowercase(),
+        digest.trim_start_matches("sha256:")
+    )
+}
+
 /// The in-cluster URL of a service: its first exposure's Service.
 fn service_url(stack: &Stack, ns: &str, service: &str) -> String {
     let exposed = stack

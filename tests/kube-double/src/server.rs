@@ -106,11 +106,16 @@ fn route(
         .unwrap_or_default();
     let aggregated =
         accept.contains("g=apidiscovery.k8s.io") && accept.contains("as=APIGroupDiscoveryList");
-    let discovery = matches!(
-        segs.first(),
-        None | Some(&"version" | &"api" | &"apis" | &"healthz" | &"readyz" | &"livez")
-    );
-    if discovery && segs.len() <= 3 && *m != Method::GET {
+    // Discovery documents (read-only): `/api`, `/api/v1`, `/apis`, `/apis/G`,
+    // `/apis/G/V`; `/api/v1/namespaces` is already a collection.
+    let discovery = match segs.first() {
+        None => true,
+        Some(&"version" | &"healthz" | &"readyz" | &"livez") => true,
+        Some(&"api") => segs.len() <= 2,
+        Some(&"apis") => segs.len() <= 3,
+        _ => false,
+    };
+    if discovery && *m != Method::GET {
         return Err(ApiError::method_not_allowed());
     }
     const AGG_CT: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";

@@ -413,6 +413,31 @@ async fn not_found_and_already_exists() {
     assert_eq!(e.code, 405);
 }
 
+/// `POST /api/v1/namespaces` is a create (3 path segments, like the
+/// discovery document `/apis/G/V`, but a collection); discovery stays read-only.
+#[tokio::test]
+async fn namespaces_are_created_by_post_and_discovery_refuses_writes() {
+    let (_d, client) = setup().await;
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "made-by-post", "labels": {"a": "b"}}}))
+            .unwrap();
+    let made = nss.create(&PostParams::default(), &ns).await.unwrap();
+    assert!(made.metadata.uid.is_some());
+    assert!(made.metadata.resource_version.is_some());
+    let e = nss.create(&PostParams::default(), &ns).await.unwrap_err();
+    assert!(
+        matches!(e, kube::Error::Api(ref s) if s.code == 409),
+        "{e:?}"
+    );
+    for path in ["/api/v1", "/apis/apps/v1"] {
+        let e = raw(&client, "POST", path, "application/json", json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, 405, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn label_and_field_selectors() {
     let (_d, client) = setup().await;

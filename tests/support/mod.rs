@@ -1,0 +1,107 @@
+//! A registry of its own that requires Basic credentials, for the tests
+//! that push with credentials (`tests/image.rs`, `tests/kubernetes_e2e.rs`).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+/// The user of [`auth_registry`] as ECR uses it: `AWS`.
+pub const AUTH_USER: &str = "AWS";
+/// The password moto's ECR `GetAuthorizationToken` returns for the default
+/// account (its `authorizationToken` is `base64("AWS:123456789012-auth-token")`).
+pub const AUTH_PASSWORD: &str = "123456789012-auth-token";
+
+/// A registry of its own that requires Basic credentials (htpasswd), as ECR
+/// takes `AWS:<token>`: Debian's `docker-registry` (installed by
+/// `scripts/services start`) on a free loopback port, plain HTTP, its storage
+/// in a temporary folder. Killed, and its storage removed, when dropped.
+/// Self-contained: other test files can copy it as it is.
+pub struct AuthRegistry {
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+    child: std::process::Child,
+    /// `config.yml`, `htpasswd`, `registry.log` and the storage (`data/`).
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AuthRegistry {
+    /// Stops it and starts it again on the same storage and credentials, on
+    /// another port, read-only: it answers reads and refuses every write.
+    pub fn restart_read_only(mut self) -> AuthRegistry {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = self.dir.take().expect("the registry's folder");
+        start_registry(dir, true)
+    }
+}
+
+/// Starts a registry that accepts only `user` with `password` (bcrypt, hashed here).
+pub fn auth_registry(user: &str, password: &str) -> AuthRegistry {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash(password, 4).expect("bcrypt hashes the test password");
+    std::fs::write(dir.path().join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+    start_registry(dir, false)
+}
+
+fn start_registry(dir: tempfile::TempDir, read_only: bool) -> AuthRegistry {
+    let bin = Path::new("/usr/bin/docker-registry");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `scripts/services start` (it installs Debian's docker-registry)",
+        bin.display()
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let host = format!("127.0.0.1:{port}");
+    let config = format!(
+        "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  \
+         maintenance:\n    uploadpurging:\n      enabled: false\n    readonly:\n      enabled: {read_only}\n\
+         auth:\n  htpasswd:\n    realm: mesh-test\n    path: {htpasswd}\nhttp:\n  addr: {host}\n",
+        data = dir.path().join("data").display(),
+        htpasswd = dir.path().join("htpasswd").display(),
+    );
+    std::fs::write(dir.path().join("config.yml"), config).unwrap();
+    let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("serve").arg(dir.path().join("config.yml"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("REGISTRY_")) {
+        cmd.env_remove(k);
+    }
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    let mut reg = AuthRegistry {
+        host,
+        child,
+        dir: Some(dir),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&reg.host).is_err() {
+        let log = || {
+            let dir = reg.dir.as_ref().unwrap().path().join("registry.log");
+            std::fs::read_to_string(dir).unwrap_or_default()
+        };
+        if let Ok(Some(status)) = reg.child.try_wait() {
+            panic!("the htpasswd registry exited ({status}): {}", log());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the htpasswd registry did not start on {} within 30 s: {}",
+            reg.host,
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    reg
+}
