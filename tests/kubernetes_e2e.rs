@@ -1012,3 +1012,135 @@ async fn on_aws_every_service_is_a_tag_in_the_stacks_registry() {
         .collect();
     assert_eq!(got, want_tags);
 }
+
+/// A LoadBalancer Service holds its cloud load balancer (the service
+/// controller's cleanup finalizer keeps it until the balancer is gone):
+/// destroy waits for it, so the network under it can be deleted next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_waits_for_load_balancer_services_to_go() {
+    let c = Cluster::new().await;
+    c.edit("stacks/customer-mesh/stack.toml", |s| {
+        s.replace(
+            "[expose.customer-scoring]\ntype = \"NodePort\"\nport = 8080\nnode_port = 30081\n",
+            "[expose.customer-scoring]\ntype = \"LoadBalancer\"\nport = 8080\n",
+        )
+    });
+    // A namespace that outlives the stack (adopted, given back on destroy), so
+    // only the wait for the Service itself can hold destroy back.
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(c.double.client());
+    let ns = serde_json::from_value(serde_json::json!({ "metadata": { "name": NS } })).unwrap();
+    namespaces
+        .create(&kube::api::PostParams::default(), &ns)
+        .await
+        .unwrap();
+    ok(&c.apply(&[]).await, "apply");
+    let svc = c.object("v1", "Service", "customer-scoring");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(
+        svc["metadata"]["finalizers"][0],
+        "service.kubernetes.io/load-balancer-cleanup"
+    );
+    let out = c.run("output", &["--json"], &[]).await;
+    ok(&out, "output");
+    let urls: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        urls["exposes"]["customer-scoring"]["url"]
+            .as_str()
+            .is_some_and(|u| u.contains(".lb.kube-double.local")),
+        "{urls}"
+    );
+
+    // The balancer takes 2 s to go once the Service is deleted.
+    c.double
+        .set_load_balancer_delay(std::time::Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
+    assert!(
+        c.double
+            .object("v1", "Service", NS, "customer-scoring")
+            .is_none(),
+        "destroy returned while the LoadBalancer Service was still there"
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    let polled = c
+        .double
+        .request_log()
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.contains("/services/customer-scoring"))
+        .count();
+    assert!(polled >= 2, "the Service was polled {polled} times");
+}
+
+/// A release whose pods never become ready fails the apply, naming the
+/// reason; applying the previous stack again rolls the Deployment back to
+/// the image it ran before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_release_is_rolled_back_by_applying_the_previous_stack() {
+    let c = Cluster::new().await;
+    ok(&c.apply(&[]).await, "apply");
+    let image_of = |c: &Cluster| {
+        c.object("apps/v1", "Deployment", "customer-features")["spec"]["template"]["spec"]
+            ["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let good = image_of(&c);
+
+    // A new dataset: a new image, whose pods crash.
+    let csv = "examples/customer-mesh/behavior.csv";
+    let before = std::fs::read_to_string(c.dir.path().join(csv)).unwrap();
+    let mut lines: Vec<&str> = before.lines().collect();
+    lines.truncate(lines.len() - 1);
+    std::fs::write(c.dir.path().join(csv), lines.join("\n") + "\n").unwrap();
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    let bad = plan["resource_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|rc| rc["address"] == "service.customer-features.deployment")
+        .and_then(|rc| {
+            rc["fields"]
+                .as_array()?
+                .iter()
+                .find(|f| f["path"] == "image")?["after"]
+                .as_str()
+        })
+        .unwrap_or_else(|| panic!("no new image in the plan: {plan:#}"))
+        .to_owned();
+    assert_ne!(bad, good);
+    c.double.set_image_rollout(&bad, Rollout::CrashLoop);
+    let out = c.apply(&[]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CrashLoopBackOff"), "{stderr}");
+    assert!(
+        stderr.contains("apply the previous stack to roll back"),
+        "{stderr}"
+    );
+    assert_eq!(image_of(&c), bad);
+
+    // The previous stack: the old image again, rolled out, and nothing left to do.
+    std::fs::write(c.dir.path().join(csv), &before).unwrap();
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
+    assert!(
+        got.contains(&(
+            "service.customer-features.deployment".into(),
+            "update".into()
+        )),
+        "{got:?}"
+    );
+    ok(&c.apply(&[]).await, "apply of the previous stack");
+    assert_eq!(image_of(&c), good);
+    let dep = c.object("apps/v1", "Deployment", "customer-features");
+    assert_eq!(
+        dep["status"]["updatedReplicas"], dep["spec"]["replicas"],
+        "{dep:#}"
+    );
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+}

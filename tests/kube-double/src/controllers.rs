@@ -31,6 +31,9 @@ fn controller_uid(v: &Value) -> Option<String> {
         .and_then(|r| r.get("uid")?.as_str().map(String::from))
 }
 
+/// Kept on a LoadBalancer Service until its cloud load balancer is deleted.
+pub const LB_FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
+
 fn deleting(v: &Value) -> bool {
     v.pointer("/metadata/deletionTimestamp").is_some()
 }
@@ -862,6 +865,11 @@ impl Store {
         })
     }
 
+    /// LoadBalancer Services get an address after `lb_delay` and, like the
+    /// real service controller, the finalizer
+    /// `service.kubernetes.io/load-balancer-cleanup`: deleting one leaves it
+    /// (with a `deletionTimestamp`) until the cloud load balancer is gone,
+    /// `lb_delay` later.
     fn service_controller(&mut self) {
         let svcs: Vec<(Key, Value)> = self
             .of_type(SERVICES)
@@ -870,18 +878,44 @@ impl Store {
         for (key, svc) in svcs {
             let is_lb = get_str(&svc, &["spec", "type"]) == Some("LoadBalancer");
             let has_ingress = svc.pointer("/status/loadBalancer/ingress").is_some();
+            let mut fins = finalizers(&svc);
+            let has_fin = fins.iter().any(|f| f == LB_FINALIZER);
             let mut s2 = svc.clone();
-            if is_lb && !has_ingress && !deleting(&svc) {
-                let created = meta_str(&svc, "creationTimestamp")
-                    .and_then(parse_rfc3339)
-                    .unwrap_or(0);
-                if self.now() >= created + self.lb_delay {
-                    s2["status"] = json!({"loadBalancer": {"ingress": [{"hostname": format!("{}-{}.lb.kube-double.local", key.2, key.1)}]}});
-                } else {
-                    self.timed = true;
+            if deleting(&svc) {
+                if has_fin {
+                    let since = meta_str(&svc, "deletionTimestamp")
+                        .and_then(parse_rfc3339)
+                        .unwrap_or(0);
+                    if self.now() >= since + self.lb_delay {
+                        fins.retain(|f| f != LB_FINALIZER);
+                        set_finalizers(&mut s2, &fins);
+                    } else {
+                        self.timed = true;
+                    }
                 }
-            } else if !is_lb && has_ingress {
-                s2["status"] = json!({"loadBalancer": {}});
+            } else if is_lb {
+                if !has_fin {
+                    fins.push(LB_FINALIZER.to_string());
+                    set_finalizers(&mut s2, &fins);
+                }
+                if !has_ingress {
+                    let created = meta_str(&svc, "creationTimestamp")
+                        .and_then(parse_rfc3339)
+                        .unwrap_or(0);
+                    if self.now() >= created + self.lb_delay {
+                        s2["status"] = json!({"loadBalancer": {"ingress": [{"hostname": format!("{}-{}.lb.kube-double.local", key.2, key.1)}]}});
+                    } else {
+                        self.timed = true;
+                    }
+                }
+            } else {
+                if has_ingress {
+                    s2["status"] = json!({"loadBalancer": {}});
+                }
+                if has_fin {
+                    fins.retain(|f| f != LB_FINALIZER);
+                    set_finalizers(&mut s2, &fins);
+                }
             }
             if s2 != svc {
                 self.put(key, s2);

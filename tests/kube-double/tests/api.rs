@@ -692,6 +692,46 @@ async fn load_balancer_gets_an_ingress_hostname() {
         .ingress
         .unwrap();
     assert!(ing[0].hostname.as_deref().unwrap().contains("lb"));
+
+    // The service controller's finalizer holds a deleted LoadBalancer Service
+    // until its cloud load balancer is gone.
+    let fins = svcs
+        .get("lb")
+        .await
+        .unwrap()
+        .metadata
+        .finalizers
+        .unwrap_or_default();
+    assert_eq!(fins, ["service.kubernetes.io/load-balancer-cleanup"]);
+    svcs.delete("lb", &DeleteParams::default()).await.unwrap();
+    let going = svcs.get("lb").await.unwrap();
+    assert!(going.metadata.deletion_timestamp.is_some());
+    d.advance_clock(Duration::from_secs(31));
+    assert!(svcs.get_opt("lb").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_service_that_stops_being_a_load_balancer_drops_the_finalizer() {
+    let (_d, client) = setup().await;
+    let svcs: Api<Service> = Api::namespaced(client, "default");
+    apply(&svcs, "lb", "mesh", &service("lb", "LoadBalancer", None))
+        .await
+        .unwrap();
+    assert!(svcs.get("lb").await.unwrap().metadata.finalizers.is_some());
+    apply(&svcs, "lb", "mesh", &service("lb", "ClusterIP", None))
+        .await
+        .unwrap();
+    let s = svcs.get("lb").await.unwrap();
+    assert!(
+        s.metadata.finalizers.is_none(),
+        "{:?}",
+        s.metadata.finalizers
+    );
+    svcs.delete("lb", &DeleteParams::default()).await.unwrap();
+    assert!(
+        svcs.get_opt("lb").await.unwrap().is_none(),
+        "deleted at once"
+    );
 }
 
 #[tokio::test]
