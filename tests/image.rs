@@ -1078,3 +1078,33 @@ fn static_runtime_runs_from_scratch() {
     );
     assert!(lookup.contains("C00042"), "{lookup}");
 }
+
+/// Pushes of the same image to the same repository at the same time (two
+/// pipelines releasing one service) all succeed: the registry may briefly
+/// not know a blob another push is linking, and the push sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_of_one_image_to_one_repository_all_succeed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = std::sync::Arc::new(build(&fake_runtime(tmp.path()), &bundle(&root(), SERVICE)));
+    for round in 0..3 {
+        let repo = unique_repo(&format!("race{round}"));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let img = img.clone();
+            let repo = repo.clone();
+            set.spawn(async move {
+                image::push_detailed(
+                    &img,
+                    &repo,
+                    RegistryAuth::Anonymous,
+                    &PushOptions::default(),
+                )
+                .await
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            let pushed = r.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(pushed.pinned, format!("{repo}@{}", img.manifest_digest()));
+        }
+    }
+}

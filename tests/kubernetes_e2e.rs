@@ -63,7 +63,10 @@ struct Cluster {
 
 impl Cluster {
     async fn new() -> Cluster {
-        let registry = format!("{}/mesh-e2e-{}", registry(), std::process::id());
+        // A repository path of its own: tests run side by side.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let registry = format!("{}/mesh-e2e-{}-{n}", registry(), std::process::id());
         let dir = tempfile::tempdir().unwrap();
         copy_dir(
             &repo().join("stacks/customer-mesh"),
@@ -758,25 +761,27 @@ async fn a_namespace_that_was_there_is_given_back_not_deleted() {
     assert!(namespaces.get(NS).await.is_ok());
 }
 
-/// Images go to a registry that requires credentials with those the
-/// provider's registry-auth source gives for its host (on an aws environment:
-/// ECR's `GetAuthorizationToken`); without them the push fails in one line
-/// that names the registry and shows no password.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn images_are_pushed_with_the_credentials_of_the_auth_source() {
-    use std::sync::{Arc, Mutex};
+// ------------------------------------------- the provider through the library
+
+/// The stack at `env`, its scope, and a provider reaching the double through
+/// an access source (as on EKS), with images pushed to `registry`
+/// (`None`: the environment's own) and credentials from `auth`.
+fn library_provider(
+    c: &Cluster,
+    env: &str,
+    registry: Option<String>,
+    auth: Option<mesh::provider::kubernetes::RegistryAuthSource>,
+) -> (
+    mesh::stack::Stack,
+    mesh::resource::Scope,
+    mesh::provider::kubernetes::KubernetesProvider,
+) {
+    use std::sync::Arc;
 
     use mesh::image::RegistryAuth;
-    use mesh::plan;
-    use mesh::provider::kubernetes::{
-        AccessSource, KubeAccess, KubernetesProvider, RegistryAuthSource, Settings,
-    };
-    use mesh::provider::{ApplyContext, Provider};
+    use mesh::provider::kubernetes::{AccessSource, KubeAccess, KubernetesProvider, Settings};
 
-    let reg = support::auth_registry(support::AUTH_USER, support::AUTH_PASSWORD);
-    let c = Cluster::new().await;
-    let stack =
-        mesh::stack::load(&c.stack, Some("existing")).unwrap_or_else(|r| panic!("{}", r.render()));
+    let stack = mesh::stack::load(&c.stack, Some(env)).unwrap_or_else(|r| panic!("{}", r.render()));
     let scope = mesh::resource::Scope {
         stack: stack.name.clone(),
         env: stack.env.name.clone(),
@@ -793,101 +798,157 @@ async fn images_are_pushed_with_the_credentials_of_the_auth_source() {
             }))
         })
     });
-    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = asked.clone();
-    let auth: RegistryAuthSource = Arc::new(move |host: String| {
-        seen.lock().unwrap().push(host);
-        Box::pin(async move {
-            Ok(Some(RegistryAuth::Basic {
+    let mut settings = Settings::from_env();
+    settings.registry = registry;
+    settings.registry_auth = RegistryAuth::Anonymous;
+    settings.runtime = Some(c.dir.path().join("mesh-runtime"));
+    let mut p =
+        KubernetesProvider::from_access_source("library", access, settings).with_state_dir(&stack);
+    if let Some(auth) = auth {
+        p = p.with_registry_auth_source(auth);
+    }
+    (stack, scope, p)
+}
+
+/// Plans (with `extra` live resources, as other providers would report
+/// them) and applies every change to a desired object, without waiting.
+async fn plan_and_apply(
+    p: &mesh::provider::kubernetes::KubernetesProvider,
+    stack: &mesh::stack::Stack,
+    scope: &mesh::resource::Scope,
+    extra: Vec<mesh::resource::Live>,
+) -> Result<(), String> {
+    use mesh::plan;
+    use mesh::provider::{ApplyContext, Provider};
+
+    let desired = p.desired(stack).map_err(|e| e.to_string())?;
+    let mut live = p.observe(scope).await.map_err(|e| e.to_string())?;
+    live.extend(extra);
+    let the_plan = plan::diff(
+        &stack.name,
+        &stack.env.name,
+        &desired,
+        &live,
+        &plan::Options::default(),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let ctx = ApplyContext::new(scope.clone(), &the_plan.live, rx, true);
+    for ch in the_plan
+        .changes
+        .iter()
+        .filter(|ch| !ch.action.is_noop() && ch.desired.is_some())
+    {
+        p.apply(ch, &ctx)
+            .await
+            .map_err(|e| format!("{}: {e}", ch.address))?;
+    }
+    Ok(())
+}
+
+/// Credentials the test registry takes, from a registry-auth source that
+/// records the hosts it was asked for.
+fn recording_auth_source(
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> mesh::provider::kubernetes::RegistryAuthSource {
+    std::sync::Arc::new(move |host: String| {
+        asked.lock().unwrap().push(host);
+        Box::pin(async {
+            Ok(Some(mesh::image::RegistryAuth::Basic {
                 user: support::AUTH_USER.into(),
                 password: support::AUTH_PASSWORD.into(),
             }))
         })
-    });
-    let provider = |with_auth: bool| {
-        let mut settings = Settings::from_env();
-        settings.registry = Some(format!("{}/mesh", reg.host));
-        settings.registry_auth = RegistryAuth::Anonymous;
-        settings.runtime = Some(c.dir.path().join("mesh-runtime"));
-        let p = KubernetesProvider::from_access_source("with-auth", access.clone(), settings)
-            .with_state_dir(&stack);
-        if with_auth {
-            p.with_registry_auth_source(auth.clone())
-        } else {
-            p
-        }
+    })
+}
+
+/// `GET http://HOST/PATH` with the test registry's Basic credentials (or
+/// none): status and body.
+fn registry_get(host: &str, path: &str, with_credentials: bool) -> (u16, String) {
+    let basic = serde_json::to_value(k8s_openapi::ByteString(
+        format!("{}:{}", support::AUTH_USER, support::AUTH_PASSWORD).into_bytes(),
+    ))
+    .unwrap();
+    let auth = if with_credentials {
+        format!("Authorization: Basic {}\r\n", basic.as_str().unwrap())
+    } else {
+        String::new()
     };
-    let run = |p: KubernetesProvider| {
-        let stack = &stack;
-        let scope = scope.clone();
-        async move {
-            let desired = p.desired(stack).unwrap();
-            let live = p.observe(&scope).await.unwrap();
-            let plan = plan::diff(
-                &stack.name,
-                &stack.env.name,
-                &desired,
-                &live,
-                &plan::Options::default(),
-            );
-            let (_tx, rx) = tokio::sync::watch::channel(false);
-            let ctx = ApplyContext::new(scope, &plan.live, rx, true);
-            for ch in plan.changes.iter().filter(|ch| !ch.action.is_noop()) {
-                p.apply(ch, &ctx).await.map_err(|e| e.to_string())?;
-            }
-            Ok::<(), String>(())
-        }
-    };
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+fn deployment_image(c: &Cluster, service: &str) -> String {
+    c.object("apps/v1", "Deployment", service)["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Images go to a registry that requires credentials with those the
+/// provider's registry-auth source gives for its host (on an aws environment:
+/// ECR's `GetAuthorizationToken`); without them the push fails in one line
+/// that names the registry and shows no password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_pushed_with_the_credentials_of_the_auth_source() {
+    use std::sync::{Arc, Mutex};
+
+    let reg = support::auth_registry(support::AUTH_USER, support::AUTH_PASSWORD);
+    let c = Cluster::new().await;
+    let url = Some(format!("{}/mesh", reg.host));
 
     // Anonymous: refused by the registry, nothing applied past it.
-    let err = run(provider(false))
+    let (stack, scope, p) = library_provider(&c, "existing", url.clone(), None);
+    let err = plan_and_apply(&p, &stack, &scope, Vec::new())
         .await
         .expect_err("an anonymous push is refused");
     assert!(err.contains(&reg.host) && err.contains("401"), "{err}");
     assert!(!err.contains(support::AUTH_PASSWORD), "{err}");
-    assert!(asked.lock().unwrap().is_empty());
 
     // With the source's credentials: pushed, and the Deployment pins the image.
-    run(provider(true)).await.expect("apply with credentials");
-    assert!(
-        asked.lock().unwrap().iter().all(|h| *h == reg.host) && !asked.lock().unwrap().is_empty(),
-        "{asked:?}"
-    );
-    let dep = c.object("apps/v1", "Deployment", "customer-features");
-    let image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let auth = recording_auth_source(asked.clone());
+    let (stack, scope, p) = library_provider(&c, "existing", url, Some(auth));
+    plan_and_apply(&p, &stack, &scope, Vec::new())
+        .await
+        .expect("apply with credentials");
+    {
+        let asked = asked.lock().unwrap();
+        assert!(
+            !asked.is_empty() && asked.iter().all(|h| *h == reg.host),
+            "{asked:?}"
+        );
+    }
+    let image = deployment_image(&c, "customer-features");
     let (repository, digest) = image.split_once('@').expect("pinned by digest");
     assert_eq!(
         repository,
         format!("{}/mesh/customer-mesh-customer-features", reg.host)
     );
     let path = repository.split_once('/').unwrap().1;
-    let basic = serde_json::to_value(k8s_openapi::ByteString(
-        format!("{}:{}", support::AUTH_USER, support::AUTH_PASSWORD).into_bytes(),
-    ))
-    .unwrap();
-    let get = |auth: Option<&str>| {
-        let mut s = std::net::TcpStream::connect(&reg.host).unwrap();
-        let auth = auth
-            .map(|a| format!("Authorization: Basic {a}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "GET /v2/{path}/manifests/{digest} HTTP/1.1\r\nHost: {}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n{auth}Connection: close\r\n\r\n",
-            reg.host
-        )
-        .unwrap();
-        let mut buf = String::new();
-        let _ = s.read_to_string(&mut buf);
-        buf.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .unwrap_or(0)
-    };
-    assert_eq!(get(basic.as_str()), 200, "the image is in the registry");
-    assert_eq!(get(None), 401, "and the registry does require credentials");
+    let manifest = format!("/v2/{path}/manifests/{digest}");
+    assert_eq!(
+        registry_get(&reg.host, &manifest, true).0,
+        200,
+        "the image is there"
+    );
+    assert_eq!(
+        registry_get(&reg.host, &manifest, false).0,
+        401,
+        "and the registry does require credentials"
+    );
 }
 
 /// On an aws environment the images go to the stack's registry (ECR): one
@@ -898,51 +959,13 @@ async fn images_are_pushed_with_the_credentials_of_the_auth_source() {
 /// ECR's `<account>.dkr.ecr.<region>.amazonaws.com/<repo>` would be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_aws_every_service_is_a_tag_in_the_stacks_registry() {
-    use std::sync::Arc;
-
-    use mesh::image::RegistryAuth;
-    use mesh::plan;
-    use mesh::provider::kubernetes::{
-        AccessSource, KubeAccess, KubernetesProvider, RegistryAuthSource, Settings,
-    };
-    use mesh::provider::{ApplyContext, Provider};
     use mesh::resource::{Address, Live, ProviderId};
 
     let reg = support::auth_registry(support::AUTH_USER, support::AUTH_PASSWORD);
     let c = Cluster::new().await;
-    let stack =
-        mesh::stack::load(&c.stack, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+    let auth = recording_auth_source(Default::default());
+    let (stack, scope, p) = library_provider(&c, "dev", None, Some(auth));
     let registry_name = stack.env.registry.clone().expect("dev names a registry");
-    let scope = mesh::resource::Scope {
-        stack: stack.name.clone(),
-        env: stack.env.name.clone(),
-        root: stack.root.clone(),
-    };
-    let url = c.double.url();
-    let access: AccessSource = Arc::new(move || {
-        let url = url.clone();
-        Box::pin(async move {
-            Ok(Some(KubeAccess {
-                endpoint: url,
-                ca_pem: String::new(),
-                token: "t0ken".into(),
-            }))
-        })
-    });
-    let auth: RegistryAuthSource = Arc::new(|_host: String| {
-        Box::pin(async {
-            Ok(Some(RegistryAuth::Basic {
-                user: support::AUTH_USER.into(),
-                password: support::AUTH_PASSWORD.into(),
-            }))
-        })
-    });
-    let mut settings = Settings::from_env();
-    settings.registry = None;
-    settings.runtime = Some(c.dir.path().join("mesh-runtime"));
-    let p = KubernetesProvider::from_access_source("eks", access, settings)
-        .with_state_dir(&stack)
-        .with_registry_auth_source(auth);
 
     // The registry as the aws provider reports it once created.
     let repository = format!("{}/customer-mesh/dev/{registry_name}", reg.host);
@@ -950,63 +973,27 @@ async fn on_aws_every_service_is_a_tag_in_the_stacks_registry() {
         Address::of("registry", &registry_name),
         "aws_ecr_repository",
         ProviderId::Aws,
-        "customer-mesh/dev/platform",
+        format!("customer-mesh/dev/{registry_name}"),
     )
     .output("url", repository.as_str());
+    plan_and_apply(&p, &stack, &scope, vec![registry_live])
+        .await
+        .expect("apply");
 
-    let desired = p.desired(&stack).unwrap();
-    let mut live = p.observe(&scope).await.unwrap();
-    live.push(registry_live);
-    let the_plan = plan::diff(
-        &stack.name,
-        &stack.env.name,
-        &desired,
-        &live,
-        &plan::Options::default(),
-    );
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    let ctx = ApplyContext::new(scope, &the_plan.live, rx, true);
-    for ch in the_plan
-        .changes
-        .iter()
-        .filter(|ch| !ch.action.is_noop() && ch.desired.is_some())
-    {
-        p.apply(ch, &ctx)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", ch.address));
-    }
-
-    let path = repository.split_once('/').unwrap().1.to_owned();
     let mut want_tags = BTreeSet::new();
     for svc in ["customer-features", "customer-scoring"] {
-        let dep = c.object("apps/v1", "Deployment", svc);
-        let image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let image = deployment_image(&c, svc);
         let (repo, digest) = image.split_once('@').expect("pinned by digest");
         assert_eq!(repo, repository, "{svc} is in the stack's repository");
         want_tags.insert(format!("{svc}.{}", digest.trim_start_matches("sha256:")));
     }
-    let basic = serde_json::to_value(k8s_openapi::ByteString(
-        format!("{}:{}", support::AUTH_USER, support::AUTH_PASSWORD).into_bytes(),
-    ))
-    .unwrap();
-    let mut s = std::net::TcpStream::connect(&reg.host).unwrap();
-    write!(
-        s,
-        "GET /v2/{path}/tags/list HTTP/1.1\r\nHost: {}\r\nAuthorization: Basic {}\r\nConnection: close\r\n\r\n",
-        reg.host,
-        basic.as_str().unwrap()
-    )
-    .unwrap();
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let tags: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {buf}"));
+    let path = repository.split_once('/').unwrap().1;
+    let (status, body) = registry_get(&reg.host, &format!("/v2/{path}/tags/list"), true);
+    assert_eq!(status, 200, "{body}");
+    let tags: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     let got: BTreeSet<String> = tags["tags"]
         .as_array()
-        .unwrap_or_else(|| panic!("{buf}"))
+        .unwrap_or_else(|| panic!("{body}"))
         .iter()
         .map(|t| t.as_str().unwrap().to_owned())
         .collect();
@@ -1079,14 +1066,7 @@ async fn destroy_waits_for_load_balancer_services_to_go() {
 async fn a_failed_release_is_rolled_back_by_applying_the_previous_stack() {
     let c = Cluster::new().await;
     ok(&c.apply(&[]).await, "apply");
-    let image_of = |c: &Cluster| {
-        c.object("apps/v1", "Deployment", "customer-features")["spec"]["template"]["spec"]
-            ["containers"][0]["image"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let good = image_of(&c);
+    let good = deployment_image(&c, "customer-features");
 
     // A new dataset: a new image, whose pods crash.
     let csv = "examples/customer-mesh/behavior.csv";
@@ -1120,7 +1100,7 @@ async fn a_failed_release_is_rolled_back_by_applying_the_previous_stack() {
         stderr.contains("apply the previous stack to roll back"),
         "{stderr}"
     );
-    assert_eq!(image_of(&c), bad);
+    assert_eq!(deployment_image(&c, "customer-features"), bad);
 
     // The previous stack: the old image again, rolled out, and nothing left to do.
     std::fs::write(c.dir.path().join(csv), &before).unwrap();
@@ -1135,7 +1115,7 @@ async fn a_failed_release_is_rolled_back_by_applying_the_previous_stack() {
         "{got:?}"
     );
     ok(&c.apply(&[]).await, "apply of the previous stack");
-    assert_eq!(image_of(&c), good);
+    assert_eq!(deployment_image(&c, "customer-features"), good);
     let dep = c.object("apps/v1", "Deployment", "customer-features");
     assert_eq!(
         dep["status"]["updatedReplicas"], dep["spec"]["replicas"],

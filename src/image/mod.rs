@@ -883,8 +883,7 @@ pub async fn push_detailed(
         .map(|l| (Some(l.kind), l.digest.as_str(), l.data.as_slice()))
         .chain([(None, image.config_digest.as_str(), image.config.as_slice())]);
     for (kind, digest, data) in blobs {
-        let have = client
-            .blob_exists(&parsed, digest)
+        let have = transient_retry(|| client.blob_exists(&parsed, digest))
             .await
             .map_err(|e| fail(&format!("check blob {digest}"), e))?;
         if have {
@@ -901,8 +900,7 @@ pub async fn push_detailed(
                 continue;
             }
         }
-        client
-            .push_blob(&parsed, data.to_vec(), digest)
+        transient_retry(|| client.push_blob(&parsed, data.to_vec(), digest))
             .await
             .map_err(|e| fail(&format!("upload blob {digest}"), e))?;
         pushed.uploaded.push(digest.to_owned());
@@ -938,29 +936,101 @@ pub async fn push_detailed(
         }
     };
     if let Some(tag) = tag.as_deref().filter(|_| write) {
-        let content_type = MANIFEST_MEDIA_TYPE.parse().expect("a valid header value");
-        match client
-            .push_manifest_raw(&at(tag), image.manifest.clone(), content_type)
+        let mut resent = false;
+        loop {
+            let target = at(tag);
+            match transient_retry(|| {
+                client.push_manifest_raw(
+                    &target,
+                    image.manifest.clone(),
+                    MANIFEST_MEDIA_TYPE.parse().expect("a valid header value"),
+                )
+            })
             .await
-        {
-            Ok(_) => pushed.manifest_written = true,
-            // Refused, but the tag holds this manifest now (another push of
-            // the same image won the race, or the registry refuses to store a
-            // manifest again under a tag that already holds it): done.
-            Err(_) if holds_this(at(tag)).await => {}
-            Err(e) => {
-                return Err(fail(
-                    &format!(
-                        "store the manifest {} under the tag {tag}",
-                        image.manifest_digest()
-                    ),
-                    e,
-                ));
+            {
+                Ok(_) => pushed.manifest_written = true,
+                // Refused, but the tag holds this manifest now (another push of
+                // the same image won the race, or the registry refuses to store a
+                // manifest again under a tag that already holds it): done.
+                Err(_) if holds_this(at(tag)).await => {}
+                // A blob the registry said it had (or had just taken) is unknown
+                // to it now: concurrent pushes of the same blob, or a registry
+                // whose storage is only eventually consistent. Send those blobs
+                // again, once, and store the manifest again.
+                Err(e) if !resent && e.to_string().contains("MANIFEST_BLOB_UNKNOWN") => {
+                    resent = true;
+                    let named = e.to_string();
+                    let blobs = image
+                        .layers
+                        .iter()
+                        .map(|l| (l.digest.as_str(), l.data.as_slice()))
+                        .chain([(image.config_digest.as_str(), image.config.as_slice())])
+                        .filter(|(d, _)| named.contains(d));
+                    for (digest, data) in blobs {
+                        transient_retry(|| client.push_blob(&parsed, data.to_vec(), digest))
+                            .await
+                            .map_err(|e| fail(&format!("upload blob {digest}"), e))?;
+                        if !pushed.uploaded.iter().any(|u| u == digest) {
+                            pushed.uploaded.push(digest.to_owned());
+                            pushed.uploaded_bytes += data.len() as u64;
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    return Err(fail(
+                        &format!(
+                            "store the manifest {} under the tag {tag}",
+                            image.manifest_digest()
+                        ),
+                        e,
+                    ));
+                }
             }
+            break;
         }
     }
     pushed.tag = tag;
     Ok(pushed)
+}
+
+/// Runs a registry call again (twice at most, after 100 then 400 ms) when
+/// it failed in a way that may pass: a 5xx, or the connection. Registries
+/// answer 500 while another push links the same blob (Debian's
+/// docker-registry reads a half-written link file), and ECR throttles.
+async fn transient_retry<T, F, Fut>(
+    mut call: F,
+) -> Result<T, oci_client::errors::OciDistributionError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, oci_client::errors::OciDistributionError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if attempt < 3 && is_transient(&e) => {
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_transient(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::OciDistributionError as E;
+    match e {
+        E::ServerError { code, .. } => *code >= 500 || *code == 429,
+        E::RequestError(r) => {
+            r.is_connect()
+                || r.is_timeout()
+                || r.status()
+                    .is_some_and(|s| s.is_server_error() || s.as_u16() == 429)
+        }
+        _ => false,
+    }
 }
 
 fn plain_http(registry: &str) -> bool {
