@@ -173,6 +173,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 for d in [
                     dir.join("services"),
                     dir.join("exposes"),
+                    dir.join("access"),
                     dir.clone(),
                     stack.root.join(".mesh"),
                 ] {
@@ -411,10 +412,12 @@ async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
                 );
             }
         }
-        exposes.insert(
-            name.clone(),
-            serde_json::json!({ "service": e.service, "url": url, "node_port": node_port, "health": format!("{url}/readyz"), "openapi": format!("{url}/openapi.json"), "endpoints": endpoints }),
-        );
+        let mut entry = serde_json::json!({ "service": e.service, "url": url, "node_port": node_port, "health": format!("{url}/readyz"), "openapi": format!("{url}/openapi.json"), "endpoints": endpoints });
+        // Local exposures limited to some callers: where this machine's key is.
+        if let Some(Value::Str(key)) = l.outputs.get("api_key_file") {
+            entry["api_key_file"] = serde_json::Value::String(key.clone());
+        }
+        exposes.insert(name.clone(), entry);
     }
     if json {
         println!(
@@ -432,6 +435,11 @@ async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
     } else {
         for (name, v) in &exposes {
             println!("{name}: {}", v["url"].as_str().unwrap_or_default());
+            if let Some(key) = v["api_key_file"].as_str() {
+                println!(
+                    "  (callers need a key: from this machine send `X-API-Key: $(cat {key})`)"
+                );
+            }
             if let Some(eps) = v["endpoints"].as_object() {
                 for (ep, url) in eps {
                     println!("  {ep}: {}", url.as_str().unwrap_or_default());

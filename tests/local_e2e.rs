@@ -168,12 +168,20 @@ fn ok(out: &Output, what: &str) {
 }
 
 fn post(url: &str, body: &Value) -> (u16, Value) {
+    post_with_key(url, body, None)
+}
+
+/// POST with `X-API-Key` when `key` is given.
+fn post_with_key(url: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(host).unwrap();
     let body = body.to_string();
-    write!(s, "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let key = key
+        .map(|k| format!("X-API-Key: {k}\r\n"))
+        .unwrap_or_default();
+    write!(s, "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).unwrap();
     let status: u16 = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -231,6 +239,46 @@ fn apply_serve_drift_repair_destroy() {
         "{predict_url}"
     );
 
+    // Only customer-scoring may call customer-features (`allow`): on loopback
+    // that is a key per caller. Without one, 401; with the operator's, 200;
+    // customer-scoring (allowed from anywhere) needs none.
+    assert!(
+        urls["exposes"]["customer-scoring"]["api_key_file"].is_null(),
+        "{urls}"
+    );
+    let key_file = urls["exposes"]["customer-features"]["api_key_file"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no api_key_file for customer-features: {urls}"))
+        .to_owned();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "{key_file}");
+    let operator_key = std::fs::read_to_string(&key_file).unwrap();
+    let ask = serde_json::json!({"data": {"customer_id": "C00042"}});
+    let (status, refused) = post(&lookup_url, &ask);
+    assert_eq!(status, 401, "{refused}");
+    assert_eq!(refused["error"]["code"], "unauthorized", "{refused}");
+    let (status, _) = post_with_key(&lookup_url, &ask, Some("not-the-key"));
+    assert_eq!(status, 403);
+    let (status, row) = post_with_key(&lookup_url, &ask, Some(&operator_key));
+    assert_eq!(status, 200, "{row}");
+    let keys = std::path::Path::new(&key_file).parent().unwrap();
+    let mut callers: Vec<String> = std::fs::read_dir(keys)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    callers.sort();
+    assert_eq!(callers, ["customer-scoring", "operator"]);
+    let plan_text = String::from_utf8_lossy(&m.run("plan", &[]).stdout).into_owned();
+    for k in [
+        &key_file,
+        &keys.join("customer-scoring").display().to_string(),
+    ] {
+        let key = std::fs::read_to_string(k).unwrap();
+        assert!(!plan_text.contains(&key), "a key in the plan");
+    }
+
     // Predict by id alone: the scoring service enriches from the feature service.
     let (status, by_id) = post(
         &predict_url,
@@ -266,9 +314,10 @@ fn apply_serve_drift_repair_destroy() {
         vec![("service.customer-features".to_owned(), "update".to_owned())]
     );
     ok(&m.apply(), "apply after dataset edit");
-    let (status, row) = post(
+    let (status, row) = post_with_key(
         &lookup_url,
         &serde_json::json!({"data": {"customer_id": "C00042"}}),
+        Some(&operator_key),
     );
     assert_eq!(status, 200, "{row}");
     assert_eq!(

@@ -53,6 +53,9 @@ struct ExposeState {
     service: String,
     port: u16,
     allow: Vec<String>,
+    /// The operator's key when callers must present one (see [`access`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_file: Option<PathBuf>,
 }
 
 impl LocalProvider {
@@ -121,6 +124,136 @@ fn secret(s: &SecretRef) -> rc::SecretRef {
     match s {
         SecretRef::Env(v) => rc::SecretRef::Env(v.clone()),
         SecretRef::File(p) => rc::SecretRef::File(p.clone()),
+    }
+}
+
+/// Access between services on loopback, where every caller has the same
+/// address: an exposure whose `allow` admits no loopback address (only
+/// services, or CIDRs without 127.0.0.1) makes its service demand a key. mesh
+/// makes one key per allowed caller service, handed to that caller's
+/// enrichments, and one for the operator on this machine
+/// (`mesh output` shows where it is). Keys are random, made at apply time,
+/// kept under `<stack>/.mesh/<env>/access/<service>/<caller>` (mode 0600) and
+/// referenced by path, so plans and bundle digests never contain them.
+pub mod access {
+    use super::*;
+
+    /// Who may call `service` from this machine: `None` when anyone may
+    /// (no exposure, or one that admits a loopback address), else the
+    /// allowed caller services.
+    pub fn restricted_to(stack: &Stack, service: &str) -> Option<BTreeSet<String>> {
+        let exposes: Vec<&stack::Expose> = stack
+            .exposes
+            .values()
+            .filter(|e| e.service == service)
+            .collect();
+        let loopback = std::net::Ipv4Addr::LOCALHOST;
+        let open = exposes.is_empty()
+            || exposes.iter().any(|e| {
+                e.allow
+                    .iter()
+                    .any(|c| matches!(c, Caller::Cidr(n) if n.contains(&loopback)))
+            });
+        (!open).then(|| {
+            exposes
+                .iter()
+                .flat_map(|e| &e.allow)
+                .filter_map(|c| match c {
+                    Caller::Service(s) => Some(s.clone()),
+                    Caller::Cidr(_) => None,
+                })
+                .collect()
+        })
+    }
+
+    /// `<stack>/.mesh/<env>/access` (absolute, so a service's config is the
+    /// same whatever folder mesh runs from).
+    pub fn dir(stack: &Stack) -> PathBuf {
+        let root = std::fs::canonicalize(&stack.root).unwrap_or_else(|_| stack.root.clone());
+        state_dir(&root, &stack.env.name).join("access")
+    }
+
+    /// The key `caller` presents to `service` (`operator`: the person at this machine).
+    pub fn key_file(stack: &Stack, service: &str, caller: &str) -> PathBuf {
+        dir(stack).join(service).join(caller)
+    }
+
+    /// Adds the keys `service` accepts and those its enrichments present.
+    pub fn configure(stack: &Stack, svc: &stack::Service, config: &mut rc::ServiceConfig) {
+        if let Some(callers) = restricted_to(stack, &svc.name) {
+            config.api_keys.extend(
+                std::iter::once("operator".to_owned())
+                    .chain(callers)
+                    .map(|c| rc::SecretRef::File(key_file(stack, &svc.name, &c))),
+            );
+        }
+        for (name, ep) in &svc.endpoints {
+            let (
+                Endpoint::Prediction { enrichments, .. },
+                Some(rc::EndpointConfig::Prediction {
+                    enrichments: configured,
+                    ..
+                }),
+            ) = (ep, config.endpoints.get_mut(name))
+            else {
+                continue;
+            };
+            for (en, cfg) in enrichments.iter().zip(configured.iter_mut()) {
+                if let (EnrichmentSource::Lookup { service, .. }, Some(lookup)) =
+                    (&en.source, cfg.lookup.as_mut())
+                    && let Some(callers) = restricted_to(stack, service)
+                {
+                    if !callers.contains(&svc.name) {
+                        eprintln!(
+                            "warning: service.{}: it enriches from {service}, whose exposure does not allow it: its lookups will be refused (add \"{}\" to the exposure's `allow`)",
+                            svc.name, svc.name
+                        );
+                    }
+                    lookup.api_key = Some(rc::SecretRef::File(key_file(stack, service, &svc.name)));
+                }
+            }
+        }
+    }
+
+    /// Makes every key under `dir` that `config` names and that does not exist yet.
+    pub fn ensure_keys(dir: &Path, config: &rc::ServiceConfig) -> std::io::Result<()> {
+        let lookups = config.endpoints.values().flat_map(|ep| match ep {
+            rc::EndpointConfig::Prediction { enrichments, .. } => enrichments
+                .iter()
+                .filter_map(|e| e.lookup.as_ref()?.api_key.as_ref())
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        });
+        for r in config.api_keys.iter().chain(lookups) {
+            if let rc::SecretRef::File(path) = r
+                && path.starts_with(dir)
+            {
+                make_key(path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// 32 random bytes, hex, in a new file only its owner can read; an
+    /// existing key is kept (the other side may already use it).
+    fn make_key(path: &Path) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut f) => f.write_all(hex::encode(bytes).as_bytes()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -496,6 +629,14 @@ impl LocalProvider {
         }
         std::fs::write(bundle.join(rc::SERVICE_FILE), bundle_json)
             .map_err(io("writing service.json"))?;
+        // The keys it accepts or presents (see `access`), made on first use.
+        if let Ok(config) = serde_json::from_str::<rc::ServiceConfig>(bundle_json) {
+            let root =
+                std::fs::canonicalize(&ctx.scope.root).unwrap_or_else(|_| ctx.scope.root.clone());
+            let dir = state_dir(&root, &ctx.scope.env).join("access");
+            access::ensure_keys(&dir, &config)
+                .map_err(io(format!("making access keys under {}", dir.display())))?;
+        }
 
         // Start detached: its own process group, output to a log file.
         let log_path = dir.join("runtime.log");
@@ -613,7 +754,8 @@ impl Provider for LocalProvider {
         let url_of = |svc: &str| format!("http://127.0.0.1:{}", service_port(stack, svc));
         for (name, svc) in &stack.services {
             let address = Address::of("service", name);
-            let b = bundle_for(stack, svc, &url_of);
+            let mut b = bundle_for(stack, svc, &url_of);
+            access::configure(stack, svc, &mut b.config);
             let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid {
                 address: address.clone(),
                 message: format!("reading the bundle's files: {e}"),
@@ -650,13 +792,22 @@ impl Provider for LocalProvider {
             out.push(d);
         }
         for (name, e) in &stack.exposes {
-            out.push(
-                Desired::new(Address::of("expose", name), EXPOSE_KIND, ProviderId::Local)
-                    .attr("service", e.service.clone())
-                    .attr("port", service_port(stack, &e.service))
-                    .attr("allow", Value::list_of_str(allow_strings(e)))
-                    .depends(Address::of("service", &e.service)),
-            );
+            let mut d = Desired::new(Address::of("expose", name), EXPOSE_KIND, ProviderId::Local)
+                .attr("service", e.service.clone())
+                .attr("port", service_port(stack, &e.service))
+                .attr("allow", Value::list_of_str(allow_strings(e)))
+                .depends(Address::of("service", &e.service));
+            if access::restricted_to(stack, &e.service).is_some() {
+                let key = access::key_file(stack, &e.service, "operator");
+                d.attrs.insert(
+                    "_key_file".into(),
+                    crate::resource::Attr {
+                        value: Value::Str(key.to_string_lossy().into_owned()),
+                        force_new: false,
+                    },
+                );
+            }
+            out.push(d);
         }
         Ok(out)
     }
@@ -715,15 +866,21 @@ impl Provider for LocalProvider {
                     ctx.progress(&change.address, &format!("stopping pid {pid}"));
                     stop_process(pid).await;
                 }
-                std::fs::remove_dir_all(&dir)
-                    .or_else(|e| {
-                        if e.kind() == std::io::ErrorKind::NotFound {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })
-                    .map_err(io(format!("removing {}", dir.display())))?;
+                // Its bundle, and the keys it accepted (see `access`).
+                let root = std::fs::canonicalize(&ctx.scope.root)
+                    .unwrap_or_else(|_| ctx.scope.root.clone());
+                let keys = state_dir(&root, &ctx.scope.env).join("access").join(name);
+                for dir in [dir, keys] {
+                    std::fs::remove_dir_all(&dir)
+                        .or_else(|e| {
+                            if e.kind() == std::io::ErrorKind::NotFound {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        })
+                        .map_err(io(format!("removing {}", dir.display())))?;
+                }
                 Ok(None)
             }
             (_, SERVICE_KIND) => {
@@ -782,6 +939,11 @@ impl Provider for LocalProvider {
                             .collect(),
                         _ => Vec::new(),
                     },
+                    key_file: d
+                        .attrs
+                        .get("_key_file")
+                        .and_then(|a| a.value.as_str())
+                        .map(PathBuf::from),
                 };
                 let dir = state_dir(&ctx.scope.root, &ctx.scope.env).join("exposes");
                 std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -802,7 +964,7 @@ impl Provider for LocalProvider {
 }
 
 fn live_expose(st: &ExposeState) -> Live {
-    Live::new(
+    let live = Live::new(
         st.address.clone(),
         EXPOSE_KIND,
         ProviderId::Local,
@@ -812,5 +974,111 @@ fn live_expose(st: &ExposeState) -> Live {
     .attr("port", st.port)
     .attr("allow", Value::list_of_str(st.allow.clone()))
     .output("url", format!("http://127.0.0.1:{}", st.port))
-    .output("service", st.service.clone())
+    .output("service", st.service.clone());
+    match &st.key_file {
+        Some(k) => live.output("api_key_file", k.to_string_lossy().into_owned()),
+        None => live,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> Stack {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        crate::stack::load(&root, Some("local")).unwrap_or_else(|r| panic!("{}", r.render()))
+    }
+
+    #[test]
+    fn only_allowed_callers_get_keys_to_a_restricted_service() {
+        let stack = example();
+        assert_eq!(
+            access::restricted_to(&stack, "customer-features"),
+            Some(BTreeSet::from(["customer-scoring".to_owned()]))
+        );
+        assert_eq!(
+            access::restricted_to(&stack, "customer-scoring"),
+            None,
+            "0.0.0.0/0"
+        );
+
+        let url_of = |svc: &str| format!("http://127.0.0.1:{}", service_port(&stack, svc));
+        let features = &stack.services["customer-features"];
+        let mut b = bundle_for(&stack, features, &url_of);
+        access::configure(&stack, features, &mut b.config);
+        let dir = access::dir(&stack);
+        assert!(dir.is_absolute());
+        assert_eq!(
+            b.config.api_keys,
+            vec![
+                rc::SecretRef::File(dir.join("customer-features/operator")),
+                rc::SecretRef::File(dir.join("customer-features/customer-scoring")),
+            ]
+        );
+
+        let scoring = &stack.services["customer-scoring"];
+        let mut b = bundle_for(&stack, scoring, &url_of);
+        access::configure(&stack, scoring, &mut b.config);
+        assert!(b.config.api_keys.is_empty());
+        let keys: Vec<_> = b
+            .config
+            .endpoints
+            .values()
+            .flat_map(|ep| match ep {
+                rc::EndpointConfig::Prediction { enrichments, .. } => enrichments
+                    .iter()
+                    .map(|e| e.lookup.as_ref().and_then(|l| l.api_key.clone()))
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(keys.len(), 2);
+        for k in keys {
+            assert_eq!(
+                k,
+                Some(rc::SecretRef::File(
+                    dir.join("customer-features/customer-scoring")
+                ))
+            );
+        }
+    }
+
+    #[test]
+    fn a_loopback_cidr_opens_a_service_to_this_machine() {
+        let mut stack = example();
+        let e = stack.exposes.get_mut("customer-features").unwrap();
+        e.allow.push(Caller::Cidr("127.0.0.0/8".parse().unwrap()));
+        assert_eq!(access::restricted_to(&stack, "customer-features"), None);
+        let e = stack.exposes.get_mut("customer-features").unwrap();
+        e.allow = vec![Caller::Cidr("10.0.0.0/8".parse().unwrap())];
+        assert_eq!(
+            access::restricted_to(&stack, "customer-features"),
+            Some(BTreeSet::new()),
+            "no caller on this machine"
+        );
+    }
+
+    #[test]
+    fn keys_are_made_once_and_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("access");
+        let key = dir.join("svc/operator");
+        let config: rc::ServiceConfig = serde_json::from_value(serde_json::json!({
+            "service": "svc",
+            "api_keys": [{ "file": key }, { "file": "/elsewhere/not-ours" }],
+            "endpoints": {}
+        }))
+        .unwrap();
+        access::ensure_keys(&dir, &config).unwrap();
+        let first = std::fs::read_to_string(&key).unwrap();
+        assert_eq!(first.len(), 64);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&key).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        access::ensure_keys(&dir, &config).unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), first, "kept");
+        assert!(!Path::new("/elsewhere/not-ours").exists());
+    }
 }
