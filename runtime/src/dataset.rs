@@ -220,6 +220,17 @@ impl Dataset {
 
     /// Loads a CSV file with a header line. `declared` overrides inferred
     /// column types.
+    /// The column names of a CSV file's header, parsed as [`Dataset::load_csv`]
+    /// parses them (quoted names, commas inside quotes, trimmed).
+    pub fn csv_columns(path: &Path) -> std::io::Result<Vec<String>> {
+        let file = std::fs::File::open(path)?;
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_reader(file);
+        let header = reader.headers().map_err(std::io::Error::other)?;
+        Ok(header.iter().map(|h| h.trim().to_string()).collect())
+    }
+
     pub fn load_csv(
         name: &str,
         path: &Path,

@@ -259,16 +259,7 @@ pub mod access {
 
 /// Column names of a CSV file's header.
 fn csv_header(path: &Path) -> Vec<String> {
-    use std::io::BufRead;
-    let Ok(f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let mut line = String::new();
-    let _ = std::io::BufReader::new(f).read_line(&mut line);
-    line.trim_end()
-        .split(',')
-        .map(|s| s.trim().trim_matches('"').to_owned())
-        .collect()
+    mesh_runtime::dataset::Dataset::csv_columns(path).unwrap_or_default()
 }
 
 /// Input names of an ONNX model (empty if it cannot be read).
@@ -1057,6 +1048,15 @@ mod tests {
             Some(BTreeSet::new()),
             "no caller on this machine"
         );
+    }
+
+    #[test]
+    fn csv_headers_are_read_as_the_runtime_reads_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("d.csv");
+        std::fs::write(&p, "customer_id,\"spend, 30d\",\"age\"\nC1,2,3\n").unwrap();
+        assert_eq!(csv_header(&p), ["customer_id", "spend, 30d", "age"]);
+        assert!(csv_header(&tmp.path().join("missing.csv")).is_empty());
     }
 
     #[test]
