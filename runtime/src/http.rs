@@ -624,6 +624,7 @@ async fn model_infer(
             &body,
             service.limits.max_batch,
         )
+        .await
     }
     .await;
     match result {

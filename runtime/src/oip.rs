@@ -90,7 +90,7 @@ fn tensor_input(value: &Value) -> Input<'_> {
 }
 
 /// `POST /v2/models/{name}/infer`.
-pub fn infer(
+pub async fn infer(
     ep: &PredictionEndpoint,
     version: Option<&str>,
     body: &[u8],
@@ -213,9 +213,13 @@ pub fn infer(
     let prediction = if rows == 0 {
         None
     } else {
-        Some(ep.model.predict(columns).map_err(|e| {
-            AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
-        })?)
+        Some(
+            crate::scoring::predict_rows(&ep.model, columns, rows)
+                .await
+                .map_err(|e| {
+                    AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
+                })?,
+        )
     };
     let classes = ep.class_names.len();
     let mut outputs = Vec::new();

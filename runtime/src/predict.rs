@@ -228,9 +228,11 @@ pub async fn score<'a>(
                 )
             })
             .collect();
-        let prediction = ep.model.predict(columns).map_err(|e| {
-            AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
-        })?;
+        let prediction = crate::scoring::predict_rows(&ep.model, columns, ok.len())
+            .await
+            .map_err(|e| {
+                AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
+            })?;
         if prediction.labels.len() != ok.len()
             || prediction.classes != ep.class_names.len()
             || prediction.probabilities.len() != ok.len() * ep.class_names.len()

@@ -31,6 +31,28 @@ impl Classifier for Model {
     }
 }
 
+/// Batches of at least this many rows are scored on the blocking pool, so a
+/// large batch (a 1,000-row forest takes milliseconds) never holds one of
+/// the few worker threads that serve every other request; smaller ones run
+/// in place, where the hand-off would cost more than the work.
+pub const BLOCKING_ROWS: usize = 64;
+
+/// [`Classifier::predict`] for `rows` rows, on the blocking pool when the
+/// batch is large (see [`BLOCKING_ROWS`]).
+pub async fn predict_rows(
+    model: &Arc<dyn Classifier>,
+    columns: Vec<Column>,
+    rows: usize,
+) -> Result<Prediction, String> {
+    if rows < BLOCKING_ROWS {
+        return model.predict(columns);
+    }
+    let model = model.clone();
+    tokio::task::spawn_blocking(move || model.predict(columns))
+        .await
+        .map_err(|e| format!("the scoring task failed: {e}"))?
+}
+
 /// Loads an ONNX model file.
 pub fn load_model(path: &Path) -> Result<Arc<dyn Classifier>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;

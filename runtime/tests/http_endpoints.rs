@@ -348,3 +348,35 @@ fn health_metrics_and_openapi() {
     let plain = &doc["components"]["schemas"]["high-value-plainFeatures"];
     assert_eq!(plain["required"].as_array().map(Vec::len), Some(9));
 }
+
+/// A batch large enough to be scored off the request's worker thread
+/// (`scoring::BLOCKING_ROWS`) gives, item for item, what single predictions give.
+#[test]
+fn a_large_batch_scores_like_single_predictions() {
+    let (_b, s) = server();
+    let n = mesh_runtime::scoring::BLOCKING_ROWS + 20; // within the test bundle's max_batch (100)
+    let ids: Vec<String> = (1..=n).map(|i| format!("C{i:05}")).collect();
+    let items: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| json!({"features": {"customer_id": id}}))
+        .collect();
+    let r = s.api(
+        "high-value",
+        "predict-multi",
+        &json!({ "items": items }).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let got = v["items"].as_array().expect("items");
+    assert_eq!(got.len(), n);
+    for (i, id) in ids.iter().enumerate().step_by(17) {
+        let one = s
+            .api(
+                "high-value",
+                "predict",
+                &json!({"features": {"customer_id": id}}).to_string(),
+            )
+            .json();
+        assert_eq!(got[i]["result"], one["result"], "{id}");
+    }
+}
