@@ -86,23 +86,7 @@ fn build(runtime: &Path, bundle: &BundlePlan) -> Image {
 
 /// Copies what the customer mesh needs (stack, modules, example data) into `to`, same layout.
 fn copy_tree(to: &Path) {
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let (src, dst) = (e.path(), to.join(e.file_name()));
-            if e.file_type().unwrap().is_dir() {
-                if e.file_name() != ".mesh" {
-                    copy_dir(&src, &dst);
-                }
-            } else {
-                std::fs::copy(&src, &dst).unwrap();
-            }
-        }
-    }
-    for d in ["stacks/customer-mesh", "modules", "examples/customer-mesh"] {
-        copy_dir(&root().join(d), &to.join(d));
-    }
+    support::copy_customer_mesh(to);
 }
 
 fn sha256(data: &[u8]) -> String {

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 
 mod support;
@@ -22,10 +22,6 @@ use serde_json::Value;
 const STACK: &str = "customer-mesh";
 const NS: &str = "customer-mesh";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn registry() -> String {
     match std::env::var("MESH_TEST_REGISTRY") {
         Ok(r) if !r.is_empty() => r,
@@ -33,23 +29,6 @@ fn registry() -> String {
             "MESH_TEST_REGISTRY is not set: these tests push images to the OCI registry on loopback; \
              run `scripts/services start` and `eval \"$(scripts/services env)\"` (or `scripts/test`)"
         ),
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name();
-        if name == ".mesh" || name == "__pycache__" {
-            continue;
-        }
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(&name));
-        } else {
-            std::fs::copy(&p, to.join(&name)).unwrap();
-        }
     }
 }
 
@@ -68,15 +47,7 @@ impl Cluster {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let registry = format!("{}/mesh-e2e-{}-{n}", registry(), std::process::id());
         let dir = tempfile::tempdir().unwrap();
-        copy_dir(
-            &repo().join("stacks/customer-mesh"),
-            &dir.path().join("stacks/customer-mesh"),
-        );
-        copy_dir(&repo().join("modules"), &dir.path().join("modules"));
-        copy_dir(
-            &repo().join("examples/customer-mesh"),
-            &dir.path().join("examples/customer-mesh"),
-        );
+        support::copy_customer_mesh(dir.path());
         let double = KubeDouble::start().await;
         std::fs::write(dir.path().join("kubeconfig"), double.kubeconfig_yaml("e2e")).unwrap();
         // A small stand-in for the runtime binary: the double runs no pods.

@@ -5,15 +5,13 @@
 //! data) into a temporary folder and moves its NodePorts to free ports, so
 //! tests never touch the repository's own `.mesh/` state or each other.
 
+mod support;
+
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A copy of the example stack in a temp dir, on its own ports.
 struct Mesh {
@@ -46,23 +44,6 @@ fn rand_u32() -> u32 {
     h.finish() as u32
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name();
-        if name == ".mesh" || name == "__pycache__" {
-            continue;
-        }
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(&name));
-        } else {
-            std::fs::copy(&p, to.join(&name)).unwrap();
-        }
-    }
-}
-
 impl Mesh {
     fn new() -> Mesh {
         let runtime = runtime_bin();
@@ -72,16 +53,7 @@ impl Mesh {
             runtime.display()
         );
         let dir = tempfile::tempdir().unwrap();
-        copy_dir(
-            &repo().join("stacks/customer-mesh"),
-            &dir.path().join("stacks/customer-mesh"),
-        );
-        copy_dir(&repo().join("modules"), &dir.path().join("modules"));
-        copy_dir(
-            &repo().join("examples/customer-mesh"),
-            &dir.path().join("examples/customer-mesh"),
-        );
-        let stack = dir.path().join("stacks/customer-mesh");
+        let stack = support::copy_customer_mesh(dir.path());
         let features_port = free_port();
         let mut scoring_port = free_port();
         while scoring_port == features_port {

@@ -1,9 +1,37 @@
-//! A registry of its own that requires Basic credentials, for the tests
-//! that push with credentials (`tests/image.rs`, `tests/kubernetes_e2e.rs`).
+//! What several integration tests share: a copy of the example mesh to
+//! edit, and a registry of its own that requires Basic credentials (for the
+//! tests that push with credentials).
 #![allow(dead_code)]
 
 use std::path::Path;
 use std::time::Duration;
+
+/// Copies what the customer mesh needs (its stack, the modules, the example
+/// data and model) under `to`, in the repository's layout, leaving out state
+/// (`.mesh/`) and caches. Returns `to/stacks/customer-mesh`.
+pub fn copy_customer_mesh(to: &Path) -> std::path::PathBuf {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name();
+            if name == ".mesh" || name == "__pycache__" {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                copy_dir(&p, &to.join(&name));
+            } else {
+                std::fs::copy(&p, to.join(&name)).unwrap();
+            }
+        }
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for d in ["stacks/customer-mesh", "modules", "examples/customer-mesh"] {
+        copy_dir(&repo.join(d), &to.join(d));
+    }
+    to.join("stacks/customer-mesh")
+}
 
 /// The user of [`auth_registry`] as ECR uses it: `AWS`.
 pub const AUTH_USER: &str = "AWS";
