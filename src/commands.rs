@@ -189,6 +189,19 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 Err(c) => return c,
             };
             let dir = mesh::provider::local::state_dir(&stack.root, &env);
+            // The shared lock (a Lease on the cluster), where the environment has one.
+            let stack_name = stack.name.clone();
+            match Engine::new(stack).await {
+                Ok(engine) => match engine.unlock_shared().await {
+                    Ok(broken) => {
+                        for who in broken {
+                            eprintln!("Broke the shared lock held by {who}.");
+                        }
+                    }
+                    Err(e) => eprintln!("warning: the shared lock was not broken: {e}"),
+                },
+                Err(e) => eprintln!("warning: the shared lock was not checked: {e}"),
+            }
             match mesh::lock::break_lock(&dir) {
                 Some(h) => {
                     eprintln!(
@@ -201,10 +214,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 None => {
-                    eprintln!(
-                        "No lock is held for stack {} (environment {env}).",
-                        stack.name
-                    );
+                    eprintln!("No lock file is held for stack {stack_name} (environment {env}).");
                     ExitCode::SUCCESS
                 }
             }
@@ -256,24 +266,40 @@ async fn run_apply(
         Ok(e) => e,
         Err(e) => return fail(e),
     };
-    let started = std::time::Instant::now();
-    let plan = match engine.plan(&opts).await {
-        Ok(p) => p,
+    let shared = match engine.lock_shared(&mesh::lock::this_holder(command)).await {
+        Ok(s) => s,
         Err(e) => return fail(e),
     };
-    eprintln!(
-        "planned in {:.0} ms",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    print!("{}", render::human(&plan, style()));
-    if !plan.has_changes() {
-        return ExitCode::SUCCESS;
+    let code = async {
+        let started = std::time::Instant::now();
+        let plan = match engine.plan(&opts).await {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        eprintln!(
+            "planned in {:.0} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        print!("{}", render::human(&plan, style()));
+        if !plan.has_changes() {
+            return ExitCode::SUCCESS;
+        }
+        if !auto_approve && !confirm(command) {
+            eprintln!("Cancelled: nothing was changed.");
+            return ExitCode::from(1);
+        }
+        execute(&engine, &plan, parallelism, no_wait).await
     }
-    if !auto_approve && !confirm(command) {
-        eprintln!("Cancelled: nothing was changed.");
-        return ExitCode::from(1);
+    .await;
+    release(shared).await;
+    code
+}
+
+/// Gives up the shared locks taken by [`Engine::lock_shared`].
+async fn release(shared: Vec<Box<dyn mesh::provider::SharedLock>>) {
+    for l in shared {
+        l.release().await;
     }
-    execute(&engine, &plan, parallelism, no_wait).await
 }
 
 async fn execute(engine: &Engine, plan: &Plan, parallelism: usize, no_wait: bool) -> ExitCode {
@@ -332,32 +358,44 @@ async fn apply_saved(file: &Path, parallelism: usize, no_wait: bool) -> ExitCode
         Ok(e) => e,
         Err(e) => return fail(e),
     };
-    let live = match engine.observe().await {
-        Ok(l) => l,
+    let shared = match engine
+        .lock_shared(&mesh::lock::this_holder("mesh apply (saved plan)"))
+        .await
+    {
+        Ok(s) => s,
         Err(e) => return fail(e),
     };
-    if plan::live_digest(&live) != saved.plan.live_digest {
-        let diffs = plan::live_differences(&saved.plan.live, &live);
-        eprintln!(
-            "error: the saved plan {} is stale: the live state changed since it was made:",
-            file.display()
-        );
-        for d in &diffs {
-            eprintln!("  - {d}");
+    let code = async {
+        let live = match engine.observe().await {
+            Ok(l) => l,
+            Err(e) => return fail(e),
+        };
+        if plan::live_digest(&live) != saved.plan.live_digest {
+            let diffs = plan::live_differences(&saved.plan.live, &live);
+            eprintln!(
+                "error: the saved plan {} is stale: the live state changed since it was made:",
+                file.display()
+            );
+            for d in &diffs {
+                eprintln!("  - {d}");
+            }
+            eprintln!(
+                "  help: run `mesh plan {} --env {} --out {}` again and review the new plan",
+                saved.stack_path.display(),
+                saved.env,
+                file.display()
+            );
+            return ExitCode::from(1);
         }
-        eprintln!(
-            "  help: run `mesh plan {} --env {} --out {}` again and review the new plan",
-            saved.stack_path.display(),
-            saved.env,
-            file.display()
-        );
-        return ExitCode::from(1);
+        print!("{}", render::human(&saved.plan, style()));
+        if !saved.plan.has_changes() {
+            return ExitCode::SUCCESS;
+        }
+        execute(&engine, &saved.plan, parallelism, no_wait).await
     }
-    print!("{}", render::human(&saved.plan, style()));
-    if !saved.plan.has_changes() {
-        return ExitCode::SUCCESS;
-    }
-    execute(&engine, &saved.plan, parallelism, no_wait).await
+    .await;
+    release(shared).await;
+    code
 }
 
 async fn output(path: &Path, env: &str, json: bool) -> ExitCode {

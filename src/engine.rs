@@ -138,6 +138,37 @@ impl Engine {
         Ok(live)
     }
 
+    /// Takes the shared locks of every provider that can hold one (see
+    /// [`Provider::lock`]); on a refusal, those already taken are released.
+    pub async fn lock_shared(
+        &self,
+        holder: &crate::lock::Holder,
+    ) -> Result<Vec<Box<dyn crate::provider::SharedLock>>, EngineError> {
+        let mut held = Vec::new();
+        for p in self.providers.values() {
+            match p.lock(&self.scope, holder).await {
+                Ok(Some(l)) => held.push(l),
+                Ok(None) => {}
+                Err(e) => {
+                    for l in held {
+                        l.release().await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Breaks every provider's shared lock; who held each.
+    pub async fn unlock_shared(&self) -> Result<Vec<String>, EngineError> {
+        let mut broken = Vec::new();
+        for p in self.providers.values() {
+            broken.extend(p.unlock(&self.scope).await?);
+        }
+        Ok(broken)
+    }
+
     /// Observes live state and diffs it against the stack.
     pub async fn plan(&self, options: &plan::Options) -> Result<Plan, EngineError> {
         let desired = self.desired()?;

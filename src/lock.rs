@@ -1,8 +1,11 @@
 //! Locking: one apply or destroy of a stack and environment at a time.
 //!
 //! The lock is a file created exclusively under `<stack>/.mesh/<env>/lock`,
-//! naming its holder. A lock left by a killed run is broken deliberately with
-//! `mesh unlock`.
+//! naming its holder: it guards this machine. Where the environment's backend
+//! can hold a lock everyone shares (a Lease on the cluster, see
+//! `Provider::lock`), that is taken too, after the file. A lock left by a
+//! killed run is broken deliberately with `mesh unlock` (a Lease also lapses
+//! a minute after its last renewal).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -91,6 +94,43 @@ pub fn format_time(secs: u64) -> String {
     )
 }
 
+/// Unix seconds of an RFC 3339 UTC time (`2026-11-26T08:50:46Z`, fractions
+/// of a second and `+00:00` accepted); `None` for anything else.
+pub fn parse_time(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (date, time) = s.split_once('T')?;
+    let time = time
+        .strip_suffix('Z')
+        .or_else(|| time.strip_suffix("+00:00"))?;
+    let time = time.split('.').next()?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, dd) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&dd) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days since the epoch from a civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
+/// The holder this process would be.
+pub fn this_holder(command: &str) -> Holder {
+    Holder {
+        pid: std::process::id(),
+        host: hostname(),
+        command: command.to_owned(),
+        since: now(),
+    }
+}
+
 /// Takes the lock or says who holds it.
 pub fn acquire(
     state_dir: &Path,
@@ -104,12 +144,7 @@ pub fn acquire(
         source,
     })?;
     let path = lock_path(state_dir);
-    let holder = Holder {
-        pid: std::process::id(),
-        host: hostname(),
-        command: command.to_owned(),
-        since: now(),
-    };
+    let holder = this_holder(command);
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -176,5 +211,26 @@ mod tests {
     fn formats_times() {
         assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_time(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn parses_what_it_formats_and_kubernetes_micro_times() {
+        for t in [0, 951_782_400, 1_795_000_000, 4_102_444_799] {
+            assert_eq!(parse_time(&format_time(t)), Some(t), "{}", format_time(t));
+        }
+        assert_eq!(
+            parse_time("2026-11-18T11:06:40.123456Z"),
+            Some(1_795_000_000)
+        );
+        assert_eq!(parse_time("2026-11-18T11:06:40+00:00"), Some(1_795_000_000));
+        for bad in [
+            "",
+            "2026-11-18",
+            "2026-13-01T00:00:00Z",
+            "2026-11-18T11:06:40+02:00",
+            "x-y-zT1:2:3Z",
+        ] {
+            assert_eq!(parse_time(bad), None, "{bad}");
+        }
     }
 }

@@ -1095,3 +1095,95 @@ async fn a_failed_release_is_rolled_back_by_applying_the_previous_stack() {
     let (code, _, out) = c.plan_json(&[]).await;
     assert_eq!(code, 0, "{}", text(&out));
 }
+
+/// The stack's lock is shared through the cluster (a Lease in `default`):
+/// an apply from another machine holding it refuses this one, naming the
+/// holder; a Lease nobody renewed lapses and is taken over; the Lease is
+/// released when the apply ends; `mesh unlock` breaks a held one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_is_a_lease_on_the_cluster() {
+    use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+
+    let c = Cluster::new().await;
+    let ar = ApiResource {
+        group: "coordination.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "coordination.k8s.io/v1".into(),
+        kind: "Lease".into(),
+        plural: "leases".into(),
+    };
+    let leases: Api<DynamicObject> = Api::namespaced_with(c.double.client(), "default", &ar);
+    const NAME: &str = "mesh-customer-mesh-existing";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let lease_at = |renewed: u64| -> DynamicObject {
+        let t = mesh::lock::format_time(renewed).replace('Z', ".000000Z");
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": { "name": NAME, "namespace": "default", "annotations": {
+                "mesh.dev/holder": serde_json::json!({"pid": 4242, "host": "ci-runner-7", "command": "mesh apply", "since": renewed}).to_string()
+            } },
+            "spec": { "holderIdentity": "mesh apply@ci-runner-7 pid 4242", "leaseDurationSeconds": 60, "acquireTime": t, "renewTime": t },
+        }))
+        .unwrap()
+    };
+
+    // Held elsewhere, renewed just now: refused, nothing applied.
+    leases
+        .create(&PostParams::default(), &lease_at(now))
+        .await
+        .unwrap();
+    let out = c.apply(&[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("locked on cluster e2e"), "{stderr}");
+    assert!(stderr.contains("pid 4242 on ci-runner-7"), "{stderr}");
+    assert!(stderr.contains("mesh unlock"), "{stderr}");
+    assert!(
+        c.double
+            .objects_with_label(&format!(
+                "mesh.dev/stack={STACK},app.kubernetes.io/managed-by=mesh"
+            ))
+            .iter()
+            .all(|o| o["kind"] == "Lease"),
+        "nothing is applied while the lock is held elsewhere"
+    );
+
+    // `mesh unlock` breaks it, naming who held it.
+    let out = c.run("unlock", &[], &[]).await;
+    ok(&out, "unlock");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ci-runner-7"),
+        "{}",
+        text(&out)
+    );
+    assert!(leases.get_opt(NAME).await.unwrap().is_none());
+
+    // Not renewed for ten minutes: it has lapsed, and this run takes it over.
+    leases
+        .create(&PostParams::default(), &lease_at(now - 600))
+        .await
+        .unwrap();
+    let before = c.double.request_log().len();
+    ok(&c.apply(&[]).await, "apply over a lapsed lock");
+    let log: Vec<String> = c.double.request_log()[before..].to_vec();
+    let lease_path = format!("/apis/coordination.k8s.io/v1/namespaces/default/leases/{NAME}");
+    assert!(
+        log.iter()
+            .any(|r| r.starts_with("PUT ") && r.contains(&lease_path)),
+        "the lapsed Lease is replaced: {log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|r| r.starts_with("DELETE ") && r.contains(&lease_path)),
+        "and released at the end: {log:#?}"
+    );
+    assert!(leases.get_opt(NAME).await.unwrap().is_none());
+    assert!(c.object("apps/v1", "Deployment", "customer-features")["spec"].is_object());
+
+    // Free: plan, apply and destroy take and release it each time.
+    ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
+    assert!(leases.get_opt(NAME).await.unwrap().is_none());
+}

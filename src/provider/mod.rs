@@ -47,6 +47,9 @@ pub enum ProviderError {
     /// The operation was interrupted (Ctrl-C); a rerun picks it up.
     #[error("{address}: interrupted")]
     Interrupted { address: Address },
+    /// Another run holds the stack's shared lock.
+    #[error("{0}")]
+    Locked(String),
     /// Local I/O.
     #[error("{context}: {source}")]
     Io {
@@ -144,4 +147,30 @@ pub trait Provider: Send + Sync {
         change: &Change,
         ctx: &ApplyContext,
     ) -> Result<Option<Live>, ProviderError>;
+
+    /// Takes the lock of `scope` that everyone applying it shares, where the
+    /// provider's backend can hold one (a Kubernetes Lease); `None` where it
+    /// cannot (yet). Refused with [`ProviderError::Locked`] while another
+    /// run holds it.
+    async fn lock(
+        &self,
+        _scope: &Scope,
+        _holder: &crate::lock::Holder,
+    ) -> Result<Option<Box<dyn SharedLock>>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Breaks `scope`'s shared lock (`mesh unlock`); who held it, if anyone.
+    async fn unlock(&self, _scope: &Scope) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
+}
+
+/// A held shared lock; it lapses if not renewed (a killed run), so release it.
+#[async_trait]
+pub trait SharedLock: Send + Sync {
+    /// Where it is held, for messages.
+    fn describe(&self) -> String;
+    /// Gives it up.
+    async fn release(self: Box<Self>);
 }

@@ -17,6 +17,7 @@
 
 mod images;
 mod kinds;
+mod lease;
 mod objects;
 mod project;
 mod rollout;
@@ -917,6 +918,25 @@ impl Provider for KubernetesProvider {
         }
         out.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(out)
+    }
+
+    async fn lock(
+        &self,
+        scope: &Scope,
+        holder: &crate::lock::Holder,
+    ) -> Result<Option<Box<dyn super::SharedLock>>, ProviderError> {
+        // A cluster still to be created holds no lock (the file lock does).
+        let Some(conn) = self.conn().await? else {
+            return Ok(None);
+        };
+        lease::acquire(&conn, scope, holder).await
+    }
+
+    async fn unlock(&self, scope: &Scope) -> Result<Option<String>, ProviderError> {
+        let Some(conn) = self.conn().await? else {
+            return Ok(None);
+        };
+        lease::break_lease(&conn, scope).await
     }
 
     async fn apply(

@@ -81,7 +81,7 @@ pub const DEPLOYMENTS: usize = 7;
 pub const REPLICASETS: usize = 8;
 pub const HPAS: usize = 9;
 
-pub static TYPES: [ResourceType; 12] = [
+pub static TYPES: [ResourceType; 13] = [
     rt(
         "",
         "v1",
@@ -201,6 +201,16 @@ pub static TYPES: [ResourceType; 12] = [
         true,
         &["netpol"],
         (false, false, true, true),
+    ),
+    rt(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        "lease",
+        "Lease",
+        true,
+        &[],
+        (false, false, false, true),
     ),
 ];
 

@@ -121,7 +121,7 @@ fn route(
     const AGG_CT: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
     match segs.as_slice() {
         [] => ok(
-            json!({"paths": ["/api", "/api/v1", "/apis", "/apis/apps/v1", "/apis/autoscaling/v2", "/apis/networking.k8s.io/v1", "/healthz", "/livez", "/readyz", "/version"]}),
+            json!({"paths": ["/api", "/api/v1", "/apis", "/apis/apps/v1", "/apis/autoscaling/v2", "/apis/coordination.k8s.io/v1", "/apis/networking.k8s.io/v1", "/healthz", "/livez", "/readyz", "/version"]}),
         ),
         ["version"] => ok(registry::version()),
         ["healthz" | "readyz" | "livez"] => Ok(Out::Text(200, "ok".into())),
