@@ -1,9 +1,10 @@
 //! Run with: eval "$(scripts/services env)" && cargo bench --features aws --bench aws_plan
 //!
 //! The cost of a no-op plan against moto: a stack of one network with 100
-//! subnets and 20 ECR registries is applied once, then planned again several
-//! times with nothing to do. Prints the AWS API calls one plan makes (counted
-//! by the fault proxy in front of moto, per action) and the wall time.
+//! subnets (and one NAT gateway) and 20 ECR registries is applied once, then
+//! planned again several times with nothing to do. Prints the AWS API calls
+//! one plan makes (counted by the fault proxy in front of moto, per action)
+//! and the wall time.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use mesh::plan;
 use mesh::provider::aws::{AwsConfig, AwsProvider};
 use mesh::provider::{ApplyContext, Provider};
 use mesh::resource::Scope;
-use mesh::stack::{Environment, Network, Registry, Stack, Subnet, Target};
+use mesh::stack::{Environment, NatGateways, Network, Registry, Stack, Subnet, Target};
 
 const SUBNETS: usize = 100;
 const REGISTRIES: usize = 20;
@@ -38,6 +39,8 @@ fn stack(name: &str) -> Stack {
         cidr: "10.60.0.0/16".parse().expect("cidr"),
         subnets,
         tags: BTreeMap::from([("team".to_owned(), "bench".to_owned())]),
+        // What the stack language gives a network with public and private subnets.
+        nat_gateway: NatGateways::Single,
     };
     let registries = (0..REGISTRIES)
         .map(|i| {

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -16,8 +17,8 @@ use aws_fault_proxy::{FaultProxy, moto_endpoint};
 use mesh::plan::{self, Action, Change, Plan};
 use mesh::provider::aws::{AwsConfig, AwsProvider, WaitConfig, names};
 use mesh::provider::{ApplyContext, Provider, ProviderError};
-use mesh::resource::{Scope, Value};
-use mesh::stack::Stack;
+use mesh::resource::{ProviderId, Scope, Value};
+use mesh::stack::{NatGateways, Stack};
 
 // ---------------------------------------------------------------- helpers
 
@@ -45,6 +46,7 @@ fn test_config(endpoint: &str) -> AwsConfig {
         wait: WaitConfig {
             cluster_timeout: Duration::from_secs(30),
             node_group_timeout: Duration::from_secs(30),
+            nat_gateway_timeout: Duration::from_secs(30),
             initial_interval: Duration::from_millis(20),
             max_interval: Duration::from_millis(100),
         },
@@ -294,7 +296,7 @@ async fn leftovers(endpoint: &str, stack: &str) -> Vec<String> {
     );
     let sg = ec2
         .describe_security_groups()
-        .set_filters(Some(f))
+        .set_filters(Some(f.clone()))
         .send()
         .await
         .expect("sgs");
@@ -302,6 +304,23 @@ async fn leftovers(endpoint: &str, stack: &str) -> Vec<String> {
         sg.security_groups()
             .iter()
             .filter_map(|x| x.group_id().map(str::to_owned)),
+    );
+    out.extend(
+        live_nat_gateways(&ec2, stack)
+            .await
+            .into_iter()
+            .filter_map(|g| g.nat_gateway_id().map(str::to_owned)),
+    );
+    let eips = ec2
+        .describe_addresses()
+        .set_filters(Some(f))
+        .send()
+        .await
+        .expect("addresses");
+    out.extend(
+        eips.addresses()
+            .iter()
+            .filter_map(|x| x.allocation_id().map(str::to_owned)),
     );
     let eks = aws_sdk_eks::Client::new(&sdk);
     let clusters = eks.list_clusters().send().await.expect("clusters");
@@ -331,6 +350,81 @@ async fn leftovers(endpoint: &str, stack: &str) -> Vec<String> {
         .expect("roles");
     out.extend(roles.roles().iter().map(|r| r.role_name().to_owned()));
     out
+}
+
+/// NAT gateways tagged for `stack` that are not deleted. (moto ignores tag
+/// filters on `DescribeNatGateways` and keeps deleted ones: both checked here.)
+async fn live_nat_gateways(
+    ec2: &aws_sdk_ec2::Client,
+    stack: &str,
+) -> Vec<aws_sdk_ec2::types::NatGateway> {
+    let out = ec2
+        .describe_nat_gateways()
+        .set_filter(Some(owner_filters(stack)))
+        .send()
+        .await
+        .expect("nat gateways");
+    out.nat_gateways()
+        .iter()
+        .filter(|g| ec2_tags(g.tags()).get("mesh:stack").map(String::as_str) == Some(stack))
+        .filter(|g| g.state() != Some(&aws_sdk_ec2::types::NatGatewayState::Deleted))
+        .cloned()
+        .collect()
+}
+
+/// The owned route tables of `stack` by `mesh:address`.
+async fn route_tables(
+    ec2: &aws_sdk_ec2::Client,
+    stack: &str,
+) -> BTreeMap<String, aws_sdk_ec2::types::RouteTable> {
+    let out = ec2
+        .describe_route_tables()
+        .set_filters(Some(owner_filters(stack)))
+        .send()
+        .await
+        .expect("route tables");
+    out.route_tables()
+        .iter()
+        .filter_map(|t| Some((ec2_tags(t.tags()).get("mesh:address")?.clone(), t.clone())))
+        .collect()
+}
+
+/// The owned subnets of `stack`: id by subnet name.
+async fn subnet_ids(ec2: &aws_sdk_ec2::Client, stack: &str) -> BTreeMap<String, String> {
+    let out = ec2
+        .describe_subnets()
+        .set_filters(Some(owner_filters(stack)))
+        .send()
+        .await
+        .expect("subnets");
+    out.subnets()
+        .iter()
+        .filter_map(|s| {
+            let addr = ec2_tags(s.tags()).get("mesh:address")?.clone();
+            Some((
+                addr.rsplit('.').next()?.to_owned(),
+                s.subnet_id()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// Where a route table sends 0.0.0.0/0 (a NAT gateway id), and the subnets associated with it.
+fn nat_route(t: &aws_sdk_ec2::types::RouteTable) -> (Option<String>, Vec<String>) {
+    let nat = t
+        .routes()
+        .iter()
+        .find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"))
+        .and_then(|r| r.nat_gateway_id())
+        .map(str::to_owned);
+    let mut subnets: Vec<String> = t
+        .associations()
+        .iter()
+        .filter(|a| !a.main().unwrap_or(false))
+        .filter_map(|a| a.subnet_id().map(str::to_owned))
+        .collect();
+    subnets.sort();
+    (nat, subnets)
 }
 
 fn node_group_mut<'a>(
@@ -380,6 +474,9 @@ async fn platform_lifecycle_plan_apply_update_replace_delete_destroy() {
         "network.main.subnet.private-b",
         "network.main.internet_gateway",
         "network.main.route_table.public",
+        "network.main.nat_eip.us-east-1a",
+        "network.main.nat_gateway.us-east-1a",
+        "network.main.route_table.private-us-east-1a",
         "network.main.security_group.cluster",
         "cluster.main.role",
         "cluster.main",
@@ -564,6 +661,72 @@ async fn platform_lifecycle_plan_apply_update_replace_delete_destroy() {
         .await
         .expect("policies");
     assert_eq!(attached.attached_policies().len(), 3);
+
+    // The private subnets' way out: one NAT gateway (the default when a
+    // network has private and public subnets) in the first public subnet,
+    // with a tagged Elastic IP, and a private route table sending 0.0.0.0/0
+    // through it, associated with both private subnets.
+    let ids = subnet_ids(&ec2, &name).await;
+    let nats = live_nat_gateways(&ec2, &name).await;
+    assert_eq!(nats.len(), 1, "{nats:?}");
+    let nat = &nats[0];
+    let nat_id = nat.nat_gateway_id().expect("nat id");
+    assert_eq!(
+        nat.state(),
+        Some(&aws_sdk_ec2::types::NatGatewayState::Available)
+    );
+    assert_eq!(
+        nat.subnet_id(),
+        Some(ids["public-a"].as_str()),
+        "the NAT gateway lives in a public subnet"
+    );
+    assert_eq!(
+        nat.connectivity_type(),
+        Some(&aws_sdk_ec2::types::ConnectivityType::Public)
+    );
+    let t = ec2_tags(nat.tags());
+    assert_eq!(
+        t.get("mesh:address").map(String::as_str),
+        Some("network.main.nat_gateway.us-east-1a")
+    );
+    assert_eq!(t.get("mesh:env").map(String::as_str), Some("dev"));
+    assert_eq!(t.get("team").map(String::as_str), Some("data-platform"));
+    let allocation = nat
+        .nat_gateway_addresses()
+        .iter()
+        .find_map(|a| a.allocation_id())
+        .expect("the NAT gateway has an Elastic IP");
+    let eips = ec2
+        .describe_addresses()
+        .allocation_ids(allocation)
+        .send()
+        .await
+        .expect("eip");
+    let eip = &eips.addresses()[0];
+    assert_eq!(eip.domain(), Some(&aws_sdk_ec2::types::DomainType::Vpc));
+    let t = ec2_tags(eip.tags());
+    assert_eq!(t.get("mesh:stack").map(String::as_str), Some(name.as_str()));
+    assert_eq!(t.get("mesh:env").map(String::as_str), Some("dev"));
+    assert_eq!(
+        t.get("mesh:address").map(String::as_str),
+        Some("network.main.nat_eip.us-east-1a")
+    );
+    assert_eq!(t.get("team").map(String::as_str), Some("data-platform"));
+    let tables = route_tables(&ec2, &name).await;
+    let private = &tables["network.main.route_table.private-us-east-1a"];
+    let mut both = vec![ids["private-a"].clone(), ids["private-b"].clone()];
+    both.sort();
+    assert_eq!(nat_route(private), (Some(nat_id.to_owned()), both));
+    let public = &tables["network.main.route_table.public"];
+    let (via_nat, mut public_subnets) = nat_route(public);
+    assert_eq!(
+        via_nat, None,
+        "public subnets go out through the internet gateway"
+    );
+    let mut want = vec![ids["public-a"].clone(), ids["public-b"].clone()];
+    want.sort();
+    public_subnets.sort();
+    assert_eq!(public_subnets, want);
 
     // 3. Nothing to do.
     assert_empty(
@@ -927,7 +1090,38 @@ async fn prod_environment_plans_its_own_resources() {
     let name = unique("prod");
     let stack = platform(&name, "prod");
     let p = h.plan(&stack, &plan::Options::default()).await;
-    assert_eq!(p.summary().add, 14, "{}", describe(&p));
+    // prod.toml asks for a NAT gateway per zone: two Elastic IPs, NAT gateways and private route tables.
+    assert_eq!(p.summary().add, 20, "{}", describe(&p));
+    for zone in ["us-east-1a", "us-east-1b"] {
+        for kind in ["nat_eip", "nat_gateway"] {
+            let addr = format!("network.main.{kind}.{zone}");
+            assert!(
+                p.changes.iter().any(|c| c.address.as_str() == addr),
+                "{addr} is not planned:\n{}",
+                describe(&p)
+            );
+        }
+        let table = format!("network.main.route_table.private-{zone}");
+        let private = p
+            .changes
+            .iter()
+            .find(|c| c.address.as_str() == table)
+            .unwrap_or_else(|| panic!("{table} is not planned:\n{}", describe(&p)));
+        let subnets = private
+            .desired
+            .as_ref()
+            .and_then(|d| d.attrs.get("subnets"))
+            .map(|a| a.value.clone());
+        let Some(Value::Map(subnets)) = subnets else {
+            panic!("{table} has no subnets")
+        };
+        let private_subnet = if zone.ends_with('a') {
+            "private-a"
+        } else {
+            "private-b"
+        };
+        assert_eq!(subnets.keys().collect::<Vec<_>>(), [private_subnet]);
+    }
     let vpc = p
         .changes
         .iter()
@@ -950,6 +1144,314 @@ async fn prod_environment_plans_its_own_resources() {
         .and_then(|d| d.attrs.get("desired"))
         .map(|a| a.value.clone());
     assert_eq!(desired, Some(Value::Int(2)));
+}
+
+// ---------------------------------------------------------------- NAT gateways
+
+/// The platform's network alone (the cluster and registry are the lifecycle
+/// test's business), with the NAT gateway layout `nat`.
+fn network_only(name: &str, nat: NatGateways) -> Stack {
+    let mut stack = platform(name, "dev");
+    stack.clusters.clear();
+    stack.registries.clear();
+    set_nat(&mut stack, nat);
+    stack
+}
+
+fn set_nat(stack: &mut Stack, nat: NatGateways) {
+    stack.networks.get_mut("main").expect("network").nat_gateway = nat;
+}
+
+/// The planned changes of NAT resources (Elastic IPs, NAT gateways, private route tables).
+fn nat_changes(plan: &Plan) -> BTreeMap<String, Action> {
+    changes(plan)
+        .into_iter()
+        .filter(|(a, _)| a.contains(".nat_") || a.contains(".route_table.private-"))
+        .collect()
+}
+
+/// Applies `plan` the way `mesh apply` does: the engine's graph walk, independent changes in parallel.
+async fn apply_in_parallel(endpoint: &str, stack: &Stack, plan: &Plan) {
+    let provider: Arc<dyn Provider> = Arc::new(provider_at(endpoint).await);
+    let providers = BTreeMap::from([(ProviderId::Aws, provider)]);
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let ctx = Arc::new(ApplyContext::new(scope(stack), &plan.live, rx, false));
+    let report = mesh::apply::apply(
+        plan,
+        &providers,
+        ctx,
+        &mesh::apply::Options { parallelism: 8 },
+    )
+    .await;
+    assert!(report.succeeded(), "{report:?}");
+}
+
+async fn owned_addresses(ec2: &aws_sdk_ec2::Client, stack: &str) -> Vec<String> {
+    let out = ec2
+        .describe_addresses()
+        .set_filters(Some(owner_filters(stack)))
+        .send()
+        .await
+        .expect("addresses");
+    out.addresses()
+        .iter()
+        .filter_map(|a| a.allocation_id().map(str::to_owned))
+        .collect()
+}
+
+/// `per_zone` gives each zone its own NAT gateway and routes each private
+/// subnet through its zone's; a NAT gateway whose subnet is replaced is
+/// replaced with it and keeps its address; `single` keeps zone a's (and its
+/// public IP) for both; `none` removes them and leaves the private subnets
+/// without a route out.
+#[tokio::test]
+async fn nat_gateways_per_zone_single_and_none() {
+    let endpoint = moto_endpoint();
+    let proxy = FaultProxy::start(&endpoint);
+    let h = Harness::new(&proxy.endpoint()).await;
+    let name = unique("nat");
+    let mut stack = network_only(&name, NatGateways::PerZone);
+    let sdk = sdk(&endpoint).await;
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+
+    // 1. per_zone: two of everything.
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let expected: BTreeMap<String, Action> = [
+        "network.main.nat_eip.us-east-1a",
+        "network.main.nat_eip.us-east-1b",
+        "network.main.nat_gateway.us-east-1a",
+        "network.main.nat_gateway.us-east-1b",
+        "network.main.route_table.private-us-east-1a",
+        "network.main.route_table.private-us-east-1b",
+    ]
+    .into_iter()
+    .map(|a| (a.to_owned(), Action::Create))
+    .collect();
+    assert_eq!(nat_changes(&p), expected, "{}", describe(&p));
+    h.apply(&stack, &p).await.expect("apply per_zone");
+    let ids = subnet_ids(&ec2, &name).await;
+    let nats = live_nat_gateways(&ec2, &name).await;
+    assert_eq!(nats.len(), 2, "{nats:?}");
+    let nat_in = |subnet: &str| {
+        nats.iter()
+            .find(|g| g.subnet_id() == Some(ids[subnet].as_str()))
+            .unwrap_or_else(|| panic!("no NAT gateway in {subnet}: {nats:?}"))
+    };
+    let (nat_a, nat_b) = (nat_in("public-a"), nat_in("public-b"));
+    let allocation = |g: &aws_sdk_ec2::types::NatGateway| {
+        g.nat_gateway_addresses()
+            .iter()
+            .find_map(|a| a.allocation_id().map(str::to_owned))
+    };
+    assert_ne!(allocation(nat_a), allocation(nat_b), "one Elastic IP each");
+    let allocation_a = allocation(nat_a);
+    let nat_a_id = nat_a.nat_gateway_id().expect("id").to_owned();
+    let nat_b_id = nat_b.nat_gateway_id().expect("id").to_owned();
+    let tables = route_tables(&ec2, &name).await;
+    assert_eq!(
+        nat_route(&tables["network.main.route_table.private-us-east-1a"]),
+        (Some(nat_a_id.clone()), vec![ids["private-a"].clone()])
+    );
+    assert_eq!(
+        nat_route(&tables["network.main.route_table.private-us-east-1b"]),
+        (Some(nat_b_id.clone()), vec![ids["private-b"].clone()])
+    );
+    assert_eq!(owned_addresses(&ec2, &name).await.len(), 2);
+    assert_empty(&h.plan(&stack, &plan::Options::default()).await, "per_zone");
+
+    // 2. Zone a's public subnet gets a new CIDR: the subnet is replaced, and
+    // the NAT gateway in it with it (in the new subnet, with the same Elastic
+    // IP); the Elastic IP stays. AWS refuses to delete a subnet a NAT gateway
+    // lives in: the proxy answers the first DeleteSubnet as AWS would.
+    let net = stack.networks.get_mut("main").expect("network");
+    net.subnets
+        .iter_mut()
+        .find(|s| s.name == "public-a")
+        .expect("public-a")
+        .cidr = "10.40.3.0/24".parse().expect("cidr");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let replaced = |by: &str| Action::Replace {
+        forced_by: vec![by.to_owned()],
+    };
+    let expected: BTreeMap<String, Action> = [
+        ("network.main.subnet.public-a", replaced("cidr")),
+        ("network.main.nat_gateway.us-east-1a", replaced("subnet_id")),
+        ("network.main.route_table.public", Action::Update),
+        (
+            "network.main.route_table.private-us-east-1a",
+            Action::Update,
+        ),
+    ]
+    .into_iter()
+    .map(|(a, x)| (a.to_owned(), x))
+    .collect();
+    assert_eq!(changes(&p), expected, "{}", describe(&p));
+    let dependency_violation = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>DependencyViolation</Code><Message>The subnet has dependencies and cannot be deleted.</Message></Error></Errors><RequestID>r</RequestID></Response>";
+    proxy.respond("DeleteSubnet", 1, 400, "text/xml", dependency_violation);
+    h.apply(&stack, &p).await.expect("replace the subnet");
+    assert_eq!(
+        proxy.count("DeleteSubnet"),
+        2,
+        "retried after the NAT gateway went"
+    );
+    let ids = subnet_ids(&ec2, &name).await;
+    let nats = live_nat_gateways(&ec2, &name).await;
+    assert_eq!(nats.len(), 2, "{nats:?}");
+    let moved = nats
+        .iter()
+        .find(|g| g.subnet_id() == Some(ids["public-a"].as_str()))
+        .expect("a NAT gateway in the new public-a");
+    assert_ne!(moved.nat_gateway_id(), Some(nat_a_id.as_str()));
+    assert_eq!(
+        allocation(moved),
+        allocation_a,
+        "the NAT gateway kept its address"
+    );
+    let nat_a_id = moved.nat_gateway_id().expect("id").to_owned();
+    let tables = route_tables(&ec2, &name).await;
+    assert_eq!(
+        nat_route(&tables["network.main.route_table.private-us-east-1a"]),
+        (Some(nat_a_id.clone()), vec![ids["private-a"].clone()])
+    );
+    assert_eq!(owned_addresses(&ec2, &name).await.len(), 2);
+    assert_empty(
+        &h.plan(&stack, &plan::Options::default()).await,
+        "replacing the subnet",
+    );
+
+    // 3. single: zone a's NAT gateway stays and takes private-b over; zone b's go.
+    set_nat(&mut stack, NatGateways::Single);
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let expected: BTreeMap<String, Action> = [
+        (
+            "network.main.route_table.private-us-east-1a",
+            Action::Update,
+        ),
+        (
+            "network.main.route_table.private-us-east-1b",
+            Action::Delete,
+        ),
+        ("network.main.nat_gateway.us-east-1b", Action::Delete),
+        ("network.main.nat_eip.us-east-1b", Action::Delete),
+    ]
+    .into_iter()
+    .map(|(a, x)| (a.to_owned(), x))
+    .collect();
+    assert_eq!(changes(&p), expected, "{}", describe(&p));
+    h.apply(&stack, &p).await.expect("apply single");
+    let nats = live_nat_gateways(&ec2, &name).await;
+    let left: Vec<&str> = nats.iter().filter_map(|g| g.nat_gateway_id()).collect();
+    assert_eq!(left, [nat_a_id.as_str()]);
+    let tables = route_tables(&ec2, &name).await;
+    assert!(!tables.contains_key("network.main.route_table.private-us-east-1b"));
+    let mut both = vec![ids["private-a"].clone(), ids["private-b"].clone()];
+    both.sort();
+    assert_eq!(
+        nat_route(&tables["network.main.route_table.private-us-east-1a"]),
+        (Some(nat_a_id.clone()), both)
+    );
+    assert_eq!(owned_addresses(&ec2, &name).await.len(), 1);
+    assert_empty(&h.plan(&stack, &plan::Options::default()).await, "single");
+
+    // 4. none, applied by the engine (the deletes run in parallel: the
+    // address is released only once the NAT gateway is gone).
+    set_nat(&mut stack, NatGateways::None);
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let expected: BTreeMap<String, Action> = [
+        "network.main.route_table.private-us-east-1a",
+        "network.main.nat_gateway.us-east-1a",
+        "network.main.nat_eip.us-east-1a",
+    ]
+    .into_iter()
+    .map(|a| (a.to_owned(), Action::Delete))
+    .collect();
+    assert_eq!(changes(&p), expected, "{}", describe(&p));
+    apply_in_parallel(&endpoint, &stack, &p).await;
+    assert!(live_nat_gateways(&ec2, &name).await.is_empty());
+    assert!(owned_addresses(&ec2, &name).await.is_empty());
+    let tables = route_tables(&ec2, &name).await;
+    assert_eq!(
+        tables.keys().collect::<Vec<_>>(),
+        ["network.main.route_table.public"]
+    );
+    // The private subnets fall back to the VPC's main table, which has no way out.
+    let vpc_id = tables["network.main.route_table.public"]
+        .vpc_id()
+        .expect("vpc")
+        .to_owned();
+    let all = ec2
+        .describe_route_tables()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("vpc-id")
+                .values(&vpc_id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("route tables");
+    for t in all.route_tables() {
+        let (_, subnets) = nat_route(t);
+        for private in ["private-a", "private-b"] {
+            assert!(
+                !subnets.contains(&ids[private]),
+                "{private} is still associated with {:?}",
+                t.route_table_id()
+            );
+        }
+        let main = t.associations().iter().any(|a| a.main().unwrap_or(false));
+        if main {
+            assert!(
+                !t.routes()
+                    .iter()
+                    .any(|r| r.destination_cidr_block() == Some("0.0.0.0/0")),
+                "the main table routes out: {t:?}"
+            );
+        }
+    }
+    assert_empty(&h.plan(&stack, &plan::Options::default()).await, "none");
+
+    // 5. Back to the default, and destroyed by the engine with a NAT gateway in place.
+    set_nat(&mut stack, NatGateways::Single);
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    assert_eq!(nat_changes(&p).len(), 3, "{}", describe(&p));
+    h.apply(&stack, &p).await.expect("apply single again");
+    assert_eq!(live_nat_gateways(&ec2, &name).await.len(), 1);
+    let destroy = h
+        .plan(
+            &stack,
+            &plan::Options {
+                destroy: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    apply_in_parallel(&endpoint, &stack, &destroy).await;
+    let left = leftovers(&endpoint, &name).await;
+    assert!(left.is_empty(), "left after destroy: {left:?}");
+}
+
+/// Right after `CreateNatGateway`, describe calls may not see the NAT
+/// gateway yet: the waiter keeps polling instead of failing.
+#[tokio::test]
+async fn nat_gateway_create_waits_until_it_is_visible() {
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let h = Harness::new(&proxy.endpoint()).await;
+    let stack = network_only(&unique("natw"), NatGateways::Single);
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let empty = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><DescribeNatGatewaysResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>r</requestId><natGatewaySet/></DescribeNatGatewaysResponse>";
+    proxy.respond("DescribeNatGateways", 2, 200, "text/xml", empty);
+    h.apply(&stack, &p).await.expect("apply");
+    assert_eq!(proxy.count("CreateNatGateway"), 1);
+    assert!(
+        proxy.count("DescribeNatGateways") >= 3,
+        "DescribeNatGateways polled {} times",
+        proxy.count("DescribeNatGateways")
+    );
+    assert_empty(&h.plan(&stack, &plan::Options::default()).await, "waiting");
+    h.destroy(&stack).await;
+    let left = leftovers(&moto_endpoint(), &stack.name).await;
+    assert!(left.is_empty(), "left after destroy: {left:?}");
 }
 
 // ---------------------------------------------------------------- waiters, retries, throttling
@@ -1310,12 +1812,15 @@ async fn observe_makes_a_handful_of_calls_per_kind() {
     h.apply(&stack, &p).await.expect("apply");
     proxy.reset();
     let live = h.p.observe(&scope(&stack)).await.expect("observe");
-    assert_eq!(live.len(), 14);
+    assert_eq!(live.len(), 17);
     let calls = proxy.calls();
     let total = proxy.total_requests();
-    // 5 EC2 describes, ListRoles + 2 ListAttachedRolePolicies, ListClusters + DescribeCluster
-    // + ListNodegroups + 2 DescribeNodegroup, DescribeRepositories + 2 per repository.
-    assert!(total <= 16, "{total} calls: {calls:?}");
+    // 7 EC2 describes (NAT gateways and addresses included), ListRoles + 2
+    // ListAttachedRolePolicies, ListClusters + DescribeCluster + ListNodegroups
+    // + 2 DescribeNodegroup, DescribeRepositories + 2 per repository.
+    assert!(total <= 18, "{total} calls: {calls:?}");
+    assert_eq!(proxy.count("DescribeNatGateways"), 1, "{calls:?}");
+    assert_eq!(proxy.count("DescribeAddresses"), 1, "{calls:?}");
     h.destroy(&stack).await;
 }
 

@@ -144,6 +144,7 @@ fn corpus() {
         "invalid-cidr",
         "overlapping-cidr",
         "subnet-outside-network",
+        "nat-gateway-placement",
         "duplicate",
         "port-out-of-range",
         "inline-secret",

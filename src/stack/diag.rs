@@ -19,6 +19,8 @@ pub enum Code {
     InvalidCidr,
     OverlappingCidr,
     SubnetOutsideNetwork,
+    /// A NAT gateway with no public subnet to live in.
+    NatGatewayPlacement,
     Duplicate,
     PortOutOfRange,
     InlineSecret,
@@ -39,6 +41,7 @@ impl Code {
             Code::InvalidCidr => "invalid-cidr",
             Code::OverlappingCidr => "overlapping-cidr",
             Code::SubnetOutsideNetwork => "subnet-outside-network",
+            Code::NatGatewayPlacement => "nat-gateway-placement",
             Code::Duplicate => "duplicate",
             Code::PortOutOfRange => "port-out-of-range",
             Code::InlineSecret => "inline-secret",

@@ -53,8 +53,88 @@ pub struct Environment {
 pub struct Network {
     pub name: String,
     pub cidr: Ipv4Net,
+    /// In declaration order.
     pub subnets: Vec<Subnet>,
     pub tags: BTreeMap<String, String>,
+    /// How private subnets reach the internet (the default is already applied).
+    pub nat_gateway: NatGateways,
+}
+
+/// The NAT gateways that give a network's private subnets a route out
+/// (`nat_gateway = "single" | "per_zone" | "none"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatGateways {
+    /// None: private subnets reach nothing outside the VPC.
+    None,
+    /// One NAT gateway, in the first public subnet, for every private subnet.
+    Single,
+    /// One NAT gateway per zone that has private subnets, in that zone's
+    /// first public subnet; a zone's outage does not cut the others off.
+    PerZone,
+}
+
+impl NatGateways {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatGateways::None => "none",
+            NatGateways::Single => "single",
+            NatGateways::PerZone => "per_zone",
+        }
+    }
+}
+
+/// One NAT gateway of a network: the zone it is in, the public subnet it
+/// lives in, and the private subnets routed through it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatPlacement {
+    pub zone: String,
+    pub subnet: String,
+    pub private: Vec<String>,
+}
+
+impl Network {
+    /// Where the network's NAT gateways go, in a stable order. Private
+    /// subnets that cannot be routed (a `per_zone` zone without a public
+    /// subnet, which validation rejects) are left out; no private subnet,
+    /// no NAT gateway.
+    pub fn nat_placements(&self) -> Vec<NatPlacement> {
+        let private = || self.subnets.iter().filter(|s| !s.public);
+        let first_public_in = |zone: Option<&str>| {
+            self.subnets
+                .iter()
+                .find(|s| s.public && zone.is_none_or(|z| s.zone == z))
+        };
+        match self.nat_gateway {
+            NatGateways::None => Vec::new(),
+            NatGateways::Single => {
+                let routed: Vec<String> = private().map(|s| s.name.clone()).collect();
+                match first_public_in(None) {
+                    Some(p) if !routed.is_empty() => vec![NatPlacement {
+                        zone: p.zone.clone(),
+                        subnet: p.name.clone(),
+                        private: routed,
+                    }],
+                    _ => Vec::new(),
+                }
+            }
+            NatGateways::PerZone => {
+                let mut out: Vec<NatPlacement> = Vec::new();
+                for s in private() {
+                    if let Some(p) = out.iter_mut().find(|p| p.zone == s.zone) {
+                        p.private.push(s.name.clone());
+                    } else if let Some(host) = first_public_in(Some(&s.zone)) {
+                        out.push(NatPlacement {
+                            zone: s.zone.clone(),
+                            subnet: host.name.clone(),
+                            private: vec![s.name.clone()],
+                        });
+                    }
+                }
+                out
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -275,4 +355,98 @@ pub struct Expose {
     pub kind: ExposeKind,
     /// Empty: nobody but the cluster's own ingress path (deny by default).
     pub allow: Vec<Caller>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(nat: NatGateways, subnets: &[(&str, &str, bool)]) -> Network {
+        Network {
+            name: "main".into(),
+            cidr: "10.0.0.0/16".parse().expect("cidr"),
+            subnets: subnets
+                .iter()
+                .enumerate()
+                .map(|(i, (name, zone, public))| Subnet {
+                    name: (*name).into(),
+                    zone: (*zone).into(),
+                    cidr: format!("10.0.{i}.0/24").parse().expect("cidr"),
+                    public: *public,
+                })
+                .collect(),
+            tags: BTreeMap::new(),
+            nat_gateway: nat,
+        }
+    }
+
+    fn placement(zone: &str, subnet: &str, private: &[&str]) -> NatPlacement {
+        NatPlacement {
+            zone: zone.into(),
+            subnet: subnet.into(),
+            private: private.iter().map(|s| (*s).into()).collect(),
+        }
+    }
+
+    const THREE_ZONES: &[(&str, &str, bool)] = &[
+        ("private-b", "b", false),
+        ("public-b", "b", true),
+        ("public-a", "a", true),
+        ("public-a2", "a", true),
+        ("private-a", "a", false),
+        ("private-a2", "a", false),
+        ("public-c", "c", true),
+    ];
+
+    #[test]
+    fn single_puts_one_nat_gateway_in_the_first_public_subnet_for_every_private_one() {
+        let n = network(NatGateways::Single, THREE_ZONES);
+        assert_eq!(
+            n.nat_placements(),
+            [placement(
+                "b",
+                "public-b",
+                &["private-b", "private-a", "private-a2"]
+            )]
+        );
+    }
+
+    #[test]
+    fn per_zone_routes_each_private_subnet_through_its_zone() {
+        let n = network(NatGateways::PerZone, THREE_ZONES);
+        // Zone c has no private subnet: no NAT gateway there.
+        assert_eq!(
+            n.nat_placements(),
+            [
+                placement("b", "public-b", &["private-b"]),
+                placement("a", "public-a", &["private-a", "private-a2"]),
+            ]
+        );
+        // A zone without a public subnet (rejected by validation) is left out.
+        let n = network(
+            NatGateways::PerZone,
+            &[
+                ("public-a", "a", true),
+                ("private-a", "a", false),
+                ("private-b", "b", false),
+            ],
+        );
+        assert_eq!(
+            n.nat_placements(),
+            [placement("a", "public-a", &["private-a"])]
+        );
+    }
+
+    #[test]
+    fn no_nat_gateway_without_private_subnets_or_when_none() {
+        let public_only = [("public-a", "a", true), ("public-b", "b", true)];
+        for nat in [NatGateways::Single, NatGateways::PerZone, NatGateways::None] {
+            assert!(network(nat, &public_only).nat_placements().is_empty());
+        }
+        assert!(
+            network(NatGateways::None, THREE_ZONES)
+                .nat_placements()
+                .is_empty()
+        );
+    }
 }

@@ -284,10 +284,13 @@ fn tags(ctx: &mut Ctx<'_>, f: &Fields<'_>) -> BTreeMap<String, String> {
 
 fn decode_network(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Network> {
     let f = Fields::new(t, span, format!("network.{name}"));
-    f.allow(ctx.errors, &["cidr", "subnet", "tags"]);
+    f.allow(ctx.errors, &["cidr", "subnet", "tags", "nat_gateway"]);
     let cidr_v = f
         .str_req(ctx.errors, "cidr", "\"10.0.0.0/16\"")
         .and_then(|(v, s)| cidr(ctx, &v, s));
+    let nat = nat_mode(ctx, &f);
+    // Every subnet whose zone is known (even one with a bad CIDR), for the NAT checks.
+    let mut layout: Vec<(String, Span, String, bool)> = Vec::new();
     let mut subnets = Vec::new();
     for (sname, sname_span, st, sspan) in f.named_tables(ctx.errors, "subnet") {
         check_name(ctx, sname, sname_span, "subnet name");
@@ -301,6 +304,9 @@ fn decode_network(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
             .str_req(ctx.errors, "cidr", "\"10.0.1.0/24\"")
             .and_then(|(v, s)| cidr(ctx, &v, s).map(|c| (c, s)));
         let public = sf.bool_opt(ctx.errors, "public").unwrap_or(false);
+        if let Some((zone, _)) = &zone {
+            layout.push((sname.to_owned(), sname_span, zone.clone(), public));
+        }
         if let (Some((zone, _)), Some((c, cspan))) = (zone, c) {
             ctx.spans
                 .names
@@ -317,12 +323,108 @@ fn decode_network(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
         ctx.spans.names.insert(format!("network.{name}.cidr"), s);
     }
     let tags = tags(ctx, &f);
+    let nat_gateway = check_nat(ctx, name, nat, &layout);
     Some(Network {
         name: name.to_owned(),
         cidr: cidr_v?,
         subnets,
         tags,
+        nat_gateway,
     })
+}
+
+const NAT_MODES: [&str; 3] = ["single", "per_zone", "none"];
+
+/// The `nat_gateway` a network declares, if any (and valid).
+fn nat_mode(ctx: &mut Ctx<'_>, f: &Fields<'_>) -> Option<(NatGateways, Span)> {
+    let (v, span) = f.str_opt(ctx.errors, "nat_gateway")?;
+    let mode = match v.as_str() {
+        "single" => NatGateways::Single,
+        "per_zone" => NatGateways::PerZone,
+        "none" => NatGateways::None,
+        _ if !expressions(&v).is_empty() => return None, // reported while loading
+        other => {
+            let mut d = Diagnostic::new(
+                Code::InvalidValue,
+                span,
+                format!("unknown nat_gateway `{other}`"),
+            )
+            .label("not a NAT gateway layout");
+            d = match did_you_mean(other, NAT_MODES) {
+                Some(s) => d.help(format!("did you mean `{s}`?")),
+                None => d.help("use \"single\", \"per_zone\" or \"none\""),
+            };
+            ctx.errors.push(d);
+            return None;
+        }
+    };
+    Some((mode, span))
+}
+
+/// The network's NAT gateway layout: the declared one if it can be built,
+/// else `single` when there are private subnets and a public one to put the
+/// NAT gateway in, else `none`. `layout` is (name, name span, zone, public)
+/// of every subnet.
+fn check_nat(
+    ctx: &mut Ctx<'_>,
+    network: &str,
+    declared: Option<(NatGateways, Span)>,
+    layout: &[(String, Span, String, bool)],
+) -> NatGateways {
+    let any_public = layout.iter().any(|s| s.3);
+    let any_private = layout.iter().any(|s| !s.3);
+    let Some((mode, span)) = declared else {
+        return if any_public && any_private {
+            NatGateways::Single
+        } else {
+            NatGateways::None
+        };
+    };
+    if mode == NatGateways::None {
+        return mode;
+    }
+    if !any_public {
+        ctx.errors.push(
+            Diagnostic::new(
+                Code::NatGatewayPlacement,
+                span,
+                format!(
+                    "network {network} has no public subnet to put a NAT gateway in"
+                ),
+            )
+            .label("needs a public subnet")
+            .help("a NAT gateway lives in a public subnet: add a subnet with `public = true`, or set `nat_gateway = \"none\"`"),
+        );
+        return mode;
+    }
+    if mode == NatGateways::PerZone {
+        let mut zones: Vec<&str> = Vec::new();
+        for s in layout.iter().filter(|s| !s.3) {
+            if !zones.contains(&s.2.as_str()) {
+                zones.push(&s.2);
+            }
+        }
+        for zone in zones {
+            if layout.iter().any(|s| s.3 && s.2 == zone) {
+                continue;
+            }
+            let mut d = Diagnostic::new(
+                Code::NatGatewayPlacement,
+                span,
+                format!(
+                    "zone {zone} of network {network} has private subnets but no public subnet for its NAT gateway"
+                ),
+            )
+            .label("one NAT gateway per zone");
+            for s in layout.iter().filter(|s| !s.3 && s.2 == zone) {
+                d = d.related(s.1, format!("private subnet in {zone}"));
+            }
+            ctx.errors.push(d.help(format!(
+                "add a public subnet in {zone}, or use `nat_gateway = \"single\"` to route every zone through one NAT gateway"
+            )));
+        }
+    }
+    mode
 }
 
 fn check_networks(ctx: &mut Ctx<'_>, networks: &BTreeMap<String, Network>) {

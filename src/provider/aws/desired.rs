@@ -1,7 +1,9 @@
 //! The resolved stack as desired AWS resources (pure).
 //!
 //! Addresses: `network.N` (VPC) with children `.subnet.S`,
-//! `.internet_gateway`, `.route_table.public`, `.security_group.cluster`;
+//! `.internet_gateway`, `.route_table.public`, `.security_group.cluster`
+//! and, per NAT gateway (keyed by its zone Z), `.nat_eip.Z`,
+//! `.nat_gateway.Z` and `.route_table.private-Z`;
 //! `cluster.C` (EKS) with `.role`, `.node_role`, `.node_group.G`;
 //! `registry.R` (ECR). Cross-resource ids are `Value::Ref`s, so the engine
 //! orders and parallelises them; every attribute has the same name and
@@ -10,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::resource::{Address, Desired, ProviderId, Value};
-use crate::stack::{ClusterKind, Stack};
+use crate::stack::{ClusterKind, NatGateways, Network, Stack};
 
 use super::super::ProviderError;
 use super::{kind, names};
@@ -113,6 +115,7 @@ pub fn desired(
             let mut d = Desired::new(rt, kind::ROUTE_TABLE, ProviderId::Aws)
                 .attr_force_new("vpc_id", r(&vpc, "id"))
                 .attr("gateway_id", r(&igw, "id"))
+                .attr("nat_gateway_id", Value::Null)
                 .attr(
                     "subnets",
                     Value::Map(
@@ -124,11 +127,12 @@ pub fn desired(
                 )
                 .attr("tags", tags(named(&t, s, e, &format!("{nname}-public"))))
                 .depends(vpc.clone())
-                .depends(igw);
+                .depends(igw.clone());
             for (_, a) in &public {
                 d = d.depends(a.clone());
             }
             out.push(d);
+            out.extend(nat_gateways(n, &vpc, &igw, s, e));
         }
         let sg = vpc.child("security_group", "cluster");
         out.push(
@@ -295,6 +299,74 @@ pub fn desired(
     Ok(out)
 }
 
+/// The NAT gateways of a network that has an internet gateway: per
+/// placement an Elastic IP, the NAT gateway in the zone's public subnet, and
+/// a private route table sending `0.0.0.0/0` through it, associated with
+/// the private subnets it serves.
+///
+/// Addresses are keyed by the NAT gateway's zone, so switching between
+/// `single` and `per_zone` keeps the first NAT gateway (and its public IP,
+/// which partners may have allow-listed) and only adds or removes the
+/// others. The Elastic IP has nothing to do with the subnet: when the NAT
+/// gateway moves (its public subnet replaced), the new one gets the same
+/// address once the old one is deleted.
+fn nat_gateways(n: &Network, vpc: &Address, igw: &Address, s: &str, e: &str) -> Vec<Desired> {
+    let nname = n.name.as_str();
+    let mut out = Vec::new();
+    for p in n.nat_placements() {
+        let eip = vpc.child("nat_eip", &p.zone);
+        let nat = vpc.child("nat_gateway", &p.zone);
+        let host = vpc.child("subnet", &p.subnet);
+        let label = format!("{nname}-nat-{}", p.zone);
+        out.push(
+            Desired::new(eip.clone(), kind::EIP, ProviderId::Aws)
+                .attr_force_new("domain", "vpc")
+                .attr("tags", tags(named(&n.tags, s, e, &label))),
+        );
+        out.push(
+            Desired::new(nat.clone(), kind::NAT_GATEWAY, ProviderId::Aws)
+                .attr_force_new("subnet_id", r(&host, "id"))
+                .attr_force_new("allocation_id", r(&eip, "id"))
+                .attr_force_new("connectivity", "public")
+                .attr("tags", tags(named(&n.tags, s, e, &label)))
+                .attr("state", "available")
+                .depends(vpc.clone())
+                .depends(host)
+                .depends(eip)
+                .depends(igw.clone()),
+        );
+        let table_name = match n.nat_gateway {
+            NatGateways::PerZone => format!("{nname}-private-{}", p.zone),
+            _ => format!("{nname}-private"),
+        };
+        let mut d = Desired::new(
+            vpc.child("route_table", &format!("private-{}", p.zone)),
+            kind::ROUTE_TABLE,
+            ProviderId::Aws,
+        )
+        .attr_force_new("vpc_id", r(vpc, "id"))
+        .attr("gateway_id", Value::Null)
+        .attr("nat_gateway_id", r(&nat, "id"))
+        .attr(
+            "subnets",
+            Value::Map(
+                p.private
+                    .iter()
+                    .map(|name| (name.clone(), r(&vpc.child("subnet", name), "id")))
+                    .collect(),
+            ),
+        )
+        .attr("tags", tags(named(&n.tags, s, e, &table_name)))
+        .depends(vpc.clone())
+        .depends(nat);
+        for name in &p.private {
+            d = d.depends(vpc.child("subnet", name));
+        }
+        out.push(d);
+    }
+    out
+}
+
 /// The services whose images go to `registry.NAME` (the environment's
 /// registry), sorted: each gets its own lifecycle rule.
 fn pushing_services(stack: &Stack, registry: &str) -> Vec<String> {
@@ -331,4 +403,167 @@ fn role(
         .attr_force_new("path", names::iam_path(stack, env, address.as_str()))
         .attr_force_new("service", service.to_owned())
         .attr("policies", Value::list_of_str(arns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn platform(env: &str) -> Stack {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/platform");
+        crate::stack::load(&root, Some(env)).unwrap_or_else(|r| panic!("{}", r.render()))
+    }
+
+    fn resources(stack: &Stack) -> Vec<Desired> {
+        desired(stack, &|name| format!("arn:aws:iam::aws:policy/{name}")).expect("desired")
+    }
+
+    fn is_nat(d: &Desired) -> bool {
+        d.kind == kind::EIP
+            || d.kind == kind::NAT_GATEWAY
+            || d.address.as_str().contains(".route_table.private-")
+    }
+
+    fn get<'a>(all: &'a [Desired], address: &str) -> (usize, &'a Desired) {
+        all.iter()
+            .enumerate()
+            .find(|(_, d)| d.address.as_str() == address)
+            .unwrap_or_else(|| panic!("{address} is not desired"))
+    }
+
+    fn reference(address: &str) -> Value {
+        r(&Address::new(address), "id")
+    }
+
+    #[test]
+    fn dev_routes_both_private_subnets_through_one_nat_gateway() {
+        let all = resources(&platform("dev"));
+        let nat: Vec<&str> = all
+            .iter()
+            .filter(|d| is_nat(d))
+            .map(|d| d.address.as_str())
+            .collect();
+        assert_eq!(
+            nat,
+            [
+                "network.main.nat_eip.us-east-1a",
+                "network.main.nat_gateway.us-east-1a",
+                "network.main.route_table.private-us-east-1a",
+            ]
+        );
+        let (i_eip, eip) = get(&all, "network.main.nat_eip.us-east-1a");
+        let (i_nat, gw) = get(&all, "network.main.nat_gateway.us-east-1a");
+        let (i_rt, rt) = get(&all, "network.main.route_table.private-us-east-1a");
+        let (i_igw, _) = get(&all, "network.main.internet_gateway");
+        let (i_host, _) = get(&all, "network.main.subnet.public-a");
+        // Dependency order: what a resource refers to comes first.
+        assert!(i_igw < i_nat && i_host < i_nat && i_eip < i_nat && i_nat < i_rt);
+
+        // The address has nothing to do with the subnet: it outlives a move of the NAT gateway.
+        assert_eq!(eip.attrs.keys().collect::<Vec<_>>(), ["domain", "tags"]);
+        assert!(eip.attrs["domain"].force_new);
+
+        let subnet = &gw.attrs["subnet_id"];
+        assert_eq!(subnet.value, reference("network.main.subnet.public-a"));
+        assert!(
+            subnet.force_new,
+            "a NAT gateway cannot move to another subnet"
+        );
+        let allocation = &gw.attrs["allocation_id"];
+        assert_eq!(
+            allocation.value,
+            reference("network.main.nat_eip.us-east-1a")
+        );
+        assert!(allocation.force_new);
+        assert_eq!(gw.attrs["state"].value, Value::str("available"));
+        assert!(
+            gw.depends_on
+                .contains(&Address::new("network.main.internet_gateway"))
+        );
+
+        assert_eq!(rt.kind, kind::ROUTE_TABLE);
+        assert_eq!(rt.attrs["gateway_id"].value, Value::Null);
+        assert_eq!(
+            rt.attrs["nat_gateway_id"].value,
+            reference("network.main.nat_gateway.us-east-1a")
+        );
+        let Value::Map(subnets) = &rt.attrs["subnets"].value else {
+            panic!("subnets")
+        };
+        assert_eq!(
+            subnets.keys().collect::<Vec<_>>(),
+            ["private-a", "private-b"]
+        );
+        let Value::Map(tags) = &rt.attrs["tags"].value else {
+            panic!("tags")
+        };
+        assert_eq!(tags["Name"], Value::str("platform-dev-main-private"));
+
+        // The public table still goes out through the internet gateway.
+        let (_, public) = get(&all, "network.main.route_table.public");
+        assert_eq!(public.attrs["nat_gateway_id"].value, Value::Null);
+        assert_eq!(
+            public.attrs["gateway_id"].value,
+            reference("network.main.internet_gateway")
+        );
+    }
+
+    #[test]
+    fn prod_has_a_nat_gateway_per_zone() {
+        let all = resources(&platform("prod"));
+        assert_eq!(all.iter().filter(|d| is_nat(d)).count(), 6);
+        for (zone, public, private) in [
+            ("us-east-1a", "public-a", "private-a"),
+            ("us-east-1b", "public-b", "private-b"),
+        ] {
+            let (_, gw) = get(&all, &format!("network.main.nat_gateway.{zone}"));
+            assert_eq!(
+                gw.attrs["subnet_id"].value,
+                reference(&format!("network.main.subnet.{public}"))
+            );
+            let (_, rt) = get(&all, &format!("network.main.route_table.private-{zone}"));
+            assert_eq!(
+                rt.attrs["nat_gateway_id"].value,
+                reference(&format!("network.main.nat_gateway.{zone}"))
+            );
+            let Value::Map(subnets) = &rt.attrs["subnets"].value else {
+                panic!("subnets")
+            };
+            assert_eq!(subnets.keys().collect::<Vec<_>>(), [private]);
+        }
+    }
+
+    #[test]
+    fn the_default_is_single_with_private_and_public_subnets_else_none() {
+        assert_eq!(
+            platform("dev").networks["main"].nat_gateway,
+            NatGateways::Single
+        );
+        assert_eq!(
+            platform("prod").networks["main"].nat_gateway,
+            NatGateways::PerZone
+        );
+        // customer-mesh's network (from modules/aws-platform) has public subnets only.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let stack =
+            crate::stack::load(&root, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+        assert!(!stack.networks.is_empty());
+        for n in stack.networks.values() {
+            assert!(n.subnets.iter().all(|s| s.public), "{n:?}");
+            assert_eq!(n.nat_gateway, NatGateways::None);
+        }
+        assert!(!resources(&stack).iter().any(is_nat));
+    }
+
+    #[test]
+    fn none_means_no_nat_resources() {
+        let mut stack = platform("dev");
+        if let Some(n) = stack.networks.get_mut("main") {
+            n.nat_gateway = NatGateways::None;
+        }
+        let all = resources(&stack);
+        assert!(!all.iter().any(is_nat));
+        get(&all, "network.main.route_table.public");
+    }
 }

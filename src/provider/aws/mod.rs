@@ -1,13 +1,13 @@
-//! The AWS provider: networks (VPC, subnets, internet gateway, route table,
-//! security group), EKS clusters with managed node groups and their IAM
-//! roles, and ECR repositories.
+//! The AWS provider: networks (VPC, subnets, internet gateway, route tables,
+//! NAT gateways with their Elastic IPs, security group), EKS clusters with
+//! managed node groups and their IAM roles, and ECR repositories.
 //!
 //! - Desired resources come from the resolved stack ([`desired`], pure).
 //! - Live resources are read by their ownership tags (`mesh:stack`,
 //!   `mesh:env`, `mesh:address`, set at creation), a few list calls per kind
 //!   ([`AwsProvider::observe`]).
 //! - Changes are carried out one at a time, waiting for EKS resources to be
-//!   ACTIVE (or gone), with progress on stderr; Ctrl-C stops a wait and a
+//!   ACTIVE and NAT gateways available (or gone), with progress on stderr; Ctrl-C stops a wait and a
 //!   rerun picks the operation up (a cluster still `CREATING` plans as an
 //!   update of `status` that only waits).
 //!
@@ -19,6 +19,7 @@ mod ecr;
 mod eks;
 mod iam;
 mod kube_access;
+mod nat;
 mod network;
 
 use std::collections::BTreeMap;
@@ -45,6 +46,8 @@ pub mod kind {
     pub const SUBNET: &str = "aws_subnet";
     pub const INTERNET_GATEWAY: &str = "aws_internet_gateway";
     pub const ROUTE_TABLE: &str = "aws_route_table";
+    pub const EIP: &str = "aws_eip";
+    pub const NAT_GATEWAY: &str = "aws_nat_gateway";
     pub const SECURITY_GROUP: &str = "aws_security_group";
     pub const IAM_ROLE: &str = "aws_iam_role";
     pub const EKS_CLUSTER: &str = "aws_eks_cluster";
@@ -57,12 +60,14 @@ pub const TAG_STACK: &str = "mesh:stack";
 pub const TAG_ENV: &str = "mesh:env";
 pub const TAG_ADDRESS: &str = "mesh:address";
 
-/// How long and how often to wait for EKS resources.
+/// How long and how often to wait for EKS resources and NAT gateways.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WaitConfig {
     /// EKS clusters take ~10-15 minutes to create in real AWS.
     pub cluster_timeout: Duration,
     pub node_group_timeout: Duration,
+    /// NAT gateways take a few minutes to become available or to be deleted.
+    pub nat_gateway_timeout: Duration,
     /// First poll interval; grows by half each poll up to `max_interval`.
     pub initial_interval: Duration,
     pub max_interval: Duration,
@@ -73,6 +78,7 @@ impl Default for WaitConfig {
         WaitConfig {
             cluster_timeout: Duration::from_secs(40 * 60),
             node_group_timeout: Duration::from_secs(30 * 60),
+            nat_gateway_timeout: Duration::from_secs(20 * 60),
             initial_interval: Duration::from_secs(5),
             max_interval: Duration::from_secs(30),
         }
@@ -479,6 +485,8 @@ impl AwsProvider {
             kind::SUBNET => self.create_subnet(d, &attrs, ctx).await,
             kind::INTERNET_GATEWAY => self.create_internet_gateway(d, &attrs, ctx).await,
             kind::ROUTE_TABLE => self.create_route_table(d, &attrs, ctx).await,
+            kind::EIP => self.create_eip(d, &attrs, ctx).await,
+            kind::NAT_GATEWAY => self.create_nat_gateway(d, &attrs, ctx).await,
             kind::SECURITY_GROUP => self.create_security_group(d, &attrs, ctx).await,
             kind::IAM_ROLE => self.create_role(d, &attrs, ctx).await,
             kind::EKS_CLUSTER => self.create_cluster(d, &attrs, ctx).await,
@@ -497,12 +505,13 @@ impl AwsProvider {
         ctx.progress(&d.address, "updating");
         let attrs = resolved(ctx, d)?;
         match d.kind.as_str() {
-            kind::VPC | kind::INTERNET_GATEWAY | kind::SECURITY_GROUP => {
+            kind::VPC | kind::INTERNET_GATEWAY | kind::SECURITY_GROUP | kind::EIP => {
                 self.update_ec2_tags(d, &attrs, live).await?;
                 self.read_ec2(&d.kind, &d.address, &live.id, &attrs).await
             }
             kind::SUBNET => self.update_subnet(d, &attrs, live).await,
             kind::ROUTE_TABLE => self.update_route_table(d, &attrs, live).await,
+            kind::NAT_GATEWAY => self.update_nat_gateway(d, &attrs, live, ctx).await,
             kind::IAM_ROLE => self.update_role(d, &attrs, live).await,
             kind::EKS_CLUSTER => self.update_cluster(d, &attrs, live, ctx).await,
             kind::EKS_NODE_GROUP => self.update_node_group(d, &attrs, live, ctx).await,
@@ -518,6 +527,8 @@ impl AwsProvider {
             kind::SUBNET => self.delete_subnet(live, ctx).await,
             kind::INTERNET_GATEWAY => self.delete_internet_gateway(live, ctx).await,
             kind::ROUTE_TABLE => self.delete_route_table(live).await,
+            kind::EIP => self.delete_eip(live, ctx).await,
+            kind::NAT_GATEWAY => self.delete_nat_gateway(live, ctx).await,
             kind::SECURITY_GROUP => self.delete_security_group(live, ctx).await,
             kind::IAM_ROLE => self.delete_role(live).await,
             kind::EKS_CLUSTER => self.delete_cluster(live, ctx).await,

@@ -1,6 +1,8 @@
-//! Networks: VPC, subnets, internet gateway, public route table, cluster
-//! security group. Observed with one tag-filtered, paginated describe call
-//! per kind; deleted after removing what Kubernetes left in the VPC.
+//! Networks: VPC, subnets, internet gateway, route tables (the public one
+//! and the private ones through NAT gateways), cluster security group.
+//! Observed with one tag-filtered, paginated describe call per kind (NAT
+//! gateways and Elastic IPs included, see [`super::nat`]); deleted after
+//! removing what Kubernetes left in the VPC.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,28 +16,40 @@ use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
 use super::call::{AwsError, Service, retry_for};
+use super::nat::{eip_live, live_eips, live_nat_gateways};
 use super::{
     AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
     ownership_tags, str_map, user_tags,
 };
 
-fn filter(name: &str, value: &str) -> Filter {
+pub(super) fn filter(name: &str, value: &str) -> Filter {
     Filter::builder().name(name).values(value).build()
 }
 
-fn owner_filters(scope: &Scope) -> Vec<Filter> {
+pub(super) fn owner_filters(scope: &Scope) -> Vec<Filter> {
     vec![
         filter(&format!("tag:{TAG_STACK}"), &scope.stack),
         filter(&format!("tag:{TAG_ENV}"), &scope.env),
     ]
 }
 
-fn tag_pairs(tags: &[Tag]) -> impl Iterator<Item = (&str, &str)> {
+pub(super) fn tag_pairs(tags: &[Tag]) -> impl Iterator<Item = (&str, &str)> {
     tags.iter()
         .filter_map(|t| Some((t.key()?, t.value().unwrap_or(""))))
 }
 
-fn address_of(tags: &[Tag]) -> Option<Address> {
+/// The resource carries the scope's stack and environment tags.
+pub(super) fn owned_by(tags: &[Tag], scope: &Scope) -> bool {
+    let mut stack = false;
+    let mut env = false;
+    for (k, v) in tag_pairs(tags) {
+        stack |= k == TAG_STACK && v == scope.stack;
+        env |= k == TAG_ENV && v == scope.env;
+    }
+    stack && env
+}
+
+pub(super) fn address_of(tags: &[Tag]) -> Option<Address> {
     tag_pairs(tags)
         .find(|(k, _)| *k == TAG_ADDRESS)
         .map(|(_, v)| Address::new(v))
@@ -48,7 +62,7 @@ fn ec2_tags(items: impl IntoIterator<Item = (String, String)>) -> Vec<Tag> {
         .collect()
 }
 
-fn tag_spec(
+pub(super) fn tag_spec(
     rt: ResourceType,
     scope: &Scope,
     address: &Address,
@@ -154,11 +168,16 @@ fn route_table_live(
 ) -> Option<Live> {
     let address = address_of(t.tags())?;
     let id = t.route_table_id()?;
-    let gateway = t
+    let default_route = t
         .routes()
         .iter()
-        .find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"))
+        .find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"));
+    let gateway = default_route
         .and_then(|r| r.gateway_id())
+        .map(Value::str)
+        .unwrap_or(Value::Null);
+    let nat_gateway = default_route
+        .and_then(|r| r.nat_gateway_id())
         .map(Value::str)
         .unwrap_or(Value::Null);
     let subnets = t
@@ -170,6 +189,7 @@ fn route_table_live(
         Live::new(address, kind::ROUTE_TABLE, ProviderId::Aws, id)
             .attr("vpc_id", t.vpc_id().unwrap_or_default())
             .attr("gateway_id", gateway)
+            .attr("nat_gateway_id", nat_gateway)
             .attr("subnets", named_ids(subnets, names))
             .attr("tags", user_tags(tag_pairs(t.tags())))
             .output("id", id),
@@ -189,15 +209,18 @@ fn security_group_live(g: &aws_sdk_ec2::types::SecurityGroup) -> Option<Live> {
 }
 
 impl AwsProvider {
-    /// Every VPC, subnet, internet gateway, route table and security group
-    /// tagged for the scope: five paginated describe calls (run concurrently).
+    /// Every VPC, subnet, internet gateway, route table, security group,
+    /// NAT gateway and Elastic IP tagged for the scope: seven describe calls
+    /// (paginated, run concurrently).
     pub(super) async fn observe_network(&self, scope: &Scope) -> Result<Vec<Live>, ProviderError> {
-        let (vpcs, subnets, igws, tables, groups) = futures::join!(
+        let (vpcs, subnets, igws, tables, groups, nats, eips) = futures::join!(
             self.list_vpcs(owner_filters(scope)),
             self.list_subnets(owner_filters(scope)),
             self.list_igws(owner_filters(scope)),
             self.list_route_tables(owner_filters(scope)),
             self.list_security_groups(owner_filters(scope)),
+            self.list_nat_gateways(owner_filters(scope)),
+            self.list_addresses(owner_filters(scope)),
         );
         let mut out: Vec<Live> = Vec::new();
         out.extend(
@@ -229,6 +252,11 @@ impl AwsProvider {
                 .iter()
                 .filter_map(security_group_live),
         );
+        out.extend(live_eips(&eips.map_err(AwsError::observing)?, scope));
+        out.extend(live_nat_gateways(
+            &nats.map_err(AwsError::observing)?,
+            scope,
+        ));
         Ok(out)
     }
 
@@ -390,6 +418,11 @@ impl AwsProvider {
                         .await?
                         .iter()
                         .find_map(|t| route_table_live(t, &names)),
+                    kind::EIP => self
+                        .list_addresses(by_id("allocation-id"))
+                        .await?
+                        .iter()
+                        .find_map(eip_live),
                     _ => self
                         .list_security_groups(by_id("group-id"))
                         .await?
@@ -568,30 +601,76 @@ impl AwsProvider {
             .and_then(|t| t.route_table_id())
             .unwrap_or_default()
             .to_owned();
-        if let Some(gw) = attr_str(attrs, "gateway_id") {
+        if let Some(target) = RouteTarget::of(attrs) {
             let req = self
                 .ec2
                 .create_route()
                 .route_table_id(&id)
-                .destination_cidr_block("0.0.0.0/0")
-                .gateway_id(gw);
+                .destination_cidr_block("0.0.0.0/0");
             self.limiter
-                .call(Service::Ec2, "CreateRoute", req.send())
+                .call(Service::Ec2, "CreateRoute", target.set(req).send())
                 .await
                 .map_err(|e| e.at(a))?;
         }
-        for subnet in id_map(attrs, "subnets").values() {
-            let req = self
-                .ec2
-                .associate_route_table()
-                .route_table_id(&id)
-                .subnet_id(subnet);
-            self.limiter
-                .call(Service::Ec2, "AssociateRouteTable", req.send())
-                .await
-                .map_err(|e| e.at(a))?;
-        }
+        let subnets: Vec<String> = id_map(attrs, "subnets").into_values().collect();
+        self.associate_subnets(a, &id, &subnets).await?;
         self.read_ec2(kind::ROUTE_TABLE, a, &id, attrs).await
+    }
+
+    /// Associates `subnets` with the route table. A subnet has exactly one
+    /// route table: one still associated with another (a subnet that turned
+    /// private, a NAT layout that changed) is moved over, not associated twice.
+    async fn associate_subnets(
+        &self,
+        a: &Address,
+        table: &str,
+        subnets: &[String],
+    ) -> Result<(), ProviderError> {
+        if subnets.is_empty() {
+            return Ok(());
+        }
+        let by_subnet = Filter::builder()
+            .name("association.subnet-id")
+            .set_values(Some(subnets.to_vec()))
+            .build();
+        let current = self
+            .list_route_tables(vec![by_subnet])
+            .await
+            .map_err(|e| e.at(a))?;
+        for subnet in subnets {
+            let existing = current.iter().find_map(|t| {
+                t.associations()
+                    .iter()
+                    .find(|x| !x.main().unwrap_or(false) && x.subnet_id() == Some(subnet.as_str()))
+                    .map(|x| (t.route_table_id(), x.route_table_association_id()))
+            });
+            match existing {
+                Some((Some(t), _)) if t == table => {}
+                Some((_, Some(assoc))) => {
+                    let req = self
+                        .ec2
+                        .replace_route_table_association()
+                        .association_id(assoc)
+                        .route_table_id(table);
+                    self.limiter
+                        .call(Service::Ec2, "ReplaceRouteTableAssociation", req.send())
+                        .await
+                        .map_err(|e| e.at(a))?;
+                }
+                _ => {
+                    let req = self
+                        .ec2
+                        .associate_route_table()
+                        .route_table_id(table)
+                        .subnet_id(subnet);
+                    self.limiter
+                        .call(Service::Ec2, "AssociateRouteTable", req.send())
+                        .await
+                        .map_err(|e| e.at(a))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn create_security_group(
@@ -708,31 +787,33 @@ impl AwsProvider {
         live: &Live,
     ) -> Result<Live, ProviderError> {
         let a = &d.address;
-        let want_gw = attr_str(attrs, "gateway_id");
-        let have_gw = attr_str(&live.attrs, "gateway_id");
-        if want_gw != have_gw {
-            match (want_gw, have_gw) {
-                (Some(gw), Some(_)) => {
+        let want_route = RouteTarget::of(attrs);
+        let have_route = RouteTarget::of(&live.attrs);
+        if want_route != have_route {
+            match (want_route, have_route) {
+                (Some(target), Some(_)) => {
                     let req = self
                         .ec2
                         .replace_route()
                         .route_table_id(&live.id)
-                        .destination_cidr_block("0.0.0.0/0")
-                        .gateway_id(gw);
+                        .destination_cidr_block("0.0.0.0/0");
+                    let req = match &target {
+                        RouteTarget::Gateway(id) => req.gateway_id(id),
+                        RouteTarget::Nat(id) => req.nat_gateway_id(id),
+                    };
                     self.limiter
                         .call(Service::Ec2, "ReplaceRoute", req.send())
                         .await
                         .map_err(|e| e.at(a))?;
                 }
-                (Some(gw), None) => {
+                (Some(target), None) => {
                     let req = self
                         .ec2
                         .create_route()
                         .route_table_id(&live.id)
-                        .destination_cidr_block("0.0.0.0/0")
-                        .gateway_id(gw);
+                        .destination_cidr_block("0.0.0.0/0");
                     self.limiter
-                        .call(Service::Ec2, "CreateRoute", req.send())
+                        .call(Service::Ec2, "CreateRoute", target.set(req).send())
                         .await
                         .map_err(|e| e.at(a))?;
                 }
@@ -742,10 +823,15 @@ impl AwsProvider {
                         .delete_route()
                         .route_table_id(&live.id)
                         .destination_cidr_block("0.0.0.0/0");
-                    self.limiter
+                    match self
+                        .limiter
                         .call(Service::Ec2, "DeleteRoute", req.send())
                         .await
-                        .map_err(|e| e.at(a))?;
+                    {
+                        Ok(_) => {}
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e.at(a)),
+                    }
                 }
             }
         }
@@ -771,25 +857,24 @@ impl AwsProvider {
             for (subnet, assoc) in &assocs {
                 if !want.contains(subnet) {
                     let req = self.ec2.disassociate_route_table().association_id(assoc);
-                    self.limiter
+                    match self
+                        .limiter
                         .call(Service::Ec2, "DisassociateRouteTable", req.send())
                         .await
-                        .map_err(|e| e.at(a))?;
+                    {
+                        Ok(_) => {}
+                        // Moved to another table meanwhile (by that table's own change).
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e.at(a)),
+                    }
                 }
             }
-            for subnet in &want {
-                if !assocs.iter().any(|(s, _)| s == subnet) {
-                    let req = self
-                        .ec2
-                        .associate_route_table()
-                        .route_table_id(&live.id)
-                        .subnet_id(subnet);
-                    self.limiter
-                        .call(Service::Ec2, "AssociateRouteTable", req.send())
-                        .await
-                        .map_err(|e| e.at(a))?;
-                }
-            }
+            let missing: Vec<String> = want
+                .iter()
+                .filter(|subnet| !assocs.iter().any(|(s, _)| s == *subnet))
+                .cloned()
+                .collect();
+            self.associate_subnets(a, &live.id, &missing).await?;
         }
         self.update_ec2_tags(d, attrs, live).await?;
         self.read_ec2(kind::ROUTE_TABLE, a, &live.id, attrs).await
@@ -875,8 +960,9 @@ impl AwsProvider {
             base,
             dv,
             |_| async move {
-                ctx.progress(a, "subnet still in use (DependencyViolation): removing what Kubernetes left, retrying");
+                ctx.progress(a, "subnet still in use (DependencyViolation): removing what Kubernetes left and NAT gateways in it, retrying");
                 let _ = self.cleanup_kubernetes_leftovers(a, vpc, ctx).await;
+                let _ = self.delete_nat_gateways_in_subnet(a, id, ctx).await;
             },
             || async {
                 let req = self.ec2.delete_subnet().subnet_id(id);
@@ -1173,6 +1259,32 @@ impl AwsProvider {
             }
         }
         Ok(())
+    }
+}
+
+/// Where a route table sends `0.0.0.0/0`: the internet gateway (public
+/// subnets) or a NAT gateway (private subnets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RouteTarget {
+    Gateway(String),
+    Nat(String),
+}
+
+impl RouteTarget {
+    fn of(attrs: &BTreeMap<String, Value>) -> Option<RouteTarget> {
+        attr_str(attrs, "gateway_id")
+            .map(RouteTarget::Gateway)
+            .or_else(|| attr_str(attrs, "nat_gateway_id").map(RouteTarget::Nat))
+    }
+
+    fn set(
+        &self,
+        req: aws_sdk_ec2::operation::create_route::builders::CreateRouteFluentBuilder,
+    ) -> aws_sdk_ec2::operation::create_route::builders::CreateRouteFluentBuilder {
+        match self {
+            RouteTarget::Gateway(id) => req.gateway_id(id),
+            RouteTarget::Nat(id) => req.nat_gateway_id(id),
+        }
     }
 }
 
