@@ -145,6 +145,7 @@ fn corpus() {
         "overlapping-cidr",
         "subnet-outside-network",
         "nat-gateway-placement",
+        "caller-not-allowed",
         "duplicate",
         "port-out-of-range",
         "inline-secret",

@@ -21,6 +21,8 @@ pub enum Code {
     SubnetOutsideNetwork,
     /// A NAT gateway with no public subnet to live in.
     NatGatewayPlacement,
+    /// A service enriches from another whose exposures do not let it call.
+    CallerNotAllowed,
     Duplicate,
     PortOutOfRange,
     InlineSecret,
@@ -42,6 +44,7 @@ impl Code {
             Code::OverlappingCidr => "overlapping-cidr",
             Code::SubnetOutsideNetwork => "subnet-outside-network",
             Code::NatGatewayPlacement => "nat-gateway-placement",
+            Code::CallerNotAllowed => "caller-not-allowed",
             Code::Duplicate => "duplicate",
             Code::PortOutOfRange => "port-out-of-range",
             Code::InlineSecret => "inline-secret",

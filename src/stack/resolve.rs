@@ -1519,7 +1519,65 @@ fn check_exposes(
     exposes: &BTreeMap<String, Expose>,
     services: &BTreeMap<String, Service>,
 ) {
-    let _ = services;
+    // A service whose exposures admit no CIDR lets only the services they
+    // list call it (a NetworkPolicy on Kubernetes, keys on loopback): a
+    // service left out cannot enrich from it.
+    for caller in services.values() {
+        let mut callees: Vec<&str> = caller
+            .endpoints
+            .values()
+            .flat_map(|ep| match ep {
+                Endpoint::Prediction { enrichments, .. } => enrichments
+                    .iter()
+                    .filter_map(|en| match &en.source {
+                        EnrichmentSource::Lookup { service, .. } => Some(service.as_str()),
+                        EnrichmentSource::Dataset(_) => None,
+                    })
+                    .collect(),
+                Endpoint::Lookup { .. } => Vec::new(),
+            })
+            .collect();
+        callees.sort_unstable();
+        callees.dedup();
+        for callee in callees {
+            let guarding: Vec<&Expose> = exposes.values().filter(|e| e.service == callee).collect();
+            let open = guarding.is_empty()
+                || guarding.iter().any(|e| {
+                    e.allow.iter().any(|c| match c {
+                        Caller::Cidr(_) => true,
+                        Caller::Service(s) => *s == caller.name,
+                    })
+                });
+            if open {
+                continue;
+            }
+            let Some(&span) = ctx
+                .spans
+                .names
+                .get(&format!("enriches.{}.{callee}", caller.name))
+            else {
+                continue;
+            };
+            let first = guarding[0];
+            let mut d = Diagnostic::new(
+                Code::CallerNotAllowed,
+                span,
+                format!(
+                    "service {} enriches from {callee}, but expose.{} does not allow it",
+                    caller.name, first.name
+                ),
+            )
+            .label("this lookup would be refused")
+            .help(format!(
+                "add \"{}\" to `allow` in expose.{}",
+                caller.name, first.name
+            ));
+            if let Some(&other) = ctx.spans.names.get(&format!("expose.{}", first.name)) {
+                d = d.related(other, "this exposure lists the callers allowed");
+            }
+            ctx.errors.push(d);
+        }
+    }
     let mut by_port: BTreeMap<u16, &str> = BTreeMap::new();
     for e in exposes.values() {
         if let ExposeKind::NodePort {
