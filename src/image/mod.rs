@@ -198,6 +198,15 @@ impl Image {
             .expect("an image has both layers")
     }
 
+    /// The blobs a push sends: each layer (with its kind), then the config
+    /// (`None`): digest and bytes.
+    fn blobs(&self) -> impl Iterator<Item = (Option<LayerKind>, &str, &[u8])> {
+        self.layers
+            .iter()
+            .map(|l| (Some(l.kind), l.digest.as_str(), l.data.as_slice()))
+            .chain([(None, self.config_digest.as_str(), self.config.as_slice())])
+    }
+
     /// Bytes a registry stores for this image: manifest, config and compressed layers.
     pub fn total_size(&self) -> u64 {
         self.manifest.len() as u64
@@ -877,12 +886,7 @@ pub async fn push_detailed(
         existing: Vec::new(),
         uploaded_bytes: 0,
     };
-    let blobs = image
-        .layers
-        .iter()
-        .map(|l| (Some(l.kind), l.digest.as_str(), l.data.as_slice()))
-        .chain([(None, image.config_digest.as_str(), image.config.as_slice())]);
-    for (kind, digest, data) in blobs {
+    for (kind, digest, data) in image.blobs() {
         let have = transient_retry(|| client.blob_exists(&parsed, digest))
             .await
             .map_err(|e| fail(&format!("check blob {digest}"), e))?;
@@ -960,13 +964,8 @@ pub async fn push_detailed(
                 Err(e) if !resent && e.to_string().contains("MANIFEST_BLOB_UNKNOWN") => {
                     resent = true;
                     let named = e.to_string();
-                    let blobs = image
-                        .layers
-                        .iter()
-                        .map(|l| (l.digest.as_str(), l.data.as_slice()))
-                        .chain([(image.config_digest.as_str(), image.config.as_slice())])
-                        .filter(|(d, _)| named.contains(d));
-                    for (digest, data) in blobs {
+                    let lost = image.blobs().filter(|(_, d, _)| named.contains(d));
+                    for (_, digest, data) in lost {
                         transient_retry(|| client.push_blob(&parsed, data.to_vec(), digest))
                             .await
                             .map_err(|e| fail(&format!("upload blob {digest}"), e))?;

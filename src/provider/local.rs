@@ -169,8 +169,13 @@ pub mod access {
     /// `<stack>/.mesh/<env>/access` (absolute, so a service's config is the
     /// same whatever folder mesh runs from).
     pub fn dir(stack: &Stack) -> PathBuf {
-        let root = std::fs::canonicalize(&stack.root).unwrap_or_else(|_| stack.root.clone());
-        state_dir(&root, &stack.env.name).join("access")
+        dir_at(&stack.root, &stack.env.name)
+    }
+
+    /// [`dir`] for a stack root and environment.
+    pub fn dir_at(root: &Path, env: &str) -> PathBuf {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        state_dir(&root, env).join("access")
     }
 
     /// The key `caller` presents to `service` (`operator`: the person at this machine).
@@ -462,13 +467,6 @@ fn allow_strings(e: &stack::Expose) -> Vec<String> {
         .collect()
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ProviderError {
     let context = context.into();
     move |source| ProviderError::Io { context, source }
@@ -622,9 +620,7 @@ impl LocalProvider {
             .map_err(io("writing service.json"))?;
         // The keys it accepts or presents (see `access`), made on first use.
         if let Ok(config) = serde_json::from_str::<rc::ServiceConfig>(bundle_json) {
-            let root =
-                std::fs::canonicalize(&ctx.scope.root).unwrap_or_else(|_| ctx.scope.root.clone());
-            let dir = state_dir(&root, &ctx.scope.env).join("access");
+            let dir = access::dir_at(&ctx.scope.root, &ctx.scope.env);
             access::ensure_keys(&dir, &config)
                 .map_err(io(format!("making access keys under {}", dir.display())))?;
         }
@@ -667,7 +663,7 @@ impl LocalProvider {
                 .and_then(|a| a.value.as_str())
                 .unwrap_or_default()
                 .to_owned(),
-            started_at: now_secs(),
+            started_at: crate::lock::now(),
         };
         std::fs::write(
             dir.join("state.json"),
@@ -858,9 +854,7 @@ impl Provider for LocalProvider {
                     stop_process(pid).await;
                 }
                 // Its bundle, and the keys it accepted (see `access`).
-                let root = std::fs::canonicalize(&ctx.scope.root)
-                    .unwrap_or_else(|_| ctx.scope.root.clone());
-                let keys = state_dir(&root, &ctx.scope.env).join("access").join(name);
+                let keys = access::dir_at(&ctx.scope.root, &ctx.scope.env).join(name);
                 for dir in [dir, keys] {
                     std::fs::remove_dir_all(&dir)
                         .or_else(|e| {

@@ -169,8 +169,6 @@ pub trait Provider: Send + Sync {
 /// A held shared lock; it lapses if not renewed (a killed run), so release it.
 #[async_trait]
 pub trait SharedLock: Send + Sync {
-    /// Where it is held, for messages.
-    fn describe(&self) -> String;
     /// Gives it up.
     async fn release(self: Box<Self>);
 }

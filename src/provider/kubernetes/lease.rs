@@ -21,7 +21,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams, Preco
 use serde_json::{Value as J, json};
 
 use super::{Conn, describe, is_not_found};
-use crate::lock::{Holder, format_time, parse_time};
+use crate::lock::{Holder, format_time, now, parse_time};
 use crate::provider::{ProviderError, SharedLock};
 use crate::resource::Scope;
 
@@ -61,13 +61,6 @@ pub fn name(scope: &Scope) -> String {
 /// A Kubernetes `MicroTime`: RFC 3339 with exactly six fractional digits.
 fn micro_time(secs: u64) -> String {
     format_time(secs).replace('Z', ".000000Z")
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// When a Lease lapses: its last renewal (or acquisition) plus its duration;
@@ -152,6 +145,16 @@ fn is_forbidden(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 403)
 }
 
+/// RBAC forbids Leases here: warn, and rely on the lock file.
+fn forbidden(conn: &Conn, e: &kube::Error) -> Option<Box<dyn SharedLock>> {
+    eprintln!(
+        "warning: may not use Leases in namespace {NAMESPACE} on {} ({}): the stack is locked on this machine only",
+        conn.context,
+        describe(e, conn)
+    );
+    None
+}
+
 /// Takes the Lease of `scope`, or says who holds it. `Ok(None)` when this
 /// user may not use Leases in `default` (a warning; the lock file still
 /// guards this machine).
@@ -167,14 +170,7 @@ pub async fn acquire(
         let at = now();
         let wanted = to_object(manifest(scope, holder, at))?;
         let taken = match api.get_opt(&lease_name).await {
-            Err(e) if is_forbidden(&e) => {
-                eprintln!(
-                    "warning: may not use Leases in namespace {NAMESPACE} on {} ({}): the stack is locked on this machine only",
-                    conn.context,
-                    describe(&e, conn)
-                );
-                return Ok(None);
-            }
+            Err(e) if is_forbidden(&e) => return Ok(forbidden(conn, &e)),
             Err(e) => return Err(api_error(conn, "reading", &e)),
             Ok(None) => api.create(&PostParams::default(), &wanted).await,
             Ok(Some(existing)) => {
@@ -211,20 +207,12 @@ pub async fn acquire(
                     api,
                     name: lease_name,
                     uid,
-                    context: conn.context.clone(),
                     renewer,
                 })));
             }
             // Another run created or took it between our read and write: read again.
             Err(e) if is_conflict(&e) => continue,
-            Err(e) if is_forbidden(&e) => {
-                eprintln!(
-                    "warning: may not write Leases in namespace {NAMESPACE} on {} ({}): the stack is locked on this machine only",
-                    conn.context,
-                    describe(&e, conn)
-                );
-                return Ok(None);
-            }
+            Err(e) if is_forbidden(&e) => return Ok(forbidden(conn, &e)),
             Err(e) => return Err(api_error(conn, "taking", &e)),
         }
     }
@@ -262,16 +250,11 @@ struct LeaseLock {
     api: Api<DynamicObject>,
     name: String,
     uid: String,
-    context: String,
     renewer: tokio::task::JoinHandle<()>,
 }
 
 #[async_trait]
 impl SharedLock for LeaseLock {
-    fn describe(&self) -> String {
-        format!("Lease {NAMESPACE}/{} on {}", self.name, self.context)
-    }
-
     async fn release(self: Box<Self>) {
         self.renewer.abort();
         let params = DeleteParams {

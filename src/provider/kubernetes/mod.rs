@@ -255,8 +255,8 @@ impl KubernetesProvider {
 
     /// The credentials to push to `repository` (`host/path`).
     async fn registry_auth_for(&self, repository: &str) -> Result<RegistryAuth, ProviderError> {
-        let host = repository.split('/').next().unwrap_or_default().to_owned();
         if let Some(source) = &self.registry_auth_source
+            && let Ok((host, _)) = crate::image::registry_and_repository(repository)
             && let Some(auth) = source(host).await?
         {
             return Ok(auth);
