@@ -1012,7 +1012,6 @@ async fn destroy_waits_for_load_balancer_services_to_go() {
     // The balancer takes 2 s to go once the Service is deleted.
     c.double
         .set_load_balancer_delay(std::time::Duration::from_secs(2));
-    let started = std::time::Instant::now();
     ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
     assert!(
         c.double
@@ -1020,7 +1019,6 @@ async fn destroy_waits_for_load_balancer_services_to_go() {
             .is_none(),
         "destroy returned while the LoadBalancer Service was still there"
     );
-    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
     let polled = c
         .double
         .request_log()
