@@ -179,17 +179,23 @@ pub mod access {
     }
 
     /// The key `caller` presents to `service` (`operator`: the person at this machine).
-    pub fn key_file(stack: &Stack, service: &str, caller: &str) -> PathBuf {
-        dir(stack).join(service).join(caller)
+    pub fn key_file(dir: &Path, service: &str, caller: &str) -> PathBuf {
+        dir.join(service).join(caller)
     }
 
     /// Adds the keys `service` accepts and those its enrichments present.
-    pub fn configure(stack: &Stack, svc: &stack::Service, config: &mut rc::ServiceConfig) {
+    /// `dir` is [`dir`]`(stack)`, worked out once per plan.
+    pub fn configure(
+        stack: &Stack,
+        dir: &Path,
+        svc: &stack::Service,
+        config: &mut rc::ServiceConfig,
+    ) {
         if let Some(callers) = restricted_to(stack, &svc.name) {
             config.api_keys.extend(
                 std::iter::once("operator".to_owned())
                     .chain(callers)
-                    .map(|c| rc::SecretRef::File(key_file(stack, &svc.name, &c))),
+                    .map(|c| rc::SecretRef::File(key_file(dir, &svc.name, &c))),
             );
         }
         for (name, ep) in &svc.endpoints {
@@ -214,7 +220,7 @@ pub mod access {
                             svc.name, svc.name
                         );
                     }
-                    lookup.api_key = Some(rc::SecretRef::File(key_file(stack, service, &svc.name)));
+                    lookup.api_key = Some(rc::SecretRef::File(key_file(dir, service, &svc.name)));
                 }
             }
         }
@@ -738,11 +744,12 @@ impl Provider for LocalProvider {
 
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {
         let mut out = Vec::new();
+        let access_dir = access::dir(stack);
         let url_of = |svc: &str| format!("http://127.0.0.1:{}", service_port(stack, svc));
         for (name, svc) in &stack.services {
             let address = Address::of("service", name);
             let mut b = bundle_for(stack, svc, &url_of);
-            access::configure(stack, svc, &mut b.config);
+            access::configure(stack, &access_dir, svc, &mut b.config);
             let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid {
                 address: address.clone(),
                 message: format!("reading the bundle's files: {e}"),
@@ -785,7 +792,7 @@ impl Provider for LocalProvider {
                 .attr("allow", Value::list_of_str(allow_strings(e)))
                 .depends(Address::of("service", &e.service));
             if access::restricted_to(stack, &e.service).is_some() {
-                let key = access::key_file(stack, &e.service, "operator");
+                let key = access::key_file(&access_dir, &e.service, "operator");
                 d.attrs.insert(
                     "_key_file".into(),
                     crate::resource::Attr {
@@ -991,8 +998,8 @@ mod tests {
         let url_of = |svc: &str| format!("http://127.0.0.1:{}", service_port(&stack, svc));
         let features = &stack.services["customer-features"];
         let mut b = bundle_for(&stack, features, &url_of);
-        access::configure(&stack, features, &mut b.config);
         let dir = access::dir(&stack);
+        access::configure(&stack, &dir, features, &mut b.config);
         assert!(dir.is_absolute());
         assert_eq!(
             b.config.api_keys,
@@ -1004,7 +1011,7 @@ mod tests {
 
         let scoring = &stack.services["customer-scoring"];
         let mut b = bundle_for(&stack, scoring, &url_of);
-        access::configure(&stack, scoring, &mut b.config);
+        access::configure(&stack, &dir, scoring, &mut b.config);
         assert!(b.config.api_keys.is_empty());
         let keys: Vec<_> = b
             .config
