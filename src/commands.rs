@@ -251,26 +251,8 @@ async fn run_apply(
         Ok(s) => s,
         Err(c) => return c,
     };
-    let state_dir = mesh::provider::local::state_dir(&stack.root, env);
-    let _lock = match mesh::lock::acquire(
-        &state_dir,
-        &stack.name,
-        env,
-        &path.display().to_string(),
-        command,
-    ) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
-    let engine = match Engine::new(stack).await {
-        Ok(e) => e,
-        Err(e) => return fail(e),
-    };
-    let shared = match engine.lock_shared(&mesh::lock::this_holder(command)).await {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
-    let code = async {
+    let stack_path = path.display().to_string();
+    with_locks(stack, &stack_path, command, async |engine: &Engine| {
         let started = std::time::Instant::now();
         let plan = match engine.plan(&opts).await {
             Ok(p) => p,
@@ -288,9 +270,35 @@ async fn run_apply(
             eprintln!("Cancelled: nothing was changed.");
             return ExitCode::from(1);
         }
-        execute(&engine, &plan, parallelism, no_wait).await
-    }
-    .await;
+        execute(engine, &plan, parallelism, no_wait).await
+    })
+    .await
+}
+
+/// Runs `body` holding the stack's locks: the lock file of this machine,
+/// then the shared locks of the environment's providers (a Lease on the
+/// cluster), released when it returns.
+async fn with_locks(
+    stack: mesh::stack::Stack,
+    stack_path: &str,
+    command: &str,
+    body: impl AsyncFnOnce(&Engine) -> ExitCode,
+) -> ExitCode {
+    let env = stack.env.name.clone();
+    let state_dir = mesh::provider::local::state_dir(&stack.root, &env);
+    let _lock = match mesh::lock::acquire(&state_dir, &stack.name, &env, stack_path, command) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let engine = match Engine::new(stack).await {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let shared = match engine.lock_shared(&mesh::lock::this_holder(command)).await {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let code = body(&engine).await;
     release(shared).await;
     code
 }
@@ -343,59 +351,41 @@ async fn apply_saved(file: &Path, parallelism: usize, no_wait: bool) -> ExitCode
         Ok(s) => s,
         Err(c) => return c,
     };
-    let state_dir = mesh::provider::local::state_dir(&stack.root, &saved.env);
-    let _lock = match mesh::lock::acquire(
-        &state_dir,
-        &stack.name,
-        &saved.env,
-        &saved.stack_path.display().to_string(),
+    let stack_path = saved.stack_path.display().to_string();
+    with_locks(
+        stack,
+        &stack_path,
         "mesh apply (saved plan)",
-    ) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
-    let engine = match Engine::new(stack).await {
-        Ok(e) => e,
-        Err(e) => return fail(e),
-    };
-    let shared = match engine
-        .lock_shared(&mesh::lock::this_holder("mesh apply (saved plan)"))
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
-    let code = async {
-        let live = match engine.observe().await {
-            Ok(l) => l,
-            Err(e) => return fail(e),
-        };
-        if plan::live_digest(&live) != saved.plan.live_digest {
-            let diffs = plan::live_differences(&saved.plan.live, &live);
-            eprintln!(
-                "error: the saved plan {} is stale: the live state changed since it was made:",
-                file.display()
-            );
-            for d in &diffs {
-                eprintln!("  - {d}");
+        async |engine: &Engine| {
+            let live = match engine.observe().await {
+                Ok(l) => l,
+                Err(e) => return fail(e),
+            };
+            if plan::live_digest(&live) != saved.plan.live_digest {
+                let diffs = plan::live_differences(&saved.plan.live, &live);
+                eprintln!(
+                    "error: the saved plan {} is stale: the live state changed since it was made:",
+                    file.display()
+                );
+                for d in &diffs {
+                    eprintln!("  - {d}");
+                }
+                eprintln!(
+                    "  help: run `mesh plan {} --env {} --out {}` again and review the new plan",
+                    saved.stack_path.display(),
+                    saved.env,
+                    file.display()
+                );
+                return ExitCode::from(1);
             }
-            eprintln!(
-                "  help: run `mesh plan {} --env {} --out {}` again and review the new plan",
-                saved.stack_path.display(),
-                saved.env,
-                file.display()
-            );
-            return ExitCode::from(1);
-        }
-        print!("{}", render::human(&saved.plan, style()));
-        if !saved.plan.has_changes() {
-            return ExitCode::SUCCESS;
-        }
-        execute(&engine, &saved.plan, parallelism, no_wait).await
-    }
-    .await;
-    release(shared).await;
-    code
+            print!("{}", render::human(&saved.plan, style()));
+            if !saved.plan.has_changes() {
+                return ExitCode::SUCCESS;
+            }
+            execute(engine, &saved.plan, parallelism, no_wait).await
+        },
+    )
+    .await
 }
 
 async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
