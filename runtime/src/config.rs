@@ -550,7 +550,11 @@ mod tests {
     fn unknown_fields_are_refused() {
         let bad = SKETCH.replace("\"duplicates\": \"error\"", "\"duplicate\": \"error\"");
         let err = serde_json::from_str::<ServiceConfig>(&bad).unwrap_err();
-        assert!(err.to_string().contains("duplicate"), "{err}");
+        // Not just "duplicate": the list of expected fields names `duplicates`.
+        assert!(
+            err.to_string().contains("unknown field `duplicate`"),
+            "{err}"
+        );
         let bad = SKETCH.replace("\"port\": 5432,", "\"port\": 5432, \"pasword\": \"x\",");
         assert!(serde_json::from_str::<ServiceConfig>(&bad).is_err());
     }

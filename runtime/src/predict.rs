@@ -14,7 +14,7 @@ use crate::dataset::KeyRef;
 use crate::error::AppError;
 use crate::input::Input;
 use crate::model::{Column, InputKind};
-use crate::service::{EnrichmentSource, PredictionEndpoint, RowData, Service};
+use crate::service::{Enrichment, EnrichmentSource, PredictionEndpoint, RowData, Service};
 
 /// The outcome for one item.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,13 +125,8 @@ pub async fn score<'a>(
                             }
                         }
                         None => {
-                            let key = slot_key(&slots[base + en.key_slot]);
-                            if let Some(e) =
-                                on_missing(ep, en.on_missing, en.key_slot, key, &en.describe)
-                            {
+                            if let Err(e) = no_row(ep, en, slots, &mut enriched, item) {
                                 errors[item] = Some(item_err(single, item, e));
-                            } else {
-                                fill_nulls(slots, &mut enriched, ep, item, &en.targets);
                             }
                         }
                     }
@@ -172,13 +167,8 @@ pub async fn score<'a>(
                             }
                         }
                         None => {
-                            let key = slot_key(&slots[base + en.key_slot]);
-                            if let Some(e) =
-                                on_missing(ep, en.on_missing, en.key_slot, key, &en.describe)
-                            {
+                            if let Err(e) = no_row(ep, en, slots, &mut enriched, item) {
                                 errors[item] = Some(item_err(single, item, e));
-                            } else {
-                                fill_nulls(slots, &mut enriched, ep, item, &en.targets);
                             }
                         }
                     }
@@ -311,37 +301,34 @@ fn row_input<'a>(row: &RowData<'a>, col: usize) -> Input<'a> {
     }
 }
 
-fn on_missing(
+/// `en` found no row for `item`: a 404 under `on_missing: error`, else the
+/// targets still missing become null.
+fn no_row(
     ep: &PredictionEndpoint,
-    policy: OnMissing,
-    key_slot: usize,
-    key: KeyRef<'_>,
-    describe: &str,
-) -> Option<AppError> {
-    match policy {
-        OnMissing::Null => None,
-        OnMissing::Error => Some(AppError::not_found(
-            "not_found",
-            format!(
-                "no row with `{}` = {key} in {describe}",
-                ep.fields.name(key_slot)
-            ),
-        )),
-    }
-}
-
-fn fill_nulls(
+    en: &Enrichment,
     slots: &mut [Input<'_>],
     enriched: &mut [bool],
-    ep: &PredictionEndpoint,
     item: usize,
-    targets: &[(usize, usize)],
-) {
+) -> Result<(), AppError> {
     let base = item * ep.fields.len();
-    for &(slot, _) in targets {
-        if slots[base + slot] == Input::Absent {
-            slots[base + slot] = Input::Null;
-            enriched[item * ep.inputs.len() + slot] = true;
+    match en.on_missing {
+        OnMissing::Error => Err(AppError::not_found(
+            "not_found",
+            format!(
+                "no row with `{}` = {} in {}",
+                ep.fields.name(en.key_slot),
+                slot_key(&slots[base + en.key_slot]),
+                en.describe
+            ),
+        )),
+        OnMissing::Null => {
+            for &(slot, _) in &en.targets {
+                if slots[base + slot] == Input::Absent {
+                    slots[base + slot] = Input::Null;
+                    enriched[item * ep.inputs.len() + slot] = true;
+                }
+            }
+            Ok(())
         }
     }
 }

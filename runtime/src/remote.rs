@@ -183,12 +183,11 @@ impl RemoteLookup {
                 .unwrap_or_else(|| "unknown".into());
             return Err(self.bad_gateway(format!("answered {} ({code})", status.as_u16())));
         }
-        let answer: Value = serde_json::from_slice(&bytes)
+        let mut answer: Value = serde_json::from_slice(&bytes)
             .map_err(|e| self.bad_gateway(format!("answered invalid JSON: {e}")))?;
-        let items = answer
-            .get("items")
-            .and_then(Value::as_array)
-            .ok_or_else(|| self.bad_gateway("answer has no `items` list".into()))?;
+        let Some(Value::Array(items)) = answer.get_mut("items").map(Value::take) else {
+            return Err(self.bad_gateway("answer has no `items` list".into()));
+        };
         if items.len() != keys.len() {
             return Err(self.bad_gateway(format!(
                 "answered {} items for {} keys",
@@ -197,9 +196,10 @@ impl RemoteLookup {
             )));
         }
         let mut out = Vec::with_capacity(items.len());
-        for (item, key) in items.iter().zip(keys) {
-            if let Some(data) = item.get("data").and_then(Value::as_object) {
-                out.push(Some(data.clone()));
+        for (mut item, key) in items.into_iter().zip(keys) {
+            // Taken, not cloned: the answer is ours.
+            if let Some(Value::Object(data)) = item.get_mut("data").map(Value::take) {
+                out.push(Some(data));
             } else {
                 let code = item.pointer("/error/code").and_then(Value::as_str);
                 match code {

@@ -18,53 +18,37 @@ fn api_keys_by_env_and_file() {
     std::fs::write(bundle.path().join("secrets/key2"), "file-key-456\n").expect("write");
     let s = Server::start_ready(bundle.path(), &[("MESH_TEST_KEY", "env-key-123")]);
     let ct = ("Content-Type", "application/json");
+    let post =
+        |headers: &[(&str, &str)], body: &[u8]| request(s.addr, "POST", PREDICT, headers, body);
 
-    let r = request(s.addr, "POST", PREDICT, &[ct], BODY);
+    let r = post(&[ct], BODY);
     r.assert_error(401, "unauthorized");
     assert_eq!(r.header("www-authenticate"), Some("Bearer"));
-    request(
-        s.addr,
-        "POST",
-        PREDICT,
-        &[ct, ("Authorization", "Bearer wrong")],
-        BODY,
-    )
-    .assert_error(403, "forbidden");
-    request(
-        s.addr,
-        "POST",
-        PREDICT,
-        &[ct, ("X-API-Key", "env-key-12")],
-        BODY,
-    )
-    .assert_error(403, "forbidden");
-    request(
-        s.addr,
-        "POST",
-        PREDICT,
-        &[ct, ("X-API-Key", "env-key-1234")],
-        BODY,
-    )
-    .assert_error(403, "forbidden");
-    request(
-        s.addr,
-        "POST",
-        PREDICT,
-        &[ct, ("Authorization", "Basic ZW52LWtleS0xMjM=")],
-        BODY,
-    )
-    .assert_error(401, "unauthorized");
+    for (auth, status, code) in [
+        (("Authorization", "Bearer wrong"), 403, "forbidden"),
+        (("X-API-Key", "env-key-12"), 403, "forbidden"),
+        (("X-API-Key", "env-key-1234"), 403, "forbidden"),
+        (
+            ("Authorization", "Basic ZW52LWtleS0xMjM="),
+            401,
+            "unauthorized",
+        ),
+    ] {
+        let r = post(&[ct, auth], BODY);
+        assert_eq!(r.status, status, "{auth:?}: {}", r.text());
+        r.assert_error(status, code);
+    }
     for auth in [
         ("Authorization", "Bearer env-key-123"),
         ("Authorization", "bearer file-key-456"),
         ("X-API-Key", "env-key-123"),
         ("X-API-Key", "file-key-456"),
     ] {
-        let r = request(s.addr, "POST", PREDICT, &[ct, auth], BODY);
+        let r = post(&[ct, auth], BODY);
         assert_eq!(r.status, 200, "{auth:?}: {}", r.text());
     }
     // Auth comes before anything else: a bad body without a key is a 401.
-    request(s.addr, "POST", PREDICT, &[ct], b"{").assert_error(401, "unauthorized");
+    post(&[ct], b"{").assert_error(401, "unauthorized");
     // v2 model routes are protected too.
     request(s.addr, "GET", "/v2/models/high-value", &[], b"").assert_error(401, "unauthorized");
     let r = request(

@@ -88,8 +88,9 @@ fn axis_of(axis: i64, rank: usize, extra: bool) -> Result<usize, String> {
     }
 }
 
+/// Passes its input through; also serves `ZipMap` (see `ml::build`).
 #[derive(Debug)]
-struct Identity;
+pub(super) struct Identity;
 
 impl Op for Identity {
     fn run<'a>(
@@ -561,6 +562,24 @@ enum BinaryKind {
     Div,
 }
 
+impl BinaryKind {
+    /// The operation on floats (IEEE: division by zero is infinite or NaN).
+    fn float<T>(self, p: T, q: T) -> T
+    where
+        T: std::ops::Add<Output = T>
+            + std::ops::Sub<Output = T>
+            + std::ops::Mul<Output = T>
+            + std::ops::Div<Output = T>,
+    {
+        match self {
+            BinaryKind::Add => p + q,
+            BinaryKind::Sub => p - q,
+            BinaryKind::Mul => p * q,
+            BinaryKind::Div => p / q,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Binary(BinaryKind);
 
@@ -652,25 +671,11 @@ impl Op for Binary {
         let k = self.0;
         out.push(match (&a.data, &b.data) {
             (Data::F32(x), Data::F32(y)) => {
-                let (s, v) = broadcast(x, &a.shape, y, &b.shape, |p, q| {
-                    Ok(match k {
-                        BinaryKind::Add => p + q,
-                        BinaryKind::Sub => p - q,
-                        BinaryKind::Mul => p * q,
-                        BinaryKind::Div => p / q,
-                    })
-                })?;
+                let (s, v) = broadcast(x, &a.shape, y, &b.shape, |p, q| Ok(k.float(p, q)))?;
                 Tensor::f32(s, v)
             }
             (Data::F64(x), Data::F64(y)) => {
-                let (s, v) = broadcast(x, &a.shape, y, &b.shape, |p, q| {
-                    Ok(match k {
-                        BinaryKind::Add => p + q,
-                        BinaryKind::Sub => p - q,
-                        BinaryKind::Mul => p * q,
-                        BinaryKind::Div => p / q,
-                    })
-                })?;
+                let (s, v) = broadcast(x, &a.shape, y, &b.shape, |p, q| Ok(k.float(p, q)))?;
                 Tensor::f64(s, v)
             }
             (Data::I64(x), Data::I64(y)) => {
@@ -829,5 +834,46 @@ impl Op for Gemm {
         }
         out.push(emit_like(a, vec![m, n], y));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binary<'a>(kind: BinaryKind, a: &Tensor<'a>, b: &Tensor<'a>) -> Result<Tensor<'a>, String> {
+        let mut out = Vec::new();
+        Binary(kind).run(&[Some(a), Some(b)], &mut out)?;
+        Ok(out.pop().expect("one output"))
+    }
+
+    #[test]
+    fn binary_broadcasts_each_numeric_type() {
+        let m32 = Tensor::f32(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let r32 = Tensor::f32(vec![2], vec![10.0, 20.0]);
+        assert_eq!(
+            binary(BinaryKind::Sub, &m32, &r32),
+            Ok(Tensor::f32(vec![2, 2], vec![-9.0, -18.0, -7.0, -16.0]))
+        );
+        let m64 = Tensor::f64(vec![2, 1], vec![1.0, 2.0]);
+        let r64 = Tensor::f64(vec![1, 2], vec![4.0, 0.0]);
+        assert_eq!(
+            binary(BinaryKind::Div, &m64, &r64),
+            Ok(Tensor::f64(
+                vec![2, 2],
+                vec![0.25, f64::INFINITY, 0.5, f64::INFINITY]
+            ))
+        );
+        assert_eq!(
+            binary(BinaryKind::Mul, &m64, &r64),
+            Ok(Tensor::f64(vec![2, 2], vec![4.0, 0.0, 8.0, 0.0]))
+        );
+        let i = Tensor::i64(vec![2], vec![7, 9]);
+        assert_eq!(
+            binary(BinaryKind::Add, &i, &Tensor::i64(vec![], vec![1])),
+            Ok(Tensor::i64(vec![2], vec![8, 10]))
+        );
+        assert!(binary(BinaryKind::Div, &i, &Tensor::i64(vec![1], vec![0])).is_err());
+        assert!(binary(BinaryKind::Add, &m32, &r64).is_err());
     }
 }

@@ -13,7 +13,9 @@ pub fn build(ctx: &NodeCtx<'_>) -> Result<Box<dyn Op>, ModelError> {
         "LinearClassifier" => Box::new(LinearClassifier::new(ctx)?),
         "LinearRegressor" => Box::new(LinearRegressor::new(ctx)?),
         "Normalizer" => Box::new(Normalizer::new(ctx)?),
-        "ZipMap" => Box::new(ZipMap),
+        // `ZipMap` would build one map per row; the engine keeps the
+        // probability tensor instead, which is what the caller reads anyway.
+        "ZipMap" => Box::new(super::basic::Identity),
         "Imputer" => Box::new(Imputer::new(ctx)?),
         "LabelEncoder" => Box::new(LabelEncoder::new(ctx)?),
         "CategoryMapper" => Box::new(CategoryMapper::new(ctx)?),
@@ -472,24 +474,6 @@ impl Op for Normalizer {
             }
         }
         out.push(Tensor::f32(x.shape.clone(), y));
-        Ok(())
-    }
-}
-
-// ---------------------------------------------------------------- ZipMap
-
-/// `ZipMap` would build one map per row; the engine keeps the probability
-/// tensor instead, which is what the caller reads anyway.
-#[derive(Debug)]
-struct ZipMap;
-
-impl Op for ZipMap {
-    fn run<'a>(
-        &self,
-        inputs: &[Option<&Tensor<'a>>],
-        out: &mut Vec<Tensor<'a>>,
-    ) -> Result<(), String> {
-        out.push(arg(inputs, 0)?.clone());
         Ok(())
     }
 }
