@@ -395,6 +395,26 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Collects every page of a paginated call. `page` sends one request (through
+/// the limiter) for the given continuation token and returns that page's
+/// items and the next token; an absent or empty token ends the listing.
+pub async fn paginate<T, F, Fut>(mut page: F) -> Result<Vec<T>, AwsError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, Option<String>), AwsError>>,
+{
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        let (items, next) = page(token.take()).await?;
+        out.extend(items);
+        match next {
+            Some(t) if !t.is_empty() => token = Some(t),
+            _ => return Ok(out),
+        }
+    }
+}
+
 /// Exponential backoff with full jitter: `base * 2^attempt`, capped, times a
 /// random factor in [0.5, 1.0].
 pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
@@ -448,6 +468,28 @@ mod tests {
             assert!(d <= cap, "{d:?}");
             let full = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
             assert!(d >= full.mul_f64(0.5), "{d:?} < half of {full:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn paginate_follows_tokens_until_absent_or_empty() {
+        for last in [None, Some(String::new())] {
+            let mut seen = Vec::new();
+            let items = paginate(|token: Option<String>| {
+                seen.push(token.clone());
+                let last = last.clone();
+                async move {
+                    Ok(match token.as_deref() {
+                        None => (vec![1, 2], Some("a".to_owned())),
+                        Some("a") => (vec![], Some("b".to_owned())),
+                        _ => (vec![3], last),
+                    })
+                }
+            })
+            .await
+            .unwrap();
+            assert_eq!(items, [1, 2, 3]);
+            assert_eq!(seen, [None, Some("a".to_owned()), Some("b".to_owned())]);
         }
     }
 

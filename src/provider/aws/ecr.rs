@@ -15,7 +15,7 @@ use futures::StreamExt;
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service};
+use super::call::{AwsError, Service, paginate};
 use super::network::gone_ok;
 use super::{
     AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, kind, map_delta, names, ownership_tags,
@@ -237,6 +237,7 @@ fn repository_live(
     policy: Option<&str>,
 ) -> Live {
     let name = r.repository_name().unwrap_or_default();
+    let (keep_last, keep_last_per) = keep_last_of(policy);
     Live::new(address, kind::ECR_REPOSITORY, ProviderId::Aws, name)
         .attr("name", name)
         .attr(
@@ -249,8 +250,8 @@ fn repository_live(
             r.image_tag_mutability()
                 .is_some_and(|m| m.as_str().starts_with("IMMUTABLE")),
         )
-        .attr("keep_last", keep_last_of(policy).0)
-        .attr("keep_last_per", keep_last_of(policy).1)
+        .attr("keep_last", keep_last)
+        .attr("keep_last_per", keep_last_per)
         .attr(
             "tags",
             user_tags(tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
@@ -266,30 +267,29 @@ impl AwsProvider {
         scope: &Scope,
     ) -> Result<Vec<Live>, ProviderError> {
         let prefix = names::ecr_prefix(&scope.stack, &scope.env);
-        let mut repos = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        let prefix = prefix.as_str();
+        let repos = paginate(|token| {
             let req = self
                 .ecr
                 .describe_repositories()
                 .max_results(1000)
-                .set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Ecr, "DescribeRepositories", req.send())
-                .await
-                .map_err(AwsError::observing)?;
-            repos.extend(
-                page.repositories()
+                .set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Ecr, "DescribeRepositories", req.send())
+                    .await?;
+                let ours = page
+                    .repositories()
                     .iter()
-                    .filter(|r| r.repository_name().is_some_and(|n| n.starts_with(&prefix)))
-                    .cloned(),
-            );
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => break,
+                    .filter(|r| r.repository_name().is_some_and(|n| n.starts_with(prefix)))
+                    .cloned()
+                    .collect();
+                Ok((ours, page.next_token().map(str::to_owned)))
             }
-        }
+        })
+        .await
+        .map_err(AwsError::observing)?;
         let results: Vec<Result<Option<Live>, AwsError>> = futures::stream::iter(repos)
             .map(|r| async move {
                 let (tags, policy) =

@@ -13,11 +13,11 @@ use aws_sdk_eks::types::{NodegroupScalingConfig, UpdateLabelsPayload, VpcConfigR
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, retry_for};
+use super::call::{AwsError, Service, paginate, retry_for};
 use super::network::{named_ids, reverse};
 use super::{
     AwsProvider, Polled, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
-    ownership_tags, str_map, user_tags, wait_until,
+    ownership_tags, str_map, user_tags, wait_gone, wait_until,
 };
 
 fn owned(tags: Option<&HashMap<String, String>>, scope: &Scope) -> Option<Address> {
@@ -204,26 +204,25 @@ impl AwsProvider {
         subnet_names: &BTreeMap<String, String>,
     ) -> Result<Vec<Live>, ProviderError> {
         let prefix = format!("{}-{}-", scope.stack, scope.env);
-        let mut names = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let req = self.eks.list_clusters().set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Eks, "ListClusters", req.send())
-                .await
-                .map_err(AwsError::observing)?;
-            names.extend(
-                page.clusters()
+        let prefix = prefix.as_str();
+        let names: Vec<String> = paginate(|token| {
+            let req = self.eks.list_clusters().set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Eks, "ListClusters", req.send())
+                    .await?;
+                let ours = page
+                    .clusters()
                     .iter()
-                    .filter(|n| n.starts_with(&prefix))
-                    .cloned(),
-            );
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => break,
+                    .filter(|n| n.starts_with(prefix))
+                    .cloned()
+                    .collect();
+                Ok((ours, page.next_token().map(str::to_owned)))
             }
-        }
+        })
+        .await
+        .map_err(AwsError::observing)?;
         let mut out = Vec::new();
         for name in &names {
             let cluster = match self.describe_cluster(name).await {
@@ -273,24 +272,24 @@ impl AwsProvider {
     }
 
     async fn list_node_groups(&self, cluster: &str) -> Result<Vec<String>, AwsError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        paginate(|token| {
             let req = self
                 .eks
                 .list_nodegroups()
                 .cluster_name(cluster)
-                .set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Eks, "ListNodegroups", req.send())
-                .await?;
-            out.extend(page.nodegroups().iter().cloned());
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(out),
+                .set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Eks, "ListNodegroups", req.send())
+                    .await?;
+                Ok((
+                    page.nodegroups().to_vec(),
+                    page.next_token().map(str::to_owned),
+                ))
             }
-        }
+        })
+        .await
     }
 
     async fn describe_node_group(
@@ -361,21 +360,19 @@ impl AwsProvider {
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
         let wait = &self.config.wait;
-        wait_until(
+        wait_gone(
             ctx,
             a,
             "waiting for the EKS cluster to be deleted",
             wait.cluster_timeout,
             wait,
             || async {
-                match self.describe_cluster(name).await.map_err(|e| e.at(a))? {
-                    None => Ok(Polled::Done(())),
-                    Some(c) => Ok(Polled::Pending(
-                        c.status()
-                            .map(|s| s.as_str().to_owned())
-                            .unwrap_or_default(),
-                    )),
-                }
+                let c = self.describe_cluster(name).await.map_err(|e| e.at(a))?;
+                Ok(c.map(|c| {
+                    c.status()
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default()
+                }))
             },
         )
         .await
@@ -435,25 +432,22 @@ impl AwsProvider {
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
         let wait = &self.config.wait;
-        wait_until(
+        wait_gone(
             ctx,
             a,
             "waiting for the node group to be deleted",
             wait.node_group_timeout,
             wait,
             || async {
-                match self
+                let g = self
                     .describe_node_group(cluster, name)
                     .await
-                    .map_err(|e| e.at(a))?
-                {
-                    None => Ok(Polled::Done(())),
-                    Some(g) => Ok(Polled::Pending(
-                        g.status()
-                            .map(|s| s.as_str().to_owned())
-                            .unwrap_or_default(),
-                    )),
-                }
+                    .map_err(|e| e.at(a))?;
+                Ok(g.map(|g| {
+                    g.status()
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default()
+                }))
             },
         )
         .await

@@ -11,7 +11,7 @@ use aws_sdk_iam::types::Tag;
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, retry_for};
+use super::call::{AwsError, Service, paginate, retry_for};
 use super::network::gone_ok;
 use super::{AwsProvider, attr_str, kind, names, ownership_tags};
 
@@ -68,28 +68,33 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// IAM's continuation marker: only meaningful while the listing is truncated.
+fn next_marker(truncated: bool, marker: Option<&str>) -> Option<String> {
+    marker.filter(|_| truncated).map(str::to_owned)
+}
+
 impl AwsProvider {
     pub(super) async fn observe_roles(&self, scope: &Scope) -> Result<Vec<Live>, ProviderError> {
         let prefix = names::iam_path_prefix(&scope.stack, &scope.env);
-        let mut roles = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
+        let roles = paginate(|marker| {
             let req = self
                 .iam
                 .list_roles()
                 .path_prefix(&prefix)
-                .set_marker(marker.take());
-            let page = self
-                .limiter
-                .call(Service::Iam, "ListRoles", req.send())
-                .await
-                .map_err(AwsError::observing)?;
-            roles.extend(page.roles().iter().cloned());
-            match page.marker() {
-                Some(m) if page.is_truncated() => marker = Some(m.to_owned()),
-                _ => break,
+                .set_marker(marker);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Iam, "ListRoles", req.send())
+                    .await?;
+                Ok((
+                    page.roles().to_vec(),
+                    next_marker(page.is_truncated(), page.marker()),
+                ))
             }
-        }
+        })
+        .await
+        .map_err(AwsError::observing)?;
         let mut out = Vec::new();
         for role in &roles {
             let Some(address) = role
@@ -112,28 +117,26 @@ impl AwsProvider {
     }
 
     async fn attached_policies(&self, role: &str) -> Result<Vec<String>, AwsError> {
-        let mut out = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
+        let mut out = paginate(|marker| {
             let req = self
                 .iam
                 .list_attached_role_policies()
                 .role_name(role)
-                .set_marker(marker.take());
-            let page = self
-                .limiter
-                .call(Service::Iam, "ListAttachedRolePolicies", req.send())
-                .await?;
-            out.extend(
-                page.attached_policies()
+                .set_marker(marker);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Iam, "ListAttachedRolePolicies", req.send())
+                    .await?;
+                let arns = page
+                    .attached_policies()
                     .iter()
-                    .filter_map(|p| p.policy_arn().map(str::to_owned)),
-            );
-            match page.marker() {
-                Some(m) if page.is_truncated() => marker = Some(m.to_owned()),
-                _ => break,
+                    .filter_map(|p| p.policy_arn().map(str::to_owned))
+                    .collect();
+                Ok((arns, next_marker(page.is_truncated(), page.marker())))
             }
-        }
+        })
+        .await?;
         out.sort();
         Ok(out)
     }

@@ -210,11 +210,6 @@ impl AwsProvider {
         self.limiter.counts()
     }
 
-    /// Total API calls made so far.
-    pub fn api_call_total(&self) -> u64 {
-        self.limiter.counts().iter().map(|(_, n)| n).sum()
-    }
-
     /// Checks that credentials and endpoint work (STS `GetCallerIdentity`);
     /// returns the caller's ARN.
     pub async fn check_access(&self) -> Result<String, ProviderError> {
@@ -607,6 +602,32 @@ where
         }
         interval = interval.mul_f64(1.5).min(wait.max_interval);
     }
+}
+
+/// Waits until `still_there` finds nothing left (`None`); while something is
+/// left it returns the status to show (`Some`).
+pub(crate) async fn wait_gone<F, Fut>(
+    ctx: &ApplyContext,
+    address: &Address,
+    what: &str,
+    timeout: Duration,
+    wait: &WaitConfig,
+    mut still_there: F,
+) -> Result<(), ProviderError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>, ProviderError>>,
+{
+    wait_until(ctx, address, what, timeout, wait, || {
+        let poll = still_there();
+        async move {
+            Ok(match poll.await? {
+                None => Polled::Done(()),
+                Some(status) => Polled::Pending(status),
+            })
+        }
+    })
+    .await
 }
 
 /// One poll of a wait.

@@ -16,15 +16,23 @@ use aws_sdk_ec2::types::{ConnectivityType, DomainType, Filter, NatGatewayState, 
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, retry_for};
+use super::call::{AwsError, Service, paginate, retry_for};
 use super::network::{address_of, filter, gone_ok, owned_by, tag_pairs, tag_spec};
-use super::{AwsProvider, Polled, attr_str, kind, user_tags, wait_until};
+use super::{AwsProvider, Polled, attr_str, kind, user_tags, wait_gone, wait_until};
 
 /// A NAT gateway that is, or will soon be, nothing: not live state.
 fn is_gone(state: Option<&NatGatewayState>) -> bool {
     matches!(
         state,
         Some(NatGatewayState::Deleted | NatGatewayState::Deleting | NatGatewayState::Failed)
+    )
+}
+
+/// A NAT gateway that has finished: it holds no address or interface any more.
+fn has_ended(state: Option<&NatGatewayState>) -> bool {
+    matches!(
+        state,
+        Some(NatGatewayState::Deleted | NatGatewayState::Failed)
     )
 }
 
@@ -118,24 +126,24 @@ impl AwsProvider {
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::NatGateway>, AwsError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        paginate(|token| {
             let req = self
                 .ec2
                 .describe_nat_gateways()
                 .set_filter(Some(filters.clone()))
-                .set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Ec2, "DescribeNatGateways", req.send())
-                .await?;
-            out.extend(page.nat_gateways().iter().cloned());
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(out),
+                .set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Ec2, "DescribeNatGateways", req.send())
+                    .await?;
+                Ok((
+                    page.nat_gateways().to_vec(),
+                    page.next_token().map(str::to_owned),
+                ))
             }
-        }
+        })
+        .await
     }
 
     /// `DescribeAddresses` is not paginated: one call answers all.
@@ -316,22 +324,16 @@ impl AwsProvider {
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
         let wait = &self.config.wait;
-        wait_until(
+        wait_gone(
             ctx,
             a,
             "waiting for the NAT gateway to be deleted",
             wait.nat_gateway_timeout,
             wait,
             || async {
-                match self.describe_nat_gateway(id).await.map_err(|e| e.at(a))? {
-                    None => Ok(Polled::Done(())),
-                    Some(g) => match g.state() {
-                        Some(NatGatewayState::Deleted | NatGatewayState::Failed) => {
-                            Ok(Polled::Done(()))
-                        }
-                        _ => Ok(Polled::Pending(state_str(&g).to_owned())),
-                    },
-                }
+                let g = self.describe_nat_gateway(id).await.map_err(|e| e.at(a))?;
+                Ok(g.filter(|g| !has_ended(g.state()))
+                    .map(|g| state_str(&g).to_owned()))
             },
         )
         .await
@@ -420,12 +422,7 @@ impl AwsProvider {
         filters.push(filter("subnet-id", subnet));
         let gateways = self.list_nat_gateways(filters).await.map_err(|e| e.at(a))?;
         for g in gateways.iter().filter(|g| {
-            owned_by(g.tags(), &ctx.scope)
-                && g.subnet_id() == Some(subnet)
-                && !matches!(
-                    g.state(),
-                    Some(NatGatewayState::Deleted | NatGatewayState::Failed)
-                )
+            owned_by(g.tags(), &ctx.scope) && g.subnet_id() == Some(subnet) && !has_ended(g.state())
         }) {
             let Some(id) = g.nat_gateway_id() else {
                 continue;
@@ -454,7 +451,7 @@ impl AwsProvider {
         let id = live.id.as_str();
         let wait = &self.config.wait;
         let scope = &ctx.scope;
-        wait_until(
+        wait_gone(
             ctx,
             a,
             "waiting for the NAT gateway holding the address to be deleted",
@@ -468,19 +465,15 @@ impl AwsProvider {
                 let holder = holders.iter().find(|g| {
                     owned_by(g.tags(), scope)
                         && allocation_of(g) == Some(id)
-                        && !matches!(
-                            g.state(),
-                            Some(NatGatewayState::Deleted | NatGatewayState::Failed)
-                        )
+                        && !has_ended(g.state())
                 });
-                Ok(match holder {
-                    None => Polled::Done(()),
-                    Some(g) => Polled::Pending(format!(
+                Ok(holder.map(|g| {
+                    format!(
                         "{} is {}",
                         g.nat_gateway_id().unwrap_or("a NAT gateway"),
                         state_str(g)
-                    )),
-                })
+                    )
+                }))
             },
         )
         .await?;

@@ -15,7 +15,7 @@ use aws_sdk_ec2::types::{
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, retry_for};
+use super::call::{AwsError, Service, paginate, retry_for};
 use super::nat::{eip_live, live_eips, live_nat_gateways};
 use super::{
     AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
@@ -264,120 +264,117 @@ impl AwsProvider {
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::Vpc>, AwsError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        paginate(|token| {
             let req = self
                 .ec2
                 .describe_vpcs()
                 .set_filters(Some(filters.clone()))
-                .set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Ec2, "DescribeVpcs", req.send())
-                .await?;
-            out.extend(page.vpcs().iter().cloned());
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(out),
+                .set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Ec2, "DescribeVpcs", req.send())
+                    .await?;
+                Ok((page.vpcs().to_vec(), page.next_token().map(str::to_owned)))
             }
-        }
+        })
+        .await
     }
 
     async fn list_subnets(
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::Subnet>, AwsError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        paginate(|token| {
             let req = self
                 .ec2
                 .describe_subnets()
                 .set_filters(Some(filters.clone()))
-                .set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Ec2, "DescribeSubnets", req.send())
-                .await?;
-            out.extend(page.subnets().iter().cloned());
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(out),
+                .set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Ec2, "DescribeSubnets", req.send())
+                    .await?;
+                Ok((
+                    page.subnets().to_vec(),
+                    page.next_token().map(str::to_owned),
+                ))
             }
-        }
+        })
+        .await
     }
 
     async fn list_igws(
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>, AwsError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        paginate(|token| {
             let req = self
                 .ec2
                 .describe_internet_gateways()
                 .set_filters(Some(filters.clone()))
-                .set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Ec2, "DescribeInternetGateways", req.send())
-                .await?;
-            out.extend(page.internet_gateways().iter().cloned());
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(out),
+                .set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Ec2, "DescribeInternetGateways", req.send())
+                    .await?;
+                Ok((
+                    page.internet_gateways().to_vec(),
+                    page.next_token().map(str::to_owned),
+                ))
             }
-        }
+        })
+        .await
     }
 
     async fn list_route_tables(
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        paginate(|token| {
             let req = self
                 .ec2
                 .describe_route_tables()
                 .set_filters(Some(filters.clone()))
-                .set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Ec2, "DescribeRouteTables", req.send())
-                .await?;
-            out.extend(page.route_tables().iter().cloned());
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(out),
+                .set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Ec2, "DescribeRouteTables", req.send())
+                    .await?;
+                Ok((
+                    page.route_tables().to_vec(),
+                    page.next_token().map(str::to_owned),
+                ))
             }
-        }
+        })
+        .await
     }
 
     async fn list_security_groups(
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::SecurityGroup>, AwsError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        paginate(|token| {
             let req = self
                 .ec2
                 .describe_security_groups()
                 .set_filters(Some(filters.clone()))
-                .set_next_token(token.take());
-            let page = self
-                .limiter
-                .call(Service::Ec2, "DescribeSecurityGroups", req.send())
-                .await?;
-            out.extend(page.security_groups().iter().cloned());
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(out),
+                .set_next_token(token);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Ec2, "DescribeSecurityGroups", req.send())
+                    .await?;
+                Ok((
+                    page.security_groups().to_vec(),
+                    page.next_token().map(str::to_owned),
+                ))
             }
-        }
+        })
+        .await
     }
 
     /// Reads one EC2 resource back by id (retrying briefly: EC2 reads are
@@ -1101,29 +1098,24 @@ impl AwsProvider {
             return Ok(());
         }
         // Load balancers (ELBv2: application and network).
-        let mut lbs = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
-            let req = self
-                .elbv2
-                .describe_load_balancers()
-                .set_marker(marker.take());
-            let page = self
-                .limiter
-                .call(Service::Elbv2, "DescribeLoadBalancers", req.send())
-                .await
-                .map_err(|e| e.at(a))?;
-            lbs.extend(
-                page.load_balancers()
+        let lbs: Vec<String> = paginate(|marker| {
+            let req = self.elbv2.describe_load_balancers().set_marker(marker);
+            async move {
+                let page = self
+                    .limiter
+                    .call(Service::Elbv2, "DescribeLoadBalancers", req.send())
+                    .await?;
+                let arns = page
+                    .load_balancers()
                     .iter()
                     .filter(|lb| lb.vpc_id() == Some(vpc_id))
-                    .filter_map(|lb| lb.load_balancer_arn().map(str::to_owned)),
-            );
-            match page.next_marker() {
-                Some(m) if !m.is_empty() => marker = Some(m.to_owned()),
-                _ => break,
+                    .filter_map(|lb| lb.load_balancer_arn().map(str::to_owned))
+                    .collect();
+                Ok((arns, page.next_marker().map(str::to_owned)))
             }
-        }
+        })
+        .await
+        .map_err(|e| e.at(a))?;
         let mut doomed_lbs = Vec::new();
         for chunk in lbs.chunks(20) {
             let req = self
