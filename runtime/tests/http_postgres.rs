@@ -2,7 +2,7 @@
 //! enrichment equivalence, lookups by text and integer keys.
 //!
 //! Needs `MESH_TEST_POSTGRES_URL` (set by `scripts/test`, which starts
-//! PostgreSQL on 127.0.0.1:55432). Without it the tests fail, saying so.
+//! PostgreSQL on 127.0.0.1:15432). Without it the tests fail, saying so.
 
 mod common;
 
@@ -21,7 +21,7 @@ fn pg() -> Pg {
     let url = std::env::var("MESH_TEST_POSTGRES_URL").unwrap_or_else(|_| {
         panic!(
             "MESH_TEST_POSTGRES_URL is not set: run the tests with `scripts/test` (it starts PostgreSQL), \
-             or start PostgreSQL yourself and set MESH_TEST_POSTGRES_URL=postgresql://mesh:mesh@127.0.0.1:55432/mesh"
+             or start PostgreSQL yourself and set MESH_TEST_POSTGRES_URL=postgresql://mesh:mesh@127.0.0.1:15432/mesh"
         )
     });
     let rest = url
