@@ -18,6 +18,7 @@ pub mod predict;
 pub mod remote;
 pub mod scoring;
 pub mod service;
+pub mod snowflake;
 pub mod sql;
 
 pub use http::{AppState, app};
