@@ -100,6 +100,9 @@ pub enum SnowflakeError {
     /// The session expired and logging in again did not help.
     #[error("connection `{connection}`: session expired ({code})")]
     SessionGone { connection: String, code: String },
+    /// A `live` dataset with `duplicates = "error"` found two rows for a key.
+    #[error("dataset `{dataset}`: key {key} has more than one row")]
+    Duplicate { dataset: String, key: String },
     /// The answer is not what the protocol says.
     #[error("connection `{connection}`: unexpected answer from {target}: {reason}")]
     Protocol {
@@ -974,9 +977,6 @@ async fn shape(client: &Client, dataset: &str, query: &str, key: &str) -> Result
 
 fn query_error(dataset: &str, e: SnowflakeError) -> SqlError {
     match e {
-        SnowflakeError::Timeout { .. } => SqlError::Timeout {
-            dataset: dataset.to_string(),
-        },
         SnowflakeError::Http {
             connection,
             target,
@@ -1072,8 +1072,9 @@ impl LiveTable {
         &self.name
     }
 
-    /// The row with `key`, if any.
-    pub async fn fetch(&self, key: KeyRef<'_>) -> Result<Option<Vec<Value>>, SqlError> {
+    /// The row with `key`, if any. Errors are the client's: the service
+    /// tells a timeout (504) from an unreachable server or a failed query.
+    pub async fn fetch(&self, key: KeyRef<'_>) -> Result<Option<Vec<Value>>, SnowflakeError> {
         let bind = match (self.schema.types[self.schema.key], key) {
             (ColumnType::Int, KeyRef::Int(i)) => Bind::Int(i),
             (ColumnType::Int, KeyRef::Str(s)) => match s.parse::<i64>() {
@@ -1086,12 +1087,11 @@ impl LiveTable {
         let mut result = self
             .client
             .query(&self.sql, &[bind], self.client.statement_timeout())
-            .await
-            .map_err(|e| query_error(&self.name, e))?;
+            .await?;
         if result.rows.len() > 1 && self.duplicates == Duplicates::Error {
-            return Err(SqlError::Query {
+            return Err(SnowflakeError::Duplicate {
                 dataset: self.name.clone(),
-                reason: format!("duplicate key {key}"),
+                key: key.to_string(),
             });
         }
         Ok(result.rows.pop())
@@ -1196,6 +1196,54 @@ mod tests {
         let e = Client::new("wh", settings(None, "a/b")).unwrap_err();
         assert!(e.to_string().contains("account `a/b`"), "{e}");
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    /// Against fakesnow (`MESH_TEST_SNOWFLAKE_URL`, see tests/snowflake_client.rs):
+    /// the server forgets the session, as when it expires; the next statement
+    /// logs in again and runs.
+    #[tokio::test]
+    async fn a_forgotten_session_is_renewed_by_logging_in_again() {
+        let url = std::env::var("MESH_TEST_SNOWFLAKE_URL").unwrap_or_else(|_| {
+            panic!(
+                "MESH_TEST_SNOWFLAKE_URL is not set: run the tests with `scripts/test` (it starts fakesnow), \
+                 or run `scripts/services start` and `eval \"$(scripts/services env)\"`"
+            )
+        });
+        let c = Client::new("wh", settings(Some(&url), "x")).unwrap();
+        let one = c
+            .query("SELECT 1 AS one", &[], Duration::from_secs(30))
+            .await
+            .expect("query");
+        assert_eq!(one.rows, [vec![Value::Int(1)]]);
+        let (token, generation) = c.token().await.unwrap();
+        let ended = c
+            .call(Method::POST, "/session?delete=true", Some(&token), None)
+            .await
+            .expect("session ended");
+        assert!(ended.success);
+        // The old token is now refused...
+        let e = c
+            .call(
+                Method::POST,
+                "/queries/v1/query-request",
+                Some(&token),
+                Some("{}".into()),
+            )
+            .await;
+        assert!(
+            matches!(e, Err(SnowflakeError::SessionGone { .. })),
+            "{:?}",
+            e.err()
+        );
+        // ...and the client logs in again by itself.
+        let two = c
+            .query("SELECT 2 AS two", &[], Duration::from_secs(30))
+            .await
+            .expect("query");
+        assert_eq!(two.rows, [vec![Value::Int(2)]]);
+        let (renewed, next) = c.token().await.unwrap();
+        assert_ne!(renewed, token);
+        assert_eq!(next, generation + 1);
     }
 
     #[tokio::test]
