@@ -115,7 +115,7 @@ pub enum SnowflakeError {
 /// How the user proves who they are.
 pub enum Credential {
     Password(String),
-    KeyPair(KeyPair),
+    KeyPair(Box<KeyPair>),
 }
 
 impl std::fmt::Debug for Credential {

@@ -182,7 +182,7 @@ async fn bad_query_is_a_snowflake_error() {
 #[tokio::test]
 async fn key_pair_login_works() {
     let key = KeyPair::from_pem(include_str!("data/snowflake/test_key.p8")).expect("key");
-    let c = Client::new("warehouse", settings(Credential::KeyPair(key))).expect("client");
+    let c = Client::new("warehouse", settings(Credential::KeyPair(Box::new(key)))).expect("client");
     let r = c
         .query("SELECT 41 + 1 AS answer", &[], TIMEOUT)
         .await
