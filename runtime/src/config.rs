@@ -127,7 +127,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ConnectionConfig {
-    /// PostgreSQL over TCP, without TLS.
+    /// PostgreSQL over TCP, optionally with TLS.
     Postgres {
         host: String,
         #[serde(default = "default_pg_port")]
@@ -139,7 +139,34 @@ pub enum ConnectionConfig {
         /// Connections kept open for `live` datasets (default 4).
         #[serde(default = "default_pool_size")]
         pool_size: usize,
+        /// TLS: `disable` (the default), `require` or `verify-full`.
+        #[serde(default)]
+        sslmode: SslMode,
+        /// PEM file of the CAs that `verify-full` trusts (relative to the
+        /// bundle folder, or absolute); without it, the Mozilla root set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<PathBuf>,
+        /// Limit of one live query, server-side (`statement_timeout`) and
+        /// client-side (default 5000).
+        #[serde(default = "default_db_timeout_ms")]
+        statement_timeout_ms: u64,
+        /// Limit of opening one connection (default 5000).
+        #[serde(default = "default_db_timeout_ms")]
+        connect_timeout_ms: u64,
     },
+}
+
+/// TLS to PostgreSQL, named as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS, without checking the server's certificate.
+    Require,
+    /// TLS; the certificate chain must lead to a trusted CA and name the host.
+    VerifyFull,
 }
 
 fn default_pg_port() -> u16 {
@@ -147,6 +174,9 @@ fn default_pg_port() -> u16 {
 }
 fn default_pool_size() -> usize {
     4
+}
+fn default_db_timeout_ms() -> u64 {
+    5000
 }
 
 /// A dataset: rows indexed by a key column.
@@ -165,6 +195,39 @@ pub struct DatasetConfig {
     /// Column types that override inference (CSV), by column name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub columns: BTreeMap<String, ColumnType>,
+    /// `preload` of a SQL source only: reload every this many seconds; a new
+    /// snapshot replaces the old one only once completely loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_secs: Option<u64>,
+    /// With `refresh_secs`: the snapshot is reported stale (and still served)
+    /// once older than this (default 3 × `refresh_secs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_staleness_secs: Option<u64>,
+    /// `live` only: keep rows (and misses) fetched by key for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
+}
+
+impl DatasetConfig {
+    /// Age after which a refreshing snapshot is stale: `max_staleness_secs`,
+    /// else 3 × `refresh_secs`; `None` for datasets that do not refresh.
+    pub fn max_staleness(&self) -> Option<u64> {
+        let refresh = self.refresh_secs?;
+        Some(
+            self.max_staleness_secs
+                .unwrap_or_else(|| refresh.saturating_mul(3)),
+        )
+    }
+}
+
+/// The cache of a `live` dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a fetched row (or the absence of one) is reused.
+    pub ttl_ms: u64,
+    /// Most keys held; the oldest entries go first.
+    pub max_entries: usize,
 }
 
 /// Where a dataset's rows come from.
@@ -410,16 +473,67 @@ impl ServiceConfig {
             out.push("limits must be positive".into());
         }
         for (name, conn) in &self.connections {
-            let ConnectionConfig::Postgres { pool_size, .. } = conn;
+            let ConnectionConfig::Postgres {
+                pool_size,
+                sslmode,
+                ca_file,
+                statement_timeout_ms,
+                connect_timeout_ms,
+                ..
+            } = conn;
             if *pool_size == 0 || *pool_size > 64 {
                 out.push(format!(
                     "connection `{name}`: pool_size must be between 1 and 64"
+                ));
+            }
+            if ca_file.is_some() && *sslmode != SslMode::VerifyFull {
+                out.push(format!(
+                    "connection `{name}`: ca_file is used only with sslmode `verify-full`"
+                ));
+            }
+            if *statement_timeout_ms == 0 || *connect_timeout_ms == 0 {
+                out.push(format!(
+                    "connection `{name}`: statement_timeout_ms and connect_timeout_ms must be positive"
                 ));
             }
         }
         for (name, ds) in &self.datasets {
             if ds.key.is_empty() {
                 out.push(format!("dataset `{name}`: key must not be empty"));
+            }
+            let csv = matches!(ds.source, DatasetSource::Csv(_));
+            match (ds.mode, ds.refresh_secs) {
+                (DatasetMode::Live, Some(_)) => out.push(format!(
+                    "dataset `{name}`: refresh_secs applies to mode `preload`, not `live` (a live dataset is queried per request)"
+                )),
+                (_, Some(_)) if csv => out.push(format!(
+                    "dataset `{name}`: refresh_secs needs a `sql` source (a csv file in the bundle does not change)"
+                )),
+                (_, Some(0)) => out.push(format!(
+                    "dataset `{name}`: refresh_secs must be positive"
+                )),
+                _ => {}
+            }
+            if ds.max_staleness_secs.is_some() && ds.refresh_secs.is_none() {
+                out.push(format!(
+                    "dataset `{name}`: max_staleness_secs needs refresh_secs (only a refreshing dataset gets stale)"
+                ));
+            }
+            if let Some(cache) = &ds.cache {
+                if csv {
+                    out.push(format!(
+                        "dataset `{name}`: cache applies to mode `live` with a `sql` source, not to a csv file (held in memory already)"
+                    ));
+                } else if ds.mode != DatasetMode::Live {
+                    out.push(format!(
+                        "dataset `{name}`: cache applies to mode `live`, not `preload` (held in memory already)"
+                    ));
+                }
+                if cache.ttl_ms == 0 || cache.max_entries == 0 {
+                    out.push(format!(
+                        "dataset `{name}`: cache ttl_ms and max_entries must be positive"
+                    ));
+                }
             }
             match &ds.source {
                 DatasetSource::Csv(_) => {
@@ -567,6 +681,131 @@ mod tests {
         let cfg: ServiceConfig = serde_json::from_str(&bad).expect("parses");
         let problems = cfg.problems();
         assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn data_product_fields_parse_with_defaults() {
+        let cfg: ServiceConfig = serde_json::from_str(SKETCH).expect("parses");
+        let ConnectionConfig::Postgres {
+            sslmode,
+            ca_file,
+            statement_timeout_ms,
+            connect_timeout_ms,
+            ..
+        } = &cfg.connections["warehouse"];
+        assert_eq!(
+            (
+                *sslmode,
+                ca_file,
+                *statement_timeout_ms,
+                *connect_timeout_ms
+            ),
+            (SslMode::Disable, &None, 5000, 5000)
+        );
+        let ds = &cfg.datasets["behavior"];
+        assert_eq!(
+            (ds.refresh_secs, ds.max_staleness(), &ds.cache),
+            (None, None, &None)
+        );
+
+        let new = SKETCH
+            .replace(
+                "\"port\": 5432,",
+                "\"port\": 5432, \"sslmode\": \"verify-full\", \"ca_file\": \"ca.pem\", \"statement_timeout_ms\": 250, \"connect_timeout_ms\": 900,",
+            )
+            .replace("\"mode\": \"preload\"", "\"mode\": \"preload\", \"refresh_secs\": 60");
+        let cfg: ServiceConfig = serde_json::from_str(&new).expect("parses");
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        let ConnectionConfig::Postgres {
+            sslmode,
+            ca_file,
+            statement_timeout_ms,
+            connect_timeout_ms,
+            ..
+        } = &cfg.connections["warehouse"];
+        assert_eq!(
+            (
+                *sslmode,
+                ca_file.as_deref(),
+                *statement_timeout_ms,
+                *connect_timeout_ms
+            ),
+            (SslMode::VerifyFull, Some(Path::new("ca.pem")), 250, 900)
+        );
+        assert_eq!(cfg.datasets["behavior"].max_staleness(), Some(180));
+        let back: ServiceConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).expect("serializes"))
+                .expect("parses");
+        assert_eq!(back, cfg);
+        let live = new.replace(
+            "\"mode\": \"preload\", \"refresh_secs\": 60",
+            "\"mode\": \"live\", \"cache\": {\"ttl_ms\": 1000, \"max_entries\": 10}",
+        );
+        let cfg: ServiceConfig = serde_json::from_str(&live).expect("parses");
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        assert!(
+            serde_json::from_str::<ServiceConfig>(&new.replace("verify-full", "verify-ca"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn data_product_fields_in_the_wrong_place_are_named() {
+        let cases = [
+            (
+                "\"mode\": \"live\", \"refresh_secs\": 60",
+                "dataset `behavior`: refresh_secs applies to mode `preload`, not `live`",
+            ),
+            (
+                "\"mode\": \"preload\", \"cache\": {\"ttl_ms\": 1000, \"max_entries\": 10}",
+                "dataset `behavior`: cache applies to mode `live`, not `preload`",
+            ),
+            (
+                "\"mode\": \"preload\", \"max_staleness_secs\": 60",
+                "dataset `behavior`: max_staleness_secs needs refresh_secs",
+            ),
+            (
+                "\"mode\": \"live\", \"cache\": {\"ttl_ms\": 0, \"max_entries\": 10}",
+                "dataset `behavior`: cache ttl_ms and max_entries must be positive",
+            ),
+        ];
+        for (replacement, expected) in cases {
+            let text = SKETCH.replace("\"mode\": \"preload\"", replacement);
+            let cfg: ServiceConfig = serde_json::from_str(&text).expect("parses");
+            let problems = cfg.problems();
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected}: {problems:?}"
+            );
+        }
+        let csv = SKETCH.replace(
+            "\"duplicates\": \"error\"",
+            "\"cache\": {\"ttl_ms\": 1000, \"max_entries\": 10}, \"refresh_secs\": 5",
+        );
+        let problems = serde_json::from_str::<ServiceConfig>(&csv)
+            .expect("parses")
+            .problems();
+        assert!(
+            problems.iter().any(|p| p.starts_with("dataset `customers`: cache applies to mode `live` with a `sql` source, not to a csv file")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("dataset `customers`: refresh_secs needs a `sql` source")),
+            "{problems:?}"
+        );
+        let ca = SKETCH.replace(
+            "\"port\": 5432,",
+            "\"port\": 5432, \"sslmode\": \"require\", \"ca_file\": \"ca.pem\",",
+        );
+        let problems = serde_json::from_str::<ServiceConfig>(&ca)
+            .expect("parses")
+            .problems();
+        assert_eq!(
+            problems,
+            vec!["connection `warehouse`: ca_file is used only with sslmode `verify-full`"]
+        );
     }
 
     #[test]

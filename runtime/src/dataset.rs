@@ -345,25 +345,11 @@ impl Dataset {
         rows: impl IntoIterator<Item = Vec<Value>>,
         duplicates: Duplicates,
     ) -> Result<Dataset, DatasetError> {
-        let mut builders: Vec<ColumnBuilder> = schema
-            .types
-            .iter()
-            .map(|&t| ColumnBuilder::new(t, 0, 0))
-            .collect();
-        for (n, row) in rows.into_iter().enumerate() {
-            for ((value, builder), column) in
-                row.into_iter().zip(builders.iter_mut()).zip(&schema.names)
-            {
-                builder
-                    .push_value(value)
-                    .map_err(|reason| DatasetError::Value {
-                        dataset: name.to_string(),
-                        line: n as u64 + 1,
-                        reason: format!("column `{column}`: {reason}"),
-                    })?;
-            }
+        let mut builder = RowsBuilder::new(name, schema);
+        for row in rows {
+            builder.push(row)?;
         }
-        Dataset::build(name, schema, builders, duplicates, |row| row as u64 + 1)
+        builder.finish(duplicates)
     }
 
     fn build(
@@ -439,6 +425,57 @@ impl Dataset {
             columns,
             rows,
             index,
+        })
+    }
+}
+
+/// Builds a dataset row by row (SQL rows as they stream in), straight into
+/// columnar storage.
+pub struct RowsBuilder {
+    name: String,
+    schema: Schema,
+    builders: Vec<ColumnBuilder>,
+    rows: u64,
+}
+
+impl RowsBuilder {
+    pub fn new(name: &str, schema: Schema) -> RowsBuilder {
+        let builders = schema
+            .types
+            .iter()
+            .map(|&t| ColumnBuilder::new(t, 0, 0))
+            .collect();
+        RowsBuilder {
+            name: name.to_string(),
+            schema,
+            builders,
+            rows: 0,
+        }
+    }
+
+    /// Appends a row whose values follow the schema's columns.
+    pub fn push(&mut self, row: impl IntoIterator<Item = Value>) -> Result<(), DatasetError> {
+        self.rows += 1;
+        for ((value, builder), column) in row
+            .into_iter()
+            .zip(self.builders.iter_mut())
+            .zip(&self.schema.names)
+        {
+            builder
+                .push_value(value)
+                .map_err(|reason| DatasetError::Value {
+                    dataset: self.name.clone(),
+                    line: self.rows,
+                    reason: format!("column `{column}`: {reason}"),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The dataset, its key index built.
+    pub fn finish(self, duplicates: Duplicates) -> Result<Dataset, DatasetError> {
+        Dataset::build(&self.name, self.schema, self.builders, duplicates, |row| {
+            row as u64 + 1
         })
     }
 }

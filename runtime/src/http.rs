@@ -181,9 +181,14 @@ async fn healthz() -> Response {
     json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
 }
 
+/// 200 once loaded, with the freshness of each dataset (a stale dataset is
+/// reported, still served: readiness does not change).
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.service() {
-        Ok(_) => json_response(StatusCode::OK, br#"{"status":"ready"}"#.to_vec()),
+        Ok(service) => json_ok(&serde_json::json!({
+            "status": "ready",
+            "datasets": service.dataset_statuses(),
+        })),
         Err(e) => e.into_response(),
     }
 }
@@ -212,7 +217,10 @@ async fn server_metadata() -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.inner.metrics.render(state.is_ready());
+    let mut text = state.inner.metrics.render(state.is_ready());
+    if let Ok(service) = state.service() {
+        crate::metrics::render_datasets(&mut text, service.dataset_statuses());
+    }
     let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

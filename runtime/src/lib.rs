@@ -3,9 +3,11 @@
 //! A service is described by a *bundle* (a folder holding `service.json`, the
 //! ONNX models and the datasets). See `config` for the bundle schema.
 
+pub mod cache;
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod freshness;
 pub mod http;
 pub mod input;
 pub mod log;

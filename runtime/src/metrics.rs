@@ -220,6 +220,111 @@ impl Metrics {
     }
 }
 
+/// Appends the freshness of each dataset: rows, age, refreshes, staleness,
+/// live cache hits and misses.
+pub fn render_datasets<'a>(
+    out: &mut String,
+    datasets: impl IntoIterator<Item = (&'a str, crate::freshness::DatasetStatus)>,
+) {
+    let datasets: Vec<_> = datasets.into_iter().collect();
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    };
+    family(
+        out,
+        "mesh_dataset_rows",
+        "gauge",
+        "Rows held in memory by a dataset.",
+    );
+    for (name, s) in &datasets {
+        if let Some(rows) = s.rows {
+            let _ = writeln!(out, "mesh_dataset_rows{{dataset=\"{}\"}} {rows}", esc(name));
+        }
+    }
+    family(
+        out,
+        "mesh_dataset_age_seconds",
+        "gauge",
+        "Seconds since the rows a dataset serves were loaded.",
+    );
+    for (name, s) in &datasets {
+        if let Some(age) = s.age_seconds {
+            let _ = writeln!(
+                out,
+                "mesh_dataset_age_seconds{{dataset=\"{}\"}} {age}",
+                esc(name)
+            );
+        }
+    }
+    family(
+        out,
+        "mesh_dataset_refresh_total",
+        "counter",
+        "Refreshes of a preloaded dataset by result.",
+    );
+    for (name, s) in &datasets {
+        if let Some(t) = s.refresh_total {
+            for (result, n) in [("ok", t.ok), ("error", t.error)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_dataset_refresh_total{{dataset=\"{}\",result=\"{result}\"}} {n}",
+                    esc(name)
+                );
+            }
+        }
+    }
+    family(
+        out,
+        "mesh_dataset_stale",
+        "gauge",
+        "1 when a refreshing dataset is older than its max_staleness (still served).",
+    );
+    for (name, s) in &datasets {
+        if s.refresh_secs.is_some() {
+            let _ = writeln!(
+                out,
+                "mesh_dataset_stale{{dataset=\"{}\"}} {}",
+                esc(name),
+                u8::from(s.stale)
+            );
+        }
+    }
+    family(
+        out,
+        "mesh_dataset_cache_total",
+        "counter",
+        "Lookups of a live dataset's cache by result (hit, miss).",
+    );
+    for (name, s) in &datasets {
+        if let Some(c) = s.cache {
+            for (result, n) in [("hit", c.hits), ("miss", c.misses)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_dataset_cache_total{{dataset=\"{}\",result=\"{result}\"}} {n}",
+                    esc(name)
+                );
+            }
+        }
+    }
+    family(
+        out,
+        "mesh_dataset_cache_entries",
+        "gauge",
+        "Keys held by a live dataset's cache.",
+    );
+    for (name, s) in &datasets {
+        if let Some(c) = s.cache {
+            let _ = writeln!(
+                out,
+                "mesh_dataset_cache_entries{{dataset=\"{}\"}} {}",
+                esc(name),
+                c.entries
+            );
+        }
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -288,16 +288,20 @@ fn slot_key<'s>(input: &'s Input<'_>) -> KeyRef<'s> {
 fn row_input<'a>(row: &RowData<'a>, col: usize) -> Input<'a> {
     match row {
         RowData::Memory(ds, r) => Input::from_value(ds.value(*r, col)),
-        RowData::Owned(values) => match values.get(col) {
-            Some(crate::dataset::Value::Str(s)) => Input::Str(Cow::Owned(s.clone())),
-            Some(v) => match v.as_ref() {
-                crate::dataset::ValueRef::Int(i) => Input::Int(i),
-                crate::dataset::ValueRef::Float(f) => Input::Num(f),
-                crate::dataset::ValueRef::Bool(b) => Input::Bool(b),
-                _ => Input::Null,
-            },
-            None => Input::Null,
-        },
+        // A snapshot may be swapped out, a fetched row dropped, after this
+        // call: own the text.
+        RowData::Snapshot(..) | RowData::Owned(_) => owned_input(row.value(col)),
+    }
+}
+
+fn owned_input(value: crate::dataset::ValueRef<'_>) -> Input<'static> {
+    use crate::dataset::ValueRef;
+    match value {
+        ValueRef::Str(s) => Input::Str(Cow::Owned(s.to_string())),
+        ValueRef::Int(i) => Input::Int(i),
+        ValueRef::Float(f) => Input::Num(f),
+        ValueRef::Bool(b) => Input::Bool(b),
+        ValueRef::Null => Input::Null,
     }
 }
 

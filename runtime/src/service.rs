@@ -15,12 +15,13 @@ use crate::config::{
 };
 use crate::dataset::{Dataset, KeyRef, Schema, Value, ValueRef};
 use crate::error::AppError;
+use crate::freshness::{DatasetStatus, Snapshot};
 use crate::input::FieldMap;
 use crate::log;
 use crate::model::{InputKind, InputSpec};
 use crate::remote::{HttpClient, RemoteLookup};
 use crate::scoring::{Classifier, class_names, load_model};
-use crate::sql::{Connector, LiveTable, SqlError};
+use crate::sql::{Connector, LiveError, LiveTable, SqlError};
 
 /// Errors loading a service; each names what failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,20 +73,28 @@ pub enum Endpoint {
 /// A dataset, in memory or queried per request.
 #[derive(Clone)]
 pub enum Table {
-    Memory(Arc<Dataset>),
+    /// A bundled CSV file, loaded at the given instant.
+    Memory(Arc<Dataset>, Instant),
+    /// A preloaded SQL dataset: a snapshot, replaced whole by each refresh.
+    Snapshot(Arc<Snapshot>),
+    /// A SQL dataset queried per key.
     Live(Arc<LiveTable>),
 }
 
 /// A row fetched from a [`Table`].
 pub enum RowData<'a> {
     Memory(&'a Dataset, usize),
-    Owned(Vec<Value>),
+    /// A row of the snapshot current at the lookup (kept alive by the `Arc`
+    /// even if a refresh swaps it out meanwhile).
+    Snapshot(Arc<Dataset>, usize),
+    Owned(Arc<Vec<Value>>),
 }
 
 impl RowData<'_> {
     pub fn value(&self, column: usize) -> ValueRef<'_> {
         match self {
             RowData::Memory(ds, row) => ds.value(*row, column),
+            RowData::Snapshot(ds, row) => ds.value(*row, column),
             RowData::Owned(values) => values.get(column).map_or(ValueRef::Null, Value::as_ref),
         }
     }
@@ -94,37 +103,83 @@ impl RowData<'_> {
 impl Table {
     pub fn schema(&self) -> &Schema {
         match self {
-            Table::Memory(ds) => ds.schema(),
+            Table::Memory(ds, _) => ds.schema(),
+            Table::Snapshot(s) => s.schema(),
             Table::Live(t) => t.schema(),
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
-            Table::Memory(ds) => ds.name(),
+            Table::Memory(ds, _) => ds.name(),
+            Table::Snapshot(s) => s.name(),
             Table::Live(t) => t.name(),
         }
     }
 
-    /// The row with `key`; database failures are 502/504.
+    /// The row with `key`. A database that cannot be reached or does not
+    /// answer in time is a 503 for this request; a failing query a 502.
     pub async fn fetch(&self, key: KeyRef<'_>) -> Result<Option<RowData<'_>>, AppError> {
         match self {
-            Table::Memory(ds) => Ok(ds.find(key).map(|row| RowData::Memory(ds, row))),
+            Table::Memory(ds, _) => Ok(ds.find(key).map(|row| RowData::Memory(ds, row))),
+            Table::Snapshot(s) => {
+                let ds = s.current();
+                Ok(ds.find(key).map(|row| RowData::Snapshot(ds, row)))
+            }
             Table::Live(t) => match t.fetch(key).await {
                 Ok(row) => Ok(row.map(RowData::Owned)),
-                Err(SqlError::Timeout { dataset }) => Err(AppError::new(
-                    axum::http::StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    format!("dataset `{dataset}`: the database did not answer in time"),
-                )),
-                Err(e) => {
-                    log::warn(format_args!("{e}"));
+                Err(e @ (LiveError::Unavailable { .. } | LiveError::Timeout { .. })) => {
+                    let message = match e {
+                        LiveError::Timeout { dataset, ms } => format!(
+                            "dataset `{dataset}`: the database did not answer within {ms} ms; try again later"
+                        ),
+                        _ => format!(
+                            "dataset `{}`: the database is unavailable; try again later",
+                            t.name()
+                        ),
+                    };
                     Err(AppError::new(
-                        axum::http::StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        format!("dataset `{}`: the database query failed", t.name()),
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "dataset_unavailable",
+                        message,
                     ))
                 }
+                Err(LiveError::Query { .. }) => Err(AppError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    format!("dataset `{}`: the database query failed", t.name()),
+                )),
+            },
+        }
+    }
+
+    /// Freshness for `/readyz` and `/metrics`.
+    pub fn status(&self) -> DatasetStatus {
+        match self {
+            Table::Memory(ds, loaded) => DatasetStatus {
+                source: "csv",
+                mode: "preload",
+                rows: Some(ds.rows() as u64),
+                age_seconds: Some((loaded.elapsed().as_secs_f64() * 1e3).round() / 1e3),
+                refresh_secs: None,
+                max_staleness_secs: None,
+                last_refresh: None,
+                refresh_total: None,
+                stale: false,
+                cache: None,
+            },
+            Table::Snapshot(s) => s.status(),
+            Table::Live(t) => DatasetStatus {
+                source: "sql",
+                mode: "live",
+                rows: None,
+                age_seconds: None,
+                refresh_secs: None,
+                max_staleness_secs: None,
+                last_refresh: None,
+                refresh_total: None,
+                stale: false,
+                cache: t.cache_stats().map(Into::into),
             },
         }
     }
@@ -184,15 +239,21 @@ impl Service {
         let cfg = &bundle.config;
         let started = Instant::now();
 
-        // Connections (only those used).
+        // Connections (not for an offline check).
         let mut connectors = HashMap::new();
         for (name, conn) in &cfg.connections {
+            if !options.connect {
+                break;
+            }
             let crate::config::ConnectionConfig::Postgres { password, .. } = conn;
             let password = match password {
-                Some(secret) if options.connect => Some(bundle.resolve(secret)?),
-                _ => None,
+                Some(secret) => Some(bundle.resolve(secret)?),
+                None => None,
             };
-            connectors.insert(name.clone(), Connector::new(name, conn, password));
+            connectors.insert(
+                name.clone(),
+                Connector::new(name, conn, password, &bundle.dir)?,
+            );
         }
 
         // Datasets.
@@ -206,18 +267,31 @@ impl Service {
                     continue;
                 }
             };
-            match &table {
-                Table::Memory(d) => log::info(format_args!(
-                    "dataset `{name}`: {} rows, {} keys, {} columns, {:.1} MiB in {}",
+            let memory = match &table {
+                Table::Memory(d, _) => Ok(d.clone()),
+                Table::Snapshot(s) => Ok(s.current()),
+                Table::Live(l) => Err(l),
+            };
+            match memory {
+                Ok(d) => log::info(format_args!(
+                    "dataset `{name}`: {} rows, {} keys, {} columns, {:.1} MiB in {}{}",
                     d.rows(),
                     d.keys(),
                     d.schema().names.len(),
                     d.heap_bytes() as f64 / (1 << 20) as f64,
-                    ms(t.elapsed())
+                    ms(t.elapsed()),
+                    match ds.refresh_secs {
+                        Some(every) => format!(", refreshed every {every} s"),
+                        None => String::new(),
+                    }
                 )),
-                Table::Live(l) => log::info(format_args!(
-                    "dataset `{name}`: live, {} columns, pool ready in {}",
+                Err(l) => log::info(format_args!(
+                    "dataset `{name}`: live, {} columns{}, pool ready in {}",
                     l.schema().names.len(),
+                    match &ds.cache {
+                        Some(c) => format!(", cache of {} keys for {} ms", c.max_entries, c.ttl_ms),
+                        None => String::new(),
+                    },
                     ms(t.elapsed())
                 )),
             }
@@ -286,6 +360,16 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Freshness of each dataset, by name.
+    pub fn dataset_statuses(&self) -> std::collections::BTreeMap<&str, DatasetStatus> {
+        self.datasets
+            .iter()
+            .map(|(name, table)| (name.as_str(), table.status()))
+            .collect()
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -314,7 +398,7 @@ async fn load_table(
                 endpoint: String::new(),
                 reason: e.to_string(),
             })??;
-            Ok(Some(Table::Memory(Arc::new(loaded))))
+            Ok(Some(Table::Memory(Arc::new(loaded), Instant::now())))
         }
         DatasetSource::Sql(sql) => {
             if !options.connect {
@@ -327,12 +411,48 @@ async fn load_table(
                 });
             };
             match ds.mode {
-                DatasetMode::Preload => Ok(Some(Table::Memory(Arc::new(
-                    crate::sql::preload(connector, name, &sql.query, &ds.key, ds.duplicates)
-                        .await?,
-                )))),
+                DatasetMode::Preload => {
+                    let first =
+                        crate::sql::load(connector, name, &sql.query, &ds.key, ds.duplicates)
+                            .await?;
+                    let snapshot = Arc::new(Snapshot::new(
+                        first,
+                        ds.refresh_secs.map(Duration::from_secs),
+                        ds.max_staleness().map(Duration::from_secs),
+                    ));
+                    if ds.refresh_secs.is_some() {
+                        let (connector, name, query, key, duplicates) = (
+                            connector.clone(),
+                            name.to_string(),
+                            sql.query.clone(),
+                            ds.key.clone(),
+                            ds.duplicates,
+                        );
+                        tokio::spawn(crate::freshness::refresh_loop(
+                            snapshot.clone(),
+                            move || {
+                                let (connector, name, query, key) =
+                                    (connector.clone(), name.clone(), query.clone(), key.clone());
+                                async move {
+                                    crate::sql::load(&connector, &name, &query, &key, duplicates)
+                                        .await
+                                        .map_err(|e| e.to_string())
+                                }
+                            },
+                        ));
+                    }
+                    Ok(Some(Table::Snapshot(snapshot)))
+                }
                 DatasetMode::Live => Ok(Some(Table::Live(Arc::new(
-                    LiveTable::open(connector, name, &sql.query, &ds.key, ds.duplicates).await?,
+                    LiveTable::open(
+                        connector,
+                        name,
+                        &sql.query,
+                        &ds.key,
+                        ds.duplicates,
+                        ds.cache.as_ref(),
+                    )
+                    .await?,
                 )))),
             }
         }

@@ -1,25 +1,39 @@
-//! SQL datasets over PostgreSQL (`tokio-postgres`, no TLS).
+//! SQL datasets over PostgreSQL (`tokio-postgres`; TLS with rustls).
 //!
-//! A dataset's query is used as a subquery: `preload` runs
-//! `SELECT cols FROM (query) AS mesh_src` once at start into an in-memory
-//! [`Dataset`]; `live` prepares `... WHERE mesh_src."key" = $1` on a small pool
-//! of connections and runs it per request. Column types come from the
-//! prepared statement; `numeric` is read as `float8`, types the runtime does
-//! not know as `text`.
+//! A dataset's query is used as a subquery: a `preload` streams
+//! `SELECT cols FROM (query) AS mesh_src` into an in-memory [`Dataset`] (at
+//! start, and again at each refresh); `live` prepares
+//! `... WHERE mesh_src."key" = $1` on a small pool of connections and runs it
+//! per key. Column types come from the prepared statement; `numeric` is read
+//! as `float8`, types the runtime does not know as `text`.
+//!
+//! Connections: `sslmode` `disable`, `require` (encrypted, certificate not
+//! checked) or `verify-full` (chain checked against `ca_file`, else the
+//! Mozilla roots, and the host name). Pool connections run with the server's
+//! `statement_timeout`; every live query also has a client-side deadline, so a
+//! dead network cannot hold a request. A broken pool connection is dropped and
+//! opened again by the next query. Loads (preload, refresh) use their own
+//! connection, without a statement timeout but with TCP keepalives. Error
+//! messages never hold the password.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::{ColumnType, ConnectionConfig, Duplicates};
-use crate::dataset::{Dataset, DatasetError, KeyRef, Schema, Value};
+use crate::cache::{CacheStats, KeyCache};
+use crate::config::{CacheConfig, ConnectionConfig, Duplicates, SslMode};
+use crate::dataset::{Dataset, DatasetError, KeyRef, RowsBuilder, Schema, Value};
 use crate::log;
 
-/// Per-query time limit for live lookups.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Extra time the client waits past the server's `statement_timeout`, so the
+/// server's own cancel normally arrives first.
+const CLIENT_GRACE: Duration = Duration::from_millis(500);
 
 /// Errors talking to a database. Messages never hold credentials.
 #[derive(Debug, thiserror::Error)]
@@ -31,18 +45,36 @@ pub enum SqlError {
         target: String,
         reason: String,
     },
+    /// The TLS settings cannot be used (unreadable `ca_file`, ...).
+    #[error("connection `{connection}`: {reason}")]
+    Tls { connection: String, reason: String },
     /// A query failed.
     #[error("dataset `{dataset}`: query failed: {reason}")]
     Query { dataset: String, reason: String },
-    /// A live query took longer than the limit.
+    /// A query took longer than its limit.
     #[error("dataset `{dataset}`: query timed out")]
     Timeout { dataset: String },
     /// The query's columns do not fit the declaration.
     #[error("dataset `{dataset}`: {reason}")]
     Schema { dataset: String, reason: String },
-    /// Preloaded rows do not make a dataset.
+    /// Loaded rows do not make a dataset.
     #[error(transparent)]
     Dataset(#[from] DatasetError),
+}
+
+/// Why a live lookup got no answer from the database. Cloned to every
+/// request that waited for the same key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LiveError {
+    /// The database cannot be reached (connection refused, lost, shut down).
+    #[error("dataset `{dataset}`: the database is unavailable: {reason}")]
+    Unavailable { dataset: String, reason: String },
+    /// No answer within the limit (connecting or querying).
+    #[error("dataset `{dataset}`: the database did not answer within {ms} ms")]
+    Timeout { dataset: String, ms: u64 },
+    /// The database answered with an error (SQL, permissions, duplicates).
+    #[error("dataset `{dataset}`: query failed: {reason}")]
+    Query { dataset: String, reason: String },
 }
 
 /// Opens connections for one `[connection]` with its resolved password.
@@ -50,8 +82,14 @@ pub enum SqlError {
 pub struct Connector {
     name: String,
     target: String,
-    config: tokio_postgres::Config,
+    /// Pool connections (live queries): with `statement_timeout`.
+    live: tokio_postgres::Config,
+    /// Load connections (preload, refresh): no statement timeout.
+    load: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
     pool_size: usize,
+    connect_timeout: Duration,
+    statement_timeout: Duration,
 }
 
 impl std::fmt::Debug for Connector {
@@ -60,68 +98,269 @@ impl std::fmt::Debug for Connector {
     }
 }
 
+/// What a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Live,
+    Load,
+}
+
 impl Connector {
-    pub fn new(name: &str, config: &ConnectionConfig, password: Option<String>) -> Connector {
+    /// A connector; reads `ca_file` (relative to `bundle_dir`) for `verify-full`.
+    pub fn new(
+        name: &str,
+        config: &ConnectionConfig,
+        password: Option<String>,
+        bundle_dir: &Path,
+    ) -> Result<Connector, SqlError> {
         let ConnectionConfig::Postgres {
             host,
             port,
             database,
             user,
             pool_size,
+            sslmode,
+            ca_file,
+            statement_timeout_ms,
+            connect_timeout_ms,
             ..
         } = config;
+        let connect_timeout = Duration::from_millis(*connect_timeout_ms);
+        let statement_timeout = Duration::from_millis(*statement_timeout_ms);
         let mut pg = tokio_postgres::Config::new();
         pg.host(host)
             .port(*port)
             .dbname(database)
             .user(user)
             .application_name("mesh-runtime")
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3)
+            .ssl_mode(match sslmode {
+                SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+                _ => tokio_postgres::config::SslMode::Require,
+            });
         if let Some(password) = password {
             pg.password(password);
         }
-        Connector {
+        let mut live = pg.clone();
+        live.options(format!("-c statement_timeout={statement_timeout_ms}"));
+        pg.options("-c statement_timeout=0");
+        let tls = match sslmode {
+            SslMode::Disable => None,
+            mode => {
+                let ca = ca_file.as_ref().map(|p| bundle_dir.join(p));
+                Some(
+                    tls_config(*mode, ca.as_deref()).map_err(|reason| SqlError::Tls {
+                        connection: name.to_string(),
+                        reason,
+                    })?,
+                )
+            }
+        };
+        let scheme = match sslmode {
+            SslMode::Disable => "",
+            SslMode::Require => "?sslmode=require",
+            SslMode::VerifyFull => "?sslmode=verify-full",
+        };
+        Ok(Connector {
             name: name.to_string(),
-            target: format!("postgresql://{user}@{host}:{port}/{database}"),
-            config: pg,
+            target: format!("postgresql://{user}@{host}:{port}/{database}{scheme}"),
+            live,
+            load: pg,
+            tls,
             pool_size: *pool_size,
-        }
+            connect_timeout,
+            statement_timeout,
+        })
     }
 
     /// Opens one connection; its driver task runs until the client is dropped.
-    pub async fn connect(&self) -> Result<Client, SqlError> {
-        let (client, connection) =
-            self.config
-                .connect(NoTls)
-                .await
-                .map_err(|e| SqlError::Connect {
-                    connection: self.name.clone(),
-                    target: self.target.clone(),
-                    reason: pg_reason(&e),
-                })?;
+    async fn connect(&self, purpose: Purpose) -> Result<Client, SqlError> {
+        let config = match purpose {
+            Purpose::Live => &self.live,
+            Purpose::Load => &self.load,
+        };
+        let fail = |reason: String| SqlError::Connect {
+            connection: self.name.clone(),
+            target: self.target.clone(),
+            reason,
+        };
         let name = self.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                log::warn(format_args!(
-                    "connection `{name}` closed: {}",
-                    pg_reason(&e)
-                ));
+        let closed = move |e: tokio_postgres::Error| {
+            log::warn(format_args!(
+                "connection `{name}` closed: {}",
+                pg_reason(&e)
+            ))
+        };
+        let connecting = async {
+            match &self.tls {
+                None => {
+                    let (client, connection) = config.connect(NoTls).await?;
+                    tokio::spawn(async move { connection.await.map_err(closed) });
+                    Ok(client)
+                }
+                Some(tls) => {
+                    let (client, connection) = config.connect(tls.clone()).await?;
+                    tokio::spawn(async move { connection.await.map_err(closed) });
+                    Ok(client)
+                }
             }
-        });
-        Ok(client)
+        };
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Err(_) => Err(fail(format!(
+                "no answer within {} ms",
+                self.connect_timeout.as_millis()
+            ))),
+            Ok(Err(e)) => Err(fail(pg_reason(&e))),
+            Ok(Ok(client)) => Ok(client),
+        }
     }
 }
 
-/// The message of a driver error, without the connection parameters.
-fn pg_reason(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => {
-            let text = e.to_string();
-            match std::error::Error::source(e) {
-                Some(source) => format!("{text}: {source}"),
-                None => text,
+/// The rustls configuration of `require` (no certificate check) or
+/// `verify-full` (against `ca_file`, else the Mozilla roots).
+fn tls_config(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeRustlsConnect, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?;
+    let config = match mode {
+        SslMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth(),
+        _ => {
+            let mut roots = rustls::RootCertStore::empty();
+            match ca_file {
+                Some(path) => {
+                    let shown = path.display();
+                    let pem = std::fs::read(path)
+                        .map_err(|e| format!("cannot read ca_file {shown}: {e}"))?;
+                    for cert in CertificateDer::pem_slice_iter(&pem) {
+                        let cert =
+                            cert.map_err(|e| format!("ca_file {shown} is not valid PEM: {e}"))?;
+                        roots
+                            .add(cert)
+                            .map_err(|e| format!("ca_file {shown}: {e}"))?;
+                    }
+                    if roots.is_empty() {
+                        return Err(format!("ca_file {shown} holds no certificate"));
+                    }
+                }
+                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
             }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// `sslmode = "require"`: encrypt, but accept any server certificate (the
+/// handshake signatures are still checked).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The message of a driver error, without the connection parameters; TLS
+/// failures in words.
+fn pg_reason(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.code().code(), db.message());
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return tls_reason(tls);
+        }
+        source = err.source();
+    }
+    let text = e.to_string();
+    match std::error::Error::source(e) {
+        Some(source) => format!("{text}: {source}"),
+        None => text,
+    }
+}
+
+fn tls_reason(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "tls: the server's certificate is not signed by a trusted CA (check `ca_file`)".into()
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName)
+        | rustls::Error::InvalidCertificate(C::NotValidForNameContext { .. }) => {
+            "tls: the server's certificate is not valid for the connection's host name".into()
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "tls: the server's certificate has expired".into()
+        }
+        other => format!("tls: {other}"),
+    }
+}
+
+/// Whether a failed query means the database cannot be reached (rather than
+/// a problem with the query): connection errors, shutdowns, no resources,
+/// a server-side cancel.
+fn unreachable(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57") || code.starts_with("53")
         }
     }
 }
@@ -160,17 +399,25 @@ async fn shape(client: &Client, dataset: &str, query: &str, key: &str) -> Result
     for column in stmt.columns() {
         let col = format!("mesh_src.{}", quote_ident(column.name()));
         let (expr, ty, kind) = match *column.type_() {
-            Type::INT2 => (col, ColumnType::Int, Kind::I16),
-            Type::INT4 => (col, ColumnType::Int, Kind::I32),
-            Type::INT8 => (col, ColumnType::Int, Kind::I64),
-            Type::FLOAT4 => (col, ColumnType::Float, Kind::F32),
-            Type::FLOAT8 => (col, ColumnType::Float, Kind::F64),
-            Type::NUMERIC => (format!("{col}::float8"), ColumnType::Float, Kind::F64),
-            Type::BOOL => (col, ColumnType::Bool, Kind::Bool),
+            Type::INT2 => (col, crate::config::ColumnType::Int, Kind::I16),
+            Type::INT4 => (col, crate::config::ColumnType::Int, Kind::I32),
+            Type::INT8 => (col, crate::config::ColumnType::Int, Kind::I64),
+            Type::FLOAT4 => (col, crate::config::ColumnType::Float, Kind::F32),
+            Type::FLOAT8 => (col, crate::config::ColumnType::Float, Kind::F64),
+            Type::NUMERIC => (
+                format!("{col}::float8"),
+                crate::config::ColumnType::Float,
+                Kind::F64,
+            ),
+            Type::BOOL => (col, crate::config::ColumnType::Bool, Kind::Bool),
             Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
-                (col, ColumnType::String, Kind::Text)
+                (col, crate::config::ColumnType::String, Kind::Text)
             }
-            _ => (format!("{col}::text"), ColumnType::String, Kind::Text),
+            _ => (
+                format!("{col}::text"),
+                crate::config::ColumnType::String,
+                Kind::Text,
+            ),
         };
         select.push(expr);
         names.push(column.name().to_string());
@@ -187,7 +434,10 @@ async fn shape(client: &Client, dataset: &str, query: &str, key: &str) -> Result
                 names.join(", ")
             ),
         })?;
-    if !matches!(types[key_pos], ColumnType::Int | ColumnType::String) {
+    if !matches!(
+        types[key_pos],
+        crate::config::ColumnType::Int | crate::config::ColumnType::String
+    ) {
         return Err(SqlError::Schema {
             dataset: dataset.to_string(),
             reason: format!("key column `{key}` must be an integer or text column"),
@@ -231,38 +481,57 @@ fn decode(row: &Row, kinds: &[Kind]) -> Result<Vec<Value>, tokio_postgres::Error
     Ok(out)
 }
 
-/// Runs a `preload` dataset's query and builds the in-memory dataset.
-pub async fn preload(
+/// Runs a `preload` dataset's query on a connection of its own, streaming
+/// the rows into a new in-memory dataset (the key index is built off the
+/// async threads).
+pub async fn load(
     connector: &Connector,
     dataset: &str,
     query: &str,
     key: &str,
     duplicates: Duplicates,
 ) -> Result<Dataset, SqlError> {
-    let client = connector.connect().await?;
+    let client = connector.connect(Purpose::Load).await?;
     let shape = shape(&client, dataset, query, key).await?;
     let query_err = |e: tokio_postgres::Error| SqlError::Query {
         dataset: dataset.to_string(),
         reason: pg_reason(&e),
     };
-    let rows = client.query(&shape.select, &[]).await.map_err(query_err)?;
-    let mut values = Vec::with_capacity(rows.len());
-    for row in &rows {
-        values.push(decode(row, &shape.kinds).map_err(query_err)?);
+    let stream = client
+        .query_raw(&shape.select, Vec::<i32>::new())
+        .await
+        .map_err(query_err)?;
+    let mut stream = std::pin::pin!(stream);
+    let mut builder = RowsBuilder::new(dataset, shape.schema);
+    while let Some(row) = stream.next().await {
+        let row = row.map_err(query_err)?;
+        builder.push(decode(&row, &shape.kinds).map_err(query_err)?)?;
     }
-    drop(rows);
-    Ok(Dataset::from_rows(
-        dataset,
-        shape.schema,
-        values,
-        duplicates,
-    )?)
+    drop(client);
+    tokio::task::spawn_blocking(move || builder.finish(duplicates))
+        .await
+        .map_err(|e| SqlError::Query {
+            dataset: dataset.to_string(),
+            reason: format!("building the index: {e}"),
+        })?
+        .map_err(SqlError::from)
 }
 
 /// A pooled connection with the live query prepared on it.
 type PooledConn = Arc<(Client, Statement)>;
 
-/// A `live` dataset: one prepared query per pooled connection.
+/// A key as the live query's parameter type wants it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LiveKey {
+    Int(i64),
+    Text(Box<str>),
+}
+
+/// A row of a live dataset, shared by the cache and the requests.
+pub type LiveRow = Option<Arc<Vec<Value>>>;
+
+/// A `live` dataset: one prepared query per pooled connection, concurrent
+/// lookups of one key coalesced, an optional cache.
 pub struct LiveTable {
     name: String,
     connector: Connector,
@@ -273,6 +542,11 @@ pub struct LiveTable {
     duplicates: Duplicates,
     slots: Vec<Mutex<Option<PooledConn>>>,
     next: AtomicUsize,
+    cache: KeyCache<LiveKey, LiveRow, LiveError>,
+    queries_ok: AtomicU64,
+    queries_error: AtomicU64,
+    /// Whether the last query reached the database (to log changes only).
+    reachable: AtomicBool,
 }
 
 impl std::fmt::Debug for LiveTable {
@@ -285,15 +559,16 @@ impl std::fmt::Debug for LiveTable {
 }
 
 impl LiveTable {
-    /// Connects the pool and prepares the by-key query.
+    /// Connects the first pool connection and prepares the by-key query.
     pub async fn open(
         connector: &Connector,
         dataset: &str,
         query: &str,
         key: &str,
         duplicates: Duplicates,
+        cache: Option<&CacheConfig>,
     ) -> Result<LiveTable, SqlError> {
-        let client = connector.connect().await?;
+        let client = connector.connect(Purpose::Live).await?;
         let shape = shape(&client, dataset, query, key).await?;
         let sql = format!(
             "{} WHERE mesh_src.{} = $1 LIMIT 2",
@@ -318,6 +593,10 @@ impl LiveTable {
             duplicates,
             slots,
             next: AtomicUsize::new(0),
+            cache: KeyCache::new(cache),
+            queries_ok: AtomicU64::new(0),
+            queries_error: AtomicU64::new(0),
+            reachable: AtomicBool::new(true),
         })
     }
 
@@ -329,99 +608,224 @@ impl LiveTable {
         &self.name
     }
 
-    async fn conn(&self) -> Result<PooledConn, SqlError> {
-        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
-        let current = slot.lock().map(|g| g.clone()).unwrap_or(None);
-        if let Some(conn) = current.filter(|c| !c.0.is_closed()) {
-            return Ok(conn);
-        }
-        let client = self.connector.connect().await?;
-        let stmt = client
-            .prepare(&self.sql)
-            .await
-            .map_err(|e| SqlError::Query {
-                dataset: self.name.clone(),
-                reason: pg_reason(&e),
-            })?;
-        let conn = Arc::new((client, stmt));
-        if let Ok(mut guard) = slot.lock() {
-            *guard = Some(conn.clone());
-        }
-        Ok(conn)
+    /// Cache counters (`None` without a cache).
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.stats()
     }
 
-    /// The row with `key`, if any.
-    pub async fn fetch(&self, key: KeyRef<'_>) -> Result<Option<Vec<Value>>, SqlError> {
-        let text;
-        let (i16v, i32v, i64v);
-        let param: &(dyn ToSql + Sync) = match self.key_type {
+    /// Queries run against the database: (answered, failed).
+    pub fn query_counts(&self) -> (u64, u64) {
+        (
+            self.queries_ok.load(Ordering::Relaxed),
+            self.queries_error.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The key as the query's parameter type takes it; `None` when no row can
+    /// have it (text for an integer key, out of range).
+    fn live_key(&self, key: KeyRef<'_>) -> Option<LiveKey> {
+        match self.key_type {
             Type::INT2 | Type::INT4 | Type::INT8 => {
                 let k = match key {
                     KeyRef::Int(i) => i,
-                    KeyRef::Str(s) => match s.parse::<i64>() {
-                        Ok(i) => i,
-                        Err(_) => return Ok(None),
-                    },
+                    KeyRef::Str(s) => s.parse::<i64>().ok()?,
                 };
-                match self.key_type {
-                    Type::INT2 => match i16::try_from(k) {
-                        Ok(v) => {
-                            i16v = v;
-                            &i16v
-                        }
-                        Err(_) => return Ok(None),
-                    },
-                    Type::INT4 => match i32::try_from(k) {
-                        Ok(v) => {
-                            i32v = v;
-                            &i32v
-                        }
-                        Err(_) => return Ok(None),
-                    },
-                    _ => {
-                        i64v = k;
-                        &i64v
+                let fits = match self.key_type {
+                    Type::INT2 => i16::try_from(k).is_ok(),
+                    Type::INT4 => i32::try_from(k).is_ok(),
+                    _ => true,
+                };
+                fits.then_some(LiveKey::Int(k))
+            }
+            _ => Some(LiveKey::Text(match key {
+                KeyRef::Str(s) => s.into(),
+                KeyRef::Int(i) => i.to_string().into(),
+            })),
+        }
+    }
+
+    /// The row with `key`, if any: from the cache, or from one query shared
+    /// by every concurrent request for the key.
+    pub async fn fetch(&self, key: KeyRef<'_>) -> Result<LiveRow, LiveError> {
+        let Some(key) = self.live_key(key) else {
+            return Ok(None);
+        };
+        let param = key.clone();
+        self.cache.get(key, || self.query(param)).await
+    }
+
+    /// A pool connection: the slot's, or a new one (`true`) if it has none or
+    /// it is closed.
+    async fn conn(&self, slot: usize) -> Result<(PooledConn, bool), LiveError> {
+        let current = self.slots[slot].lock().map(|g| g.clone()).unwrap_or(None);
+        if let Some(conn) = current.filter(|c| !c.0.is_closed()) {
+            return Ok((conn, false));
+        }
+        let client = self
+            .connector
+            .connect(Purpose::Live)
+            .await
+            .map_err(|e| match e {
+                SqlError::Connect { reason, .. } if reason.starts_with("no answer within") => {
+                    LiveError::Timeout {
+                        dataset: self.name.clone(),
+                        ms: self.connector.connect_timeout.as_millis() as u64,
                     }
                 }
+                SqlError::Connect { reason, .. } => LiveError::Unavailable {
+                    dataset: self.name.clone(),
+                    reason: format!("cannot connect: {reason}"),
+                },
+                other => LiveError::Unavailable {
+                    dataset: self.name.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
+        let limit = self.connector.statement_timeout + CLIENT_GRACE;
+        let stmt = match tokio::time::timeout(limit, client.prepare(&self.sql)).await {
+            Err(_) => return Err(self.timeout()),
+            Ok(Err(e)) => return Err(self.query_error(&e)),
+            Ok(Ok(stmt)) => stmt,
+        };
+        let conn = Arc::new((client, stmt));
+        if let Ok(mut guard) = self.slots[slot].lock() {
+            *guard = Some(conn.clone());
+        }
+        Ok((conn, true))
+    }
+
+    /// Forgets `conn` if `slot` still holds it (it is broken or busy with an
+    /// abandoned query); the next query there opens a new connection.
+    fn discard(&self, slot: usize, conn: &PooledConn) {
+        if let Ok(mut guard) = self.slots[slot].lock()
+            && guard.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn))
+        {
+            *guard = None;
+        }
+    }
+
+    fn timeout(&self) -> LiveError {
+        LiveError::Timeout {
+            dataset: self.name.clone(),
+            ms: self.connector.statement_timeout.as_millis() as u64,
+        }
+    }
+
+    fn query_error(&self, e: &tokio_postgres::Error) -> LiveError {
+        let cancelled = e
+            .as_db_error()
+            .is_some_and(|db| db.code().code() == "57014");
+        if cancelled {
+            self.timeout()
+        } else if unreachable(e) {
+            LiveError::Unavailable {
+                dataset: self.name.clone(),
+                reason: pg_reason(e),
             }
-            _ => {
-                text = match key {
-                    KeyRef::Str(s) => s.to_string(),
-                    KeyRef::Int(i) => i.to_string(),
-                };
+        } else {
+            LiveError::Query {
+                dataset: self.name.clone(),
+                reason: pg_reason(e),
+            }
+        }
+    }
+
+    /// One query for `key`; a stale pooled connection (closed since its last
+    /// use, e.g. the database restarted) is replaced and the query retried once.
+    async fn query(&self, key: LiveKey) -> Result<LiveRow, LiveError> {
+        let result = self.query_once(&key).await;
+        let result = match result {
+            Err((LiveError::Unavailable { .. }, false)) => self.query_once(&key).await,
+            other => other,
+        }
+        .map_err(|(e, _)| e);
+        match &result {
+            Ok(_) => {
+                self.queries_ok.fetch_add(1, Ordering::Relaxed);
+                if !self.reachable.swap(true, Ordering::Relaxed) {
+                    log::info(format_args!(
+                        "dataset `{}`: the database answers again",
+                        self.name
+                    ));
+                }
+            }
+            Err(e) => {
+                self.queries_error.fetch_add(1, Ordering::Relaxed);
+                let was = self
+                    .reachable
+                    .swap(matches!(e, LiveError::Query { .. }), Ordering::Relaxed);
+                if was || matches!(e, LiveError::Query { .. }) {
+                    log::warn(format_args!("{e}"));
+                }
+            }
+        }
+        result
+    }
+
+    /// One attempt; the error says whether the connection was new.
+    async fn query_once(&self, key: &LiveKey) -> Result<LiveRow, (LiveError, bool)> {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let (conn, fresh) = self.conn(slot).await.map_err(|e| (e, true))?;
+        let (i16v, i32v, i64v, text);
+        let param: &(dyn ToSql + Sync) = match (key, &self.key_type) {
+            (LiveKey::Int(k), &Type::INT2) => {
+                i16v = *k as i16;
+                &i16v
+            }
+            (LiveKey::Int(k), &Type::INT4) => {
+                i32v = *k as i32;
+                &i32v
+            }
+            (LiveKey::Int(k), _) => {
+                i64v = *k;
+                &i64v
+            }
+            (LiveKey::Text(s), _) => {
+                text = &**s;
                 &text
             }
         };
-        let conn = self.conn().await?;
         let params = [param];
-        let query = conn.0.query(&conn.1, &params);
-        let rows = match tokio::time::timeout(QUERY_TIMEOUT, query).await {
+        let limit = self.connector.statement_timeout + CLIENT_GRACE;
+        let rows = match tokio::time::timeout(limit, conn.0.query(&conn.1, &params)).await {
             Err(_) => {
-                return Err(SqlError::Timeout {
-                    dataset: self.name.clone(),
-                });
+                self.discard(slot, &conn);
+                return Err((self.timeout(), true));
             }
             Ok(Err(e)) => {
-                return Err(SqlError::Query {
-                    dataset: self.name.clone(),
-                    reason: pg_reason(&e),
-                });
+                let err = self.query_error(&e);
+                if !matches!(err, LiveError::Query { .. }) {
+                    self.discard(slot, &conn);
+                }
+                return Err((err, fresh));
             }
             Ok(Ok(rows)) => rows,
         };
         if rows.len() > 1 && self.duplicates == Duplicates::Error {
-            return Err(SqlError::Query {
-                dataset: self.name.clone(),
-                reason: format!("duplicate key {key}"),
-            });
+            let shown = match key {
+                LiveKey::Int(i) => i.to_string(),
+                LiveKey::Text(s) => format!("{s:?}"),
+            };
+            return Err((
+                LiveError::Query {
+                    dataset: self.name.clone(),
+                    reason: format!("duplicate key {shown}"),
+                },
+                fresh,
+            ));
         }
         match rows.last() {
             None => Ok(None),
             Some(row) => decode(row, &self.kinds)
-                .map(Some)
-                .map_err(|e| SqlError::Query {
-                    dataset: self.name.clone(),
-                    reason: pg_reason(&e),
+                .map(|v| Some(Arc::new(v)))
+                .map_err(|e| {
+                    (
+                        LiveError::Query {
+                            dataset: self.name.clone(),
+                            reason: pg_reason(&e),
+                        },
+                        fresh,
+                    )
                 }),
         }
     }

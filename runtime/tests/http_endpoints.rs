@@ -294,7 +294,23 @@ fn open_inference_protocol() {
 fn health_metrics_and_openapi() {
     let (_b, s) = server();
     assert_eq!(s.get("/healthz").json(), json!({"status": "ok"}));
-    assert_eq!(s.get("/readyz").json(), json!({"status": "ready"}));
+    // Readiness reports each dataset's freshness.
+    let ready = s.get("/readyz").json();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    for ds in ["customers", "behavior"] {
+        let d = &ready["datasets"][ds];
+        assert_eq!(
+            (&d["source"], &d["mode"], &d["rows"], &d["stale"]),
+            (
+                &json!("csv"),
+                &json!("preload"),
+                &json!(10000),
+                &json!(false)
+            ),
+            "{ready}"
+        );
+        assert!(d["age_seconds"].as_f64().is_some(), "{ready}");
+    }
     s.api(
         "high-value",
         "predict",
@@ -323,6 +339,14 @@ fn health_metrics_and_openapi() {
         "{text}"
     );
     assert!(text.contains("mesh_ready{service=\"customer-scoring\"} 1"));
+    assert!(
+        text.contains("mesh_dataset_rows{dataset=\"customers\"} 10000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mesh_dataset_age_seconds{dataset=\"behavior\"} "),
+        "{text}"
+    );
 
     let doc = s.get("/openapi.json").json();
     assert_eq!(doc["openapi"], "3.1.0");

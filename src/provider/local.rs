@@ -320,6 +320,10 @@ pub fn bundle_for(
                             user: c.user.clone(),
                             password: c.password.as_ref().map(secret),
                             pool_size: 4,
+                            sslmode: rc::SslMode::Disable,
+                            ca_file: None,
+                            statement_timeout_ms: 5000,
+                            connect_timeout_ms: 5000,
                         },
                     );
                 }
@@ -347,6 +351,9 @@ pub fn bundle_for(
                 },
                 mode,
                 columns: BTreeMap::new(),
+                refresh_secs: None,
+                max_staleness_secs: None,
+                cache: None,
             },
         );
     }
