@@ -66,6 +66,7 @@ fn stack(name: &str) -> Stack {
             cluster: None,
             registry: None,
             namespace: None,
+            instance: None,
         },
         networks: BTreeMap::from([("big".to_owned(), network)]),
         clusters: BTreeMap::new(),

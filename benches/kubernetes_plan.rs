@@ -58,6 +58,7 @@ fn stack(name: &str, root: &Path, data: &Path) -> Stack {
                     },
                 )]),
                 api_keys: Vec::new(),
+                tests: Vec::new(),
             },
         );
         let allow = if i == 0 {
@@ -85,6 +86,7 @@ fn stack(name: &str, root: &Path, data: &Path) -> Stack {
             cluster: Some("c".into()),
             registry: None,
             namespace: None,
+            instance: None,
         },
         networks: BTreeMap::new(),
         clusters: BTreeMap::from([(

@@ -16,3 +16,4 @@ pub mod provider;
 pub mod render;
 pub mod resource;
 pub mod stack;
+pub mod testing;

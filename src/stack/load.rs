@@ -471,6 +471,24 @@ fn expand_modules(
                         if r.key == "this" {
                             r.key = name.to_owned();
                         }
+                        // The stack may add test queries to a module's service:
+                        // `[[service.M.endpoint.E.test]]` and nothing else.
+                        if kind == "service"
+                            && let Some(at) = target
+                                .entries
+                                .iter()
+                                .position(|e| e.key == r.key && only_tests(&e.value))
+                        {
+                            let tests = target.entries.remove(at);
+                            if let (NodeKind::Table(into), NodeKind::Table(tests)) =
+                                (&mut r.value.kind, tests.value.kind)
+                            {
+                                merge(into, tests);
+                            }
+                            base_dirs.insert(format!("{kind}.{}", r.key), root.to_path_buf());
+                            target.entries.push(r);
+                            continue;
+                        }
                         if let Some(existing) = target.get(&r.key) {
                             errors.push(
                                 Diagnostic::new(Code::Duplicate, name_span, format!("module `{name}` defines {kind}.{} which is already defined", r.key))
@@ -489,6 +507,21 @@ fn expand_modules(
         }
     }
     modules
+}
+
+/// A service table that holds only `endpoint.E.test` arrays (test queries
+/// a stack adds to a module's service).
+fn only_tests(n: &Node) -> bool {
+    let NodeKind::Table(t) = &n.kind else {
+        return false;
+    };
+    !t.entries.is_empty()
+        && t.entries.iter().all(|e| {
+            e.key == "endpoint"
+                && matches!(&e.value.kind, NodeKind::Table(eps) if eps.entries.iter().all(|ep| {
+                    matches!(&ep.value.kind, NodeKind::Table(et) if !et.entries.is_empty() && et.entries.iter().all(|x| x.key == "test"))
+                }))
+        })
 }
 
 /// Replaces `${module.M.O}` everywhere and reports every expression left

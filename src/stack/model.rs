@@ -23,6 +23,67 @@ pub struct Stack {
     pub exposes: BTreeMap<String, Expose>,
 }
 
+impl Stack {
+    /// This stack as instance `name` of its environment, isolated from the
+    /// environment's own resources (`mesh test`):
+    ///
+    /// - the environment is renamed `<env>-<name>`, so every ownership mark
+    ///   and name derived from it is the instance's own: the local state
+    ///   folder and lock, Kubernetes labels and Lease, AWS tags and names;
+    /// - Kubernetes objects go to the namespace `<namespace>-<name>`;
+    /// - explicit NodePorts are dropped, so the instance's ports are
+    ///   allocated (by the caller on the local target, by the API server on
+    ///   a cluster) and never collide with the environment's.
+    ///
+    /// On `aws` and `kubernetes` a stack with services deploys them onto the
+    /// environment's own cluster and registry ([`Stack::reuses_platform`]);
+    /// a stack of infrastructure only builds an instance of it.
+    pub fn instance(&self, name: &str) -> Stack {
+        let mut s = self.clone();
+        let of = self.env.name.clone();
+        let namespace = self
+            .env
+            .namespace
+            .clone()
+            .unwrap_or_else(|| self.name.to_lowercase());
+        let mut ns = format!("{namespace}-{name}");
+        ns.truncate(63);
+        s.env.namespace = Some(ns.trim_end_matches('-').to_owned());
+        s.env.name = format!("{of}-{name}");
+        s.env.instance = Some(Instance {
+            name: name.to_owned(),
+            of,
+        });
+        for e in s.exposes.values_mut() {
+            if let ExposeKind::NodePort { node_port, .. } = &mut e.kind {
+                *node_port = None;
+            }
+        }
+        s
+    }
+
+    /// On a test instance of a stack with services on a cluster: the
+    /// services go to the environment's existing cluster and registry, and
+    /// the instance creates no network, cluster or registry of its own.
+    pub fn reuses_platform(&self) -> bool {
+        self.env.instance.is_some() && self.env.target != Target::Local && !self.services.is_empty()
+    }
+
+    /// The environment whose cluster and registry the services use: the
+    /// environment itself, or the one a test instance reuses.
+    pub fn platform_env(&self) -> &str {
+        match &self.env.instance {
+            Some(i) if self.reuses_platform() => &i.of,
+            _ => &self.env.name,
+        }
+    }
+
+    /// Every test query of every service, in service order.
+    pub fn tests(&self) -> impl Iterator<Item = &TestQuery> {
+        self.services.values().flat_map(|s| &s.tests)
+    }
+}
+
 /// Where an environment runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +108,18 @@ pub struct Environment {
     pub registry: Option<String>,
     /// Kubernetes namespace for the stack's objects (default: the stack name).
     pub namespace: Option<String>,
+    /// Set on a test instance (see [`Stack::instance`]).
+    pub instance: Option<Instance>,
+}
+
+/// A copy of an environment's stack under another name (`mesh test`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    /// The instance name (`test-1a2b3c`).
+    pub name: String,
+    /// The environment it is an instance of (`Environment::name` is then
+    /// `<environment>-<instance>`).
+    pub of: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -233,7 +306,61 @@ pub struct Service {
     pub datasets: BTreeMap<String, Dataset>,
     pub endpoints: BTreeMap<String, Endpoint>,
     pub api_keys: Vec<SecretRef>,
+    /// Test queries of its endpoints (`[[service.S.endpoint.E.test]]`), in
+    /// declaration order; `mesh test` sends them.
+    pub tests: Vec<TestQuery>,
 }
+
+/// One test query: a request to an endpoint and what its answer must be.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TestQuery {
+    pub service: String,
+    pub endpoint: String,
+    /// Unique within its endpoint.
+    pub name: String,
+    /// Whether the endpoint predicts (`predict`) or looks up (`lookup`).
+    pub action: TestAction,
+    /// The JSON body sent to the endpoint.
+    pub request: serde_json::Value,
+    pub expect: Expect,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TestAction {
+    Predict,
+    Lookup,
+}
+
+impl TestAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TestAction::Predict => "predict",
+            TestAction::Lookup => "lookup",
+        }
+    }
+}
+
+/// What a test query's answer must be. Every part set is checked.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Expect {
+    /// The HTTP status (default 200).
+    pub status: u16,
+    /// The predicted class (prediction endpoints).
+    pub prediction: Option<String>,
+    /// Class → probability, each within `tolerance` (prediction endpoints).
+    pub probas: BTreeMap<String, f64>,
+    /// How far a probability may be from the expected one (prediction endpoints).
+    pub tolerance: f64,
+    /// Column → value of the looked-up row, compared exactly (lookup endpoints).
+    pub fields: BTreeMap<String, serde_json::Value>,
+    /// Another test of the same endpoint whose answer this one must equal:
+    /// prediction and probabilities (within `tolerance`), or the row.
+    pub same_as: Option<String>,
+}
+
+/// The tolerance of a probability when the test gives none.
+pub const DEFAULT_TOLERANCE: f64 = 1e-6;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Autoscaling {
