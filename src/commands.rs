@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Command;
 
+mod test;
+
 /// A plan saved by `mesh plan --out`.
 #[derive(Serialize, Deserialize)]
 struct SavedPlan {
@@ -142,6 +144,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 &path,
                 &env,
                 options(targets, replace, false),
+                None,
                 auto_approve,
                 parallelism,
                 no_wait,
@@ -153,12 +156,14 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             path,
             env,
             auto_approve,
+            instance,
             parallelism,
         } => {
             let code = run_apply(
                 &path,
                 &env,
                 options(Vec::new(), Vec::new(), true),
+                instance.as_deref(),
                 auto_approve,
                 parallelism,
                 true,
@@ -166,10 +171,10 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             )
             .await;
             if code == ExitCode::SUCCESS
-                && let Ok(stack) = mesh::stack::load(&path, Some(&env))
+                && let Ok(stack) = test::load_instance(&path, &env, instance.as_deref())
             {
                 // Leave nothing behind: drop the state folders once empty.
-                let dir = mesh::provider::local::state_dir(&stack.root, &env);
+                let dir = mesh::provider::local::state_dir(&stack.root, &stack.env.name);
                 for d in [
                     dir.join("services"),
                     dir.join("exposes"),
@@ -182,7 +187,38 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             }
             code
         }
-        Command::Output { path, env, json } => output(&path, &env, json).await,
+        Command::Output {
+            path,
+            env,
+            instance,
+            json,
+        } => output(&path, &env, instance.as_deref(), json).await,
+        Command::Test {
+            path,
+            env,
+            live,
+            keep,
+            filter,
+            json,
+            junit,
+            parallelism,
+            timeout,
+            instance,
+        } => {
+            test::run(test::Options {
+                path,
+                env,
+                live,
+                keep,
+                filter,
+                json,
+                junit,
+                parallelism,
+                timeout: std::time::Duration::from_secs(timeout),
+                instance,
+            })
+            .await
+        }
         Command::Unlock { path, env } => {
             let stack = match load(&path, &env) {
                 Ok(s) => s,
@@ -242,12 +278,13 @@ async fn run_apply(
     path: &Path,
     env: &str,
     opts: plan::Options,
+    instance: Option<&str>,
     auto_approve: bool,
     parallelism: usize,
     no_wait: bool,
     command: &str,
 ) -> ExitCode {
-    let stack = match load(path, env) {
+    let stack = match test::load_instance(path, env, instance) {
         Ok(s) => s,
         Err(c) => return c,
     };
@@ -388,8 +425,8 @@ async fn apply_saved(file: &Path, parallelism: usize, no_wait: bool) -> ExitCode
     .await
 }
 
-async fn output(path: &Path, env: &str, json: bool) -> ExitCode {
-    let stack = match load(path, env) {
+async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> ExitCode {
+    let stack = match test::load_instance(path, env, instance) {
         Ok(s) => s,
         Err(c) => return c,
     };

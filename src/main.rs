@@ -86,6 +86,9 @@ pub(crate) enum Command {
         path: PathBuf,
         #[arg(long)]
         env: String,
+        /// A test instance of the environment (`mesh test --keep`, or one left behind).
+        #[arg(long)]
+        instance: Option<String>,
         #[arg(long)]
         auto_approve: bool,
         #[arg(long, default_value_t = 10)]
@@ -96,8 +99,43 @@ pub(crate) enum Command {
         path: PathBuf,
         #[arg(long)]
         env: String,
+        /// A test instance of the environment (`mesh test --keep`).
+        #[arg(long)]
+        instance: Option<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Apply an isolated instance of the stack, send its test queries and
+    /// destroy the instance, whatever happens (exit 0 only when every query
+    /// passed and nothing of the instance is left).
+    Test {
+        path: PathBuf,
+        #[arg(long)]
+        env: String,
+        /// Query what the environment already runs: nothing is applied or destroyed.
+        #[arg(long, conflicts_with_all = ["keep", "instance"])]
+        live: bool,
+        /// Leave the instance up afterwards (and print how to destroy it).
+        #[arg(long)]
+        keep: bool,
+        /// Only the tests whose `service/endpoint/test` contains PATTERN (`*` matches anything).
+        #[arg(long, value_name = "PATTERN")]
+        filter: Option<String>,
+        /// Print the results as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write the results as JUnit XML, for CI.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// How many changes, and how many queries, may run at once.
+        #[arg(long, default_value_t = 8)]
+        parallelism: usize,
+        /// Seconds the apply and the queries may take together (the teardown always runs).
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// Name the instance (default: test-<random>).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Break a lock left by a killed apply or destroy.
     Unlock {
