@@ -99,6 +99,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             } else {
                 print!("{}", render::human(&plan, style()));
             }
+            warn_abandoned(&plan);
             if let Some(out) = out {
                 let saved = SavedPlan {
                     format_version: SAVED_FORMAT.into(),
@@ -300,6 +301,7 @@ async fn run_apply(
             started.elapsed().as_secs_f64() * 1000.0
         );
         print!("{}", render::human(&plan, style()));
+        warn_abandoned(&plan);
         if !plan.has_changes() {
             return ExitCode::SUCCESS;
         }
@@ -338,6 +340,13 @@ async fn with_locks(
     let code = body(&engine).await;
     release(shared).await;
     code
+}
+
+/// Says on stderr that a destroy leaves Kubernetes objects to their cluster, and why.
+fn warn_abandoned(plan: &Plan) {
+    if let Some(a) = &plan.abandoned {
+        eprintln!("warning: {}", render::abandoned_line(a));
+    }
 }
 
 /// Gives up the shared locks taken by [`Engine::lock_shared`].
@@ -394,7 +403,7 @@ async fn apply_saved(file: &Path, parallelism: usize, no_wait: bool) -> ExitCode
         &stack_path,
         "mesh apply (saved plan)",
         async |engine: &Engine| {
-            let live = match engine.observe().await {
+            let live = match engine.observe_for(&saved.plan).await {
                 Ok(l) => l,
                 Err(e) => return fail(e),
             };
@@ -416,6 +425,7 @@ async fn apply_saved(file: &Path, parallelism: usize, no_wait: bool) -> ExitCode
                 return ExitCode::from(1);
             }
             print!("{}", render::human(&saved.plan, style()));
+            warn_abandoned(&saved.plan);
             if !saved.plan.has_changes() {
                 return ExitCode::SUCCESS;
             }

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::plan::{self, Plan};
+use crate::plan::{self, Abandoned, Action, Plan};
 use crate::provider::{Provider, ProviderError};
-use crate::resource::{Desired, Live, ProviderId, Scope};
+use crate::resource::{Address, Desired, Live, ProviderId, Scope};
 use crate::stack::{Stack, Target};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,10 @@ pub struct Engine {
     pub stack: Stack,
     pub scope: Scope,
     pub providers: BTreeMap<ProviderId, Arc<dyn Provider>>,
+    /// The cluster the Kubernetes provider's objects live in, when the stack
+    /// itself manages it (`cluster.NAME`, the EKS cluster of an `aws`
+    /// environment): a destroy deletes it, and the objects go with it.
+    in_cluster: Option<Address>,
 }
 
 impl Engine {
@@ -43,6 +47,7 @@ impl Engine {
             root: stack.root.clone(),
         };
         let mut providers: BTreeMap<ProviderId, Arc<dyn Provider>> = BTreeMap::new();
+        let mut in_cluster = None;
         match stack.env.target {
             Target::Local => {
                 providers.insert(
@@ -64,6 +69,7 @@ impl Engine {
                                 ProviderId::Kubernetes,
                                 Arc::new(kubernetes_on_aws(&stack, aws.clone()).await?),
                             );
+                            in_cluster = eks_cluster_of(&stack);
                         }
                     }
                     providers.insert(ProviderId::Aws, aws);
@@ -97,6 +103,7 @@ impl Engine {
             stack,
             scope,
             providers,
+            in_cluster,
         })
     }
 
@@ -119,23 +126,52 @@ impl Engine {
 
     /// Every provider's live resources, observed concurrently.
     pub async fn observe(&self) -> Result<Vec<Live>, EngineError> {
+        Ok(self.observe_unless_unreachable(false).await?.0)
+    }
+
+    /// The live state a saved `plan` is checked against: as [`Engine::observe`],
+    /// except that the objects of a cluster the plan abandons are not read
+    /// when the cluster cannot be reached (they were not read for the plan either).
+    pub async fn observe_for(&self, plan: &Plan) -> Result<Vec<Live>, EngineError> {
+        Ok(self
+            .observe_unless_unreachable(plan.abandoned.is_some())
+            .await?
+            .0)
+    }
+
+    /// Every provider's live resources. With `tolerate`, a failure to read
+    /// the objects of the stack's own cluster ([`Engine::in_cluster`]) leaves
+    /// them out and is returned instead.
+    async fn observe_unless_unreachable(
+        &self,
+        tolerate: bool,
+    ) -> Result<(Vec<Live>, Option<ProviderError>), EngineError> {
+        let tolerate = tolerate && self.in_cluster.is_some();
         let mut set = tokio::task::JoinSet::new();
-        for p in self.providers.values() {
+        for (id, p) in &self.providers {
             let p = p.clone();
             let scope = self.scope.clone();
-            set.spawn(async move { p.observe(&scope).await });
+            let id = *id;
+            set.spawn(async move { (id, p.observe(&scope).await) });
         }
         let mut live = Vec::new();
+        let mut unreachable = None;
         while let Some(joined) = set.join_next().await {
-            let observed = joined.map_err(|e| ProviderError::Observe {
+            let (id, observed) = joined.map_err(|e| ProviderError::Observe {
                 provider: ProviderId::Local,
                 message: format!("an observer task failed: {e}"),
             })?;
-            live.extend(observed?);
+            match observed {
+                Ok(l) => live.extend(l),
+                Err(e) if tolerate && id == ProviderId::Kubernetes && cannot_reach(&e) => {
+                    unreachable = Some(e);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         // Providers finish in any order; keep the result stable.
         live.sort_by(|a, b| a.address.cmp(&b.address));
-        Ok(live)
+        Ok((live, unreachable))
     }
 
     /// Takes the shared locks of every provider that can hold one (see
@@ -145,10 +181,20 @@ impl Engine {
         holder: &crate::lock::Holder,
     ) -> Result<Vec<Box<dyn crate::provider::SharedLock>>, EngineError> {
         let mut held = Vec::new();
-        for p in self.providers.values() {
+        let mut unreachable = None;
+        for (id, p) in &self.providers {
             match p.lock(&self.scope, holder).await {
                 Ok(Some(l)) => held.push(l),
                 Ok(None) => {}
+                // The stack's own cluster cannot be reached (a destroy still
+                // removes it): the lock in the account is enough, if held.
+                Err(e)
+                    if *id == ProviderId::Kubernetes
+                        && self.in_cluster.is_some()
+                        && cannot_reach(&e) =>
+                {
+                    unreachable = Some(e);
+                }
                 Err(e) => {
                     for l in held {
                         l.release().await;
@@ -157,30 +203,101 @@ impl Engine {
                 }
             }
         }
+        if let Some(e) = unreachable {
+            if held.is_empty() {
+                return Err(e.into());
+            }
+            eprintln!(
+                "warning: the Lease on the cluster was not taken ({e}); the lock in the account guards this run"
+            );
+        }
         Ok(held)
     }
 
     /// Breaks every provider's shared lock; who held each.
     pub async fn unlock_shared(&self) -> Result<Vec<String>, EngineError> {
         let mut broken = Vec::new();
-        for p in self.providers.values() {
-            broken.extend(p.unlock(&self.scope).await?);
+        for (id, p) in &self.providers {
+            match p.unlock(&self.scope).await {
+                Ok(who) => broken.extend(who),
+                Err(e)
+                    if *id == ProviderId::Kubernetes
+                        && self.in_cluster.is_some()
+                        && cannot_reach(&e) =>
+                {
+                    eprintln!("warning: the Lease on the cluster was not checked: {e}");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(broken)
     }
 
     /// Observes live state and diffs it against the stack.
+    ///
+    /// A destroy of an environment whose cluster the stack manages does not
+    /// need the cluster's objects one by one when the cluster goes too: if
+    /// the cluster cannot be reached, or is already gone, the plan deletes
+    /// the cloud resources and lists the objects as [`Plan::abandoned`].
     pub async fn plan(&self, options: &plan::Options) -> Result<Plan, EngineError> {
         let desired = self.desired()?;
-        let live = self.observe().await?;
-        Ok(plan::diff(
+        let (live, unreachable) = self.observe_unless_unreachable(options.destroy).await?;
+        let mut plan = plan::diff(
             &self.stack.name,
             &self.stack.env.name,
             &desired,
             &live,
             options,
-        ))
+        );
+        let Some(cluster) = self.in_cluster.clone().filter(|_| options.destroy) else {
+            return Ok(plan);
+        };
+        let objects: Vec<Address> = desired
+            .iter()
+            .filter(|d| d.provider == ProviderId::Kubernetes)
+            .map(|d| d.address.clone())
+            .collect();
+        let deletes_cluster = plan
+            .changes
+            .iter()
+            .any(|c| c.address == cluster && c.action == Action::Delete);
+        let cluster_exists = live.iter().any(|l| l.address == cluster);
+        plan.abandoned = match unreachable {
+            Some(e) if deletes_cluster => Some(Abandoned {
+                reason: format!("the cluster cannot be reached: {e}"),
+                cluster,
+                cluster_exists: true,
+                objects,
+            }),
+            // Not a destroy of the cluster itself: the objects are needed.
+            Some(e) => return Err(e.into()),
+            None if !cluster_exists && plan.has_changes() => Some(Abandoned {
+                reason: format!("{cluster} no longer exists"),
+                cluster,
+                cluster_exists: false,
+                objects,
+            }),
+            None => None,
+        };
+        Ok(plan)
     }
+}
+
+/// `cluster.NAME` of the environment's EKS cluster, if it has one.
+#[cfg(all(feature = "aws", feature = "kubernetes"))]
+fn eks_cluster_of(stack: &Stack) -> Option<Address> {
+    let name = stack.env.cluster.as_ref()?;
+    let cluster = stack.clusters.get(name)?;
+    matches!(cluster.kind, crate::stack::ClusterKind::Eks(_)).then(|| Address::of("cluster", name))
+}
+
+/// A failure to reach or read a cluster, rather than a refusal (another run
+/// holds its lock) or an interruption.
+fn cannot_reach(e: &ProviderError) -> bool {
+    !matches!(
+        e,
+        ProviderError::Locked(_) | ProviderError::Interrupted { .. }
+    )
 }
 
 /// The Kubernetes provider for an AWS environment: its EKS cluster, reached

@@ -22,6 +22,25 @@ pub struct Holder {
     pub since: u64,
 }
 
+impl Holder {
+    /// `` `mesh apply` (pid 7 on ci) since 2026-11-18T11:06:40Z``.
+    pub fn describe(&self) -> String {
+        format!(
+            "`{}` (pid {} on {}) since {}",
+            self.command,
+            self.pid,
+            self.host,
+            format_time(self.since)
+        )
+    }
+}
+
+/// Whether the holder may still be running: always for another host; on
+/// this one, whether its process exists.
+pub fn holder_running(h: &Holder) -> bool {
+    h.host != hostname() || Path::new(&format!("/proc/{}", h.pid)).exists()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Someone else holds the lock.
@@ -169,8 +188,7 @@ pub fn acquire(
                     command: "unknown".into(),
                     since: 0,
                 });
-            let alive = existing.host != hostname()
-                || Path::new(&format!("/proc/{}", existing.pid)).exists();
+            let alive = holder_running(&existing);
             Err(LockError::Held {
                 stack: stack.to_owned(),
                 env: env.to_owned(),

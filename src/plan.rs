@@ -79,6 +79,25 @@ pub struct Plan {
     pub live_digest: String,
     /// The live state itself, so a refused saved plan can say what changed.
     pub live: Vec<Live>,
+    /// Objects of a destroy that are not deleted one by one (set by the
+    /// engine, which knows where they live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned: Option<Abandoned>,
+}
+
+/// Kubernetes objects a destroy leaves to their cluster: it runs in the
+/// stack's own EKS cluster, which the same plan deletes (its API cannot be
+/// reached, so they cannot be read) or which is already gone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Abandoned {
+    /// The cluster they live in (`cluster.NAME`).
+    pub cluster: Address,
+    /// Whether the cluster still exists (then this plan deletes it).
+    pub cluster_exists: bool,
+    /// Why they are not deleted one by one, for people.
+    pub reason: String,
+    /// The objects as the stack declares them (the cluster was not read).
+    pub objects: Vec<Address>,
 }
 
 /// How many changes of each kind a plan holds.
@@ -218,6 +237,7 @@ pub fn diff(stack: &str, env: &str, desired: &[Desired], live: &[Live], options:
         changes,
         live_digest: live_digest(live),
         live: live.to_vec(),
+        abandoned: None,
     }
 }
 

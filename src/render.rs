@@ -17,12 +17,12 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 
-use crate::plan::{Action, Change, FieldChange, Plan, Summary};
+use crate::plan::{Abandoned, Action, Change, FieldChange, Plan, Summary};
 use crate::resource::Value;
 
 /// The version of the [`json`] schema. The minor version grows when fields
 /// are added; the major version when a field changes meaning or disappears.
-pub const FORMAT_VERSION: &str = "1.0";
+pub const FORMAT_VERSION: &str = "1.1";
 
 /// How human output is decorated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -123,7 +123,40 @@ pub fn human(plan: &Plan, style: Style) -> String {
     let line = summary_line(&plan.summary());
     let rest = line.strip_prefix("Plan:").unwrap_or(&line);
     let _ = writeln!(out, "{}{rest}", style.paint(Paint::Bold, "Plan:"));
+    if let Some(a) = &plan.abandoned {
+        out.push('\n');
+        let _ = writeln!(
+            out,
+            "{} {}",
+            style.paint(Paint::Yellow, "Note:"),
+            abandoned_line(a)
+        );
+        for o in &a.objects {
+            let _ = writeln!(out, "  {o}");
+        }
+    }
     out
+}
+
+/// One line on the Kubernetes objects a destroy leaves to their cluster.
+pub fn abandoned_line(a: &Abandoned) -> String {
+    let n = a.objects.len();
+    let (objects, are) = if n == 1 {
+        ("object", "is")
+    } else {
+        ("objects", "are")
+    };
+    if a.cluster_exists {
+        format!(
+            "{n} Kubernetes {objects} of the stack {are} not deleted one by one: they go with {}, which this plan deletes ({})",
+            a.cluster, a.reason
+        )
+    } else {
+        format!(
+            "{n} Kubernetes {objects} of the stack {are} not deleted one by one: {} no longer exists, and they went with it",
+            a.cluster
+        )
+    }
 }
 
 /// `Plan: 2 to add, 1 to change, 2 to destroy.`
@@ -177,7 +210,13 @@ pub fn destroy_summary(done: &Summary) -> String {
 ///       ]
 ///     }
 ///   ],
-///   "summary": { "add": 1, "change": 0, "destroy": 1 }
+///   "summary": { "add": 1, "change": 0, "destroy": 1 },
+///   "abandoned": {                 // only on a destroy that leaves objects to their cluster
+///     "cluster": "cluster.platform",
+///     "cluster_exists": true,      // true: this plan deletes it; false: already gone
+///     "reason": "the cluster cannot be reached: ...",   // for people; do not parse
+///     "objects": ["service.customer-scoring.deployment"]
+///   }
 /// }
 /// ```
 ///
@@ -186,7 +225,7 @@ pub fn destroy_summary(done: &Summary) -> String {
 /// place and sets the field's flag. Non-finite floats are `null`.
 pub fn json(plan: &Plan) -> serde_json::Value {
     let summary = plan.summary();
-    json!({
+    let mut out = json!({
         "format_version": FORMAT_VERSION,
         "stack": plan.stack,
         "env": plan.env,
@@ -196,7 +235,16 @@ pub fn json(plan: &Plan) -> serde_json::Value {
             "change": summary.change,
             "destroy": summary.destroy,
         },
-    })
+    });
+    if let Some(a) = &plan.abandoned {
+        out["abandoned"] = json!({
+            "cluster": a.cluster.as_str(),
+            "cluster_exists": a.cluster_exists,
+            "reason": a.reason,
+            "objects": a.objects.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+        });
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -712,6 +760,40 @@ mod tests {
             vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.into())
         })
         .color
+    }
+
+    #[test]
+    fn objects_left_to_their_cluster_are_named_in_both_renderings() {
+        use crate::resource::{Address, Live, ProviderId};
+        let live = Live {
+            address: Address::new("cluster.platform"),
+            kind: "aws_eks_cluster".into(),
+            provider: ProviderId::Aws,
+            id: "c".into(),
+            attrs: Default::default(),
+            outputs: Default::default(),
+        };
+        let options = crate::plan::Options {
+            destroy: true,
+            ..Default::default()
+        };
+        let mut plan = crate::plan::diff("s", "dev", &[], &[live], &options);
+        plan.abandoned = Some(Abandoned {
+            cluster: Address::new("cluster.platform"),
+            cluster_exists: true,
+            reason: "the cluster cannot be reached: timed out".into(),
+            objects: vec![Address::new("service.a.deployment")],
+        });
+        let human = human(&plan, Style::PLAIN);
+        assert!(
+            human.contains("Note: 1 Kubernetes object of the stack is not deleted one by one: they go with cluster.platform, which this plan deletes (the cluster cannot be reached: timed out)\n  service.a.deployment\n"),
+            "{human}"
+        );
+        let j = json(&plan);
+        assert_eq!(j["abandoned"]["objects"], json!(["service.a.deployment"]));
+        assert_eq!(j["abandoned"]["cluster_exists"], true);
+        plan.abandoned = None;
+        assert!(json(&plan).get("abandoned").is_none());
     }
 
     #[test]

@@ -3,22 +3,89 @@
 //! `MESH_TEST_AWS_ENDPOINT`) and the Kubernetes provider for the
 //! environment's EKS cluster side by side. Before the cluster exists, the
 //! whole stack plans: network, cluster and registry as creates, and every
-//! Kubernetes object as a create whose image is known after apply.
+//! Kubernetes object as a create whose image is known after apply. Once it
+//! exists, moto's cluster cannot be reached (its endpoint and CA are random):
+//! destroy removes the cloud resources all the same, and says the cluster's
+//! objects go with it. Two runs on two machines (two copies of a stack) share
+//! the lock in the account (a DynamoDB table).
 #![cfg(all(feature = "aws", feature = "kubernetes"))]
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
-use aws_fault_proxy::moto_endpoint;
+use aws_fault_proxy::{FaultProxy, moto_endpoint};
 use serde_json::Value;
+use support::aws::leftovers;
 
-#[test]
-fn an_aws_environment_plans_cloud_and_cluster_objects_before_the_cluster_exists() {
-    let dir = tempfile::tempdir().unwrap();
-    let stack = support::copy_customer_mesh(dir.path());
-    // A name of its own: moto's state is shared by every test.
-    let name = format!("cm{}", std::process::id());
+/// A stack name of its own: moto's state is shared by every test.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}{}{:x}",
+        std::process::id() % 10_000,
+        nanos % 0xffff
+    )
+}
+
+/// `mesh ARGS` against the AWS endpoint `endpoint` (moto, or a proxy in front of it).
+fn mesh(args: &[&str], endpoint: &str, runtime: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
+    cmd.args(args)
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("AWS_PROFILE")
+        .env("MESH_RUNTIME_STATIC_BIN", runtime)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+fn run(args: &[&str], endpoint: &str, runtime: &Path) -> Output {
+    mesh(args, endpoint, runtime).output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        stdout(out),
+        stderr(out)
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// A stand-in for the static runtime: images are digested, never run.
+fn stand_in_runtime(dir: &Path) -> PathBuf {
+    let runtime = dir.join("mesh-runtime");
+    std::fs::write(&runtime, b"#!/bin/sh\n# stand-in runtime\n").unwrap();
+    runtime
+}
+
+/// A copy of the customer mesh named `name`; returns its folder.
+fn customer_mesh_named(dir: &Path, name: &str) -> PathBuf {
+    let stack = support::copy_customer_mesh(dir);
     let file = stack.join("stack.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(
@@ -26,21 +93,28 @@ fn an_aws_environment_plans_cloud_and_cluster_objects_before_the_cluster_exists(
         text.replace("name = \"customer-mesh\"", &format!("name = \"{name}\"")),
     )
     .unwrap();
-    let runtime = dir.path().join("mesh-runtime");
-    std::fs::write(&runtime, b"#!/bin/sh\n# stand-in runtime\n").unwrap();
+    stack
+}
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
-        .args(["plan", stack.to_str().unwrap(), "--env", "dev"])
-        .args(["--json", "--detailed-exitcode"])
-        .env("AWS_ENDPOINT_URL", moto_endpoint())
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env_remove("AWS_PROFILE")
-        .env("MESH_RUNTIME_STATIC_BIN", &runtime)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
+#[test]
+fn an_aws_environment_plans_cloud_and_cluster_objects_before_the_cluster_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("cm{}", std::process::id());
+    let stack = customer_mesh_named(dir.path(), &name);
+    let runtime = stand_in_runtime(dir.path());
+
+    let out = run(
+        &[
+            "plan",
+            stack.to_str().unwrap(),
+            "--env",
+            "dev",
+            "--json",
+            "--detailed-exitcode",
+        ],
+        &moto_endpoint(),
+        &runtime,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(!stderr.contains("error"), "{stderr}");
@@ -103,4 +177,387 @@ fn an_aws_environment_plans_cloud_and_cluster_objects_before_the_cluster_exists(
         field("registry.platform", "keep_last_per")["after"],
         serde_json::json!(["customer-features", "customer-scoring"])
     );
+}
+
+/// The cloud part of a customer-mesh copy, applied through the binary:
+/// network, EKS cluster (with its node group and roles) and registry.
+fn apply_cloud_part(stack: &Path, runtime: &Path) {
+    let out = run(
+        &[
+            "apply",
+            stack.to_str().unwrap(),
+            "--env",
+            "dev",
+            "--auto-approve",
+            "--target",
+            "network.platform",
+            "--target",
+            "cluster.platform",
+            "--target",
+            "registry.platform",
+        ],
+        &moto_endpoint(),
+        runtime,
+    );
+    assert!(out.status.success(), "apply: {}", show(&out));
+}
+
+#[tokio::test]
+async fn destroy_removes_the_cloud_resources_when_the_cluster_cannot_be_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("cu");
+    let stack = customer_mesh_named(dir.path(), &name);
+    let runtime = stand_in_runtime(dir.path());
+    apply_cloud_part(&stack, &runtime);
+    assert!(!leftovers(&moto_endpoint(), &name).await.is_empty());
+
+    // The cluster exists, but its API cannot be reached (moto's endpoint and
+    // CA are random): its objects cannot be listed, let alone deleted.
+    let path = stack.to_str().unwrap();
+    let plan = run(
+        &["plan", path, "--env", "dev", "--destroy", "--json"],
+        &moto_endpoint(),
+        &runtime,
+    );
+    assert!(plan.status.success(), "plan --destroy: {}", show(&plan));
+    let json: Value = serde_json::from_slice(&plan.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", show(&plan)));
+    let abandoned = &json["abandoned"];
+    assert_eq!(abandoned["cluster"], "cluster.platform", "{json}");
+    assert_eq!(abandoned["cluster_exists"], true, "{json}");
+    assert!(
+        abandoned["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cannot be reached")),
+        "{json}"
+    );
+    let objects: Vec<&str> = abandoned["objects"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no abandoned objects: {json}"))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        objects.contains(&"service.customer-scoring.deployment"),
+        "{objects:?}"
+    );
+
+    let out = run(
+        &["destroy", path, "--env", "dev", "--auto-approve"],
+        &moto_endpoint(),
+        &runtime,
+    );
+    assert!(out.status.success(), "destroy: {}", show(&out));
+    let text = show(&out);
+    assert!(
+        stderr(&out).contains("cannot be reached"),
+        "says why the cluster's objects were not read: {text}"
+    );
+    assert!(
+        stdout(&out).contains("not deleted one by one")
+            && stderr(&out).contains("not deleted one by one"),
+        "plan and stderr say the objects go with the cluster: {text}"
+    );
+    assert!(
+        stdout(&out).contains("service.customer-scoring.deployment"),
+        "names the abandoned objects: {text}"
+    );
+    let left = leftovers(&moto_endpoint(), &name).await;
+    assert!(left.is_empty(), "left behind: {left:?}\n{text}");
+}
+
+#[tokio::test]
+async fn destroy_removes_the_cloud_resources_after_the_cluster_was_deleted_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("cd");
+    let stack = customer_mesh_named(dir.path(), &name);
+    let runtime = stand_in_runtime(dir.path());
+    apply_cloud_part(&stack, &runtime);
+
+    // Someone deletes the node group and the cluster in the console.
+    let sdk = support::aws::sdk(&moto_endpoint()).await;
+    let eks = aws_sdk_eks::Client::new(&sdk);
+    let cluster = mesh::provider::aws::names::eks_cluster(&name, "dev", "platform");
+    let groups = eks
+        .list_nodegroups()
+        .cluster_name(&cluster)
+        .send()
+        .await
+        .expect("ListNodegroups");
+    for g in groups.nodegroups() {
+        eks.delete_nodegroup()
+            .cluster_name(&cluster)
+            .nodegroup_name(g)
+            .send()
+            .await
+            .expect("DeleteNodegroup");
+    }
+    eks.delete_cluster()
+        .name(&cluster)
+        .send()
+        .await
+        .expect("DeleteCluster");
+
+    let out = run(
+        &[
+            "destroy",
+            stack.to_str().unwrap(),
+            "--env",
+            "dev",
+            "--auto-approve",
+        ],
+        &moto_endpoint(),
+        &runtime,
+    );
+    let text = show(&out);
+    assert!(out.status.success(), "destroy: {text}");
+    assert!(
+        stderr(&out).contains("cluster.platform no longer exists")
+            && stdout(&out).contains("not deleted one by one"),
+        "says the cluster's objects went with it: {text}"
+    );
+    let left = leftovers(&moto_endpoint(), &name).await;
+    assert!(left.is_empty(), "left behind: {left:?}\n{text}");
+}
+
+/// A copy of `stacks/platform` named `name` in a folder of its own (another machine's checkout).
+fn platform_named(dir: &Path, name: &str) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let to = dir.join("platform");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["stack.toml", "prod.toml"] {
+        let text = std::fs::read_to_string(repo.join("stacks/platform").join(f)).unwrap();
+        std::fs::write(
+            to.join(f),
+            text.replace("name = \"platform\"", &format!("name = \"{name}\"")),
+        )
+        .unwrap();
+    }
+    to
+}
+
+/// Waits (at most a minute) until `proxy` has seen `n` calls of `action` from `child`.
+fn wait_for_calls(proxy: &FaultProxy, action: &str, n: usize, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.count(action) < n {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the run ended ({status}) before calling {action}: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {action} call within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The lock item of `stack`/`env` in the account's lock table, if any.
+async fn lock_item(stack: &str, env: &str) -> Option<BTreeMap<String, String>> {
+    let sdk = support::aws::sdk(&moto_endpoint()).await;
+    let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+    let out = ddb
+        .get_item()
+        .table_name("mesh-locks")
+        .key(
+            "id",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("{stack}/{env}")),
+        )
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("GetItem mesh-locks");
+    out.item().map(|item| {
+        item.iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    aws_sdk_dynamodb::types::AttributeValue::S(s) => s.clone(),
+                    aws_sdk_dynamodb::types::AttributeValue::N(n) => n.clone(),
+                    other => format!("{other:?}"),
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    })
+}
+
+/// Writes the lock item of `stack`/`env` as another machine's run would.
+async fn put_foreign_lock(stack: &str, env: &str, host: &str, expires: u64) {
+    use aws_sdk_dynamodb::types::AttributeValue::{N, S};
+    let sdk = support::aws::sdk(&moto_endpoint()).await;
+    let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+    let holder = serde_json::json!({
+        "pid": 4242, "host": host, "command": "mesh apply", "since": 1_795_000_000u64,
+    });
+    ddb.put_item()
+        .table_name("mesh-locks")
+        .item("id", S(format!("{stack}/{env}")))
+        .item("holder", S(holder.to_string()))
+        .item("token", S("foreign".into()))
+        .item("expires", N(expires.to_string()))
+        .send()
+        .await
+        .expect("PutItem mesh-locks");
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account() {
+    let name = unique("pl");
+    // Two checkouts of the same stack (two machines): their lock files differ.
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        platform_named(one.path(), &name),
+        platform_named(two.path(), &name),
+    );
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let runtime = stand_in_runtime(one.path());
+    let moto = moto_endpoint();
+    let host = hostname();
+
+    // A goes through a proxy that holds it once it reads live state, i.e.
+    // while it holds the lock.
+    let proxy = FaultProxy::start(&moto);
+    proxy.hold("DescribeVpcs");
+    let mut first = mesh(
+        &["apply", a, "--env", "dev", "--auto-approve"],
+        &proxy.endpoint(),
+        &runtime,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for_calls(&proxy, "DescribeVpcs", 1, &mut first);
+    let item = lock_item(&name, "dev")
+        .await
+        .expect("A holds the lock item");
+    assert!(
+        item["holder"].contains(&format!("\"pid\":{}", first.id())),
+        "{item:?}"
+    );
+
+    // B, on the other machine, is refused and told who holds the lock.
+    let refused = run(
+        &["apply", b, "--env", "dev", "--auto-approve"],
+        &moto,
+        &runtime,
+    );
+    let text = show(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{text}");
+    for part in [
+        format!("stack {name} (environment dev) is locked"),
+        "`mesh apply`".to_owned(),
+        format!("pid {} on {host}", first.id()),
+        "since 20".to_owned(),
+        "mesh-locks".to_owned(),
+        format!("mesh unlock {b} --env dev"),
+    ] {
+        assert!(stderr(&refused).contains(&part), "missing {part:?}: {text}");
+    }
+    assert!(
+        leftovers(&moto, &name).await.is_empty(),
+        "B changed nothing: {text}"
+    );
+
+    // A runs to the end and gives the lock back.
+    proxy.release("DescribeVpcs");
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "A: {}", show(&first));
+    assert!(!leftovers(&moto, &name).await.is_empty());
+    assert_eq!(lock_item(&name, "dev").await, None, "released at the end");
+    let again = run(
+        &["apply", b, "--env", "dev", "--auto-approve"],
+        &moto,
+        &runtime,
+    );
+    assert!(again.status.success(), "B after A: {}", show(&again));
+    assert!(stdout(&again).contains("No changes"), "{}", show(&again));
+
+    // A destroy killed while it holds the lock: its lock stays, and says
+    // that its process is gone; `mesh unlock` breaks it, naming it.
+    proxy.hold("DescribeVpcs");
+    let seen = proxy.count("DescribeVpcs");
+    let mut killed = mesh(
+        &["destroy", a, "--env", "dev", "--auto-approve"],
+        &proxy.endpoint(),
+        &runtime,
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for_calls(&proxy, "DescribeVpcs", seen + 1, &mut killed);
+    let killed_pid = killed.id();
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let refused = run(
+        &["destroy", b, "--env", "dev", "--auto-approve"],
+        &moto,
+        &runtime,
+    );
+    let text = show(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{text}");
+    assert!(
+        stderr(&refused).contains(&format!("`mesh destroy` (pid {killed_pid} on {host})"))
+            && stderr(&refused).contains("no longer running")
+            && stderr(&refused).contains("lapses at"),
+        "{text}"
+    );
+    let unlocked = run(&["unlock", b, "--env", "dev"], &moto, &runtime);
+    assert!(unlocked.status.success(), "{}", show(&unlocked));
+    assert!(
+        stderr(&unlocked).contains(&format!(
+            "Broke the shared lock held by `mesh destroy` (pid {killed_pid} on {host})"
+        )),
+        "{}",
+        show(&unlocked)
+    );
+    let destroyed = run(
+        &["destroy", b, "--env", "dev", "--auto-approve"],
+        &moto,
+        &runtime,
+    );
+    assert!(destroyed.status.success(), "{}", show(&destroyed));
+    let left = leftovers(&moto, &name).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(lock_item(&name, "dev").await, None);
+
+    // Another machine's lock: refused while it is renewed; taken over once it lapsed.
+    put_foreign_lock(&name, "dev", "ci-runner-7", now() + 600).await;
+    let refused = run(
+        &["destroy", b, "--env", "dev", "--auto-approve"],
+        &moto,
+        &runtime,
+    );
+    let text = show(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{text}");
+    assert!(
+        stderr(&refused)
+            .contains("`mesh apply` (pid 4242 on ci-runner-7) since 2026-11-18T11:06:40Z")
+            && !stderr(&refused).contains("no longer running"),
+        "{text}"
+    );
+    put_foreign_lock(&name, "dev", "ci-runner-7", now() - 1).await;
+    let taken = run(
+        &["destroy", b, "--env", "dev", "--auto-approve"],
+        &moto,
+        &runtime,
+    );
+    let text = show(&taken);
+    assert!(taken.status.success(), "{text}");
+    assert!(
+        stderr(&taken).contains("lapsed") && stderr(&taken).contains("pid 4242 on ci-runner-7"),
+        "says whose lapsed lock it took over: {text}"
+    );
+    assert_eq!(lock_item(&name, "dev").await, None);
 }

@@ -3,6 +3,9 @@
 //! tests that push with credentials).
 #![allow(dead_code)]
 
+#[cfg(feature = "aws")]
+pub mod aws;
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -28,16 +28,19 @@ pub enum Service {
     Iam,
     Elbv2,
     Sts,
+    /// The stacks' lock table.
+    DynamoDb,
 }
 
 impl Service {
-    pub const ALL: [Service; 6] = [
+    pub const ALL: [Service; 7] = [
         Service::Ec2,
         Service::Eks,
         Service::Ecr,
         Service::Iam,
         Service::Elbv2,
         Service::Sts,
+        Service::DynamoDb,
     ];
 
     fn index(self) -> usize {
@@ -48,6 +51,7 @@ impl Service {
             Service::Iam => 3,
             Service::Elbv2 => 4,
             Service::Sts => 5,
+            Service::DynamoDb => 6,
         }
     }
 
@@ -59,6 +63,7 @@ impl Service {
             Service::Iam => "iam",
             Service::Elbv2 => "elbv2",
             Service::Sts => "sts",
+            Service::DynamoDb => "dynamodb",
         }
     }
 }
@@ -80,6 +85,7 @@ pub struct RateLimits {
     pub iam: RateLimit,
     pub elbv2: RateLimit,
     pub sts: RateLimit,
+    pub dynamodb: RateLimit,
 }
 
 impl Default for RateLimits {
@@ -113,6 +119,10 @@ impl Default for RateLimits {
                 per_second: 8.0,
                 burst: 16,
             },
+            dynamodb: RateLimit {
+                per_second: 10.0,
+                burst: 20,
+            },
         }
     }
 }
@@ -126,6 +136,7 @@ impl RateLimits {
             Service::Iam => self.iam,
             Service::Elbv2 => self.elbv2,
             Service::Sts => self.sts,
+            Service::DynamoDb => self.dynamodb,
         }
     }
 }

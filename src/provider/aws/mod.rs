@@ -6,6 +6,8 @@
 //! - Live resources are read by their ownership tags (`mesh:stack`,
 //!   `mesh:env`, `mesh:address`, set at creation), a few list calls per kind
 //!   ([`AwsProvider::observe`]).
+//! - The environment's shared lock is an item in the account's DynamoDB
+//!   table `mesh-locks` ([`lock`]), taken before planning.
 //! - Changes are carried out one at a time, waiting for EKS resources to be
 //!   ACTIVE and NAT gateways available (or gone), with progress on stderr; Ctrl-C stops a wait and a
 //!   rerun picks the operation up (a cluster still `CREATING` plans as an
@@ -19,6 +21,7 @@ mod ecr;
 mod eks;
 mod iam;
 mod kube_access;
+pub mod lock;
 mod nat;
 mod network;
 
@@ -134,6 +137,7 @@ pub struct AwsProvider {
     iam: aws_sdk_iam::Client,
     elbv2: aws_sdk_elasticloadbalancingv2::Client,
     sts: aws_sdk_sts::Client,
+    dynamodb: aws_sdk_dynamodb::Client,
     sdk: aws_config::SdkConfig,
     region: String,
     config: AwsConfig,
@@ -189,6 +193,7 @@ impl AwsProvider {
             iam: aws_sdk_iam::Client::new(&sdk),
             elbv2: aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
             sts: aws_sdk_sts::Client::new(&sdk),
+            dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
             limiter: call::Limiter::new(&config.rate_limits),
             registry_credentials: tokio::sync::Mutex::new(None),
             sdk,
@@ -410,6 +415,18 @@ impl Provider for AwsProvider {
         all.extend(eks);
         all.extend(repos?);
         Ok(all)
+    }
+
+    async fn lock(
+        &self,
+        scope: &Scope,
+        holder: &crate::lock::Holder,
+    ) -> Result<Option<Box<dyn super::SharedLock>>, ProviderError> {
+        self.take_lock(scope, holder).await.map(Some)
+    }
+
+    async fn unlock(&self, scope: &Scope) -> Result<Option<String>, ProviderError> {
+        self.break_lock(scope).await
     }
 
     async fn apply(

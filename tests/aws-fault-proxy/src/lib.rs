@@ -166,6 +166,9 @@ struct State {
 }
 
 struct Shared {
+    /// Patterns whose calls wait until released (see [`FaultProxy::hold`]); `send_modify`
+    /// wakes the waiters to look again.
+    held: tokio::sync::watch::Sender<Vec<String>>,
     upstream_authority: String,
     upstream_display: String,
     state: Mutex<State>,
@@ -211,6 +214,7 @@ impl FaultProxy {
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         let shared = Arc::new(Shared {
+            held: tokio::sync::watch::channel(Vec::new()).0,
             upstream_authority,
             upstream_display: upstream.to_string(),
             state: Mutex::new(State::default()),
@@ -314,6 +318,17 @@ impl FaultProxy {
     /// The next `n` calls of `action` wait `dur` before they are handled.
     pub fn delay_n(&self, action: &str, n: usize, dur: Duration) {
         self.add(action, Fault::Delay(dur), Some(n));
+    }
+
+    /// Calls of `action` wait (before any other fault) until [`release`](Self::release): a run
+    /// can be stopped at a known point, e.g. while it holds a lock, for as long as a test needs.
+    pub fn hold(&self, action: &str) {
+        self.shared.held.send_modify(|h| h.push(action.to_string()));
+    }
+
+    /// Lets the calls of `action` held by [`hold`](Self::hold) go on, and the next ones through.
+    pub fn release(&self, action: &str) {
+        self.shared.held.send_modify(|h| h.retain(|p| p != action));
     }
 
     /// For the next `n` successful JSON responses of `action` (`DescribeCluster`,
@@ -449,10 +464,16 @@ async fn handle(
     };
     let call = classify(&parts.method, &parts.uri, &parts.headers, &body);
 
-    // Delays first, then the first live answering fault; the lock is never held across an await.
+    // Holds first, then delays, then the first live answering fault; the lock is never held
+    // across an await.
+    shared.state().received.push(call.clone());
+    let mut held = shared.held.subscribe();
+    if held.borrow().iter().any(|p| call.matches(p)) {
+        eprintln!("aws-fault-proxy: {} held", call.action);
+        let _ = held.wait_for(|h| !h.iter().any(|p| call.matches(p))).await;
+    }
     let delay = {
         let mut st = shared.state();
-        st.received.push(call.clone());
         let mut delay = Duration::ZERO;
         for rule in st.rules.iter_mut() {
             if let Fault::Delay(d) = rule.fault
