@@ -53,8 +53,9 @@ struct Stop {
 
 impl Stop {
     /// The first Ctrl-C stops the run (the teardown still runs); the second
-    /// exits at once, printing `left` (what to run to clean up), if any.
-    fn new(timeout: Duration, left: Option<String>) -> Stop {
+    /// exits at once, printing `left` (what to run to clean up), if any, and
+    /// giving up its lock file so that command can run.
+    fn new(timeout: Duration, left: Option<(String, PathBuf)>) -> Stop {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let tx = Arc::new(tx);
         let interrupted = Arc::new(AtomicBool::new(false));
@@ -74,7 +75,8 @@ impl Stop {
                     None => eprintln!("Interrupted."),
                 }
                 if tokio::signal::ctrl_c().await.is_ok() {
-                    if let Some(cmd) = &left {
+                    if let Some((cmd, lock)) = &left {
+                        let _ = std::fs::remove_file(lock);
                         eprintln!(
                             "Left the test instance behind. Remove everything it created with:\n  {cmd}"
                         );
@@ -147,7 +149,11 @@ pub(crate) async fn run(o: Options) -> ExitCode {
         o.env
     );
     eprintln!("{}", header(&inst, &name));
-    let stop = Stop::new(o.timeout, Some(destroy_cmd.clone()));
+    let lock = mesh::lock::lock_path(&mesh::provider::local::state_dir(
+        &inst.root,
+        &inst.env.name,
+    ));
+    let stop = Stop::new(o.timeout, Some((destroy_cmd.clone(), lock)));
     let started = Instant::now();
     let mut results: Vec<TestResult> = Vec::new();
     let mut aborted: Option<String> = None;

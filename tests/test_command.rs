@@ -1,0 +1,499 @@
+//! `mesh test` on the local target, through the real `mesh` and
+//! `mesh-runtime` binaries: a passing run, a failing expectation, an apply
+//! that fails half way and Ctrl-C during the queries each end with nothing
+//! of the test instance left (no process, no port, no state folder), while
+//! the environment's own services, applied beforehand from the same stack,
+//! keep running untouched. The JUnit report is read by a real JUnit parser
+//! (Python's `junitparser`).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn runtime_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_RUNTIME_BIN") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_BIN_EXE_mesh")).with_file_name("mesh-runtime")
+}
+
+/// A copy of the customer mesh on free ports, with its `local` environment applied.
+struct Env {
+    _dir: tempfile::TempDir,
+    stack: PathBuf,
+    ports: [u16; 2],
+    pids: Vec<u32>,
+}
+
+fn free_port(not: &[u16]) -> u16 {
+    // The NodePort range, below the ephemeral ports.
+    let start = (std::process::id() as usize * 31 + not.len() * 977) % 2768;
+    (0..2768)
+        .map(|i| 30000 + ((start + i) % 2768) as u16)
+        .find(|p| !not.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 30000-32767")
+}
+
+impl Env {
+    /// The stack copied, `edit` applied to its stack.toml, and the
+    /// environment itself applied (its services keep running throughout).
+    fn new(edit: impl Fn(String) -> String) -> Env {
+        assert!(
+            runtime_bin().is_file(),
+            "mesh-runtime is not built at {}: run `cargo build -p mesh-runtime` (scripts/test builds everything)",
+            runtime_bin().display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let stack = support::copy_customer_mesh(dir.path());
+        let a = free_port(&[]);
+        let b = free_port(&[a]);
+        let toml = std::fs::read_to_string(stack.join("stack.toml"))
+            .unwrap()
+            .replace("node_port = 30080", &format!("node_port = {a}"))
+            .replace("node_port = 30081", &format!("node_port = {b}"));
+        std::fs::write(stack.join("stack.toml"), edit(toml)).unwrap();
+        let mut env = Env {
+            _dir: dir,
+            stack,
+            ports: [a, b],
+            pids: Vec::new(),
+        };
+        let out = env.mesh(&["apply", "--auto-approve"]);
+        ok(&out, "applying the environment itself");
+        env.pids = ["customer-features", "customer-scoring"]
+            .iter()
+            .map(|s| {
+                let state = std::fs::read_to_string(
+                    env.stack
+                        .join(format!(".mesh/local/services/{s}/state.json")),
+                )
+                .unwrap();
+                serde_json::from_str::<Value>(&state).unwrap()["pid"]
+                    .as_u64()
+                    .unwrap() as u32
+            })
+            .collect();
+        env
+    }
+
+    fn command(&self, verb: &str, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
+        cmd.arg(verb)
+            .arg(&self.stack)
+            .args(["--env", "local"])
+            .args(extra)
+            .env("MESH_RUNTIME_BIN", runtime_bin())
+            .env("NO_COLOR", "1");
+        cmd
+    }
+
+    fn mesh(&self, args: &[&str]) -> Output {
+        let (verb, extra) = args.split_first().unwrap();
+        self.command(verb, extra).output().unwrap()
+    }
+
+    /// Nothing of any test instance is left, and the environment's own
+    /// services still run and answer.
+    fn assert_only_the_environment_is_left(&self, out: &Output) {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let state: Vec<String> = std::fs::read_dir(self.stack.join(".mesh"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(state, ["local"], "instance state left behind:\n{stderr}");
+        let marker = format!("{}/.mesh/local-", self.stack.display());
+        let procs = processes_mentioning(&marker);
+        assert!(
+            procs.is_empty(),
+            "processes of the instance still run: {procs:?}\n{stderr}"
+        );
+        for p in instance_ports(&stderr) {
+            assert!(
+                TcpListener::bind(("127.0.0.1", p)).is_ok(),
+                "the instance's port {p} is still taken\n{stderr}"
+            );
+        }
+        for pid in &self.pids {
+            assert!(alive(*pid), "the environment's runtime {pid} was stopped");
+        }
+        let (status, body) = post(
+            self.ports[1],
+            "/public/api/v1/customer-scoring/high-value/predict",
+            r#"{"features": {"customer_id": "C00042"}}"#,
+        );
+        assert_eq!(status, 200, "the environment no longer answers: {body}");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.mesh(&["destroy", "--auto-approve"]);
+    }
+}
+
+fn ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && alive(pid) {
+                out.push((pid, cmd));
+            }
+        }
+    }
+    out
+}
+
+/// The instance's ports, from the header (`ports customer-features:31234, ...`).
+fn instance_ports(stderr: &str) -> Vec<u16> {
+    let Some(line) = stderr.lines().find(|l| l.starts_with("Testing stack")) else {
+        return Vec::new();
+    };
+    line.split([' ', ','])
+        .filter_map(|w| w.split_once(':'))
+        .filter_map(|(_, p)| p.trim_end_matches(';').parse().ok())
+        .collect()
+}
+
+fn post(port: u16, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, buf)
+}
+
+/// The JUnit report as a real parser reads it: per suite, its counts and cases.
+fn parse_junit(file: &Path) -> Value {
+    let python = std::env::var_os("MESH_TEST_JUNIT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/mesh/junit-venv/bin/python"));
+    let script = r#"
+import json, sys
+from junitparser import JUnitXml
+xml = JUnitXml.fromfile(sys.argv[1])
+suites = []
+for s in xml:
+    cases = [{"classname": c.classname, "name": c.name,
+              "result": [type(r).__name__.lower() for r in c.result]} for c in s]
+    suites.append({"name": s.name, "tests": s.tests, "failures": s.failures,
+                   "errors": s.errors, "cases": cases})
+print(json.dumps({"tests": xml.tests, "failures": xml.failures, "errors": xml.errors, "suites": suites}))
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): the JUnit check needs Python with junitparser; scripts/test makes it (or set MESH_TEST_JUNIT_PYTHON)",
+                python.display()
+            )
+        });
+    ok(&out, "parsing the JUnit report with junitparser");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The cases of a parsed report as `classname/name → results`.
+fn cases(junit: &Value) -> Vec<(String, Vec<String>)> {
+    junit["suites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["cases"].as_array().unwrap().clone())
+        .map(|c| {
+            (
+                format!(
+                    "{}/{}",
+                    c["classname"].as_str().unwrap(),
+                    c["name"].as_str().unwrap()
+                ),
+                c["result"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap().to_owned())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_passing_run_reports_every_query_and_leaves_nothing_of_the_instance() {
+    let env = Env::new(|t| t);
+    let junit = env.stack.join("report.xml");
+    let out = env.mesh(&["test", "--junit", junit.to_str().unwrap()]);
+    ok(&out, "mesh test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("5 passed, 0 failed"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("customer-scoring")
+            && l.contains("by-id")
+            && l.contains("passed")),
+        "{stdout}"
+    );
+    assert!(stderr.contains("found nothing left"), "{stderr}");
+    assert_eq!(instance_ports(&stderr).len(), 2, "{stderr}");
+    assert!(
+        instance_ports(&stderr)
+            .iter()
+            .all(|p| !env.ports.contains(p)),
+        "the instance must not use the environment's ports: {stderr}"
+    );
+    env.assert_only_the_environment_is_left(&out);
+
+    let report = parse_junit(&junit);
+    assert_eq!(report["tests"], 6, "5 queries and the teardown: {report}");
+    assert_eq!(report["failures"], 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    let cases = cases(&report);
+    assert!(
+        cases.contains(&("customer-scoring.high-value/by-id".into(), vec![])),
+        "{cases:?}"
+    );
+    assert!(
+        cases.contains(&("mesh.instance/teardown".into(), vec![])),
+        "{cases:?}"
+    );
+
+    // The same through --json, and --filter keeps the test it is same_as.
+    let out = env.mesh(&["test", "--json", "--filter", "*/by-id"]);
+    ok(&out, "mesh test --json --filter");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["passed"], 1, "{v}");
+    assert_eq!(v["tests"][0]["test"], "by-id", "{v}");
+    assert_eq!(v["teardown"]["status"], "destroyed", "{v}");
+    assert_eq!(v["teardown"]["left"], serde_json::json!([]), "{v}");
+    env.assert_only_the_environment_is_left(&out);
+}
+
+#[test]
+fn a_failing_expectation_fails_with_a_field_level_diff_and_is_torn_down() {
+    let env = Env::new(|t| t.replace("prediction = \"1\"", "prediction = \"0\""));
+    let junit = env.stack.join("report.xml");
+    let out = env.mesh(&["test", "--junit", junit.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("4 passed, 1 failed"), "{stdout}");
+    assert!(
+        stdout.contains("    prediction: expected \"0\", got \"1\""),
+        "{stdout}"
+    );
+    env.assert_only_the_environment_is_left(&out);
+
+    let report = parse_junit(&junit);
+    assert_eq!(report["failures"], 1, "{report}");
+    let cases = cases(&report);
+    assert!(
+        cases.contains(&(
+            "customer-scoring.high-value/all-features".into(),
+            vec!["failure".into()]
+        )),
+        "{cases:?}"
+    );
+}
+
+#[test]
+fn an_apply_that_fails_half_way_is_torn_down() {
+    let env = Env::new(|t| t);
+    // The scoring model is unreadable: its runtime exits at start, after
+    // the feature service is already up.
+    std::fs::write(
+        env.stack
+            .join("../../examples/customer-mesh/high_value.onnx"),
+        b"not a model",
+    )
+    .unwrap();
+    let junit = env.stack.join("report.xml");
+    let out = env.mesh(&["test", "--junit", junit.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("failed      service.customer-scoring"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("error: the test instance's apply failed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("found nothing left"), "{stderr}");
+    env.assert_only_the_environment_is_left(&out);
+    let report = parse_junit(&junit);
+    let cases = cases(&report);
+    assert!(
+        cases.contains(&("mesh.instance/apply".into(), vec!["error".into()])),
+        "{cases:?}"
+    );
+}
+
+/// Runs `mesh test` in the background; `on_line` sees each stderr line.
+fn run_watching(env: &Env, mut on_line: impl FnMut(&str, u32)) -> (Option<i32>, String) {
+    let mut child = env
+        .command("test", &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stderr = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        on_line(&line, pid);
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    let status = child.wait().unwrap();
+    (status.code(), stderr)
+}
+
+fn signal(pid: u32, sig: &str) {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
+
+/// The pid of the instance's runtime of `service`.
+fn instance_pid(stack: &Path, service: &str) -> u32 {
+    let mesh = stack.join(".mesh");
+    for e in std::fs::read_dir(&mesh).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("local-")
+            && let Ok(s) =
+                std::fs::read_to_string(e.path().join(format!("services/{service}/state.json")))
+        {
+            return serde_json::from_str::<Value>(&s).unwrap()["pid"]
+                .as_u64()
+                .unwrap() as u32;
+        }
+    }
+    panic!("no instance runtime of {service} under {}", mesh.display())
+}
+
+#[test]
+fn ctrl_c_during_the_queries_tears_the_instance_down() {
+    let env = Env::new(|t| t);
+    // The feature runtime is frozen once up, so the queries hang in flight
+    // until Ctrl-C; it is thawed right after, for the teardown to stop it.
+    let mut frozen = None;
+    let (code, stderr) = run_watching(&env, |line, mesh_pid| {
+        if line.starts_with("service.customer-scoring: starting on") {
+            let pid = instance_pid(&env.stack, "customer-features");
+            signal(pid, "STOP");
+            frozen = Some(pid);
+        }
+        if line.starts_with("Sending 5 test queries") {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            signal(mesh_pid, "INT");
+            if let Some(pid) = frozen {
+                signal(pid, "CONT");
+            }
+        }
+    });
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(frozen.is_some(), "{stderr}");
+    assert!(
+        stderr.contains("Interrupted: destroying the test instance"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("error: interrupted during the test queries"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("found nothing left"), "{stderr}");
+    let out = Output {
+        status: std::process::ExitStatus::default(),
+        stdout: Vec::new(),
+        stderr: stderr.into_bytes(),
+    };
+    env.assert_only_the_environment_is_left(&out);
+}
+
+#[test]
+fn a_second_ctrl_c_leaves_the_instance_and_prints_the_command_that_removes_it() {
+    let env = Env::new(|t| t);
+    let mut frozen = None;
+    let (code, stderr) = run_watching(&env, |line, mesh_pid| {
+        if line.starts_with("service.customer-scoring: starting on") {
+            let pid = instance_pid(&env.stack, "customer-features");
+            signal(pid, "STOP");
+            frozen = Some(pid);
+        }
+        if line.starts_with("Sending 5 test queries") {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            signal(mesh_pid, "INT");
+        }
+        // The teardown waits on the frozen runtime: the second Ctrl-C now.
+        if line.starts_with("Tearing the test instance down") {
+            signal(mesh_pid, "INT");
+        }
+    });
+    if let Some(pid) = frozen {
+        signal(pid, "CONT");
+    }
+    assert_eq!(code, Some(130), "{stderr}");
+    let cmd = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("Left the test instance behind"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no command printed:\n{stderr}"))
+        .trim()
+        .to_owned();
+    assert!(cmd.starts_with("mesh destroy "), "{cmd}");
+    assert!(cmd.contains("--env local --instance test-"), "{cmd}");
+    // It was left behind, and the printed command removes it.
+    assert_eq!(
+        std::fs::read_dir(env.stack.join(".mesh")).unwrap().count(),
+        2,
+        "{stderr}"
+    );
+    let args: Vec<&str> = cmd.split_whitespace().skip(1).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(&args)
+        .env("MESH_RUNTIME_BIN", runtime_bin())
+        .output()
+        .unwrap();
+    ok(&out, &cmd);
+    let state: Vec<String> = std::fs::read_dir(env.stack.join(".mesh"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(state, ["local"], "{}", String::from_utf8_lossy(&out.stderr));
+    let marker = format!("{}/.mesh/local-", env.stack.display());
+    assert!(processes_mentioning(&marker).is_empty());
+}
