@@ -1,7 +1,7 @@
 //! `mesh-runtime`: serve one mesh service from a bundle.
 //!
 //! Run with:
-//!     mesh-runtime serve --bundle DIR --listen 127.0.0.1:8080
+//!     mesh-runtime serve --bundle DIR --listen 127.0.0.1:8080 [--handover] [--ready-file FILE]
 //!     mesh-runtime check --bundle DIR [--offline]
 
 use std::net::SocketAddr;
@@ -39,6 +39,16 @@ enum Command {
         /// Seconds to wait for in-flight requests after SIGTERM/SIGINT.
         #[arg(long, default_value_t = 30)]
         shutdown_timeout: u64,
+        /// Take the address over from the runtime serving on it, refusing
+        /// no connection: bind it with SO_REUSEPORT (as every runtime started
+        /// with --handover does), accept only once loaded (no `/healthz`
+        /// before), then have the kernel send new connections here. The
+        /// old runtime can then be stopped (SIGTERM): it drains what it has.
+        #[arg(long)]
+        handover: bool,
+        /// Write this file (holding the pid) once ready and accepting.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Load and validate the bundle (models, datasets, connections), then exit.
     Check {
@@ -68,7 +78,17 @@ fn main() -> ExitCode {
             bundle,
             listen,
             shutdown_timeout,
-        } => runtime.block_on(serve(bundle, listen, Duration::from_secs(shutdown_timeout))),
+            handover,
+            ready_file,
+        } => runtime.block_on(serve(
+            bundle,
+            listen,
+            Duration::from_secs(shutdown_timeout),
+            Takeover {
+                handover,
+                ready_file,
+            },
+        )),
         Command::Check { bundle, offline } => runtime.block_on(check(bundle, offline)),
     };
     match result {
@@ -104,7 +124,18 @@ async fn check(dir: PathBuf, offline: bool) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(dir: PathBuf, listen: SocketAddr, shutdown_timeout: Duration) -> Result<(), String> {
+/// How `serve` comes to its address (see `Command::Serve`).
+struct Takeover {
+    handover: bool,
+    ready_file: Option<PathBuf>,
+}
+
+async fn serve(
+    dir: PathBuf,
+    listen: SocketAddr,
+    shutdown_timeout: Duration,
+    takeover: Takeover,
+) -> Result<(), String> {
     let started = Instant::now();
     let bundle = Bundle::open(&dir).map_err(|e| e.to_string())?;
     let mut api_keys = Vec::new();
@@ -119,6 +150,10 @@ async fn serve(dir: PathBuf, listen: SocketAddr, shutdown_timeout: Duration) -> 
         api_keys.len(),
         started.elapsed().as_secs_f64() * 1e3
     ));
+    let state = AppState::new(&bundle.config, api_keys);
+    if takeover.handover {
+        return serve_handover(bundle, listen, shutdown_timeout, state, started, takeover).await;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -128,7 +163,6 @@ async fn serve(dir: PathBuf, listen: SocketAddr, shutdown_timeout: Duration) -> 
     });
     log::info(format_args!("listening on http://{local} (not ready yet)"));
 
-    let state = AppState::new(&bundle.config, api_keys);
     let router = app(state.clone());
     let mut server = tokio::spawn(async move {
         axum::serve(listener, router)
@@ -150,6 +184,7 @@ async fn serve(dir: PathBuf, listen: SocketAddr, shutdown_timeout: Duration) -> 
                 "ready in {:.1} ms",
                 started.elapsed().as_secs_f64() * 1e3
             ));
+            write_ready_file(takeover.ready_file.as_deref());
         }
         Err(e) => {
             server.abort();
@@ -159,6 +194,116 @@ async fn serve(dir: PathBuf, listen: SocketAddr, shutdown_timeout: Duration) -> 
     let result = server.await.map_err(|e| e.to_string())?;
     log::info(format_args!("stopped"));
     result.map_err(|e| e.to_string())
+}
+
+/// `serve --handover`: the address is bound at once (SO_REUSEPORT, so it
+/// may be shared with the runtime serving now, and a program holding it
+/// otherwise is found before loading), but listened on only once loaded;
+/// then new connections are steered here and the old runtime, stopped,
+/// has only its in-flight requests to finish.
+async fn serve_handover(
+    bundle: Bundle,
+    listen: SocketAddr,
+    shutdown_timeout: Duration,
+    state: AppState,
+    started: Instant,
+    takeover: Takeover,
+) -> Result<(), String> {
+    let socket = if listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .and_then(|s| {
+        s.set_reuseaddr(true)?;
+        s.set_reuseport(true)?;
+        s.bind(listen)?;
+        Ok(s)
+    })
+    .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    log::info(format_args!(
+        "bound {listen} (shared); accepting once ready"
+    ));
+    let loaded = tokio::select! {
+        loaded = Service::load(&bundle, LoadOptions::default()) => loaded,
+        () = shutdown_signal(shutdown_timeout) => {
+            log::info(format_args!("stopped before the service was ready"));
+            return Ok(());
+        }
+    };
+    state.set_ready(loaded.map_err(|e| format!("cannot load the service: {e}"))?);
+    let listener = socket
+        .listen(1024)
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    if let Err(e) = steer_here(&listener) {
+        log::warn(format_args!(
+            "cannot steer new connections to this process ({e}): the runtime it replaces may reset a few while it stops"
+        ));
+    }
+    log::info(format_args!(
+        "ready in {:.1} ms, listening on http://{listen}",
+        started.elapsed().as_secs_f64() * 1e3
+    ));
+    write_ready_file(takeover.ready_file.as_deref());
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal(shutdown_timeout))
+        .await;
+    log::info(format_args!("stopped"));
+    result.map_err(|e| e.to_string())
+}
+
+/// Sends every new connection to the address to the socket that joined its
+/// SO_REUSEPORT group last, i.e. this one, while the runtime it replaces is
+/// still in the group: a classic BPF program on the group that returns
+/// index 1 (a group holds the old runtime's socket at 0, and this one at 1;
+/// with one socket, the index is out of range and the kernel picks as usual).
+/// The old runtime then accepts what is queued for it and nothing more, so
+/// closing its socket resets no connection.
+#[cfg(target_os = "linux")]
+fn steer_here(listener: &tokio::net::TcpListener) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 1,
+    }];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` and the program it points to outlive the call, and the
+    // length passed is that of `sock_fprog`; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn steer_here(_listener: &tokio::net::TcpListener) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+fn write_ready_file(path: Option<&std::path::Path>) {
+    if let Some(path) = path
+        && let Err(e) = std::fs::write(path, format!("{}\n", std::process::id()))
+    {
+        log::warn(format_args!("cannot write {}: {e}", path.display()));
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT; then in-flight requests finish, up to
