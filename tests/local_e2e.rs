@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -447,5 +448,498 @@ fn destroy_leaves_no_state_behind() {
     assert!(
         !m.stack.join(".mesh").exists(),
         "destroy must remove the .mesh state folder"
+    );
+}
+
+// --- stacks written by the test -------------------------------------------
+
+/// A stack written by the test into a temp dir (with `rows.csv`), run with
+/// extra environment variables for mesh.
+struct Custom {
+    dir: tempfile::TempDir,
+    env: std::cell::RefCell<Vec<(String, String)>>,
+}
+
+impl Custom {
+    fn new(toml: &str) -> Custom {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stack.toml"), toml).unwrap();
+        std::fs::write(dir.path().join("rows.csv"), "id,value\nK1,1.5\nK2,2.5\n").unwrap();
+        Custom {
+            dir,
+            env: Default::default(),
+        }
+    }
+
+    fn root(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    fn set_env(&self, name: &str, value: &str) {
+        let mut env = self.env.borrow_mut();
+        env.retain(|(n, _)| n != name);
+        env.push((name.to_owned(), value.to_owned()));
+    }
+
+    fn run(&self, verb: &str, extra: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
+        cmd.arg(verb)
+            .arg(self.root())
+            .args(["--env", "local"])
+            .args(extra)
+            .env("MESH_RUNTIME_BIN", runtime_bin())
+            .env("NO_COLOR", "1");
+        for (n, v) in self.env.borrow().iter() {
+            cmd.env(n, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn apply(&self) -> Output {
+        self.run("apply", &["--auto-approve"])
+    }
+
+    fn plan_json(&self) -> (i32, Value) {
+        let out = self.run("plan", &["--json", "--detailed-exitcode"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "plan --json is not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), v)
+    }
+
+    fn state(&self, service: &str) -> Value {
+        let path = self
+            .root()
+            .join(format!(".mesh/local/services/{service}/state.json"));
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Custom {
+    fn drop(&mut self) {
+        let _ = self.run("destroy", &["--auto-approve"]);
+    }
+}
+
+/// `[service.NAME]`: one lookup endpoint `rows` over `rows.csv`.
+fn lookup_service(name: &str) -> String {
+    format!(
+        "[service.{name}.dataset.rows]\nfile = \"rows.csv\"\nkey = \"id\"\n\
+         [service.{name}.endpoint.rows]\nkind = \"lookup\"\ndatasets = [\"rows\"]\n\n"
+    )
+}
+
+/// The `port` each service is planned to get (creates and updates).
+fn planned_ports(plan: &Value) -> std::collections::BTreeMap<String, u16> {
+    plan["resource_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["type"] == "local_service")
+        .filter_map(|c| {
+            let port = c["fields"]
+                .as_array()?
+                .iter()
+                .find(|f| f["path"] == "port")?["after"]
+                .as_u64()?;
+            Some((
+                c["address"]
+                    .as_str()?
+                    .trim_start_matches("service.")
+                    .to_owned(),
+                port as u16,
+            ))
+        })
+        .collect()
+}
+
+fn in_reserved_range(port: u16) -> bool {
+    // Kubernetes NodePorts (30000-32767) and the kernel's ephemeral range.
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    (30000..=32767).contains(&port) || (lo..=hi).contains(&port)
+}
+
+#[test]
+fn allocated_ports_are_distinct_free_and_stable() {
+    // 30 services without a node_port: every one its own port, none in the
+    // NodePort or the ephemeral range.
+    let mut toml =
+        String::from("[stack]\nname = \"ports\"\n[environment.local]\ntarget = \"local\"\n\n");
+    for i in 0..30 {
+        toml.push_str(&lookup_service(&format!("svc-{i:02}")));
+    }
+    let m = Custom::new(&toml);
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 2, "{plan}");
+    let ports = planned_ports(&plan);
+    assert_eq!(ports.len(), 30, "{plan}");
+    let distinct: BTreeSet<u16> = ports.values().copied().collect();
+    assert_eq!(distinct.len(), 30, "two services share a port: {ports:?}");
+    for (svc, &p) in &ports {
+        assert!(!in_reserved_range(p), "service.{svc} got port {p}");
+    }
+
+    // A port taken by another program is not handed out.
+    let taken = ports["svc-07"];
+    let squatter = TcpListener::bind(("127.0.0.1", taken)).unwrap();
+    let (_, plan) = m.plan_json();
+    let again = planned_ports(&plan);
+    assert_ne!(again["svc-07"], taken, "allocated a port in use");
+    assert!(!again.values().any(|&p| p == taken));
+    drop(squatter);
+
+    // Applied ports are recorded and stay put when services are added.
+    let small = Custom::new(&format!(
+        "[stack]\nname = \"ports\"\n[environment.local]\ntarget = \"local\"\n\n{}{}",
+        lookup_service("b"),
+        lookup_service("d")
+    ));
+    ok(&small.apply(), "apply b, d");
+    let before: Vec<u64> = ["b", "d"]
+        .iter()
+        .map(|s| small.state(s)["port"].as_u64().unwrap())
+        .collect();
+    let mut bigger = std::fs::read_to_string(small.root().join("stack.toml")).unwrap();
+    for s in ["a", "c", "e"] {
+        bigger.push_str(&lookup_service(s));
+    }
+    std::fs::write(small.root().join("stack.toml"), bigger).unwrap();
+    let (code, plan) = small.plan_json();
+    assert_eq!(code, 2, "{plan}");
+    let mut changed = changed_addresses(&plan);
+    changed.sort();
+    assert_eq!(
+        changed,
+        ["a", "c", "e"]
+            .iter()
+            .map(|s| (format!("service.{s}"), "create".to_owned()))
+            .collect::<Vec<_>>()
+    );
+    ok(&small.apply(), "apply a..e");
+    let after: Vec<u64> = ["b", "d"]
+        .iter()
+        .map(|s| small.state(s)["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(before, after);
+    let all: BTreeSet<u64> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|s| small.state(s)["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(all.len(), 5);
+    let (code, plan) = small.plan_json();
+    assert_eq!(code, 0, "{plan}");
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+#[test]
+fn a_changed_secret_updates_exactly_the_service_that_uses_it() {
+    let toml = format!(
+        "[stack]\nname = \"secrets\"\n[environment.local]\ntarget = \"local\"\n\n\
+         [service.by-env]\napi_keys = [{{ env = \"MESH_TEST_API_KEY\" }}]\n\n{}\
+         [service.by-file]\napi_keys = [{{ file = \"key.txt\" }}]\n\n{}{}",
+        lookup_service("by-env"),
+        lookup_service("by-file"),
+        lookup_service("plain")
+    );
+    let m = Custom::new(&toml);
+    let old_env = "first-env-secret-4711";
+    let old_file = "first-file-secret-0815";
+    m.set_env("MESH_TEST_API_KEY", old_env);
+    std::fs::write(m.root().join("key.txt"), format!("{old_file}\n")).unwrap();
+    ok(&m.apply(), "apply");
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 0, "{plan}");
+
+    let new_env = "second-env-secret-4712";
+    let new_file = "second-file-secret-0816";
+    let secrets = [old_env, old_file, new_env, new_file];
+    let no_secret_in = |what: &str, text: &str| {
+        for s in secrets {
+            assert!(!text.contains(s), "{what} contains a secret: {text}");
+            assert!(
+                !text.contains(&sha256_hex(s)) && !text.contains(&sha256_hex(&format!("{s}\n"))),
+                "{what} contains the SHA-256 of a secret: {text}"
+            );
+        }
+    };
+
+    // The env secret changes: only service.by-env is updated.
+    m.set_env("MESH_TEST_API_KEY", new_env);
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 2, "{plan}");
+    assert_eq!(
+        changed_addresses(&plan),
+        vec![("service.by-env".to_owned(), "update".to_owned())]
+    );
+    no_secret_in("plan --json", &plan.to_string());
+    let human = m.run("plan", &[]);
+    no_secret_in("plan", &String::from_utf8_lossy(&human.stdout));
+    no_secret_in("plan (stderr)", &String::from_utf8_lossy(&human.stderr));
+    let saved = m.root().join("saved.plan");
+    ok(
+        &m.run("plan", &["--out", saved.to_str().unwrap()]),
+        "plan --out",
+    );
+    no_secret_in("a saved plan", &std::fs::read_to_string(&saved).unwrap());
+
+    // The file secret changes too: both are updated, nothing else.
+    std::fs::write(m.root().join("key.txt"), format!("{new_file}\n")).unwrap();
+    let (_, plan) = m.plan_json();
+    let mut changed = changed_addresses(&plan);
+    changed.sort();
+    assert_eq!(
+        changed,
+        vec![
+            ("service.by-env".to_owned(), "update".to_owned()),
+            ("service.by-file".to_owned(), "update".to_owned())
+        ]
+    );
+    ok(&m.apply(), "apply the new secrets");
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 0, "{plan}");
+
+    // The runtimes took the new keys.
+    for (svc, old, new) in [
+        ("by-env", old_env, new_env),
+        ("by-file", old_file, new_file),
+    ] {
+        let port = m.state(svc)["port"].as_u64().unwrap();
+        let url = format!("http://127.0.0.1:{port}/public/api/v1/{svc}/rows/lookup");
+        let ask = serde_json::json!({"data": {"id": "K1"}});
+        assert_eq!(post_with_key(&url, &ask, Some(new)).0, 200, "{svc}");
+        assert_eq!(post_with_key(&url, &ask, Some(old)).0, 403, "{svc}");
+    }
+    for entry in walk(&m.root().join(".mesh")) {
+        if let Ok(text) = std::fs::read_to_string(&entry) {
+            if text.contains(new_env) {
+                // Only the secret file handed to the runtime holds it, 0600.
+                let mode = std::os::unix::fs::PermissionsExt::mode(
+                    &std::fs::metadata(&entry).unwrap().permissions(),
+                );
+                assert_eq!(mode & 0o777, 0o600, "{}", entry.display());
+                assert!(!entry.ends_with("state.json"), "{}", entry.display());
+            }
+            for s in secrets {
+                assert!(
+                    !text.contains(&sha256_hex(s)),
+                    "{} holds the SHA-256 of a secret",
+                    entry.display()
+                );
+            }
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn runtimes_get_a_clean_environment_and_secrets_by_file() {
+    let toml = format!(
+        "[stack]\nname = \"cleanenv\"\n[environment.local]\ntarget = \"local\"\n\n\
+         [service.keyed]\napi_keys = [{{ env = \"MESH_TEST_API_KEY\" }}]\n\n{}",
+        lookup_service("keyed")
+    );
+    let m = Custom::new(&toml);
+    let aws = [
+        ("AWS_ACCESS_KEY_ID", "AKIAMESHTESTNOTREAL01"),
+        ("AWS_SECRET_ACCESS_KEY", "mesh-test-aws-secret-do-not-leak"),
+        ("AWS_SESSION_TOKEN", "mesh-test-aws-session-token"),
+    ];
+    for (n, v) in aws {
+        m.set_env(n, v);
+    }
+    let api_key = "mesh-test-api-key-by-file";
+    m.set_env("MESH_TEST_API_KEY", api_key);
+    ok(&m.apply(), "apply");
+
+    let pid = m.state("keyed")["pid"].as_u64().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ).replace('\0', "\n");
+    for (n, v) in aws {
+        assert!(
+            !environ.contains(n),
+            "{n} in the runtime's environment:\n{environ}"
+        );
+        assert!(
+            !environ.contains(v),
+            "an AWS secret in the runtime's environment"
+        );
+    }
+    assert!(
+        !environ.contains(api_key) && !environ.contains("MESH_TEST_API_KEY"),
+        "the API key travels in the environment:\n{environ}"
+    );
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(!cmdline.contains(api_key), "{cmdline}");
+
+    // The runtime still has its key: by file.
+    let port = m.state("keyed")["port"].as_u64().unwrap();
+    let url = format!("http://127.0.0.1:{port}/public/api/v1/keyed/rows/lookup");
+    let ask = serde_json::json!({"data": {"id": "K2"}});
+    let (status, row) = post_with_key(&url, &ask, Some(api_key));
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(post(&url, &ask).0, 401);
+}
+
+#[test]
+fn an_update_refuses_no_connection() {
+    let m = Mesh::new();
+    ok(&m.apply(), "first apply");
+    let key_file = m
+        .stack
+        .join(".mesh/local/access/customer-features/operator");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/public/api/v1/customer-features/behavior/lookup",
+        m.features_port
+    );
+    let ask = serde_json::json!({"data": {"customer_id": "C00042"}});
+    let (status, row) = post_with_key(&url, &ask, Some(&key));
+    assert_eq!(status, 200, "{row}");
+    let before = row["data"]["total_spend_30d"].as_f64().unwrap();
+    let old_pid = m.pid_of("customer-features");
+
+    // Requests in a loop, each on a new connection, across the update.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        let (url, key, ask) = (url.clone(), key.clone(), ask.clone());
+        std::thread::spawn(move || {
+            let (mut ok_old, mut ok_new, mut failures) = (0u32, 0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match try_post(&url, &ask, &key) {
+                    Ok((200, row)) => {
+                        if row["data"]["total_spend_30d"].as_f64() == Some(99999.0) {
+                            ok_new += 1;
+                        } else {
+                            ok_old += 1;
+                        }
+                    }
+                    Ok((status, body)) => failures.push(format!("{status}: {body}")),
+                    Err(e) => failures.push(e),
+                }
+            }
+            (ok_old, ok_new, failures)
+        })
+    };
+
+    let csv = m.stack.join("../../examples/customer-mesh/behavior.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("C00042,"))
+        .unwrap()
+        .to_owned();
+    let mut cols: Vec<String> = line.split(',').map(str::to_owned).collect();
+    assert_ne!(before, 99999.0);
+    cols[1] = "99999.0".into();
+    std::fs::write(&csv, text.replace(&line, &cols.join(","))).unwrap();
+    let out = m.apply();
+    ok(&out, "apply after dataset edit");
+    // A few more requests against the new runtime alone.
+    let (status, row) = post_with_key(&url, &ask, Some(&key));
+    assert_eq!(status, 200, "{row}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok_old, ok_new, failures) = client.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the update, e.g. {:?}\napply said:\n{}",
+        failures.len(),
+        failures.len() as u32 + ok_old + ok_new,
+        &failures[..failures.len().min(5)],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ok_old > 0, "no request reached the old runtime");
+    assert!(ok_new > 0, "no request reached the new runtime");
+    assert!(!alive(old_pid), "the old runtime still runs");
+    assert_ne!(m.pid_of("customer-features"), old_pid);
+}
+
+/// One POST on a new connection; any failure (refused, reset, cut short) as text.
+fn try_post(url: &str, body: &Value, key: &str) -> Result<(u16, Value), String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).map_err(|e| format!("connect: {e}"))?;
+    let body = body.to_string();
+    write!(s, "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nX-API-Key: {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)
+        .map_err(|e| format!("read: {e}"))?;
+    let status: u16 = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {buf:?}"))?;
+    let (_, payload) = buf.split_once("\r\n\r\n").ok_or("no body")?;
+    let start = payload.find('{').unwrap_or(0);
+    let end = payload.rfind('}').map_or(payload.len(), |i| i + 1);
+    Ok((
+        status,
+        serde_json::from_str(&payload[start..end]).unwrap_or(Value::Null),
+    ))
+}
+
+#[test]
+fn a_failed_update_leaves_the_old_runtime_serving() {
+    let m = Custom::new(&format!(
+        "[stack]\nname = \"failing\"\n[environment.local]\ntarget = \"local\"\n\n{}",
+        lookup_service("svc")
+    ));
+    ok(&m.apply(), "apply");
+    let pid = m.state("svc")["pid"].as_u64().unwrap() as u32;
+    let port = m.state("svc")["port"].as_u64().unwrap();
+    let url = format!("http://127.0.0.1:{port}/public/api/v1/svc/rows/lookup");
+    let ask = serde_json::json!({"data": {"id": "K1"}});
+
+    // A key twice: the new runtime refuses the dataset and exits.
+    let csv = m.root().join("rows.csv");
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    text.push_str("K1,9.5\n");
+    std::fs::write(&csv, text).unwrap();
+    let out = m.apply();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mesh-runtime exited during start"), "{err}");
+
+    assert!(alive(pid), "the old runtime was stopped");
+    assert_eq!(m.state("svc")["pid"].as_u64(), Some(u64::from(pid)));
+    let (status, row) = post(&url, &ask);
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(row["data"]["value"].as_f64(), Some(1.5), "{row}");
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 2, "{plan}");
+    assert_eq!(
+        changed_addresses(&plan),
+        vec![("service.svc".to_owned(), "update".to_owned())]
     );
 }

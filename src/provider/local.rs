@@ -4,8 +4,22 @@
 //!
 //! Live state is read from what actually runs: the recorded process must be
 //! alive, be a `mesh-runtime`, and answer `/readyz` on its port; the bundle
-//! digest it was started with is recorded beside it. So a killed process or
-//! an edited dataset shows up in `plan`.
+//! digest it was started with is recorded beside it, and a keyed digest of
+//! the secrets it was given ([`secrets`]). So a killed process, an edited
+//! dataset or a changed password shows up in `plan`.
+//!
+//! Ports: see [`ports`]; the ports services run on are read back from their
+//! state, so desired state reads local state too (and probes which ports
+//! are free).
+//!
+//! An update starts the new runtime beside the old one — on the same port,
+//! shared with SO_REUSEPORT (`mesh-runtime serve --handover`), accepting only
+//! once ready — and stops the old one after, which finishes its in-flight
+//! requests: no connection is refused. Runtimes start with a clean
+//! environment (see [`RUNTIME_ENV`]); secrets reach them in files.
+
+pub mod ports;
+mod secrets;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -19,9 +33,7 @@ use sha2::{Digest, Sha256};
 use super::{ApplyContext, Provider, ProviderError};
 use crate::plan::{Action, Change};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
-use crate::stack::{
-    self, Caller, DatasetSource, Endpoint, EnrichmentSource, ExposeKind, SecretRef, Stack,
-};
+use crate::stack::{self, Caller, DatasetSource, Endpoint, EnrichmentSource, SecretRef, Stack};
 
 /// Kinds this provider manages.
 pub const SERVICE_KIND: &str = "local_service";
@@ -29,6 +41,14 @@ pub const EXPOSE_KIND: &str = "local_expose";
 
 /// How long a service may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// After a new runtime took a port over, how long the old one keeps
+/// accepting what the kernel queued for it before the switch.
+const HANDOVER_GRACE: Duration = Duration::from_millis(250);
+
+/// The only variables of mesh's environment a runtime gets (when set): none
+/// carries a secret. Cloud credentials and the like stay with mesh.
+pub const RUNTIME_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "TZ"];
 
 /// The local provider.
 pub struct LocalProvider {
@@ -43,7 +63,24 @@ struct ServiceState {
     port: u16,
     version: String,
     bundle_digest: String,
+    /// Keyed digest of the secrets it was given (see [`secrets`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secrets_digest: Option<String>,
     started_at: u64,
+    /// Its folder under `services/<name>/` (bundle, secrets, log).
+    #[serde(default)]
+    generation: String,
+    /// The runtime it is taking over from, until that one has stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<Previous>,
+}
+
+/// A runtime being replaced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Previous {
+    pid: u32,
+    #[serde(default)]
+    generation: String,
 }
 
 /// What is recorded for an exposure (`exposes/<name>.json`).
@@ -104,20 +141,41 @@ pub fn state_dir(root: &Path, env: &str) -> PathBuf {
     root.join(".mesh").join(env)
 }
 
-/// The loopback port a service listens on: its NodePort if it has one,
-/// else a port derived from its name (stable across runs).
-pub fn service_port(stack: &Stack, service: &str) -> u16 {
-    for e in stack.exposes.values() {
-        if e.service == service
-            && let ExposeKind::NodePort {
-                node_port: Some(p), ..
-            } = e.kind
-        {
-            return p;
+/// The state a service was recorded with (`services/<name>/state.json`), by service.
+fn recorded_states(root: &Path, env: &str) -> BTreeMap<String, ServiceState> {
+    let mut out = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(state_dir(root, env).join("services")) {
+        for e in entries.flatten() {
+            if let Some(st) = read_state(&e.path()) {
+                out.insert(e.file_name().to_string_lossy().into_owned(), st);
+            }
         }
     }
-    let h = Sha256::digest(format!("{}/{}/{service}", stack.name, stack.env.name).as_bytes());
-    32000 + (u16::from_be_bytes([h[0], h[1]]) % 700)
+    out
+}
+
+fn read_state(service_dir: &Path) -> Option<ServiceState> {
+    let text = std::fs::read_to_string(service_dir.join("state.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_state(service_dir: &Path, st: &ServiceState) -> Result<(), ProviderError> {
+    let tmp = service_dir.join("state.json.new");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(st).unwrap_or_default())
+        .and_then(|()| std::fs::rename(&tmp, service_dir.join("state.json")))
+        .map_err(io("writing state.json"))
+}
+
+/// The loopback port of every service (see [`ports`]): an explicit
+/// `node_port`, else the port it runs on, else a new free one. A recorded
+/// port is given up only when its service is down and another program took it.
+pub fn service_ports(stack: &Stack) -> BTreeMap<String, u16> {
+    let recorded: BTreeMap<String, u16> = recorded_states(&stack.root, &stack.env.name)
+        .into_iter()
+        .filter(|(_, st)| runtime_alive(st.pid) || port_free_now(st.port))
+        .map(|(name, st)| (name, st.port))
+        .collect();
+    ports::allocate(stack, &recorded, &port_free_now)
 }
 
 fn secret(s: &SecretRef) -> rc::SecretRef {
@@ -555,6 +613,37 @@ async fn port_free(port: u16) -> bool {
         .is_ok()
 }
 
+/// [`port_free`], for plan time.
+fn port_free_now(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Can a runtime started with `--handover` join whoever listens on `port`
+/// (they bound it with SO_REUSEPORT, as the same user)? A runtime started
+/// before handovers existed cannot be joined; it must stop first.
+fn port_joinable(port: u16) -> bool {
+    tokio::net::TcpSocket::new_v4()
+        .and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.set_reuseport(true)?;
+            s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        })
+        .is_ok()
+}
+
+/// Removes `dir`, if it exists.
+fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
+    std::fs::remove_dir_all(dir)
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(io(format!("removing {}", dir.display())))
+}
+
 impl LocalProvider {
     fn service_dir(scope: &Scope, name: &str) -> PathBuf {
         state_dir(&scope.root, &scope.env)
@@ -562,6 +651,9 @@ impl LocalProvider {
             .join(name)
     }
 
+    /// Starts the service's runtime and waits until it is ready; a runtime
+    /// already running is replaced without refusing a connection (see the
+    /// module doc) and keeps serving if the new one fails.
     async fn apply_service(
         &self,
         d: &Desired,
@@ -570,23 +662,23 @@ impl LocalProvider {
     ) -> Result<Live, ProviderError> {
         let name = d.address.as_str().trim_start_matches("service.").to_owned();
         let dir = Self::service_dir(&ctx.scope, &name);
+        let invalid = |message: &str| ProviderError::Invalid {
+            address: d.address.clone(),
+            message: message.into(),
+        };
         let port = d
             .attrs
             .get("port")
             .and_then(|a| a.value.as_int())
             .and_then(|p| u16::try_from(p).ok())
-            .ok_or_else(|| ProviderError::Invalid {
-                address: d.address.clone(),
-                message: "no port".into(),
-            })?;
+            .ok_or_else(|| invalid("no port"))?;
         let bundle_json = d
             .attrs
             .get("_bundle")
             .and_then(|a| a.value.as_str())
-            .ok_or_else(|| ProviderError::Invalid {
-                address: d.address.clone(),
-                message: "no bundle".into(),
-            })?;
+            .ok_or_else(|| invalid("no bundle"))?;
+        let desired_config: rc::ServiceConfig =
+            serde_json::from_str(bundle_json).map_err(|e| invalid(&format!("bundle: {e}")))?;
         let files: BTreeMap<String, PathBuf> = serde_json::from_str(
             d.attrs
                 .get("_files")
@@ -595,19 +687,32 @@ impl LocalProvider {
         )
         .unwrap_or_default();
 
-        // Stop what runs now (recorded by us), then make sure the port is free.
-        if let Some(l) = live
-            && let Ok(pid) = l.id.parse::<u32>()
+        // What runs now (recorded by us). A runtime left over from an
+        // interrupted handover goes first.
+        let mut old = read_state(&dir);
+        if let Some(prev) = old.as_mut().and_then(|st| st.previous.take()) {
+            ctx.progress(&d.address, &format!("stopping pid {}", prev.pid));
+            stop_process(prev.pid).await;
+        }
+        if old.is_none()
+            && let Some(pid) = live.and_then(|l| l.id.parse::<u32>().ok())
         {
-            ctx.progress(&d.address, &format!("stopping pid {pid}"));
             stop_process(pid).await;
         }
-        if let Ok(text) = std::fs::read_to_string(dir.join("state.json"))
-            && let Ok(st) = serde_json::from_str::<ServiceState>(&text)
+        let mut handover = old.filter(|st| runtime_alive(st.pid));
+        if let Some(o) = &handover
+            && o.port == port
+            && !port_joinable(port)
         {
-            stop_process(st.pid).await;
+            // Started before handovers existed: it cannot share its port.
+            ctx.progress(
+                &d.address,
+                &format!("stopping pid {} (it cannot hand its port over)", o.pid),
+            );
+            stop_process(o.pid).await;
+            handover = None;
         }
-        if !port_free(port).await {
+        if handover.as_ref().is_none_or(|o| o.port != port) && !port_free(port).await {
             return Err(ProviderError::Api {
                 address: d.address.clone(),
                 message: format!(
@@ -616,9 +721,16 @@ impl LocalProvider {
             });
         }
 
-        // Stage the bundle afresh.
-        let bundle = dir.join("bundle");
-        let _ = std::fs::remove_dir_all(&bundle);
+        // Stage the bundle in a folder of its own: the old runtime keeps its own.
+        let generation = format!(
+            "gen-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|t| t.as_nanos())
+                .unwrap_or_default()
+        );
+        let gen_dir = dir.join(&generation);
+        let bundle = gen_dir.join("bundle");
         std::fs::create_dir_all(&bundle).map_err(io(format!("creating {}", bundle.display())))?;
         for (rel, src) in &files {
             let dst = bundle.join(rel);
@@ -629,17 +741,37 @@ impl LocalProvider {
             std::fs::copy(src, &dst)
                 .map_err(io(format!("copying {} into the bundle", src.display())))?;
         }
-        std::fs::write(bundle.join(rc::SERVICE_FILE), bundle_json)
-            .map_err(io("writing service.json"))?;
         // The keys it accepts or presents (see `access`), made on first use.
-        if let Ok(config) = serde_json::from_str::<rc::ServiceConfig>(bundle_json) {
-            let dir = access::dir_at(&ctx.scope.root, &ctx.scope.env);
-            access::ensure_keys(&dir, &config)
-                .map_err(io(format!("making access keys under {}", dir.display())))?;
-        }
+        let access_dir = access::dir_at(&ctx.scope.root, &ctx.scope.env);
+        access::ensure_keys(&access_dir, &desired_config).map_err(io(format!(
+            "making access keys under {}",
+            access_dir.display()
+        )))?;
+        // Its secrets: digested as the plan does, handed over in files.
+        let secrets_digest = if secrets::any(&desired_config, &access_dir) {
+            let key = secrets::ensure_key(&dir)
+                .map_err(io(format!("making the secrets key in {}", dir.display())))?;
+            Some(secrets::digest(&key, &desired_config, &access_dir))
+        } else {
+            None
+        };
+        let mut config = desired_config;
+        secrets::stage(&mut config, &gen_dir.join("secrets")).map_err(|e| {
+            ProviderError::Invalid {
+                address: d.address.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        std::fs::write(
+            bundle.join(rc::SERVICE_FILE),
+            serde_json::to_vec_pretty(&config).unwrap_or_default(),
+        )
+        .map_err(io("writing service.json"))?;
 
-        // Start detached: its own process group, output to a log file.
-        let log_path = dir.join("runtime.log");
+        // Start detached: its own process group, output to a log file, an
+        // environment of its own.
+        let log_path = gen_dir.join("runtime.log");
+        let ready_path = gen_dir.join("ready");
         let log = std::fs::File::create(&log_path)
             .map_err(io(format!("creating {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io("log file"))?;
@@ -648,21 +780,35 @@ impl LocalProvider {
             .arg("--bundle")
             .arg(&bundle)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"));
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--handover")
+            .arg("--ready-file")
+            .arg(&ready_path);
+        cmd.env_clear();
+        for var in RUNTIME_ENV {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
         cmd.stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2);
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
-        ctx.progress(&d.address, &format!("starting on 127.0.0.1:{port}"));
+        match &handover {
+            Some(o) if o.port == port => ctx.progress(
+                &d.address,
+                &format!("starting on 127.0.0.1:{port} beside pid {}", o.pid),
+            ),
+            _ => ctx.progress(&d.address, &format!("starting on 127.0.0.1:{port}")),
+        }
         let mut child = cmd
             .spawn()
             .map_err(io(format!("starting {}", self.runtime_bin.display())))?;
-        let pid = child.id();
 
-        let state = ServiceState {
+        let mut state = ServiceState {
             address: d.address.clone(),
-            pid,
+            pid: child.id(),
             port,
             version: d
                 .attrs
@@ -676,20 +822,71 @@ impl LocalProvider {
                 .and_then(|a| a.value.as_str())
                 .unwrap_or_default()
                 .to_owned(),
+            secrets_digest,
             started_at: crate::lock::now(),
+            generation,
+            previous: handover.as_ref().map(|o| Previous {
+                pid: o.pid,
+                generation: o.generation.clone(),
+            }),
         };
-        std::fs::write(
-            dir.join("state.json"),
-            serde_json::to_vec_pretty(&state).unwrap_or_default(),
-        )
-        .map_err(io("writing state.json"))?;
+        write_state(&dir, &state)?;
 
-        // Wait until ready.
+        if let Err(e) = self
+            .wait_ready(d, ctx, &mut child, port, &ready_path, &log_path)
+            .await
+        {
+            // The old runtime, if any, keeps serving and stays recorded.
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some(o) = &handover {
+                let mut o = o.clone();
+                o.previous = None;
+                write_state(&dir, &o)?;
+            }
+            return Err(e);
+        }
+        // The process outlives us (init reaps it once we exit).
+        drop(child);
+
+        if let Some(o) = handover {
+            ctx.progress(&d.address, &format!("stopping pid {} (drains)", o.pid));
+            tokio::time::sleep(HANDOVER_GRACE).await;
+            stop_process(o.pid).await;
+            state.previous = None;
+            write_state(&dir, &state)?;
+        }
+        // Folders of runtimes gone (and the layout before generations).
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                if (n.starts_with("gen-") && n != state.generation) || n == "bundle" {
+                    remove_dir(&e.path())?;
+                } else if n == "runtime.log" {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(live_service(&state, true))
+    }
+
+    /// Waits until the runtime just started is ready: alive, its ready file
+    /// written (it accepts on its port), and `/readyz` answering there.
+    async fn wait_ready(
+        &self,
+        d: &Desired,
+        ctx: &ApplyContext,
+        child: &mut std::process::Child,
+        port: u16,
+        ready_path: &Path,
+        log_path: &Path,
+    ) -> Result<(), ProviderError> {
         let start = Instant::now();
         let mut last_note = Instant::now();
         loop {
             if !matches!(child.try_wait(), Ok(None)) {
-                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail = std::fs::read_to_string(log_path).unwrap_or_default();
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
                 return Err(ProviderError::Api {
                     address: d.address.clone(),
@@ -700,8 +897,8 @@ impl LocalProvider {
                     ),
                 });
             }
-            if http_status(port, "/readyz").await == Some(200) {
-                break;
+            if ready_path.exists() && http_status(port, "/readyz").await == Some(200) {
+                return Ok(());
             }
             if ctx.cancelled() {
                 return Err(ProviderError::Interrupted {
@@ -721,15 +918,12 @@ impl LocalProvider {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        // The process outlives us (init reaps it once we exit).
-        drop(child);
-        Ok(live_service(&state, true))
     }
 }
 
 fn live_service(st: &ServiceState, running: bool) -> Live {
     let url = format!("http://127.0.0.1:{}", st.port);
-    Live::new(
+    let live = Live::new(
         st.address.clone(),
         SERVICE_KIND,
         ProviderId::Local,
@@ -740,7 +934,11 @@ fn live_service(st: &ServiceState, running: bool) -> Live {
     .attr("bundle_digest", st.bundle_digest.clone())
     .attr("running", running)
     .output("url", url)
-    .output("port", st.port)
+    .output("port", st.port);
+    match &st.secrets_digest {
+        Some(d) => live.attr("secrets", Value::Sensitive { digest: d.clone() }),
+        None => live,
+    }
 }
 
 #[async_trait]
@@ -752,7 +950,10 @@ impl Provider for LocalProvider {
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {
         let mut out = Vec::new();
         let access_dir = access::dir(stack);
-        let url_of = |svc: &str| format!("http://127.0.0.1:{}", service_port(stack, svc));
+        let ports = service_ports(stack);
+        let port_of = |svc: &str| ports.get(svc).copied().unwrap_or_default();
+        let url_of = |svc: &str| format!("http://127.0.0.1:{}", port_of(svc));
+        let services_dir = state_dir(&stack.root, &stack.env.name).join("services");
         for (name, svc) in &stack.services {
             let address = Address::of("service", name);
             let mut b = bundle_for(stack, svc, &url_of);
@@ -763,9 +964,19 @@ impl Provider for LocalProvider {
             })?;
             let mut d = Desired::new(address, SERVICE_KIND, ProviderId::Local)
                 .attr("version", svc.version.clone())
-                .attr("port", service_port(stack, name))
+                .attr("port", port_of(name))
                 .attr("bundle_digest", digest)
                 .attr("running", true);
+            if secrets::any(&b.config, &access_dir) {
+                // Keyed by the service's own key, made at its first apply.
+                let digest = match secrets::read_key(&services_dir.join(name)) {
+                    Some(key) => Value::Sensitive {
+                        digest: secrets::digest(&key, &b.config, &access_dir),
+                    },
+                    None => Value::Unknown,
+                };
+                d = d.attr("secrets", digest);
+            }
             // Carried for apply only: `_` attributes are neither compared nor shown.
             d.attrs.insert(
                 "_bundle".into(),
@@ -795,7 +1006,7 @@ impl Provider for LocalProvider {
         for (name, e) in &stack.exposes {
             let mut d = Desired::new(Address::of("expose", name), EXPOSE_KIND, ProviderId::Local)
                 .attr("service", e.service.clone())
-                .attr("port", service_port(stack, &e.service))
+                .attr("port", port_of(&e.service))
                 .attr("allow", Value::list_of_str(allow_strings(e)))
                 .depends(Address::of("service", &e.service));
             if access::restricted_to(stack, &e.service).is_some() {
@@ -819,10 +1030,7 @@ impl Provider for LocalProvider {
         let mut checks = Vec::new();
         if let Ok(entries) = std::fs::read_dir(dir.join("services")) {
             for e in entries.flatten() {
-                let Ok(text) = std::fs::read_to_string(e.path().join("state.json")) else {
-                    continue;
-                };
-                let Ok(st) = serde_json::from_str::<ServiceState>(&text) else {
+                let Some(st) = read_state(&e.path()) else {
                     continue;
                 };
                 checks.push(tokio::spawn(async move {
@@ -866,6 +1074,10 @@ impl Provider for LocalProvider {
                 if let Some(pid) = change.live.as_ref().and_then(|l| l.id.parse::<u32>().ok()) {
                     ctx.progress(&change.address, &format!("stopping pid {pid}"));
                     stop_process(pid).await;
+                }
+                // One left from an interrupted handover.
+                if let Some(prev) = read_state(&dir).and_then(|st| st.previous) {
+                    stop_process(prev.pid).await;
                 }
                 // Its bundle, and the keys it accepted (see `access`).
                 let keys = access::dir_at(&ctx.scope.root, &ctx.scope.env).join(name);
@@ -1002,7 +1214,8 @@ mod tests {
             "0.0.0.0/0"
         );
 
-        let url_of = |svc: &str| format!("http://127.0.0.1:{}", service_port(&stack, svc));
+        let ports = service_ports(&stack);
+        let url_of = |svc: &str| format!("http://127.0.0.1:{}", ports[svc]);
         let features = &stack.services["customer-features"];
         let mut b = bundle_for(&stack, features, &url_of);
         let dir = access::dir(&stack);
