@@ -148,6 +148,7 @@ fn corpus() {
         "caller-not-allowed",
         "duplicate",
         "port-out-of-range",
+        "port-conflict",
         "inline-secret",
         "unknown-environment",
     ];

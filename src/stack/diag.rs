@@ -25,6 +25,8 @@ pub enum Code {
     CallerNotAllowed,
     Duplicate,
     PortOutOfRange,
+    /// A service asks for more ports than the target can give it.
+    PortConflict,
     InlineSecret,
     UnknownEnvironment,
     InvalidValue,
@@ -47,6 +49,7 @@ impl Code {
             Code::CallerNotAllowed => "caller-not-allowed",
             Code::Duplicate => "duplicate",
             Code::PortOutOfRange => "port-out-of-range",
+            Code::PortConflict => "port-conflict",
             Code::InlineSecret => "inline-secret",
             Code::UnknownEnvironment => "unknown-environment",
             Code::InvalidValue => "invalid-value",

@@ -111,6 +111,9 @@ pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Optio
             namespace: None,
             instance: None,
         });
+    if environment.target == Target::Local {
+        check_local_ports(&mut ctx, &exposes);
+    }
 
     if !ctx.errors.0.is_empty() {
         return None;
@@ -1895,6 +1898,56 @@ fn decode_expose(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option
         kind: kind?,
         allow,
     })
+}
+
+/// On the local target a service is one process on one loopback port, so
+/// its exposures cannot ask for two different `node_port`s (on a cluster
+/// each exposure is a Service of its own, and they can).
+fn check_local_ports(ctx: &mut Ctx<'_>, exposes: &BTreeMap<String, Expose>) {
+    let mut first: BTreeMap<&str, (u16, &str)> = BTreeMap::new();
+    for e in exposes.values() {
+        let ExposeKind::NodePort {
+            node_port: Some(np),
+            ..
+        } = e.kind
+        else {
+            continue;
+        };
+        match first.get(e.service.as_str()) {
+            None => {
+                first.insert(&e.service, (np, &e.name));
+            }
+            Some(&(other_np, other)) if other_np != np => {
+                let (Some(&span), Some(&other_span)) = (
+                    ctx.spans
+                        .names
+                        .get(&format!("expose.{}.node_port.{np}", e.name)),
+                    ctx.spans
+                        .names
+                        .get(&format!("expose.{other}.node_port.{other_np}")),
+                ) else {
+                    continue;
+                };
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::PortConflict,
+                        span,
+                        format!(
+                            "service {} gets node_port {other_np} from expose.{other} and {np} from expose.{}, but on the local target it listens on one port",
+                            e.service, e.name
+                        ),
+                    )
+                    .label("a second port for the same service")
+                    .related(other_span, "its port on this machine")
+                    .help(format!(
+                        "set node_port on one exposure of service {} only: on this machine its other exposures share that port",
+                        e.service
+                    )),
+                );
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 fn check_exposes(
