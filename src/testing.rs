@@ -852,6 +852,31 @@ mod tests {
         assert!(all.len() >= 4);
     }
 
+    #[test]
+    fn an_instance_has_its_own_marks_namespace_and_ports() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let load =
+            |env| crate::stack::load(&root, Some(env)).unwrap_or_else(|r| panic!("{}", r.render()));
+        let local = load("local").instance("test-1a2b3c");
+        assert_eq!(local.env.name, "local-test-1a2b3c");
+        assert_eq!(local.env.instance.as_ref().unwrap().of, "local");
+        assert_eq!(
+            local.env.namespace.as_deref(),
+            Some("customer-mesh-test-1a2b3c")
+        );
+        for e in local.exposes.values() {
+            if let crate::stack::ExposeKind::NodePort { node_port, .. } = e.kind {
+                assert_eq!(node_port, None, "{}", e.name);
+            }
+        }
+        assert!(!local.reuses_platform());
+        assert_eq!(local.tests().count(), load("local").tests().count());
+        let existing = load("existing").instance("t");
+        assert!(existing.reuses_platform());
+        assert_eq!(existing.platform_env(), "existing");
+        assert_eq!(existing.env.name, "existing-t");
+    }
+
     fn results() -> Vec<TestResult> {
         vec![
             TestResult {

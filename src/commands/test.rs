@@ -575,14 +575,20 @@ fn header(inst: &Stack, name: &str) -> String {
                 }
             )
         }
-        Target::Kubernetes | Target::Aws if inst.reuses_platform() => format!(
+        Target::Kubernetes if inst.reuses_platform() => format!(
             "{head}: services in namespace {} on the environment's cluster {} and registry {} (reused: the instance creates no network, cluster or registry).",
             inst.env.namespace.as_deref().unwrap_or_default(),
             inst.env.cluster.as_deref().unwrap_or("(current context)"),
             inst.env.registry.as_deref().unwrap_or("(MESH_REGISTRY)"),
         ),
-        _ => format!(
-            "{head}: a platform stack, so the instance builds its own network, cluster and registry."
+        Target::Kubernetes => format!(
+            "{head}: a stack without services, applied in namespace {}.",
+            inst.env.namespace.as_deref().unwrap_or_default()
+        ),
+        Target::Aws => format!(
+            "{head}: the instance builds its own network, cluster and registry, named and tagged mesh:env={} (services in namespace {}).",
+            inst.env.name,
+            inst.env.namespace.as_deref().unwrap_or_default()
         ),
     }
 }

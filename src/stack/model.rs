@@ -35,9 +35,11 @@ impl Stack {
     ///   allocated (by the caller on the local target, by the API server on
     ///   a cluster) and never collide with the environment's.
     ///
-    /// On `aws` and `kubernetes` a stack with services deploys them onto the
-    /// environment's own cluster and registry ([`Stack::reuses_platform`]);
-    /// a stack of infrastructure only builds an instance of it.
+    /// On `kubernetes` a stack with services deploys them onto the
+    /// environment's own cluster and registry ([`Stack::reuses_platform`]).
+    /// On `aws` the instance builds its own network, cluster and registry,
+    /// named and tagged for the instance (reusing the environment's is not
+    /// wired into the engine yet).
     pub fn instance(&self, name: &str) -> Stack {
         let mut s = self.clone();
         let of = self.env.name.clone();
@@ -62,11 +64,13 @@ impl Stack {
         s
     }
 
-    /// On a test instance of a stack with services on a cluster: the
-    /// services go to the environment's existing cluster and registry, and
-    /// the instance creates no network, cluster or registry of its own.
+    /// On a test instance of a stack with services on a `kubernetes`
+    /// environment: the services go to the environment's existing cluster
+    /// and registry, and the instance creates no cluster of its own.
     pub fn reuses_platform(&self) -> bool {
-        self.env.instance.is_some() && self.env.target != Target::Local && !self.services.is_empty()
+        self.env.instance.is_some()
+            && self.env.target == Target::Kubernetes
+            && !self.services.is_empty()
     }
 
     /// The environment whose cluster and registry the services use: the
