@@ -1182,3 +1182,430 @@ async fn the_lock_is_a_lease_on_the_cluster() {
     ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
     assert!(leases.get_opt(NAME).await.unwrap().is_none());
 }
+
+// ------------------------------------------------ convergence and drift (issue 10)
+
+/// A JSON merge patch by another field manager, as `kubectl patch --type merge` sends it.
+async fn merge_patch_as(c: &Cluster, kind: &str, name: &str, manager: &str, patch: Value) {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    let ar = match kind {
+        "ConfigMap" => kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
+        "Secret" => kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&()),
+        "Deployment" => {
+            kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&())
+        }
+        other => panic!("no kind {other}"),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(c.double.client(), NS, &ar);
+    let pp = PatchParams {
+        field_manager: Some(manager.into()),
+        ..Default::default()
+    };
+    let p = if kind == "Deployment" {
+        Patch::Strategic(patch)
+    } else {
+        Patch::Merge(patch)
+    };
+    api.patch(name, &pp, &p)
+        .await
+        .unwrap_or_else(|e| panic!("patching {kind} {name}: {e}"));
+}
+
+fn managers_of(obj: &Value) -> Vec<(String, String)> {
+    obj["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["manager"].as_str().unwrap_or_default().to_owned(),
+                e["operation"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Keys, containers and labels another field manager adds to what mesh
+/// declares as wholly its own (a ConfigMap's and a Secret's data, the pod
+/// template's containers and labels) show in the plan and are gone after one
+/// apply; the next plan is empty. Server-side apply alone keeps them: they
+/// belong to the other manager.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_added_by_another_manager_are_planned_and_removed_by_one_apply() {
+    const VAR: &str = "MESH_E2E_SCORING_API_KEY";
+    let c = Cluster::new().await;
+    c.edit("stacks/customer-mesh/stack.toml", |s| {
+        s.replace("[service.customer-scoring]\nversion = \"1.0.0\"\n", &format!("[service.customer-scoring]\nversion = \"1.0.0\"\napi_keys = [{{ env = \"{VAR}\" }}]\n"))
+    });
+    let env = [(VAR, "a-key-7d1c")];
+    ok(&c.apply(&env).await, "apply");
+
+    merge_patch_as(
+        &c,
+        "ConfigMap",
+        "customer-scoring-config",
+        "kubectl-patch",
+        serde_json::json!({ "data": { "x": "y" } }),
+    )
+    .await;
+    merge_patch_as(
+        &c,
+        "Secret",
+        "customer-scoring-secrets",
+        "kubectl-patch",
+        serde_json::json!({ "data": { "EXTRA": "c3RyYXk=" } }),
+    )
+    .await;
+    merge_patch_as(
+        &c,
+        "Deployment",
+        "customer-features",
+        "kubectl-patch",
+        serde_json::json!({ "spec": { "template": {
+            "metadata": { "labels": { "injected": "yes" } },
+            "spec": { "containers": [{ "name": "sidecar", "image": "busybox:1.36" }] },
+        } } }),
+    )
+    .await;
+    // The other manager owns what it added (an Update entry), as on a real server.
+    let cm = c.object("v1", "ConfigMap", "customer-scoring-config");
+    assert!(
+        managers_of(&cm).contains(&("kubectl-patch".into(), "Update".into())),
+        "{cm:#}"
+    );
+
+    let (code, plan, out) = c.plan_json(&env).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
+    let want: BTreeSet<(String, String)> = [
+        ("service.customer-scoring.configmap", "update"),
+        ("service.customer-scoring.secret", "update"),
+        ("service.customer-features.deployment", "update"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got, want, "{plan:#}");
+
+    ok(&c.apply(&env).await, "apply repairing the edits");
+    let cm = c.object("v1", "ConfigMap", "customer-scoring-config");
+    let keys: Vec<&String> = cm["data"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["service.json"], "{cm:#}");
+    let secret = c.object("v1", "Secret", "customer-scoring-secrets");
+    let keys: Vec<&String> = secret["data"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, [VAR], "{secret:#}");
+    let dep = c.object("apps/v1", "Deployment", "customer-features");
+    let containers: Vec<&str> = dep["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(containers, ["runtime"], "{dep:#}");
+    assert!(
+        dep["spec"]["template"]["metadata"]["labels"]
+            .get("injected")
+            .is_none(),
+        "{dep:#}"
+    );
+
+    let (code, plan, out) = c.plan_json(&env).await;
+    assert_eq!(code, 0, "{}\n{plan:#}", text(&out));
+}
+
+/// A Secret whose value is edited by hand (its `mesh.dev/secret-hash`
+/// annotation left as it was) shows as an update and is put back by apply;
+/// neither value is ever printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_edited_by_hand_is_planned_and_repaired() {
+    const VAR: &str = "MESH_E2E_SCORING_API_KEY";
+    const VALUE: &str = "the-real-key-51ab";
+    const TAMPERED: &str = "tampered-by-hand-0c2e";
+    let c = Cluster::new().await;
+    c.edit("stacks/customer-mesh/stack.toml", |s| {
+        s.replace("[service.customer-scoring]\nversion = \"1.0.0\"\n", &format!("[service.customer-scoring]\nversion = \"1.0.0\"\napi_keys = [{{ env = \"{VAR}\" }}]\n"))
+    });
+    let env = [(VAR, VALUE)];
+    ok(&c.apply(&env).await, "apply");
+    let (code, _, out) = c.plan_json(&env).await;
+    assert_eq!(code, 0, "{}", text(&out));
+
+    let tampered =
+        serde_json::to_value(k8s_openapi::ByteString(TAMPERED.as_bytes().to_vec())).unwrap();
+    merge_patch_as(
+        &c,
+        "Secret",
+        "customer-scoring-secrets",
+        "kubectl-edit",
+        serde_json::json!({ "data": { VAR: tampered } }),
+    )
+    .await;
+
+    let (code, plan, out) = c.plan_json(&env).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    assert!(
+        changes(&plan).contains(&("service.customer-scoring.secret".into(), "update".into())),
+        "{plan:#}"
+    );
+    let human = c.run("plan", &[], &env).await;
+    for o in [&human, &out] {
+        let all = text(o);
+        assert!(
+            !all.contains(VALUE)
+                && !all.contains(TAMPERED)
+                && !all.contains(tampered.as_str().unwrap()),
+            "a secret value leaked: {all}"
+        );
+    }
+    ok(&c.apply(&env).await, "apply repairing the Secret");
+    let secret = c.object("v1", "Secret", "customer-scoring-secrets");
+    let want = serde_json::to_value(k8s_openapi::ByteString(VALUE.as_bytes().to_vec())).unwrap();
+    assert_eq!(secret["data"][VAR], want, "{secret:#}");
+    let (code, plan, out) = c.plan_json(&env).await;
+    assert_eq!(code, 0, "{}\n{plan:#}", text(&out));
+}
+
+/// Images pushed with `MESH_REGISTRY_USER`/`MESH_REGISTRY_PASSWORD` are
+/// pulled with the same credentials: a `kubernetes.io/dockerconfigjson`
+/// Secret mesh owns, named in every Deployment's `imagePullSecrets`, planned
+/// by digest only (the password is never shown), removed by destroy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_from_a_private_registry_are_pulled_with_a_pull_secret() {
+    const USER: &str = "puller";
+    const PASSWORD: &str = "pull-password-3e9a71";
+    let reg = support::auth_registry(USER, PASSWORD);
+    let c = Cluster::new().await;
+    let url = format!("{}/mesh", reg.host);
+    let env = [
+        ("MESH_REGISTRY", url.as_str()),
+        ("MESH_REGISTRY_USER", USER),
+        ("MESH_REGISTRY_PASSWORD", PASSWORD),
+    ];
+    let (code, plan, out) = c.plan_json(&env).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    assert!(
+        changes(&plan).contains(&("pull_secret.registry".into(), "create".into())),
+        "{plan:#}"
+    );
+    let human = c.run("plan", &[], &env).await;
+    let basic = serde_json::to_value(k8s_openapi::ByteString(
+        format!("{USER}:{PASSWORD}").into_bytes(),
+    ))
+    .unwrap();
+    for o in [&human, &out] {
+        let all = text(o);
+        assert!(
+            !all.contains(PASSWORD) && !all.contains(basic.as_str().unwrap()),
+            "the registry password leaked: {all}"
+        );
+    }
+
+    let out = c.apply(&env).await;
+    ok(&out, "apply");
+    assert!(!text(&out).contains(PASSWORD), "{}", text(&out));
+    let secret = c.object("v1", "Secret", "mesh-registry");
+    assert_eq!(
+        secret["type"], "kubernetes.io/dockerconfigjson",
+        "{secret:#}"
+    );
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "mesh"
+    );
+    assert_eq!(secret["metadata"]["labels"]["mesh.dev/stack"], STACK);
+    let encoded = secret["data"][".dockerconfigjson"].as_str().unwrap();
+    let decoded: k8s_openapi::ByteString =
+        serde_json::from_value(Value::String(encoded.to_owned())).unwrap();
+    let config: Value = serde_json::from_slice(&decoded.0).unwrap();
+    let entry = &config["auths"][reg.host.as_str()];
+    assert_eq!(entry["username"], USER, "{config:#}");
+    assert_eq!(entry["password"], PASSWORD);
+    assert_eq!(entry["auth"], basic);
+    for svc in ["customer-features", "customer-scoring"] {
+        let dep = c.object("apps/v1", "Deployment", svc);
+        assert_eq!(
+            dep["spec"]["template"]["spec"]["imagePullSecrets"],
+            serde_json::json!([{ "name": "mesh-registry" }]),
+            "{svc}: {dep:#}"
+        );
+    }
+    let (code, plan, out) = c.plan_json(&env).await;
+    assert_eq!(code, 0, "{}\n{plan:#}", text(&out));
+
+    // A new password: the pull Secret is an update, the password never shown.
+    let env2 = [
+        ("MESH_REGISTRY", url.as_str()),
+        ("MESH_REGISTRY_USER", USER),
+        ("MESH_REGISTRY_PASSWORD", "another-password-77"),
+    ];
+    let (code, plan, out) = c.plan_json(&env2).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    assert!(
+        changes(&plan).contains(&("pull_secret.registry".into(), "update".into())),
+        "{plan:#}"
+    );
+    assert!(!text(&out).contains("another-password-77"));
+
+    ok(
+        &c.run("destroy", &["--auto-approve"], &env).await,
+        "destroy",
+    );
+    assert!(
+        c.double
+            .object("v1", "Secret", NS, "mesh-registry")
+            .is_none()
+    );
+}
+
+/// An Ingress under a path other than `/`: the runtime serves under that
+/// base path (its bundle config says so) while the probes stay at the root,
+/// and the URLs `mesh output` prints answer. The image's own bundle and the
+/// ConfigMap's `service.json` are served by the real runtime here, since the
+/// double runs no pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingress_under_a_path_serves_the_urls_mesh_output_prints() {
+    let c = Cluster::new().await;
+    let module = "modules/lookup-service/module.toml";
+    c.edit(module, |s| {
+        s.replace(
+            "type = \"NodePort\"\nport = 8080\nnode_port = \"${input.node_port}\"\n",
+            "type = \"Ingress\"\nport = 8080\nhost = \"features.example.test\"\npath = \"/features\"\n",
+        )
+    });
+    ok(&c.apply(&[]).await, "apply");
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+    let cm = c.object("v1", "ConfigMap", "customer-features-config");
+    let config: Value = serde_json::from_str(cm["data"]["service.json"].as_str().unwrap()).unwrap();
+    assert_eq!(config["base_path"], "/features", "{config:#}");
+    let dep = c.object("apps/v1", "Deployment", "customer-features");
+    let container = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+
+    let out = c.run("output", &["--json"], &[]).await;
+    ok(&out, "output");
+    let urls: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lookup = urls["exposes"]["customer-features"]["endpoints"]["demographics"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{urls:#}"))
+        .to_owned();
+    let path = lookup
+        .strip_prefix("http://features.example.test")
+        .unwrap_or_else(|| panic!("{lookup}"));
+    assert!(path.starts_with("/features/"), "{lookup}");
+
+    // The runtime, with the ConfigMap's service.json, answers that path (as
+    // the Ingress forwards it, unchanged) and its probes at the root.
+    let bundle = tempfile::tempdir().unwrap();
+    for d in ["datasets", "models"] {
+        std::fs::create_dir_all(bundle.path().join(d)).unwrap();
+    }
+    std::fs::write(
+        bundle.path().join("service.json"),
+        cm["data"]["service.json"].as_str().unwrap(),
+    )
+    .unwrap();
+    // The bundle's datasets (`datasets/<name>.csv`, as the image holds them).
+    for (name, file) in [
+        ("demographics", "customers.csv"),
+        ("behavior", "behavior.csv"),
+    ] {
+        assert!(config["datasets"].get(name).is_some(), "{config:#}");
+        std::fs::copy(
+            c.dir.path().join("examples/customer-mesh").join(file),
+            bundle.path().join(format!("datasets/{name}.csv")),
+        )
+        .unwrap();
+    }
+    let port = free_port();
+    let runtime_bin = PathBuf::from(env!("CARGO_BIN_EXE_mesh")).with_file_name("mesh-runtime");
+    assert!(
+        runtime_bin.is_file(),
+        "mesh-runtime is not built at {}: run `cargo build -p mesh-runtime` (scripts/test builds it)",
+        runtime_bin.display()
+    );
+    let runtime = RuntimeProcess(
+        std::process::Command::new(runtime_bin)
+            .args(["serve", "--bundle"])
+            .arg(bundle.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let host = format!("127.0.0.1:{port}");
+    // Up once /readyz answers 200 (the datasets are small; a dead process fails at once).
+    let mut tries = 0;
+    while http_get_status_opt(&host, "/readyz") != Some(200) {
+        tries += 1;
+        assert!(tries < 600, "the runtime never became ready on {host}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(http_get_status(&host, "/healthz", "*/*"), 200);
+    assert_eq!(http_get_status(&host, "/readyz", "*/*"), 200);
+    let (status, body) = http_post(&host, path, r#"{"data": {"customer_id": "C00042"}}"#);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"age\""), "{body}");
+    drop(runtime);
+}
+
+/// Kills the runtime it holds when dropped.
+struct RuntimeProcess(std::process::Child);
+
+impl Drop for RuntimeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_post(host_port: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(host_port).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    )
+}
+
+/// The status of `GET /PATH`, or `None` when nothing answers yet.
+fn http_get_status_opt(host_port: &str, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(host_port).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.split_whitespace().nth(1).and_then(|c| c.parse().ok())
+}
+
+/// A free loopback port below the ephemeral range (30000-32767).
+fn free_port() -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id();
+    for i in 0..400u32 {
+        let p = 30000 + ((seed.wrapping_add(i.wrapping_mul(7919))) % 2767) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port found in 30000-32767");
+}

@@ -64,6 +64,11 @@ pub struct ServiceConfig {
     pub datasets: BTreeMap<String, DatasetConfig>,
     /// Endpoints, by name: the `{endpoint}` segment of the API paths.
     pub endpoints: BTreeMap<String, EndpointConfig>,
+    /// A path prefix (`/features`) under which every route is served too,
+    /// for a proxy that forwards it unchanged (an Ingress path). The routes
+    /// stay at the root as well, so probes and in-cluster callers reach them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_path: Option<String>,
 }
 
 /// A reference to a secret; the value itself never appears in a bundle.
@@ -459,6 +464,31 @@ impl Bundle {
     }
 }
 
+/// `/a`, `/a/b-c`: a rooted path, not `/`, without a trailing `/`, empty
+/// segments or characters a route cannot hold, and not starting where a
+/// route of the root does (`/v2`, `/public`, `/healthz`, ...).
+pub fn valid_base_path(p: &str) -> bool {
+    const ROOT: &[&str] = &[
+        "healthz",
+        "readyz",
+        "v2",
+        "metrics",
+        "openapi.json",
+        "public",
+    ];
+    p.len() > 1
+        && p.starts_with('/')
+        && !ROOT.contains(&p[1..].split('/').next().unwrap_or_default())
+        && p[1..].split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
+        })
+}
+
 impl ServiceConfig {
     /// Consistency problems: dangling references, bad names, empty lists.
     pub fn problems(&self) -> Vec<String> {
@@ -467,6 +497,13 @@ impl ServiceConfig {
             out.push(format!(
                 "service name `{}` must be non-empty and use only letters, digits, `-`, `_` and `.`",
                 self.service
+            ));
+        }
+        if let Some(p) = &self.base_path
+            && !valid_base_path(p)
+        {
+            out.push(format!(
+                "base_path `{p}` must start with `/`, not end with `/`, hold only path characters and not start like a route of the root (`/v2`, `/public`, `/healthz`, ...), e.g. `/features`"
             ));
         }
         if self.limits.max_body_bytes == 0 || self.limits.max_batch == 0 {
@@ -623,6 +660,27 @@ fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_paths_are_rooted_plain_and_clear_of_the_root_routes() {
+        for ok in ["/features", "/a/b-c", "/v1.2/x_y~z"] {
+            assert!(valid_base_path(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/",
+            "features",
+            "/a/",
+            "/a//b",
+            "/a/../b",
+            "/a b",
+            "/v2",
+            "/public/x",
+            "/healthz",
+        ] {
+            assert!(!valid_base_path(bad), "{bad}");
+        }
+    }
 
     const SKETCH: &str = r#"{
       "service": "customer-scoring",

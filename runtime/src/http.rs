@@ -36,6 +36,7 @@ struct Inner {
     service: String,
     version: Option<String>,
     limits: Limits,
+    base_path: Option<String>,
     api_keys: Vec<Vec<u8>>,
     metrics: Metrics,
     ready: OnceLock<Ready>,
@@ -61,6 +62,10 @@ impl AppState {
                 service: config.service.clone(),
                 version: config.version.clone(),
                 limits: config.limits.clone(),
+                base_path: config
+                    .base_path
+                    .clone()
+                    .filter(|p| crate::config::valid_base_path(p)),
                 api_keys: api_keys.into_iter().map(String::into_bytes).collect(),
                 metrics: Metrics::new(&config.service, endpoints),
                 ready: OnceLock::new(),
@@ -102,7 +107,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(model_infer))
         .route_layer(from_fn_with_state(state.clone(), authenticate));
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v2", get(server_metadata))
@@ -110,7 +115,13 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/health/ready", get(v2_ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
-        .merge(protected)
+        .merge(protected);
+    // Under the base path as well as at the root (see `ServiceConfig::base_path`).
+    let routes = match state.inner.base_path.as_deref() {
+        Some(base) => routes.clone().nest(base, routes),
+        None => routes,
+    };
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), track))
@@ -118,7 +129,15 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let route = state.inner.metrics.route_id(request.uri().path());
+    let path = request.uri().path();
+    let path = state
+        .inner
+        .base_path
+        .as_deref()
+        .and_then(|b| path.strip_prefix(b))
+        .filter(|rest| rest.starts_with('/'))
+        .unwrap_or(path);
+    let route = state.inner.metrics.route_id(path);
     let start = Instant::now();
     let response = next.run(request).await;
     state

@@ -502,6 +502,7 @@ pub fn bundle_for(
             connections,
             datasets,
             endpoints,
+            base_path: None,
         },
         files,
     }

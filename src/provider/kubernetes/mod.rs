@@ -10,8 +10,12 @@
 //! - Live objects are found by their labels (one list call per kind across
 //!   namespaces) and projected onto the attributes mesh sets ([`project`]),
 //!   so defaulted and allocated fields never show as differences.
-//! - Apply server-side applies with field manager `mesh` (forced), then
+//! - Apply server-side applies with field manager `mesh` (forced), removes
+//!   what other managers added to what mesh owns wholly (data keys, pod
+//!   template labels, containers, pull secrets: [`foreign_patch`]), then
 //!   waits for Deployments to roll out ([`rollout`]) unless `--no-wait`.
+//! - With registry credentials, a `kubernetes.io/dockerconfigjson` Secret
+//!   (`pull_secret.registry`) lets the nodes pull the images.
 //!
 //! This is the only module that imports `kube`.
 
@@ -262,6 +266,24 @@ impl KubernetesProvider {
             return Ok(auth);
         }
         Ok(self.settings.registry_auth.clone())
+    }
+
+    /// The pull secret the images need: for a registry by URL pushed to
+    /// with credentials (`MESH_REGISTRY_USER`/`MESH_REGISTRY_PASSWORD`).
+    /// A stack's ECR registry needs none: EKS nodes pull with their role.
+    fn pull_secret(&self, registry: Option<&objects::Registry>) -> Option<objects::PullSecret> {
+        let Some(objects::Registry::Url(url)) = registry else {
+            return None;
+        };
+        let RegistryAuth::Basic { user, password } = &self.settings.registry_auth else {
+            return None;
+        };
+        let (host, _) = crate::image::registry_and_repository(url).ok()?;
+        let config = objects::docker_config(&host, user, password);
+        Some(objects::PullSecret {
+            digest: objects::pull_secret_digest(&config),
+            host,
+        })
     }
 
     /// Remembers image digests under the stack's state folder (`.mesh/<env>/`).
@@ -521,6 +543,67 @@ fn live_of(kind: Kind, obj: &J) -> Option<Live> {
     Some(live)
 }
 
+/// A strategic merge patch deleting what `live` holds beyond `manifest` in
+/// the parts mesh declares as wholly its own: a ConfigMap's or Secret's
+/// data keys; a Deployment's pod template labels, containers and pull
+/// secrets. `None` when there is nothing foreign.
+fn foreign_patch(kind: Kind, manifest: &J, live: &J) -> Option<J> {
+    let extra_keys = |path: &str| -> serde_json::Map<String, J> {
+        let wanted = manifest.pointer(path).and_then(J::as_object);
+        live.pointer(path)
+            .and_then(J::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !wanted.is_some_and(|w| w.contains_key(*k)))
+            .map(|(k, _)| (k.clone(), J::Null))
+            .collect()
+    };
+    let extra_items = |path: &str| -> Vec<J> {
+        let named = |v: Option<&J>| -> Vec<String> {
+            v.and_then(J::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.get("name").and_then(J::as_str).map(str::to_owned))
+                .collect()
+        };
+        let wanted = named(manifest.pointer(path));
+        named(live.pointer(path))
+            .into_iter()
+            .filter(|n| !wanted.contains(n))
+            .map(|n| json!({ "name": n, "$patch": "delete" }))
+            .collect()
+    };
+    let mut patch = json!({});
+    match kind {
+        Kind::ConfigMap | Kind::Secret => {
+            let data = extra_keys("/data");
+            if !data.is_empty() {
+                patch["data"] = J::Object(data);
+            }
+            if kind == Kind::ConfigMap {
+                let binary = extra_keys("/binaryData");
+                if !binary.is_empty() {
+                    patch["binaryData"] = J::Object(binary);
+                }
+            }
+        }
+        Kind::Deployment => {
+            let labels = extra_keys("/spec/template/metadata/labels");
+            if !labels.is_empty() {
+                patch["spec"]["template"]["metadata"]["labels"] = J::Object(labels);
+            }
+            for list in ["containers", "imagePullSecrets"] {
+                let extra = extra_items(&format!("/spec/template/spec/{list}"));
+                if !extra.is_empty() {
+                    patch["spec"]["template"]["spec"][list] = J::Array(extra);
+                }
+            }
+        }
+        _ => {}
+    }
+    (patch != json!({})).then_some(patch)
+}
+
 fn to_json(obj: &DynamicObject) -> J {
     serde_json::to_value(obj).unwrap_or(J::Null)
 }
@@ -569,11 +652,25 @@ impl KubernetesProvider {
             None => None,
         };
         match kind {
+            Kind::Secret if internal_str(d, objects::ATTR_PULL_SECRET).is_some() => {
+                let host = internal_str(d, objects::ATTR_PULL_SECRET).unwrap_or_default();
+                let RegistryAuth::Basic { user, password } = &self.settings.registry_auth else {
+                    return Err(invalid(
+                        address,
+                        "the registry's credentials (MESH_REGISTRY_USER, MESH_REGISTRY_PASSWORD) are not set any more; set them or plan again",
+                    ));
+                };
+                let config = objects::docker_config(host, user, password);
+                manifest["metadata"]["annotations"][kinds::ANNOTATION_SECRET_HASH] =
+                    json!(objects::pull_secret_digest(&config));
+                manifest["data"] =
+                    objects::secret_data(&[(objects::DOCKER_CONFIG_KEY.to_owned(), config)].into());
+            }
             Kind::Secret => {
                 let values = secrets.unwrap_or_default();
                 manifest["metadata"]["annotations"][kinds::ANNOTATION_SECRET_HASH] =
                     json!(objects::secret_digest(&values));
-                manifest["stringData"] = json!(values);
+                manifest["data"] = objects::secret_data(&values);
             }
             Kind::Deployment => {
                 if let Some(values) = &secrets {
@@ -627,6 +724,11 @@ impl KubernetesProvider {
                 ),
             })?;
         let mut obj = to_json(&obj);
+        if foreign_patch(kind, &manifest, &obj).is_some() {
+            obj = self
+                .remove_foreign(kind, &api, &manifest, obj, address, &conn)
+                .await?;
+        }
         if kind == Kind::Deployment && !ctx.no_wait {
             let waiter = rollout::Waiter {
                 api: &api,
@@ -647,6 +749,62 @@ impl KubernetesProvider {
                 address,
                 "the applied object has no mesh.dev/address annotation",
             )
+        })
+    }
+
+    /// Removes what other field managers added to what mesh declares as
+    /// wholly its own ([`foreign_patch`]). Server-side apply keeps such
+    /// fields (they belong to their manager), so the plan would show them
+    /// forever. A strategic merge patch deletes exactly those entries, on
+    /// the condition that the object is still the one read (its
+    /// `resourceVersion`): a write in between is read again, never undone.
+    async fn remove_foreign(
+        &self,
+        kind: Kind,
+        api: &Api<DynamicObject>,
+        manifest: &J,
+        mut obj: J,
+        address: &Address,
+        conn: &Conn,
+    ) -> Result<J, ProviderError> {
+        let name = manifest
+            .pointer("/metadata/name")
+            .and_then(J::as_str)
+            .unwrap_or_default();
+        let fail = |e: &kube::Error| ProviderError::Api {
+            address: address.clone(),
+            message: format!(
+                "removing fields other managers added to {} {name}: {}",
+                kind.kind(),
+                describe(e, conn)
+            ),
+        };
+        let params = PatchParams {
+            field_manager: Some(OWNER.to_owned()),
+            ..Default::default()
+        };
+        for _ in 0..5 {
+            let Some(mut patch) = foreign_patch(kind, manifest, &obj) else {
+                return Ok(obj);
+            };
+            patch["metadata"]["resourceVersion"] = obj
+                .pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or(J::Null);
+            match api.patch(name, &params, &Patch::Strategic(&patch)).await {
+                Ok(o) => return Ok(to_json(&o)),
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    obj = to_json(&api.get(name).await.map_err(|e| fail(&e))?);
+                }
+                Err(e) => return Err(fail(&e)),
+            }
+        }
+        Err(ProviderError::Api {
+            address: address.clone(),
+            message: format!(
+                "{} {name} kept changing while mesh removed fields other managers added; apply again",
+                kind.kind()
+            ),
         })
     }
 
@@ -868,8 +1026,10 @@ impl Provider for KubernetesProvider {
         let digests = |wanted: &[(&str, &crate::provider::local::BundlePlan)]| {
             self.images.digests(wanted, RUNTIME_PORT)
         };
+        let registry = objects::registry(stack, self.settings.registry.as_deref());
         let inputs = objects::Inputs {
-            registry: objects::registry(stack, self.settings.registry.as_deref()),
+            pull_secret: self.pull_secret(registry.as_ref()),
+            registry,
             image_digests: &digests,
         };
         objects::desired(stack, &inputs)

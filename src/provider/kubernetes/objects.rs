@@ -53,6 +53,44 @@ pub struct Inputs<'a> {
     pub registry: Option<Registry>,
     /// Digests (`sha256:...`) of the images of services with these bundles (built, not pushed).
     pub image_digests: &'a ImageDigests<'a>,
+    /// The pull secret the cluster needs for a registry that takes credentials.
+    pub pull_secret: Option<PullSecret>,
+}
+
+/// A `kubernetes.io/dockerconfigjson` Secret for pulling the images: the
+/// registry host and the digest of its content. The content (with the
+/// password) is made again at apply time, never carried in the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PullSecret {
+    pub host: String,
+    pub digest: String,
+}
+
+/// The pull secret's name, in the stack's namespace.
+pub const PULL_SECRET: &str = "mesh-registry";
+/// Its key in `data`.
+pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
+/// Internal attribute: the registry host of the pull secret.
+pub const ATTR_PULL_SECRET: &str = "_pull_secret";
+
+/// The pull secret's address.
+pub fn pull_secret_address() -> Address {
+    Address::of("pull_secret", "registry")
+}
+
+/// `.dockerconfigjson` for one registry host and its credentials.
+pub fn docker_config(host: &str, user: &str, password: &str) -> String {
+    let auth = serde_json::to_value(k8s_openapi::ByteString(
+        format!("{user}:{password}").into_bytes(),
+    ))
+    .unwrap_or_default();
+    json!({ "auths": { host: { "username": user, "password": password, "auth": auth } } })
+        .to_string()
+}
+
+/// The pull secret's `data` digest (as [`secret_digest`] of its one key).
+pub fn pull_secret_digest(config: &str) -> String {
+    super::project::secret_digest([(DOCKER_CONFIG_KEY, config.as_bytes())])
 }
 
 /// The namespace a stack's objects go to.
@@ -113,10 +151,31 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         }
     };
 
+    // The registry's credentials, for the nodes to pull the images with.
+    let pull_addr = pull_secret_address();
+    if let Some(p) = &inputs.pull_secret {
+        let m = meta(stack, &pull_addr, PULL_SECRET, Some(&ns));
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": m,
+            "type": "kubernetes.io/dockerconfigjson", "data": { DOCKER_CONFIG_KEY: "" },
+        });
+        let mut d = in_ns(object(&pull_addr, Kind::Secret, manifest));
+        d.attrs.insert(
+            "data".to_owned(),
+            Attr::new(Value::Sensitive {
+                digest: p.digest.clone(),
+            }),
+        );
+        d.attrs
+            .insert(ATTR_PULL_SECRET.to_owned(), internal(p.host.clone()));
+        out.push(d);
+    }
+
     let lookup_url = |service: &str| service_url(stack, &ns, service);
     let mut bundles = Vec::new();
     for svc in stack.services.values() {
         let mut bundle = bundle_for(stack, svc, &lookup_url);
+        bundle.config.base_path = base_path(stack, &svc.name);
         let secrets = cluster_secrets(&mut bundle.config);
         bundles.push((bundle, secrets));
     }
@@ -160,7 +219,9 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             let m = meta(stack, &secret_addr, &secret_name(name), Some(&ns));
             let keys: serde_json::Map<String, J> =
                 secrets.keys().map(|k| (k.clone(), json!(""))).collect();
-            let manifest = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "stringData": keys });
+            // `data`, not `stringData`: the server folds `stringData` into `data`,
+            // so a key applied as `stringData` would never be removed by apply.
+            let manifest = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "data": keys });
             let mut d = in_ns(object(&secret_addr, Kind::Secret, manifest));
             d.attrs
                 .insert("data".to_owned(), Attr::new(sensitive(&digest)));
@@ -250,6 +311,9 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                 },
             },
         });
+        if inputs.pull_secret.is_some() {
+            spec["template"]["spec"]["imagePullSecrets"] = json!([{ "name": PULL_SECRET }]);
+        }
         // With an autoscaler, the replica count is the autoscaler's: mesh does not apply it.
         if svc.autoscaling.is_none() {
             spec["replicas"] = json!(svc.replicas);
@@ -303,6 +367,9 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         }
         if let Some(Registry::Stack(reg)) = &inputs.registry {
             d = d.depends(Address::of("registry", reg));
+        }
+        if inputs.pull_secret.is_some() {
+            d = d.depends(pull_addr.clone());
         }
         out.push(d);
 
@@ -418,6 +485,28 @@ pub fn shared_repository_tag(repository: &str, service: &str, digest: &str) -> S
         service.to_lowercase(),
         digest.trim_start_matches("sha256:")
     )
+}
+
+/// Where a service's Ingress forwards it (the path unchanged, so the runtime
+/// serves under it too): its first Ingress exposure's path, unless `/`.
+fn base_path(stack: &Stack, service: &str) -> Option<String> {
+    stack.exposes.values().find_map(|e| match &e.kind {
+        ExposeKind::Ingress { path, .. } if e.service == service => {
+            let p = path.trim_end_matches('/');
+            if p.is_empty() {
+                return None;
+            }
+            if !rc::valid_base_path(p) {
+                warn(
+                    &Address::of("expose", &e.name),
+                    &format!("the runtime cannot serve under the ingress path {path} (plain segments only, not /v2, /public, /healthz, ...); its URLs will not answer"),
+                );
+                return None;
+            }
+            Some(p.to_owned())
+        }
+        _ => None,
+    })
 }
 
 /// The in-cluster URL of a service: its first exposure's Service.
@@ -549,15 +638,21 @@ pub fn resolve_secrets(
 
 /// The digest of a Secret's content (what the `mesh.dev/secret-hash` annotation holds).
 pub fn secret_digest(values: &BTreeMap<String, String>) -> String {
-    let mut h = Sha256::new();
-    h.update(b"mesh-secret/1\0");
-    for (k, v) in values {
-        h.update(k.as_bytes());
-        h.update([0]);
-        h.update(v.as_bytes());
-        h.update([0]);
-    }
-    format!("sha256:{}", hex::encode(h.finalize()))
+    super::project::secret_digest(values.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+}
+
+/// A Secret's `data`: each value base64-encoded, as the API stores it.
+pub fn secret_data(values: &BTreeMap<String, String>) -> J {
+    J::Object(
+        values
+            .iter()
+            .map(|(k, v)| {
+                let encoded = serde_json::to_value(k8s_openapi::ByteString(v.as_bytes().to_vec()))
+                    .unwrap_or_default();
+                (k.clone(), encoded)
+            })
+            .collect(),
+    )
 }
 
 /// The registry an environment pushes to: `registry` if it is a URL (or

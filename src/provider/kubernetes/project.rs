@@ -50,12 +50,27 @@ pub fn project(kind: Kind, obj: &J) -> BTreeMap<String, Value> {
                 }
             }
             a.insert("keys".to_owned(), Value::list_of_str(keys));
+            put(&mut a, "type", obj.pointer("/type"));
+            // The digest of the data itself (what the server holds, not what
+            // mesh last wrote), so a value edited by hand shows as a change.
+            // A desired manifest carries no values: its `data` is set apart.
+            let data: BTreeMap<String, Vec<u8>> = obj
+                .pointer("/data")
+                .and_then(J::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| {
+                    let bytes = serde_json::from_value::<k8s_openapi::ByteString>(v.clone())
+                        .map(|b| b.0)
+                        .unwrap_or_default();
+                    (k.clone(), bytes)
+                })
+                .collect();
             a.insert(
                 "data".to_owned(),
-                sensitive(
-                    obj.pointer("/metadata/annotations")
-                        .and_then(|m| m.get(kinds::ANNOTATION_SECRET_HASH)),
-                ),
+                Value::Sensitive {
+                    digest: secret_digest(data.iter().map(|(k, v)| (k.as_str(), v.as_slice()))),
+                },
             );
         }
         Kind::Deployment => project_deployment(obj, &mut a),
@@ -150,6 +165,25 @@ fn project_deployment(obj: &J, a: &mut BTreeMap<String, Value>) {
     if let Some(h) = annotations.and_then(|m| m.get(kinds::ANNOTATION_SECRET_HASH)) {
         a.insert("secret_hash".to_owned(), sensitive(Some(h)));
     }
+    // The pod template's labels, containers and pull secrets are wholly
+    // mesh's: one added by someone else shows as a change.
+    put(
+        a,
+        "pod_labels",
+        tmpl.and_then(|t| t.pointer("/metadata/labels")),
+    );
+    let names = |list: &str| -> Value {
+        Value::List(
+            tmpl.and_then(|t| t.pointer(list))
+                .and_then(J::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("name").and_then(J::as_str).map(Value::str))
+                .collect(),
+        )
+    };
+    a.insert("containers".to_owned(), names("/spec/containers"));
+    a.insert("pull_secrets".to_owned(), names("/spec/imagePullSecrets"));
     let c = tmpl.and_then(|t| t.pointer("/spec/containers/0"));
     if let Some(image) = c.and_then(|c| c.get("image")).and_then(J::as_str) {
         a.insert("image".to_owned(), Value::str(image));
@@ -264,6 +298,22 @@ fn sensitive(v: Option<&J>) -> Value {
         },
         None => Value::Null,
     }
+}
+
+/// The digest of a Secret's content, key by key (what the
+/// `mesh.dev/secret-hash` annotation holds); never the values themselves.
+pub fn secret_digest<'a>(items: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut sorted: Vec<(&str, &[u8])> = items.into_iter().collect();
+    sorted.sort();
+    let mut h = Sha256::new();
+    h.update(b"mesh-secret/1\0");
+    for (k, v) in sorted {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v);
+        h.update([0]);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
 }
 
 /// `sha256:HEX` of a text.

@@ -792,7 +792,8 @@ impl Store {
                 let Some(cv) = fields::value_at(&applied_cfg, p) else {
                     continue;
                 };
-                if !fields::is_leaf(p, cv) {
+                // An empty map merges into the live one without changing it.
+                if !fields::is_leaf(p, cv) || cv.as_object().is_some_and(|m| m.is_empty()) {
                     continue;
                 }
                 if let Some(lv) = fields::value_at(&live, p)

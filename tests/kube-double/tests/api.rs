@@ -1270,3 +1270,119 @@ async fn hpa_and_network_policy_round_trip() {
         created.metadata.resource_version
     );
 }
+
+/// What a real API server does with fields of several managers: a merge
+/// patch by another manager takes ownership of what it adds (an `Update`
+/// entry); an apply that omits a field owned only by another manager keeps
+/// it; an apply that omits a field it shares with another manager drops only
+/// its own ownership; a field only the applier owned goes.
+#[tokio::test]
+async fn fields_of_other_managers_survive_an_apply_that_omits_them() {
+    let (_d, client) = setup().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    apply(
+        &cms,
+        "cfg",
+        "mesh",
+        &cm("cfg", json!({"mine": "1", "shared": "s"})),
+    )
+    .await
+    .unwrap();
+    // `kubectl patch --type merge`: an Update by kubectl-patch.
+    let pp = PatchParams {
+        field_manager: Some("kubectl-patch".into()),
+        ..Default::default()
+    };
+    cms.patch("cfg", &pp, &Patch::Merge(json!({"data": {"x": "y"}})))
+        .await
+        .unwrap();
+    // Another applier shares `shared` (same value: no conflict).
+    apply(&cms, "cfg", "other", &cm("cfg", json!({"shared": "s"})))
+        .await
+        .unwrap();
+    let mf = cms
+        .get("cfg")
+        .await
+        .unwrap()
+        .metadata
+        .managed_fields
+        .unwrap();
+    let patcher = mf
+        .iter()
+        .find(|e| e.manager.as_deref() == Some("kubectl-patch"))
+        .expect("an entry for the patcher");
+    assert_eq!(patcher.operation.as_deref(), Some("Update"));
+    assert_eq!(
+        patcher.fields_v1.as_ref().unwrap().0,
+        json!({"f:data": {"f:x": {}}})
+    );
+
+    // mesh applies without x, shared and mine: x and shared stay, mine goes.
+    let after = apply(&cms, "cfg", "mesh", &cm("cfg", json!({"new": "2"})))
+        .await
+        .unwrap();
+    let data = after.data.clone().unwrap();
+    assert_eq!(
+        data.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["new", "shared", "x"],
+        "{data:?}"
+    );
+    let mf = after.metadata.managed_fields.clone().unwrap();
+    let mesh = mf
+        .iter()
+        .find(|e| e.manager.as_deref() == Some("mesh"))
+        .unwrap();
+    assert_eq!(
+        mesh.fields_v1.as_ref().unwrap().0,
+        json!({"f:data": {".": {}, "f:new": {}}}),
+        "mesh no longer owns shared"
+    );
+    // The other applier lets go of shared, which it alone owned now: it goes
+    // (an empty map changes nothing, so it conflicts with nobody); x stays.
+    apply(&cms, "cfg", "other", &cm("cfg", json!({})))
+        .await
+        .unwrap();
+    let data = cms.get("cfg").await.unwrap().data.unwrap();
+    assert_eq!(
+        data.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["new", "x"],
+        "{data:?}"
+    );
+
+    // A JSON merge patch that sets x to null removes it, whoever owns it,
+    // and with a stale resourceVersion it is refused.
+    let stale = rv(&after);
+    let e = api_err(
+        cms.patch(
+            "cfg",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"resourceVersion": stale}, "data": {"x": null}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(e.code, 409);
+    let now = rv(&cms.get("cfg").await.unwrap());
+    let pp = PatchParams {
+        field_manager: Some("mesh".into()),
+        ..Default::default()
+    };
+    let repaired = cms
+        .patch(
+            "cfg",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"resourceVersion": now}, "data": {"x": null}})),
+        )
+        .await
+        .unwrap();
+    assert!(!repaired.data.unwrap().contains_key("x"));
+    assert!(
+        repaired
+            .metadata
+            .managed_fields
+            .unwrap()
+            .iter()
+            .all(|e| e.manager.as_deref() != Some("kubectl-patch")),
+        "the patcher owns nothing any more"
+    );
+}
