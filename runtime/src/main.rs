@@ -209,18 +209,23 @@ async fn serve_handover(
     started: Instant,
     takeover: Takeover,
 ) -> Result<(), String> {
-    let socket = if listen.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .and_then(|s| {
-        s.set_reuseaddr(true)?;
+    let bind = |reuseaddr: bool| {
+        let s = if listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        s.set_reuseaddr(reuseaddr)?;
         s.set_reuseport(true)?;
         s.bind(listen)?;
-        Ok(s)
-    })
-    .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        Ok::<_, std::io::Error>(s)
+    };
+    let socket = bind(true).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    // A socket that is bound but not listening, with SO_REUSEADDR, is not in
+    // the way of a program probing the address the usual way (binding it
+    // with SO_REUSEADDR): while loading, a second one bound with
+    // SO_REUSEPORT alone is, so the address shows as taken.
+    let guard = bind(false).ok();
     log::info(format_args!(
         "bound {listen} (shared); accepting once ready"
     ));
@@ -235,6 +240,7 @@ async fn serve_handover(
     let listener = socket
         .listen(1024)
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    drop(guard);
     if let Err(e) = steer_here(&listener) {
         log::warn(format_args!(
             "cannot steer new connections to this process ({e}): the runtime it replaces may reset a few while it stops"
