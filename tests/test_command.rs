@@ -31,8 +31,15 @@ struct Env {
 }
 
 fn free_port(not: &[u16]) -> u16 {
-    // The NodePort range, below the ephemeral ports.
-    let start = (std::process::id() as usize * 31 + not.len() * 977) % 2768;
+    // The NodePort range, below the ephemeral ports; tests run in parallel
+    // threads, so each call starts somewhere else.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
+    let start = (std::process::id() as usize * 31 + call * 557 + nanos) % 2768;
     (0..2768)
         .map(|i| 30000 + ((start + i) % 2768) as u16)
         .find(|p| !not.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok())
