@@ -19,8 +19,8 @@ use mesh::provider::kubernetes::{KubeAccess, KubernetesProvider, Settings};
 use mesh::provider::{ApplyContext, Provider};
 use mesh::resource::{ProviderId, Scope};
 use mesh::stack::{
-    Caller, Cluster, ClusterKind, Dataset, DatasetSource, Duplicates, Endpoint, Environment,
-    Expose, ExposeKind, Resources, Service, Stack, Target,
+    Caller, Cluster, ClusterKind, Dataset, DatasetMode, DatasetSource, Duplicates, Endpoint,
+    Environment, Expose, ExposeKind, Resources, Service, Stack, Target,
 };
 use mesh::{apply, plan};
 
@@ -35,6 +35,7 @@ fn stack(name: &str, root: &Path, data: &Path) -> Stack {
         let dataset = Dataset {
             name: "customers".into(),
             source: DatasetSource::File(data.to_owned()),
+            mode: DatasetMode::Bundle,
             key: "customer_id".into(),
             duplicates: Duplicates::Error,
         };

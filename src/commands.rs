@@ -144,8 +144,8 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             run_apply(
                 &path,
                 &env,
-                options(targets, replace, false),
                 None,
+                options(targets, replace, false),
                 auto_approve,
                 parallelism,
                 no_wait,
@@ -156,15 +156,15 @@ pub(crate) async fn run(command: Command) -> ExitCode {
         Command::Destroy {
             path,
             env,
-            auto_approve,
             instance,
+            auto_approve,
             parallelism,
         } => {
             let code = run_apply(
                 &path,
                 &env,
-                options(Vec::new(), Vec::new(), true),
                 instance.as_deref(),
+                options(Vec::new(), Vec::new(), true),
                 auto_approve,
                 parallelism,
                 true,
@@ -278,8 +278,8 @@ fn confirm(what: &str) -> bool {
 async fn run_apply(
     path: &Path,
     env: &str,
-    opts: plan::Options,
     instance: Option<&str>,
+    opts: plan::Options,
     auto_approve: bool,
     parallelism: usize,
     no_wait: bool,

@@ -365,25 +365,11 @@ pub fn bundle_for(
                 files.insert(rel.clone(), p.clone());
                 rc::DatasetSource::Csv(PathBuf::from(rel))
             }
-            DatasetSource::Sql {
-                connection, query, ..
-            } => {
-                if let Some(c) = stack.connections.get(connection) {
-                    connections.insert(
-                        connection.clone(),
-                        rc::ConnectionConfig::Postgres {
-                            host: c.host.clone(),
-                            port: c.port,
-                            database: c.database.clone(),
-                            user: c.user.clone(),
-                            password: c.password.as_ref().map(secret),
-                            pool_size: 4,
-                            sslmode: rc::SslMode::Disable,
-                            ca_file: None,
-                            statement_timeout_ms: 5000,
-                            connect_timeout_ms: 5000,
-                        },
-                    );
+            DatasetSource::Sql { connection, query } => {
+                if let Some(c) = stack.connections.get(connection)
+                    && let Some(config) = connection_config(c, &mut files)
+                {
+                    connections.insert(connection.clone(), config);
                 }
                 rc::DatasetSource::Sql(rc::SqlSource {
                     connection: connection.clone(),
@@ -391,12 +377,27 @@ pub fn bundle_for(
                 })
             }
         };
-        let mode = match &d.source {
-            DatasetSource::Sql {
-                mode: stack::SqlMode::Live,
-                ..
-            } => rc::DatasetMode::Live,
-            _ => rc::DatasetMode::Preload,
+        let (mode, refresh_secs, max_staleness_secs, cache) = match &d.mode {
+            stack::DatasetMode::Live { cache } => (
+                rc::DatasetMode::Live,
+                None,
+                None,
+                cache.map(|c| rc::CacheConfig {
+                    ttl_ms: c.ttl.as_millis().min(u64::MAX as u128) as u64,
+                    max_entries: c.max_entries as usize,
+                }),
+            ),
+            stack::DatasetMode::Preload {
+                refresh,
+                max_staleness,
+            } => (
+                rc::DatasetMode::Preload,
+                refresh.map(|r| r.as_secs().max(1)),
+                max_staleness.map(|m| m.as_secs().max(1)),
+                None,
+            ),
+            // TODO(bundle): a query frozen into the bundle at apply.
+            stack::DatasetMode::Bundle => (rc::DatasetMode::Preload, None, None, None),
         };
         datasets.insert(
             name.clone(),
@@ -409,9 +410,9 @@ pub fn bundle_for(
                 },
                 mode,
                 columns: BTreeMap::new(),
-                refresh_secs: None,
-                max_staleness_secs: None,
-                cache: None,
+                refresh_secs,
+                max_staleness_secs,
+                cache,
             },
         );
     }
@@ -506,6 +507,44 @@ pub fn bundle_for(
         },
         files,
     }
+}
+
+/// The runtime's view of a `[connection]`: options and secrets by reference.
+/// A CA file travels in the bundle (`certs/<connection>.pem`).
+fn connection_config(
+    c: &stack::Connection,
+    files: &mut BTreeMap<String, PathBuf>,
+) -> Option<rc::ConnectionConfig> {
+    Some(match &c.kind {
+        stack::ConnectionKind::Postgres {
+            host,
+            port,
+            sslmode,
+            ca_file,
+        } => rc::ConnectionConfig::Postgres {
+            host: host.clone(),
+            port: *port,
+            database: c.database.clone(),
+            user: c.user.clone(),
+            password: c.password.as_ref().map(secret),
+            pool_size: c.pool_size as usize,
+            sslmode: match sslmode {
+                stack::SslMode::Disable => rc::SslMode::Disable,
+                stack::SslMode::Require => rc::SslMode::Require,
+                stack::SslMode::VerifyFull => rc::SslMode::VerifyFull,
+            },
+            ca_file: ca_file.as_ref().map(|path| {
+                let rel = format!("certs/{}.pem", c.name);
+                files.insert(rel.clone(), path.clone());
+                PathBuf::from(rel)
+            }),
+            statement_timeout_ms: c.statement_timeout_ms,
+            connect_timeout_ms: 5000,
+        },
+        // Refused by the stack resolver until the runtime serves datasets from
+        // Snowflake (its client exists, `runtime/src/snowflake.rs`).
+        stack::ConnectionKind::Snowflake { .. } => return None,
+    })
 }
 
 fn dataset_columns(d: &stack::Dataset) -> Vec<String> {

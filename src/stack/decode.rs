@@ -4,6 +4,8 @@
 use super::diag::{Code, Diagnostic, did_you_mean};
 use super::source::{Entry, NodeKind, Span, Table};
 
+use std::time::Duration;
+
 /// Collected diagnostics.
 #[derive(Default, Debug)]
 pub struct Errors(pub Vec<Diagnostic>);
@@ -53,7 +55,7 @@ impl<'t> Fields<'t> {
         self.table.get(key)
     }
 
-    fn missing(&self, errors: &mut Errors, key: &str, ty: &str, example: &str) {
+    pub fn missing(&self, errors: &mut Errors, key: &str, ty: &str, example: &str) {
         errors.push(
             Diagnostic::new(
                 Code::MissingField,
@@ -123,6 +125,27 @@ impl<'t> Fields<'t> {
                     )
                     .label("out of range")
                     .help(format!("use a value from 0 to {}", u32::MAX)),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration written as a string of `<number><unit>` parts, units `ms`,
+    /// `s`, `m`, `h`, `d` (`"30s"`, `"5m"`, `"1h30m"`), more than zero.
+    pub fn duration_opt(&self, errors: &mut Errors, key: &str) -> Option<(Duration, Span)> {
+        let (text, span) = self.str_opt(errors, key)?;
+        match parse_duration(&text) {
+            Some(d) if !d.is_zero() => Some((d, span)),
+            _ => {
+                errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        span,
+                        format!("`{key}` is not a duration: \"{text}\""),
+                    )
+                    .label("expected a duration")
+                    .help("write a number and a unit (ms, s, m, h, d), e.g. \"30s\", \"5m\" or \"1h30m\""),
                 );
                 None
             }
@@ -241,4 +264,64 @@ pub fn wrong_type(e: &Entry, expected: &str, found: &NodeKind) -> Diagnostic {
     )
     .label(format!("expected {expected}"))
     .help(help)
+}
+
+/// `"1h30m"` → 90 minutes; `None` when it is not a sequence of `<number><unit>`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let part = match &rest[..unit] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400)?),
+            _ => return None,
+        };
+        total = total.checked_add(part)?;
+        rest = &rest[unit..];
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_by_unit_and_refuse_the_rest() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2d"), Some(Duration::from_secs(172_800)));
+        for bad in [
+            "",
+            "5",
+            "m",
+            "5 m",
+            "5min",
+            "-5s",
+            "1.5s",
+            "99999999999999999999d",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
 }

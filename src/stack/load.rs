@@ -231,13 +231,54 @@ fn record_base_dirs(table: &Table, dir: &Path, out: &mut BTreeMap<String, PathBu
     }
 }
 
-/// Deep-merges `overlay` into `base`: tables merge, other values replace;
-/// a dataset's `source` is replaced whole.
+/// Deep-merges `overlay` into `base`: tables merge, other values replace.
+/// A dataset (`service.S.dataset.D`) whose overlay names a source (`file` or
+/// `connection`) switches to it: the base's other source keys are dropped, so
+/// an environment can read from the warehouse what another reads from a file.
 pub fn merge(base: &mut Table, overlay: Table) {
+    merge_at(base, overlay, &mut Vec::new());
+}
+
+/// Keys that belong to one dataset source and not to the other (a file is
+/// always bundled, so the modes go with the connection).
+const FILE_SOURCE_KEYS: &[&str] = &["file"];
+const SQL_SOURCE_KEYS: &[&str] = &[
+    "connection",
+    "query",
+    "mode",
+    "refresh",
+    "max_staleness",
+    "cache",
+];
+
+fn merge_at(base: &mut Table, overlay: Table, path: &mut Vec<String>) {
+    let is_dataset = path.len() == 4 && path[0] == "service" && path[2] == "dataset";
+    if is_dataset {
+        let names = |keys: &[&str]| {
+            overlay
+                .entries
+                .iter()
+                .any(|e| keys.contains(&e.key.as_str()))
+        };
+        let drop: &[&str] = if names(&["connection"]) && !names(FILE_SOURCE_KEYS) {
+            FILE_SOURCE_KEYS
+        } else if names(FILE_SOURCE_KEYS) && !names(&["connection"]) {
+            SQL_SOURCE_KEYS
+        } else {
+            &[]
+        };
+        let overlaid: Vec<&str> = overlay.entries.iter().map(|e| e.key.as_str()).collect();
+        base.entries
+            .retain(|e| !drop.contains(&e.key.as_str()) || overlaid.contains(&e.key.as_str()));
+    }
     for e in overlay.entries {
         match base.get_mut(&e.key) {
             Some(existing) => match (&mut existing.value.kind, e.value.kind) {
-                (NodeKind::Table(b), NodeKind::Table(o)) if e.key != "source" => merge(b, o),
+                (NodeKind::Table(b), NodeKind::Table(o)) => {
+                    path.push(e.key.clone());
+                    merge_at(b, o, path);
+                    path.pop();
+                }
                 (_, kind) => {
                     existing.value = Node {
                         kind,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
@@ -283,21 +284,70 @@ pub enum SecretRef {
     File(PathBuf),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// What a connection talks to, with the options only that kind has.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ConnectionKind {
-    Postgres,
+    Postgres {
+        host: String,
+        port: u16,
+        sslmode: SslMode,
+        /// CA certificates (PEM) that `verify-full` trusts; absolute.
+        ca_file: Option<PathBuf>,
+    },
+    Snowflake {
+        /// Account identifier (`orgname-account` or a locator).
+        account: String,
+        warehouse: Option<String>,
+        schema: Option<String>,
+        role: Option<String>,
+        /// RSA private key (PEM, PKCS#8) for key-pair authentication.
+        private_key: Option<SecretRef>,
+        /// Endpoint override (private link, or a local server in tests);
+        /// default `https://<account>.snowflakecomputing.com`.
+        url: Option<String>,
+    },
 }
 
+/// TLS towards PostgreSQL.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    #[default]
+    Disable,
+    Require,
+    VerifyFull,
+}
+
+/// A database the services read datasets from (`[connection.NAME]`). An
+/// environment overlay rebinds it (host, database, credentials) without the
+/// services that use it changing.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Connection {
     pub name: String,
     pub kind: ConnectionKind,
-    pub host: String,
-    pub port: u16,
     pub database: String,
     pub user: String,
     pub password: Option<SecretRef>,
+    /// Connections each runtime keeps open for `live` datasets.
+    pub pool_size: u32,
+    /// Longest a query may run, in milliseconds.
+    pub statement_timeout_ms: u64,
+}
+
+impl Connection {
+    /// Where it points, for messages: no credentials.
+    pub fn target(&self) -> String {
+        match &self.kind {
+            ConnectionKind::Postgres { host, port, .. } => {
+                format!("postgresql://{}@{host}:{port}/{}", self.user, self.database)
+            }
+            ConnectionKind::Snowflake { account, url, .. } => match url {
+                Some(url) => format!("snowflake {account} at {url}/{}", self.database),
+                None => format!("snowflake {account}/{}", self.database),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -386,29 +436,45 @@ pub enum Duplicates {
     Last,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SqlMode {
-    Preload,
-    Live,
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatasetSource {
     /// A file bundled with the service (absolute path, resolved from the stack file).
     File(PathBuf),
-    Sql {
-        connection: String,
-        query: String,
-        mode: SqlMode,
+    /// A query on a `[connection]`.
+    Sql { connection: String, query: String },
+}
+
+/// When a dataset's rows are read (`mode` in the stack).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum DatasetMode {
+    /// Frozen into the bundle at apply: a file as it is, a query's result as
+    /// a CSV file. Changes only with the next apply that rebuilds it.
+    Bundle,
+    /// Loaded into memory when the service starts; with `refresh`, reloaded
+    /// on that schedule, a complete snapshot replacing the old one at once.
+    Preload {
+        refresh: Option<Duration>,
+        /// Refreshes failing for this long make the dataset stale (still served).
+        max_staleness: Option<Duration>,
     },
+    /// Queried per key, optionally cached.
+    Live { cache: Option<LiveCache> },
+}
+
+/// The cache of a `live` dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LiveCache {
+    pub ttl: Duration,
+    pub max_entries: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Dataset {
     pub name: String,
     pub source: DatasetSource,
+    pub mode: DatasetMode,
     pub key: String,
     pub duplicates: Duplicates,
 }

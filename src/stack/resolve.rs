@@ -847,12 +847,144 @@ fn port(
 
 fn decode_connection(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Connection> {
     let f = Fields::new(t, span, format!("connection.{name}"));
-    f.allow(
-        ctx.errors,
-        &["kind", "host", "port", "database", "user", "password"],
-    );
-    let kind = match f.str_req(ctx.errors, "kind", "\"postgres\"") {
-        Some((k, _)) if k == "postgres" || k == "postgresql" => Some(ConnectionKind::Postgres),
+    let common = [
+        "kind",
+        "database",
+        "user",
+        "password",
+        "pool_size",
+        "statement_timeout",
+    ];
+    let kind = f.str_req(ctx.errors, "kind", "\"postgres\"");
+    let base = ctx.base_dir(&format!("connection.{name}"));
+    let kind = match kind {
+        Some((k, _)) if k == "postgres" || k == "postgresql" => {
+            f.allow(
+                ctx.errors,
+                &[&common[..], &["host", "port", "sslmode", "ca_file"]].concat(),
+            );
+            let host = f.str_req(ctx.errors, "host", "\"db.internal\"");
+            let port = port(ctx, &f, "port", 1..=65535, Some(5432));
+            let sslmode = match f.str_opt(ctx.errors, "sslmode") {
+                None => Some(SslMode::Disable),
+                Some((m, _)) if m == "disable" => Some(SslMode::Disable),
+                Some((m, _)) if m == "require" => Some(SslMode::Require),
+                Some((m, _)) if m == "verify-full" => Some(SslMode::VerifyFull),
+                Some((m, s)) => {
+                    ctx.errors.push(
+                        Diagnostic::new(Code::InvalidValue, s, format!("unknown sslmode `{m}`"))
+                            .label("not an sslmode")
+                            .help("use \"disable\", \"require\" (encrypt) or \"verify-full\" (encrypt, check the certificate and host name)"),
+                    );
+                    None
+                }
+            };
+            let ca_file = match f.str_opt(ctx.errors, "ca_file") {
+                Some((file, fspan)) => {
+                    let path = base.join(&file);
+                    if !path.is_file() {
+                        ctx.errors.push(
+                            Diagnostic::new(
+                                Code::DanglingReference,
+                                fspan,
+                                format!("CA file `{file}` not found"),
+                            )
+                            .label(format!("looked for {}", path.display()))
+                            .help("paths are relative to the file that declares the connection"),
+                        );
+                    }
+                    if sslmode != Some(SslMode::VerifyFull) {
+                        ctx.errors.push(
+                            Diagnostic::new(
+                                Code::InvalidValue,
+                                fspan,
+                                "`ca_file` is only read with sslmode = \"verify-full\"",
+                            )
+                            .label("not used")
+                            .help("add sslmode = \"verify-full\" or remove `ca_file`"),
+                        );
+                    }
+                    Some(path)
+                }
+                None => None,
+            };
+            match (host, port, sslmode) {
+                (Some(host), Some(port), Some(sslmode)) => Some(ConnectionKind::Postgres {
+                    host: host.0,
+                    port,
+                    sslmode,
+                    ca_file,
+                }),
+                _ => None,
+            }
+        }
+        Some((k, _)) if k == "snowflake" => {
+            f.allow(
+                ctx.errors,
+                &[
+                    &common[..],
+                    &[
+                        "account",
+                        "warehouse",
+                        "schema",
+                        "role",
+                        "private_key",
+                        "url",
+                    ],
+                ]
+                .concat(),
+            );
+            let account = f.str_req(ctx.errors, "account", "\"myorg-account1\"");
+            let private_key = secret_ref(ctx, &f, "private_key", &base);
+            if private_key.is_some() && f.entry("password").is_some() {
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        f.entry("private_key").map_or(span, |e| e.value.span),
+                        "a Snowflake connection authenticates with `password` or `private_key`, not both",
+                    )
+                    .label("second credential")
+                    .help("remove `password` or `private_key`"),
+                );
+            }
+            let url = match f.str_opt(ctx.errors, "url") {
+                Some((u, us)) if !(u.starts_with("https://") || u.starts_with("http://")) => {
+                    ctx.errors.push(
+                        Diagnostic::new(Code::InvalidValue, us, format!("`url` must start with https:// or http://, found `{u}`"))
+                            .label("not a URL")
+                            .help("e.g. url = \"https://myorg-account1.privatelink.snowflakecomputing.com\"; leave it out for the account's public endpoint"),
+                    );
+                    None
+                }
+                other => other.map(|v| v.0),
+            };
+            // The runtime's Snowflake client (runtime/src/snowflake.rs) is not
+            // yet serving datasets: refuse rather than deploy what cannot load.
+            if let Some(e) = f.entry("kind") {
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        e.value.span,
+                        "Snowflake connections are not served by the runtime yet",
+                    )
+                    .label("not yet supported")
+                    .help("use a \"postgres\" connection for now; Snowflake datasets land with the runtime's Snowflake wiring"),
+                );
+            }
+            let (warehouse, schema, role) = (
+                f.str_opt(ctx.errors, "warehouse").map(|v| v.0),
+                f.str_opt(ctx.errors, "schema").map(|v| v.0),
+                f.str_opt(ctx.errors, "role").map(|v| v.0),
+            );
+            account.map(|account| ConnectionKind::Snowflake {
+                account: account.0,
+                warehouse,
+                schema,
+                role,
+                private_key,
+                url,
+            })
+        }
         Some((k, s)) => {
             ctx.errors.push(
                 Diagnostic::new(
@@ -861,27 +993,201 @@ fn decode_connection(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Op
                     format!("unsupported connection kind `{k}`"),
                 )
                 .label("not supported")
-                .help("use \"postgres\" (Snowflake is planned)"),
+                .help("use \"postgres\" or \"snowflake\""),
             );
-            None
+            return None;
         }
-        None => None,
+        None => return None,
     };
-    let host = f.str_req(ctx.errors, "host", "\"db.internal\"");
-    let port = port(ctx, &f, "port", 1..=65535, Some(5432));
     let database = f.str_req(ctx.errors, "database", "\"analytics\"");
     let user = f.str_req(ctx.errors, "user", "\"reader\"");
-    let base = ctx.base_dir(&format!("connection.{name}"));
     let password = secret_ref(ctx, &f, "password", &base);
+    if matches!(
+        kind,
+        Some(ConnectionKind::Snowflake {
+            private_key: None,
+            ..
+        })
+    ) && password.is_none()
+        && f.entry("password").is_none()
+    {
+        ctx.errors.push(
+            Diagnostic::new(
+                Code::MissingField,
+                span,
+                format!("connection `{name}` has no credential"),
+            )
+            .label("no `password` or `private_key`")
+            .help("add password = { env = \"SNOWFLAKE_PASSWORD\" } or private_key = { file = \"rsa_key.p8\" }"),
+        );
+    }
+    let pool_size = match f.u32_opt(ctx.errors, "pool_size") {
+        None => 4,
+        Some(n) if (1..=64).contains(&n) => n,
+        Some(n) => {
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    f.entry("pool_size").map_or(span, |e| e.value.span),
+                    format!("`pool_size` must be between 1 and 64, found {n}"),
+                )
+                .label("out of range")
+                .help("connections each service keeps open for live datasets; 4 is the default"),
+            );
+            4
+        }
+    };
+    let statement_timeout_ms = f
+        .duration_opt(ctx.errors, "statement_timeout")
+        .map_or(5_000, |(d, _)| d.as_millis().min(u64::MAX as u128) as u64);
     Some(Connection {
         name: name.to_owned(),
         kind: kind?,
-        host: host?.0,
-        port: port?,
         database: database?.0,
         user: user?.0,
         password,
+        pool_size,
+        statement_timeout_ms,
     })
+}
+
+/// A dataset's `mode` and the keys that only one mode reads: `refresh` and
+/// `max_staleness` (preload), `cache` (live). A file is always bundled.
+fn dataset_mode(
+    ctx: &mut Ctx<'_>,
+    df: &Fields<'_>,
+    dname: &str,
+    from_file: bool,
+) -> Option<DatasetMode> {
+    let mode = match df.str_opt(ctx.errors, "mode") {
+        None if from_file => "bundle".to_owned(),
+        None => "preload".to_owned(),
+        Some((m, s)) => {
+            if !matches!(m.as_str(), "bundle" | "preload" | "live") {
+                ctx.errors.push(
+                    Diagnostic::new(Code::InvalidValue, s, format!("unknown mode `{m}`"))
+                        .label("not a mode")
+                        .help("use \"bundle\" (frozen at apply), \"preload\" (loaded at start, `refresh` to reload) or \"live\" (queried per key)"),
+                );
+                return None;
+            }
+            if from_file && m != "bundle" {
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        s,
+                        format!("a file dataset is bundled; mode `{m}` needs a connection"),
+                    )
+                    .label("file datasets are always \"bundle\"")
+                    .help(format!(
+                        "remove `mode`, or read `{dname}` from a connection with a query"
+                    )),
+                );
+                return None;
+            }
+            m
+        }
+    };
+    // A key that the chosen mode does not read is an error at that key.
+    let misplaced = |ctx: &mut Ctx<'_>, key: &str, wants: &str| {
+        if let Some(e) = df.entry(key) {
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    e.key_span,
+                    format!(
+                        "`{key}` applies only to {wants} datasets, and `{dname}` is mode \"{mode}\""
+                    ),
+                )
+                .label("not read in this mode")
+                .help(format!(
+                    "remove `{key}`, or set mode = \"{}\"",
+                    if wants == "live" { "live" } else { "preload" }
+                )),
+            );
+            true
+        } else {
+            false
+        }
+    };
+    match mode.as_str() {
+        "bundle" => {
+            let a = misplaced(ctx, "refresh", "preload");
+            let b = misplaced(ctx, "max_staleness", "preload");
+            let c = misplaced(ctx, "cache", "live");
+            (!(a || b || c)).then_some(DatasetMode::Bundle)
+        }
+        "preload" => {
+            let c = misplaced(ctx, "cache", "live");
+            let refresh = df.duration_opt(ctx.errors, "refresh");
+            let max_staleness = df.duration_opt(ctx.errors, "max_staleness");
+            if let (Some((_, s)), None) = (&max_staleness, &refresh) {
+                ctx.errors.push(
+                    Diagnostic::new(Code::InvalidValue, *s, "`max_staleness` needs `refresh`")
+                        .label("nothing refreshes")
+                        .help("add refresh = \"5m\" (the dataset goes stale when refreshes fail for max_staleness)"),
+                );
+                return None;
+            }
+            if let (Some((r, _)), Some((m, s))) = (&refresh, &max_staleness)
+                && m < r
+            {
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        *s,
+                        "`max_staleness` is shorter than `refresh`",
+                    )
+                    .label("stale before the first refresh is due")
+                    .help("make max_staleness a few refresh intervals, e.g. 3 × refresh"),
+                );
+                return None;
+            }
+            (!c).then_some(DatasetMode::Preload {
+                refresh: refresh.map(|v| v.0),
+                max_staleness: max_staleness.map(|v| v.0),
+            })
+        }
+        _ => {
+            let a = misplaced(ctx, "refresh", "preload");
+            let b = misplaced(ctx, "max_staleness", "preload");
+            let cache = match df.table_opt(ctx.errors, "cache") {
+                Some((ct, cspan)) => {
+                    let cf = Fields::new(ct, cspan, format!("dataset.{dname}.cache"));
+                    cf.allow(ctx.errors, &["ttl", "max_entries"]);
+                    let ttl = cf.duration_opt(ctx.errors, "ttl");
+                    if cf.entry("ttl").is_none() {
+                        cf.missing(ctx.errors, "ttl", "a duration", "\"30s\"");
+                    }
+                    let max_entries = cf.u32_opt(ctx.errors, "max_entries").unwrap_or(10_000);
+                    match ttl {
+                        Some((ttl, _)) if max_entries > 0 => {
+                            Some(Some(LiveCache { ttl, max_entries }))
+                        }
+                        Some(_) => {
+                            ctx.errors.push(
+                                Diagnostic::new(
+                                    Code::InvalidValue,
+                                    cspan,
+                                    "`max_entries` must be at least 1",
+                                )
+                                .label("a cache that holds nothing")
+                                .help("remove `cache` to query every time"),
+                            );
+                            None
+                        }
+                        None => None,
+                    }
+                }
+                None if df.entry("cache").is_some() => None,
+                None => Some(None),
+            };
+            match cache {
+                Some(cache) if !(a || b) => Some(DatasetMode::Live { cache }),
+                _ => None,
+            }
+        }
+    }
 }
 
 fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option<Service> {
@@ -959,7 +1265,17 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
         let df = Fields::new(dt, dspan, format!("service.{name}.dataset.{dname}"));
         df.allow(
             ctx.errors,
-            &["file", "connection", "query", "mode", "key", "duplicates"],
+            &[
+                "file",
+                "connection",
+                "query",
+                "mode",
+                "refresh",
+                "max_staleness",
+                "cache",
+                "key",
+                "duplicates",
+            ],
         );
         let key = df.str_req(ctx.errors, "key", "\"customer_id\"");
         let duplicates = match df.str_opt(ctx.errors, "duplicates") {
@@ -996,24 +1312,21 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                         .help("paths are relative to the file that declares the dataset"),
                     );
                 }
+                if let Some(q) = df.entry("query") {
+                    ctx.errors.push(
+                        Diagnostic::new(Code::InvalidValue, q.key_span, "a file dataset has no `query`")
+                            .label("only read with `connection`")
+                            .help("remove `query`, or read the dataset from a connection instead of `file`"),
+                    );
+                }
                 Some(DatasetSource::File(path))
             }
             (None, Some((conn, cspan))) => {
                 ctx.refer("connection", &conn, cspan, &format!("service.{name}"));
                 let query = df.str_req(ctx.errors, "query", "\"select * from table\"");
-                let mode = match df.str_opt(ctx.errors, "mode") {
-                    None => SqlMode::Preload,
-                    Some((m, _)) if m == "preload" => SqlMode::Preload,
-                    Some((m, _)) if m == "live" => SqlMode::Live,
-                    Some((m, s)) => {
-                        ctx.errors.push(Diagnostic::new(Code::InvalidValue, s, format!("unknown mode `{m}`")).label("not a mode").help("use \"preload\" (load at start) or \"live\" (query per request)"));
-                        SqlMode::Preload
-                    }
-                };
                 query.map(|(q, _)| DatasetSource::Sql {
                     connection: conn,
                     query: q,
-                    mode,
                 })
             }
             (Some(_), Some((_, s))) => {
@@ -1033,12 +1346,25 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                 None
             }
         };
+        let from_file = df.entry("file").is_some();
+        let mode = dataset_mode(ctx, &df, dname, from_file);
+        // A mode in error is reported; the dataset still exists for the
+        // references to it (no follow-on "undefined dataset" errors).
+        let mode = mode.unwrap_or(if from_file {
+            DatasetMode::Bundle
+        } else {
+            DatasetMode::Preload {
+                refresh: None,
+                max_staleness: None,
+            }
+        });
         if let (Some(source), Some((key, _))) = (source, key) {
             datasets.insert(
                 dname.to_owned(),
                 Dataset {
                     name: dname.to_owned(),
                     source,
+                    mode,
                     key,
                     duplicates,
                 },
