@@ -396,7 +396,7 @@ pub fn bundle_for(
                 max_staleness.map(|m| m.as_secs().max(1)),
                 None,
             ),
-            // TODO(bundle): a query frozen into the bundle at apply.
+            // A file (a query in mode "bundle" is refused by the resolver).
             stack::DatasetMode::Bundle => (rc::DatasetMode::Preload, None, None, None),
         };
         datasets.insert(
