@@ -28,6 +28,8 @@ pub enum Outcome {
 pub struct Report {
     pub outcomes: Vec<(Address, Action, Outcome)>,
     pub interrupted: bool,
+    /// The checks before the first change failed: nothing was changed.
+    pub refused: bool,
 }
 
 impl Report {
@@ -138,6 +140,9 @@ pub async fn apply(
         .filter(|c| !c.action.is_noop())
         .cloned()
         .collect();
+    if let Some(report) = preflight(&changes, providers, &ctx).await {
+        return report;
+    }
     let deps = dependencies(&changes);
     let n = changes.len();
     let mut state: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
@@ -253,7 +258,55 @@ pub async fn apply(
     Report {
         outcomes,
         interrupted,
+        refused: false,
     }
+}
+
+/// Runs every change's [`Provider::preflight`] (concurrently); a report of
+/// the failures, changing nothing, when one fails.
+async fn preflight(
+    changes: &[Change],
+    providers: &BTreeMap<ProviderId, Arc<dyn Provider>>,
+    ctx: &Arc<ApplyContext>,
+) -> Option<Report> {
+    let mut set = JoinSet::new();
+    for (i, c) in changes.iter().enumerate() {
+        let Some(provider) = providers.get(&c.provider).cloned() else {
+            continue;
+        };
+        let (c, ctx) = (c.clone(), ctx.clone());
+        set.spawn(async move { (i, provider.preflight(&c, &ctx).await) });
+    }
+    let mut failed: BTreeMap<usize, ProviderError> = BTreeMap::new();
+    while let Some(joined) = set.join_next().await {
+        if let Ok((i, Err(e))) = joined {
+            failed.insert(i, e);
+        }
+    }
+    if failed.is_empty() {
+        return None;
+    }
+    let outcomes = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let o = failed.remove(&i).map_or(Outcome::NotStarted, Outcome::Failed);
+            (c.address.clone(), c.action.clone(), o)
+        })
+        .collect();
+    Some(Report {
+        outcomes,
+        interrupted: false,
+        refused: true,
+    })
+}
+
+/// An error's text without the address it starts with (the report names it).
+fn strip_address(addr: &Address, e: &ProviderError) -> String {
+    let text = e.to_string();
+    text.strip_prefix(&format!("{addr}: "))
+        .map(str::to_owned)
+        .unwrap_or(text)
 }
 
 fn verb(a: &Action, done: bool) -> &'static str {
@@ -284,6 +337,16 @@ pub fn render_report(r: &Report) -> String {
         return format!("Apply complete! Resources: {a} added, {c} changed, {d} destroyed.\n");
     }
     let mut out = String::new();
+    if r.refused {
+        out.push_str("Apply refused: nothing was changed.\n");
+        for (addr, _, o) in &r.outcomes {
+            if let Outcome::Failed(e) = o {
+                out.push_str(&format!("  failed      {addr}: {}\n", strip_address(addr, e)));
+            }
+        }
+        out.push_str("Fix the problems above and apply again.\n");
+        return out;
+    }
     out.push_str(if r.interrupted {
         "Apply interrupted.\n"
     } else {

@@ -333,7 +333,11 @@ pub struct EnrichmentConfig {
     /// Request feature holding the key (sent to a remote lookup under the
     /// same name).
     pub key: String,
-    /// Columns to fill; each names a model feature.
+    /// Columns to fill; each names a model feature. Empty (or left out):
+    /// every model input the source has (for a remote lookup, as its rows
+    /// come back), so datasets whose columns are known only once queried
+    /// can enrich.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
     /// What to do when no row has the key.
     #[serde(default)]
@@ -638,9 +642,6 @@ impl ServiceConfig {
                         }
                         if en.key.is_empty() {
                             out.push(format!("{at}: key must not be empty"));
-                        }
-                        if en.columns.is_empty() {
-                            out.push(format!("{at}: columns must not be empty"));
                         }
                     }
                 }

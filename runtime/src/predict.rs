@@ -148,6 +148,9 @@ pub async fn score<'a>(
                                     continue;
                                 }
                                 let Some(value) = map.get(&en.columns[col]) else {
+                                    if en.optional_columns {
+                                        continue;
+                                    }
                                     errors[item] = Some(item_err(
                                         single,
                                         item,

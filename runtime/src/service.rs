@@ -32,6 +32,13 @@ pub enum LoadError {
     Dataset(#[from] crate::dataset::DatasetError),
     #[error(transparent)]
     Sql(#[from] SqlError),
+    /// A dataset's connection cannot be used (the error names the connection).
+    #[error("dataset `{dataset}`: {source}")]
+    Connection {
+        dataset: String,
+        #[source]
+        source: SqlError,
+    },
     /// A model could not be read or is not supported.
     #[error("endpoint `{endpoint}`: model {reason}")]
     Model { endpoint: String, reason: String },
@@ -207,6 +214,9 @@ pub struct Enrichment {
     /// schema, or in `columns` for a remote lookup.
     pub targets: Vec<(usize, usize)>,
     pub columns: Vec<String>,
+    /// Remote lookup without declared `columns`: a column the upstream row
+    /// does not have is left to later enrichments (not an error).
+    pub optional_columns: bool,
     pub on_missing: OnMissing,
 }
 
@@ -414,7 +424,8 @@ async fn load_table(
                 DatasetMode::Preload => {
                     let first =
                         crate::sql::load(connector, name, &sql.query, &ds.key, ds.duplicates)
-                            .await?;
+                            .await
+                            .map_err(|e| in_dataset(name, e))?;
                     let snapshot = Arc::new(Snapshot::new(
                         first,
                         ds.refresh_secs.map(Duration::from_secs),
@@ -452,10 +463,22 @@ async fn load_table(
                         ds.duplicates,
                         ds.cache.as_ref(),
                     )
-                    .await?,
+                    .await
+                    .map_err(|e| in_dataset(name, e))?,
                 )))),
             }
         }
+    }
+}
+
+/// A dataset's SQL error, naming the dataset where the error does not.
+fn in_dataset(dataset: &str, e: SqlError) -> LoadError {
+    match e {
+        SqlError::Connect { .. } | SqlError::Tls { .. } => LoadError::Connection {
+            dataset: dataset.to_string(),
+            source: e,
+        },
+        other => LoadError::Sql(other),
     }
 }
 
@@ -559,7 +582,18 @@ fn plan_prediction(
                     return Err(at(format!("dataset `{ds}` is not loaded")));
                 };
                 let schema = table.schema();
-                for col in &en.columns {
+                let columns: Vec<String> = if en.columns.is_empty() {
+                    // Every model input the dataset has.
+                    schema
+                        .names
+                        .iter()
+                        .filter(|c| **c != en.key && input_slot(&fields, &inputs, c).is_ok())
+                        .cloned()
+                        .collect()
+                } else {
+                    en.columns.clone()
+                };
+                for col in &columns {
                     let slot = input_slot(&fields, &inputs, col).map_err(&at)?;
                     let Some(ci) = schema.position(col) else {
                         return Err(at(format!(
@@ -577,7 +611,7 @@ fn plan_prediction(
                 )
             }
             (None, Some(remote)) => {
-                for (ci, col) in en.columns.iter().enumerate() {
+                for (ci, col) in remote_columns(en, &inputs).iter().enumerate() {
                     let slot = input_slot(&fields, &inputs, col).map_err(&at)?;
                     targets.push((slot, ci));
                 }
@@ -602,7 +636,11 @@ fn plan_prediction(
             describe,
             key_slot,
             targets,
-            columns: en.columns.clone(),
+            columns: match &en.lookup {
+                Some(_) => remote_columns(en, &inputs),
+                None => Vec::new(),
+            },
+            optional_columns: en.lookup.is_some() && en.columns.is_empty(),
             on_missing: en.on_missing,
         });
     }
@@ -614,6 +652,21 @@ fn plan_prediction(
         class_names,
         enrichments: planned,
     }))
+}
+
+/// The columns a remote enrichment reads: those declared, else every model
+/// input but its key (the upstream row has some of them; the rest are left
+/// to later enrichments).
+fn remote_columns(en: &crate::config::EnrichmentConfig, inputs: &[InputSpec]) -> Vec<String> {
+    if en.columns.is_empty() {
+        inputs
+            .iter()
+            .map(|i| i.name.clone())
+            .filter(|n| *n != en.key)
+            .collect()
+    } else {
+        en.columns.clone()
+    }
 }
 
 fn input_slot(fields: &FieldMap, inputs: &[InputSpec], column: &str) -> Result<usize, String> {

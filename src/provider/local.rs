@@ -428,28 +428,29 @@ pub fn bundle_for(
                 let features: BTreeSet<String> = model_inputs(model).into_iter().collect();
                 let mut out = Vec::new();
                 for en in enrichments {
-                    // Columns available from the source, restricted to model features.
-                    let available: Vec<String> = match &en.source {
+                    // Columns available from the source, restricted to model
+                    // features; none (the runtime takes every model input the
+                    // source has) when a dataset's columns are known only once
+                    // it is queried.
+                    let available: Option<Vec<String>> = match &en.source {
                         EnrichmentSource::Dataset(d) => {
-                            svc.datasets.get(d).map(dataset_columns).unwrap_or_default()
+                            svc.datasets.get(d).and_then(dataset_columns)
                         }
                         EnrichmentSource::Lookup { service, endpoint } => stack
                             .services
                             .get(service)
                             .and_then(|s| match s.endpoints.get(endpoint) {
-                                Some(Endpoint::Lookup { datasets }) => Some(
-                                    datasets
-                                        .iter()
-                                        .filter_map(|d| s.datasets.get(d))
-                                        .flat_map(dataset_columns)
-                                        .collect(),
-                                ),
+                                Some(Endpoint::Lookup { datasets }) => datasets
+                                    .iter()
+                                    .filter_map(|d| s.datasets.get(d))
+                                    .map(dataset_columns)
+                                    .collect::<Option<Vec<_>>>()
+                                    .map(|c| c.concat()),
                                 _ => None,
-                            })
-                            .unwrap_or_default(),
+                            }),
                     };
                     let wanted: Vec<String> = if en.columns.is_empty() {
-                        available
+                        available.unwrap_or_default()
                     } else {
                         en.columns.clone()
                     };
@@ -547,11 +548,157 @@ fn connection_config(
     })
 }
 
-fn dataset_columns(d: &stack::Dataset) -> Vec<String> {
+/// A dataset's columns but its key; `None` until queried (a connection's).
+fn dataset_columns(d: &stack::Dataset) -> Option<Vec<String>> {
     match &d.source {
-        DatasetSource::File(p) => csv_header(p).into_iter().filter(|c| c != &d.key).collect(),
-        DatasetSource::Sql { .. } => Vec::new(),
+        DatasetSource::File(p) => Some(csv_header(p).into_iter().filter(|c| c != &d.key).collect()),
+        DatasetSource::Sql { .. } => None,
     }
+}
+
+/// A planned service's runtime config and the files of its bundle (bundle
+/// path → source), as `desired()` recorded them.
+fn bundle_of(d: &Desired) -> Result<(rc::ServiceConfig, BTreeMap<String, PathBuf>), ProviderError> {
+    let invalid = |message: String| ProviderError::Invalid {
+        address: d.address.clone(),
+        message,
+    };
+    let json = d
+        .attrs
+        .get("_bundle")
+        .and_then(|a| a.value.as_str())
+        .ok_or_else(|| invalid("no bundle".into()))?;
+    let config = serde_json::from_str(json).map_err(|e| invalid(format!("bundle: {e}")))?;
+    let files = serde_json::from_str(
+        d.attrs
+            .get("_files")
+            .and_then(|a| a.value.as_str())
+            .unwrap_or("{}"),
+    )
+    .unwrap_or_default();
+    Ok((config, files))
+}
+
+/// Copies a bundle's files (bundle path → source) under `bundle`.
+fn copy_files(files: &BTreeMap<String, PathBuf>, bundle: &Path) -> Result<(), ProviderError> {
+    for (rel, src) in files {
+        let dst = bundle.join(rel);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+        }
+        std::fs::copy(src, &dst).map_err(io(format!("copying {} into the bundle", src.display())))?;
+    }
+    Ok(())
+}
+
+/// How long `mesh-runtime check` may take to connect, query and load a
+/// service's datasets before apply.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A folder removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Loads `config`'s datasets that read a connection, with `mesh-runtime
+/// check`, in a private temporary folder (secrets staged there, 0600, and
+/// removed after): the connection must answer, the query run, the key
+/// column be there. Endpoints, models and keys are left out (the stack
+/// loader checked those): one lookup endpoint per dataset stands in. The
+/// runtime's own message on failure.
+async fn check_datasets(
+    runtime_bin: &Path,
+    config: &rc::ServiceConfig,
+    files: &BTreeMap<String, PathBuf>,
+) -> Result<(), String> {
+    let mut check = rc::ServiceConfig {
+        api_keys: Vec::new(),
+        ..config.clone()
+    };
+    check
+        .datasets
+        .retain(|_, ds| matches!(ds.source, rc::DatasetSource::Sql(_)));
+    if check.datasets.is_empty() {
+        return Ok(());
+    }
+    // One lookup endpoint per dataset, so that the bundle is a service.
+    check.endpoints = check
+        .datasets
+        .keys()
+        .map(|name| {
+            (
+                format!("check-{name}"),
+                rc::EndpointConfig::Lookup {
+                    datasets: vec![name.clone()],
+                },
+            )
+        })
+        .collect();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.as_nanos())
+        .unwrap_or_default();
+    let tmp = TempDir(std::env::temp_dir().join(format!(
+        "mesh-preflight-{}-{nanos}",
+        std::process::id()
+    )));
+    let bundle = tmp.0.join("bundle");
+    let failed = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+    std::fs::create_dir_all(&bundle).map_err(|e| failed("making a folder for the check", &e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp.0, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| failed("making the check's folder private", &e))?;
+    }
+    let needed: BTreeMap<String, PathBuf> = files
+        .iter()
+        .filter(|(rel, _)| rel.starts_with("certs/"))
+        .map(|(r, p)| (r.clone(), p.clone()))
+        .collect();
+    copy_files(&needed, &bundle).map_err(|e| e.to_string())?;
+    secrets::stage(&mut check, &tmp.0.join("secrets")).map_err(|e| e.to_string())?;
+    std::fs::write(
+        bundle.join(rc::SERVICE_FILE),
+        serde_json::to_vec_pretty(&check).unwrap_or_default(),
+    )
+    .map_err(|e| failed("writing the check's service.json", &e))?;
+    let mut cmd = tokio::process::Command::new(runtime_bin);
+    cmd.arg("check").arg("--bundle").arg(&bundle);
+    cmd.env_clear();
+    for var in RUNTIME_ENV {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(PREFLIGHT_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| {
+            format!(
+                "its datasets did not load within {}s",
+                PREFLIGHT_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| failed(&format!("running {}", runtime_bin.display()), &e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    // The runtime logs `<time> ERROR <message>` (the message may go on
+    // over further lines).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let message = stderr
+        .split_once(" ERROR ")
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_default();
+    Err(if message.is_empty() {
+        format!("mesh-runtime check failed ({}): {}", out.status, stderr.trim())
+    } else {
+        message
+    })
 }
 
 /// sha256 over the service config and every file's content, in a fixed order.
@@ -712,20 +859,7 @@ impl LocalProvider {
             .and_then(|a| a.value.as_int())
             .and_then(|p| u16::try_from(p).ok())
             .ok_or_else(|| invalid("no port"))?;
-        let bundle_json = d
-            .attrs
-            .get("_bundle")
-            .and_then(|a| a.value.as_str())
-            .ok_or_else(|| invalid("no bundle"))?;
-        let desired_config: rc::ServiceConfig =
-            serde_json::from_str(bundle_json).map_err(|e| invalid(&format!("bundle: {e}")))?;
-        let files: BTreeMap<String, PathBuf> = serde_json::from_str(
-            d.attrs
-                .get("_files")
-                .and_then(|a| a.value.as_str())
-                .unwrap_or("{}"),
-        )
-        .unwrap_or_default();
+        let (desired_config, files) = bundle_of(d)?;
 
         // What runs now (recorded by us). A runtime left over from an
         // interrupted handover goes first.
@@ -772,15 +906,7 @@ impl LocalProvider {
         let gen_dir = dir.join(&generation);
         let bundle = gen_dir.join("bundle");
         std::fs::create_dir_all(&bundle).map_err(io(format!("creating {}", bundle.display())))?;
-        for (rel, src) in &files {
-            let dst = bundle.join(rel);
-            if let Some(parent) = dst.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(io(format!("creating {}", parent.display())))?;
-            }
-            std::fs::copy(src, &dst)
-                .map_err(io(format!("copying {} into the bundle", src.display())))?;
-        }
+        copy_files(&files, &bundle)?;
         // The keys it accepts or presents (see `access`), made on first use.
         let access_dir = access::dir_at(&ctx.scope.root, &ctx.scope.env);
         access::ensure_keys(&access_dir, &desired_config).map_err(io(format!(
@@ -1098,6 +1224,22 @@ impl Provider for LocalProvider {
         }
         out.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(out)
+    }
+
+    async fn preflight(&self, change: &Change, _ctx: &ApplyContext) -> Result<(), ProviderError> {
+        let (Some(d), SERVICE_KIND) = (&change.desired, change.kind.as_str()) else {
+            return Ok(());
+        };
+        if change.action == Action::Delete {
+            return Ok(());
+        }
+        let (config, files) = bundle_of(d)?;
+        check_datasets(&self.runtime_bin, &config, &files)
+            .await
+            .map_err(|message| ProviderError::Invalid {
+                address: d.address.clone(),
+                message,
+            })
     }
 
     async fn apply(

@@ -133,8 +133,11 @@ impl ApplyContext {
 pub trait Provider: Send + Sync {
     fn id(&self) -> ProviderId;
 
-    /// The desired resources for this provider, in dependency order. Pure
-    /// apart from reading the stack's own files (e.g. to digest a dataset).
+    /// The desired resources for this provider, in dependency order. Reads,
+    /// never changes, the world: the stack's own files (to digest a
+    /// dataset), the secrets it digests, and what the provider recorded
+    /// before (the local target's allocated ports, probed free on this
+    /// machine). Nothing it does needs undoing when the plan is not applied.
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError>;
 
     /// Reads the live resources this provider owns for `scope`.
@@ -147,6 +150,14 @@ pub trait Provider: Send + Sync {
         change: &Change,
         ctx: &ApplyContext,
     ) -> Result<Option<Live>, ProviderError>;
+
+    /// Checks, before anything of the plan is applied, what carrying out
+    /// `change` needs from outside the stack (the databases a service reads
+    /// at start, its query, its key column). `apply` checks every change of
+    /// the plan first and changes nothing when one check fails.
+    async fn preflight(&self, _change: &Change, _ctx: &ApplyContext) -> Result<(), ProviderError> {
+        Ok(())
+    }
 
     /// Takes the lock of `scope` that everyone applying it shares, where the
     /// provider's backend can hold one (a Kubernetes Lease); `None` where it

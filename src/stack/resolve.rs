@@ -1330,7 +1330,12 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                 Some(DatasetSource::File(path))
             }
             (None, Some((conn, cspan))) => {
-                ctx.refer("connection", &conn, cspan, &format!("service.{name}"));
+                ctx.refer(
+                    "connection",
+                    &conn,
+                    cspan,
+                    &format!("service.{name}.dataset.{dname}"),
+                );
                 let query = df.str_req(ctx.errors, "query", "\"select * from table\"");
                 query.map(|(q, _)| DatasetSource::Sql {
                     connection: conn,

@@ -5,6 +5,8 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod local;
+pub mod tcp_proxy;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,0 +1,675 @@
+//! Data products end to end, through the real `mesh` binary on the local
+//! target, against the real PostgreSQL that `scripts/test` starts: the
+//! customer mesh's `local-warehouse` environment (`behavior` preloaded from
+//! the warehouse and refreshed), and `live` datasets with and without a
+//! cache. The database "goes away" through a TCP proxy the test cuts and
+//! restores (tests/support/tcp_proxy.rs), never by stopping the shared server.
+//!
+//! Each test seeds its own schema with `scripts/seed-warehouse` and reads it
+//! as a PostgreSQL role of its own, whose password no other part of the
+//! test uses, so "the password appears nowhere" can be checked.
+//!
+//! Needs `MESH_TEST_POSTGRES_URL` (set by `scripts/test`) and `psql`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::local::{free_port, get_text, ok, post, runtime_bin, try_request, wait_for};
+use support::tcp_proxy::{PASS, Proxy, REFUSE};
+
+// ------------------------------------------------------------------ the warehouse
+
+fn pg_url() -> String {
+    std::env::var("MESH_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "MESH_TEST_POSTGRES_URL is not set: run the tests with `scripts/test` (it starts PostgreSQL), \
+             or `bash scripts/services start; eval \"$(bash scripts/services env)\"`"
+        )
+    })
+}
+
+/// The server's address, from `postgresql://user:pw@host:port/db`.
+fn pg_addr() -> SocketAddr {
+    let url = pg_url();
+    let hostport = url
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .expect("user@host:port/db in MESH_TEST_POSTGRES_URL");
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    hostport.parse().expect("an IP address and port")
+}
+
+fn pg_database() -> String {
+    let url = pg_url();
+    let db = url.rsplit('/').next().unwrap_or("mesh");
+    db.split('?').next().unwrap_or(db).to_owned()
+}
+
+/// Runs SQL with psql as the server's owner; the output, unaligned.
+fn psql(sql: &str) -> String {
+    let out = Command::new("psql")
+        .arg(pg_url())
+        .args(["-v", "ON_ERROR_STOP=1", "-qtAc", sql])
+        .output()
+        .expect("psql (Debian package postgresql-client)");
+    ok(&out, &format!("psql {sql}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A schema of the test's own, filled by `scripts/seed-warehouse`, readable
+/// by a role of its own (`<schema>_reader`, password returned). Dropped with
+/// the value.
+struct Warehouse {
+    schema: String,
+    role: String,
+    password: String,
+}
+
+impl Warehouse {
+    fn seed(tag: &str) -> Warehouse {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000;
+        let schema = format!("e2e_{tag}_{}_{n}", std::process::id());
+        let out = Command::new(repo().join("scripts/seed-warehouse"))
+            .arg(&schema)
+            .env("MESH_TEST_POSTGRES_URL", pg_url())
+            .output()
+            .unwrap();
+        ok(&out, "scripts/seed-warehouse");
+        let role = format!("{schema}_reader");
+        let password = format!("pw-{n}-only-here");
+        psql(&format!(
+            "create role {role} login password '{password}'; \
+             grant usage on schema {schema} to {role}; \
+             grant select on all tables in schema {schema} to {role}"
+        ));
+        Warehouse {
+            schema,
+            role,
+            password,
+        }
+    }
+
+    fn table(&self) -> String {
+        format!("{}.behavior_30d", self.schema)
+    }
+}
+
+impl Drop for Warehouse {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .arg(pg_url())
+            .args([
+                "-qc",
+                &format!(
+                    "drop schema if exists {} cascade; drop role if exists {}",
+                    self.schema, self.role
+                ),
+            ])
+            .output();
+    }
+}
+
+// ------------------------------------------------------------------ a stack copy
+
+/// A stack folder the test edits, run with extra environment variables.
+struct Stack {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    env_name: &'static str,
+    vars: Vec<(String, String)>,
+}
+
+impl Stack {
+    fn mesh(&self, verb: &str, extra: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
+        cmd.arg(verb)
+            .arg(&self.root)
+            .args(["--env", self.env_name])
+            .args(extra)
+            .env("MESH_RUNTIME_BIN", runtime_bin())
+            .env("NO_COLOR", "1");
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn set_var(&mut self, name: &str, value: &str) {
+        self.vars.retain(|(n, _)| n != name);
+        self.vars.push((name.to_owned(), value.to_owned()));
+    }
+
+    fn edit(&self, file: &str, from: &str, to: &str) {
+        let path = self.root.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} has no `{from}`");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+    }
+
+    fn apply(&self) {
+        ok(&self.mesh("apply", &["--auto-approve"]), "apply");
+    }
+
+    /// `plan --json --detailed-exitcode`: the exit code and what changes.
+    fn plan(&self) -> (i32, Vec<(String, String)>) {
+        let out = self.mesh("plan", &["--json", "--detailed-exitcode"]);
+        let plan: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "plan --json is not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let changes = plan["resource_changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["action"] != "no-op")
+            .map(|c| {
+                (
+                    c["address"].as_str().unwrap().to_owned(),
+                    c["action"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        (out.status.code().unwrap_or(-1), changes)
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.root.join(".mesh").join(self.env_name)
+    }
+
+    fn service_state(&self, service: &str) -> Value {
+        let path = self
+            .state_dir()
+            .join(format!("services/{service}/state.json"));
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
+    fn base_url(&self, service: &str) -> String {
+        let port = self.service_state(service)["port"].as_u64().unwrap();
+        format!("http://127.0.0.1:{port}")
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Never leave processes behind, even when a test fails.
+        let _ = self.mesh("destroy", &["--auto-approve"]);
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn readyz(base: &str) -> Value {
+    try_request("GET", &format!("{base}/readyz"), None, None)
+        .map(|(_, v)| v)
+        .unwrap_or(Value::Null)
+}
+
+/// The value of a `/metrics` sample whose line starts with `prefix`.
+fn metric(base: &str, prefix: &str) -> Option<f64> {
+    let (_, text) = get_text(&format!("{base}/metrics"));
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn probas_bits(answer: &Value) -> Vec<(String, u64)> {
+    answer["result"]["probas"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no probas in {answer}"))
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap().to_bits()))
+        .collect()
+}
+
+// ------------------------------------------------------------------ preload
+
+/// The customer mesh's `local-warehouse` environment: `behavior` preloaded
+/// from PostgreSQL every second. An UPDATE reaches the lookup and the
+/// prediction by id within a refresh; with the database gone, lookups keep
+/// answering from the last snapshot and `/readyz` and `/metrics` turn stale;
+/// with it back, the next refresh recovers. A password, refresh or query
+/// change plans as an update of `customer-features` alone; the password is
+/// in no plan, log, argv or bundle file.
+#[test]
+fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
+    let wh = Warehouse::seed("pre");
+    let proxy = Proxy::start(pg_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let root = support::copy_customer_mesh(dir.path());
+    let mut m = Stack {
+        _dir: dir,
+        root,
+        env_name: "local-warehouse",
+        vars: Vec::new(),
+    };
+    let features_port = free_port(&[]);
+    let scoring_port = free_port(&[features_port]);
+    m.edit(
+        "stack.toml",
+        "node_port = 30080",
+        &format!("node_port = {features_port}"),
+    );
+    m.edit(
+        "stack.toml",
+        "node_port = 30081",
+        &format!("node_port = {scoring_port}"),
+    );
+    m.edit(
+        "local-warehouse.toml",
+        "port = 15432",
+        &format!("port = {}", proxy.addr.port()),
+    );
+    m.edit(
+        "local-warehouse.toml",
+        "database = \"mesh\"",
+        &format!("database = \"{}\"", pg_database()),
+    );
+    m.edit(
+        "local-warehouse.toml",
+        "user = \"mesh\"",
+        &format!("user = \"{}\"", wh.role),
+    );
+    m.edit("local-warehouse.toml", "from behavior_30d", &format!("from {}", wh.table()));
+    m.edit("local-warehouse.toml", "refresh = \"10s\"", "refresh = \"1s\"");
+    m.edit(
+        "local-warehouse.toml",
+        "max_staleness = \"1m\"",
+        "max_staleness = \"3s\"",
+    );
+    m.set_var("WAREHOUSE_PASSWORD", &wh.password);
+    m.apply();
+
+    let features = m.base_url("customer-features");
+    let lookup = format!("{features}/public/api/v1/customer-features/behavior/lookup");
+    let predict = format!(
+        "http://127.0.0.1:{scoring_port}/public/api/v1/customer-scoring/high-value/predict"
+    );
+    let key_file = m.state_dir().join("access/customer-features/operator");
+    let key = std::fs::read_to_string(&key_file)
+        .unwrap_or_else(|e| panic!("operator key {}: {e}", key_file.display()));
+    let ask = json!({"data": {"customer_id": "C00042"}});
+    let orders = |want: i64| -> Result<(), String> {
+        let (status, row) = try_request("POST", &lookup, Some(&ask), Some(&key))?;
+        match row["data"]["orders_90d"].as_i64() {
+            Some(n) if status == 200 && n == want => Ok(()),
+            _ => Err(format!("{status} {row}")),
+        }
+    };
+    wait_for("the warehouse row", Duration::from_secs(5), || orders(6));
+    let (status, before) = post(&predict, &json!({"features": {"customer_id": "C00042"}}), None);
+    assert_eq!(status, 200, "{before}");
+    let ready = readyz(&features);
+    assert_eq!(ready["datasets"]["behavior"]["rows"], 10000, "{ready}");
+    assert_eq!(ready["datasets"]["behavior"]["stale"], false, "{ready}");
+    assert_eq!(ready["datasets"]["behavior"]["refresh_secs"], 1, "{ready}");
+
+    // The warehouse changes: within a refresh (+ slack), so do the lookup
+    // and the prediction by id, which equals the one with every feature sent.
+    psql(&format!(
+        "update {} set total_spend_30d = 2400.5, orders_90d = 40, days_since_last_order = 0, \
+         avg_basket = 180.25 where customer_id = 'C00042'",
+        wh.table()
+    ));
+    let (_, took) = wait_for("the UPDATE in the lookup", Duration::from_secs(10), || orders(40));
+    eprintln!("UPDATE visible after {took:?} (refresh 1s)");
+    let (status, after) = post(&predict, &json!({"features": {"customer_id": "C00042"}}), None);
+    assert_eq!(status, 200, "{after}");
+    assert_ne!(probas_bits(&before), probas_bits(&after), "{before} {after}");
+    let all = json!({"features": {"customer_id": "C00042", "age": 28, "gender": "M",
+        "region": "west", "campaign": "spring_sale", "loyalty_member": 1,
+        "total_spend_30d": 2400.5, "orders_90d": 40, "days_since_last_order": 0,
+        "avg_basket": 180.25}});
+    let (status, sent) = post(&predict, &all, None);
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(probas_bits(&after), probas_bits(&sent), "{after} {sent}");
+    assert_eq!(after["result"]["prediction"], sent["result"]["prediction"]);
+
+    // The database goes away: the last snapshot keeps answering, and after
+    // max_staleness (3s) the dataset is reported stale.
+    proxy.set(REFUSE);
+    let (_, took) = wait_for("stale in /readyz", Duration::from_secs(20), || {
+        let r = readyz(&features);
+        if r["datasets"]["behavior"]["stale"] == true {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        }
+    });
+    eprintln!("stale after {took:?} without the database (max_staleness 3s)");
+    orders(40).expect("the last snapshot still answers");
+    let failed = metric(
+        &features,
+        "mesh_dataset_refresh_total{dataset=\"behavior\",result=\"error\"}",
+    )
+    .expect("refresh errors in /metrics");
+    assert!(failed >= 1.0, "{failed}");
+    let age = metric(&features, "mesh_dataset_age_seconds{dataset=\"behavior\"}")
+        .expect("age in /metrics");
+    assert!(age >= 3.0, "age {age}");
+    let stale = metric(&features, "mesh_dataset_stale{dataset=\"behavior\"}");
+    assert_eq!(stale, Some(1.0));
+
+    // It comes back: the next refresh picks up what changed meanwhile.
+    psql(&format!(
+        "update {} set orders_90d = 41 where customer_id = 'C00042'",
+        wh.table()
+    ));
+    proxy.set(PASS);
+    let (_, took) = wait_for("recovery", Duration::from_secs(15), || orders(41));
+    eprintln!("recovered {took:?} after the database came back");
+    wait_for("fresh in /readyz", Duration::from_secs(5), || {
+        let r = readyz(&features);
+        if r["datasets"]["behavior"]["stale"] == false {
+            Ok(())
+        } else {
+            Err(r.to_string())
+        }
+    });
+
+    // The password is nowhere but in the runtime's 0600 secret file.
+    let (code, changes) = m.plan();
+    assert_eq!((code, changes.clone()), (0, vec![]), "{changes:?}");
+    let human = m.mesh("plan", &[]);
+    for text in [
+        String::from_utf8_lossy(&human.stdout),
+        String::from_utf8_lossy(&human.stderr),
+    ] {
+        assert!(!text.contains(&wh.password), "plan shows the password");
+    }
+    let pid = m.service_state("customer-features")["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&wh.password));
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains(&wh.password));
+    let mut holders = Vec::new();
+    for f in files_under(&m.root.join(".mesh")) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+        if text.contains(&wh.password) {
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&f).unwrap().permissions());
+            assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+            assert!(
+                f.components().any(|c| c.as_os_str() == "secrets"),
+                "{} holds the password",
+                f.display()
+            );
+            holders.push(f);
+        }
+    }
+    assert_eq!(holders.len(), 1, "{holders:?}");
+
+    // Each of a new password, refresh and query updates customer-features alone.
+    let only_features = vec![("service.customer-features".to_owned(), "update".to_owned())];
+    m.set_var("WAREHOUSE_PASSWORD", "another-password-entirely");
+    assert_eq!(m.plan(), (2, only_features.clone()), "password");
+    m.set_var("WAREHOUSE_PASSWORD", &wh.password);
+    assert_eq!(m.plan().0, 0);
+    m.edit("local-warehouse.toml", "refresh = \"1s\"", "refresh = \"2s\"");
+    assert_eq!(m.plan(), (2, only_features.clone()), "refresh");
+    m.edit("local-warehouse.toml", "refresh = \"2s\"", "refresh = \"1s\"");
+    m.edit(
+        "local-warehouse.toml",
+        "select customer_id,",
+        "select customer_id as customer_id,",
+    );
+    assert_eq!(m.plan(), (2, only_features), "query");
+}
+
+// ------------------------------------------------------------------ live
+
+/// `live` datasets, one without and one with a cache: a lookup queries the
+/// warehouse (an UPDATE shows at once without the cache, after the ttl with
+/// it); with the database gone, the uncached lookup and a cache miss answer
+/// 503 with a JSON reason in time, a cache hit still answers; with it back,
+/// lookups recover by themselves.
+#[test]
+fn live_datasets_with_and_without_cache_across_an_outage() {
+    let wh = Warehouse::seed("live");
+    let proxy = Proxy::start(pg_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let table = wh.table();
+    let toml = format!(
+        r#"[stack]
+name = "live-e2e"
+
+[environment.local]
+target = "local"
+
+[connection.warehouse]
+kind = "postgres"
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "{user}"
+password = {{ env = "LIVE_E2E_PASSWORD" }}
+statement_timeout = "2s"
+
+[service.features.dataset.plain]
+connection = "warehouse"
+query = "select customer_id, orders_90d from {table}"
+key = "customer_id"
+mode = "live"
+
+[service.features.dataset.cached]
+connection = "warehouse"
+query = "select customer_id, orders_90d from {table}"
+key = "customer_id"
+mode = "live"
+cache = {{ ttl = "1m", max_entries = 100 }}
+
+[service.features.endpoint.plain]
+kind = "lookup"
+datasets = ["plain"]
+
+[service.features.endpoint.cached]
+kind = "lookup"
+datasets = ["cached"]
+"#,
+        port = proxy.addr.port(),
+        db = pg_database(),
+        user = wh.role,
+    );
+    std::fs::write(root.join("stack.toml"), toml).unwrap();
+    let mut m = Stack {
+        _dir: dir,
+        root,
+        env_name: "local",
+        vars: Vec::new(),
+    };
+    m.set_var("LIVE_E2E_PASSWORD", &wh.password);
+    m.apply();
+    let base = m.base_url("features");
+    let url = |ep: &str| format!("{base}/public/api/v1/features/{ep}/lookup");
+    let ask = |id: &str| json!({"data": {"customer_id": id}});
+    let orders = |ep: &str, id: &str| {
+        let (status, row) = post(&url(ep), &ask(id), None);
+        assert_eq!(status, 200, "{ep} {id}: {row}");
+        row["data"]["orders_90d"].as_i64().unwrap()
+    };
+    assert_eq!(orders("plain", "C00042"), 6);
+    assert_eq!(orders("cached", "C00042"), 6);
+    let (status, missing) = post(&url("plain"), &ask("C99999"), None);
+    assert_eq!(status, 404, "{missing}");
+
+    psql(&format!(
+        "update {table} set orders_90d = 7 where customer_id = 'C00042'"
+    ));
+    assert_eq!(orders("plain", "C00042"), 7, "uncached sees the UPDATE at once");
+    assert_eq!(orders("cached", "C00042"), 6, "cached keeps its row for the ttl");
+
+    proxy.set(REFUSE);
+    let started = std::time::Instant::now();
+    let (status, body) = post(&url("plain"), &ask("C00042"), None);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "dataset_unavailable", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap_or("").contains("plain"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(orders("cached", "C00042"), 6, "a cache hit answers without the database");
+    let (status, body) = post(&url("cached"), &ask("C00043"), None);
+    assert_eq!(status, 503, "a cache miss: {body}");
+    let text = body.to_string();
+    assert!(!text.contains(&wh.password), "{text}");
+
+    proxy.set(PASS);
+    wait_for("live recovery", Duration::from_secs(15), || {
+        match try_request("POST", &url("plain"), Some(&ask("C00042")), None)? {
+            (200, row) if row["data"]["orders_90d"] == 7 => Ok(()),
+            (s, row) => Err(format!("{s} {row}")),
+        }
+    });
+    assert_eq!(orders("cached", "C00043"), 5);
+}
+
+// ------------------------------------------------------------------ preflight
+
+/// A dataset that cannot load refuses the whole apply before anything
+/// starts (the service beside it too), with an error naming the dataset and
+/// the cause: an unknown connection (a stack error, at its line), a query
+/// that fails, a key column the query does not have, a database that does
+/// not answer. The password is in none of the messages.
+#[test]
+fn a_dataset_that_cannot_load_refuses_the_apply_and_changes_nothing() {
+    let wh = Warehouse::seed("pre_flight");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // dropped at once: nothing listens there
+    let table = wh.table();
+    let cases: [(&str, String, u16, &str, &[&str]); 4] = [
+        (
+            "unknown connection",
+            format!("select customer_id, orders_90d from {table}"),
+            pg_addr().port(),
+            "connection = \"warehouse\"\nquery",
+            &["service.features.dataset.spend refers to undefined connection `warehouse-typo`", "stack.toml:16:14"],
+        ),
+        (
+            "a query that fails",
+            format!("select customer_id, orders_90d from {table}_missing"),
+            pg_addr().port(),
+            "",
+            &["dataset `spend`", "does not exist"],
+        ),
+        (
+            "no key column",
+            format!("select orders_90d from {table}"),
+            pg_addr().port(),
+            "",
+            &["dataset `spend`", "customer_id"],
+        ),
+        (
+            "unreachable",
+            format!("select customer_id, orders_90d from {table}"),
+            closed,
+            "",
+            &["dataset `spend`", &format!("127.0.0.1:{closed}")],
+        ),
+    ];
+    for (case, query, port, break_connection, expect) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let mut toml = format!(
+            r#"[stack]
+name = "preflight"
+
+[environment.local]
+target = "local"
+
+[connection.warehouse]
+kind = "postgres"
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "{user}"
+password = {{ env = "PREFLIGHT_PASSWORD" }}
+
+[service.features.dataset.spend]
+connection = "warehouse"
+query = "{query}"
+key = "customer_id"
+mode = "preload"
+
+[service.features.endpoint.spend]
+kind = "lookup"
+datasets = ["spend"]
+
+[service.other.dataset.rows]
+file = "rows.csv"
+key = "customer_id"
+
+[service.other.endpoint.rows]
+kind = "lookup"
+datasets = ["rows"]
+"#,
+            db = pg_database(),
+            user = wh.role,
+        );
+        if !break_connection.is_empty() {
+            toml = toml.replace(break_connection, "connection = \"warehouse-typo\"\nquery");
+        }
+        std::fs::write(root.join("stack.toml"), toml).unwrap();
+        std::fs::write(root.join("rows.csv"), "customer_id,x\nC1,1\n").unwrap();
+        let mut m = Stack {
+            _dir: dir,
+            root,
+            env_name: "local",
+            vars: Vec::new(),
+        };
+        m.set_var("PREFLIGHT_PASSWORD", &wh.password);
+        let out = m.mesh("apply", &["--auto-approve"]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{case}: apply succeeded\n{stderr}");
+        for e in expect {
+            assert!(stderr.contains(e), "{case}: no `{e}` in:\n{stderr}");
+        }
+        if break_connection.is_empty() {
+            assert!(stderr.contains("Apply refused: nothing was changed"), "{case}: {stderr}");
+            assert!(stderr.contains("service.features"), "{case}: {stderr}");
+        }
+        assert!(!stderr.contains(&wh.password), "{case}: {stderr}");
+        let started = files_under(&m.state_dir())
+            .into_iter()
+            .filter(|f| f.ends_with("state.json"))
+            .collect::<Vec<_>>();
+        assert!(started.is_empty(), "{case}: {started:?}");
+    }
+}
