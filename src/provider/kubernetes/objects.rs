@@ -43,6 +43,10 @@ pub enum Registry {
     Url(String),
     /// A `registry.NAME` of the stack (ECR): its URL is known once it exists.
     Stack(String),
+    /// The URL of the environment's own `registry.NAME` (ECR), as applied,
+    /// which a test instance pushes to: one repository for all services, as
+    /// [`Registry::Stack`].
+    Reused(String),
 }
 
 /// Digests (`sha256:...`) of the images of services (name, bundle), or why not.
@@ -258,6 +262,10 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                         output: "url".into(),
                     },
                 ),
+                ("image_digest", Value::str(digest)),
+            ],
+            (Some(Registry::Reused(url)), Ok(digest)) => vec![
+                ("image_repository", Value::str(url)),
                 ("image_digest", Value::str(digest)),
             ],
             (None, Ok(_)) => {
