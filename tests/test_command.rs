@@ -147,6 +147,13 @@ fn a_passing_run_reports_every_query_and_leaves_nothing_of_the_instance() {
     );
     assert!(stderr.contains("found nothing left"), "{stderr}");
     assert_eq!(instance_ports(&stderr).len(), 2, "{stderr}");
+    // One port policy: the local provider's allocator, below the NodePorts.
+    assert!(
+        instance_ports(&stderr)
+            .iter()
+            .all(|p| mesh::provider::local::ports::RANGE.contains(p)),
+        "{stderr}"
+    );
     assert!(
         instance_ports(&stderr)
             .iter()
