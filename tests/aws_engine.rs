@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use aws_fault_proxy::{FaultProxy, moto_endpoint};
 use serde_json::Value;
 use support::aws::{customer_mesh_named, leftovers, platform_named};
-use support::{stand_in_runtime, unique};
+use support::{show, stand_in_runtime, stderr, stdout, unique};
 
 /// `mesh ARGS` against the AWS endpoint `endpoint` (moto, or a proxy in front of it).
 fn mesh(args: &[&str], endpoint: &str, runtime: &Path) -> Command {
@@ -35,23 +35,6 @@ fn mesh(args: &[&str], endpoint: &str, runtime: &Path) -> Command {
 
 fn run(args: &[&str], endpoint: &str, runtime: &Path) -> Output {
     mesh(args, endpoint, runtime).output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        stdout(out),
-        stderr(out)
-    )
 }
 
 fn hostname() -> String {

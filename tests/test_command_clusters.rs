@@ -25,6 +25,7 @@ use kube_double::KubeDouble;
 use serde_json::Value;
 use support::cluster_proxy::{ClusterProxy, Route};
 use support::local::{Env, ok};
+use support::{show, stderr, stdout};
 
 /// The stack copy with its `local` environment applied (the runtimes that
 /// answer), the double, and the files `mesh` needs to reach it.
@@ -201,7 +202,7 @@ impl Cluster {
     /// Nothing of the instance is on the double, and nothing is left of its
     /// local state; the environment's objects are those of `before`, untouched.
     fn assert_only_the_environment_is_left(&self, instance: &str, before: &Objects, out: &Output) {
-        let text = text(out);
+        let text = show(out);
         let ns = self.namespace(instance);
         assert!(
             self.double.object("v1", "Namespace", "", &ns).is_none(),
@@ -238,21 +239,23 @@ impl Drop for Cluster {
     }
 }
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        stdout(out),
-        stderr(out)
-    )
+/// `out` exited with `code`, and says each of `on_stdout` and `on_stderr` there.
+fn assert_run(out: &Output, code: i32, on_stdout: &[&str], on_stderr: &[&str]) {
+    assert_eq!(out.status.code(), Some(code), "{}", show(out));
+    for part in on_stdout {
+        assert!(
+            stdout(out).contains(part),
+            "stdout lacks {part:?}\n{}",
+            show(out)
+        );
+    }
+    for part in on_stderr {
+        assert!(
+            stderr(out).contains(part),
+            "stderr lacks {part:?}\n{}",
+            show(out)
+        );
+    }
 }
 
 /// Every host the queries asked for is an in-cluster name in the instance's namespace.
@@ -272,7 +275,7 @@ fn assert_reuses_the_platform(out: &Output, ns: &str) {
     let header = err
         .lines()
         .find(|l| l.starts_with("Testing stack"))
-        .unwrap_or_else(|| panic!("no header\n{}", text(out)));
+        .unwrap_or_else(|| panic!("no header\n{}", show(out)));
     assert!(
         header.contains(&format!(
             "services in namespace {ns} on the environment's cluster"
@@ -286,12 +289,7 @@ async fn pass_then_fail(c: &Cluster, before: &Objects) -> Vec<Output> {
     let instance = support::unique("tp");
     let proxy = c.proxy(&instance);
     let out = c.test(&instance, &proxy, &[]).await;
-    ok(&out, "mesh test");
-    assert!(
-        stdout(&out).contains("5 passed, 0 failed"),
-        "{}",
-        text(&out)
-    );
+    assert_run(&out, 0, &["5 passed, 0 failed"], &[]);
     assert!(
         stdout(&out)
             .lines()
@@ -299,7 +297,7 @@ async fn pass_then_fail(c: &Cluster, before: &Objects) -> Vec<Output> {
                 && l.contains("by-id")
                 && l.contains("passed")),
         "{}",
-        text(&out)
+        show(&out)
     );
     assert_reuses_the_platform(&out, &c.namespace(&instance));
     assert_queries_went_to(&proxy, &c.namespace(&instance));
@@ -316,16 +314,14 @@ async fn pass_then_fail(c: &Cluster, before: &Objects) -> Vec<Output> {
     let instance = support::unique("tf");
     let proxy = c.proxy(&instance);
     let out = c.test(&instance, &proxy, &[]).await;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        stdout(&out).contains("4 passed, 1 failed"),
-        "{}",
-        text(&out)
-    );
-    assert!(
-        stdout(&out).contains("    prediction: expected \"0\", got \"1\""),
-        "{}",
-        text(&out)
+    assert_run(
+        &out,
+        1,
+        &[
+            "4 passed, 1 failed",
+            "    prediction: expected \"0\", got \"1\"",
+        ],
+        &[],
     );
     assert_queries_went_to(&proxy, &c.namespace(&instance));
     c.assert_only_the_environment_is_left(&instance, before, &out);
@@ -350,13 +346,12 @@ async fn on_kubernetes_a_query_timeout_and_ctrl_c_still_tear_the_instance_down()
     let proxy = c.proxy(&instance);
     proxy.hold();
     let out = c.test(&instance, &proxy, &["--timeout", "1s"]).await;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let table = stdout(&out);
-    assert!(table.contains("0 passed, 5 failed"), "{}", text(&out));
-    assert!(
-        table.contains("within 1s (--timeout)"),
-        "each query gives up after --timeout: {}",
-        text(&out)
+    // Each query gives up after --timeout.
+    assert_run(
+        &out,
+        1,
+        &["0 passed, 5 failed", "within 1s (--timeout)"],
+        &[],
     );
     c.assert_only_the_environment_is_left(&instance, &before, &out);
 
@@ -395,16 +390,14 @@ async fn on_kubernetes_a_query_timeout_and_ctrl_c_still_tear_the_instance_down()
         stdout: Vec::new(),
         stderr: err.into_bytes(),
     };
-    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
-    assert!(
-        stderr(&out).contains("Interrupted: destroying the test instance"),
-        "{}",
-        text(&out)
-    );
-    assert!(
-        stderr(&out).contains("error: interrupted during the test queries"),
-        "{}",
-        text(&out)
+    assert_run(
+        &out,
+        130,
+        &[],
+        &[
+            "Interrupted: destroying the test instance",
+            "error: interrupted during the test queries",
+        ],
     );
     c.assert_only_the_environment_is_left(&instance, &before, &out);
 }
@@ -462,7 +455,7 @@ mod aws {
                 assert!(
                     !stderr(&out).contains(platform),
                     "the instance plans {platform}\n{}",
-                    text(&out)
+                    show(&out)
                 );
             }
         }
@@ -491,7 +484,7 @@ mod aws {
         let name = support::unique("na");
         let stack = customer_mesh_named(dir.path(), &name);
         let out = test_on_moto(&stack, "dev", &support::unique("t")).await;
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
         let err = stderr(&out);
         assert!(
             err.contains("help: apply the environment first: `mesh apply ")
@@ -500,18 +493,18 @@ mod aws {
                     stack.file_name().unwrap().to_string_lossy()
                 )),
             "{}",
-            text(&out)
+            show(&out)
         );
         assert!(
             stderr(&out).contains("environment `dev`'s registry.platform"),
             "{}",
-            text(&out)
+            show(&out)
         );
         assert_eq!(
             leftovers(&moto_endpoint(), &name).await,
             Vec::<String>::new(),
             "nothing is created: {}",
-            text(&out)
+            show(&out)
         );
     }
 
@@ -528,17 +521,17 @@ mod aws {
             err.contains("a platform stack (no services): the instance builds its own network, cluster and registry")
                 && err.contains(&format!("tagged mesh:env=dev-{instance}")),
             "{}",
-            text(&out)
+            show(&out)
         );
         for created in ["network.main", "cluster.main", "registry.services"] {
             assert!(
                 err.lines()
                     .any(|l| l.contains("create") && l.contains(created)),
                 "the instance builds {created}: {}",
-                text(&out)
+                show(&out)
             );
         }
-        assert!(err.contains("found nothing left"), "{}", text(&out));
+        assert!(err.contains("found nothing left"), "{}", show(&out));
         assert_eq!(
             leftovers_of(&moto_endpoint(), &name, Some(&format!("dev-{instance}"))).await,
             Vec::<String>::new()

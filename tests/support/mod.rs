@@ -42,14 +42,36 @@ pub fn copy_customer_mesh(to: &Path) -> std::path::PathBuf {
 /// A name of its own (a stack, an instance): moto's state is shared by
 /// every test, and tests run in parallel.
 pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!(
-        "{prefix}{}{:x}",
-        std::process::id() % 10_000,
-        nanos % 0xffff
+        "{prefix}{}{:x}{}",
+        std::process::id() % 1000,
+        nanos % 0xffff,
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// A command's stdout, as text.
+pub fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command's stderr, as text.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command's exit code, stdout and stderr, for assertion messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        stdout(out),
+        stderr(out)
     )
 }
 
