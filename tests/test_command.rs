@@ -383,3 +383,35 @@ fn a_second_ctrl_c_leaves_the_instance_and_prints_the_command_that_removes_it() 
     let marker = format!("{}/.mesh/local-", env.stack.display());
     assert!(processes_mentioning(&marker).is_empty());
 }
+
+#[test]
+fn timeout_and_deadline_take_durations() {
+    let stack = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+    for (flag, bad, says) in [
+        ("--timeout", "5", "`5` is not a duration"),
+        ("--timeout", "5 min", "`5 min` is not a duration"),
+        ("--deadline", "0s", "a duration of zero"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .arg("test")
+            .arg(&stack)
+            .args(["--env", "local", flag, bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {bad}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(says),
+            "{flag} {bad}: {stderr}"
+        );
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["test", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("How long each test query may take") && help.contains("[default: 30s]"),
+        "{help}"
+    );
+}
