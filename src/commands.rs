@@ -204,6 +204,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             junit,
             parallelism,
             timeout,
+            deadline,
             instance,
         } => {
             test::run(test::Options {
@@ -215,7 +216,8 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 json,
                 junit,
                 parallelism,
-                timeout: std::time::Duration::from_secs(timeout),
+                query_timeout: timeout,
+                deadline,
                 instance,
             })
             .await

@@ -22,6 +22,16 @@ pub enum EngineError {
         target: &'static str,
         feature: &'static str,
     },
+    /// A test instance deploys onto its environment's cluster and registry,
+    /// and the environment has not been applied.
+    #[error(
+        "the test instance deploys its services onto environment `{env}`'s {what}, which does not exist\n  help: apply the environment first: `mesh apply {path} --env {env}`"
+    )]
+    PlatformNotApplied {
+        env: String,
+        what: String,
+        path: String,
+    },
     /// Providers' resources depend on each other in a cycle.
     #[error("dependency cycle between {0}")]
     Cycle(String),
@@ -69,7 +79,11 @@ impl Engine {
                                 ProviderId::Kubernetes,
                                 Arc::new(kubernetes_on_aws(&stack, aws.clone()).await?),
                             );
-                            in_cluster = eks_cluster_of(&stack);
+                            // A test instance's objects live on the environment's
+                            // cluster, which a destroy of the instance keeps.
+                            if !stack.reuses_platform() {
+                                in_cluster = eks_cluster_of(&stack);
+                            }
                         }
                     }
                     providers.insert(ProviderId::Aws, aws);
@@ -337,13 +351,26 @@ async fn kubernetes_on_aws(
             })
         }
     });
-    let Some(cluster) = cluster.filter(|c| matches!(c.kind, ClusterKind::Eks(_))) else {
-        return Ok(KubernetesProvider::for_stack(stack, settings)
-            .await?
-            .with_registry_auth_source(auth));
+    let reused = reused_registry(stack, &aws).await?;
+    let reuse = move |k: KubernetesProvider| {
+        let k = k.with_registry_auth_source(auth);
+        match reused {
+            Some(url) => k.with_reused_registry(url),
+            None => k,
+        }
     };
+    let Some(cluster) = cluster.filter(|c| matches!(c.kind, ClusterKind::Eks(_))) else {
+        return Ok(reuse(KubernetesProvider::for_stack(stack, settings).await?));
+    };
+    // A test instance's services go to the environment's cluster.
     let name =
-        crate::provider::aws::names::eks_cluster(&stack.name, &stack.env.name, &cluster.name);
+        crate::provider::aws::names::eks_cluster(&stack.name, stack.platform_env(), &cluster.name);
+    if stack.reuses_platform() && aws.kube_access(&name).await?.is_none() {
+        return Err(not_applied(
+            stack,
+            format!("cluster.{} (EKS cluster {name})", cluster.name),
+        ));
+    }
     let eks_name = name.clone();
     let source: AccessSource = Arc::new(move || {
         let aws = aws.clone();
@@ -357,9 +384,42 @@ async fn kubernetes_on_aws(
             }))
         })
     });
-    Ok(
-        KubernetesProvider::from_access_source(&name, source, settings)
-            .with_state_dir(stack)
-            .with_registry_auth_source(auth),
-    )
+    Ok(reuse(
+        KubernetesProvider::from_access_source(&name, source, settings).with_state_dir(stack),
+    ))
+}
+
+/// For a test instance whose environment names a registry of the stack
+/// (ECR): that registry's URL, as the environment applied it.
+#[cfg(all(feature = "aws", feature = "kubernetes"))]
+async fn reused_registry(
+    stack: &Stack,
+    aws: &crate::provider::aws::AwsProvider,
+) -> Result<Option<String>, EngineError> {
+    let Some(name) = stack
+        .env
+        .registry
+        .as_ref()
+        .filter(|r| stack.reuses_platform() && stack.registries.contains_key(*r))
+    else {
+        return Ok(None);
+    };
+    let of = Scope {
+        stack: stack.name.clone(),
+        env: stack.platform_env().to_owned(),
+        root: stack.root.clone(),
+    };
+    match aws.registry_url(&of, name).await? {
+        Some(url) => Ok(Some(url)),
+        None => Err(not_applied(stack, format!("registry.{name} (ECR)"))),
+    }
+}
+
+#[cfg(all(feature = "aws", feature = "kubernetes"))]
+fn not_applied(stack: &Stack, what: String) -> EngineError {
+    EngineError::PlatformNotApplied {
+        env: stack.platform_env().to_owned(),
+        what,
+        path: stack.root.display().to_string(),
+    }
 }

@@ -130,9 +130,14 @@ pub(crate) enum Command {
         /// How many changes, and how many queries, may run at once.
         #[arg(long, default_value_t = 8)]
         parallelism: usize,
-        /// Seconds the apply and the queries may take together (the teardown always runs).
-        #[arg(long, default_value_t = 900)]
-        timeout: u64,
+        /// How long each test query may take before it counts as an error
+        /// (a duration: 250ms, 5s, 2m).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+        timeout: std::time::Duration,
+        /// How long the apply and the queries may take together before the
+        /// run stops; the teardown always runs, without limit (a duration: 90s, 15m).
+        #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = duration)]
+        deadline: std::time::Duration,
         /// Name the instance (default: test-<random>).
         #[arg(long)]
         instance: Option<String>,
@@ -143,6 +148,17 @@ pub(crate) enum Command {
         #[arg(long)]
         env: String,
     },
+}
+
+/// A command-line duration, as durations are written in stacks (`5s`, `250ms`, `1h30m`).
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    match mesh::stack::parse_duration(text) {
+        Some(d) if !d.is_zero() => Ok(d),
+        Some(_) => Err("a duration of zero leaves no time at all".into()),
+        None => Err(format!(
+            "`{text}` is not a duration: write a number and a unit (ms, s, m, h, d), e.g. 5s or 1m30s"
+        )),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -13,36 +13,20 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use aws_fault_proxy::{FaultProxy, moto_endpoint};
 use serde_json::Value;
-use support::aws::leftovers;
-
-/// A stack name of its own: moto's state is shared by every test.
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "{prefix}{}{:x}",
-        std::process::id() % 10_000,
-        nanos % 0xffff
-    )
-}
+use support::aws::{customer_mesh_named, leftovers, platform_named};
+use support::{show, stand_in_runtime, stderr, stdout, unique};
 
 /// `mesh ARGS` against the AWS endpoint `endpoint` (moto, or a proxy in front of it).
 fn mesh(args: &[&str], endpoint: &str, runtime: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
+    support::aws::point_at(&mut cmd, endpoint);
     cmd.args(args)
-        .env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env_remove("AWS_PROFILE")
         .env("MESH_RUNTIME_STATIC_BIN", runtime)
         .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::null());
@@ -53,47 +37,10 @@ fn run(args: &[&str], endpoint: &str, runtime: &Path) -> Output {
     mesh(args, endpoint, runtime).output().unwrap()
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        stdout(out),
-        stderr(out)
-    )
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into())
-}
-
-/// A stand-in for the static runtime: images are digested, never run.
-fn stand_in_runtime(dir: &Path) -> PathBuf {
-    let runtime = dir.join("mesh-runtime");
-    std::fs::write(&runtime, b"#!/bin/sh\n# stand-in runtime\n").unwrap();
-    runtime
-}
-
-/// A copy of the customer mesh named `name`; returns its folder.
-fn customer_mesh_named(dir: &Path, name: &str) -> PathBuf {
-    let stack = support::copy_customer_mesh(dir);
-    let file = stack.join("stack.toml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        text.replace("name = \"customer-mesh\"", &format!("name = \"{name}\"")),
-    )
-    .unwrap();
-    stack
 }
 
 #[test]
@@ -318,22 +265,6 @@ async fn destroy_removes_the_cloud_resources_after_the_cluster_was_deleted_by_ha
     );
     let left = leftovers(&moto_endpoint(), &name).await;
     assert!(left.is_empty(), "left behind: {left:?}\n{text}");
-}
-
-/// A copy of `stacks/platform` named `name` in a folder of its own (another machine's checkout).
-fn platform_named(dir: &Path, name: &str) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let to = dir.join("platform");
-    std::fs::create_dir_all(&to).unwrap();
-    for f in ["stack.toml", "prod.toml"] {
-        let text = std::fs::read_to_string(repo.join("stacks/platform").join(f)).unwrap();
-        std::fs::write(
-            to.join(f),
-            text.replace("name = \"platform\"", &format!("name = \"{name}\"")),
-        )
-        .unwrap();
-    }
-    to
 }
 
 /// Waits (at most a minute) until `proxy` has seen `n` calls of `action` from `child`.

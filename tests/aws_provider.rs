@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use aws_fault_proxy::{FaultProxy, moto_endpoint};
@@ -22,22 +21,9 @@ use mesh::stack::{NatGateways, Stack};
 
 mod support;
 use support::aws::{ec2_tags, leftovers, live_nat_gateways, owner_filters, sdk};
+use support::unique;
 
 // ---------------------------------------------------------------- helpers
-
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "{prefix}{}{:x}{}",
-        std::process::id() % 1000,
-        nanos % 0xffff,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// Fast waits and retries: moto answers at once.
 fn test_config(endpoint: &str) -> AwsConfig {

@@ -23,13 +23,7 @@ const STACK: &str = "customer-mesh";
 const NS: &str = "customer-mesh";
 
 fn registry() -> String {
-    match std::env::var("MESH_TEST_REGISTRY") {
-        Ok(r) if !r.is_empty() => r,
-        _ => panic!(
-            "MESH_TEST_REGISTRY is not set: these tests push images to the OCI registry on loopback; \
-             run `scripts/services start` and `eval \"$(scripts/services env)\"` (or `scripts/test`)"
-        ),
-    }
+    support::test_registry()
 }
 
 /// A copy of the example stack, a double, and a kubeconfig pointing at it.

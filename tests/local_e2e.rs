@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use support::local::{ok, runtime_bin};
 
 /// A copy of the example stack in a temp dir, on its own ports.
 struct Mesh {
@@ -121,23 +122,6 @@ impl Drop for Mesh {
         // Never leave processes behind, even when a test fails.
         let _ = self.run("destroy", &["--auto-approve"]);
     }
-}
-
-fn runtime_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESH_RUNTIME_BIN") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_BIN_EXE_mesh")).with_file_name("mesh-runtime")
-}
-
-fn ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn post(url: &str, body: &Value) -> (u16, Value) {

@@ -14,166 +14,38 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
+use support::local::{Env, alive, ok, processes_mentioning, runtime_bin};
 
-fn runtime_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESH_RUNTIME_BIN") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_BIN_EXE_mesh")).with_file_name("mesh-runtime")
-}
-
-/// A copy of the customer mesh on free ports, with its `local` environment applied.
-struct Env {
-    _dir: tempfile::TempDir,
-    stack: PathBuf,
-    ports: [u16; 2],
-    pids: Vec<u32>,
-}
-
-fn free_port(not: &[u16]) -> u16 {
-    // The NodePort range, below the ephemeral ports; tests run in parallel
-    // threads, so each call starts somewhere else.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+/// Nothing of any test instance is left, and the environment's own
+/// services still run and answer.
+fn assert_only_the_environment_is_left(env: &Env, out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let state: Vec<String> = std::fs::read_dir(env.stack.join(".mesh"))
         .unwrap()
-        .subsec_nanos() as usize;
-    let start = (std::process::id() as usize * 31 + call * 557 + nanos) % 2768;
-    (0..2768)
-        .map(|i| 30000 + ((start + i) % 2768) as u16)
-        .find(|p| !not.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port in 30000-32767")
-}
-
-impl Env {
-    /// The stack copied, `edit` applied to its stack.toml, and the
-    /// environment itself applied (its services keep running throughout).
-    fn new(edit: impl Fn(String) -> String) -> Env {
-        assert!(
-            runtime_bin().is_file(),
-            "mesh-runtime is not built at {}: run `cargo build -p mesh-runtime` (scripts/test builds everything)",
-            runtime_bin().display()
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let stack = support::copy_customer_mesh(dir.path());
-        let a = free_port(&[]);
-        let b = free_port(&[a]);
-        let toml = std::fs::read_to_string(stack.join("stack.toml"))
-            .unwrap()
-            .replace("node_port = 30080", &format!("node_port = {a}"))
-            .replace("node_port = 30081", &format!("node_port = {b}"));
-        std::fs::write(stack.join("stack.toml"), edit(toml)).unwrap();
-        let mut env = Env {
-            _dir: dir,
-            stack,
-            ports: [a, b],
-            pids: Vec::new(),
-        };
-        let out = env.mesh(&["apply", "--auto-approve"]);
-        ok(&out, "applying the environment itself");
-        env.pids = ["customer-features", "customer-scoring"]
-            .iter()
-            .map(|s| {
-                let state = std::fs::read_to_string(
-                    env.stack
-                        .join(format!(".mesh/local/services/{s}/state.json")),
-                )
-                .unwrap();
-                serde_json::from_str::<Value>(&state).unwrap()["pid"]
-                    .as_u64()
-                    .unwrap() as u32
-            })
-            .collect();
-        env
-    }
-
-    fn command(&self, verb: &str, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
-        cmd.arg(verb)
-            .arg(&self.stack)
-            .args(["--env", "local"])
-            .args(extra)
-            .env("MESH_RUNTIME_BIN", runtime_bin())
-            .env("NO_COLOR", "1");
-        cmd
-    }
-
-    fn mesh(&self, args: &[&str]) -> Output {
-        let (verb, extra) = args.split_first().unwrap();
-        self.command(verb, extra).output().unwrap()
-    }
-
-    /// Nothing of any test instance is left, and the environment's own
-    /// services still run and answer.
-    fn assert_only_the_environment_is_left(&self, out: &Output) {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let state: Vec<String> = std::fs::read_dir(self.stack.join(".mesh"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(state, ["local"], "instance state left behind:\n{stderr}");
-        let marker = format!("{}/.mesh/local-", self.stack.display());
-        let procs = processes_mentioning(&marker);
-        assert!(
-            procs.is_empty(),
-            "processes of the instance still run: {procs:?}\n{stderr}"
-        );
-        for p in instance_ports(&stderr) {
-            assert!(
-                TcpListener::bind(("127.0.0.1", p)).is_ok(),
-                "the instance's port {p} is still taken\n{stderr}"
-            );
-        }
-        for pid in &self.pids {
-            assert!(alive(*pid), "the environment's runtime {pid} was stopped");
-        }
-        let (status, body) = post(
-            self.ports[1],
-            "/public/api/v1/customer-scoring/high-value/predict",
-            r#"{"features": {"customer_id": "C00042"}}"#,
-        );
-        assert_eq!(status, 200, "the environment no longer answers: {body}");
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.mesh(&["destroy", "--auto-approve"]);
-    }
-}
-
-fn ok(out: &Output, what: &str) {
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(state, ["local"], "instance state left behind:\n{stderr}");
+    let marker = format!("{}/.mesh/local-", env.stack.display());
+    let procs = processes_mentioning(&marker);
     assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        procs.is_empty(),
+        "processes of the instance still run: {procs:?}\n{stderr}"
     );
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    })
-}
-
-fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) && alive(pid) {
-                out.push((pid, cmd));
-            }
-        }
+    for p in instance_ports(&stderr) {
+        assert!(
+            TcpListener::bind(("127.0.0.1", p)).is_ok(),
+            "the instance's port {p} is still taken\n{stderr}"
+        );
     }
-    out
+    for pid in &env.pids {
+        assert!(alive(*pid), "the environment's runtime {pid} was stopped");
+    }
+    let (status, body) = post(
+        env.ports[1],
+        "/public/api/v1/customer-scoring/high-value/predict",
+        r#"{"features": {"customer_id": "C00042"}}"#,
+    );
+    assert_eq!(status, 200, "the environment no longer answers: {body}");
 }
 
 /// The instance's ports, from the header (`ports customer-features:31234, ...`).
@@ -275,13 +147,20 @@ fn a_passing_run_reports_every_query_and_leaves_nothing_of_the_instance() {
     );
     assert!(stderr.contains("found nothing left"), "{stderr}");
     assert_eq!(instance_ports(&stderr).len(), 2, "{stderr}");
+    // One port policy: the local provider's allocator, below the NodePorts.
+    assert!(
+        instance_ports(&stderr)
+            .iter()
+            .all(|p| mesh::provider::local::ports::RANGE.contains(p)),
+        "{stderr}"
+    );
     assert!(
         instance_ports(&stderr)
             .iter()
             .all(|p| !env.ports.contains(p)),
         "the instance must not use the environment's ports: {stderr}"
     );
-    env.assert_only_the_environment_is_left(&out);
+    assert_only_the_environment_is_left(&env, &out);
 
     let report = parse_junit(&junit);
     assert_eq!(report["tests"], 6, "5 queries and the teardown: {report}");
@@ -305,7 +184,7 @@ fn a_passing_run_reports_every_query_and_leaves_nothing_of_the_instance() {
     assert_eq!(v["tests"][0]["test"], "by-id", "{v}");
     assert_eq!(v["teardown"]["status"], "destroyed", "{v}");
     assert_eq!(v["teardown"]["left"], serde_json::json!([]), "{v}");
-    env.assert_only_the_environment_is_left(&out);
+    assert_only_the_environment_is_left(&env, &out);
 }
 
 #[test]
@@ -320,7 +199,7 @@ fn a_failing_expectation_fails_with_a_field_level_diff_and_is_torn_down() {
         stdout.contains("    prediction: expected \"0\", got \"1\""),
         "{stdout}"
     );
-    env.assert_only_the_environment_is_left(&out);
+    assert_only_the_environment_is_left(&env, &out);
 
     let report = parse_junit(&junit);
     assert_eq!(report["failures"], 1, "{report}");
@@ -358,7 +237,7 @@ fn an_apply_that_fails_half_way_is_torn_down() {
         "{stderr}"
     );
     assert!(stderr.contains("found nothing left"), "{stderr}");
-    env.assert_only_the_environment_is_left(&out);
+    assert_only_the_environment_is_left(&env, &out);
     let report = parse_junit(&junit);
     let cases = cases(&report);
     assert!(
@@ -448,7 +327,7 @@ fn ctrl_c_during_the_queries_tears_the_instance_down() {
         stdout: Vec::new(),
         stderr: stderr.into_bytes(),
     };
-    env.assert_only_the_environment_is_left(&out);
+    assert_only_the_environment_is_left(&env, &out);
 }
 
 #[test]
@@ -503,4 +382,36 @@ fn a_second_ctrl_c_leaves_the_instance_and_prints_the_command_that_removes_it() 
     assert_eq!(state, ["local"], "{}", String::from_utf8_lossy(&out.stderr));
     let marker = format!("{}/.mesh/local-", env.stack.display());
     assert!(processes_mentioning(&marker).is_empty());
+}
+
+#[test]
+fn timeout_and_deadline_take_durations() {
+    let stack = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+    for (flag, bad, says) in [
+        ("--timeout", "5", "`5` is not a duration"),
+        ("--timeout", "5 min", "`5 min` is not a duration"),
+        ("--deadline", "0s", "a duration of zero"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .arg("test")
+            .arg(&stack)
+            .args(["--env", "local", flag, bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {bad}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(says),
+            "{flag} {bad}: {stderr}"
+        );
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["test", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("How long each test query may take") && help.contains("[default: 30s]"),
+        "{help}"
+    );
 }

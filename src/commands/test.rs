@@ -21,13 +21,10 @@ use mesh::plan;
 use mesh::provider::ApplyContext;
 use mesh::render;
 use mesh::resource::{Live, Value};
-use mesh::stack::{ExposeKind, SecretRef, Stack, Target, TestQuery};
+use mesh::stack::{SecretRef, Stack, Target, TestQuery};
 use mesh::testing::{self, Report, Teardown, TestResult, client};
 
 use super::{fail, load, with_locks};
-
-/// How long one test query may take.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `mesh test` as parsed.
 pub(crate) struct Options {
@@ -39,8 +36,10 @@ pub(crate) struct Options {
     pub json: bool,
     pub junit: Option<PathBuf>,
     pub parallelism: usize,
-    /// For apply and queries together; the teardown has no limit.
-    pub timeout: Duration,
+    /// How long one test query may take (`--timeout`).
+    pub query_timeout: Duration,
+    /// For apply and queries together (`--deadline`); the teardown has no limit.
+    pub deadline: Duration,
     pub instance: Option<String>,
 }
 
@@ -139,10 +138,9 @@ pub(crate) async fn run(o: Options) -> ExitCode {
     if let Err(e) = check_instance_name(&name) {
         return fail(e);
     }
-    let mut inst = stack.instance(&name);
-    if inst.env.target == Target::Local {
-        assign_ports(&mut inst);
-    }
+    // Its NodePorts are dropped: on the local target each service gets a
+    // port from the local provider's allocator, as any other service does.
+    let inst = stack.instance(&name);
     let destroy_cmd = format!(
         "mesh destroy {} --env {} --instance {name} --auto-approve",
         o.path.display(),
@@ -153,7 +151,7 @@ pub(crate) async fn run(o: Options) -> ExitCode {
         &inst.root,
         &inst.env.name,
     ));
-    let stop = Stop::new(o.timeout, Some((destroy_cmd.clone(), lock)));
+    let stop = Stop::new(o.deadline, Some((destroy_cmd.clone(), lock)));
     let started = Instant::now();
     let mut results: Vec<TestResult> = Vec::new();
     let mut aborted: Option<String> = None;
@@ -175,8 +173,8 @@ pub(crate) async fn run(o: Options) -> ExitCode {
                 aborted = Some("interrupted during the test queries".into());
             } else if stop.timed_out() && aborted.is_none() {
                 aborted = Some(format!(
-                    "timed out after {} s during the test queries",
-                    o.timeout.as_secs()
+                    "the --deadline of {} passed during the test queries",
+                    mesh::stack::duration_text(o.deadline)
                 ));
             }
             if o.keep && !stop.interrupted() {
@@ -237,7 +235,7 @@ pub(crate) async fn run(o: Options) -> ExitCode {
 
 /// Sends the queries to what the environment runs now.
 async fn live(stack: Stack, o: &Options) -> ExitCode {
-    let stop = Stop::new(o.timeout, None);
+    let stop = Stop::new(o.deadline, None);
     let started = Instant::now();
     let engine = match Engine::new(stack).await {
         Ok(e) => e,
@@ -335,7 +333,7 @@ async fn apply_instance(engine: &Engine, parallelism: usize, stop: &Stop) -> Res
     if stop.interrupted() {
         Err("interrupted while applying the test instance".into())
     } else if stop.timed_out() {
-        Err("timed out while applying the test instance".into())
+        Err("the --deadline passed while applying the test instance".into())
     } else if !report.succeeded() {
         Err("the test instance's apply failed".into())
     } else {
@@ -382,7 +380,7 @@ async fn queries(
         if requests.len() == 1 { "y" } else { "ies" },
         o.parallelism
     );
-    let mut answers = client::send_all(requests, o.parallelism, QUERY_TIMEOUT, stop).await;
+    let mut answers = client::send_all(requests, o.parallelism, o.query_timeout, stop).await;
     answers.extend(unreachable);
     Ok(testing::evaluate(reported, &answers))
 }
@@ -555,15 +553,10 @@ fn header(inst: &Stack, name: &str) -> String {
     );
     match inst.env.target {
         Target::Local => {
-            let ports: Vec<String> = inst
-                .exposes
-                .values()
-                .filter_map(|e| match e.kind {
-                    ExposeKind::NodePort {
-                        node_port: Some(p), ..
-                    } => Some(format!("{}:{p}", e.service)),
-                    _ => None,
-                })
+            // The ports the local provider allocates for the instance.
+            let ports: Vec<String> = mesh::provider::local::service_ports(inst)
+                .iter()
+                .map(|(service, p)| format!("{service}:{p}"))
                 .collect();
             format!(
                 "{head}: state in {}, ports {}; the environment's own services are not touched.",
@@ -575,7 +568,7 @@ fn header(inst: &Stack, name: &str) -> String {
                 }
             )
         }
-        Target::Kubernetes if inst.reuses_platform() => format!(
+        Target::Kubernetes | Target::Aws if inst.reuses_platform() => format!(
             "{head}: services in namespace {} on the environment's cluster {} and registry {} (reused: the instance creates no network, cluster or registry).",
             inst.env.namespace.as_deref().unwrap_or_default(),
             inst.env.cluster.as_deref().unwrap_or("(current context)"),
@@ -586,9 +579,8 @@ fn header(inst: &Stack, name: &str) -> String {
             inst.env.namespace.as_deref().unwrap_or_default()
         ),
         Target::Aws => format!(
-            "{head}: the instance builds its own network, cluster and registry, named and tagged mesh:env={} (services in namespace {}).",
-            inst.env.name,
-            inst.env.namespace.as_deref().unwrap_or_default()
+            "{head}: a platform stack (no services): the instance builds its own network, cluster and registry, named and tagged mesh:env={}.",
+            inst.env.name
         ),
     }
 }
@@ -621,28 +613,6 @@ fn check_instance_name(name: &str) -> Result<(), String> {
         Err(format!(
             "invalid instance name `{name}`\n  help: use lowercase letters, digits and `-`, starting with a letter, at most 30 characters"
         ))
-    }
-}
-
-/// Free loopback ports in the NodePort range for the instance's NodePort
-/// exposures (the local target serves each on its node port).
-fn assign_ports(stack: &mut Stack) {
-    let mut taken: BTreeSet<u16> = BTreeSet::new();
-    let span = 32767 - 30000 + 1;
-    let start = (std::process::id() as usize * 7919 + mesh::lock::now() as usize) % span;
-    for e in stack.exposes.values_mut() {
-        if let ExposeKind::NodePort { node_port, .. } = &mut e.kind
-            && node_port.is_none()
-        {
-            *node_port = (0..span)
-                .map(|i| 30000 + ((start + i) % span) as u16)
-                .find(|p| {
-                    !taken.contains(p) && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
-                });
-            if let Some(p) = node_port {
-                taken.insert(*p);
-            }
-        }
     }
 }
 

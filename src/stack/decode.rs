@@ -299,10 +299,40 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(total)
 }
 
+/// The inverse of [`parse_duration`]: `90 s` → `"1m30s"`, `250 ms` → `"250ms"`.
+pub fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    let mut rest = ms;
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+        ("ms", 1),
+    ] {
+        if rest >= size {
+            out.push_str(&format!("{}{unit}", rest / size));
+            rest %= size;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod duration_tests {
-    use super::parse_duration;
+    use super::{duration_text, parse_duration};
     use std::time::Duration;
+
+    #[test]
+    fn durations_print_as_they_parse() {
+        for text in ["30s", "250ms", "1m30s", "2d", "1h5s", "0s"] {
+            assert_eq!(duration_text(parse_duration(text).unwrap()), text);
+        }
+    }
 
     #[test]
     fn durations_parse_by_unit_and_refuse_the_rest() {

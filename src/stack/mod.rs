@@ -12,6 +12,7 @@ mod model;
 mod resolve;
 mod source;
 
+pub use decode::{duration_text, parse_duration};
 pub use diag::{Code, Diagnostic, Report};
 pub use model::*;
 

@@ -65,12 +65,14 @@ impl Stack {
         s
     }
 
-    /// On a test instance of a stack with services on a `kubernetes`
-    /// environment: the services go to the environment's existing cluster
-    /// and registry, and the instance creates no cluster of its own.
+    /// On a test instance of a stack with services on a `kubernetes` or
+    /// `aws` environment: the services go to the environment's cluster and
+    /// registry (as applied), and the instance creates no network, cluster
+    /// or registry of its own. A stack without services (a platform stack)
+    /// gets its own instance of them.
     pub fn reuses_platform(&self) -> bool {
         self.env.instance.is_some()
-            && self.env.target == Target::Kubernetes
+            && matches!(self.env.target, Target::Kubernetes | Target::Aws)
             && !self.services.is_empty()
     }
 

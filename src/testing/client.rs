@@ -22,8 +22,8 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no answer from {url} within {seconds} s")]
-    Timeout { url: String, seconds: u64 },
+    #[error("no answer from {url} within {within} (--timeout)")]
+    Timeout { url: String, within: String },
     #[error("{url} answered something that is not HTTP: {reason}")]
     Malformed { url: String, reason: String },
     #[error("interrupted before {url} answered")]
@@ -59,9 +59,14 @@ pub async fn post_json(
     } else {
         format!("{authority}:80")
     };
+    // Through a proxy the request names the whole URL.
+    let (connect_to, target) = match proxy_for(&host_port) {
+        Some(proxy) => (proxy, url.to_owned()),
+        None => (host_port, path.to_owned()),
+    };
     let started = Instant::now();
     let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(&host_port)
+        let mut s = tokio::net::TcpStream::connect(&connect_to)
             .await
             .map_err(|source| ClientError::Connect {
                 url: url.to_owned(),
@@ -72,7 +77,7 @@ pub async fn post_json(
             .map(|k| format!("X-API-Key: {k}\r\n"))
             .unwrap_or_default();
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nAccept: application/json\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST {target} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nAccept: application/json\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n",
             payload.len()
         );
         let io = |source| ClientError::Connect {
@@ -92,12 +97,65 @@ pub async fn post_json(
         .await
         .map_err(|_| ClientError::Timeout {
             url: url.to_owned(),
-            seconds: timeout.as_secs(),
+            within: crate::stack::duration_text(timeout),
         })??;
     Ok(Answer {
         status,
         body,
         latency: started.elapsed(),
+    })
+}
+
+/// The HTTP proxy (`host:port`) a request to `host_port` goes through:
+/// `http_proxy` (or `HTTP_PROXY`), unless `no_proxy` (or `NO_PROXY`) names
+/// the host (a suffix, or `*`) or the host is loopback. This is how a CI
+/// job outside a cluster reaches a test instance's in-cluster URLs
+/// (`http://SERVICE.NAMESPACE.svc.cluster.local:PORT`): through a proxy
+/// that runs in the cluster.
+pub fn proxy_for(host_port: &str) -> Option<String> {
+    let var = |a: &str, b: &str| {
+        std::env::var(a)
+            .or_else(|_| std::env::var(b))
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+    };
+    proxy_from(
+        host_port,
+        var("http_proxy", "HTTP_PROXY").as_deref(),
+        var("no_proxy", "NO_PROXY").as_deref(),
+    )
+}
+
+/// [`proxy_for`] with the variables given.
+fn proxy_from(host_port: &str, proxy: Option<&str>, no_proxy: Option<&str>) -> Option<String> {
+    let proxy = proxy?;
+    let host = match host_port.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => host_port,
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let excluded = no_proxy.is_some_and(|list| {
+        list.split(',').map(str::trim).any(|e| {
+            let e = e
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches('.');
+            e == "*" || (!e.is_empty() && (host == e || host.ends_with(&format!(".{e}"))))
+        })
+    });
+    if loopback || excluded {
+        return None;
+    }
+    let rest = proxy.trim().trim_start_matches("http://");
+    let authority = rest.split('/').next().unwrap_or_default();
+    Some(if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
     })
 }
 
@@ -220,6 +278,30 @@ pub async fn send_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_is_used_except_for_loopback_and_no_proxy_hosts() {
+        let p = Some("http://proxy.internal:3128/");
+        let svc = "scoring.ns.svc.cluster.local:8080";
+        assert_eq!(
+            proxy_from(svc, p, None).as_deref(),
+            Some("proxy.internal:3128")
+        );
+        assert_eq!(
+            proxy_from(svc, Some("10.0.0.1"), None).as_deref(),
+            Some("10.0.0.1:80")
+        );
+        assert_eq!(proxy_from(svc, None, None), None);
+        for direct in ["127.0.0.1:20001", "localhost:80", "[::1]:8080"] {
+            assert_eq!(proxy_from(direct, p, None), None, "{direct}");
+        }
+        assert_eq!(
+            proxy_from(svc, p, Some("example.com, .cluster.local")),
+            None
+        );
+        assert_eq!(proxy_from(svc, p, Some("*")), None);
+        assert!(proxy_from(svc, p, Some("example.com,local.svc")).is_some());
+    }
 
     #[test]
     fn responses_are_read_by_length_by_chunks_or_to_the_end() {

@@ -2,6 +2,46 @@
 //! stack is left in the account, found by its ownership tags.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Points a `mesh` command at the AWS endpoint `endpoint` (moto, or a
+/// proxy in front of it) with moto's test credentials.
+pub fn point_at(cmd: &mut std::process::Command, endpoint: &str) {
+    cmd.env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("AWS_PROFILE");
+}
+
+/// A copy of `stacks/platform` named `name` in a folder of its own (another machine's checkout).
+pub fn platform_named(dir: &Path, name: &str) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let to = dir.join("platform");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["stack.toml", "prod.toml"] {
+        let text = std::fs::read_to_string(repo.join("stacks/platform").join(f)).unwrap();
+        std::fs::write(
+            to.join(f),
+            text.replace("name = \"platform\"", &format!("name = \"{name}\"")),
+        )
+        .unwrap();
+    }
+    to
+}
+
+/// A copy of the customer mesh named `name` under `dir`; returns its folder.
+pub fn customer_mesh_named(dir: &Path, name: &str) -> PathBuf {
+    let stack = super::copy_customer_mesh(dir);
+    let file = stack.join("stack.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("name = \"customer-mesh\"", &format!("name = \"{name}\"")),
+    )
+    .unwrap();
+    stack
+}
 
 pub async fn sdk(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -18,20 +58,43 @@ pub fn ec2_tags(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
 }
 
 pub fn owner_filters(stack: &str) -> Vec<aws_sdk_ec2::types::Filter> {
-    vec![
+    env_filters(stack, None)
+}
+
+/// Tag filters for `stack`, and for its environment `env` if given.
+fn env_filters(stack: &str, env: Option<&str>) -> Vec<aws_sdk_ec2::types::Filter> {
+    let tag = |k: &str, v: &str| {
         aws_sdk_ec2::types::Filter::builder()
-            .name("tag:mesh:stack")
-            .values(stack)
-            .build(),
-    ]
+            .name(format!("tag:{k}"))
+            .values(v)
+            .build()
+    };
+    let mut f = vec![tag("mesh:stack", stack)];
+    f.extend(env.map(|e| tag("mesh:env", e)));
+    f
 }
 
 /// Everything tagged for `stack` (any environment) that a tag query finds.
 pub async fn leftovers(endpoint: &str, stack: &str) -> Vec<String> {
+    leftovers_of(endpoint, stack, None).await
+}
+
+/// Everything of `stack` (of its environment `env` if given; a test
+/// instance is an environment of its own) that a tag, name or path query
+/// finds: VPCs and their parts, NAT gateways, Elastic IPs, EKS clusters,
+/// ECR repositories, IAM roles.
+pub async fn leftovers_of(endpoint: &str, stack: &str, env: Option<&str>) -> Vec<String> {
     let sdk = sdk(endpoint).await;
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let mut out = Vec::new();
-    let f = owner_filters(stack);
+    let f = env_filters(stack, env);
+    let owned = |prefix: String| match env {
+        Some(e) => format!("{prefix}{e}"),
+        None => prefix
+            .trim_end_matches('-')
+            .trim_end_matches('/')
+            .to_owned(),
+    };
     let v = ec2
         .describe_vpcs()
         .set_filters(Some(f.clone()))
@@ -91,6 +154,11 @@ pub async fn leftovers(endpoint: &str, stack: &str) -> Vec<String> {
         live_nat_gateways(&ec2, stack)
             .await
             .into_iter()
+            .filter(|g| {
+                env.is_none_or(|e| {
+                    ec2_tags(g.tags()).get("mesh:env").map(String::as_str) == Some(e)
+                })
+            })
             .filter_map(|g| g.nat_gateway_id().map(str::to_owned)),
     );
     let eips = ec2
@@ -110,7 +178,7 @@ pub async fn leftovers(endpoint: &str, stack: &str) -> Vec<String> {
         clusters
             .clusters()
             .iter()
-            .filter(|c| c.starts_with(&format!("{stack}-")))
+            .filter(|c| c.starts_with(&format!("{}-", owned(format!("{stack}-")))))
             .cloned(),
     );
     let ecr = aws_sdk_ecr::Client::new(&sdk);
@@ -120,13 +188,13 @@ pub async fn leftovers(endpoint: &str, stack: &str) -> Vec<String> {
             .repositories()
             .iter()
             .filter_map(|r| r.repository_name())
-            .filter(|n| n.starts_with(&format!("{stack}/")))
+            .filter(|n| n.starts_with(&format!("{}/", owned(format!("{stack}/")))))
             .map(str::to_owned),
     );
     let iam = aws_sdk_iam::Client::new(&sdk);
     let roles = iam
         .list_roles()
-        .path_prefix(format!("/mesh/{stack}/"))
+        .path_prefix(format!("/mesh/{}/", owned(format!("{stack}/"))))
         .send()
         .await
         .expect("roles");

@@ -1,16 +1,12 @@
-//! What the tests that drive the `mesh` binary on the local target share:
-//! the runtime binary, free loopback ports, HTTP over a plain socket, process
-//! checks.
+//! The customer mesh applied on the local target through the real `mesh`
+//! and `mesh-runtime` binaries, and what tests check about local processes.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::Output;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// The `mesh-runtime` that `mesh` starts: `MESH_RUNTIME_BIN`, else the one
-/// built beside `mesh`.
 pub fn runtime_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MESH_RUNTIME_BIN") {
         return PathBuf::from(p);
@@ -18,24 +14,115 @@ pub fn runtime_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mesh")).with_file_name("mesh-runtime")
 }
 
-/// A free loopback port in the NodePort range (30000–32767, below the
-/// kernel's ephemeral ports), none of `not`. Tests run as parallel threads of
-/// one process, so each call starts its search somewhere else.
+/// A copy of the customer mesh on free ports, with its `local` environment
+/// applied (destroyed when dropped).
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub stack: PathBuf,
+    /// The node ports of customer-features and customer-scoring.
+    pub ports: [u16; 2],
+    /// The pids of their runtimes.
+    pub pids: Vec<u32>,
+}
+
 pub fn free_port(not: &[u16]) -> u16 {
-    static CALLS: AtomicUsize = AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, Ordering::SeqCst);
+    // The NodePort range, below the ephemeral ports; tests run in parallel
+    // threads, so each call starts somewhere else.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as usize)
-        .unwrap_or_default();
+        .unwrap()
+        .subsec_nanos() as usize;
     let start = (std::process::id() as usize * 31 + call * 557 + nanos) % 2768;
     (0..2768)
         .map(|i| 30000 + ((start + i) % 2768) as u16)
         .find(|p| !not.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .unwrap_or_else(|| panic!("no free port in 30000-32767"))
+        .expect("a free port in 30000-32767")
 }
 
-/// Asserts that a command succeeded, showing its output when not.
+impl Env {
+    /// The stack copied, `edit` applied to its stack.toml, and the
+    /// environment itself applied (its services keep running throughout).
+    pub fn new(edit: impl Fn(String) -> String) -> Env {
+        assert!(
+            runtime_bin().is_file(),
+            "mesh-runtime is not built at {}: run `cargo build -p mesh-runtime` (scripts/test builds everything)",
+            runtime_bin().display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let stack = super::copy_customer_mesh(dir.path());
+        let a = free_port(&[]);
+        let b = free_port(&[a]);
+        let toml = std::fs::read_to_string(stack.join("stack.toml"))
+            .unwrap()
+            .replace("node_port = 30080", &format!("node_port = {a}"))
+            .replace("node_port = 30081", &format!("node_port = {b}"));
+        std::fs::write(stack.join("stack.toml"), edit(toml)).unwrap();
+        let mut env = Env {
+            dir,
+            stack,
+            ports: [a, b],
+            pids: Vec::new(),
+        };
+        let out = env.mesh(&["apply", "--auto-approve"]);
+        ok(&out, "applying the environment itself");
+        env.pids = ["customer-features", "customer-scoring"]
+            .iter()
+            .map(|s| {
+                let state = std::fs::read_to_string(
+                    env.stack
+                        .join(format!(".mesh/local/services/{s}/state.json")),
+                )
+                .unwrap();
+                serde_json::from_str::<Value>(&state).unwrap()["pid"]
+                    .as_u64()
+                    .unwrap() as u32
+            })
+            .collect();
+        env
+    }
+
+    /// `mesh VERB STACK --env ENV EXTRA...`.
+    pub fn command_in(&self, verb: &str, env: &str, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
+        cmd.arg(verb)
+            .arg(&self.stack)
+            .args(["--env", env])
+            .args(extra)
+            .env("MESH_RUNTIME_BIN", runtime_bin())
+            .env("NO_COLOR", "1");
+        cmd
+    }
+
+    /// `mesh VERB STACK --env local EXTRA...`.
+    pub fn command(&self, verb: &str, extra: &[&str]) -> Command {
+        self.command_in(verb, "local", extra)
+    }
+
+    pub fn mesh(&self, args: &[&str]) -> Output {
+        let (verb, extra) = args.split_first().unwrap();
+        self.command(verb, extra).output().unwrap()
+    }
+
+    /// The key this machine's operator presents to `service` on the local target.
+    pub fn operator_key(&self, service: &str) -> String {
+        let file = self
+            .stack
+            .join(format!(".mesh/local/access/{service}/operator"));
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.mesh(&["destroy", "--auto-approve"]);
+    }
+}
+
 pub fn ok(out: &Output, what: &str) {
     assert!(
         out.status.success(),
@@ -46,12 +133,27 @@ pub fn ok(out: &Output, what: &str) {
     );
 }
 
-/// Is `pid` a live (not zombie) process?
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         !s.rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
     })
+}
+
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && alive(pid) {
+                out.push((pid, cmd));
+            }
+        }
+    }
+    out
 }
 
 /// One request on a new connection (`Connection: close`), with `X-API-Key`

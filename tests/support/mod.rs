@@ -1,10 +1,12 @@
 //! What several integration tests share: a copy of the example mesh to
 //! edit, and a registry of its own that requires Basic credentials (for the
-//! tests that push with credentials).
+//! tests that push with credentials); the mesh applied on the local target
+//! (`local`); a stand-in for a cluster's network (`cluster_proxy`).
 #![allow(dead_code)]
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod cluster_proxy;
 pub mod local;
 pub mod tcp_proxy;
 
@@ -36,6 +38,61 @@ pub fn copy_customer_mesh(to: &Path) -> std::path::PathBuf {
         copy_dir(&repo.join(d), &to.join(d));
     }
     to.join("stacks/customer-mesh")
+}
+
+/// A name of its own (a stack, an instance): moto's state is shared by
+/// every test, and tests run in parallel.
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}{}{:x}{}",
+        std::process::id() % 1000,
+        nanos % 0xffff,
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// A command's stdout, as text.
+pub fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command's stderr, as text.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command's exit code, stdout and stderr, for assertion messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        stdout(out),
+        stderr(out)
+    )
+}
+
+/// The OCI registry on loopback that `scripts/services start` runs (`MESH_TEST_REGISTRY`).
+pub fn test_registry() -> String {
+    match std::env::var("MESH_TEST_REGISTRY") {
+        Ok(r) if !r.is_empty() => r,
+        _ => panic!(
+            "MESH_TEST_REGISTRY is not set: these tests push images to the OCI registry on loopback; \
+             run `scripts/services start` and `eval \"$(scripts/services env)\"` (or `scripts/test`)"
+        ),
+    }
+}
+
+/// A stand-in for the static runtime (`MESH_RUNTIME_STATIC_BIN`) in `dir`:
+/// images are digested and pushed, never run.
+pub fn stand_in_runtime(dir: &Path) -> std::path::PathBuf {
+    let runtime = dir.join("mesh-runtime");
+    std::fs::write(&runtime, b"#!/bin/sh\n# stand-in runtime\n").unwrap();
+    runtime
 }
 
 /// The user of [`auth_registry`] as ECR uses it: `AWS`.

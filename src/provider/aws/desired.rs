@@ -41,6 +41,11 @@ pub fn desired(
     stack: &Stack,
     policy_arn: &dyn Fn(&str) -> String,
 ) -> Result<Vec<Desired>, ProviderError> {
+    // A test instance of a stack with services deploys them on the
+    // environment's own cluster and registry: it builds none of its own.
+    if stack.reuses_platform() {
+        return Ok(Vec::new());
+    }
     let s = stack.name.as_str();
     let e = stack.env.name.as_str();
     let mut out = Vec::new();
@@ -434,6 +439,28 @@ mod tests {
 
     fn reference(address: &str) -> Value {
         r(&Address::new(address), "id")
+    }
+
+    #[test]
+    fn a_test_instance_builds_cloud_resources_only_for_a_platform_stack() {
+        // A platform stack (no services): the instance's own, under its name.
+        let inst = platform("dev").instance("t1");
+        assert!(!inst.reuses_platform());
+        let own = resources(&inst);
+        let (_, cluster) = get(&own, "cluster.main");
+        assert_eq!(
+            cluster.attrs["name"].value,
+            Value::str(names::eks_cluster("platform", "dev-t1", "main"))
+        );
+        // A stack with services: the environment's cluster and registry.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let mesh =
+            crate::stack::load(&root, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+        assert!(!resources(&mesh).is_empty());
+        let inst = mesh.instance("t1");
+        assert!(inst.reuses_platform());
+        assert_eq!(inst.platform_env(), "dev");
+        assert!(resources(&inst).is_empty());
     }
 
     #[test]

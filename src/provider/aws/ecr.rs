@@ -262,6 +262,28 @@ fn repository_live(
 }
 
 impl AwsProvider {
+    /// The URL of `registry.NAME` of the stack and environment of `scope`,
+    /// as applied (found by its ownership tags); `None` when it does not exist.
+    pub async fn registry_url(
+        &self,
+        scope: &Scope,
+        registry: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        let address = Address::of("registry", registry);
+        Ok(self
+            .observe_registries(scope)
+            .await?
+            .into_iter()
+            .find(|l| l.address == address)
+            .and_then(|l| {
+                l.outputs
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .filter(|u| !u.is_empty()))
+    }
+
     pub(super) async fn observe_registries(
         &self,
         scope: &Scope,

@@ -158,6 +158,9 @@ pub struct KubernetesProvider {
     namespace: std::sync::Mutex<Option<String>>,
     /// Where push credentials come from before [`Settings::registry_auth`].
     registry_auth_source: Option<RegistryAuthSource>,
+    /// The URL of the environment's registry a test instance pushes to
+    /// ([`objects::Registry::Reused`]), instead of the stack's own.
+    reused_registry: Option<String>,
 }
 
 const OWNER: &str = "mesh";
@@ -217,6 +220,7 @@ impl KubernetesProvider {
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
             registry_auth_source: None,
+            reused_registry: None,
         })
     }
 
@@ -232,6 +236,7 @@ impl KubernetesProvider {
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
             registry_auth_source: None,
+            reused_registry: None,
         })
     }
 
@@ -248,12 +253,20 @@ impl KubernetesProvider {
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
             registry_auth_source: None,
+            reused_registry: None,
         }
     }
 
     /// Asks `source` for push credentials first (ECR on an aws environment).
     pub fn with_registry_auth_source(mut self, source: RegistryAuthSource) -> Self {
         self.registry_auth_source = Some(source);
+        self
+    }
+
+    /// Pushes images to `url`, the registry of the environment a test
+    /// instance reuses, rather than to a registry of its own.
+    pub fn with_reused_registry(mut self, url: String) -> Self {
+        self.reused_registry = Some(url);
         self
     }
 
@@ -1026,7 +1039,10 @@ impl Provider for KubernetesProvider {
         let digests = |wanted: &[(&str, &crate::provider::local::BundlePlan)]| {
             self.images.digests(wanted, RUNTIME_PORT)
         };
-        let registry = objects::registry(stack, self.settings.registry.as_deref());
+        let registry = match &self.reused_registry {
+            Some(url) => Some(objects::Registry::Reused(url.clone())),
+            None => objects::registry(stack, self.settings.registry.as_deref()),
+        };
         let inputs = objects::Inputs {
             pull_secret: self.pull_secret(registry.as_ref()),
             registry,

@@ -43,6 +43,10 @@ pub enum Registry {
     Url(String),
     /// A `registry.NAME` of the stack (ECR): its URL is known once it exists.
     Stack(String),
+    /// The URL of the environment's own `registry.NAME` (ECR), as applied,
+    /// which a test instance pushes to: one repository for all services, as
+    /// [`Registry::Stack`].
+    Reused(String),
 }
 
 /// Digests (`sha256:...`) of the images of services (name, bundle), or why not.
@@ -258,6 +262,10 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                         output: "url".into(),
                     },
                 ),
+                ("image_digest", Value::str(digest)),
+            ],
+            (Some(Registry::Reused(url)), Ok(digest)) => vec![
+                ("image_repository", Value::str(url)),
                 ("image_digest", Value::str(digest)),
             ],
             (None, Ok(_)) => {
@@ -679,4 +687,49 @@ pub fn bundle_from_attrs(config_json: &str, files_json: &str) -> Result<BundlePl
     let files: BTreeMap<String, PathBuf> = serde_json::from_str(files_json)
         .map_err(|e| format!("the planned bundle files do not parse: {e}"))?;
     Ok(BundlePlan { config, files })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployments(stack: &Stack, registry: Registry) -> Vec<Desired> {
+        let digests = |wanted: &[(&str, &BundlePlan)]| -> Vec<Result<String, String>> {
+            wanted
+                .iter()
+                .map(|_| Ok(format!("sha256:{}", "ab".repeat(32))))
+                .collect()
+        };
+        let inputs = Inputs {
+            registry: Some(registry),
+            image_digests: &digests,
+            pull_secret: None,
+        };
+        desired(stack, &inputs)
+            .expect("desired")
+            .into_iter()
+            .filter(|d| d.address.as_str().ends_with(".deployment"))
+            .collect()
+    }
+
+    #[test]
+    fn a_test_instance_pushes_to_the_environments_registry_as_applied() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let stack =
+            crate::stack::load(&root, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+        let registry = Address::of("registry", "platform");
+        // The environment: its own registry, known once created.
+        for d in deployments(&stack, Registry::Stack("platform".into())) {
+            assert!(d.depends_on.contains(&registry), "{}", d.address);
+        }
+        // An instance: the environment's registry by URL, on nothing of its own.
+        let url = "123456789012.dkr.ecr.us-east-1.amazonaws.com/customer-mesh/dev/platform";
+        let inst = stack.instance("t1");
+        let deps = deployments(&inst, Registry::Reused(url.into()));
+        assert_eq!(deps.len(), 2);
+        for d in deps {
+            assert_eq!(d.attrs["image_repository"].value, Value::str(url));
+            assert!(!d.depends_on.contains(&registry), "{}", d.address);
+        }
+    }
 }
