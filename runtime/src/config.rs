@@ -982,7 +982,8 @@ mod tests {
         };
         assert_eq!((*pool_size, *statement_timeout_ms), (4, 5000));
         let back: ServiceConfig =
-            serde_json::from_str(&serde_json::to_string(&cfg).expect("serializes")).expect("parses");
+            serde_json::from_str(&serde_json::to_string(&cfg).expect("serializes"))
+                .expect("parses");
         assert_eq!(back, cfg);
         let expected = "connection `warehouse`: set exactly one of password and private_key";
         for credentials in [
@@ -1031,7 +1032,10 @@ mod tests {
         for r in cfg.secrets_mut() {
             *r = SecretRef::File("/run/s".into());
         }
-        assert!(cfg.secrets_mut().all(|r| *r == SecretRef::File("/run/s".into())));
+        assert!(
+            cfg.secrets_mut()
+                .all(|r| *r == SecretRef::File("/run/s".into()))
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::{Connection, LiveError, LiveTable};
 use crate::config::{
     Bundle, ColumnType, ConfigError, DatasetConfig, DatasetMode, DatasetSource, EndpointConfig,
     Limits, OnMissing,
@@ -21,7 +22,6 @@ use crate::log;
 use crate::model::{InputKind, InputSpec};
 use crate::remote::{HttpClient, RemoteLookup};
 use crate::scoring::{Classifier, class_names, load_model};
-use crate::backend::{Connection, LiveError, LiveTable};
 use crate::snowflake::SnowflakeError;
 use crate::sql::SqlError;
 
@@ -447,13 +447,7 @@ async fn load_table(
                 }
                 DatasetMode::Live => Ok(Some(Table::Live(Arc::new(
                     connector
-                        .live(
-                            name,
-                            &sql.query,
-                            &ds.key,
-                            ds.duplicates,
-                            ds.cache.as_ref(),
-                        )
+                        .live(name, &sql.query, &ds.key, ds.duplicates, ds.cache.as_ref())
                         .await?,
                 )))),
             }

@@ -11,14 +11,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use common::proxy::{HANG, PASS, Proxy, REFUSE};
 use common::*;
 use serde_json::{Value, json};
 
@@ -126,154 +126,15 @@ fn start(pg: &Pg, service: &Value) -> (BundleDir, Server) {
     (b, s)
 }
 
-/// The value of the sample `name{labels}` in a Prometheus text exposition.
-fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
+// ------------------------------------------------------------------ counting Bind messages
+
+/// A proxy in front of PostgreSQL counting the `Bind` messages clients send:
+/// one per execution of a prepared query.
+fn pg_proxy(upstream: SocketAddr) -> Proxy {
+    Proxy::counting(upstream, || {
+        let mut frontend = Frontend::default();
+        Box::new(move |bytes: &[u8]| frontend.feed(bytes))
     })
-}
-
-fn metrics(s: &Server) -> String {
-    s.get("/metrics").text()
-}
-
-fn readyz(s: &Server) -> Value {
-    let r = s.get("/readyz");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-/// Polls `check` every 50 ms until it holds; fails after `limit`, showing the
-/// last state and the server log.
-fn wait_until(
-    s: &Server,
-    what: &str,
-    limit: Duration,
-    mut check: impl FnMut() -> Result<(), String>,
-) {
-    let deadline = Instant::now() + limit;
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(last) if Instant::now() > deadline => {
-                panic!(
-                    "{what}: not so after {limit:?}; last: {last}\nserver log:\n{}",
-                    s.log()
-                )
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-/// A lookup with a hard read deadline: the server must answer, not hang.
-fn lookup_within(s: &Server, endpoint: &str, body: &str, limit: Duration) -> Response {
-    let path = format!("/public/api/v1/{SERVICE}/{endpoint}/lookup");
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        s.addr,
-        body.len()
-    );
-    raw_with_timeout(s.addr, head.as_bytes(), limit)
-        .unwrap_or_else(|e| panic!("{endpoint}: no answer within {limit:?} ({e})"))
-}
-
-// ------------------------------------------------------------------ a TCP proxy we can cut
-
-const PASS: u8 = 0;
-const REFUSE: u8 = 1;
-const HANG: u8 = 2;
-
-/// A TCP proxy in front of PostgreSQL. `REFUSE` closes every open connection
-/// and closes new ones at once (the database is down); `HANG` forwards
-/// nothing (a network black hole); `PASS` forwards. It counts the `Bind`
-/// messages clients send: one per execution of a prepared query.
-struct Proxy {
-    addr: SocketAddr,
-    mode: Arc<AtomicU8>,
-    binds: Arc<AtomicUsize>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let addr = listener.local_addr().expect("addr");
-        let mode = Arc::new(AtomicU8::new(PASS));
-        let binds = Arc::new(AtomicUsize::new(0));
-        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (m, b, o) = (mode.clone(), binds.clone(), open.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                match m.load(Ordering::SeqCst) {
-                    REFUSE => drop(client),
-                    _ => {
-                        let Ok(server) = TcpStream::connect(upstream) else {
-                            continue;
-                        };
-                        if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
-                            o.lock().expect("lock").extend([c2, s2]);
-                        }
-                        let (c_read, s_write) = (
-                            client.try_clone().expect("clone"),
-                            server.try_clone().expect("clone"),
-                        );
-                        let (m1, m2, b1) = (m.clone(), m.clone(), b.clone());
-                        std::thread::spawn(move || pump(c_read, s_write, &m1, Some(&b1)));
-                        std::thread::spawn(move || pump(server, client, &m2, None));
-                    }
-                }
-            }
-        });
-        Proxy {
-            addr,
-            mode,
-            binds,
-            open,
-        }
-    }
-
-    fn set(&self, mode: u8) {
-        self.mode.store(mode, Ordering::SeqCst);
-        if mode == REFUSE {
-            for s in self.open.lock().expect("lock").drain(..) {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-        }
-    }
-
-    fn binds(&self) -> usize {
-        self.binds.load(Ordering::SeqCst)
-    }
-}
-
-/// Copies `from` to `to`, holding data while the proxy hangs; counts `Bind`
-/// messages when `binds` is given (the client-to-server direction).
-fn pump(mut from: TcpStream, mut to: TcpStream, mode: &AtomicU8, binds: Option<&AtomicUsize>) {
-    let mut buf = [0u8; 16384];
-    let mut parser = Frontend::default();
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if let Some(binds) = binds {
-            binds.fetch_add(parser.feed(&buf[..n]), Ordering::SeqCst);
-        }
-        while mode.load(Ordering::SeqCst) == HANG {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if mode.load(Ordering::SeqCst) == REFUSE || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
 }
 
 /// Splits the frontend (client) side of the PostgreSQL protocol into messages.
@@ -466,7 +327,7 @@ fn database_down_then_back() {
     let upstream: SocketAddr = format!("{}:{}", pg.host, pg.port)
         .parse()
         .expect("pg address");
-    let proxy = Proxy::start(upstream);
+    let proxy = pg_proxy(upstream);
     let query = format!("select * from {schema}.items");
     let service = json!({
         "service": SERVICE,
@@ -638,7 +499,7 @@ fn concurrent_live_lookups_of_one_key_make_one_query() {
     let upstream: SocketAddr = format!("{}:{}", pg.host, pg.port)
         .parse()
         .expect("pg address");
-    let proxy = Proxy::start(upstream);
+    let proxy = pg_proxy(upstream);
     let service = json!({
         "service": SERVICE,
         "connections": {"warehouse": connection(&pg, proxy.addr.port(), json!({}))},
@@ -648,7 +509,7 @@ fn concurrent_live_lookups_of_one_key_make_one_query() {
         "endpoints": {"slow": {"kind": "lookup", "datasets": ["slow"]}}
     });
     let (_b, s) = start(&pg, &service);
-    let before = proxy.binds();
+    let before = proxy.count();
     let barrier = Arc::new(Barrier::new(50));
     let addr = s.addr;
     let threads: Vec<_> = (0..50)
@@ -671,7 +532,7 @@ fn concurrent_live_lookups_of_one_key_make_one_query() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["data"]["label"], "item-7");
     }
-    let queries = proxy.binds() - before;
+    let queries = proxy.count() - before;
     assert_eq!(
         queries, 1,
         "50 concurrent lookups of one key: {queries} queries reached the database"

@@ -8,27 +8,22 @@
 //! warehouses or roles; it answers results as Arrow IPC (`rowsetBase64`) and
 //! DML row counts as a JSON `rowset`, so both decoders run here.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_runtime::backend::{Connection, LiveError};
 use mesh_runtime::config::{ColumnType, Duplicates};
 use mesh_runtime::dataset::{KeyRef, Value, ValueRef};
-use mesh_runtime::backend::{Connection, LiveError};
 use mesh_runtime::snowflake::{
     Bind, Client, Credential, KeyPair, Settings, SnowflakeError, preload,
 };
 use mesh_runtime::sql::SqlError;
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+use common::snowflake_url;
 
-pub fn snowflake_url() -> String {
-    std::env::var("MESH_TEST_SNOWFLAKE_URL").unwrap_or_else(|_| {
-        panic!(
-            "MESH_TEST_SNOWFLAKE_URL is not set: run the tests with `scripts/test` (it starts fakesnow \
-             and makes database MESH_TEST), or run `scripts/services start` and `eval \"$(scripts/services env)\"`"
-        )
-    })
-}
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn settings(credential: Credential) -> Settings {
     Settings {
@@ -326,7 +321,11 @@ async fn live_dataset_fetches_by_bound_key() {
     assert_eq!(fetch(&by_name, KeyRef::Str("x' OR '1'='1")).await, None);
 
     // Two rows for a key with `duplicates = "error"`: a failed query, not a row.
-    exec(&c, &format!("INSERT INTO {t} (customer_id, name) VALUES (1, 'dup')")).await;
+    exec(
+        &c,
+        &format!("INSERT INTO {t} (customer_id, name) VALUES (1, 'dup')"),
+    )
+    .await;
     let e = live.fetch(KeyRef::Int(1)).await.unwrap_err();
     assert!(
         matches!(&e, LiveError::Query { reason, .. } if reason == "duplicate key 1"),

@@ -3,6 +3,8 @@
 //! small blocking HTTP/1.1 client.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -477,4 +479,108 @@ pub fn fake_upstream_counted(
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
+}
+
+// ------------------------------------------------------------------ datasets: freshness, metrics, answers in time
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+pub fn metrics(s: &Server) -> String {
+    s.get("/metrics").text()
+}
+
+pub fn readyz(s: &Server) -> Value {
+    let r = s.get("/readyz");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// Polls `check` every 50 ms until it holds; fails after `limit`, showing the
+/// last state and the server log.
+pub fn wait_until(
+    s: &Server,
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(last) if Instant::now() > deadline => {
+                panic!(
+                    "{what}: not so after {limit:?}; last: {last}\nserver log:\n{}",
+                    s.log()
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A lookup with a hard read deadline: the server must answer, not hang.
+pub fn lookup_within(s: &Server, endpoint: &str, body: &str, limit: Duration) -> Response {
+    let path = format!("/public/api/v1/{SERVICE}/{endpoint}/lookup");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        s.addr,
+        body.len()
+    );
+    raw_with_timeout(s.addr, head.as_bytes(), limit)
+        .unwrap_or_else(|e| panic!("{endpoint}: no answer within {limit:?} ({e})"))
+}
+
+// ------------------------------------------------------------------ fakesnow
+
+/// fakesnow's URL (`MESH_TEST_SNOWFLAKE_URL`).
+pub fn snowflake_url() -> String {
+    std::env::var("MESH_TEST_SNOWFLAKE_URL").unwrap_or_else(|_| {
+        panic!(
+            "MESH_TEST_SNOWFLAKE_URL is not set: run the tests with `scripts/test` (it starts fakesnow \
+             and makes database MESH_TEST), or run `scripts/services start` and `eval \"$(scripts/services env)\"`"
+        )
+    })
+}
+
+/// Runs statements on fakesnow's MESH_TEST.PUBLIC, one at a time, with the
+/// runtime's own client (fakesnow checks no credentials).
+pub fn snowflake_exec(statements: &[&str]) {
+    use mesh_runtime::snowflake::{Client, Credential, Settings};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let settings = Settings {
+            account: "meshtest".into(),
+            user: "mesh_test".into(),
+            credential: Credential::Password("not-checked".into()),
+            warehouse: None,
+            database: "MESH_TEST".into(),
+            schema: Some("PUBLIC".into()),
+            role: None,
+            url: Some(snowflake_url()),
+            statement_timeout: Duration::from_secs(30),
+            pool_size: 1,
+        };
+        let client = Client::new("test", settings).expect("client");
+        for sql in statements {
+            client
+                .query(sql, &[], Duration::from_secs(30))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("{sql}: {e} (is fakesnow running? `scripts/services start`)")
+                });
+        }
+        client.close().await;
+    });
 }

@@ -7,7 +7,7 @@
 //! the same code.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use mesh_runtime::config as rc;
 use serde_json::{Value as J, json};
@@ -199,7 +199,8 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         });
         out.push(in_ns(object(&cm_addr, Kind::ConfigMap, cm)));
 
-        // Secret: connection passwords and API keys, by reference; only a digest here.
+        // Secret: connection passwords, private keys and API keys, by
+        // reference; only a digest here. Pods read it as files (`SECRETS_DIR`).
         // A secret that cannot be read now is known after apply (which reads it
         // again and fails if it still cannot), so `destroy` never needs secrets.
         let secret_addr = sub(&base, "secret");
@@ -297,8 +298,19 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                 "readOnly": true,
             }],
         });
+        let mut volumes =
+            vec![json!({ "name": "config", "configMap": { "name": configmap_name(name) } })];
         if secret_hash.is_some() {
-            container["envFrom"] = json!([{ "secretRef": { "name": secret_name(name) } }]);
+            if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+                mounts
+                    .push(json!({ "name": "secrets", "mountPath": SECRETS_DIR, "readOnly": true }));
+            }
+            // 0400; the kubelet makes the files group-readable by `fsGroup`,
+            // the group the runtime runs in (see `image`).
+            volumes.push(json!({
+                "name": "secrets",
+                "secret": { "secretName": secret_name(name), "defaultMode": 0o400 },
+            }));
         }
         let mut spec = json!({
             "selector": { "matchLabels": pods },
@@ -307,10 +319,14 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                 "metadata": { "labels": pods, "annotations": template_annotations },
                 "spec": {
                     "containers": [container],
-                    "volumes": [{ "name": "config", "configMap": { "name": configmap_name(name) } }],
+                    "volumes": volumes,
                 },
             },
         });
+        if secret_hash.is_some() {
+            spec["template"]["spec"]["securityContext"] =
+                json!({ "fsGroup": crate::image::NONROOT_GROUP });
+        }
         if inputs.pull_secret.is_some() {
             spec["template"]["spec"]["imagePullSecrets"] = json!([{ "name": PULL_SECRET }]);
         }
@@ -572,42 +588,42 @@ pub enum SecretSource {
     File(PathBuf),
 }
 
-/// Rewrites a bundle's secret references for a cluster: each becomes an
-/// environment variable of the pod, filled from the service's Secret.
-/// Returns the Secret's keys and where their values come from.
+/// Where a pod reads its secrets: the service's Secret as a read-only volume
+/// (files 0400), so no secret is in the runtime's environment.
+pub const SECRETS_DIR: &str = "/var/run/mesh/secrets";
+
+/// Rewrites a bundle's secret references for a cluster (every reference
+/// [`rc::ServiceConfig::secrets_mut`] lists): each becomes a file of the
+/// service's Secret, mounted at [`SECRETS_DIR`]. Returns the Secret's keys
+/// and where their values come from.
 fn cluster_secrets(config: &mut rc::ServiceConfig) -> BTreeMap<String, SecretSource> {
     let mut out = BTreeMap::new();
-    let mut rewrite = |r: &mut rc::SecretRef| {
-        let (key, source) = match r {
-            rc::SecretRef::Env(var) => (var.clone(), SecretSource::Env(var.clone())),
-            rc::SecretRef::File(path) => {
-                let h = hex::encode(Sha256::digest(path.to_string_lossy().as_bytes()));
-                (
-                    format!("MESH_SECRET_FILE_{}", h[..12].to_uppercase()),
-                    SecretSource::File(path.clone()),
-                )
-            }
+    for r in config.secrets_mut() {
+        let hashed = |kind: &str, what: &str| {
+            let h = hex::encode(Sha256::digest(what.as_bytes()));
+            format!("MESH_SECRET_{kind}_{}", h[..12].to_uppercase())
         };
-        *r = rc::SecretRef::Env(key.clone());
+        let (key, source) = match r {
+            // A Secret key holds only `-._a-zA-Z0-9`.
+            rc::SecretRef::Env(var) => (
+                if !var.is_empty()
+                    && var
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                {
+                    var.clone()
+                } else {
+                    hashed("ENV", var)
+                },
+                SecretSource::Env(var.clone()),
+            ),
+            rc::SecretRef::File(path) => (
+                hashed("FILE", &path.to_string_lossy()),
+                SecretSource::File(path.clone()),
+            ),
+        };
+        *r = rc::SecretRef::File(Path::new(SECRETS_DIR).join(&key));
         out.insert(key, source);
-    };
-    for k in &mut config.api_keys {
-        rewrite(k);
-    }
-    for c in config.connections.values_mut() {
-        let rc::ConnectionConfig::Postgres { password, .. } = c;
-        if let Some(p) = password {
-            rewrite(p);
-        }
-    }
-    for ep in config.endpoints.values_mut() {
-        if let rc::EndpointConfig::Prediction { enrichments, .. } = ep {
-            for en in enrichments {
-                if let Some(k) = en.lookup.as_mut().and_then(|l| l.api_key.as_mut()) {
-                    rewrite(k);
-                }
-            }
-        }
     }
     out
 }
