@@ -1,10 +1,13 @@
 //! What several integration tests share: a copy of the example mesh to
-//! edit, and a registry of its own that requires Basic credentials (for the
+//! edit, fakesnow, and a registry of its own that requires Basic credentials (for the
 //! tests that push with credentials).
 #![allow(dead_code)]
 
 #[cfg(feature = "aws")]
 pub mod aws;
+/// fakesnow: its URL, statements run on it (the runtime's tests' helper).
+#[path = "../../runtime/tests/common/fakesnow.rs"]
+pub mod fakesnow;
 
 use std::path::Path;
 use std::time::Duration;

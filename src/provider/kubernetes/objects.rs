@@ -696,3 +696,53 @@ pub fn bundle_from_attrs(config_json: &str, files_json: &str) -> Result<BundlePl
         .map_err(|e| format!("the planned bundle files do not parse: {e}"))?;
     Ok(BundlePlan { config, files })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_secret_of_every_connection_kind_becomes_a_file_of_the_volume() {
+        let mut config: rc::ServiceConfig = serde_json::from_value(json!({
+            "service": "s",
+            "api_keys": [{ "env": "API_KEY" }],
+            "connections": {
+                "pg": { "kind": "postgres", "host": "h", "database": "d", "user": "u",
+                        "password": { "file": "/etc/pg/password" } },
+                "sf": { "kind": "snowflake", "account": "a", "user": "u", "database": "D",
+                        "private_key": { "env": "SF_KEY" } }
+            },
+            "endpoints": { "p": { "kind": "prediction", "model": "m.onnx", "enrichments": [
+                { "lookup": { "url": "http://x/lookup", "api_key": { "env": "not a key" } },
+                  "key": "k", "columns": ["c"] } ] } }
+        }))
+        .unwrap();
+        let secrets = cluster_secrets(&mut config);
+        assert_eq!(secrets.len(), 4, "{secrets:?}");
+        assert_eq!(secrets["API_KEY"], SecretSource::Env("API_KEY".into()));
+        assert_eq!(secrets["SF_KEY"], SecretSource::Env("SF_KEY".into()));
+        assert!(
+            secrets
+                .values()
+                .any(|s| *s == SecretSource::File("/etc/pg/password".into()))
+        );
+        let files: Vec<PathBuf> = config
+            .secrets_mut()
+            .map(|r| match r {
+                rc::SecretRef::File(p) => p.clone(),
+                other => panic!("not a file: {other}"),
+            })
+            .collect();
+        assert_eq!(files.len(), 4);
+        for f in files {
+            let key = f.strip_prefix(SECRETS_DIR).unwrap().to_str().unwrap();
+            assert!(secrets.contains_key(key), "{key}: {secrets:?}");
+            // Secret keys: `-._a-zA-Z0-9` only.
+            assert!(
+                key.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
+                "{key}"
+            );
+        }
+    }
+}
