@@ -71,7 +71,7 @@ pub type LiveRow = Option<Arc<Vec<Value>>>;
 /// One `[connection]`, ready to load datasets.
 #[derive(Debug, Clone)]
 pub enum Connection {
-    Postgres(sql::Connector),
+    Postgres(Box<sql::Connector>),
     Snowflake(Arc<snowflake::Client>),
 }
 
@@ -85,9 +85,9 @@ impl Connection {
     ) -> Result<Connection, LoadError> {
         let resolve = |secret: &Option<_>| secret.as_ref().map(|s| bundle.resolve(s)).transpose();
         match config {
-            ConnectionConfig::Postgres { password, .. } => Ok(Connection::Postgres(
+            ConnectionConfig::Postgres { password, .. } => Ok(Connection::Postgres(Box::new(
                 sql::Connector::new(name, config, resolve(password)?, &bundle.dir)?,
-            )),
+            ))),
             ConnectionConfig::Snowflake {
                 account,
                 user,
@@ -166,7 +166,7 @@ impl Connection {
         let (query, schema) = match self {
             Connection::Postgres(c) => {
                 let (q, schema) = sql::LiveQuery::open(c, dataset, query, key).await?;
-                (LiveQuery::Postgres(q), schema)
+                (LiveQuery::Postgres(Box::new(q)), schema)
             }
             Connection::Snowflake(c) => {
                 let (q, schema) =
@@ -189,7 +189,7 @@ impl Connection {
 
 /// A backend's by-key query.
 enum LiveQuery {
-    Postgres(sql::LiveQuery),
+    Postgres(Box<sql::LiveQuery>),
     Snowflake(snowflake::LiveQuery),
 }
 

@@ -7,6 +7,7 @@ pub mod proxy;
 
 // Shared with the workspace's tests (tests/support), hence a file of its own.
 mod fakesnow;
+#[allow(unused_imports)] // each test file uses what it needs
 pub use fakesnow::{snowflake_exec, snowflake_url};
 
 use std::io::{BufRead, BufReader, Read, Write};
