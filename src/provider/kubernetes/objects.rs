@@ -604,9 +604,11 @@ fn cluster_secrets(config: &mut rc::ServiceConfig) -> BTreeMap<String, SecretSou
             format!("MESH_SECRET_{kind}_{}", h[..12].to_uppercase())
         };
         let (key, source) = match r {
-            // A Secret key holds only `-._a-zA-Z0-9`.
+            // A Secret key holds only `-._a-zA-Z0-9`; a file name starting
+            // with `.` would be hidden (and `..` is the volume's own).
             rc::SecretRef::Env(var) => (
                 if !var.is_empty()
+                    && !var.starts_with('.')
                     && var
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -714,11 +716,13 @@ mod tests {
             },
             "endpoints": { "p": { "kind": "prediction", "model": "m.onnx", "enrichments": [
                 { "lookup": { "url": "http://x/lookup", "api_key": { "env": "not a key" } },
+                  "key": "k", "columns": ["c"] },
+                { "lookup": { "url": "http://y/lookup", "api_key": { "env": "..data" } },
                   "key": "k", "columns": ["c"] } ] } }
         }))
         .unwrap();
         let secrets = cluster_secrets(&mut config);
-        assert_eq!(secrets.len(), 4, "{secrets:?}");
+        assert_eq!(secrets.len(), 5, "{secrets:?}");
         assert_eq!(secrets["API_KEY"], SecretSource::Env("API_KEY".into()));
         assert_eq!(secrets["SF_KEY"], SecretSource::Env("SF_KEY".into()));
         assert!(
@@ -733,14 +737,16 @@ mod tests {
                 other => panic!("not a file: {other}"),
             })
             .collect();
-        assert_eq!(files.len(), 4);
+        assert_eq!(files.len(), 5);
         for f in files {
             let key = f.strip_prefix(SECRETS_DIR).unwrap().to_str().unwrap();
             assert!(secrets.contains_key(key), "{key}: {secrets:?}");
-            // Secret keys: `-._a-zA-Z0-9` only.
+            // Secret keys: `-._a-zA-Z0-9` only, no hidden files.
             assert!(
-                key.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
+                !key.starts_with('.')
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
                 "{key}"
             );
         }
