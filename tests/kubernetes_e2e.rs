@@ -17,7 +17,7 @@ use std::process::Output;
 mod support;
 
 use kube_double::{KubeDouble, Rollout};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const STACK: &str = "customer-mesh";
 const NS: &str = "customer-mesh";
@@ -476,6 +476,28 @@ async fn a_failed_rollout_names_the_pod_reason() {
     ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
 }
 
+/// No container of `pod` (a pod spec) takes anything from a Secret into its
+/// environment, nor holds one of `values` in an env var.
+fn assert_no_secret_in_env(pod: &Value, values: &[&str]) {
+    for c in pod["containers"].as_array().into_iter().flatten() {
+        for from in c["envFrom"].as_array().into_iter().flatten() {
+            assert!(from["secretRef"].is_null(), "envFrom a Secret: {c:#}");
+        }
+        for var in c["env"].as_array().into_iter().flatten() {
+            assert!(
+                var["valueFrom"]["secretKeyRef"].is_null(),
+                "an env var from a Secret: {c:#}"
+            );
+            let value = var["value"].as_str().unwrap_or_default();
+            assert!(
+                values.iter().all(|v| !value.contains(v)),
+                "a secret in env var {}",
+                var["name"]
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_planned_by_digest_and_never_shown() {
     let c = Cluster::new().await;
@@ -512,13 +534,38 @@ async fn secrets_are_planned_by_digest_and_never_shown() {
     let stored = secret["data"][VAR].as_str().unwrap();
     let encoded = serde_json::to_value(k8s_openapi::ByteString(FIRST.as_bytes().to_vec())).unwrap();
     assert_eq!(stored, encoded.as_str().unwrap());
+    // The pods read the Secret as files of a read-only volume (0400), and the
+    // runtime's config names those files: no secret is in any environment.
     let dep = c.object("apps/v1", "Deployment", "customer-scoring");
+    let pod = &dep["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"].is_object())
+        .unwrap_or_else(|| panic!("no secret volume: {pod:#}"));
+    assert_eq!(volume["secret"]["secretName"], "customer-scoring-secrets");
+    assert_eq!(volume["secret"]["defaultMode"], 0o400, "{volume:#}");
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .unwrap_or_else(|| panic!("the secret volume is not mounted: {pod:#}"));
     assert_eq!(
-        dep["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"],
-        "customer-scoring-secrets"
+        (&mount["mountPath"], &mount["readOnly"]),
+        (&json!("/var/run/mesh/secrets"), &json!(true)),
+        "{mount:#}"
     );
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532, "{pod:#}");
+    assert_no_secret_in_env(pod, &[FIRST]);
     let cm = c.object("v1", "ConfigMap", "customer-scoring-config");
-    assert!(cm["data"]["service.json"].as_str().unwrap().contains(VAR));
+    let config: Value = serde_json::from_str(cm["data"]["service.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        config["api_keys"],
+        json!([{ "file": format!("/var/run/mesh/secrets/{VAR}") }]),
+        "{config:#}"
+    );
     let (code, _, out) = c.plan_json(&[(VAR, FIRST)]).await;
     assert_eq!(code, 0, "{}", text(&out));
 

@@ -927,3 +927,135 @@ fn a_failed_update_leaves_the_old_runtime_serving() {
         vec![("service.svc".to_owned(), "update".to_owned())]
     );
 }
+
+/// A stack with a Snowflake connection (fakesnow), its password by
+/// `{ env = ... }`, a preload refreshed every second and a live dataset:
+/// apply serves both, an UPDATE in Snowflake shows within a refresh, and
+/// destroy leaves nothing. The password is in no plan, in no runtime's argv
+/// or environment, and in no file of the state folder but the one handed to
+/// the runtime (0600).
+#[test]
+fn snowflake_datasets_served_refreshed_and_destroyed() {
+    use support::fakesnow::{snowflake_exec, snowflake_url};
+    let table = format!("e2e_spend_{}", std::process::id());
+    snowflake_exec(&[
+        &format!("CREATE OR REPLACE TABLE {table} (customer_id INT, spend FLOAT, segment VARCHAR)"),
+        &format!(
+            "INSERT INTO {table} VALUES (1, 10.5, 'gold'), (2, 20.25, 'silver'), (3, 0.0, NULL)"
+        ),
+    ]);
+    let toml = format!(
+        "[stack]\nname = \"sfe2e\"\n[environment.local]\ntarget = \"local\"\n\n\
+         [connection.warehouse]\nkind = \"snowflake\"\naccount = \"meshtest\"\nurl = \"{url}\"\n\
+         database = \"MESH_TEST\"\nschema = \"PUBLIC\"\nuser = \"mesh_reader\"\n\
+         password = {{ env = \"MESH_TEST_SF_PASSWORD\" }}\n\n\
+         [service.sf.dataset.spend]\nconnection = \"warehouse\"\nquery = \"select customer_id, spend from {table}\"\n\
+         key = \"customer_id\"\nrefresh = \"1s\"\n\
+         [service.sf.dataset.segment]\nconnection = \"warehouse\"\nquery = \"select customer_id, segment from {table}\"\n\
+         key = \"customer_id\"\nmode = \"live\"\n\
+         [service.sf.endpoint.spend]\nkind = \"lookup\"\ndatasets = [\"spend\"]\n\
+         [service.sf.endpoint.segment]\nkind = \"lookup\"\ndatasets = [\"segment\"]\n",
+        url = snowflake_url(),
+    );
+    let m = Custom::new(&toml);
+    let password = "sf-e2e-password-5e2a77";
+    m.set_env("MESH_TEST_SF_PASSWORD", password);
+
+    let human = m.run("plan", &[]);
+    ok(&human, "plan");
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 2, "{plan}");
+    for text in [
+        String::from_utf8_lossy(&human.stdout),
+        String::from_utf8_lossy(&human.stderr),
+        plan.to_string().into(),
+    ] {
+        assert!(
+            !text.contains(password),
+            "the password is in a plan: {text}"
+        );
+    }
+    ok(&m.apply(), "apply");
+
+    let port = m.state("sf")["port"].as_u64().unwrap();
+    let url =
+        |endpoint: &str| format!("http://127.0.0.1:{port}/public/api/v1/sf/{endpoint}/lookup");
+    let ask = |id: i64| serde_json::json!({"data": {"customer_id": id}});
+    let (status, row) = post(&url("spend"), &ask(2));
+    assert_eq!(
+        (status, &row["data"]["spend"]),
+        (200, &serde_json::json!(20.25)),
+        "{row}"
+    );
+    let (status, row) = post(&url("segment"), &ask(1));
+    assert_eq!(
+        (status, &row["data"]["segment"]),
+        (200, &serde_json::json!("gold")),
+        "{row}"
+    );
+    assert_eq!(post(&url("segment"), &ask(99)).0, 404);
+
+    // An UPDATE in Snowflake: the live dataset sees it at once, the preload
+    // within a refresh (1 s) and some slack.
+    snowflake_exec(&[&format!(
+        "UPDATE {table} SET spend = spend + 100, segment = 'platinum' WHERE customer_id = 2"
+    )]);
+    let (status, row) = post(&url("segment"), &ask(2));
+    assert_eq!(
+        (status, &row["data"]["segment"]),
+        (200, &serde_json::json!("platinum")),
+        "{row}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, row) = post(&url("spend"), &ask(2));
+        if status == 200 && row["data"]["spend"] == 120.25 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the preload did not pick up the update within 10 s: {status} {row}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // The password: not in the runtime's argv or environment, and in the
+    // state folder only in the file handed to the runtime.
+    let pid = m.state("sf")["pid"].as_u64().unwrap();
+    for what in ["cmdline", "environ"] {
+        let bytes = std::fs::read(format!("/proc/{pid}/{what}")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(password),
+            "the password is in the runtime's {what}"
+        );
+    }
+    let files = walk(&m.root().join(".mesh"));
+    assert!(
+        files.iter().any(|f| f.ends_with("service.json")),
+        "no bundle under .mesh: {files:?}"
+    );
+    let mut holders = Vec::new();
+    for entry in &files {
+        if std::fs::read_to_string(entry).is_ok_and(|text| text.contains(password)) {
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(entry).unwrap().permissions(),
+            );
+            assert_eq!(mode & 0o777, 0o600, "{}", entry.display());
+            holders.push(entry.clone());
+        }
+    }
+    assert_eq!(holders.len(), 1, "files holding the password: {holders:?}");
+    assert!(
+        holders[0].parent().is_some_and(|d| d.ends_with("secrets")),
+        "{holders:?}"
+    );
+
+    let out = m.run("destroy", &["--auto-approve"]);
+    ok(&out, "destroy");
+    assert!(!alive(pid as u32), "the runtime outlived destroy");
+    assert!(
+        !m.root().join(".mesh").exists(),
+        "destroy must remove the .mesh state folder"
+    );
+    snowflake_exec(&[&format!("DROP TABLE {table}")]);
+}

@@ -159,6 +159,50 @@ pub enum ConnectionConfig {
         #[serde(default = "default_db_timeout_ms")]
         connect_timeout_ms: u64,
     },
+    /// Snowflake over HTTPS (see `snowflake`); exactly one of `password`
+    /// and `private_key` (PEM, PKCS#8, for key-pair authentication).
+    Snowflake {
+        /// Account identifier: `myorg-account1` or a locator `xy12345.eu-west-1`.
+        account: String,
+        user: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password: Option<SecretRef>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        private_key: Option<SecretRef>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warehouse: Option<String>,
+        database: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        schema: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        role: Option<String>,
+        /// Base URL (private link, or a local server in tests); default
+        /// `https://<account>.snowflakecomputing.com`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        /// HTTP connections kept open (default 4).
+        #[serde(default = "default_pool_size")]
+        pool_size: usize,
+        /// Limit of one live query, round trips and polls included (default 5000).
+        #[serde(default = "default_db_timeout_ms")]
+        statement_timeout_ms: u64,
+    },
+}
+
+impl ConnectionConfig {
+    /// The connection's secret references: a password, a private key.
+    pub fn secrets_mut(&mut self) -> impl Iterator<Item = &mut SecretRef> {
+        match self {
+            ConnectionConfig::Postgres { password, .. } => [password.as_mut(), None],
+            ConnectionConfig::Snowflake {
+                password,
+                private_key,
+                ..
+            } => [password.as_mut(), private_key.as_mut()],
+        }
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// TLS to PostgreSQL, named as libpq's `sslmode`.
@@ -494,6 +538,26 @@ pub fn valid_base_path(p: &str) -> bool {
 }
 
 impl ServiceConfig {
+    /// Every secret reference of the service: API keys, connection
+    /// passwords and private keys, remote lookups' API keys. What delivers
+    /// secrets (the CLI's providers) rewrites them through this one list, so
+    /// a secret field added here cannot be forgotten there.
+    pub fn secrets_mut(&mut self) -> impl Iterator<Item = &mut SecretRef> {
+        let connections = self
+            .connections
+            .values_mut()
+            .flat_map(ConnectionConfig::secrets_mut);
+        let lookups = self
+            .endpoints
+            .values_mut()
+            .flat_map(|ep| match ep {
+                EndpointConfig::Prediction { enrichments, .. } => enrichments.as_mut_slice(),
+                EndpointConfig::Lookup { .. } => &mut [],
+            })
+            .filter_map(|en| en.lookup.as_mut()?.api_key.as_mut());
+        self.api_keys.iter_mut().chain(connections).chain(lookups)
+    }
+
     /// Consistency problems: dangling references, bad names, empty lists.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -514,27 +578,50 @@ impl ServiceConfig {
             out.push("limits must be positive".into());
         }
         for (name, conn) in &self.connections {
-            let ConnectionConfig::Postgres {
-                pool_size,
-                sslmode,
-                ca_file,
-                statement_timeout_ms,
-                connect_timeout_ms,
-                ..
-            } = conn;
+            let pool_size = match conn {
+                ConnectionConfig::Postgres {
+                    pool_size,
+                    sslmode,
+                    ca_file,
+                    statement_timeout_ms,
+                    connect_timeout_ms,
+                    ..
+                } => {
+                    if ca_file.is_some() && *sslmode != SslMode::VerifyFull {
+                        out.push(format!(
+                            "connection `{name}`: ca_file is used only with sslmode `verify-full`"
+                        ));
+                    }
+                    if *statement_timeout_ms == 0 || *connect_timeout_ms == 0 {
+                        out.push(format!(
+                            "connection `{name}`: statement_timeout_ms and connect_timeout_ms must be positive"
+                        ));
+                    }
+                    pool_size
+                }
+                ConnectionConfig::Snowflake {
+                    password,
+                    private_key,
+                    statement_timeout_ms,
+                    pool_size,
+                    ..
+                } => {
+                    if password.is_some() == private_key.is_some() {
+                        out.push(format!(
+                            "connection `{name}`: set exactly one of password and private_key"
+                        ));
+                    }
+                    if *statement_timeout_ms == 0 {
+                        out.push(format!(
+                            "connection `{name}`: statement_timeout_ms must be positive"
+                        ));
+                    }
+                    pool_size
+                }
+            };
             if *pool_size == 0 || *pool_size > 64 {
                 out.push(format!(
                     "connection `{name}`: pool_size must be between 1 and 64"
-                ));
-            }
-            if ca_file.is_some() && *sslmode != SslMode::VerifyFull {
-                out.push(format!(
-                    "connection `{name}`: ca_file is used only with sslmode `verify-full`"
-                ));
-            }
-            if *statement_timeout_ms == 0 || *connect_timeout_ms == 0 {
-                out.push(format!(
-                    "connection `{name}`: statement_timeout_ms and connect_timeout_ms must be positive"
                 ));
             }
         }
@@ -751,7 +838,10 @@ mod tests {
             statement_timeout_ms,
             connect_timeout_ms,
             ..
-        } = &cfg.connections["warehouse"];
+        } = &cfg.connections["warehouse"]
+        else {
+            panic!("a postgres connection")
+        };
         assert_eq!(
             (
                 *sslmode,
@@ -781,7 +871,10 @@ mod tests {
             statement_timeout_ms,
             connect_timeout_ms,
             ..
-        } = &cfg.connections["warehouse"];
+        } = &cfg.connections["warehouse"]
+        else {
+            panic!("a postgres connection")
+        };
         assert_eq!(
             (
                 *sslmode,
@@ -864,6 +957,85 @@ mod tests {
         assert_eq!(
             problems,
             vec!["connection `warehouse`: ca_file is used only with sslmode `verify-full`"]
+        );
+    }
+
+    #[test]
+    fn snowflake_connections_take_exactly_one_credential() {
+        let with = |credentials: &str| {
+            SKETCH.replace(
+                "\"warehouse\": { \"kind\": \"postgres\", \"host\": \"127.0.0.1\", \"port\": 5432, \"database\": \"mesh\", \"user\": \"mesh\", \"password\": {\"env\": \"MESH_CONN_WAREHOUSE_PASSWORD\"} }",
+                &format!(
+                    "\"warehouse\": {{ \"kind\": \"snowflake\", \"account\": \"myorg-acct\", \"user\": \"MESH\", \"database\": \"ANALYTICS\", \"url\": \"http://127.0.0.1:15055\" {credentials} }}"
+                ),
+            )
+        };
+        let cfg: ServiceConfig =
+            serde_json::from_str(&with(", \"password\": {\"env\": \"SF_PW\"}")).expect("parses");
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        let ConnectionConfig::Snowflake {
+            pool_size,
+            statement_timeout_ms,
+            ..
+        } = &cfg.connections["warehouse"]
+        else {
+            panic!("a snowflake connection: {cfg:?}")
+        };
+        assert_eq!((*pool_size, *statement_timeout_ms), (4, 5000));
+        let back: ServiceConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).expect("serializes"))
+                .expect("parses");
+        assert_eq!(back, cfg);
+        let expected = "connection `warehouse`: set exactly one of password and private_key";
+        for credentials in [
+            "",
+            ", \"password\": {\"env\": \"SF_PW\"}, \"private_key\": {\"file\": \"k.p8\"}",
+        ] {
+            let cfg: ServiceConfig = serde_json::from_str(&with(credentials)).expect("parses");
+            assert_eq!(cfg.problems(), vec![expected], "{credentials}");
+        }
+        assert!(
+            serde_json::from_str::<ServiceConfig>(&with(", \"host\": \"x\"")).is_err(),
+            "unknown fields are refused"
+        );
+    }
+
+    #[test]
+    fn secrets_mut_lists_every_reference() {
+        let mut cfg: ServiceConfig = serde_json::from_str(SKETCH).expect("parses");
+        cfg.connections.insert(
+            "lake".into(),
+            ConnectionConfig::Snowflake {
+                account: "a".into(),
+                user: "u".into(),
+                password: None,
+                private_key: Some(SecretRef::File("k.p8".into())),
+                warehouse: None,
+                database: "D".into(),
+                schema: None,
+                role: None,
+                url: None,
+                pool_size: 4,
+                statement_timeout_ms: 5000,
+            },
+        );
+        let mut seen: Vec<String> = cfg.secrets_mut().map(|r| r.to_string()).collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "env:MESH_API_KEY_SCORING",
+                "env:MESH_CONN_WAREHOUSE_PASSWORD",
+                "env:X",
+                "file:k.p8"
+            ]
+        );
+        for r in cfg.secrets_mut() {
+            *r = SecretRef::File("/run/s".into());
+        }
+        assert!(
+            cfg.secrets_mut()
+                .all(|r| *r == SecretRef::File("/run/s".into()))
         );
     }
 

@@ -156,6 +156,7 @@ impl Snapshot {
             }),
             stale: self.max_staleness.is_some_and(|max| age > max),
             cache: None,
+            queries_total: None,
         }
     }
 }
@@ -222,6 +223,10 @@ pub struct DatasetStatus {
     pub stale: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheReport>,
+    /// Queries a live dataset sent to its database, by result (cache hits
+    /// and coalesced lookups send none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queries_total: Option<QueryTotal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -236,6 +241,13 @@ pub struct LastRefresh {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct RefreshTotal {
+    pub ok: u64,
+    pub error: u64,
+}
+
+/// Queries of a live dataset: answered, failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QueryTotal {
     pub ok: u64,
     pub error: u64,
 }

@@ -309,6 +309,23 @@ pub fn render_datasets<'a>(
     }
     family(
         out,
+        "mesh_dataset_queries_total",
+        "counter",
+        "Queries a live dataset sent to its database by result (ok, error).",
+    );
+    for (name, s) in &datasets {
+        if let Some(q) = s.queries_total {
+            for (result, n) in [("ok", q.ok), ("error", q.error)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_dataset_queries_total{{dataset=\"{}\",result=\"{result}\"}} {n}",
+                    esc(name)
+                );
+            }
+        }
+    }
+    family(
+        out,
         "mesh_dataset_cache_entries",
         "gauge",
         "Keys held by a live dataset's cache.",

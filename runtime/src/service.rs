@@ -9,19 +9,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::{Connection, LiveError, LiveTable};
 use crate::config::{
     Bundle, ColumnType, ConfigError, DatasetConfig, DatasetMode, DatasetSource, EndpointConfig,
     Limits, OnMissing,
 };
 use crate::dataset::{Dataset, KeyRef, Schema, Value, ValueRef};
 use crate::error::AppError;
-use crate::freshness::{DatasetStatus, Snapshot};
+use crate::freshness::{DatasetStatus, QueryTotal, Snapshot};
 use crate::input::FieldMap;
 use crate::log;
 use crate::model::{InputKind, InputSpec};
 use crate::remote::{HttpClient, RemoteLookup};
 use crate::scoring::{Classifier, class_names, load_model};
-use crate::sql::{Connector, LiveError, LiveTable, SqlError};
+use crate::snowflake::SnowflakeError;
+use crate::sql::SqlError;
 
 /// Errors loading a service; each names what failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,8 @@ pub enum LoadError {
         #[source]
         source: SqlError,
     },
+    #[error(transparent)]
+    Snowflake(#[from] SnowflakeError),
     /// A model could not be read or is not supported.
     #[error("endpoint `{endpoint}`: model {reason}")]
     Model { endpoint: String, reason: String },
@@ -174,6 +178,7 @@ impl Table {
                 refresh_total: None,
                 stale: false,
                 cache: None,
+                queries_total: None,
             },
             Table::Snapshot(s) => s.status(),
             Table::Live(t) => DatasetStatus {
@@ -187,6 +192,10 @@ impl Table {
                 refresh_total: None,
                 stale: false,
                 cache: t.cache_stats().map(Into::into),
+                queries_total: Some({
+                    let (ok, error) = t.query_counts();
+                    QueryTotal { ok, error }
+                }),
             },
         }
     }
@@ -255,15 +264,7 @@ impl Service {
             if !options.connect {
                 break;
             }
-            let crate::config::ConnectionConfig::Postgres { password, .. } = conn;
-            let password = match password {
-                Some(secret) => Some(bundle.resolve(secret)?),
-                None => None,
-            };
-            connectors.insert(
-                name.clone(),
-                Connector::new(name, conn, password, &bundle.dir)?,
-            );
+            connectors.insert(name.clone(), Connection::open(bundle, name, conn)?);
         }
 
         // Datasets.
@@ -388,7 +389,7 @@ async fn load_table(
     bundle: &Bundle,
     name: &str,
     ds: &DatasetConfig,
-    connectors: &HashMap<String, Connector>,
+    connectors: &HashMap<String, Connection>,
     options: LoadOptions,
 ) -> Result<Option<Table>, LoadError> {
     match &ds.source {
@@ -422,10 +423,10 @@ async fn load_table(
             };
             match ds.mode {
                 DatasetMode::Preload => {
-                    let first =
-                        crate::sql::load(connector, name, &sql.query, &ds.key, ds.duplicates)
-                            .await
-                            .map_err(|e| in_dataset(name, e))?;
+                    let first = connector
+                        .load(name, &sql.query, &ds.key, ds.duplicates)
+                        .await
+                        .map_err(|e| in_dataset(name, e))?;
                     let snapshot = Arc::new(Snapshot::new(
                         first,
                         ds.refresh_secs.map(Duration::from_secs),
@@ -445,7 +446,8 @@ async fn load_table(
                                 let (connector, name, query, key) =
                                     (connector.clone(), name.clone(), query.clone(), key.clone());
                                 async move {
-                                    crate::sql::load(&connector, &name, &query, &key, duplicates)
+                                    connector
+                                        .load(&name, &query, &key, duplicates)
                                         .await
                                         .map_err(|e| e.to_string())
                                 }
@@ -455,16 +457,10 @@ async fn load_table(
                     Ok(Some(Table::Snapshot(snapshot)))
                 }
                 DatasetMode::Live => Ok(Some(Table::Live(Arc::new(
-                    LiveTable::open(
-                        connector,
-                        name,
-                        &sql.query,
-                        &ds.key,
-                        ds.duplicates,
-                        ds.cache.as_ref(),
-                    )
-                    .await
-                    .map_err(|e| in_dataset(name, e))?,
+                    connector
+                        .live(name, &sql.query, &ds.key, ds.duplicates, ds.cache.as_ref())
+                        .await
+                        .map_err(|e| in_dataset(name, e))?,
                 )))),
             }
         }

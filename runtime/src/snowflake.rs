@@ -45,6 +45,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
+use crate::backend::{LiveError, LiveKey};
 use crate::config::{ColumnType, Duplicates};
 use crate::dataset::{Dataset, KeyRef, Schema, Value};
 use crate::sql::SqlError;
@@ -100,9 +101,6 @@ pub enum SnowflakeError {
     /// The session expired and logging in again did not help.
     #[error("connection `{connection}`: session expired ({code})")]
     SessionGone { connection: String, code: String },
-    /// A `live` dataset with `duplicates = "error"` found two rows for a key.
-    #[error("dataset `{dataset}`: key {key} has more than one row")]
-    Duplicate { dataset: String, key: String },
     /// The answer is not what the protocol says.
     #[error("connection `{connection}`: unexpected answer from {target}: {reason}")]
     Protocol {
@@ -1024,77 +1022,73 @@ pub async fn preload(
     )?)
 }
 
-/// A `live` dataset on Snowflake: one bound query per key.
-pub struct LiveTable {
+/// The by-key query of a `live` dataset on Snowflake (see
+/// [`crate::backend::LiveTable`], which coalesces, caches and counts): one
+/// statement per key, the key bound (never spliced into the text).
+pub struct LiveQuery {
     name: String,
     client: Arc<Client>,
     sql: String,
-    schema: Schema,
-    duplicates: Duplicates,
+    int_key: bool,
 }
 
-impl std::fmt::Debug for LiveTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("snowflake::LiveTable")
-            .field("name", &self.name)
-            .field("schema", &self.schema)
-            .finish_non_exhaustive()
-    }
-}
-
-impl LiveTable {
+impl LiveQuery {
     /// Logs in (if needed) and works out the by-key query.
     pub async fn open(
         client: Arc<Client>,
         dataset: &str,
         query: &str,
         key: &str,
-        duplicates: Duplicates,
-    ) -> Result<LiveTable, SqlError> {
+    ) -> Result<(LiveQuery, Schema), SqlError> {
         let shape = shape(&client, dataset, query, key).await?;
-        Ok(LiveTable {
+        let query = LiveQuery {
             name: dataset.to_string(),
             sql: format!(
                 "{} WHERE mesh_src.{} = ? LIMIT 2",
                 shape.select, shape.key_ident
             ),
-            schema: shape.schema,
+            int_key: shape.schema.types[shape.schema.key] == ColumnType::Int,
             client,
-            duplicates,
-        })
-    }
-
-    pub fn schema(&self) -> &Schema {
-        &self.schema
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The row with `key`, if any. Errors are the client's: the service
-    /// tells a timeout (504) from an unreachable server or a failed query.
-    pub async fn fetch(&self, key: KeyRef<'_>) -> Result<Option<Vec<Value>>, SnowflakeError> {
-        let bind = match (self.schema.types[self.schema.key], key) {
-            (ColumnType::Int, KeyRef::Int(i)) => Bind::Int(i),
-            (ColumnType::Int, KeyRef::Str(s)) => match s.parse::<i64>() {
-                Ok(i) => Bind::Int(i),
-                Err(_) => return Ok(None),
-            },
-            (_, KeyRef::Str(s)) => Bind::Text(s.to_string()),
-            (_, KeyRef::Int(i)) => Bind::Text(i.to_string()),
         };
-        let mut result = self
-            .client
-            .query(&self.sql, &[bind], self.client.statement_timeout())
-            .await?;
-        if result.rows.len() > 1 && self.duplicates == Duplicates::Error {
-            return Err(SnowflakeError::Duplicate {
+        Ok((query, shape.schema))
+    }
+
+    /// The key as it is bound; `None` when no row can have it (text for an
+    /// integer key).
+    pub fn key(&self, key: KeyRef<'_>) -> Option<LiveKey> {
+        LiveKey::of(key, self.int_key)
+    }
+
+    /// The rows with `key` (at most two). A timeout (the connection's
+    /// `statement_timeout_ms`, round trips, polls and a new login included)
+    /// is [`LiveError::Timeout`]; a server that cannot be reached or that
+    /// refuses the login is [`LiveError::Unavailable`]; others are
+    /// [`LiveError::Query`].
+    pub async fn rows(&self, key: &LiveKey) -> Result<Vec<Vec<Value>>, LiveError> {
+        let bind = match key {
+            LiveKey::Int(i) => Bind::Int(*i),
+            LiveKey::Text(s) => Bind::Text(s.to_string()),
+        };
+        let timeout = self.client.statement_timeout();
+        match self.client.query(&self.sql, &[bind], timeout).await {
+            Ok(result) => Ok(result.rows),
+            Err(SnowflakeError::Timeout { .. }) => Err(LiveError::Timeout {
                 dataset: self.name.clone(),
-                key: key.to_string(),
-            });
+                ms: timeout.as_millis() as u64,
+            }),
+            Err(
+                e @ (SnowflakeError::Http { .. }
+                | SnowflakeError::Login { .. }
+                | SnowflakeError::SessionGone { .. }),
+            ) => Err(LiveError::Unavailable {
+                dataset: self.name.clone(),
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(LiveError::Query {
+                dataset: self.name.clone(),
+                reason: e.to_string(),
+            }),
         }
-        Ok(result.rows.pop())
     }
 }
 

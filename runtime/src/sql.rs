@@ -17,7 +17,7 @@
 //! messages never hold the password.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,8 +26,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::cache::{CacheStats, KeyCache};
-use crate::config::{CacheConfig, ConnectionConfig, Duplicates, SslMode};
+use crate::backend::{LiveError, LiveKey};
+use crate::config::{ConnectionConfig, Duplicates, SslMode};
 use crate::dataset::{Dataset, DatasetError, KeyRef, RowsBuilder, Schema, Value};
 use crate::log;
 
@@ -60,21 +60,6 @@ pub enum SqlError {
     /// Loaded rows do not make a dataset.
     #[error(transparent)]
     Dataset(#[from] DatasetError),
-}
-
-/// Why a live lookup got no answer from the database. Cloned to every
-/// request that waited for the same key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LiveError {
-    /// The database cannot be reached (connection refused, lost, shut down).
-    #[error("dataset `{dataset}`: the database is unavailable: {reason}")]
-    Unavailable { dataset: String, reason: String },
-    /// No answer within the limit (connecting or querying).
-    #[error("dataset `{dataset}`: the database did not answer within {ms} ms")]
-    Timeout { dataset: String, ms: u64 },
-    /// The database answered with an error (SQL, permissions, duplicates).
-    #[error("dataset `{dataset}`: query failed: {reason}")]
-    Query { dataset: String, reason: String },
 }
 
 /// Opens connections for one `[connection]` with its resolved password.
@@ -124,7 +109,13 @@ impl Connector {
             statement_timeout_ms,
             connect_timeout_ms,
             ..
-        } = config;
+        } = config
+        else {
+            return Err(SqlError::Tls {
+                connection: name.to_string(),
+                reason: "not a postgres connection".into(),
+            });
+        };
         let connect_timeout = Duration::from_millis(*connect_timeout_ms);
         let statement_timeout = Duration::from_millis(*statement_timeout_ms);
         let mut pg = tokio_postgres::Config::new();
@@ -520,54 +511,27 @@ pub async fn load(
 /// A pooled connection with the live query prepared on it.
 type PooledConn = Arc<(Client, Statement)>;
 
-/// A key as the live query's parameter type wants it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum LiveKey {
-    Int(i64),
-    Text(Box<str>),
-}
-
-/// A row of a live dataset, shared by the cache and the requests.
-pub type LiveRow = Option<Arc<Vec<Value>>>;
-
-/// A `live` dataset: one prepared query per pooled connection, concurrent
-/// lookups of one key coalesced, an optional cache.
-pub struct LiveTable {
+/// The by-key query of a `live` dataset on PostgreSQL (see
+/// [`crate::backend::LiveTable`], which coalesces, caches and counts): one
+/// prepared statement per connection of a small pool.
+pub struct LiveQuery {
     name: String,
     connector: Connector,
     sql: String,
-    schema: Schema,
     kinds: Vec<Kind>,
     key_type: Type,
-    duplicates: Duplicates,
     slots: Vec<Mutex<Option<PooledConn>>>,
     next: AtomicUsize,
-    cache: KeyCache<LiveKey, LiveRow, LiveError>,
-    queries_ok: AtomicU64,
-    queries_error: AtomicU64,
-    /// Whether the last query reached the database (to log changes only).
-    reachable: AtomicBool,
 }
 
-impl std::fmt::Debug for LiveTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveTable")
-            .field("name", &self.name)
-            .field("schema", &self.schema)
-            .finish_non_exhaustive()
-    }
-}
-
-impl LiveTable {
+impl LiveQuery {
     /// Connects the first pool connection and prepares the by-key query.
     pub async fn open(
         connector: &Connector,
         dataset: &str,
         query: &str,
         key: &str,
-        duplicates: Duplicates,
-        cache: Option<&CacheConfig>,
-    ) -> Result<LiveTable, SqlError> {
+    ) -> Result<(LiveQuery, Schema), SqlError> {
         let client = connector.connect(Purpose::Live).await?;
         let shape = shape(&client, dataset, query, key).await?;
         let sql = format!(
@@ -583,75 +547,40 @@ impl LiveTable {
         let mut slots: Vec<Mutex<Option<PooledConn>>> =
             (0..connector.pool_size).map(|_| Mutex::new(None)).collect();
         slots[0] = Mutex::new(Some(Arc::new((client, stmt))));
-        Ok(LiveTable {
+        let query = LiveQuery {
             name: dataset.to_string(),
             connector: connector.clone(),
             sql,
-            schema: shape.schema,
             kinds: shape.kinds,
             key_type,
-            duplicates,
             slots,
             next: AtomicUsize::new(0),
-            cache: KeyCache::new(cache),
-            queries_ok: AtomicU64::new(0),
-            queries_error: AtomicU64::new(0),
-            reachable: AtomicBool::new(true),
-        })
-    }
-
-    pub fn schema(&self) -> &Schema {
-        &self.schema
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Cache counters (`None` without a cache).
-    pub fn cache_stats(&self) -> Option<CacheStats> {
-        self.cache.stats()
-    }
-
-    /// Queries run against the database: (answered, failed).
-    pub fn query_counts(&self) -> (u64, u64) {
-        (
-            self.queries_ok.load(Ordering::Relaxed),
-            self.queries_error.load(Ordering::Relaxed),
-        )
+        };
+        Ok((query, shape.schema))
     }
 
     /// The key as the query's parameter type takes it; `None` when no row can
     /// have it (text for an integer key, out of range).
-    fn live_key(&self, key: KeyRef<'_>) -> Option<LiveKey> {
-        match self.key_type {
-            Type::INT2 | Type::INT4 | Type::INT8 => {
-                let k = match key {
-                    KeyRef::Int(i) => i,
-                    KeyRef::Str(s) => s.parse::<i64>().ok()?,
-                };
-                let fits = match self.key_type {
-                    Type::INT2 => i16::try_from(k).is_ok(),
-                    Type::INT4 => i32::try_from(k).is_ok(),
-                    _ => true,
-                };
-                fits.then_some(LiveKey::Int(k))
-            }
-            _ => Some(LiveKey::Text(match key {
-                KeyRef::Str(s) => s.into(),
-                KeyRef::Int(i) => i.to_string().into(),
-            })),
-        }
+    pub fn key(&self, key: KeyRef<'_>) -> Option<LiveKey> {
+        let int = matches!(self.key_type, Type::INT2 | Type::INT4 | Type::INT8);
+        let key = LiveKey::of(key, int)?;
+        let fits = match (&key, &self.key_type) {
+            (LiveKey::Int(k), &Type::INT2) => i16::try_from(*k).is_ok(),
+            (LiveKey::Int(k), &Type::INT4) => i32::try_from(*k).is_ok(),
+            _ => true,
+        };
+        fits.then_some(key)
     }
 
-    /// The row with `key`, if any: from the cache, or from one query shared
-    /// by every concurrent request for the key.
-    pub async fn fetch(&self, key: KeyRef<'_>) -> Result<LiveRow, LiveError> {
-        let Some(key) = self.live_key(key) else {
-            return Ok(None);
-        };
-        let param = key.clone();
-        self.cache.get(key, || self.query(param)).await
+    /// The rows with `key` (at most two); a stale pooled connection (closed
+    /// since its last use, e.g. the database restarted) is replaced and the
+    /// query retried once.
+    pub async fn rows(&self, key: &LiveKey) -> Result<Vec<Vec<Value>>, LiveError> {
+        match self.rows_once(key).await {
+            Err((LiveError::Unavailable { .. }, false)) => self.rows_once(key).await,
+            other => other,
+        }
+        .map_err(|(e, _)| e)
     }
 
     /// A pool connection: the slot's, or a new one (`true`) if it has none or
@@ -730,40 +659,8 @@ impl LiveTable {
         }
     }
 
-    /// One query for `key`; a stale pooled connection (closed since its last
-    /// use, e.g. the database restarted) is replaced and the query retried once.
-    async fn query(&self, key: LiveKey) -> Result<LiveRow, LiveError> {
-        let result = self.query_once(&key).await;
-        let result = match result {
-            Err((LiveError::Unavailable { .. }, false)) => self.query_once(&key).await,
-            other => other,
-        }
-        .map_err(|(e, _)| e);
-        match &result {
-            Ok(_) => {
-                self.queries_ok.fetch_add(1, Ordering::Relaxed);
-                if !self.reachable.swap(true, Ordering::Relaxed) {
-                    log::info(format_args!(
-                        "dataset `{}`: the database answers again",
-                        self.name
-                    ));
-                }
-            }
-            Err(e) => {
-                self.queries_error.fetch_add(1, Ordering::Relaxed);
-                let was = self
-                    .reachable
-                    .swap(matches!(e, LiveError::Query { .. }), Ordering::Relaxed);
-                if was || matches!(e, LiveError::Query { .. }) {
-                    log::warn(format_args!("{e}"));
-                }
-            }
-        }
-        result
-    }
-
     /// One attempt; the error says whether the connection was new.
-    async fn query_once(&self, key: &LiveKey) -> Result<LiveRow, (LiveError, bool)> {
+    async fn rows_once(&self, key: &LiveKey) -> Result<Vec<Vec<Value>>, (LiveError, bool)> {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let (conn, fresh) = self.conn(slot).await.map_err(|e| (e, true))?;
         let (i16v, i32v, i64v, text);
@@ -801,32 +698,17 @@ impl LiveTable {
             }
             Ok(Ok(rows)) => rows,
         };
-        if rows.len() > 1 && self.duplicates == Duplicates::Error {
-            let shown = match key {
-                LiveKey::Int(i) => i.to_string(),
-                LiveKey::Text(s) => format!("{s:?}"),
-            };
-            return Err((
-                LiveError::Query {
-                    dataset: self.name.clone(),
-                    reason: format!("duplicate key {shown}"),
-                },
-                fresh,
-            ));
-        }
-        match rows.last() {
-            None => Ok(None),
-            Some(row) => decode(row, &self.kinds)
-                .map(|v| Some(Arc::new(v)))
-                .map_err(|e| {
-                    (
-                        LiveError::Query {
-                            dataset: self.name.clone(),
-                            reason: pg_reason(&e),
-                        },
-                        fresh,
-                    )
-                }),
-        }
+        rows.iter()
+            .map(|row| decode(row, &self.kinds))
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                (
+                    LiveError::Query {
+                        dataset: self.name.clone(),
+                        reason: pg_reason(&e),
+                    },
+                    fresh,
+                )
+            })
     }
 }

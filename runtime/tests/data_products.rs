@@ -10,8 +10,6 @@
 //! the tests fail, saying so.
 
 mod common;
-#[path = "../../tests/support/tcp_proxy.rs"]
-mod tcp_proxy;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -20,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use common::proxy::{HANG, PASS, Proxy, REFUSE};
 use common::*;
-use tcp_proxy::{HANG, PASS, Proxy, REFUSE};
 use serde_json::{Value, json};
 
 // ------------------------------------------------------------------ helpers
@@ -128,60 +126,57 @@ fn start(pg: &Pg, service: &Value) -> (BundleDir, Server) {
     (b, s)
 }
 
-/// The value of the sample `name{labels}` in a Prometheus text exposition.
-fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
+// ------------------------------------------------------------------ counting Bind messages
+
+/// A proxy in front of PostgreSQL counting the `Bind` messages clients send:
+/// one per execution of a prepared query.
+fn pg_proxy(upstream: SocketAddr) -> Proxy {
+    Proxy::counting(upstream, || {
+        let mut frontend = Frontend::default();
+        Box::new(move |bytes: &[u8]| frontend.feed(bytes))
     })
 }
 
-fn metrics(s: &Server) -> String {
-    s.get("/metrics").text()
+/// Splits the frontend (client) side of the PostgreSQL protocol into messages.
+#[derive(Default)]
+struct Frontend {
+    started: bool,
+    pending: Vec<u8>,
 }
 
-fn readyz(s: &Server) -> Value {
-    let r = s.get("/readyz");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-/// Polls `check` every 50 ms until it holds; fails after `limit`, showing the
-/// last state and the server log.
-fn wait_until(
-    s: &Server,
-    what: &str,
-    limit: Duration,
-    mut check: impl FnMut() -> Result<(), String>,
-) {
-    let deadline = Instant::now() + limit;
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(last) if Instant::now() > deadline => {
-                panic!(
-                    "{what}: not so after {limit:?}; last: {last}\nserver log:\n{}",
-                    s.log()
-                )
+impl Frontend {
+    /// Feeds bytes; returns the number of complete `Bind` messages.
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        self.pending.extend_from_slice(bytes);
+        let mut binds = 0;
+        loop {
+            if !self.started {
+                // Untyped: length, then a code (startup, SSLRequest, GSSENCRequest).
+                if self.pending.len() < 8 {
+                    return binds;
+                }
+                let len = u32::from_be_bytes(self.pending[0..4].try_into().expect("4")) as usize;
+                let code = u32::from_be_bytes(self.pending[4..8].try_into().expect("4"));
+                if self.pending.len() < len {
+                    return binds;
+                }
+                self.pending.drain(..len);
+                self.started = !matches!(code, 80877103 | 80877104);
+            } else {
+                if self.pending.len() < 5 {
+                    return binds;
+                }
+                let len = u32::from_be_bytes(self.pending[1..5].try_into().expect("4")) as usize;
+                if self.pending.len() < 1 + len {
+                    return binds;
+                }
+                if self.pending[0] == b'B' {
+                    binds += 1;
+                }
+                self.pending.drain(..1 + len);
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
-}
-
-/// A lookup with a hard read deadline: the server must answer, not hang.
-fn lookup_within(s: &Server, endpoint: &str, body: &str, limit: Duration) -> Response {
-    let path = format!("/public/api/v1/{SERVICE}/{endpoint}/lookup");
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        s.addr,
-        body.len()
-    );
-    raw_with_timeout(s.addr, head.as_bytes(), limit)
-        .unwrap_or_else(|e| panic!("{endpoint}: no answer within {limit:?} ({e})"))
 }
 
 // ------------------------------------------------------------------ refresh
@@ -332,7 +327,7 @@ fn database_down_then_back() {
     let upstream: SocketAddr = format!("{}:{}", pg.host, pg.port)
         .parse()
         .expect("pg address");
-    let proxy = Proxy::start(upstream);
+    let proxy = pg_proxy(upstream);
     let query = format!("select * from {schema}.items");
     let service = json!({
         "service": SERVICE,
@@ -504,7 +499,7 @@ fn concurrent_live_lookups_of_one_key_make_one_query() {
     let upstream: SocketAddr = format!("{}:{}", pg.host, pg.port)
         .parse()
         .expect("pg address");
-    let proxy = Proxy::start(upstream);
+    let proxy = pg_proxy(upstream);
     let service = json!({
         "service": SERVICE,
         "connections": {"warehouse": connection(&pg, proxy.addr.port(), json!({}))},
@@ -514,7 +509,7 @@ fn concurrent_live_lookups_of_one_key_make_one_query() {
         "endpoints": {"slow": {"kind": "lookup", "datasets": ["slow"]}}
     });
     let (_b, s) = start(&pg, &service);
-    let before = proxy.binds();
+    let before = proxy.count();
     let barrier = Arc::new(Barrier::new(50));
     let addr = s.addr;
     let threads: Vec<_> = (0..50)
@@ -537,7 +532,7 @@ fn concurrent_live_lookups_of_one_key_make_one_query() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["data"]["label"], "item-7");
     }
-    let queries = proxy.binds() - before;
+    let queries = proxy.count() - before;
     assert_eq!(
         queries, 1,
         "50 concurrent lookups of one key: {queries} queries reached the database"

@@ -8,26 +8,22 @@
 //! warehouses or roles; it answers results as Arrow IPC (`rowsetBase64`) and
 //! DML row counts as a JSON `rowset`, so both decoders run here.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_runtime::backend::{Connection, LiveError};
 use mesh_runtime::config::{ColumnType, Duplicates};
 use mesh_runtime::dataset::{KeyRef, Value, ValueRef};
 use mesh_runtime::snowflake::{
-    Bind, Client, Credential, KeyPair, LiveTable, Settings, SnowflakeError, preload,
+    Bind, Client, Credential, KeyPair, Settings, SnowflakeError, preload,
 };
 use mesh_runtime::sql::SqlError;
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+use common::snowflake_url;
 
-pub fn snowflake_url() -> String {
-    std::env::var("MESH_TEST_SNOWFLAKE_URL").unwrap_or_else(|_| {
-        panic!(
-            "MESH_TEST_SNOWFLAKE_URL is not set: run the tests with `scripts/test` (it starts fakesnow \
-             and makes database MESH_TEST), or run `scripts/services start` and `eval \"$(scripts/services env)\"`"
-        )
-    })
-}
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn settings(credential: Credential) -> Settings {
     Settings {
@@ -270,18 +266,27 @@ async fn live_dataset_fetches_by_bound_key() {
     let c = Arc::new(client());
     let t = table("people_l");
     setup(&c, &t).await;
-    let live = LiveTable::open(
-        c.clone(),
-        "people",
-        &format!("select customer_id, name, balance from {t}"),
-        "customer_id",
-        Duplicates::Error,
-    )
-    .await
-    .expect("open");
+    let conn = Connection::Snowflake(c.clone());
+    let live = conn
+        .live(
+            "people",
+            &format!("select customer_id, name, balance from {t}"),
+            "customer_id",
+            Duplicates::Error,
+            None,
+        )
+        .await
+        .expect("open");
     assert_eq!(live.schema().names, ["customer_id", "name", "balance"]);
+    let fetch = async |table: &mesh_runtime::backend::LiveTable, key: KeyRef<'_>| {
+        table
+            .fetch(key)
+            .await
+            .expect("fetch")
+            .map(|row| row.to_vec())
+    };
     assert_eq!(
-        live.fetch(KeyRef::Int(3)).await.expect("fetch"),
+        fetch(&live, KeyRef::Int(3)).await,
         Some(vec![
             Value::Int(3),
             Value::Str("bo'b".into()),
@@ -290,39 +295,40 @@ async fn live_dataset_fetches_by_bound_key() {
     );
     // A key sent as text is bound as the integer it spells; others find nothing.
     assert_eq!(
-        live.fetch(KeyRef::Str("1"))
-            .await
-            .expect("fetch")
-            .map(|r| r[0].clone()),
+        fetch(&live, KeyRef::Str("1")).await.map(|r| r[0].clone()),
         Some(Value::Int(1))
     );
-    assert_eq!(
-        live.fetch(KeyRef::Str("x' OR 1=1 --"))
-            .await
-            .expect("fetch"),
-        None
-    );
-    assert_eq!(live.fetch(KeyRef::Int(99)).await.expect("fetch"), None);
+    assert_eq!(fetch(&live, KeyRef::Str("x' OR 1=1 --")).await, None);
+    assert_eq!(fetch(&live, KeyRef::Int(99)).await, None);
+    // Queries that reached the server (the text that spells no integer sent none).
+    assert_eq!(live.query_counts(), (3, 0));
 
     // A text key, bound as text (no SQL injection through the key).
-    let by_name = LiveTable::open(
-        c.clone(),
-        "by_name",
-        &format!("select name, customer_id from {t}"),
-        "name",
-        Duplicates::Error,
-    )
-    .await
-    .expect("open");
+    let by_name = conn
+        .live(
+            "by_name",
+            &format!("select name, customer_id from {t}"),
+            "name",
+            Duplicates::Error,
+            None,
+        )
+        .await
+        .expect("open");
     assert_eq!(
-        by_name.fetch(KeyRef::Str("bo'b")).await.expect("fetch"),
+        fetch(&by_name, KeyRef::Str("bo'b")).await,
         Some(vec![Value::Str("bo'b".into()), Value::Int(3)])
     );
-    assert_eq!(
-        by_name
-            .fetch(KeyRef::Str("x' OR '1'='1"))
-            .await
-            .expect("fetch"),
-        None
+    assert_eq!(fetch(&by_name, KeyRef::Str("x' OR '1'='1")).await, None);
+
+    // Two rows for a key with `duplicates = "error"`: a failed query, not a row.
+    exec(
+        &c,
+        &format!("INSERT INTO {t} (customer_id, name) VALUES (1, 'dup')"),
+    )
+    .await;
+    let e = live.fetch(KeyRef::Int(1)).await.unwrap_err();
+    assert!(
+        matches!(&e, LiveError::Query { reason, .. } if reason == "duplicate key 1"),
+        "{e:?}"
     );
 }

@@ -78,6 +78,9 @@ pub const GZIP_LEVEL: u32 = 6;
 /// The user the runtime runs as when the port needs no privilege
 /// (distroless's `nonroot`); the image's files are root-owned and world-readable.
 const NONROOT_USER: &str = "65532:65532";
+/// The group of [`NONROOT_USER`]: a pod's `fsGroup`, so that it can read
+/// the files of its Secret volume.
+pub const NONROOT_GROUP: u32 = 65532;
 
 /// What an image is built from.
 pub struct ImageSpec<'a> {

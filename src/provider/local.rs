@@ -366,10 +366,8 @@ pub fn bundle_for(
                 rc::DatasetSource::Csv(PathBuf::from(rel))
             }
             DatasetSource::Sql { connection, query } => {
-                if let Some(c) = stack.connections.get(connection)
-                    && let Some(config) = connection_config(c, &mut files)
-                {
-                    connections.insert(connection.clone(), config);
+                if let Some(c) = stack.connections.get(connection) {
+                    connections.insert(connection.clone(), connection_config(c, &mut files));
                 }
                 rc::DatasetSource::Sql(rc::SqlSource {
                     connection: connection.clone(),
@@ -515,8 +513,8 @@ pub fn bundle_for(
 fn connection_config(
     c: &stack::Connection,
     files: &mut BTreeMap<String, PathBuf>,
-) -> Option<rc::ConnectionConfig> {
-    Some(match &c.kind {
+) -> rc::ConnectionConfig {
+    match &c.kind {
         stack::ConnectionKind::Postgres {
             host,
             port,
@@ -542,10 +540,27 @@ fn connection_config(
             statement_timeout_ms: c.statement_timeout_ms,
             connect_timeout_ms: 5000,
         },
-        // Refused by the stack resolver until the runtime serves datasets from
-        // Snowflake (its client exists, `runtime/src/snowflake.rs`).
-        stack::ConnectionKind::Snowflake { .. } => return None,
-    })
+        stack::ConnectionKind::Snowflake {
+            account,
+            warehouse,
+            schema,
+            role,
+            private_key,
+            url,
+        } => rc::ConnectionConfig::Snowflake {
+            account: account.clone(),
+            user: c.user.clone(),
+            password: c.password.as_ref().map(secret),
+            private_key: private_key.as_ref().map(secret),
+            warehouse: warehouse.clone(),
+            database: c.database.clone(),
+            schema: schema.clone(),
+            role: role.clone(),
+            url: url.clone(),
+            pool_size: c.pool_size as usize,
+            statement_timeout_ms: c.statement_timeout_ms,
+        },
+    }
 }
 
 /// A dataset's columns but its key; `None` until queried (a connection's).

@@ -958,19 +958,6 @@ fn decode_connection(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Op
                 }
                 other => other.map(|v| v.0),
             };
-            // The runtime's Snowflake client (runtime/src/snowflake.rs) is not
-            // yet serving datasets: refuse rather than deploy what cannot load.
-            if let Some(e) = f.entry("kind") {
-                ctx.errors.push(
-                    Diagnostic::new(
-                        Code::InvalidValue,
-                        e.value.span,
-                        "Snowflake connections are not served by the runtime yet",
-                    )
-                    .label("not yet supported")
-                    .help("use a \"postgres\" connection for now; Snowflake datasets land with the runtime's Snowflake wiring"),
-                );
-            }
             let (warehouse, schema, role) = (
                 f.str_opt(ctx.errors, "warehouse").map(|v| v.0),
                 f.str_opt(ctx.errors, "schema").map(|v| v.0),

@@ -1,13 +1,19 @@
 //! What several integration tests share: a copy of the example mesh to
-//! edit, and a registry of its own that requires Basic credentials (for the
-//! tests that push with credentials); the mesh applied on the local target
-//! (`local`); a stand-in for a cluster's network (`cluster_proxy`).
+//! edit, fakesnow, and a registry of its own that requires Basic credentials
+//! (for the tests that push with credentials); the mesh applied on the local
+//! target (`local`); a stand-in for a cluster's network (`cluster_proxy`); a
+//! TCP proxy to cut a database off (`tcp_proxy`).
 #![allow(dead_code)]
 
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod cluster_proxy;
+/// fakesnow: its URL, statements run on it (the runtime's tests' helper).
+#[path = "../../runtime/tests/common/fakesnow.rs"]
+pub mod fakesnow;
 pub mod local;
+/// A TCP proxy to cut a database off (the runtime's tests' helper).
+#[path = "../../runtime/tests/common/proxy.rs"]
 pub mod tcp_proxy;
 
 use std::path::Path;

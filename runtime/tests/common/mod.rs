@@ -3,6 +3,13 @@
 //! small blocking HTTP/1.1 client.
 #![allow(dead_code)]
 
+pub mod proxy;
+
+// Shared with the workspace's tests (tests/support), hence a file of its own.
+mod fakesnow;
+#[allow(unused_imports)] // each test file uses what it needs
+pub use fakesnow::{snowflake_exec, snowflake_url};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -477,4 +484,62 @@ pub fn fake_upstream_counted(
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
+}
+
+// ------------------------------------------------------------------ datasets: freshness, metrics, answers in time
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+pub fn metrics(s: &Server) -> String {
+    s.get("/metrics").text()
+}
+
+pub fn readyz(s: &Server) -> Value {
+    let r = s.get("/readyz");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// Polls `check` every 50 ms until it holds; fails after `limit`, showing the
+/// last state and the server log.
+pub fn wait_until(
+    s: &Server,
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(last) if Instant::now() > deadline => {
+                panic!(
+                    "{what}: not so after {limit:?}; last: {last}\nserver log:\n{}",
+                    s.log()
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A lookup with a hard read deadline: the server must answer, not hang.
+pub fn lookup_within(s: &Server, endpoint: &str, body: &str, limit: Duration) -> Response {
+    let path = format!("/public/api/v1/{SERVICE}/{endpoint}/lookup");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        s.addr,
+        body.len()
+    );
+    raw_with_timeout(s.addr, head.as_bytes(), limit)
+        .unwrap_or_else(|e| panic!("{endpoint}: no answer within {limit:?} ({e})"))
 }

@@ -7,7 +7,7 @@
 //! the same code.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use mesh_runtime::config as rc;
 use serde_json::{Value as J, json};
@@ -203,7 +203,8 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         });
         out.push(in_ns(object(&cm_addr, Kind::ConfigMap, cm)));
 
-        // Secret: connection passwords and API keys, by reference; only a digest here.
+        // Secret: connection passwords, private keys and API keys, by
+        // reference; only a digest here. Pods read it as files (`SECRETS_DIR`).
         // A secret that cannot be read now is known after apply (which reads it
         // again and fails if it still cannot), so `destroy` never needs secrets.
         let secret_addr = sub(&base, "secret");
@@ -305,8 +306,19 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                 "readOnly": true,
             }],
         });
+        let mut volumes =
+            vec![json!({ "name": "config", "configMap": { "name": configmap_name(name) } })];
         if secret_hash.is_some() {
-            container["envFrom"] = json!([{ "secretRef": { "name": secret_name(name) } }]);
+            if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+                mounts
+                    .push(json!({ "name": "secrets", "mountPath": SECRETS_DIR, "readOnly": true }));
+            }
+            // 0400; the kubelet makes the files group-readable by `fsGroup`,
+            // the group the runtime runs in (see `image`).
+            volumes.push(json!({
+                "name": "secrets",
+                "secret": { "secretName": secret_name(name), "defaultMode": 0o400 },
+            }));
         }
         let mut spec = json!({
             "selector": { "matchLabels": pods },
@@ -315,10 +327,14 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                 "metadata": { "labels": pods, "annotations": template_annotations },
                 "spec": {
                     "containers": [container],
-                    "volumes": [{ "name": "config", "configMap": { "name": configmap_name(name) } }],
+                    "volumes": volumes,
                 },
             },
         });
+        if secret_hash.is_some() {
+            spec["template"]["spec"]["securityContext"] =
+                json!({ "fsGroup": crate::image::NONROOT_GROUP });
+        }
         if inputs.pull_secret.is_some() {
             spec["template"]["spec"]["imagePullSecrets"] = json!([{ "name": PULL_SECRET }]);
         }
@@ -580,42 +596,44 @@ pub enum SecretSource {
     File(PathBuf),
 }
 
-/// Rewrites a bundle's secret references for a cluster: each becomes an
-/// environment variable of the pod, filled from the service's Secret.
-/// Returns the Secret's keys and where their values come from.
+/// Where a pod reads its secrets: the service's Secret as a read-only volume
+/// (files 0400), so no secret is in the runtime's environment.
+pub const SECRETS_DIR: &str = "/var/run/mesh/secrets";
+
+/// Rewrites a bundle's secret references for a cluster (every reference
+/// [`rc::ServiceConfig::secrets_mut`] lists): each becomes a file of the
+/// service's Secret, mounted at [`SECRETS_DIR`]. Returns the Secret's keys
+/// and where their values come from.
 fn cluster_secrets(config: &mut rc::ServiceConfig) -> BTreeMap<String, SecretSource> {
     let mut out = BTreeMap::new();
-    let mut rewrite = |r: &mut rc::SecretRef| {
-        let (key, source) = match r {
-            rc::SecretRef::Env(var) => (var.clone(), SecretSource::Env(var.clone())),
-            rc::SecretRef::File(path) => {
-                let h = hex::encode(Sha256::digest(path.to_string_lossy().as_bytes()));
-                (
-                    format!("MESH_SECRET_FILE_{}", h[..12].to_uppercase()),
-                    SecretSource::File(path.clone()),
-                )
-            }
+    for r in config.secrets_mut() {
+        let hashed = |kind: &str, what: &str| {
+            let h = hex::encode(Sha256::digest(what.as_bytes()));
+            format!("MESH_SECRET_{kind}_{}", h[..12].to_uppercase())
         };
-        *r = rc::SecretRef::Env(key.clone());
+        let (key, source) = match r {
+            // A Secret key holds only `-._a-zA-Z0-9`; a file name starting
+            // with `.` would be hidden (and `..` is the volume's own).
+            rc::SecretRef::Env(var) => (
+                if !var.is_empty()
+                    && !var.starts_with('.')
+                    && var
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                {
+                    var.clone()
+                } else {
+                    hashed("ENV", var)
+                },
+                SecretSource::Env(var.clone()),
+            ),
+            rc::SecretRef::File(path) => (
+                hashed("FILE", &path.to_string_lossy()),
+                SecretSource::File(path.clone()),
+            ),
+        };
+        *r = rc::SecretRef::File(Path::new(SECRETS_DIR).join(&key));
         out.insert(key, source);
-    };
-    for k in &mut config.api_keys {
-        rewrite(k);
-    }
-    for c in config.connections.values_mut() {
-        let rc::ConnectionConfig::Postgres { password, .. } = c;
-        if let Some(p) = password {
-            rewrite(p);
-        }
-    }
-    for ep in config.endpoints.values_mut() {
-        if let rc::EndpointConfig::Prediction { enrichments, .. } = ep {
-            for en in enrichments {
-                if let Some(k) = en.lookup.as_mut().and_then(|l| l.api_key.as_mut()) {
-                    rewrite(k);
-                }
-            }
-        }
     }
     out
 }
@@ -730,6 +748,55 @@ mod tests {
         for d in deps {
             assert_eq!(d.attrs["image_repository"].value, Value::str(url));
             assert!(!d.depends_on.contains(&registry), "{}", d.address);
+        }
+    }
+
+    #[test]
+    fn every_secret_of_every_connection_kind_becomes_a_file_of_the_volume() {
+        let mut config: rc::ServiceConfig = serde_json::from_value(json!({
+            "service": "s",
+            "api_keys": [{ "env": "API_KEY" }],
+            "connections": {
+                "pg": { "kind": "postgres", "host": "h", "database": "d", "user": "u",
+                        "password": { "file": "/etc/pg/password" } },
+                "sf": { "kind": "snowflake", "account": "a", "user": "u", "database": "D",
+                        "private_key": { "env": "SF_KEY" } }
+            },
+            "endpoints": { "p": { "kind": "prediction", "model": "m.onnx", "enrichments": [
+                { "lookup": { "url": "http://x/lookup", "api_key": { "env": "not a key" } },
+                  "key": "k", "columns": ["c"] },
+                { "lookup": { "url": "http://y/lookup", "api_key": { "env": "..data" } },
+                  "key": "k", "columns": ["c"] } ] } }
+        }))
+        .unwrap();
+        let secrets = cluster_secrets(&mut config);
+        assert_eq!(secrets.len(), 5, "{secrets:?}");
+        assert_eq!(secrets["API_KEY"], SecretSource::Env("API_KEY".into()));
+        assert_eq!(secrets["SF_KEY"], SecretSource::Env("SF_KEY".into()));
+        assert!(
+            secrets
+                .values()
+                .any(|s| *s == SecretSource::File("/etc/pg/password".into()))
+        );
+        let files: Vec<PathBuf> = config
+            .secrets_mut()
+            .map(|r| match r {
+                rc::SecretRef::File(p) => p.clone(),
+                other => panic!("not a file: {other}"),
+            })
+            .collect();
+        assert_eq!(files.len(), 5);
+        for f in files {
+            let key = f.strip_prefix(SECRETS_DIR).unwrap().to_str().unwrap();
+            assert!(secrets.contains_key(key), "{key}: {secrets:?}");
+            // Secret keys: `-._a-zA-Z0-9` only, no hidden files.
+            assert!(
+                !key.starts_with('.')
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
+                "{key}"
+            );
         }
     }
 }

@@ -222,18 +222,26 @@ fn project_deployment(obj: &J, a: &mut BTreeMap<String, Value>) {
         "liveness",
         c.and_then(|c| c.pointer("/livenessProbe/httpGet/path")),
     );
-    let secrets: Vec<Value> = c
-        .and_then(|c| c.get("envFrom"))
-        .and_then(J::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            e.pointer("/secretRef/name")
-                .and_then(J::as_str)
-                .map(Value::str)
-        })
-        .collect();
-    a.insert("secrets".to_owned(), Value::List(secrets));
+    // Secrets reach the runtime as files of a volume, never as environment
+    // variables: both are listed, so a Secret in the environment shows.
+    let secrets = |list: Option<&J>, name: &str| -> Value {
+        Value::List(
+            list.and_then(J::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.pointer(name).and_then(J::as_str).map(Value::str))
+                .collect(),
+        )
+    };
+    let volumes = tmpl.and_then(|t| t.pointer("/spec/volumes"));
+    a.insert(
+        "secret_volumes".to_owned(),
+        secrets(volumes, "/secret/secretName"),
+    );
+    a.insert(
+        "secret_env".to_owned(),
+        secrets(c.and_then(|c| c.get("envFrom")), "/secretRef/name"),
+    );
     a.insert("rollout".to_owned(), Value::str(rollout_state(obj)));
 }
 

@@ -1,5 +1,6 @@
 //! The secrets a local service references (`{ env = ... }`, `{ file = ... }`:
-//! API keys, connection passwords), seen without being shown.
+//! API keys, connection passwords and private keys; every reference
+//! [`rc::ServiceConfig::secrets_mut`] lists), seen without being shown.
 //!
 //! - **Drift.** A secret's value is not in the bundle, so a changed password
 //!   would not change the bundle digest. Each service instead carries a
@@ -27,51 +28,14 @@ use sha2::{Digest, Sha256};
 /// The file holding a service's digest key.
 pub const KEY_FILE: &str = "secrets.key";
 
-/// Every secret reference of a service config.
-pub fn refs(config: &rc::ServiceConfig) -> Vec<&rc::SecretRef> {
-    let mut out: Vec<&rc::SecretRef> = config.api_keys.iter().collect();
-    for c in config.connections.values() {
-        match c {
-            rc::ConnectionConfig::Postgres { password, .. } => out.extend(password),
-        }
-    }
-    for ep in config.endpoints.values() {
-        if let rc::EndpointConfig::Prediction { enrichments, .. } = ep {
-            out.extend(
-                enrichments
-                    .iter()
-                    .filter_map(|e| e.lookup.as_ref()?.api_key.as_ref()),
-            );
-        }
-    }
-    out
-}
-
-/// [`refs`], to rewrite them.
-fn refs_mut(config: &mut rc::ServiceConfig) -> Vec<&mut rc::SecretRef> {
-    let mut out: Vec<&mut rc::SecretRef> = config.api_keys.iter_mut().collect();
-    for c in config.connections.values_mut() {
-        match c {
-            rc::ConnectionConfig::Postgres { password, .. } => out.extend(password),
-        }
-    }
-    for ep in config.endpoints.values_mut() {
-        if let rc::EndpointConfig::Prediction { enrichments, .. } = ep {
-            out.extend(
-                enrichments
-                    .iter_mut()
-                    .filter_map(|e| e.lookup.as_mut()?.api_key.as_mut()),
-            );
-        }
-    }
-    out
-}
-
-/// The references a person wrote (not keys mesh made under `managed`).
-fn user_refs<'a>(config: &'a rc::ServiceConfig, managed: &Path) -> Vec<&'a rc::SecretRef> {
-    refs(config)
-        .into_iter()
+/// The references a person wrote (not keys mesh made under `managed`), in
+/// the order [`rc::ServiceConfig::secrets_mut`] lists them.
+fn user_refs(config: &rc::ServiceConfig, managed: &Path) -> Vec<rc::SecretRef> {
+    let mut config = config.clone();
+    config
+        .secrets_mut()
         .filter(|r| !matches!(r, rc::SecretRef::File(p) if p.starts_with(managed)))
+        .map(|r| r.clone())
         .collect()
 }
 
@@ -105,7 +69,7 @@ pub fn digest(key: &[u8], config: &rc::ServiceConfig, managed: &Path) -> String 
     for r in refs {
         message.extend_from_slice(r.to_string().as_bytes());
         message.push(0);
-        match value(r) {
+        match value(&r) {
             Some(v) => {
                 message.push(1);
                 message.extend_from_slice(&(v.len() as u64).to_be_bytes());
@@ -187,7 +151,7 @@ pub fn stage(config: &mut rc::ServiceConfig, dir: &Path) -> Result<(), StageErro
         source,
     };
     let mut made = false;
-    for r in refs_mut(config) {
+    for r in config.secrets_mut() {
         let name = match r {
             rc::SecretRef::Env(name) => name.clone(),
             rc::SecretRef::File(p) => {
