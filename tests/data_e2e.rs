@@ -19,7 +19,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::local::{free_port, get_text, ok, post, runtime_bin, try_request, wait_for};
+use support::local::{
+    changed_addresses, files_under, free_port, get_text, ok, post, runtime_bin, try_request,
+    wait_for,
+};
 use support::tcp_proxy::{PASS, Proxy, REFUSE};
 
 // ------------------------------------------------------------------ the warehouse
@@ -177,19 +180,7 @@ impl Stack {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-        let changes = plan["resource_changes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["action"] != "no-op")
-            .map(|c| {
-                (
-                    c["address"].as_str().unwrap().to_owned(),
-                    c["action"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
-        (out.status.code().unwrap_or(-1), changes)
+        (out.status.code().unwrap_or(-1), changed_addresses(&plan))
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -216,20 +207,6 @@ impl Drop for Stack {
     }
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
 
 fn readyz(base: &str) -> Value {
     try_request("GET", &format!("{base}/readyz"), None, None)

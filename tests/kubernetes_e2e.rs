@@ -127,18 +127,7 @@ fn ok(out: &Output, what: &str) {
 
 /// address → action of every change that is not a no-op.
 fn changes(plan: &Value) -> Vec<(String, String)> {
-    plan["resource_changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["action"] != "no-op")
-        .map(|c| {
-            (
-                c["address"].as_str().unwrap().to_owned(),
-                c["action"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
+    support::local::changed_addresses(plan)
 }
 
 /// `GET http://HOST:PORT/PATH` with an `Accept` header; the status code.
@@ -1651,4 +1640,66 @@ fn free_port() -> u16 {
         }
     }
     panic!("no free port found in 30000-32767");
+}
+
+/// With `behavior` read from the warehouse, a new warehouse password, a new
+/// refresh interval and a new query each plan as updates of customer-features'
+/// objects alone (customer-scoring untouched), and the password is shown in
+/// no plan; each applied, the next plan is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warehouse_password_refresh_or_query_change_updates_only_its_service() {
+    let c = Cluster::new().await;
+    const FIRST: &str = "warehouse-pw-1-7c2f";
+    const SECOND: &str = "warehouse-pw-2-91ab";
+    std::fs::write(
+        c.stack.join("existing.toml"),
+        "[service.customer-features.dataset.behavior]\n\
+         connection = \"warehouse\"\n\
+         query = \"select customer_id, total_spend_30d, orders_90d, days_since_last_order, avg_basket from behavior_30d\"\n\
+         mode = \"preload\"\n\
+         refresh = \"5m\"\n",
+    )
+    .unwrap();
+    let first = [("WAREHOUSE_PASSWORD", FIRST)];
+    ok(&c.apply(&first).await, "apply");
+    let (code, _, out) = c.plan_json(&first).await;
+    assert_eq!(code, 0, "{}", text(&out));
+
+    let only_features = |plan: &Value, what: &str| {
+        let got = changes(plan);
+        assert!(!got.is_empty(), "{what}: no change planned");
+        assert!(
+            got.iter()
+                .all(|(a, action)| a.starts_with("service.customer-features.") && action == "update"),
+            "{what}: {got:?}"
+        );
+    };
+    let second = [("WAREHOUSE_PASSWORD", SECOND)];
+    let (code, plan, out) = c.plan_json(&second).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    only_features(&plan, "password");
+    assert!(
+        changes(&plan).contains(&("service.customer-features.secret".into(), "update".into())),
+        "{plan}"
+    );
+    let human = c.run("plan", &[], &second).await;
+    for o in [&human, &out] {
+        let all = text(o);
+        assert!(!all.contains(FIRST) && !all.contains(SECOND), "{all}");
+    }
+    ok(&c.apply(&second).await, "apply the new password");
+    assert_eq!(c.plan_json(&second).await.0, 0);
+
+    for (what, from, to) in [
+        ("refresh", "refresh = \"5m\"", "refresh = \"10m\""),
+        ("query", "from behavior_30d", "from behavior_30d where orders_90d >= 0"),
+    ] {
+        c.edit("stacks/customer-mesh/existing.toml", |s| s.replace(from, to));
+        let (code, plan, out) = c.plan_json(&second).await;
+        assert_eq!(code, 2, "{what}: {}", text(&out));
+        only_features(&plan, what);
+        ok(&c.apply(&second).await, what);
+        assert_eq!(c.plan_json(&second).await.0, 0, "{what}");
+    }
+    ok(&c.run("destroy", &["--auto-approve"], &second).await, "destroy");
 }

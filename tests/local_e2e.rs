@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use support::local::{ok, runtime_bin};
+use support::local::{
+    alive, changed_addresses, files_under, ok, runtime_bin, try_request,
+};
 
 /// A copy of the example stack in a temp dir, on its own ports.
 struct Mesh {
@@ -130,48 +132,7 @@ fn post(url: &str, body: &Value) -> (u16, Value) {
 
 /// POST with `X-API-Key` when `key` is given.
 fn post_with_key(url: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    let body = body.to_string();
-    let key = key
-        .map(|k| format!("X-API-Key: {k}\r\n"))
-        .unwrap_or_default();
-    write!(s, "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let status: u16 = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let (_, payload) = buf.split_once("\r\n\r\n").unwrap();
-    // Chunked or not, the JSON object is between the first `{` and the last `}`.
-    let start = payload.find('{').unwrap_or(0);
-    let end = payload.rfind('}').map_or(payload.len(), |i| i + 1);
-    (
-        status,
-        serde_json::from_str(&payload[start..end]).unwrap_or(Value::Null),
-    )
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    })
-}
-
-fn changed_addresses(plan: &Value) -> Vec<(String, String)> {
-    plan["resource_changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["action"] != "no-op")
-        .map(|c| {
-            (
-                c["address"].as_str().unwrap().to_owned(),
-                c["action"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
+    support::local::post(url, body, key)
 }
 
 #[test]
@@ -707,7 +668,7 @@ fn a_changed_secret_updates_exactly_the_service_that_uses_it() {
         assert_eq!(post_with_key(&url, &ask, Some(new)).0, 200, "{svc}");
         assert_eq!(post_with_key(&url, &ask, Some(old)).0, 403, "{svc}");
     }
-    for entry in walk(&m.root().join(".mesh")) {
+    for entry in files_under(&m.root().join(".mesh")) {
         if let Ok(text) = std::fs::read_to_string(&entry) {
             if text.contains(new_env) {
                 // Only the secret file handed to the runtime holds it, 0600.
@@ -728,20 +689,6 @@ fn a_changed_secret_updates_exactly_the_service_that_uses_it() {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
 
 #[test]
 fn runtimes_get_a_clean_environment_and_secrets_by_file() {
@@ -819,7 +766,7 @@ fn an_update_refuses_no_connection() {
         std::thread::spawn(move || {
             let (mut ok_old, mut ok_new, mut failures) = (0u32, 0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                match try_post(&url, &ask, &key) {
+                match try_request("POST", &url, Some(&ask), Some(&key)) {
                     Ok((200, row)) => {
                         if row["data"]["total_spend_30d"].as_f64() == Some(99999.0) {
                             ok_new += 1;
@@ -867,31 +814,6 @@ fn an_update_refuses_no_connection() {
     assert_ne!(m.pid_of("customer-features"), old_pid);
 }
 
-/// One POST on a new connection; any failure (refused, reset, cut short) as text.
-fn try_post(url: &str, body: &Value, key: &str) -> Result<(u16, Value), String> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(host).map_err(|e| format!("connect: {e}"))?;
-    let body = body.to_string();
-    write!(s, "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nX-API-Key: {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)
-        .map_err(|e| format!("read: {e}"))?;
-    let status: u16 = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status line in {buf:?}"))?;
-    let (_, payload) = buf.split_once("\r\n\r\n").ok_or("no body")?;
-    let start = payload.find('{').unwrap_or(0);
-    let end = payload.rfind('}').map_or(payload.len(), |i| i + 1);
-    Ok((
-        status,
-        serde_json::from_str(&payload[start..end]).unwrap_or(Value::Null),
-    ))
-}
 
 #[test]
 fn a_failed_update_leaves_the_old_runtime_serving() {
@@ -1029,7 +951,7 @@ fn snowflake_datasets_served_refreshed_and_destroyed() {
             "the password is in the runtime's {what}"
         );
     }
-    let files = walk(&m.root().join(".mesh"));
+    let files = files_under(&m.root().join(".mesh"));
     assert!(
         files.iter().any(|f| f.ends_with("service.json")),
         "no bundle under .mesh: {files:?}"

@@ -241,3 +241,35 @@ pub fn wait_for<T>(
         }
     }
 }
+
+/// Every file below `dir` (none when it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// `(address, action)` of every change of a `plan --json` that is not a no-op.
+pub fn changed_addresses(plan: &Value) -> Vec<(String, String)> {
+    plan["resource_changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no resource_changes in {plan}"))
+        .iter()
+        .filter(|c| c["action"] != "no-op")
+        .map(|c| {
+            (
+                c["address"].as_str().unwrap_or_default().to_owned(),
+                c["action"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
