@@ -290,7 +290,9 @@ async fn preflight(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let o = failed.remove(&i).map_or(Outcome::NotStarted, Outcome::Failed);
+            let o = failed
+                .remove(&i)
+                .map_or(Outcome::NotStarted, Outcome::Failed);
             (c.address.clone(), c.action.clone(), o)
         })
         .collect();
@@ -341,7 +343,10 @@ pub fn render_report(r: &Report) -> String {
         out.push_str("Apply refused: nothing was changed.\n");
         for (addr, _, o) in &r.outcomes {
             if let Outcome::Failed(e) = o {
-                out.push_str(&format!("  failed      {addr}: {}\n", strip_address(addr, e)));
+                out.push_str(&format!(
+                    "  failed      {addr}: {}\n",
+                    strip_address(addr, e)
+                ));
             }
         }
         out.push_str("Fix the problems above and apply again.\n");

@@ -207,7 +207,6 @@ impl Drop for Stack {
     }
 }
 
-
 fn readyz(base: &str) -> Value {
     try_request("GET", &format!("{base}/readyz"), None, None)
         .map(|(_, v)| v)
@@ -280,8 +279,16 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
         "user = \"mesh\"",
         &format!("user = \"{}\"", wh.role),
     );
-    m.edit("local-warehouse.toml", "from behavior_30d", &format!("from {}", wh.table()));
-    m.edit("local-warehouse.toml", "refresh = \"10s\"", "refresh = \"1s\"");
+    m.edit(
+        "local-warehouse.toml",
+        "from behavior_30d",
+        &format!("from {}", wh.table()),
+    );
+    m.edit(
+        "local-warehouse.toml",
+        "refresh = \"10s\"",
+        "refresh = \"1s\"",
+    );
     m.edit(
         "local-warehouse.toml",
         "max_staleness = \"1m\"",
@@ -307,7 +314,11 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
         }
     };
     wait_for("the warehouse row", Duration::from_secs(5), || orders(6));
-    let (status, before) = post(&predict, &json!({"features": {"customer_id": "C00042"}}), None);
+    let (status, before) = post(
+        &predict,
+        &json!({"features": {"customer_id": "C00042"}}),
+        None,
+    );
     assert_eq!(status, 200, "{before}");
     let ready = readyz(&features);
     assert_eq!(ready["datasets"]["behavior"]["rows"], 10000, "{ready}");
@@ -321,11 +332,21 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
          avg_basket = 180.25 where customer_id = 'C00042'",
         wh.table()
     ));
-    let (_, took) = wait_for("the UPDATE in the lookup", Duration::from_secs(10), || orders(40));
+    let (_, took) = wait_for("the UPDATE in the lookup", Duration::from_secs(10), || {
+        orders(40)
+    });
     eprintln!("UPDATE visible after {took:?} (refresh 1s)");
-    let (status, after) = post(&predict, &json!({"features": {"customer_id": "C00042"}}), None);
+    let (status, after) = post(
+        &predict,
+        &json!({"features": {"customer_id": "C00042"}}),
+        None,
+    );
     assert_eq!(status, 200, "{after}");
-    assert_ne!(probas_bits(&before), probas_bits(&after), "{before} {after}");
+    assert_ne!(
+        probas_bits(&before),
+        probas_bits(&after),
+        "{before} {after}"
+    );
     let all = json!({"features": {"customer_id": "C00042", "age": 28, "gender": "M",
         "region": "west", "campaign": "spring_sale", "loyalty_member": 1,
         "total_spend_30d": 2400.5, "orders_90d": 40, "days_since_last_order": 0,
@@ -387,7 +408,9 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
     ] {
         assert!(!text.contains(&wh.password), "plan shows the password");
     }
-    let pid = m.service_state("customer-features")["pid"].as_u64().unwrap();
+    let pid = m.service_state("customer-features")["pid"]
+        .as_u64()
+        .unwrap();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains(&wh.password));
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -396,8 +419,9 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
     for f in files_under(&m.root.join(".mesh")) {
         let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
         if text.contains(&wh.password) {
-            let mode =
-                std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&f).unwrap().permissions());
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&f).unwrap().permissions(),
+            );
             assert_eq!(mode & 0o777, 0o600, "{}", f.display());
             assert!(
                 f.components().any(|c| c.as_os_str() == "secrets"),
@@ -415,9 +439,17 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
     assert_eq!(m.plan(), (2, only_features.clone()), "password");
     m.set_var("WAREHOUSE_PASSWORD", &wh.password);
     assert_eq!(m.plan().0, 0);
-    m.edit("local-warehouse.toml", "refresh = \"1s\"", "refresh = \"2s\"");
+    m.edit(
+        "local-warehouse.toml",
+        "refresh = \"1s\"",
+        "refresh = \"2s\"",
+    );
     assert_eq!(m.plan(), (2, only_features.clone()), "refresh");
-    m.edit("local-warehouse.toml", "refresh = \"2s\"", "refresh = \"1s\"");
+    m.edit(
+        "local-warehouse.toml",
+        "refresh = \"2s\"",
+        "refresh = \"1s\"",
+    );
     m.edit(
         "local-warehouse.toml",
         "select customer_id,",
@@ -506,8 +538,16 @@ datasets = ["cached"]
     psql(&format!(
         "update {table} set orders_90d = 7 where customer_id = 'C00042'"
     ));
-    assert_eq!(orders("plain", "C00042"), 7, "uncached sees the UPDATE at once");
-    assert_eq!(orders("cached", "C00042"), 6, "cached keeps its row for the ttl");
+    assert_eq!(
+        orders("plain", "C00042"),
+        7,
+        "uncached sees the UPDATE at once"
+    );
+    assert_eq!(
+        orders("cached", "C00042"),
+        6,
+        "cached keeps its row for the ttl"
+    );
 
     proxy.set(REFUSE);
     let started = std::time::Instant::now();
@@ -515,23 +555,36 @@ datasets = ["cached"]
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "dataset_unavailable", "{body}");
     assert!(
-        body["error"]["message"].as_str().unwrap_or("").contains("plain"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("plain"),
         "{body}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-    assert_eq!(orders("cached", "C00042"), 6, "a cache hit answers without the database");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        orders("cached", "C00042"),
+        6,
+        "a cache hit answers without the database"
+    );
     let (status, body) = post(&url("cached"), &ask("C00043"), None);
     assert_eq!(status, 503, "a cache miss: {body}");
     let text = body.to_string();
     assert!(!text.contains(&wh.password), "{text}");
 
     proxy.set(PASS);
-    wait_for("live recovery", Duration::from_secs(15), || {
-        match try_request("POST", &url("plain"), Some(&ask("C00042")), None)? {
+    wait_for(
+        "live recovery",
+        Duration::from_secs(15),
+        || match try_request("POST", &url("plain"), Some(&ask("C00042")), None)? {
             (200, row) if row["data"]["orders_90d"] == 7 => Ok(()),
             (s, row) => Err(format!("{s} {row}")),
-        }
-    });
+        },
+    );
     assert_eq!(orders("cached", "C00043"), 5);
 }
 
@@ -557,7 +610,10 @@ fn a_dataset_that_cannot_load_refuses_the_apply_and_changes_nothing() {
             format!("select customer_id, orders_90d from {table}"),
             pg_addr().port(),
             "connection = \"warehouse\"\nquery",
-            &["service.features.dataset.spend refers to undefined connection `warehouse-typo`", "stack.toml:16:14"],
+            &[
+                "service.features.dataset.spend refers to undefined connection `warehouse-typo`",
+                "stack.toml:16:14",
+            ],
         ),
         (
             "a query that fails",
@@ -639,7 +695,10 @@ datasets = ["rows"]
             assert!(stderr.contains(e), "{case}: no `{e}` in:\n{stderr}");
         }
         if break_connection.is_empty() {
-            assert!(stderr.contains("Apply refused: nothing was changed"), "{case}: {stderr}");
+            assert!(
+                stderr.contains("Apply refused: nothing was changed"),
+                "{case}: {stderr}"
+            );
             assert!(stderr.contains("service.features"), "{case}: {stderr}");
         }
         assert!(!stderr.contains(&wh.password), "{case}: {stderr}");
@@ -649,4 +708,116 @@ datasets = ["rows"]
             .collect::<Vec<_>>();
         assert!(started.is_empty(), "{case}: {started:?}");
     }
+}
+
+// ------------------------------------------------------------------ bundle
+
+/// A query in mode `bundle` is run once at apply and frozen into the
+/// service's bundle: the service answers with the database gone, a later
+/// UPDATE does not show, the bundle holds the rows but neither the
+/// connection nor its password, the next plan is empty; a changed query is
+/// an update that freezes the rows again.
+#[test]
+fn a_query_in_mode_bundle_is_frozen_at_apply() {
+    let wh = Warehouse::seed("frozen");
+    let proxy = Proxy::start(pg_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let table = wh.table();
+    let toml = format!(
+        r#"[stack]
+name = "frozen"
+
+[environment.local]
+target = "local"
+
+[connection.warehouse]
+kind = "postgres"
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "{user}"
+password = {{ env = "FROZEN_PASSWORD" }}
+
+[service.features.dataset.spend]
+connection = "warehouse"
+query = "select customer_id, total_spend_30d, orders_90d from {table}"
+key = "customer_id"
+mode = "bundle"
+
+[service.features.endpoint.spend]
+kind = "lookup"
+datasets = ["spend"]
+"#,
+        port = proxy.addr.port(),
+        db = pg_database(),
+        user = wh.role,
+    );
+    std::fs::write(root.join("stack.toml"), toml).unwrap();
+    let mut m = Stack {
+        _dir: dir,
+        root,
+        env_name: "local",
+        vars: Vec::new(),
+    };
+    m.set_var("FROZEN_PASSWORD", &wh.password);
+    m.apply();
+    let url = format!("{}/public/api/v1/features/spend/lookup", m.base_url("features"));
+    let ask = json!({"data": {"customer_id": "C00042"}});
+    let (status, row) = post(&url, &ask, None);
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(row["data"]["orders_90d"], 6, "{row}");
+    assert_eq!(row["data"]["total_spend_30d"], 141.32, "{row}");
+
+    proxy.set(REFUSE);
+    psql(&format!(
+        "update {table} set orders_90d = 60 where customer_id = 'C00042'"
+    ));
+    let (status, row) = post(&url, &ask, None);
+    assert_eq!((status, &row["data"]["orders_90d"]), (200, &json!(6)), "{row}");
+    let ready = readyz(&m.base_url("features"));
+    assert_eq!(ready["datasets"]["spend"]["rows"], 10000, "{ready}");
+    assert_eq!(ready["datasets"]["spend"]["source"], "csv", "{ready}");
+
+    let files = files_under(&m.state_dir().join("services/features"));
+    let frozen = files
+        .iter()
+        .find(|f| f.ends_with("bundle/datasets/spend.frozen.csv"))
+        .unwrap_or_else(|| panic!("no frozen rows in {files:?}"));
+    let text = std::fs::read_to_string(frozen).unwrap();
+    assert_eq!(text.lines().count(), 10001);
+    assert!(text.starts_with("customer_id,total_spend_30d,orders_90d\n"), "{}", &text[..80]);
+    let service_json = files
+        .iter()
+        .find(|f| f.ends_with("bundle/service.json"))
+        .expect("service.json");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(service_json).unwrap()).unwrap();
+    assert!(config["connections"].as_object().is_none_or(|c| c.is_empty()), "{config}");
+    for f in &files {
+        let t = String::from_utf8_lossy(&std::fs::read(f).unwrap()).into_owned();
+        if t.contains(&wh.password) {
+            assert!(
+                f.components().any(|c| c.as_os_str() == "secrets"),
+                "{} holds the password",
+                f.display()
+            );
+        }
+    }
+    assert_eq!(m.plan(), (0, vec![]));
+
+    // A new query: an update, frozen again from the database (back now).
+    proxy.set(PASS);
+    m.edit(
+        "stack.toml",
+        "total_spend_30d, orders_90d from",
+        "orders_90d, total_spend_30d from",
+    );
+    assert_eq!(
+        m.plan(),
+        (2, vec![("service.features".to_owned(), "update".to_owned())])
+    );
+    m.apply();
+    let url = format!("{}/public/api/v1/features/spend/lookup", m.base_url("features"));
+    let (status, row) = post(&url, &ask, None);
+    assert_eq!((status, &row["data"]["orders_90d"]), (200, &json!(60)), "{row}");
 }

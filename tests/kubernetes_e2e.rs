@@ -1669,8 +1669,9 @@ async fn a_warehouse_password_refresh_or_query_change_updates_only_its_service()
         let got = changes(plan);
         assert!(!got.is_empty(), "{what}: no change planned");
         assert!(
-            got.iter()
-                .all(|(a, action)| a.starts_with("service.customer-features.") && action == "update"),
+            got.iter().all(
+                |(a, action)| a.starts_with("service.customer-features.") && action == "update"
+            ),
             "{what}: {got:?}"
         );
     };
@@ -1692,14 +1693,23 @@ async fn a_warehouse_password_refresh_or_query_change_updates_only_its_service()
 
     for (what, from, to) in [
         ("refresh", "refresh = \"5m\"", "refresh = \"10m\""),
-        ("query", "from behavior_30d", "from behavior_30d where orders_90d >= 0"),
+        (
+            "query",
+            "from behavior_30d",
+            "from behavior_30d where orders_90d >= 0",
+        ),
     ] {
-        c.edit("stacks/customer-mesh/existing.toml", |s| s.replace(from, to));
+        c.edit("stacks/customer-mesh/existing.toml", |s| {
+            s.replace(from, to)
+        });
         let (code, plan, out) = c.plan_json(&second).await;
         assert_eq!(code, 2, "{what}: {}", text(&out));
         only_features(&plan, what);
         ok(&c.apply(&second).await, what);
         assert_eq!(c.plan_json(&second).await.0, 0, "{what}");
     }
-    ok(&c.run("destroy", &["--auto-approve"], &second).await, "destroy");
+    ok(
+        &c.run("destroy", &["--auto-approve"], &second).await,
+        "destroy",
+    );
 }

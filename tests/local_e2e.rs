@@ -13,9 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use support::local::{
-    alive, changed_addresses, files_under, ok, runtime_bin, try_request,
-};
+use support::local::{alive, changed_addresses, files_under, ok, runtime_bin, try_request};
 
 /// A copy of the example stack in a temp dir, on its own ports.
 struct Mesh {
@@ -689,7 +687,6 @@ fn a_changed_secret_updates_exactly_the_service_that_uses_it() {
     }
 }
 
-
 #[test]
 fn runtimes_get_a_clean_environment_and_secrets_by_file() {
     let toml = format!(
@@ -813,7 +810,6 @@ fn an_update_refuses_no_connection() {
     assert!(!alive(old_pid), "the old runtime still runs");
     assert_ne!(m.pid_of("customer-features"), old_pid);
 }
-
 
 #[test]
 fn a_failed_update_leaves_the_old_runtime_serving() {

@@ -319,6 +319,10 @@ pub enum DatasetMode {
     Preload,
     /// Query the source per request by key (SQL only).
     Live,
+    /// A query frozen into the bundle at apply: `mesh-runtime freeze`
+    /// runs it and rewrites the dataset as a CSV file of the bundle (then
+    /// `preload`); `serve` refuses a bundle still holding one.
+    Bundle,
 }
 
 /// Type of a dataset column.
@@ -631,6 +635,9 @@ impl ServiceConfig {
             }
             let csv = matches!(ds.source, DatasetSource::Csv(_));
             match (ds.mode, ds.refresh_secs) {
+                (DatasetMode::Bundle, Some(_)) => out.push(format!(
+                    "dataset `{name}`: refresh_secs applies to mode `preload`, not `bundle` (frozen at apply)"
+                )),
                 (DatasetMode::Live, Some(_)) => out.push(format!(
                     "dataset `{name}`: refresh_secs applies to mode `preload`, not `live` (a live dataset is queried per request)"
                 )),

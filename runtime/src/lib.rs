@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod freeze;
 pub mod freshness;
 pub mod http;
 pub mod input;

@@ -3,6 +3,7 @@
 //! Run with:
 //!     mesh-runtime serve --bundle DIR --listen 127.0.0.1:8080 [--handover] [--ready-file FILE]
 //!     mesh-runtime check --bundle DIR [--offline]
+//!     mesh-runtime freeze --bundle DIR
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +51,13 @@ enum Command {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Run every query dataset in mode `bundle` once and write its rows into
+    /// the bundle as a CSV file (the bundle is rewritten in place).
+    Freeze {
+        /// Bundle folder (holding `service.json`).
+        #[arg(long)]
+        bundle: PathBuf,
+    },
     /// Load and validate the bundle (models, datasets, connections), then exit.
     Check {
         /// Bundle folder (holding `service.json`).
@@ -90,6 +98,12 @@ fn main() -> ExitCode {
             },
         )),
         Command::Check { bundle, offline } => runtime.block_on(check(bundle, offline)),
+        Command::Freeze { bundle } => runtime.block_on(async {
+            for line in mesh_runtime::freeze::freeze(&bundle).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -43,6 +43,11 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Snowflake(#[from] SnowflakeError),
+    /// A query dataset in mode `bundle` that was not frozen.
+    #[error(
+        "dataset `{dataset}`: a query in mode `bundle` must be frozen into the bundle first (`mesh-runtime freeze --bundle DIR`, which `mesh apply` runs)"
+    )]
+    NotFrozen { dataset: String },
     /// A model could not be read or is not supported.
     #[error("endpoint `{endpoint}`: model {reason}")]
     Model { endpoint: String, reason: String },
@@ -422,6 +427,9 @@ async fn load_table(
                 });
             };
             match ds.mode {
+                DatasetMode::Bundle => Err(LoadError::NotFrozen {
+                    dataset: name.to_string(),
+                }),
                 DatasetMode::Preload => {
                     let first = connector
                         .load(name, &sql.query, &ds.key, ds.duplicates)

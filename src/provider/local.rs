@@ -394,8 +394,12 @@ pub fn bundle_for(
                 max_staleness.map(|m| m.as_secs().max(1)),
                 None,
             ),
-            // A file (a query in mode "bundle" is refused by the resolver).
-            stack::DatasetMode::Bundle => (rc::DatasetMode::Preload, None, None, None),
+            // A file is in the bundle already; a query is frozen into it at
+            // apply (`mesh-runtime freeze`).
+            stack::DatasetMode::Bundle => match &d.source {
+                DatasetSource::File(_) => (rc::DatasetMode::Preload, None, None, None),
+                DatasetSource::Sql { .. } => (rc::DatasetMode::Bundle, None, None, None),
+            },
         };
         datasets.insert(
             name.clone(),
@@ -599,15 +603,17 @@ fn copy_files(files: &BTreeMap<String, PathBuf>, bundle: &Path) -> Result<(), Pr
     for (rel, src) in files {
         let dst = bundle.join(rel);
         if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+            std::fs::create_dir_all(parent)
+                .map_err(io(format!("creating {}", parent.display())))?;
         }
-        std::fs::copy(src, &dst).map_err(io(format!("copying {} into the bundle", src.display())))?;
+        std::fs::copy(src, &dst)
+            .map_err(io(format!("copying {} into the bundle", src.display())))?;
     }
     Ok(())
 }
 
-/// How long `mesh-runtime check` may take to connect, query and load a
-/// service's datasets before apply.
+/// How long `mesh-runtime check` or `freeze` may take to connect, query and
+/// load a service's datasets.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A folder removed when dropped.
@@ -637,6 +643,11 @@ async fn check_datasets(
     check
         .datasets
         .retain(|_, ds| matches!(ds.source, rc::DatasetSource::Sql(_)));
+    for ds in check.datasets.values_mut() {
+        if ds.mode == rc::DatasetMode::Bundle {
+            ds.mode = rc::DatasetMode::Preload;
+        }
+    }
     if check.datasets.is_empty() {
         return Ok(());
     }
@@ -657,10 +668,9 @@ async fn check_datasets(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|t| t.as_nanos())
         .unwrap_or_default();
-    let tmp = TempDir(std::env::temp_dir().join(format!(
-        "mesh-preflight-{}-{nanos}",
-        std::process::id()
-    )));
+    let tmp = TempDir(
+        std::env::temp_dir().join(format!("mesh-preflight-{}-{nanos}", std::process::id())),
+    );
     let bundle = tmp.0.join("bundle");
     let failed = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
     std::fs::create_dir_all(&bundle).map_err(|e| failed("making a folder for the check", &e))?;
@@ -683,6 +693,12 @@ async fn check_datasets(
     .map_err(|e| failed("writing the check's service.json", &e))?;
     let mut cmd = tokio::process::Command::new(runtime_bin);
     cmd.arg("check").arg("--bundle").arg(&bundle);
+    run_runtime(cmd, "loading its datasets").await
+}
+
+/// Runs a `mesh-runtime` command to completion with a clean environment,
+/// within [`PREFLIGHT_TIMEOUT`]; on failure, the message it logged.
+async fn run_runtime(mut cmd: tokio::process::Command, what: &str) -> Result<(), String> {
     cmd.env_clear();
     for var in RUNTIME_ENV {
         if let Some(v) = std::env::var_os(var) {
@@ -692,13 +708,8 @@ async fn check_datasets(
     cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(PREFLIGHT_TIMEOUT, cmd.output())
         .await
-        .map_err(|_| {
-            format!(
-                "its datasets did not load within {}s",
-                PREFLIGHT_TIMEOUT.as_secs()
-            )
-        })?
-        .map_err(|e| failed(&format!("running {}", runtime_bin.display()), &e))?;
+        .map_err(|_| format!("{what}: not done within {}s", PREFLIGHT_TIMEOUT.as_secs()))?
+        .map_err(|e| format!("{what}: cannot run mesh-runtime: {e}"))?;
     if out.status.success() {
         return Ok(());
     }
@@ -710,7 +721,11 @@ async fn check_datasets(
         .map(|(_, m)| m.trim().to_owned())
         .unwrap_or_default();
     Err(if message.is_empty() {
-        format!("mesh-runtime check failed ({}): {}", out.status, stderr.trim())
+        format!(
+            "mesh-runtime check failed ({}): {}",
+            out.status,
+            stderr.trim()
+        )
     } else {
         message
     })
@@ -948,6 +963,17 @@ impl LocalProvider {
             serde_json::to_vec_pretty(&config).unwrap_or_default(),
         )
         .map_err(io("writing service.json"))?;
+        if config
+            .datasets
+            .values()
+            .any(|ds| ds.mode == rc::DatasetMode::Bundle)
+        {
+            ctx.progress(&d.address, "freezing query results into the bundle");
+            self.freeze(&bundle).await.map_err(|message| ProviderError::Api {
+                address: d.address.clone(),
+                message,
+            })?;
+        }
 
         // Start detached: its own process group, output to a log file, an
         // environment of its own.
@@ -1050,6 +1076,14 @@ impl LocalProvider {
             }
         }
         Ok(live_service(&state, true))
+    }
+
+    /// Runs `mesh-runtime freeze` on a staged bundle (clean environment,
+    /// bounded); its message on failure.
+    async fn freeze(&self, bundle: &Path) -> Result<(), String> {
+        let mut cmd = tokio::process::Command::new(&self.runtime_bin);
+        cmd.arg("freeze").arg("--bundle").arg(bundle);
+        run_runtime(cmd, "freezing its query datasets").await
     }
 
     /// Waits until the runtime just started is ready: alive, its ready file

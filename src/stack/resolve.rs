@@ -1058,14 +1058,6 @@ fn dataset_mode(
                 );
                 return None;
             }
-            if !from_file && m == "bundle" {
-                ctx.errors.push(
-                    Diagnostic::new(Code::InvalidValue, s, "freezing a query's result into the bundle is not supported yet")
-                        .label("not yet supported")
-                        .help("use mode = \"preload\" (loaded at start; add refresh = \"1h\" to reload) or export the rows to a file"),
-                );
-                return None;
-            }
             if from_file && m != "bundle" {
                 ctx.errors.push(
                     Diagnostic::new(

@@ -179,6 +179,19 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
     let mut bundles = Vec::new();
     for svc in stack.services.values() {
         let mut bundle = bundle_for(stack, svc, &lookup_url);
+        if let Some(name) = bundle
+            .config
+            .datasets
+            .iter()
+            .find_map(|(n, d)| (d.mode == rc::DatasetMode::Bundle).then_some(n))
+        {
+            return Err(ProviderError::Invalid {
+                address: Address::of("service", &svc.name),
+                message: format!(
+                    "dataset `{name}`: a query in mode \"bundle\" is frozen at apply on the local target only (images are built at plan time here); use mode = \"preload\", which loads it at start"
+                ),
+            });
+        }
         bundle.config.base_path = base_path(stack, &svc.name);
         let secrets = cluster_secrets(&mut bundle.config);
         bundles.push((bundle, secrets));
