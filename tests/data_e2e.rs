@@ -762,7 +762,10 @@ datasets = ["spend"]
     };
     m.set_var("FROZEN_PASSWORD", &wh.password);
     m.apply();
-    let url = format!("{}/public/api/v1/features/spend/lookup", m.base_url("features"));
+    let url = format!(
+        "{}/public/api/v1/features/spend/lookup",
+        m.base_url("features")
+    );
     let ask = json!({"data": {"customer_id": "C00042"}});
     let (status, row) = post(&url, &ask, None);
     assert_eq!(status, 200, "{row}");
@@ -774,7 +777,11 @@ datasets = ["spend"]
         "update {table} set orders_90d = 60 where customer_id = 'C00042'"
     ));
     let (status, row) = post(&url, &ask, None);
-    assert_eq!((status, &row["data"]["orders_90d"]), (200, &json!(6)), "{row}");
+    assert_eq!(
+        (status, &row["data"]["orders_90d"]),
+        (200, &json!(6)),
+        "{row}"
+    );
     let ready = readyz(&m.base_url("features"));
     assert_eq!(ready["datasets"]["spend"]["rows"], 10000, "{ready}");
     assert_eq!(ready["datasets"]["spend"]["source"], "csv", "{ready}");
@@ -786,13 +793,23 @@ datasets = ["spend"]
         .unwrap_or_else(|| panic!("no frozen rows in {files:?}"));
     let text = std::fs::read_to_string(frozen).unwrap();
     assert_eq!(text.lines().count(), 10001);
-    assert!(text.starts_with("customer_id,total_spend_30d,orders_90d\n"), "{}", &text[..80]);
+    assert!(
+        text.starts_with("customer_id,total_spend_30d,orders_90d\n"),
+        "{}",
+        &text[..80]
+    );
     let service_json = files
         .iter()
         .find(|f| f.ends_with("bundle/service.json"))
         .expect("service.json");
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(service_json).unwrap()).unwrap();
-    assert!(config["connections"].as_object().is_none_or(|c| c.is_empty()), "{config}");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(service_json).unwrap()).unwrap();
+    assert!(
+        config["connections"]
+            .as_object()
+            .is_none_or(|c| c.is_empty()),
+        "{config}"
+    );
     for f in &files {
         let t = String::from_utf8_lossy(&std::fs::read(f).unwrap()).into_owned();
         if t.contains(&wh.password) {
@@ -814,10 +831,20 @@ datasets = ["spend"]
     );
     assert_eq!(
         m.plan(),
-        (2, vec![("service.features".to_owned(), "update".to_owned())])
+        (
+            2,
+            vec![("service.features".to_owned(), "update".to_owned())]
+        )
     );
     m.apply();
-    let url = format!("{}/public/api/v1/features/spend/lookup", m.base_url("features"));
+    let url = format!(
+        "{}/public/api/v1/features/spend/lookup",
+        m.base_url("features")
+    );
     let (status, row) = post(&url, &ask, None);
-    assert_eq!((status, &row["data"]["orders_90d"]), (200, &json!(60)), "{row}");
+    assert_eq!(
+        (status, &row["data"]["orders_90d"]),
+        (200, &json!(60)),
+        "{row}"
+    );
 }

@@ -848,13 +848,23 @@ fn a_failed_update_leaves_the_old_runtime_serving() {
 
 /// A stack with a Snowflake connection (fakesnow), its password by
 /// `{ env = ... }`, a preload refreshed every second and a live dataset:
-/// apply serves both, an UPDATE in Snowflake shows within a refresh, and
-/// destroy leaves nothing. The password is in no plan, in no runtime's argv
+/// apply serves both, an UPDATE in Snowflake shows within a refresh, with
+/// Snowflake gone the preload answers and turns stale, live misses answer
+/// 503 and cache hits 200, all recover when it is back, and destroy leaves
+/// nothing. The password is in no plan, in no runtime's argv
 /// or environment, and in no file of the state folder but the one handed to
 /// the runtime (0600).
 #[test]
 fn snowflake_datasets_served_refreshed_and_destroyed() {
     use support::fakesnow::{snowflake_exec, snowflake_url};
+    use support::tcp_proxy::{PASS, Proxy, REFUSE};
+    // Snowflake through a proxy the test cuts and restores.
+    let upstream = snowflake_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("MESH_TEST_SNOWFLAKE_URL is http://IP:PORT");
+    let proxy = Proxy::start(upstream);
     let table = format!("e2e_spend_{}", std::process::id());
     snowflake_exec(&[
         &format!("CREATE OR REPLACE TABLE {table} (customer_id INT, spend FLOAT, segment VARCHAR)"),
@@ -868,12 +878,15 @@ fn snowflake_datasets_served_refreshed_and_destroyed() {
          database = \"MESH_TEST\"\nschema = \"PUBLIC\"\nuser = \"mesh_reader\"\n\
          password = {{ env = \"MESH_TEST_SF_PASSWORD\" }}\n\n\
          [service.sf.dataset.spend]\nconnection = \"warehouse\"\nquery = \"select customer_id, spend from {table}\"\n\
-         key = \"customer_id\"\nrefresh = \"1s\"\n\
+         key = \"customer_id\"\nrefresh = \"1s\"\nmax_staleness = \"3s\"\n\
          [service.sf.dataset.segment]\nconnection = \"warehouse\"\nquery = \"select customer_id, segment from {table}\"\n\
          key = \"customer_id\"\nmode = \"live\"\n\
+         [service.sf.dataset.cached]\nconnection = \"warehouse\"\nquery = \"select customer_id, segment from {table}\"\n\
+         key = \"customer_id\"\nmode = \"live\"\ncache = {{ ttl = \"1m\", max_entries = 100 }}\n\
          [service.sf.endpoint.spend]\nkind = \"lookup\"\ndatasets = [\"spend\"]\n\
-         [service.sf.endpoint.segment]\nkind = \"lookup\"\ndatasets = [\"segment\"]\n",
-        url = snowflake_url(),
+         [service.sf.endpoint.segment]\nkind = \"lookup\"\ndatasets = [\"segment\"]\n\
+         [service.sf.endpoint.cached]\nkind = \"lookup\"\ndatasets = [\"cached\"]\n",
+        url = format!("http://{}", proxy.addr),
     );
     let m = Custom::new(&toml);
     let password = "sf-e2e-password-5e2a77";
@@ -936,6 +949,50 @@ fn snowflake_datasets_served_refreshed_and_destroyed() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+
+    // Snowflake goes away: the preload keeps answering from its last
+    // snapshot and turns stale after max_staleness (3 s); a live lookup and
+    // a cache miss answer 503, a cache hit 200; all recover by themselves.
+    assert_eq!(post(&url("cached"), &ask(2)).0, 200, "primes the cache");
+    proxy.set(REFUSE);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    support::local::wait_for(
+        "stale in /readyz",
+        std::time::Duration::from_secs(20),
+        || match try_request("GET", &readyz, None, None)? {
+            (200, r) if r["datasets"]["spend"]["stale"] == true => Ok(()),
+            (s, r) => Err(format!("{s} {r}")),
+        },
+    );
+    let (status, row) = post(&url("spend"), &ask(2));
+    assert_eq!(
+        (status, &row["data"]["spend"]),
+        (200, &serde_json::json!(120.25)),
+        "{row}"
+    );
+    let (status, row) = post(&url("cached"), &ask(2));
+    assert_eq!(
+        (status, &row["data"]["segment"]),
+        (200, &serde_json::json!("platinum")),
+        "{row}"
+    );
+    for (endpoint, id) in [("segment", 1), ("cached", 3)] {
+        let (status, body) = post(&url(endpoint), &ask(id));
+        assert_eq!(status, 503, "{endpoint} {id}: {body}");
+        assert_eq!(body["error"]["code"], "dataset_unavailable", "{body}");
+        assert!(!body.to_string().contains(password), "{body}");
+    }
+    proxy.set(PASS);
+    support::local::wait_for("recovery", std::time::Duration::from_secs(20), || {
+        let fresh = match try_request("GET", &readyz, None, None)? {
+            (200, r) => r["datasets"]["spend"]["stale"] == false,
+            _ => false,
+        };
+        match try_request("POST", &url("segment"), Some(&ask(1)), None)? {
+            (200, row) if fresh && row["data"]["segment"] == "gold" => Ok(()),
+            (s, row) => Err(format!("fresh {fresh}, segment {s} {row}")),
+        }
+    });
 
     // The password: not in the runtime's argv or environment, and in the
     // state folder only in the file handed to the runtime.

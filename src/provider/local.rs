@@ -969,10 +969,12 @@ impl LocalProvider {
             .any(|ds| ds.mode == rc::DatasetMode::Bundle)
         {
             ctx.progress(&d.address, "freezing query results into the bundle");
-            self.freeze(&bundle).await.map_err(|message| ProviderError::Api {
-                address: d.address.clone(),
-                message,
-            })?;
+            self.freeze(&bundle)
+                .await
+                .map_err(|message| ProviderError::Api {
+                    address: d.address.clone(),
+                    message,
+                })?;
         }
 
         // Start detached: its own process group, output to a log file, an
