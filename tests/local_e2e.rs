@@ -1034,3 +1034,30 @@ fn snowflake_datasets_served_refreshed_and_destroyed() {
     );
     snowflake_exec(&[&format!("DROP TABLE {table}")]);
 }
+
+/// `mesh apply .` from the stack's folder (a relative stack path, as the
+/// README runs it) with an `{ env = ... }` secret: the runtime finds the
+/// secret file mesh staged for it.
+#[test]
+fn a_relative_stack_path_with_an_env_secret_applies() {
+    let toml = format!(
+        "[stack]\nname = \"relative\"\n[environment.local]\ntarget = \"local\"\n\n\
+         [service.svc]\napi_keys = [{{ env = \"MESH_TEST_RELATIVE_KEY\" }}]\n\n{}",
+        lookup_service("svc")
+    );
+    let m = Custom::new(&toml);
+    let key = "relative-path-key-3e1f";
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["apply", ".", "--env", "local", "--auto-approve"])
+        .current_dir(m.root())
+        .env("MESH_RUNTIME_BIN", runtime_bin())
+        .env("MESH_TEST_RELATIVE_KEY", key)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    ok(&out, "apply .");
+    let port = m.state("svc")["port"].as_u64().unwrap();
+    let url = format!("http://127.0.0.1:{port}/public/api/v1/svc/rows/lookup");
+    let ask = serde_json::json!({"data": {"id": "K1"}});
+    assert_eq!(post_with_key(&url, &ask, Some(key)).0, 200);
+}

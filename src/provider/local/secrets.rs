@@ -182,7 +182,8 @@ pub fn stage(config: &mut rc::ServiceConfig, dir: &Path) -> Result<(), StageErro
                 }
             })
             .collect();
-        let path = dir.join(format!("env-{file}"));
+        // Absolute: the runtime does not run where mesh was started.
+        let path = std::path::absolute(dir.join(format!("env-{file}"))).map_err(io)?;
         write_private(&path, value.as_bytes()).map_err(io)?;
         *r = rc::SecretRef::File(path);
     }
