@@ -865,6 +865,7 @@ fn snowflake_datasets_served_refreshed_and_destroyed() {
         .parse()
         .expect("MESH_TEST_SNOWFLAKE_URL is http://IP:PORT");
     let proxy = Proxy::start(upstream);
+    let proxy_url = format!("http://{}", proxy.addr);
     let table = format!("e2e_spend_{}", std::process::id());
     snowflake_exec(&[
         &format!("CREATE OR REPLACE TABLE {table} (customer_id INT, spend FLOAT, segment VARCHAR)"),
@@ -886,7 +887,7 @@ fn snowflake_datasets_served_refreshed_and_destroyed() {
          [service.sf.endpoint.spend]\nkind = \"lookup\"\ndatasets = [\"spend\"]\n\
          [service.sf.endpoint.segment]\nkind = \"lookup\"\ndatasets = [\"segment\"]\n\
          [service.sf.endpoint.cached]\nkind = \"lookup\"\ndatasets = [\"cached\"]\n",
-        url = format!("http://{}", proxy.addr),
+        url = proxy_url,
     );
     let m = Custom::new(&toml);
     let password = "sf-e2e-password-5e2a77";
