@@ -200,6 +200,44 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// A stack `name` in a new folder, on the local target, with connection
+    /// `warehouse` to `wh` through `port` (its password set) and `body`.
+    fn on_warehouse(name: &str, wh: &Warehouse, port: u16, body: &str) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let toml = format!(
+            r#"[stack]
+name = "{name}"
+
+[environment.local]
+target = "local"
+
+[connection.warehouse]
+kind = "postgres"
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "{user}"
+password = {{ env = "WAREHOUSE_PASSWORD" }}
+statement_timeout = "2s"
+
+{body}"#,
+            db = pg_database(),
+            user = wh.role,
+        );
+        std::fs::write(root.join("stack.toml"), toml).unwrap();
+        let mut m = Stack {
+            _dir: dir,
+            root,
+            env_name: "local",
+            vars: Vec::new(),
+        };
+        m.set_var("WAREHOUSE_PASSWORD", &wh.password);
+        m
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         // Never leave processes behind, even when a test fails.
@@ -469,26 +507,9 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
 fn live_datasets_with_and_without_cache_across_an_outage() {
     let wh = Warehouse::seed("live");
     let proxy = Proxy::start(pg_addr());
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
     let table = wh.table();
-    let toml = format!(
-        r#"[stack]
-name = "live-e2e"
-
-[environment.local]
-target = "local"
-
-[connection.warehouse]
-kind = "postgres"
-host = "127.0.0.1"
-port = {port}
-database = "{db}"
-user = "{user}"
-password = {{ env = "LIVE_E2E_PASSWORD" }}
-statement_timeout = "2s"
-
-[service.features.dataset.plain]
+    let body = format!(
+        r#"[service.features.dataset.plain]
 connection = "warehouse"
 query = "select customer_id, orders_90d from {table}"
 key = "customer_id"
@@ -508,19 +529,9 @@ datasets = ["plain"]
 [service.features.endpoint.cached]
 kind = "lookup"
 datasets = ["cached"]
-"#,
-        port = proxy.addr.port(),
-        db = pg_database(),
-        user = wh.role,
+"#
     );
-    std::fs::write(root.join("stack.toml"), toml).unwrap();
-    let mut m = Stack {
-        _dir: dir,
-        root,
-        env_name: "local",
-        vars: Vec::new(),
-    };
-    m.set_var("LIVE_E2E_PASSWORD", &wh.password);
+    let m = Stack::on_warehouse("live-e2e", &wh, proxy.addr.port(), &body);
     m.apply();
     let base = m.base_url("features");
     let url = |ep: &str| format!("{base}/public/api/v1/features/{ep}/lookup");
@@ -612,7 +623,7 @@ fn a_dataset_that_cannot_load_refuses_the_apply_and_changes_nothing() {
             "connection = \"warehouse\"\nquery",
             &[
                 "service.features.dataset.spend refers to undefined connection `warehouse-typo`",
-                "stack.toml:16:14",
+                "stack.toml:17:14",
             ],
         ),
         (
@@ -638,24 +649,8 @@ fn a_dataset_that_cannot_load_refuses_the_apply_and_changes_nothing() {
         ),
     ];
     for (case, query, port, break_connection, expect) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let mut toml = format!(
-            r#"[stack]
-name = "preflight"
-
-[environment.local]
-target = "local"
-
-[connection.warehouse]
-kind = "postgres"
-host = "127.0.0.1"
-port = {port}
-database = "{db}"
-user = "{user}"
-password = {{ env = "PREFLIGHT_PASSWORD" }}
-
-[service.features.dataset.spend]
+        let mut body = format!(
+            r#"[service.features.dataset.spend]
 connection = "warehouse"
 query = "{query}"
 key = "customer_id"
@@ -672,22 +667,13 @@ key = "customer_id"
 [service.other.endpoint.rows]
 kind = "lookup"
 datasets = ["rows"]
-"#,
-            db = pg_database(),
-            user = wh.role,
+"#
         );
         if !break_connection.is_empty() {
-            toml = toml.replace(break_connection, "connection = \"warehouse-typo\"\nquery");
+            body = body.replace(break_connection, "connection = \"warehouse-typo\"\nquery");
         }
-        std::fs::write(root.join("stack.toml"), toml).unwrap();
-        std::fs::write(root.join("rows.csv"), "customer_id,x\nC1,1\n").unwrap();
-        let mut m = Stack {
-            _dir: dir,
-            root,
-            env_name: "local",
-            vars: Vec::new(),
-        };
-        m.set_var("PREFLIGHT_PASSWORD", &wh.password);
+        let m = Stack::on_warehouse("preflight", &wh, port, &body);
+        std::fs::write(m.root.join("rows.csv"), "customer_id,x\nC1,1\n").unwrap();
         let out = m.mesh("apply", &["--auto-approve"]);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success(), "{case}: apply succeeded\n{stderr}");
@@ -721,25 +707,9 @@ datasets = ["rows"]
 fn a_query_in_mode_bundle_is_frozen_at_apply() {
     let wh = Warehouse::seed("frozen");
     let proxy = Proxy::start(pg_addr());
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
     let table = wh.table();
-    let toml = format!(
-        r#"[stack]
-name = "frozen"
-
-[environment.local]
-target = "local"
-
-[connection.warehouse]
-kind = "postgres"
-host = "127.0.0.1"
-port = {port}
-database = "{db}"
-user = "{user}"
-password = {{ env = "FROZEN_PASSWORD" }}
-
-[service.features.dataset.spend]
+    let body = format!(
+        r#"[service.features.dataset.spend]
 connection = "warehouse"
 query = "select customer_id, total_spend_30d, orders_90d from {table}"
 key = "customer_id"
@@ -748,19 +718,9 @@ mode = "bundle"
 [service.features.endpoint.spend]
 kind = "lookup"
 datasets = ["spend"]
-"#,
-        port = proxy.addr.port(),
-        db = pg_database(),
-        user = wh.role,
+"#
     );
-    std::fs::write(root.join("stack.toml"), toml).unwrap();
-    let mut m = Stack {
-        _dir: dir,
-        root,
-        env_name: "local",
-        vars: Vec::new(),
-    };
-    m.set_var("FROZEN_PASSWORD", &wh.password);
+    let mut m = Stack::on_warehouse("frozen", &wh, proxy.addr.port(), &body);
     m.apply();
     let url = format!(
         "{}/public/api/v1/features/spend/lookup",
