@@ -269,7 +269,7 @@ impl DatasetConfig {
     }
 }
 
-/// The cache of a `live` dataset.
+/// The cache of a `live` dataset or of a remote enrichment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
@@ -386,6 +386,11 @@ pub struct EnrichmentConfig {
     /// What to do when no row has the key.
     #[serde(default)]
     pub on_missing: OnMissing,
+    /// Keeps the rows of a remote lookup (or the fact that there is none)
+    /// for `ttl_ms`: an enriched value may be up to that old. Off by
+    /// default; not for a `dataset` (read in process already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
 }
 
 /// A remote lookup endpoint (`.../{endpoint}/lookup` of another service).
@@ -725,6 +730,18 @@ impl ServiceConfig {
                             }
                             _ => {
                                 out.push(format!("{at}: set exactly one of `dataset` and `lookup`"))
+                            }
+                        }
+                        if let Some(cache) = &en.cache {
+                            if en.lookup.is_none() {
+                                out.push(format!(
+                                    "{at}: cache applies to a remote `lookup`, not to a dataset (read in process already)"
+                                ));
+                            }
+                            if cache.ttl_ms == 0 || cache.max_entries == 0 {
+                                out.push(format!(
+                                    "{at}: cache ttl_ms and max_entries must be positive"
+                                ));
                             }
                         }
                         if en.key.is_empty() {

@@ -59,6 +59,8 @@ pub struct Metrics {
 
 /// Route labels of a prediction endpoint.
 pub const PREDICTION_ROUTES: [&str; 5] = ["predict", "predict-multi", "infer", "metadata", "ready"];
+/// Route label of the service-wide multi-endpoint lookup.
+pub const SERVICE_ROUTE: &str = "lookup-endpoints";
 /// Route labels of a lookup endpoint.
 pub const LOOKUP_ROUTES: [&str; 2] = ["lookup", "lookup-multi"];
 
@@ -71,6 +73,9 @@ impl Metrics {
         }
         routes.push(RouteStats::new("_unmatched", "unmatched"));
         let mut by_endpoint = HashMap::new();
+        // `/public/api/v1/{service}/lookup-endpoints`, under no endpoint.
+        by_endpoint.insert(String::new(), vec![(SERVICE_ROUTE, routes.len())]);
+        routes.push(RouteStats::new("_service", SERVICE_ROUTE));
         for (name, prediction) in endpoints {
             let labels: &[&'static str] = if prediction {
                 &PREDICTION_ROUTES
@@ -111,6 +116,7 @@ impl Metrics {
                     return unmatched;
                 }
                 match (endpoint, action) {
+                    (Some(SERVICE_ROUTE), None) => ("", SERVICE_ROUTE),
                     (Some(e), Some(a)) => (e, a),
                     _ => return unmatched,
                 }

@@ -81,7 +81,7 @@ fn scoring_enriches_from_the_features_service() {
         );
     }
 
-    // A batch goes upstream as one lookup-multi; unknown keys are per item.
+    // A batch goes upstream as one lookup-endpoints call; unknown keys are per item.
     let r = scoring.api(
         "high-value",
         "predict-multi",
@@ -100,7 +100,7 @@ fn scoring_enriches_from_the_features_service() {
     let metrics = features.get("/metrics").text();
     assert!(
         metrics.contains(
-            r#"mesh_requests_total{endpoint="behavior",route="lookup-multi",code="200"}"#
+            r#"mesh_requests_total{endpoint="_service",route="lookup-endpoints",code="200"}"#
         ),
         "{metrics}"
     );
