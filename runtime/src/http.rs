@@ -243,6 +243,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = state.inner.metrics.render(state.is_ready());
     if let Ok(service) = state.service() {
         crate::metrics::render_datasets(&mut text, service.dataset_statuses());
+        crate::metrics::render_remotes(&mut text, &service.remote_statuses());
     }
     let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(

@@ -348,6 +348,69 @@ pub fn render_datasets<'a>(
     }
 }
 
+/// A remote enrichment's cache, or an upstream of a prediction endpoint.
+pub enum RemoteStatus<'a> {
+    Cache {
+        endpoint: &'a str,
+        /// The upstream lookup endpoint it reads.
+        enrichment: &'a str,
+        stats: crate::cache::CacheStats,
+    },
+    Upstream {
+        endpoint: &'a str,
+        /// The upstream service address.
+        upstream: &'a str,
+        stats: crate::remote::UpstreamStats,
+    },
+}
+
+/// Appends the enrichment caches' hits and misses and the requests sent to
+/// upstream services.
+pub fn render_remotes(out: &mut String, remotes: &[RemoteStatus<'_>]) {
+    let _ = writeln!(
+        out,
+        "# HELP mesh_enrichment_cache_total Lookups of a remote enrichment's cache by result (hit, miss).\n# TYPE mesh_enrichment_cache_total counter"
+    );
+    for r in remotes {
+        if let RemoteStatus::Cache {
+            endpoint,
+            enrichment,
+            stats,
+        } = r
+        {
+            for (result, n) in [("hit", stats.hits), ("miss", stats.misses)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_enrichment_cache_total{{endpoint=\"{}\",enrichment=\"{}\",result=\"{result}\"}} {n}",
+                    esc(endpoint),
+                    esc(enrichment)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mesh_upstream_requests_total Requests sent to an upstream service for enrichments by result (ok, error).\n# TYPE mesh_upstream_requests_total counter"
+    );
+    for r in remotes {
+        if let RemoteStatus::Upstream {
+            endpoint,
+            upstream,
+            stats,
+        } = r
+        {
+            for (result, n) in [("ok", stats.ok), ("error", stats.error)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_upstream_requests_total{{endpoint=\"{}\",upstream=\"{}\",result=\"{result}\"}} {n}",
+                    esc(endpoint),
+                    esc(upstream)
+                );
+            }
+        }
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -391,6 +391,43 @@ impl Service {
             .map(|(name, table)| (name.as_str(), table.status()))
             .collect()
     }
+
+    /// The remote enrichments of each prediction endpoint and their
+    /// upstreams, sorted by endpoint name.
+    pub fn remote_statuses(&self) -> Vec<crate::metrics::RemoteStatus<'_>> {
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = self.endpoints.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(Endpoint::Prediction(ep)) = self.endpoints.get(name) else {
+                continue;
+            };
+            let mut upstreams: Vec<&Arc<Upstream>> = Vec::new();
+            for en in &ep.enrichments {
+                let EnrichmentSource::Remote(remote) = &en.source else {
+                    continue;
+                };
+                if let Some(stats) = remote.cache.as_ref().and_then(KeyCache::stats) {
+                    out.push(crate::metrics::RemoteStatus::Cache {
+                        endpoint: name,
+                        enrichment: remote.upstream.endpoint_name(remote.endpoint),
+                        stats,
+                    });
+                }
+                if !upstreams.iter().any(|u| Arc::ptr_eq(u, &remote.upstream)) {
+                    upstreams.push(&remote.upstream);
+                }
+            }
+            for upstream in upstreams {
+                out.push(crate::metrics::RemoteStatus::Upstream {
+                    endpoint: name,
+                    upstream: upstream.url(),
+                    stats: upstream.stats(),
+                });
+            }
+        }
+        out
+    }
 }
 
 fn ms(d: Duration) -> String {
