@@ -348,6 +348,14 @@ pub struct BundlePlan {
 }
 
 /// Builds the bundle of a service from the stack. `lookup_url` gives the base
+/// A dataset's or an enrichment's cache, in the runtime's terms.
+fn cache_config(c: stack::LiveCache) -> rc::CacheConfig {
+    rc::CacheConfig {
+        ttl_ms: c.ttl.as_millis().min(u64::MAX as u128) as u64,
+        max_entries: c.max_entries as usize,
+    }
+}
+
 /// URL of another service (for lookup enrichments).
 pub fn bundle_for(
     stack: &Stack,
@@ -380,10 +388,7 @@ pub fn bundle_for(
                 rc::DatasetMode::Live,
                 None,
                 None,
-                cache.map(|c| rc::CacheConfig {
-                    ttl_ms: c.ttl.as_millis().min(u64::MAX as u128) as u64,
-                    max_entries: c.max_entries as usize,
-                }),
+                cache.map(cache_config),
             ),
             stack::DatasetMode::Preload {
                 refresh,
@@ -483,6 +488,7 @@ pub fn bundle_for(
                             stack::OnMissing::Error => rc::OnMissing::Error,
                             stack::OnMissing::Null => rc::OnMissing::Null,
                         },
+                        cache: en.cache.map(cache_config),
                     });
                 }
                 rc::EndpointConfig::Prediction {
