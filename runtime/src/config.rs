@@ -919,6 +919,36 @@ mod tests {
     }
 
     #[test]
+    fn an_enrichment_cache_belongs_to_a_remote_lookup() {
+        let cache = ", \"cache\": {\"ttl_ms\": 5000, \"max_entries\": 100}";
+        let remote = SKETCH.replace(
+            "\"on_missing\": \"null\"",
+            &format!("\"on_missing\": \"null\"{cache}"),
+        );
+        let cfg: ServiceConfig = serde_json::from_str(&remote).expect("parses");
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        let local = SKETCH.replace(
+            "\"on_missing\": \"error\"",
+            &format!("\"on_missing\": \"error\"{cache}"),
+        );
+        let problems = serde_json::from_str::<ServiceConfig>(&local)
+            .expect("parses")
+            .problems();
+        assert!(
+            problems.iter().any(|p| p.contains("enrichment 1: cache applies to a remote `lookup`")),
+            "{problems:?}"
+        );
+        let zero = remote.replace("\"ttl_ms\": 5000", "\"ttl_ms\": 0");
+        let problems = serde_json::from_str::<ServiceConfig>(&zero)
+            .expect("parses")
+            .problems();
+        assert!(
+            problems.iter().any(|p| p.contains("cache ttl_ms and max_entries must be positive")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn data_product_fields_in_the_wrong_place_are_named() {
         let cases = [
             (
