@@ -935,7 +935,9 @@ mod tests {
             .expect("parses")
             .problems();
         assert!(
-            problems.iter().any(|p| p.contains("enrichment 1: cache applies to a remote `lookup`")),
+            problems
+                .iter()
+                .any(|p| p.contains("enrichment 1: cache applies to a remote `lookup`")),
             "{problems:?}"
         );
         let zero = remote.replace("\"ttl_ms\": 5000", "\"ttl_ms\": 0");
@@ -943,7 +945,9 @@ mod tests {
             .expect("parses")
             .problems();
         assert!(
-            problems.iter().any(|p| p.contains("cache ttl_ms and max_entries must be positive")),
+            problems
+                .iter()
+                .any(|p| p.contains("cache ttl_ms and max_entries must be positive")),
             "{problems:?}"
         );
     }

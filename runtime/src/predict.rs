@@ -335,7 +335,11 @@ async fn fetch_upstream(
             if !missing {
                 continue;
             }
-            if let Some(hit) = remote.cache.as_ref().and_then(|c| c.cached(&owned_key(key))) {
+            if let Some(hit) = remote
+                .cache
+                .as_ref()
+                .and_then(|c| c.cached(&owned_key(key)))
+            {
                 if let Some(rows) = fetched[j].as_mut() {
                     rows[item] = Some(hit);
                 }
@@ -358,7 +362,10 @@ async fn fetch_upstream(
         }
         keys => {
             let union = asked.iter().fold(0, |m, &item| m | masks[item]);
-            (upstream.fetch_many(&service.http, union, keys).await?, union)
+            (
+                upstream.fetch_many(&service.http, union, keys).await?,
+                union,
+            )
         }
     };
     for ((&item, &key), item_rows) in asked.iter().zip(&keys).zip(rows) {

@@ -152,7 +152,9 @@ impl Upstream {
             .parse()
             .map_err(|e| format!("invalid lookup url `{base}`: {e}"))?;
         if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(format!("lookup url `{base}` must be http://host[:port]/..."));
+            return Err(format!(
+                "lookup url `{base}` must be http://host[:port]/..."
+            ));
         }
         if endpoints.is_empty() || endpoints.len() > 64 {
             return Err(format!(

@@ -364,7 +364,8 @@ fn health_metrics_and_openapi() {
     }
     let multi = &paths["/public/api/v1/customer-scoring/lookup-endpoints"]["post"];
     assert_eq!(
-        multi["requestBody"]["content"]["application/json"]["schema"]["properties"]["endpoints"]["items"]["enum"],
+        multi["requestBody"]["content"]["application/json"]["schema"]["properties"]["endpoints"]["items"]
+            ["enum"],
         json!(["customer"])
     );
     let features = &doc["components"]["schemas"]["high-valueFeatures"];

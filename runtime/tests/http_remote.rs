@@ -287,7 +287,10 @@ fn two_enrichments_from_one_service_make_one_upstream_request() {
     }
     // No per-endpoint lookups at all.
     let text = metrics(&features);
-    assert!(!text.contains(r#"route="lookup-multi",code="200""#), "{text}");
+    assert!(
+        !text.contains(r#"route="lookup-multi",code="200""#),
+        "{text}"
+    );
 
     // A batch: one request for all its items and both enrichments.
     let r = scoring.api(
@@ -307,7 +310,11 @@ fn two_enrichments_from_one_service_make_one_upstream_request() {
         r#"mesh_upstream_requests_total{{endpoint="high-value",upstream="http://{}/public/api/v1/customer-features",result="ok"}}"#,
         features.addr
     );
-    assert_eq!(metric(&text, &sent), Some((customers.len() + 1) as f64), "{text}");
+    assert_eq!(
+        metric(&text, &sent),
+        Some((customers.len() + 1) as f64),
+        "{text}"
+    );
     features.assert_no_panic();
     scoring.assert_no_panic();
 }
@@ -317,7 +324,8 @@ fn concurrent_predictions_for_one_key_share_one_upstream_lookup() {
     // A slow upstream answering both endpoints for customer 0: the 50
     // predictions arrive while the first lookup is in flight.
     let row = explicit_features(0);
-    let answer = format!(r#"{{"items": [{{"data": {{"demographics": {row}, "behavior": {row}}}}}]}}"#);
+    let answer =
+        format!(r#"{{"items": [{{"data": {{"demographics": {row}, "behavior": {row}}}}}]}}"#);
     let (upstream, calls) = fake_upstream_counted(
         Duration::from_millis(1500),
         200,
@@ -412,7 +420,10 @@ fn lookup_endpoints_answers_several_endpoints_per_key() {
             features.addr,
             "POST",
             &format!("/public/api/v1/customer-features/{endpoint}/lookup"),
-            &[("Content-Type", "application/json"), ("Authorization", &auth)],
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", &auth),
+            ],
             br#"{"data": {"customer_id": "C00001"}}"#,
         );
         assert_eq!(one.status, 200, "{}", one.text());
@@ -440,7 +451,10 @@ fn lookup_endpoints_answers_several_endpoints_per_key() {
         r#"{"endpoints": ["behavior"], "items": [{"data": {"customer_id": "C00001"}}, {"data": {"id": 1}}]}"#,
     )
     .assert_error(400, "missing_key");
-    assert!(msg.contains("item 1") && msg.contains("customer_id"), "{msg}");
+    assert!(
+        msg.contains("item 1") && msg.contains("customer_id"),
+        "{msg}"
+    );
     call(&with_key, r#"{"endpoints": [], "items": []}"#).assert_error(400, "invalid_request");
     call(&with_key, r#"{"items": []}"#).assert_error(400, "invalid_request");
     call(&with_key, r#"{"endpoints": ["behavior"]"#).assert_error(400, "malformed_json");

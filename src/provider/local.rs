@@ -384,12 +384,9 @@ pub fn bundle_for(
             }
         };
         let (mode, refresh_secs, max_staleness_secs, cache) = match &d.mode {
-            stack::DatasetMode::Live { cache } => (
-                rc::DatasetMode::Live,
-                None,
-                None,
-                cache.map(cache_config),
-            ),
+            stack::DatasetMode::Live { cache } => {
+                (rc::DatasetMode::Live, None, None, cache.map(cache_config))
+            }
             stack::DatasetMode::Preload {
                 refresh,
                 max_staleness,
@@ -605,9 +602,11 @@ fn copy_files(files: &BTreeMap<String, PathBuf>, bundle: &Path) -> Result<(), Pr
     for (rel, src) in files {
         let dst = bundle.join(rel);
         if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+            std::fs::create_dir_all(parent)
+                .map_err(io(format!("creating {}", parent.display())))?;
         }
-        std::fs::copy(src, &dst).map_err(io(format!("copying {} into the bundle", src.display())))?;
+        std::fs::copy(src, &dst)
+            .map_err(io(format!("copying {} into the bundle", src.display())))?;
     }
     Ok(())
 }
@@ -663,10 +662,9 @@ async fn check_datasets(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|t| t.as_nanos())
         .unwrap_or_default();
-    let tmp = TempDir(std::env::temp_dir().join(format!(
-        "mesh-preflight-{}-{nanos}",
-        std::process::id()
-    )));
+    let tmp = TempDir(
+        std::env::temp_dir().join(format!("mesh-preflight-{}-{nanos}", std::process::id())),
+    );
     let bundle = tmp.0.join("bundle");
     let failed = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
     std::fs::create_dir_all(&bundle).map_err(|e| failed("making a folder for the check", &e))?;
@@ -716,7 +714,11 @@ async fn check_datasets(
         .map(|(_, m)| m.trim().to_owned())
         .unwrap_or_default();
     Err(if message.is_empty() {
-        format!("mesh-runtime check failed ({}): {}", out.status, stderr.trim())
+        format!(
+            "mesh-runtime check failed ({}): {}",
+            out.status,
+            stderr.trim()
+        )
     } else {
         message
     })
@@ -1478,7 +1480,11 @@ mod tests {
         );
         assert_ne!(cached, text, "the example has a lookup enrichment");
         // Paths in the example are relative to its folder.
-        std::fs::write(&toml, cached.replace("../../", &format!("{}/", env!("CARGO_MANIFEST_DIR")))).unwrap();
+        std::fs::write(
+            &toml,
+            cached.replace("../../", &format!("{}/", env!("CARGO_MANIFEST_DIR"))),
+        )
+        .unwrap();
         let stack = crate::stack::load(root.path(), Some("local"))
             .unwrap_or_else(|r| panic!("{}", r.render()));
         let ports = service_ports(&stack);

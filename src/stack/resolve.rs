@@ -1146,7 +1146,7 @@ fn dataset_mode(
         _ => {
             let a = misplaced(ctx, "refresh", "preload");
             let b = misplaced(ctx, "max_staleness", "preload");
-            let cache = decode_cache(ctx.errors, &df, &format!("dataset.{dname}.cache"));
+            let cache = decode_cache(ctx.errors, df, &format!("dataset.{dname}.cache"));
             match cache {
                 Some(cache) if !(a || b) => Some(DatasetMode::Live { cache }),
                 _ => None,
@@ -1168,9 +1168,7 @@ fn decode_cache(errors: &mut Errors, fields: &Fields<'_>, what: &str) -> Option<
             }
             let max_entries = cf.u32_opt(errors, "max_entries").unwrap_or(10_000);
             match ttl {
-                Some((ttl, _)) if max_entries > 0 => {
-                    Some(Some(LiveCache { ttl, max_entries }))
-                }
+                Some((ttl, _)) if max_entries > 0 => Some(Some(LiveCache { ttl, max_entries })),
                 Some(_) => {
                     errors.push(
                         Diagnostic::new(
@@ -1519,7 +1517,9 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                         let cache = decode_cache(
                             ctx.errors,
                             &nf,
-                            &format!("the cache of an enrichment of service.{name}.endpoint.{ename}"),
+                            &format!(
+                                "the cache of an enrichment of service.{name}.endpoint.{ename}"
+                            ),
                         );
                         if let (Some(EnrichmentSource::Dataset(d)), Some(e)) =
                             (&source, nf.entry("cache"))
