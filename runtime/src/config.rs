@@ -398,7 +398,8 @@ pub struct EnrichmentConfig {
 #[serde(deny_unknown_fields)]
 pub struct RemoteLookup {
     /// `http://host:port/public/api/v1/{service}/{endpoint}/lookup`. The
-    /// runtime calls the `lookup-multi` route next to it.
+    /// runtime calls the service's `lookup-endpoints` route, once for all
+    /// the endpoint's enrichments that read that service with one key.
     pub url: String,
     /// API key sent as `Authorization: Bearer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
