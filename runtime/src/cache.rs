@@ -80,12 +80,8 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
-        if let Some(cache) = &self.cache {
-            if let Some(v) = cache.get(&key) {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(v);
-            }
-            self.misses.fetch_add(1, Ordering::Relaxed);
+        if let Some(v) = self.cached(&key) {
+            return Ok(v);
         }
         let flight = match self.inflight.lock() {
             Ok(mut m) => m.entry(key.clone()).or_default().clone(),
@@ -107,6 +103,27 @@ where
             m.remove(&key);
         }
         result
+    }
+
+    /// The cached value of `key`, counted as a hit or a miss; always `None`
+    /// without a cache.
+    pub fn cached(&self, key: &K) -> Option<V> {
+        let cache = self.cache.as_ref()?;
+        let found = cache.get(key);
+        let counter = match found {
+            Some(_) => &self.hits,
+            None => &self.misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Keeps `value` for `key` (nothing without a cache): for callers that
+    /// fetch several keys' values at once, outside [`KeyCache::get`].
+    pub fn store(&self, key: K, value: V) {
+        if let Some(cache) = &self.cache {
+            cache.insert(key, value);
+        }
     }
 
     /// Counters, when there is a cache.

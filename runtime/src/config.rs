@@ -269,7 +269,7 @@ impl DatasetConfig {
     }
 }
 
-/// The cache of a `live` dataset.
+/// The cache of a `live` dataset or of a remote enrichment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
@@ -390,6 +390,11 @@ pub struct EnrichmentConfig {
     /// What to do when no row has the key.
     #[serde(default)]
     pub on_missing: OnMissing,
+    /// Keeps the rows of a remote lookup (or the fact that there is none)
+    /// for `ttl_ms`: an enriched value may be up to that old. Off by
+    /// default; not for a `dataset` (read in process already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
 }
 
 /// A remote lookup endpoint (`.../{endpoint}/lookup` of another service).
@@ -397,7 +402,8 @@ pub struct EnrichmentConfig {
 #[serde(deny_unknown_fields)]
 pub struct RemoteLookup {
     /// `http://host:port/public/api/v1/{service}/{endpoint}/lookup`. The
-    /// runtime calls the `lookup-multi` route next to it.
+    /// runtime calls the service's `lookup-endpoints` route, once for all
+    /// the endpoint's enrichments that read that service with one key.
     pub url: String,
     /// API key sent as `Authorization: Bearer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -734,6 +740,18 @@ impl ServiceConfig {
                                 out.push(format!("{at}: set exactly one of `dataset` and `lookup`"))
                             }
                         }
+                        if let Some(cache) = &en.cache {
+                            if en.lookup.is_none() {
+                                out.push(format!(
+                                    "{at}: cache applies to a remote `lookup`, not to a dataset (read in process already)"
+                                ));
+                            }
+                            if cache.ttl_ms == 0 || cache.max_entries == 0 {
+                                out.push(format!(
+                                    "{at}: cache ttl_ms and max_entries must be positive"
+                                ));
+                            }
+                        }
                         if en.key.is_empty() {
                             out.push(format!("{at}: key must not be empty"));
                         }
@@ -905,6 +923,40 @@ mod tests {
         assert!(
             serde_json::from_str::<ServiceConfig>(&new.replace("verify-full", "verify-ca"))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn an_enrichment_cache_belongs_to_a_remote_lookup() {
+        let cache = ", \"cache\": {\"ttl_ms\": 5000, \"max_entries\": 100}";
+        let remote = SKETCH.replace(
+            "\"on_missing\": \"null\"",
+            &format!("\"on_missing\": \"null\"{cache}"),
+        );
+        let cfg: ServiceConfig = serde_json::from_str(&remote).expect("parses");
+        assert_eq!(cfg.problems(), Vec::<String>::new());
+        let local = SKETCH.replace(
+            "\"on_missing\": \"error\"",
+            &format!("\"on_missing\": \"error\"{cache}"),
+        );
+        let problems = serde_json::from_str::<ServiceConfig>(&local)
+            .expect("parses")
+            .problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("enrichment 1: cache applies to a remote `lookup`")),
+            "{problems:?}"
+        );
+        let zero = remote.replace("\"ttl_ms\": 5000", "\"ttl_ms\": 0");
+        let problems = serde_json::from_str::<ServiceConfig>(&zero)
+            .expect("parses")
+            .problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("cache ttl_ms and max_entries must be positive")),
+            "{problems:?}"
         );
     }
 

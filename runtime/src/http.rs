@@ -103,6 +103,10 @@ pub fn app(state: AppState) -> Router {
             "/public/api/v1/{service}/{endpoint}/{action}",
             post(public_api),
         )
+        .route(
+            "/public/api/v1/{service}/lookup-endpoints",
+            post(lookup_endpoints),
+        )
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(model_infer))
@@ -239,6 +243,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = state.inner.metrics.render(state.is_ready());
     if let Ok(service) = state.service() {
         crate::metrics::render_datasets(&mut text, service.dataset_statuses());
+        crate::metrics::render_remotes(&mut text, &service.remote_statuses());
     }
     let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(
@@ -348,6 +353,150 @@ async fn public_api(
     }
 }
 
+/// The service when `name` is this one's.
+fn service_named(state: &AppState, name: &str) -> Result<Arc<Service>, AppError> {
+    if name != state.inner.service {
+        return Err(AppError::not_found(
+            "unknown_service",
+            format!(
+                "no service `{name}` here (this is `{}`)",
+                state.inner.service
+            ),
+        ));
+    }
+    state.service()
+}
+
+async fn lookup_endpoints(
+    State(state): State<AppState>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+) -> Response {
+    let answer = async {
+        let params = path_params(params)?;
+        let name = params.iter().next().map_or("", |(_, v)| v);
+        let service = service_named(&state, name)?;
+        let body = json_body(request, state.inner.limits.max_body_bytes).await?;
+        lookup_endpoints_answer(&service, &body).await
+    };
+    match answer.await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `{"endpoints": [...], "items": [{"data": {...}}, ...]}`: the rows of
+/// several lookup endpoints per item, in one call.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointsRequest {
+    endpoints: Vec<String>,
+    items: Vec<EndpointsItem>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointsItem {
+    data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `{"<endpoint>": row or null, ...}` for one item.
+struct EndpointRows<'a> {
+    names: &'a [String],
+    rows: Vec<Option<crate::lookup::Merged<'a>>>,
+}
+
+impl Serialize for EndpointRows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.names.len()))?;
+        for (name, row) in self.names.iter().zip(&self.rows) {
+            map.serialize_entry(name, row)?;
+        }
+        map.end()
+    }
+}
+
+async fn lookup_endpoints_answer(service: &Service, body: &[u8]) -> Result<Response, AppError> {
+    let request: EndpointsRequest = serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            AppError::bad_request("malformed_json", e.to_string())
+        } else {
+            AppError::bad_request("invalid_request", e.to_string())
+        }
+    })?;
+    if request.endpoints.is_empty() {
+        return Err(AppError::bad_request(
+            "invalid_request",
+            "`endpoints` must name at least one lookup endpoint",
+        ));
+    }
+    if request.items.len() > service.limits.max_batch {
+        return Err(parse_error(ParseError::TooMany(service.limits.max_batch)));
+    }
+    let mut endpoints = Vec::with_capacity(request.endpoints.len());
+    for name in &request.endpoints {
+        match service.endpoints.get(name) {
+            Some(Endpoint::Lookup(ep)) => endpoints.push(ep.as_ref()),
+            Some(Endpoint::Prediction(_)) => {
+                return Err(AppError::bad_request(
+                    "not_a_lookup_endpoint",
+                    format!("`{name}` is a prediction endpoint, not a lookup endpoint"),
+                ));
+            }
+            None => {
+                return Err(AppError::not_found(
+                    "unknown_endpoint",
+                    format!("service has no lookup endpoint `{name}`"),
+                ));
+            }
+        }
+    }
+    // The key fields of every (item, endpoint), read from the item's data.
+    let keys: Vec<Vec<crate::input::Input<'static>>> = request
+        .items
+        .iter()
+        .flat_map(|item| {
+            endpoints.iter().map(|ep| {
+                (0..ep.fields.len())
+                    .map(|slot| {
+                        item.data
+                            .get(ep.fields.name(slot))
+                            .map_or(crate::input::Input::Absent, crate::input::Input::from_json)
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let mut items = Vec::with_capacity(request.items.len());
+    for (item, keys) in keys.chunks(endpoints.len()).enumerate() {
+        let mut rows = Vec::with_capacity(endpoints.len());
+        for (ep, keys) in endpoints.iter().zip(keys) {
+            match crate::lookup::lookup(ep, keys).await {
+                Ok(row) => rows.push(Some(row)),
+                Err(e) if e.status == StatusCode::NOT_FOUND => rows.push(None),
+                Err(mut e) => {
+                    if e.status.is_client_error() {
+                        e.message = format!("item {item}: endpoint `{}`: {}", ep.name, e.message);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        items.push(LookupOne {
+            data: EndpointRows {
+                names: &request.endpoints,
+                rows,
+            },
+        });
+    }
+    Ok(json_ok(&EndpointsAnswer { items }))
+}
+
+#[derive(Serialize)]
+struct EndpointsAnswer<T> {
+    items: Vec<T>,
+}
+
 async fn public_api_inner(
     state: &AppState,
     params: &RawPathParams,
@@ -364,16 +513,7 @@ async fn public_api_inner(
             _ => action = value,
         }
     }
-    if service_name != state.inner.service {
-        return Err(AppError::not_found(
-            "unknown_service",
-            format!(
-                "no service `{service_name}` here (this is `{}`)",
-                state.inner.service
-            ),
-        ));
-    }
-    let service = state.service()?;
+    let service = service_named(state, service_name)?;
     let Some(endpoint) = service.endpoints.get(endpoint_name) else {
         return Err(AppError::not_found(
             "unknown_endpoint",

@@ -59,6 +59,8 @@ pub struct Metrics {
 
 /// Route labels of a prediction endpoint.
 pub const PREDICTION_ROUTES: [&str; 5] = ["predict", "predict-multi", "infer", "metadata", "ready"];
+/// Route label of the service-wide multi-endpoint lookup.
+pub const SERVICE_ROUTE: &str = "lookup-endpoints";
 /// Route labels of a lookup endpoint.
 pub const LOOKUP_ROUTES: [&str; 2] = ["lookup", "lookup-multi"];
 
@@ -71,6 +73,9 @@ impl Metrics {
         }
         routes.push(RouteStats::new("_unmatched", "unmatched"));
         let mut by_endpoint = HashMap::new();
+        // `/public/api/v1/{service}/lookup-endpoints`, under no endpoint.
+        by_endpoint.insert(String::new(), vec![(SERVICE_ROUTE, routes.len())]);
+        routes.push(RouteStats::new("_service", SERVICE_ROUTE));
         for (name, prediction) in endpoints {
             let labels: &[&'static str] = if prediction {
                 &PREDICTION_ROUTES
@@ -111,6 +116,7 @@ impl Metrics {
                     return unmatched;
                 }
                 match (endpoint, action) {
+                    (Some(SERVICE_ROUTE), None) => ("", SERVICE_ROUTE),
                     (Some(e), Some(a)) => (e, a),
                     _ => return unmatched,
                 }
@@ -338,6 +344,69 @@ pub fn render_datasets<'a>(
                 esc(name),
                 c.entries
             );
+        }
+    }
+}
+
+/// A remote enrichment's cache, or an upstream of a prediction endpoint.
+pub enum RemoteStatus<'a> {
+    Cache {
+        endpoint: &'a str,
+        /// The upstream lookup endpoint it reads.
+        enrichment: &'a str,
+        stats: crate::cache::CacheStats,
+    },
+    Upstream {
+        endpoint: &'a str,
+        /// The upstream service address.
+        upstream: &'a str,
+        stats: crate::remote::UpstreamStats,
+    },
+}
+
+/// Appends the enrichment caches' hits and misses and the requests sent to
+/// upstream services.
+pub fn render_remotes(out: &mut String, remotes: &[RemoteStatus<'_>]) {
+    let _ = writeln!(
+        out,
+        "# HELP mesh_enrichment_cache_total Lookups of a remote enrichment's cache by result (hit, miss).\n# TYPE mesh_enrichment_cache_total counter"
+    );
+    for r in remotes {
+        if let RemoteStatus::Cache {
+            endpoint,
+            enrichment,
+            stats,
+        } = r
+        {
+            for (result, n) in [("hit", stats.hits), ("miss", stats.misses)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_enrichment_cache_total{{endpoint=\"{}\",enrichment=\"{}\",result=\"{result}\"}} {n}",
+                    esc(endpoint),
+                    esc(enrichment)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mesh_upstream_requests_total Requests sent to an upstream service for enrichments by result (ok, error).\n# TYPE mesh_upstream_requests_total counter"
+    );
+    for r in remotes {
+        if let RemoteStatus::Upstream {
+            endpoint,
+            upstream,
+            stats,
+        } = r
+        {
+            for (result, n) in [("ok", stats.ok), ("error", stats.error)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_upstream_requests_total{{endpoint=\"{}\",upstream=\"{}\",result=\"{result}\"}} {n}",
+                    esc(endpoint),
+                    esc(upstream)
+                );
+            }
         }
     }
 }

@@ -23,11 +23,18 @@ pub fn document(service: &Service) -> Value {
     let base = format!("/public/api/v1/{}", service.name);
     let mut names: Vec<&String> = service.endpoints.keys().collect();
     names.sort();
+    let mut lookups = Vec::new();
     for name in names {
         match &service.endpoints[name] {
             Endpoint::Prediction(ep) => prediction(&base, ep, &mut paths, &mut schemas),
-            Endpoint::Lookup(ep) => lookup(&base, ep, &mut paths, &mut schemas),
+            Endpoint::Lookup(ep) => {
+                lookup(&base, ep, &mut paths, &mut schemas);
+                lookups.push(name.as_str());
+            }
         }
+    }
+    if !lookups.is_empty() {
+        lookup_endpoints(&base, &lookups, &mut paths);
     }
     for (path, what) in [
         ("/healthz", "Liveness: 200 once the process serves HTTP."),
@@ -172,6 +179,33 @@ fn prediction(
             json!({"type": "object", "properties": {"outputs": {"type": "array"}}}),
         ),
     );
+}
+
+/// `lookup-endpoints`: the rows of several lookup endpoints per key.
+fn lookup_endpoints(base: &str, lookups: &[&str], paths: &mut serde_json::Map<String, Value>) {
+    let rows: serde_json::Map<String, Value> = lookups
+        .iter()
+        .map(|name| {
+            (
+                name.to_string(),
+                json!({"type": ["object", "null"], "description": format!("the row `{name}/lookup` answers, null when it has none")}),
+            )
+        })
+        .collect();
+    let mut path = post(
+        "Look up several lookup endpoints per key, in one call".into(),
+        json!({"type": "object", "required": ["endpoints", "items"], "properties": {
+            "endpoints": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": lookups}},
+            "items": {"type": "array", "items": {"type": "object", "required": ["data"], "properties": {
+                "data": {"type": "object", "description": "the key fields of every endpoint named"}}}}}}),
+        json!({"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object",
+            "properties": {"data": {"type": "object", "properties": rows,
+                "description": "per endpoint asked: its row or null"}}}}}}),
+    );
+    path["post"]["description"] = json!(
+        "One answer per item, in order; per item, per endpoint named in `endpoints`, the row that endpoint's `lookup` answers for the item's keys, or null where it has none. An unknown endpoint is a 404, an item without an endpoint's key a 400 naming the item."
+    );
+    paths.insert(format!("{base}/lookup-endpoints"), path);
 }
 
 fn lookup(

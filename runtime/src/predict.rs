@@ -6,6 +6,7 @@
 //! bit-identical probabilities to one with every feature sent explicitly.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use axum::http::StatusCode;
 
@@ -14,7 +15,10 @@ use crate::dataset::KeyRef;
 use crate::error::AppError;
 use crate::input::Input;
 use crate::model::{Column, InputKind};
-use crate::service::{Enrichment, EnrichmentSource, PredictionEndpoint, RowData, Service};
+use crate::remote::{RemoteRow, owned_key};
+use crate::service::{
+    Enrichment, EnrichmentSource, PredictionEndpoint, RemoteEnrichment, RowData, Service,
+};
 
 /// The outcome for one item.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,8 +52,10 @@ pub async fn score<'a>(
     let mut enriched = vec![false; n * ep.inputs.len()];
     let single = n == 1;
 
+    // Per remote enrichment, per item: the row once its upstream was asked.
+    let mut fetched: Vec<Option<Vec<Option<RemoteRow>>>> = vec![None; ep.enrichments.len()];
     let t = std::time::Instant::now();
-    for en in &ep.enrichments {
+    for (e, en) in ep.enrichments.iter().enumerate() {
         // Items that need this enrichment, with their keys.
         let mut wanted: Vec<usize> = Vec::new();
         for (item, error) in errors.iter_mut().enumerate() {
@@ -132,15 +138,19 @@ pub async fn score<'a>(
                     }
                 }
             }
-            EnrichmentSource::Remote(remote) => {
-                let keys: Vec<KeyRef<'_>> = wanted
-                    .iter()
-                    .map(|&item| slot_key(&slots[item * width + en.key_slot]))
-                    .collect();
-                let rows = remote.fetch_many(&service.http, &keys).await?;
-                drop(keys);
-                for (&item, row) in wanted.iter().zip(rows) {
+            EnrichmentSource::Remote(_) => {
+                if fetched[e].is_none() {
+                    fetch_upstream(service, ep, e, slots, &errors, &mut fetched).await?;
+                }
+                for &item in &wanted {
                     let base = item * width;
+                    // Fetched with the group for every item that needed it.
+                    let Some(row) = fetched[e].as_ref().and_then(|rows| rows[item].clone()) else {
+                        return Err(AppError::internal(format_args!(
+                            "{}: item {item} was not fetched",
+                            en.describe
+                        )));
+                    };
                     match row {
                         Some(map) => {
                             for &(slot, col) in &en.targets {
@@ -275,6 +285,112 @@ pub async fn score<'a>(
         return Err(e.clone());
     }
     Ok(results)
+}
+
+/// Asks the upstream of remote enrichment `first`, once, for the rows of it
+/// and of every later enrichment reading the same upstream, for every item
+/// still missing some of their targets (what later enrichments will want is
+/// a subset: enrichments only fill). Cached rows are not asked again. One
+/// item: a coalesced request; a batch: one request.
+async fn fetch_upstream(
+    service: &Service,
+    ep: &PredictionEndpoint,
+    first: usize,
+    slots: &[Input<'_>],
+    errors: &[Option<AppError>],
+    fetched: &mut [Option<Vec<Option<RemoteRow>>>],
+) -> Result<(), AppError> {
+    let EnrichmentSource::Remote(lead) = &ep.enrichments[first].source else {
+        return Ok(());
+    };
+    let upstream = &lead.upstream;
+    let members: Vec<(usize, &RemoteEnrichment)> = ep
+        .enrichments
+        .iter()
+        .enumerate()
+        .skip(first)
+        .filter_map(|(j, en)| match &en.source {
+            EnrichmentSource::Remote(r) if Arc::ptr_eq(&r.upstream, upstream) => Some((j, r)),
+            _ => None,
+        })
+        .collect();
+    let n = errors.len();
+    let width = ep.fields.len();
+    for &(j, _) in &members {
+        fetched[j] = Some(vec![None; n]);
+    }
+    // One key field per upstream: one key slot.
+    let key_slot = ep.enrichments[first].key_slot;
+    let mut masks = vec![0u64; n];
+    for (item, mask) in masks.iter_mut().enumerate() {
+        let row = &slots[item * width..(item + 1) * width];
+        let (None, Some(key)) = (&errors[item], row[key_slot].as_key()) else {
+            continue;
+        };
+        for &(j, remote) in &members {
+            let missing = ep.enrichments[j]
+                .targets
+                .iter()
+                .any(|&(slot, _)| row[slot] == Input::Absent);
+            if !missing {
+                continue;
+            }
+            if let Some(hit) = remote
+                .cache
+                .as_ref()
+                .and_then(|c| c.cached(&owned_key(key)))
+            {
+                if let Some(rows) = fetched[j].as_mut() {
+                    rows[item] = Some(hit);
+                }
+                continue;
+            }
+            *mask |= 1 << remote.endpoint;
+        }
+    }
+    let asked: Vec<usize> = (0..n).filter(|&item| masks[item] != 0).collect();
+    let keys: Vec<KeyRef<'_>> = asked
+        .iter()
+        .map(|&item| slot_key(&slots[item * width + key_slot]))
+        .collect();
+    let (rows, union) = match keys.as_slice() {
+        [] => return Ok(()),
+        &[key] => {
+            let mask = masks[asked[0]];
+            let rows = upstream.fetch_one(&service.http, mask, key).await?;
+            (vec![rows.as_ref().clone()], mask)
+        }
+        keys => {
+            let union = asked.iter().fold(0, |m, &item| m | masks[item]);
+            (
+                upstream.fetch_many(&service.http, union, keys).await?,
+                union,
+            )
+        }
+    };
+    for ((&item, &key), item_rows) in asked.iter().zip(&keys).zip(rows) {
+        // `item_rows` holds the endpoints of `union`, in endpoint order.
+        let mut by_endpoint = vec![None; 64];
+        let bits = (0..64).filter(|b| union & (1 << b) != 0);
+        for (b, row) in bits.zip(item_rows) {
+            by_endpoint[b] = Some(row);
+        }
+        for &(j, remote) in &members {
+            let (Some(rows), Some(row)) = (fetched[j].as_mut(), &by_endpoint[remote.endpoint])
+            else {
+                continue;
+            };
+            if rows[item].is_none() {
+                rows[item] = Some(row.clone());
+                if masks[item] & (1 << remote.endpoint) != 0
+                    && let Some(cache) = &remote.cache
+                {
+                    cache.store(owned_key(key), row.clone());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn item_err(single: bool, item: usize, mut e: AppError) -> AppError {

@@ -1,9 +1,14 @@
 //! Enrichment from another mesh service's lookup endpoint, over HTTP/1.1.
 //!
-//! One pooled keep-alive client serves all remote enrichments. A batch of keys
-//! is sent as one `lookup-multi` call. A failing upstream becomes a 502 (bad
+//! One pooled keep-alive client serves all remote enrichments. The remote
+//! enrichments of a prediction endpoint that read one upstream service (same
+//! service address, API key and key field) form an [`Upstream`]: one
+//! `lookup-endpoints` call answers all of them, for one key or a batch, and
+//! concurrent single-key calls asking the same are coalesced into one. A failing upstream becomes a 502 (bad
 //! answer, unreachable) or 504 (timeout) for our caller, never a panic.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
@@ -15,6 +20,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::backend::LiveKey;
+use crate::cache::KeyCache;
 use crate::dataset::KeyRef;
 use crate::error::AppError;
 
@@ -46,20 +53,50 @@ impl HttpClient {
     }
 }
 
-/// One remote lookup endpoint.
-#[derive(Debug)]
-pub struct RemoteLookup {
-    /// The `lookup-multi` address.
+/// A row of an upstream lookup endpoint, shared by the coalesced requests
+/// and the enrichment caches.
+pub type RemoteRow = Option<Arc<Map<String, Value>>>;
+
+/// One upstream service: several of its lookup endpoints, read with one
+/// `lookup-endpoints` call per prediction (per batch), by one key field.
+pub struct Upstream {
+    /// The `lookup-endpoints` address.
     uri: Uri,
-    /// For messages: the `lookup` address as declared.
+    /// For messages: the service address (`.../public/api/v1/{service}`).
     display: String,
     auth: Option<HeaderValue>,
     timeout: Duration,
     key: String,
+    endpoints: Vec<String>,
+    /// Concurrent single-key fetches of the same endpoints, coalesced.
+    flights: KeyCache<(LiveKey, u64), Arc<Vec<RemoteRow>>, AppError>,
+    requests_ok: AtomicU64,
+    requests_error: AtomicU64,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("display", &self.display)
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits `http://host/public/api/v1/{service}/{endpoint}/lookup` into the
+/// service address and the endpoint name.
+pub fn split_lookup_url(url: &str) -> Result<(&str, &str), String> {
+    url.strip_suffix("/lookup")
+        .and_then(|rest| rest.rsplit_once('/'))
+        .filter(|(base, endpoint)| !endpoint.is_empty() && base.contains("://"))
+        .ok_or_else(|| {
+            format!("lookup url `{url}` must be http://host[:port]/.../{{endpoint}}/lookup")
+        })
 }
 
 #[derive(Serialize)]
-struct MultiRequest<'a> {
+struct EndpointsRequest<'a> {
+    endpoints: Vec<&'a str>,
     items: Vec<Item<'a>>,
 }
 
@@ -86,19 +123,44 @@ impl Serialize for Single<'_> {
     }
 }
 
-impl RemoteLookup {
-    /// `url` ends with `/lookup`; `api_key` is sent as a bearer token.
+/// `key` owned, as sent (an integer and the text spelling it differ).
+pub fn owned_key(key: KeyRef<'_>) -> LiveKey {
+    match key {
+        KeyRef::Int(i) => LiveKey::Int(i),
+        KeyRef::Str(s) => LiveKey::Text(s.into()),
+    }
+}
+
+/// Requests an upstream answered, by result (for `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamStats {
+    pub ok: u64,
+    pub error: u64,
+}
+
+impl Upstream {
+    /// `base` is the service address (`http://host:port/public/api/v1/{service}`);
+    /// `api_key` is sent as a bearer token; `key` is the key field.
     pub fn new(
-        url: &str,
+        base: &str,
+        endpoints: Vec<String>,
         api_key: Option<String>,
         timeout: Duration,
         key: &str,
-    ) -> Result<RemoteLookup, String> {
-        let uri: Uri = format!("{url}-multi")
+    ) -> Result<Upstream, String> {
+        let uri: Uri = format!("{base}/lookup-endpoints")
             .parse()
-            .map_err(|e| format!("invalid lookup url `{url}`: {e}"))?;
+            .map_err(|e| format!("invalid lookup url `{base}`: {e}"))?;
         if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(format!("lookup url `{url}` must be http://host[:port]/..."));
+            return Err(format!(
+                "lookup url `{base}` must be http://host[:port]/..."
+            ));
+        }
+        if endpoints.is_empty() || endpoints.len() > 64 {
+            return Err(format!(
+                "{} lookup endpoints of {base} for one prediction endpoint (1 to 64)",
+                endpoints.len()
+            ));
         }
         let auth = match api_key {
             None => None,
@@ -106,12 +168,16 @@ impl RemoteLookup {
                 "lookup api key holds characters not allowed in a header".to_string()
             })?),
         };
-        Ok(RemoteLookup {
+        Ok(Upstream {
             uri,
-            display: url.to_string(),
+            display: base.to_string(),
             auth,
             timeout,
             key: key.to_string(),
+            endpoints,
+            flights: KeyCache::new(None),
+            requests_ok: AtomicU64::new(0),
+            requests_error: AtomicU64::new(0),
         })
     }
 
@@ -119,13 +185,67 @@ impl RemoteLookup {
         &self.display
     }
 
-    /// Rows for `keys`, in order; `None` where the upstream has no row.
+    /// The name of lookup endpoint `i`.
+    pub fn endpoint_name(&self, i: usize) -> &str {
+        &self.endpoints[i]
+    }
+
+    pub fn stats(&self) -> UpstreamStats {
+        UpstreamStats {
+            ok: self.requests_ok.load(Ordering::Relaxed),
+            error: self.requests_error.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Rows of the endpoints in `mask` (bit `i`: `endpoints[i]`) for one
+    /// key, in endpoint order; concurrent callers asking the same share one
+    /// upstream request.
+    pub async fn fetch_one(
+        &self,
+        client: &HttpClient,
+        mask: u64,
+        key: KeyRef<'_>,
+    ) -> Result<Arc<Vec<RemoteRow>>, AppError> {
+        self.flights
+            .get((owned_key(key), mask), || async move {
+                let mut rows = self.fetch_many(client, mask, &[key]).await?;
+                Ok(Arc::new(rows.pop().unwrap_or_default()))
+            })
+            .await
+    }
+
+    /// Rows of the endpoints in `mask` for `keys`: per key, per endpoint in
+    /// the mask (in endpoint order), `None` where the upstream has no row.
     pub async fn fetch_many(
         &self,
         client: &HttpClient,
+        mask: u64,
         keys: &[KeyRef<'_>],
-    ) -> Result<Vec<Option<Map<String, Value>>>, AppError> {
-        let body = MultiRequest {
+    ) -> Result<Vec<Vec<RemoteRow>>, AppError> {
+        let result = self.request(client, mask, keys).await;
+        let counter = match &result {
+            Ok(_) => &self.requests_ok,
+            Err(_) => &self.requests_error,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn request(
+        &self,
+        client: &HttpClient,
+        mask: u64,
+        keys: &[KeyRef<'_>],
+    ) -> Result<Vec<Vec<RemoteRow>>, AppError> {
+        let endpoints: Vec<&str> = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, e)| e.as_str())
+            .collect();
+        let body = EndpointsRequest {
+            endpoints: endpoints.clone(),
             items: keys
                 .iter()
                 .map(|&value| Item {
@@ -197,21 +317,23 @@ impl RemoteLookup {
         }
         let mut out = Vec::with_capacity(items.len());
         for (mut item, key) in items.into_iter().zip(keys) {
-            // Taken, not cloned: the answer is ours.
-            if let Some(Value::Object(data)) = item.get_mut("data").map(Value::take) {
-                out.push(Some(data));
-            } else {
-                let code = item.pointer("/error/code").and_then(Value::as_str);
-                match code {
-                    Some("not_found") => out.push(None),
-                    other => {
+            let Some(Value::Object(mut data)) = item.get_mut("data").map(Value::take) else {
+                return Err(self.bad_gateway(format!("answered no `data` for key {key}")));
+            };
+            let mut rows = Vec::with_capacity(endpoints.len());
+            for endpoint in &endpoints {
+                // Taken, not cloned: the answer is ours.
+                match data.get_mut(*endpoint).map(Value::take) {
+                    Some(Value::Object(row)) => rows.push(Some(Arc::new(row))),
+                    Some(Value::Null) => rows.push(None),
+                    _ => {
                         return Err(self.bad_gateway(format!(
-                            "answered error `{}` for key {key}",
-                            other.unwrap_or("unknown")
+                            "answered no row or null for endpoint `{endpoint}`, key {key}"
                         )));
                     }
                 }
             }
+            out.push(rows);
         }
         Ok(out)
     }

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Connection, LiveError, LiveTable};
+use crate::backend::{Connection, LiveError, LiveKey, LiveTable};
+use crate::cache::KeyCache;
 use crate::config::{
     Bundle, ColumnType, ConfigError, DatasetConfig, DatasetMode, DatasetSource, EndpointConfig,
     Limits, OnMissing,
@@ -20,7 +21,7 @@ use crate::freshness::{DatasetStatus, QueryTotal, Snapshot};
 use crate::input::FieldMap;
 use crate::log;
 use crate::model::{InputKind, InputSpec};
-use crate::remote::{HttpClient, RemoteLookup};
+use crate::remote::{HttpClient, RemoteRow, Upstream, split_lookup_url};
 use crate::scoring::{Classifier, class_names, load_model};
 use crate::snowflake::SnowflakeError;
 use crate::sql::SqlError;
@@ -237,7 +238,18 @@ pub struct Enrichment {
 /// Where an enrichment reads.
 pub enum EnrichmentSource {
     Table(Table),
-    Remote(RemoteLookup),
+    Remote(RemoteEnrichment),
+}
+
+/// A remote enrichment: one lookup endpoint of an upstream service.
+pub struct RemoteEnrichment {
+    /// Shared by the remote enrichments of the endpoint that read the same
+    /// upstream service with the same key and API key.
+    pub upstream: Arc<Upstream>,
+    /// Position in the upstream's endpoints.
+    pub endpoint: usize,
+    /// The opt-in cache of rows by key (`None`: no cache).
+    pub cache: Option<KeyCache<LiveKey, RemoteRow, AppError>>,
 }
 
 /// A lookup endpoint, planned.
@@ -383,6 +395,43 @@ impl Service {
             .iter()
             .map(|(name, table)| (name.as_str(), table.status()))
             .collect()
+    }
+
+    /// The remote enrichments of each prediction endpoint and their
+    /// upstreams, sorted by endpoint name.
+    pub fn remote_statuses(&self) -> Vec<crate::metrics::RemoteStatus<'_>> {
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = self.endpoints.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(Endpoint::Prediction(ep)) = self.endpoints.get(name) else {
+                continue;
+            };
+            let mut upstreams: Vec<&Arc<Upstream>> = Vec::new();
+            for en in &ep.enrichments {
+                let EnrichmentSource::Remote(remote) = &en.source else {
+                    continue;
+                };
+                if let Some(stats) = remote.cache.as_ref().and_then(KeyCache::stats) {
+                    out.push(crate::metrics::RemoteStatus::Cache {
+                        endpoint: name,
+                        enrichment: remote.upstream.endpoint_name(remote.endpoint),
+                        stats,
+                    });
+                }
+                if !upstreams.iter().any(|u| Arc::ptr_eq(u, &remote.upstream)) {
+                    upstreams.push(&remote.upstream);
+                }
+            }
+            for upstream in upstreams {
+                out.push(crate::metrics::RemoteStatus::Upstream {
+                    endpoint: name,
+                    upstream: upstream.url(),
+                    stats: upstream.stats(),
+                });
+            }
+        }
+        out
     }
 }
 
@@ -572,6 +621,9 @@ fn plan_prediction(
     if class_names.is_empty() {
         return Err(err("the model declares no classes".into()));
     }
+    let remotes = plan_upstreams(bundle, enrichments, options, |n, reason| {
+        err(format!("enrichment {}: {reason}", n + 1))
+    })?;
     let mut planned = Vec::new();
     for (n, en) in enrichments.iter().enumerate() {
         let at = |reason: String| err(format!("enrichment {}: {reason}", n + 1));
@@ -619,19 +671,18 @@ fn plan_prediction(
                     let slot = input_slot(&fields, &inputs, col).map_err(&at)?;
                     targets.push((slot, ci));
                 }
-                let api_key = match &remote.api_key {
-                    Some(secret) if options.connect => Some(bundle.resolve(secret)?),
-                    _ => None,
+                let Some((upstream, endpoint)) = remotes[n].clone() else {
+                    return Err(at("no upstream".into()));
                 };
-                let client = RemoteLookup::new(
-                    &remote.url,
-                    api_key,
-                    Duration::from_millis(remote.timeout_ms),
-                    &en.key,
+                let describe = format!("lookup service {}", remote.url);
+                (
+                    EnrichmentSource::Remote(RemoteEnrichment {
+                        upstream,
+                        endpoint,
+                        cache: en.cache.as_ref().map(|c| KeyCache::new(Some(c))),
+                    }),
+                    describe,
                 )
-                .map_err(&at)?;
-                let describe = format!("lookup service {}", client.url());
-                (EnrichmentSource::Remote(client), describe)
             }
             (None, None) => return Err(at("no source".into())),
         };
@@ -656,6 +707,84 @@ fn plan_prediction(
         class_names,
         enrichments: planned,
     }))
+}
+
+/// The upstream of each remote enrichment (`None` for a dataset) and its
+/// endpoint's position there: enrichments reading the same service address
+/// with the same API key and key field share one [`Upstream`]. `at` names
+/// the enrichment (0-based) in an error.
+type Remotes = Vec<Option<(Arc<Upstream>, usize)>>;
+
+fn plan_upstreams(
+    bundle: &Bundle,
+    enrichments: &[crate::config::EnrichmentConfig],
+    options: LoadOptions,
+    at: impl Fn(usize, String) -> LoadError,
+) -> Result<Remotes, LoadError> {
+    struct Plan<'e> {
+        base: &'e str,
+        api_key: Option<String>,
+        key: &'e str,
+        timeout_ms: u64,
+        endpoints: Vec<String>,
+        first: usize,
+    }
+    let mut plans: Vec<Plan<'_>> = Vec::new();
+    let mut places = Vec::with_capacity(enrichments.len());
+    for (n, en) in enrichments.iter().enumerate() {
+        let Some(remote) = &en.lookup else {
+            places.push(None);
+            continue;
+        };
+        let api_key = match &remote.api_key {
+            Some(secret) if options.connect => Some(bundle.resolve(secret)?),
+            _ => None,
+        };
+        let (base, endpoint) = split_lookup_url(&remote.url).map_err(|r| at(n, r))?;
+        let group = match plans
+            .iter()
+            .position(|p| p.base == base && p.api_key == api_key && p.key == en.key)
+        {
+            Some(g) => g,
+            None => {
+                plans.push(Plan {
+                    base,
+                    api_key,
+                    key: &en.key,
+                    timeout_ms: 0,
+                    endpoints: Vec::new(),
+                    first: n,
+                });
+                plans.len() - 1
+            }
+        };
+        let plan = &mut plans[group];
+        plan.timeout_ms = plan.timeout_ms.max(remote.timeout_ms);
+        let position = match plan.endpoints.iter().position(|e| e == endpoint) {
+            Some(p) => p,
+            None => {
+                plan.endpoints.push(endpoint.to_string());
+                plan.endpoints.len() - 1
+            }
+        };
+        places.push(Some((group, position)));
+    }
+    let mut upstreams = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let upstream = Upstream::new(
+            plan.base,
+            plan.endpoints,
+            plan.api_key,
+            Duration::from_millis(plan.timeout_ms),
+            plan.key,
+        )
+        .map_err(|r| at(plan.first, r))?;
+        upstreams.push(Arc::new(upstream));
+    }
+    Ok(places
+        .into_iter()
+        .map(|p| p.map(|(g, e)| (upstreams[g].clone(), e)))
+        .collect())
 }
 
 /// The columns a remote enrichment reads: those declared, else every model

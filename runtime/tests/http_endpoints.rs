@@ -356,11 +356,18 @@ fn health_metrics_and_openapi() {
         "/public/api/v1/customer-scoring/high-value/predict-multi",
         "/public/api/v1/customer-scoring/customer/lookup",
         "/public/api/v1/customer-scoring/customer/lookup-multi",
+        "/public/api/v1/customer-scoring/lookup-endpoints",
         "/v2/models/high-value/infer",
         "/healthz",
     ] {
         assert!(paths.contains_key(p), "missing {p}");
     }
+    let multi = &paths["/public/api/v1/customer-scoring/lookup-endpoints"]["post"];
+    assert_eq!(
+        multi["requestBody"]["content"]["application/json"]["schema"]["properties"]["endpoints"]["items"]
+            ["enum"],
+        json!(["customer"])
+    );
     let features = &doc["components"]["schemas"]["high-valueFeatures"];
     let props = features["properties"].as_object().expect("props");
     for f in CUSTOMER_COLUMNS.iter().chain(&BEHAVIOR_COLUMNS) {

@@ -81,8 +81,8 @@ fn healthz_at_once_ready_only_after_loading() {
 #[test]
 fn sigterm_finishes_in_flight_requests() {
     // An upstream that takes 1.5 s makes a request stay in flight.
-    let answer = json!({"items": [{"data": {"customer_id": "C00001", "total_spend_30d": 0.0,
-        "orders_90d": 1, "days_since_last_order": 13, "avg_basket": 18.12}}]})
+    let answer = json!({"items": [{"data": {"behavior": {"customer_id": "C00001",
+        "total_spend_30d": 0.0, "orders_90d": 1, "days_since_last_order": 13, "avg_basket": 18.12}}}]})
     .to_string();
     let (slow, upstream_calls) = fake_upstream_counted(
         Duration::from_millis(1500),

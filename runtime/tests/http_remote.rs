@@ -81,7 +81,7 @@ fn scoring_enriches_from_the_features_service() {
         );
     }
 
-    // A batch goes upstream as one lookup-multi; unknown keys are per item.
+    // A batch goes upstream as one lookup-endpoints call; unknown keys are per item.
     let r = scoring.api(
         "high-value",
         "predict-multi",
@@ -100,7 +100,7 @@ fn scoring_enriches_from_the_features_service() {
     let metrics = features.get("/metrics").text();
     assert!(
         metrics.contains(
-            r#"mesh_requests_total{endpoint="behavior",route="lookup-multi",code="200"}"#
+            r#"mesh_requests_total{endpoint="_service",route="lookup-endpoints",code="200"}"#
         ),
         "{metrics}"
     );
@@ -191,4 +191,278 @@ fn failing_upstreams_are_502_and_504() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     s.assert_no_panic();
+}
+
+/// A features service with two lookup endpoints (`demographics`,
+/// `behavior`), as in the example stack.
+fn two_endpoint_features() -> BundleDir {
+    BundleDir::new(&json!({
+        "service": "customer-features",
+        "api_keys": [{"env": "MESH_API_KEY_FEATURES"}],
+        "datasets": {
+            "customers": {"source": {"csv": "datasets/customers.csv"}, "key": "customer_id"},
+            "behavior": {"source": {"csv": "datasets/behavior.csv"}, "key": "customer_id"}
+        },
+        "endpoints": {
+            "demographics": {"kind": "lookup", "datasets": ["customers"]},
+            "behavior": {"kind": "lookup", "datasets": ["behavior"]}
+        }
+    }))
+}
+
+/// A scoring service whose two enrichments both read `upstream`, with every
+/// model input they have (no `columns`), each with `cache` when given.
+fn scoring_by_id(upstream: SocketAddr, cache: Option<Value>) -> Value {
+    let lookup = |endpoint: &str| {
+        let mut en = json!({
+            "lookup": {
+                "url": format!("http://{upstream}/public/api/v1/customer-features/{endpoint}/lookup"),
+                "api_key": {"env": "MESH_FEATURES_KEY"}
+            },
+            "key": "customer_id"
+        });
+        if let Some(cache) = &cache {
+            en["cache"] = cache.clone();
+        }
+        en
+    };
+    json!({
+        "service": SERVICE,
+        "endpoints": {
+            "high-value": {
+                "kind": "prediction", "model": "models/high_value.onnx",
+                "enrichments": [lookup("demographics"), lookup("behavior")]
+            },
+            "high-value-plain": {"kind": "prediction", "model": "models/high_value.onnx"}
+        }
+    })
+}
+
+const UPSTREAM_CALLS: &str =
+    r#"mesh_requests_total{endpoint="_service",route="lookup-endpoints",code="200"}"#;
+
+fn upstream_calls(features: &Server) -> f64 {
+    metric(&metrics(features), UPSTREAM_CALLS).unwrap_or(0.0)
+}
+
+/// Predicts customer `i` by id and checks it bit for bit against the
+/// prediction with every feature sent.
+fn assert_by_id_equals_explicit(scoring: &Server, i: usize) {
+    let (_, rows) = read_csv("customers.csv");
+    let id = &rows[i][0];
+    let by_id = scoring.api(
+        "high-value",
+        "predict",
+        &format!(r#"{{"features": {{"customer_id": "{id}"}}}}"#),
+    );
+    assert_eq!(by_id.status, 200, "{}", by_id.text());
+    let explicit = scoring.api(
+        "high-value-plain",
+        "predict",
+        &format!(r#"{{"features": {}}}"#, explicit_features(i)),
+    );
+    assert_eq!(explicit.status, 200, "{}", explicit.text());
+    assert_eq!(
+        probas_bits(&by_id.json()),
+        probas_bits(&explicit.json()),
+        "customer {id}"
+    );
+    assert_eq!(
+        by_id.json()["result"]["enriched"].as_array().map(Vec::len),
+        Some(9)
+    );
+}
+
+#[test]
+fn two_enrichments_from_one_service_make_one_upstream_request() {
+    let fb = two_endpoint_features();
+    let features = Server::start_ready(fb.path(), &[("MESH_API_KEY_FEATURES", FEATURES_KEY)]);
+    let sb = BundleDir::new(&scoring_by_id(features.addr, None));
+    let scoring = Server::start_ready(sb.path(), &[("MESH_FEATURES_KEY", FEATURES_KEY)]);
+
+    let customers = [0usize, 1, 500, 9999];
+    for (n, &i) in customers.iter().enumerate() {
+        assert_by_id_equals_explicit(&scoring, i);
+        assert_eq!(upstream_calls(&features), (n + 1) as f64);
+    }
+    // No per-endpoint lookups at all.
+    let text = metrics(&features);
+    assert!(
+        !text.contains(r#"route="lookup-multi",code="200""#),
+        "{text}"
+    );
+
+    // A batch: one request for all its items and both enrichments.
+    let r = scoring.api(
+        "high-value",
+        "predict-multi",
+        r#"{"items": [{"features": {"customer_id": "C00001"}}, {"features": {"customer_id": "C00002", "age": 20}},
+                      {"features": {"customer_id": "C00003", "total_spend_30d": 1}}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let items = r.json()["items"].as_array().expect("items").clone();
+    assert!(items.iter().all(|i| i.get("result").is_some()), "{items:?}");
+    assert_eq!(upstream_calls(&features), (customers.len() + 1) as f64);
+
+    // The scoring service counts the requests it sent.
+    let text = metrics(&scoring);
+    let sent = format!(
+        r#"mesh_upstream_requests_total{{endpoint="high-value",upstream="http://{}/public/api/v1/customer-features",result="ok"}}"#,
+        features.addr
+    );
+    assert_eq!(
+        metric(&text, &sent),
+        Some((customers.len() + 1) as f64),
+        "{text}"
+    );
+    features.assert_no_panic();
+    scoring.assert_no_panic();
+}
+
+#[test]
+fn concurrent_predictions_for_one_key_share_one_upstream_lookup() {
+    // A slow upstream answering both endpoints for customer 0: the 50
+    // predictions arrive while the first lookup is in flight.
+    let row = explicit_features(0);
+    let answer =
+        format!(r#"{{"items": [{{"data": {{"demographics": {row}, "behavior": {row}}}}}]}}"#);
+    let (upstream, calls) = fake_upstream_counted(
+        Duration::from_millis(1500),
+        200,
+        Some(answer),
+        Duration::from_secs(60),
+    );
+    let sb = BundleDir::new(&scoring_by_id(upstream, None));
+    let scoring = Server::start_ready(sb.path(), &[("MESH_FEATURES_KEY", "k")]);
+    let explicit = scoring
+        .api(
+            "high-value-plain",
+            "predict",
+            &format!(r#"{{"features": {}}}"#, explicit_features(0)),
+        )
+        .json();
+    let (_, rows) = read_csv("customers.csv");
+    let body = format!(r#"{{"features": {{"customer_id": "{}"}}}}"#, rows[0][0]);
+    let answers: Vec<Response> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..50)
+            .map(|_| s.spawn(|| scoring.api("high-value", "predict", &body)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect()
+    });
+    for r in &answers {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(probas_bits(&r.json()), probas_bits(&explicit));
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    scoring.assert_no_panic();
+}
+
+#[test]
+fn cached_enrichments_skip_the_upstream_and_give_the_same_answer() {
+    let fb = two_endpoint_features();
+    let features = Server::start_ready(fb.path(), &[("MESH_API_KEY_FEATURES", FEATURES_KEY)]);
+    let cache = json!({"ttl_ms": 600_000, "max_entries": 100});
+    let sb = BundleDir::new(&scoring_by_id(features.addr, Some(cache)));
+    let scoring = Server::start_ready(sb.path(), &[("MESH_FEATURES_KEY", FEATURES_KEY)]);
+
+    assert_by_id_equals_explicit(&scoring, 7);
+    assert_eq!(upstream_calls(&features), 1.0);
+    // Warm: no upstream request, the same bits.
+    assert_by_id_equals_explicit(&scoring, 7);
+    assert_by_id_equals_explicit(&scoring, 7);
+    assert_eq!(upstream_calls(&features), 1.0);
+    // Another key is a miss again.
+    assert_by_id_equals_explicit(&scoring, 8);
+    assert_eq!(upstream_calls(&features), 2.0);
+
+    let text = metrics(&scoring);
+    for enrichment in ["demographics", "behavior"] {
+        for (result, n) in [("hit", 2.0), ("miss", 2.0)] {
+            let sample = format!(
+                r#"mesh_enrichment_cache_total{{endpoint="high-value",enrichment="{enrichment}",result="{result}"}}"#
+            );
+            assert_eq!(metric(&text, &sample), Some(n), "{sample}\n{text}");
+        }
+    }
+    features.assert_no_panic();
+    scoring.assert_no_panic();
+}
+
+#[test]
+fn lookup_endpoints_answers_several_endpoints_per_key() {
+    let fb = two_endpoint_features();
+    let features = Server::start_ready(fb.path(), &[("MESH_API_KEY_FEATURES", FEATURES_KEY)]);
+    let auth = format!("Bearer {FEATURES_KEY}");
+    let call = |headers: &[(&str, &str)], body: &str| {
+        let mut all = vec![("Content-Type", "application/json")];
+        all.extend_from_slice(headers);
+        request(
+            features.addr,
+            "POST",
+            "/public/api/v1/customer-features/lookup-endpoints",
+            &all,
+            body.as_bytes(),
+        )
+    };
+    let with_key = [("Authorization", auth.as_str())];
+    let r = call(
+        &with_key,
+        r#"{"endpoints": ["demographics", "behavior"], "items": [{"data": {"customer_id": "C00001"}}, {"data": {"customer_id": "C77777"}}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    // Each row is what that endpoint's own lookup answers.
+    for endpoint in ["demographics", "behavior"] {
+        let one = request(
+            features.addr,
+            "POST",
+            &format!("/public/api/v1/customer-features/{endpoint}/lookup"),
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", &auth),
+            ],
+            br#"{"data": {"customer_id": "C00001"}}"#,
+        );
+        assert_eq!(one.status, 200, "{}", one.text());
+        assert_eq!(answer["items"][0]["data"][endpoint], one.json()["data"]);
+        assert_eq!(answer["items"][1]["data"][endpoint], Value::Null);
+    }
+
+    // Same keys as the lookups.
+    call(&[], r#"{"endpoints": ["behavior"], "items": []}"#).assert_error(401, "unauthorized");
+    call(
+        &[("Authorization", "Bearer wrong")],
+        r#"{"endpoints": ["behavior"], "items": []}"#,
+    )
+    .assert_error(403, "forbidden");
+
+    // Bad requests name their problem.
+    let msg = call(
+        &with_key,
+        r#"{"endpoints": ["behavior", "nope"], "items": [{"data": {"customer_id": "C00001"}}]}"#,
+    )
+    .assert_error(404, "unknown_endpoint");
+    assert!(msg.contains("`nope`"), "{msg}");
+    let msg = call(
+        &with_key,
+        r#"{"endpoints": ["behavior"], "items": [{"data": {"customer_id": "C00001"}}, {"data": {"id": 1}}]}"#,
+    )
+    .assert_error(400, "missing_key");
+    assert!(
+        msg.contains("item 1") && msg.contains("customer_id"),
+        "{msg}"
+    );
+    call(&with_key, r#"{"endpoints": [], "items": []}"#).assert_error(400, "invalid_request");
+    call(&with_key, r#"{"items": []}"#).assert_error(400, "invalid_request");
+    call(&with_key, r#"{"endpoints": ["behavior"]"#).assert_error(400, "malformed_json");
+    let msg = call(
+        &with_key,
+        r#"{"endpoints": ["behavior"], "items": [{"data": {"customer_id": [1]}}]}"#,
+    )
+    .assert_error(400, "invalid_key");
+    assert!(msg.contains("item 0"), "{msg}");
+    features.assert_no_panic();
 }

@@ -348,6 +348,14 @@ pub struct BundlePlan {
 }
 
 /// Builds the bundle of a service from the stack. `lookup_url` gives the base
+/// A dataset's or an enrichment's cache, in the runtime's terms.
+fn cache_config(c: stack::LiveCache) -> rc::CacheConfig {
+    rc::CacheConfig {
+        ttl_ms: c.ttl.as_millis().min(u64::MAX as u128) as u64,
+        max_entries: c.max_entries as usize,
+    }
+}
+
 /// URL of another service (for lookup enrichments).
 pub fn bundle_for(
     stack: &Stack,
@@ -376,15 +384,9 @@ pub fn bundle_for(
             }
         };
         let (mode, refresh_secs, max_staleness_secs, cache) = match &d.mode {
-            stack::DatasetMode::Live { cache } => (
-                rc::DatasetMode::Live,
-                None,
-                None,
-                cache.map(|c| rc::CacheConfig {
-                    ttl_ms: c.ttl.as_millis().min(u64::MAX as u128) as u64,
-                    max_entries: c.max_entries as usize,
-                }),
-            ),
+            stack::DatasetMode::Live { cache } => {
+                (rc::DatasetMode::Live, None, None, cache.map(cache_config))
+            }
             stack::DatasetMode::Preload {
                 refresh,
                 max_staleness,
@@ -487,6 +489,7 @@ pub fn bundle_for(
                             stack::OnMissing::Error => rc::OnMissing::Error,
                             stack::OnMissing::Null => rc::OnMissing::Null,
                         },
+                        cache: en.cache.map(cache_config),
                     });
                 }
                 rc::EndpointConfig::Prediction {
@@ -1487,6 +1490,58 @@ mod tests {
                 ))
             );
         }
+    }
+
+    #[test]
+    fn an_enrichment_cache_reaches_the_bundle() {
+        let root = tempfile::tempdir().unwrap();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        for f in std::fs::read_dir(&example).unwrap() {
+            let f = f.unwrap().path();
+            if f.is_file() {
+                std::fs::copy(&f, root.path().join(f.file_name().unwrap())).unwrap();
+            }
+        }
+        let toml = root.path().join("stack.toml");
+        let text = std::fs::read_to_string(&toml).unwrap();
+        let cached = text.replacen(
+            r#"key = "customer_id" }"#,
+            r#"key = "customer_id", cache = { ttl = "5s", max_entries = 500 } }"#,
+            1,
+        );
+        assert_ne!(cached, text, "the example has a lookup enrichment");
+        // Paths in the example are relative to its folder.
+        std::fs::write(
+            &toml,
+            cached.replace("../../", &format!("{}/", env!("CARGO_MANIFEST_DIR"))),
+        )
+        .unwrap();
+        let stack = crate::stack::load(root.path(), Some("local"))
+            .unwrap_or_else(|r| panic!("{}", r.render()));
+        let ports = service_ports(&stack);
+        let url_of = |svc: &str| format!("http://127.0.0.1:{}", ports[svc]);
+        let b = bundle_for(&stack, &stack.services["customer-scoring"], &url_of);
+        let caches: Vec<_> = b
+            .config
+            .endpoints
+            .values()
+            .flat_map(|ep| match ep {
+                rc::EndpointConfig::Prediction { enrichments, .. } => {
+                    enrichments.iter().map(|e| e.cache.clone()).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            caches,
+            vec![
+                Some(rc::CacheConfig {
+                    ttl_ms: 5000,
+                    max_entries: 500
+                }),
+                None
+            ]
+        );
     }
 
     #[test]

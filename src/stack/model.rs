@@ -465,7 +465,7 @@ pub enum DatasetMode {
     Live { cache: Option<LiveCache> },
 }
 
-/// The cache of a `live` dataset.
+/// The cache of a `live` dataset or of a `lookup` enrichment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct LiveCache {
     pub ttl: Duration,
@@ -517,6 +517,8 @@ pub struct Enrichment {
     /// Empty: every column of the looked-up row.
     pub columns: Vec<String>,
     pub on_missing: OnMissing,
+    /// Opt-in cache of a `lookup` enrichment's rows (never on a dataset).
+    pub cache: Option<LiveCache>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -1138,42 +1138,46 @@ fn dataset_mode(
         _ => {
             let a = misplaced(ctx, "refresh", "preload");
             let b = misplaced(ctx, "max_staleness", "preload");
-            let cache = match df.table_opt(ctx.errors, "cache") {
-                Some((ct, cspan)) => {
-                    let cf = Fields::new(ct, cspan, format!("dataset.{dname}.cache"));
-                    cf.allow(ctx.errors, &["ttl", "max_entries"]);
-                    let ttl = cf.duration_opt(ctx.errors, "ttl");
-                    if cf.entry("ttl").is_none() {
-                        cf.missing(ctx.errors, "ttl", "a duration", "\"30s\"");
-                    }
-                    let max_entries = cf.u32_opt(ctx.errors, "max_entries").unwrap_or(10_000);
-                    match ttl {
-                        Some((ttl, _)) if max_entries > 0 => {
-                            Some(Some(LiveCache { ttl, max_entries }))
-                        }
-                        Some(_) => {
-                            ctx.errors.push(
-                                Diagnostic::new(
-                                    Code::InvalidValue,
-                                    cspan,
-                                    "`max_entries` must be at least 1",
-                                )
-                                .label("a cache that holds nothing")
-                                .help("remove `cache` to query every time"),
-                            );
-                            None
-                        }
-                        None => None,
-                    }
-                }
-                None if df.entry("cache").is_some() => None,
-                None => Some(None),
-            };
+            let cache = decode_cache(ctx.errors, df, &format!("dataset.{dname}.cache"));
             match cache {
                 Some(cache) if !(a || b) => Some(DatasetMode::Live { cache }),
                 _ => None,
             }
         }
+    }
+}
+
+/// The `cache = { ttl, max_entries }` table of `fields`: `Some(None)` when
+/// there is none, `None` when it is invalid (reported).
+fn decode_cache(errors: &mut Errors, fields: &Fields<'_>, what: &str) -> Option<Option<LiveCache>> {
+    match fields.table_opt(errors, "cache") {
+        Some((ct, cspan)) => {
+            let cf = Fields::new(ct, cspan, what.to_string());
+            cf.allow(errors, &["ttl", "max_entries"]);
+            let ttl = cf.duration_opt(errors, "ttl");
+            if cf.entry("ttl").is_none() {
+                cf.missing(errors, "ttl", "a duration", "\"30s\"");
+            }
+            let max_entries = cf.u32_opt(errors, "max_entries").unwrap_or(10_000);
+            match ttl {
+                Some((ttl, _)) if max_entries > 0 => Some(Some(LiveCache { ttl, max_entries })),
+                Some(_) => {
+                    errors.push(
+                        Diagnostic::new(
+                            Code::InvalidValue,
+                            cspan,
+                            "`max_entries` must be at least 1",
+                        )
+                        .label("a cache that holds nothing")
+                        .help("remove `cache` to query every time"),
+                    );
+                    None
+                }
+                None => None,
+            }
+        }
+        None if fields.entry("cache").is_some() => None,
+        None => Some(None),
     }
 }
 
@@ -1438,7 +1442,7 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                         );
                         nf.allow(
                             ctx.errors,
-                            &["dataset", "lookup", "key", "columns", "on_missing"],
+                            &["dataset", "lookup", "key", "columns", "on_missing", "cache"],
                         );
                         let key = nf.str_req(ctx.errors, "key", "\"customer_id\"");
                         let source = match (
@@ -1502,12 +1506,33 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
                                 OnMissing::Error
                             }
                         };
-                        if let (Some(source), Some((key, _))) = (source, key) {
+                        let cache = decode_cache(
+                            ctx.errors,
+                            &nf,
+                            &format!(
+                                "the cache of an enrichment of service.{name}.endpoint.{ename}"
+                            ),
+                        );
+                        if let (Some(EnrichmentSource::Dataset(d)), Some(e)) =
+                            (&source, nf.entry("cache"))
+                        {
+                            ctx.errors.push(
+                                Diagnostic::new(
+                                    Code::InvalidValue,
+                                    e.key_span,
+                                    "`cache` applies to a `lookup` enrichment, not to a dataset",
+                                )
+                                .label(format!("dataset `{d}` is read in process already"))
+                                .help("remove `cache` here; a `live` dataset takes `cache` in its own declaration"),
+                            );
+                        }
+                        if let (Some(source), Some((key, _)), Some(cache)) = (source, key, cache) {
                             enrichments.push(Enrichment {
                                 source,
                                 key,
                                 columns,
                                 on_missing,
+                                cache,
                             });
                         }
                     }
