@@ -720,7 +720,7 @@ kind = "lookup"
 datasets = ["spend"]
 "#
     );
-    let mut m = Stack::on_warehouse("frozen", &wh, proxy.addr.port(), &body);
+    let m = Stack::on_warehouse("frozen", &wh, proxy.addr.port(), &body);
     m.apply();
     let url = format!(
         "{}/public/api/v1/features/spend/lookup",
