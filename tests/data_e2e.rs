@@ -808,3 +808,144 @@ datasets = ["spend"]
         "{row}"
     );
 }
+
+// ------------------------------------------------------------------ snowflake
+
+/// The preload flow of the customer mesh with `behavior` read from
+/// Snowflake (fakesnow, through a proxy the test cuts): an UPDATE reaches
+/// the lookup and the prediction by id (equal to the one with every feature
+/// sent) within a refresh; with Snowflake gone the last snapshot answers and
+/// turns stale; with it back the next refresh recovers.
+#[test]
+fn snowflake_preload_reaches_the_prediction_and_survives_an_outage() {
+    use support::fakesnow::{snowflake_exec, snowflake_url};
+    let upstream: SocketAddr = snowflake_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("MESH_TEST_SNOWFLAKE_URL is http://IP:PORT");
+    let proxy = Proxy::start(upstream);
+    let table = format!("e2e_behavior_{}", std::process::id());
+    let rows: Vec<String> =
+        std::fs::read_to_string(repo().join("examples/customer-mesh/behavior.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .take(100)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                format!("('{}', {}, {}, {}, {})", f[0], f[1], f[2], f[3], f[4])
+            })
+            .collect();
+    snowflake_exec(&[
+        &format!(
+            "CREATE OR REPLACE TABLE {table} (customer_id VARCHAR, total_spend_30d DOUBLE, \
+             orders_90d INT, days_since_last_order INT, avg_basket DOUBLE)"
+        ),
+        &format!("INSERT INTO {table} VALUES {}", rows.join(", ")),
+    ]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = support::copy_customer_mesh(dir.path());
+    let mut m = Stack {
+        _dir: dir,
+        root,
+        env_name: "local-warehouse",
+        vars: Vec::new(),
+    };
+    let features_port = free_port(&[]);
+    let scoring_port = free_port(&[features_port]);
+    m.edit(
+        "stack.toml",
+        "node_port = 30080",
+        &format!("node_port = {features_port}"),
+    );
+    m.edit(
+        "stack.toml",
+        "node_port = 30081",
+        &format!("node_port = {scoring_port}"),
+    );
+    m.edit(
+        "stack.toml",
+        "kind = \"postgres\"\nhost = \"warehouse.internal\"\nport = 5432\ndatabase = \"analytics\"\nuser = \"mesh_reader\"",
+        &format!(
+            "kind = \"snowflake\"\naccount = \"meshtest\"\nurl = \"http://{}\"\n\
+             database = \"MESH_TEST\"\nschema = \"PUBLIC\"\nuser = \"mesh_reader\"",
+            proxy.addr
+        ),
+    );
+    std::fs::write(
+        m.root.join("local-warehouse.toml"),
+        format!(
+            "[service.customer-features.dataset.behavior]\nconnection = \"warehouse\"\n\
+             query = \"select customer_id, total_spend_30d, orders_90d, days_since_last_order, avg_basket from {table}\"\n\
+             mode = \"preload\"\nrefresh = \"1s\"\nmax_staleness = \"3s\"\n"
+        ),
+    )
+    .unwrap();
+    let password = "sf-customer-mesh-pw-81c3";
+    m.set_var("WAREHOUSE_PASSWORD", password);
+    m.apply();
+
+    let features = m.base_url("customer-features");
+    let lookup = format!("{features}/public/api/v1/customer-features/behavior/lookup");
+    let predict = format!(
+        "http://127.0.0.1:{scoring_port}/public/api/v1/customer-scoring/high-value/predict"
+    );
+    let key = std::fs::read_to_string(m.state_dir().join("access/customer-features/operator"))
+        .expect("operator key");
+    let ask = json!({"data": {"customer_id": "C00042"}});
+    let orders = |want: i64| -> Result<(), String> {
+        let (status, row) = try_request("POST", &lookup, Some(&ask), Some(&key))?;
+        match row["data"]["orders_90d"].as_i64() {
+            Some(n) if status == 200 && n == want => Ok(()),
+            _ => Err(format!("{status} {row}")),
+        }
+    };
+    wait_for("the Snowflake row", Duration::from_secs(5), || orders(6));
+    let by_id = json!({"features": {"customer_id": "C00042"}});
+    let (status, before) = post(&predict, &by_id, None);
+    assert_eq!(status, 200, "{before}");
+
+    snowflake_exec(&[&format!(
+        "UPDATE {table} SET total_spend_30d = 2400.5, orders_90d = 40, days_since_last_order = 0, \
+         avg_basket = 180.25 WHERE customer_id = 'C00042'"
+    )]);
+    wait_for("the UPDATE in the lookup", Duration::from_secs(10), || {
+        orders(40)
+    });
+    let (status, after) = post(&predict, &by_id, None);
+    assert_eq!(status, 200, "{after}");
+    assert_ne!(
+        probas_bits(&before),
+        probas_bits(&after),
+        "{before} {after}"
+    );
+    let all = json!({"features": {"customer_id": "C00042", "age": 28, "gender": "M",
+        "region": "west", "campaign": "spring_sale", "loyalty_member": 1,
+        "total_spend_30d": 2400.5, "orders_90d": 40, "days_since_last_order": 0,
+        "avg_basket": 180.25}});
+    let (status, sent) = post(&predict, &all, None);
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(probas_bits(&after), probas_bits(&sent), "{after} {sent}");
+
+    proxy.set(REFUSE);
+    wait_for("stale in /readyz", Duration::from_secs(20), || {
+        let r = readyz(&features);
+        if r["datasets"]["behavior"]["stale"] == true {
+            Ok(())
+        } else {
+            Err(r.to_string())
+        }
+    });
+    orders(40).expect("the last snapshot still answers");
+    snowflake_exec(&[&format!(
+        "UPDATE {table} SET orders_90d = 41 WHERE customer_id = 'C00042'"
+    )]);
+    proxy.set(PASS);
+    wait_for("recovery", Duration::from_secs(20), || orders(41));
+    let out = m.mesh("plan", &[]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(password));
+    drop(m);
+    snowflake_exec(&[&format!("DROP TABLE {table}")]);
+}
