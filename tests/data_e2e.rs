@@ -271,20 +271,12 @@ fn probas_bits(answer: &Value) -> Vec<(String, u64)> {
 
 // ------------------------------------------------------------------ preload
 
-/// The customer mesh's `local-warehouse` environment: `behavior` preloaded
-/// from PostgreSQL every second. An UPDATE reaches the lookup and the
-/// prediction by id within a refresh; with the database gone, lookups keep
-/// answering from the last snapshot and `/readyz` and `/metrics` turn stale;
-/// with it back, the next refresh recovers. A password, refresh or query
-/// change plans as an update of `customer-features` alone; the password is
-/// in no plan, log, argv or bundle file.
-#[test]
-fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
-    let wh = Warehouse::seed("pre");
-    let proxy = Proxy::start(pg_addr());
+/// The customer mesh copied to a new folder, environment `local-warehouse`,
+/// its NodePorts moved to free ports; the scoring service's port.
+fn customer_mesh_on_warehouse() -> (Stack, u16) {
     let dir = tempfile::tempdir().unwrap();
     let root = support::copy_customer_mesh(dir.path());
-    let mut m = Stack {
+    let m = Stack {
         _dir: dir,
         root,
         env_name: "local-warehouse",
@@ -302,39 +294,16 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
         "node_port = 30081",
         &format!("node_port = {scoring_port}"),
     );
-    m.edit(
-        "local-warehouse.toml",
-        "port = 15432",
-        &format!("port = {}", proxy.addr.port()),
-    );
-    m.edit(
-        "local-warehouse.toml",
-        "database = \"mesh\"",
-        &format!("database = \"{}\"", pg_database()),
-    );
-    m.edit(
-        "local-warehouse.toml",
-        "user = \"mesh\"",
-        &format!("user = \"{}\"", wh.role),
-    );
-    m.edit(
-        "local-warehouse.toml",
-        "from behavior_30d",
-        &format!("from {}", wh.table()),
-    );
-    m.edit(
-        "local-warehouse.toml",
-        "refresh = \"10s\"",
-        "refresh = \"1s\"",
-    );
-    m.edit(
-        "local-warehouse.toml",
-        "max_staleness = \"1m\"",
-        "max_staleness = \"3s\"",
-    );
-    m.set_var("WAREHOUSE_PASSWORD", &wh.password);
-    m.apply();
+    (m, scoring_port)
+}
 
+/// The flow both warehouses must pass, on the customer mesh applied with
+/// `behavior` preloaded every second (max_staleness 3 s) through `proxy`:
+/// an UPDATE (run by `update` with a `SET` clause for C00042) reaches the
+/// lookup and the prediction by id, which equals the one with every feature
+/// sent; with the warehouse cut off, the last snapshot answers and turns
+/// stale in `/readyz` and `/metrics`; back, the next refresh recovers.
+fn preload_flow(m: &Stack, scoring_port: u16, proxy: &Proxy, update: &dyn Fn(&str)) {
     let features = m.base_url("customer-features");
     let lookup = format!("{features}/public/api/v1/customer-features/behavior/lookup");
     let predict = format!(
@@ -351,34 +320,32 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
             _ => Err(format!("{status} {row}")),
         }
     };
+    let stale = |want: bool| -> Result<(), String> {
+        let r = readyz(&features);
+        if r["datasets"]["behavior"]["stale"] == want {
+            Ok(())
+        } else {
+            Err(r.to_string())
+        }
+    };
     wait_for("the warehouse row", Duration::from_secs(5), || orders(6));
-    let (status, before) = post(
-        &predict,
-        &json!({"features": {"customer_id": "C00042"}}),
-        None,
-    );
+    let by_id = json!({"features": {"customer_id": "C00042"}});
+    let (status, before) = post(&predict, &by_id, None);
     assert_eq!(status, 200, "{before}");
     let ready = readyz(&features);
-    assert_eq!(ready["datasets"]["behavior"]["rows"], 10000, "{ready}");
     assert_eq!(ready["datasets"]["behavior"]["stale"], false, "{ready}");
     assert_eq!(ready["datasets"]["behavior"]["refresh_secs"], 1, "{ready}");
 
     // The warehouse changes: within a refresh (+ slack), so do the lookup
     // and the prediction by id, which equals the one with every feature sent.
-    psql(&format!(
-        "update {} set total_spend_30d = 2400.5, orders_90d = 40, days_since_last_order = 0, \
-         avg_basket = 180.25 where customer_id = 'C00042'",
-        wh.table()
-    ));
+    update(
+        "total_spend_30d = 2400.5, orders_90d = 40, days_since_last_order = 0, avg_basket = 180.25",
+    );
     let (_, took) = wait_for("the UPDATE in the lookup", Duration::from_secs(10), || {
         orders(40)
     });
     eprintln!("UPDATE visible after {took:?} (refresh 1s)");
-    let (status, after) = post(
-        &predict,
-        &json!({"features": {"customer_id": "C00042"}}),
-        None,
-    );
+    let (status, after) = post(&predict, &by_id, None);
     assert_eq!(status, 200, "{after}");
     assert_ne!(
         probas_bits(&before),
@@ -394,18 +361,11 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
     assert_eq!(probas_bits(&after), probas_bits(&sent), "{after} {sent}");
     assert_eq!(after["result"]["prediction"], sent["result"]["prediction"]);
 
-    // The database goes away: the last snapshot keeps answering, and after
+    // The warehouse goes away: the last snapshot keeps answering, and after
     // max_staleness (3s) the dataset is reported stale.
     proxy.set(REFUSE);
-    let (_, took) = wait_for("stale in /readyz", Duration::from_secs(20), || {
-        let r = readyz(&features);
-        if r["datasets"]["behavior"]["stale"] == true {
-            Ok(r)
-        } else {
-            Err(r.to_string())
-        }
-    });
-    eprintln!("stale after {took:?} without the database (max_staleness 3s)");
+    let (_, took) = wait_for("stale in /readyz", Duration::from_secs(20), || stale(true));
+    eprintln!("stale after {took:?} without the warehouse (max_staleness 3s)");
     orders(40).expect("the last snapshot still answers");
     let failed = metric(
         &features,
@@ -416,24 +376,66 @@ fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
     let age = metric(&features, "mesh_dataset_age_seconds{dataset=\"behavior\"}")
         .expect("age in /metrics");
     assert!(age >= 3.0, "age {age}");
-    let stale = metric(&features, "mesh_dataset_stale{dataset=\"behavior\"}");
-    assert_eq!(stale, Some(1.0));
+    let gauge = metric(&features, "mesh_dataset_stale{dataset=\"behavior\"}");
+    assert_eq!(gauge, Some(1.0));
 
     // It comes back: the next refresh picks up what changed meanwhile.
-    psql(&format!(
-        "update {} set orders_90d = 41 where customer_id = 'C00042'",
-        wh.table()
-    ));
+    update("orders_90d = 41");
     proxy.set(PASS);
-    let (_, took) = wait_for("recovery", Duration::from_secs(15), || orders(41));
-    eprintln!("recovered {took:?} after the database came back");
-    wait_for("fresh in /readyz", Duration::from_secs(5), || {
-        let r = readyz(&features);
-        if r["datasets"]["behavior"]["stale"] == false {
-            Ok(())
-        } else {
-            Err(r.to_string())
-        }
+    let (_, took) = wait_for("recovery", Duration::from_secs(20), || orders(41));
+    eprintln!("recovered {took:?} after the warehouse came back");
+    wait_for("fresh in /readyz", Duration::from_secs(5), || stale(false));
+}
+
+/// The customer mesh's `local-warehouse` environment: `behavior` preloaded
+/// from PostgreSQL every second. An UPDATE reaches the lookup and the
+/// prediction by id within a refresh; with the database gone, lookups keep
+/// answering from the last snapshot and `/readyz` and `/metrics` turn stale;
+/// with it back, the next refresh recovers. A password, refresh or query
+/// change plans as an update of `customer-features` alone; the password is
+/// in no plan, log, argv or bundle file.
+#[test]
+fn warehouse_preload_refreshes_survives_an_outage_and_recovers() {
+    let wh = Warehouse::seed("pre");
+    let proxy = Proxy::start(pg_addr());
+    let (mut m, scoring_port) = customer_mesh_on_warehouse();
+    for (from, to) in [
+        (
+            "port = 15432".to_owned(),
+            format!("port = {}", proxy.addr.port()),
+        ),
+        (
+            "database = \"mesh\"".to_owned(),
+            format!("database = \"{}\"", pg_database()),
+        ),
+        (
+            "user = \"mesh\"".to_owned(),
+            format!("user = \"{}\"", wh.role),
+        ),
+        (
+            "from behavior_30d".to_owned(),
+            format!("from {}", wh.table()),
+        ),
+        (
+            "refresh = \"10s\"".to_owned(),
+            "refresh = \"1s\"".to_owned(),
+        ),
+        (
+            "max_staleness = \"1m\"".to_owned(),
+            "max_staleness = \"3s\"".to_owned(),
+        ),
+    ] {
+        m.edit("local-warehouse.toml", &from, &to);
+    }
+    m.set_var("WAREHOUSE_PASSWORD", &wh.password);
+    m.apply();
+    let ready = readyz(&m.base_url("customer-features"));
+    assert_eq!(ready["datasets"]["behavior"]["rows"], 10000, "{ready}");
+    preload_flow(&m, scoring_port, &proxy, &|set| {
+        psql(&format!(
+            "update {} set {set} where customer_id = 'C00042'",
+            wh.table()
+        ));
     });
 
     // The password is nowhere but in the runtime's 0600 secret file.
@@ -845,26 +847,7 @@ fn snowflake_preload_reaches_the_prediction_and_survives_an_outage() {
         &format!("INSERT INTO {table} VALUES {}", rows.join(", ")),
     ]);
 
-    let dir = tempfile::tempdir().unwrap();
-    let root = support::copy_customer_mesh(dir.path());
-    let mut m = Stack {
-        _dir: dir,
-        root,
-        env_name: "local-warehouse",
-        vars: Vec::new(),
-    };
-    let features_port = free_port(&[]);
-    let scoring_port = free_port(&[features_port]);
-    m.edit(
-        "stack.toml",
-        "node_port = 30080",
-        &format!("node_port = {features_port}"),
-    );
-    m.edit(
-        "stack.toml",
-        "node_port = 30081",
-        &format!("node_port = {scoring_port}"),
-    );
+    let (mut m, scoring_port) = customer_mesh_on_warehouse();
     m.edit(
         "stack.toml",
         "kind = \"postgres\"\nhost = \"warehouse.internal\"\nport = 5432\ndatabase = \"analytics\"\nuser = \"mesh_reader\"",
@@ -887,63 +870,11 @@ fn snowflake_preload_reaches_the_prediction_and_survives_an_outage() {
     m.set_var("WAREHOUSE_PASSWORD", password);
     m.apply();
 
-    let features = m.base_url("customer-features");
-    let lookup = format!("{features}/public/api/v1/customer-features/behavior/lookup");
-    let predict = format!(
-        "http://127.0.0.1:{scoring_port}/public/api/v1/customer-scoring/high-value/predict"
-    );
-    let key = std::fs::read_to_string(m.state_dir().join("access/customer-features/operator"))
-        .expect("operator key");
-    let ask = json!({"data": {"customer_id": "C00042"}});
-    let orders = |want: i64| -> Result<(), String> {
-        let (status, row) = try_request("POST", &lookup, Some(&ask), Some(&key))?;
-        match row["data"]["orders_90d"].as_i64() {
-            Some(n) if status == 200 && n == want => Ok(()),
-            _ => Err(format!("{status} {row}")),
-        }
-    };
-    wait_for("the Snowflake row", Duration::from_secs(5), || orders(6));
-    let by_id = json!({"features": {"customer_id": "C00042"}});
-    let (status, before) = post(&predict, &by_id, None);
-    assert_eq!(status, 200, "{before}");
-
-    snowflake_exec(&[&format!(
-        "UPDATE {table} SET total_spend_30d = 2400.5, orders_90d = 40, days_since_last_order = 0, \
-         avg_basket = 180.25 WHERE customer_id = 'C00042'"
-    )]);
-    wait_for("the UPDATE in the lookup", Duration::from_secs(10), || {
-        orders(40)
+    preload_flow(&m, scoring_port, &proxy, &|set| {
+        snowflake_exec(&[&format!(
+            "UPDATE {table} SET {set} WHERE customer_id = 'C00042'"
+        )]);
     });
-    let (status, after) = post(&predict, &by_id, None);
-    assert_eq!(status, 200, "{after}");
-    assert_ne!(
-        probas_bits(&before),
-        probas_bits(&after),
-        "{before} {after}"
-    );
-    let all = json!({"features": {"customer_id": "C00042", "age": 28, "gender": "M",
-        "region": "west", "campaign": "spring_sale", "loyalty_member": 1,
-        "total_spend_30d": 2400.5, "orders_90d": 40, "days_since_last_order": 0,
-        "avg_basket": 180.25}});
-    let (status, sent) = post(&predict, &all, None);
-    assert_eq!(status, 200, "{sent}");
-    assert_eq!(probas_bits(&after), probas_bits(&sent), "{after} {sent}");
-
-    proxy.set(REFUSE);
-    wait_for("stale in /readyz", Duration::from_secs(20), || {
-        let r = readyz(&features);
-        if r["datasets"]["behavior"]["stale"] == true {
-            Ok(())
-        } else {
-            Err(r.to_string())
-        }
-    });
-    orders(40).expect("the last snapshot still answers");
-    snowflake_exec(&[&format!(
-        "UPDATE {table} SET orders_90d = 41 WHERE customer_id = 'C00042'"
-    )]);
-    proxy.set(PASS);
-    wait_for("recovery", Duration::from_secs(20), || orders(41));
     let out = m.mesh("plan", &[]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(password));
     drop(m);
