@@ -63,6 +63,14 @@ impl LiveKey {
             KeyRef::Int(i) => i.to_string().into(),
         }))
     }
+
+    /// The key borrowed, as a request spells it.
+    pub fn key_ref(&self) -> KeyRef<'_> {
+        match self {
+            LiveKey::Int(i) => KeyRef::Int(*i),
+            LiveKey::Text(s) => KeyRef::Str(s),
+        }
+    }
 }
 
 /// A row of a live dataset, shared by the cache and the requests.

@@ -3,12 +3,24 @@
 //! One pooled keep-alive client serves all remote enrichments. The remote
 //! enrichments of a prediction endpoint that read one upstream service (same
 //! service address, API key and key field) form an [`Upstream`]: one
-//! `lookup-endpoints` call answers all of them, for one key or a batch, and
-//! concurrent single-key calls asking the same are coalesced into one. A failing upstream becomes a 502 (bad
-//! answer, unreachable) or 504 (timeout) for our caller, never a panic.
+//! `lookup-endpoints` call answers all of them, for one key or a batch.
+//!
+//! Single-key requests (one prediction) are coalesced, then batched:
+//! concurrent requests for the same key share one in-flight fetch, and the
+//! keys of concurrent predictions travel together. An idle upstream is
+//! called at once, so batching adds no wait at low load. A key asked while a
+//! call is out waits for it to return, or for [`PATIENCE`] if it is slow
+//! (then a further call goes, up to [`MAX_IN_FLIGHT`]), and the next call
+//! takes every key waiting (up to [`MAX_BATCH`]). Under load one call
+//! answers many predictions, so both sides parse, route and answer one HTTP
+//! request instead of many; a slow upstream holds a key back by at most
+//! [`PATIENCE`].
+//!
+//! A failing upstream becomes a 502 (bad answer, unreachable) or 504
+//! (timeout) for our caller, never a panic.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
@@ -19,6 +31,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::backend::LiveKey;
 use crate::cache::KeyCache;
@@ -27,6 +40,15 @@ use crate::error::AppError;
 
 /// Largest upstream answer read (64 MiB).
 const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// How long keys wait behind a call that is out before a further call goes.
+pub const PATIENCE: Duration = Duration::from_millis(1);
+
+/// Most calls to one upstream out at a time for single-key requests.
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// Most keys in one batched call.
+pub const MAX_BATCH: usize = 256;
 
 /// The shared HTTP client.
 #[derive(Clone, Debug)]
@@ -60,6 +82,22 @@ pub type RemoteRow = Option<Arc<Map<String, Value>>>;
 /// One upstream service: several of its lookup endpoints, read with one
 /// `lookup-endpoints` call per prediction (per batch), by one key field.
 pub struct Upstream {
+    call: Arc<Call>,
+    /// Concurrent single-key fetches of the same endpoints, coalesced.
+    flights: KeyCache<(LiveKey, u64), Arc<Vec<RemoteRow>>, AppError>,
+    /// Keys waiting for a batched call (the batcher starts on first use).
+    queue: OnceLock<mpsc::UnboundedSender<Waiting>>,
+}
+
+/// A key waiting for a batched call, and where its rows go.
+struct Waiting {
+    mask: u64,
+    key: LiveKey,
+    reply: oneshot::Sender<Result<Vec<RemoteRow>, AppError>>,
+}
+
+/// How to call the upstream: shared by [`Upstream`] and its batcher.
+struct Call {
     /// The `lookup-endpoints` address.
     uri: Uri,
     /// For messages: the service address (`.../public/api/v1/{service}`).
@@ -68,8 +106,6 @@ pub struct Upstream {
     timeout: Duration,
     key: String,
     endpoints: Vec<String>,
-    /// Concurrent single-key fetches of the same endpoints, coalesced.
-    flights: KeyCache<(LiveKey, u64), Arc<Vec<RemoteRow>>, AppError>,
     requests_ok: AtomicU64,
     requests_error: AtomicU64,
 }
@@ -77,8 +113,8 @@ pub struct Upstream {
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("display", &self.display)
-            .field("endpoints", &self.endpoints)
+            .field("display", &self.call.display)
+            .field("endpoints", &self.call.endpoints)
             .finish_non_exhaustive()
     }
 }
@@ -169,54 +205,151 @@ impl Upstream {
             })?),
         };
         Ok(Upstream {
-            uri,
-            display: base.to_string(),
-            auth,
-            timeout,
-            key: key.to_string(),
-            endpoints,
+            call: Arc::new(Call {
+                uri,
+                display: base.to_string(),
+                auth,
+                timeout,
+                key: key.to_string(),
+                endpoints,
+                requests_ok: AtomicU64::new(0),
+                requests_error: AtomicU64::new(0),
+            }),
             flights: KeyCache::new(None),
-            requests_ok: AtomicU64::new(0),
-            requests_error: AtomicU64::new(0),
+            queue: OnceLock::new(),
         })
     }
 
     pub fn url(&self) -> &str {
-        &self.display
+        &self.call.display
     }
 
     /// The name of lookup endpoint `i`.
     pub fn endpoint_name(&self, i: usize) -> &str {
-        &self.endpoints[i]
+        &self.call.endpoints[i]
     }
 
     pub fn stats(&self) -> UpstreamStats {
         UpstreamStats {
-            ok: self.requests_ok.load(Ordering::Relaxed),
-            error: self.requests_error.load(Ordering::Relaxed),
+            ok: self.call.requests_ok.load(Ordering::Relaxed),
+            error: self.call.requests_error.load(Ordering::Relaxed),
         }
     }
 
     /// Rows of the endpoints in `mask` (bit `i`: `endpoints[i]`) for one
     /// key, in endpoint order; concurrent callers asking the same share one
-    /// upstream request.
+    /// fetch, and concurrent fetches share batched calls (see the module).
     pub async fn fetch_one(
         &self,
         client: &HttpClient,
         mask: u64,
         key: KeyRef<'_>,
     ) -> Result<Arc<Vec<RemoteRow>>, AppError> {
+        let key = owned_key(key);
         self.flights
-            .get((owned_key(key), mask), || async move {
-                let mut rows = self.fetch_many(client, mask, &[key]).await?;
-                Ok(Arc::new(rows.pop().unwrap_or_default()))
+            .get((key.clone(), mask), || async move {
+                let (reply, answer) = oneshot::channel();
+                let waiting = Waiting { mask, key, reply };
+                self.queue
+                    .get_or_init(|| batcher(self.call.clone(), client.clone()))
+                    .send(waiting)
+                    .map_err(|_| AppError::internal("the lookup batcher stopped"))?;
+                // Waiting for a call and the call itself, within the timeout.
+                let rows = tokio::time::timeout(self.call.timeout, answer)
+                    .await
+                    .map_err(|_| self.call.timed_out())?
+                    .map_err(|_| AppError::internal("the lookup batcher dropped a key"))??;
+                Ok(Arc::new(rows))
             })
             .await
     }
 
-    /// Rows of the endpoints in `mask` for `keys`: per key, per endpoint in
-    /// the mask (in endpoint order), `None` where the upstream has no row.
+    /// Rows of the endpoints in `mask` for `keys` in one call: per key, per
+    /// endpoint in the mask (in endpoint order), `None` where the upstream
+    /// has no row.
     pub async fn fetch_many(
+        &self,
+        client: &HttpClient,
+        mask: u64,
+        keys: &[KeyRef<'_>],
+    ) -> Result<Vec<Vec<RemoteRow>>, AppError> {
+        self.call.fetch(client, mask, keys).await
+    }
+}
+
+/// Starts the task that sends waiting keys in batches (see the module):
+/// it takes the first key waiting, waits for a call to send it in, then takes
+/// every key that queued meanwhile and sends one call per endpoint mask. It
+/// stops when its [`Upstream`] is dropped.
+fn batcher(call: Arc<Call>, client: HttpClient) -> mpsc::UnboundedSender<Waiting> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Waiting>();
+    tokio::spawn(async move {
+        let out = Arc::new(AtomicUsize::new(0));
+        let returned = Arc::new(Notify::new());
+        while let Some(first) = rx.recv().await {
+            let patience = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                // Registered before the check, so a call returning in between wakes us.
+                let woken = returned.notified();
+                let n = out.load(Ordering::Acquire);
+                if n == 0 || (n < MAX_IN_FLIGHT && tokio::time::Instant::now() >= patience) {
+                    break;
+                }
+                if n < MAX_IN_FLIGHT {
+                    tokio::select! {
+                        () = woken => {}
+                        () = tokio::time::sleep_until(patience) => {}
+                    }
+                } else {
+                    woken.await;
+                }
+            }
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
+            }
+            out.fetch_add(1, Ordering::AcqRel);
+            let (call, client, out, returned) =
+                (call.clone(), client.clone(), out.clone(), returned.clone());
+            tokio::spawn(async move {
+                call.answer(&client, batch).await;
+                out.fetch_sub(1, Ordering::AcqRel);
+                returned.notify_waiters();
+            });
+        }
+    });
+    tx
+}
+
+impl Call {
+    /// One call per endpoint mask for the keys of `batch`; each waiting key
+    /// gets its rows or the call's error.
+    async fn answer(&self, client: &HttpClient, mut batch: Vec<Waiting>) {
+        batch.sort_by_key(|w| w.mask);
+        while !batch.is_empty() {
+            let mask = batch[0].mask;
+            let n = batch.iter().take_while(|w| w.mask == mask).count();
+            let group: Vec<Waiting> = batch.drain(..n).collect();
+            let keys: Vec<KeyRef<'_>> = group.iter().map(|w| w.key.key_ref()).collect();
+            match self.fetch(client, mask, &keys).await {
+                Ok(rows) => {
+                    for (w, rows) in group.into_iter().zip(rows) {
+                        let _ = w.reply.send(Ok(rows));
+                    }
+                }
+                Err(e) => {
+                    for w in group {
+                        let _ = w.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch(
         &self,
         client: &HttpClient,
         mask: u64,
@@ -280,17 +413,7 @@ impl Upstream {
         };
         let (status, bytes) = match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result?,
-            Err(_) => {
-                return Err(AppError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    format!(
-                        "lookup service {} did not answer within {} ms",
-                        self.display,
-                        self.timeout.as_millis()
-                    ),
-                ));
-            }
+            Err(_) => return Err(self.timed_out()),
         };
         if status != StatusCode::OK {
             let code = serde_json::from_slice::<Value>(&bytes)
@@ -350,6 +473,18 @@ impl Upstream {
             };
             self.bad_gateway(format!("unreachable: {detail}"))
         })
+    }
+
+    fn timed_out(&self) -> AppError {
+        AppError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            format!(
+                "lookup service {} did not answer within {} ms",
+                self.display,
+                self.timeout.as_millis()
+            ),
+        )
     }
 
     fn bad_gateway(&self, what: String) -> AppError {

@@ -361,6 +361,58 @@ fn concurrent_predictions_for_one_key_share_one_upstream_lookup() {
 }
 
 #[test]
+fn concurrent_predictions_for_different_keys_share_batched_upstream_calls() {
+    // The feature service behind a proxy that holds every byte at first: the
+    // 50 predictions (50 customers) arrive while the first calls are out.
+    let fb = two_endpoint_features();
+    let features = Server::start_ready(fb.path(), &[("MESH_API_KEY_FEATURES", FEATURES_KEY)]);
+    let proxy = proxy::Proxy::start(features.addr);
+    proxy.set(proxy::HANG);
+    let sb = BundleDir::new(&scoring_by_id(proxy.addr, None));
+    let scoring = Server::start_ready(sb.path(), &[("MESH_FEATURES_KEY", FEATURES_KEY)]);
+    let (_, rows) = read_csv("customers.csv");
+    let customers: Vec<usize> = (0..50).map(|i| i * 37).collect();
+    let answers: Vec<Response> = std::thread::scope(|s| {
+        let threads: Vec<_> = customers
+            .iter()
+            .map(|&i| {
+                let body = format!(r#"{{"features": {{"customer_id": "{}"}}}}"#, rows[i][0]);
+                let scoring = &scoring;
+                s.spawn(move || scoring.api("high-value", "predict", &body))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        proxy.set(proxy::PASS);
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect()
+    });
+    for (r, &i) in answers.iter().zip(&customers) {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let explicit = scoring.api(
+            "high-value-plain",
+            "predict",
+            &format!(r#"{{"features": {}}}"#, explicit_features(i)),
+        );
+        assert_eq!(
+            probas_bits(&r.json()),
+            probas_bits(&explicit.json()),
+            "customer {i}"
+        );
+    }
+    // At most 8 calls out while the upstream held them (1 ms of patience
+    // each), then one for every key that waited: far fewer than 50.
+    let calls = upstream_calls(&features);
+    assert!(
+        (2.0..=9.0).contains(&calls),
+        "{calls} upstream calls for 50 predictions"
+    );
+    features.assert_no_panic();
+    scoring.assert_no_panic();
+}
+
+#[test]
 fn cached_enrichments_skip_the_upstream_and_give_the_same_answer() {
     let fb = two_endpoint_features();
     let features = Server::start_ready(fb.path(), &[("MESH_API_KEY_FEATURES", FEATURES_KEY)]);
