@@ -52,19 +52,26 @@ fn options(targets: Vec<String>, replace: Vec<String>, destroy: bool) -> plan::O
     }
 }
 
-/// Ctrl-C: the first sets the cancel flag, the second exits.
-fn cancel_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
+/// Ctrl-C: the first sets the cancel flag (no new change starts, the ones
+/// in flight finish); the second resolves the returned future (abandon the
+/// changes in flight), so the caller still releases its locks.
+fn cancel_on_ctrl_c() -> (tokio::sync::watch::Receiver<bool>, impl Future<Output = ()>) {
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let (abandon_tx, abandon_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             let _ = tx.send(true);
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("abandoning in-flight changes; run the same command again to converge");
-                std::process::exit(130);
+                let _ = abandon_tx.send(());
             }
         }
     });
-    rx
+    (rx, async move {
+        // A dropped sender (no second Ctrl-C can come) never abandons.
+        if abandon_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    })
 }
 
 pub(crate) async fn run(command: Command) -> ExitCode {
@@ -79,6 +86,11 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             replace,
             destroy,
         } => {
+            // A saved plan applies from any folder: every path in it absolute.
+            let path = match &out {
+                Some(_) => std::fs::canonicalize(&path).unwrap_or(path),
+                None => path,
+            };
             let stack = match load(&path, &env) {
                 Ok(s) => s,
                 Err(c) => return c,
@@ -133,8 +145,28 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             targets,
             replace,
         } => {
-            if path.is_file() && path.extension().is_some_and(|e| e == "json") {
-                return apply_saved(&path, parallelism, no_wait).await;
+            if let Some(saved) = saved_plan(&path) {
+                let saved = match saved {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                };
+                let given: Vec<&str> = [
+                    env.is_some().then_some("--env"),
+                    (!targets.is_empty()).then_some("--target"),
+                    (!replace.is_empty()).then_some("--replace"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                if !given.is_empty() {
+                    return fail(format!(
+                        "{} is a saved plan: it applies exactly what was planned, so {} cannot change it\n  help: make a new plan with `mesh plan ... --out FILE`, or drop {}",
+                        path.display(),
+                        given.join(" and "),
+                        given.join(", ")
+                    ));
+                }
+                return apply_saved(&path, saved, parallelism, no_wait).await;
             }
             let Some(env) = env else {
                 return fail(
@@ -159,19 +191,23 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             instance,
             auto_approve,
             parallelism,
+            targets,
+            no_wait,
         } => {
+            let everything = targets.is_empty();
             let code = run_apply(
                 &path,
                 &env,
                 instance.as_deref(),
-                options(Vec::new(), Vec::new(), true),
+                options(targets, Vec::new(), true),
                 auto_approve,
                 parallelism,
-                true,
+                no_wait,
                 "mesh destroy",
             )
             .await;
             if code == ExitCode::SUCCESS
+                && everything
                 && let Ok(stack) = test::load_instance(&path, &env, instance.as_deref())
             {
                 // Leave nothing behind: drop the state folders once empty.
@@ -258,7 +294,9 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::Validate { .. } | Command::Graph { .. } => ExitCode::from(1),
+        Command::Validate { .. } | Command::Graph { .. } | Command::Completions { .. } => {
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -359,19 +397,24 @@ async fn release(shared: Vec<Box<dyn mesh::provider::SharedLock>>) {
 }
 
 async fn execute(engine: &Engine, plan: &Plan, parallelism: usize, no_wait: bool) -> ExitCode {
+    let (cancel, abandon) = cancel_on_ctrl_c();
     let ctx = Arc::new(ApplyContext::new(
         engine.scope.clone(),
         &plan.live,
-        cancel_on_ctrl_c(),
+        cancel,
         no_wait,
     ));
-    let report = apply::apply(
-        plan,
-        &engine.providers,
-        ctx,
-        &apply::Options { parallelism },
-    )
-    .await;
+    let opts = apply::Options { parallelism };
+    let applying = apply::apply(plan, &engine.providers, ctx, &opts);
+    let report = tokio::select! {
+        report = applying => report,
+        () = abandon => {
+            eprintln!(
+                "Abandoned the changes in flight (second Ctrl-C); the locks are released. Run the same command again to converge."
+            );
+            return ExitCode::from(130);
+        }
+    };
     eprint!("{}", apply::render_report(&report));
     if report.succeeded() {
         ExitCode::SUCCESS
@@ -380,21 +423,36 @@ async fn execute(engine: &Engine, plan: &Plan, parallelism: usize, no_wait: bool
     }
 }
 
-async fn apply_saved(file: &Path, parallelism: usize, no_wait: bool) -> ExitCode {
-    let saved: SavedPlan = match std::fs::read_to_string(file)
-        .map_err(|e| e.to_string())
-        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-    {
-        Ok(s) => s,
-        Err(e) => return fail(format!("{} is not a saved mesh plan: {e}", file.display())),
-    };
-    if saved.format_version != SAVED_FORMAT {
-        return fail(format!(
-            "{} has plan format {}, this mesh reads {SAVED_FORMAT}",
-            file.display(),
-            saved.format_version
-        ));
+/// `path` read as a plan saved by `mesh plan --out`, recognised by its
+/// content (whatever its name): `None` when it is not one (a stack folder, a
+/// stack file), an error when it claims to be one but cannot be read.
+fn saved_plan(path: &Path) -> Option<Result<SavedPlan, String>> {
+    if !path.is_file() {
+        return None;
     }
+    let text = std::fs::read(path).ok()?;
+    #[derive(Deserialize)]
+    struct Header {
+        format_version: String,
+    }
+    let header: Header = serde_json::from_slice(&text).ok()?;
+    if !header.format_version.starts_with("mesh-plan/") {
+        return None;
+    }
+    if header.format_version != SAVED_FORMAT {
+        return Some(Err(format!(
+            "{} has plan format {}, this mesh reads {SAVED_FORMAT}",
+            path.display(),
+            header.format_version
+        )));
+    }
+    Some(
+        serde_json::from_slice(&text)
+            .map_err(|e| format!("{} is not a readable saved mesh plan: {e}", path.display())),
+    )
+}
+
+async fn apply_saved(file: &Path, saved: SavedPlan, parallelism: usize, no_wait: bool) -> ExitCode {
     let stack = match load(&saved.stack_path, &saved.env) {
         Ok(s) => s,
         Err(c) => return c,

@@ -31,15 +31,20 @@ pub(crate) enum Command {
     },
     /// Print the stack's resources and their dependencies, in dependency order.
     Graph {
+        /// The stack folder (holding stack.toml).
         path: PathBuf,
+        /// Environment whose resources to show (with its overlay file); default: the stack alone.
         #[arg(long)]
         env: Option<String>,
+        /// `text` (indented, for people) or `dot` (Graphviz: `| dot -Tsvg`).
         #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
         format: GraphFormat,
     },
     /// Read the live state, diff it against the stack and print what would change.
     Plan {
+        /// The stack folder (holding stack.toml).
         path: PathBuf,
+        /// The environment to plan (declared in stack.toml; `local` runs on this machine).
         #[arg(long)]
         env: String,
         /// Save the plan; `mesh apply FILE` applies exactly it.
@@ -51,10 +56,10 @@ pub(crate) enum Command {
         /// Exit 0 when there are no changes, 2 when there are, 1 on error.
         #[arg(long)]
         detailed_exitcode: bool,
-        /// Plan only these addresses (and what they depend on).
+        /// Plan only these addresses (and what they depend on); repeatable.
         #[arg(long = "target", value_name = "ADDR")]
         targets: Vec<String>,
-        /// Force these addresses to be replaced.
+        /// Force these addresses to be replaced; repeatable.
         #[arg(long = "replace", value_name = "ADDR")]
         replace: Vec<String>,
         /// Plan the destruction of everything.
@@ -65,43 +70,60 @@ pub(crate) enum Command {
     Apply {
         /// A stack folder, or a plan file saved by `mesh plan --out`.
         path: PathBuf,
+        /// The environment to apply (needed with a stack folder; refused with a saved plan,
+        /// which names its own).
         #[arg(long)]
         env: Option<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
         auto_approve: bool,
-        /// How many changes may run at once.
-        #[arg(long, default_value_t = 10)]
+        /// How many changes may run at once (at least 1).
+        #[arg(long, default_value_t = 10, value_parser = at_least_one)]
         parallelism: usize,
         /// Do not wait for rollouts to become ready.
         #[arg(long)]
         no_wait: bool,
+        /// Apply only these addresses (and what they depend on); repeatable.
         #[arg(long = "target", value_name = "ADDR")]
         targets: Vec<String>,
+        /// Force these addresses to be replaced; repeatable.
         #[arg(long = "replace", value_name = "ADDR")]
         replace: Vec<String>,
     },
     /// Tear down everything the stack created in an environment.
     Destroy {
+        /// The stack folder (holding stack.toml).
         path: PathBuf,
+        /// The environment to tear down.
         #[arg(long)]
         env: String,
         /// A test instance of the environment (`mesh test --keep`, or one left behind).
         #[arg(long)]
         instance: Option<String>,
+        /// Do not ask for confirmation.
         #[arg(long)]
         auto_approve: bool,
-        #[arg(long, default_value_t = 10)]
+        /// How many deletions may run at once (at least 1).
+        #[arg(long, default_value_t = 10, value_parser = at_least_one)]
         parallelism: usize,
+        /// Destroy only these addresses (and what depends on them); repeatable.
+        #[arg(long = "target", value_name = "ADDR")]
+        targets: Vec<String>,
+        /// Do not wait for deletions to finish (a cluster, a namespace) before returning.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// List each exposed service's URLs.
     Output {
+        /// The stack folder (holding stack.toml).
         path: PathBuf,
+        /// The environment whose outputs to show.
         #[arg(long)]
         env: String,
         /// A test instance of the environment (`mesh test --keep`).
         #[arg(long)]
         instance: Option<String>,
+        /// Print the outputs as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -109,7 +131,9 @@ pub(crate) enum Command {
     /// destroy the instance, whatever happens (exit 0 only when every query
     /// passed and nothing of the instance is left).
     Test {
+        /// The stack folder (holding stack.toml and its test queries).
         path: PathBuf,
+        /// The environment to test (the instance is a copy of it).
         #[arg(long)]
         env: String,
         /// Query what the environment already runs: nothing is applied or destroyed.
@@ -127,8 +151,8 @@ pub(crate) enum Command {
         /// Also write the results as JUnit XML, for CI.
         #[arg(long, value_name = "FILE")]
         junit: Option<PathBuf>,
-        /// How many changes, and how many queries, may run at once.
-        #[arg(long, default_value_t = 8)]
+        /// How many changes, and how many queries, may run at once (at least 1).
+        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
         parallelism: usize,
         /// How long each test query may take before it counts as an error
         /// (a duration: 250ms, 5s, 2m).
@@ -144,10 +168,27 @@ pub(crate) enum Command {
     },
     /// Break a lock left by a killed apply or destroy.
     Unlock {
+        /// The stack folder (holding stack.toml).
         path: PathBuf,
+        /// The environment whose locks to break.
         #[arg(long)]
         env: String,
     },
+    /// Print a shell completion script: `source <(mesh completions bash)`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// A count that must be at least 1 (`--parallelism 0` would run nothing).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
 }
 
 /// A command-line duration, as durations are written in stacks (`5s`, `250ms`, `1h30m`).
@@ -172,6 +213,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { path, env, json } => validate(&path, env.as_deref(), json),
         Command::Graph { path, env, format } => graph(&path, env.as_deref(), format),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         command => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

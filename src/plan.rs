@@ -134,6 +134,7 @@ impl Plan {
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Only these addresses (and what they depend on) are planned; empty = all.
+    /// With `destroy`: only these (and what depends on them) are destroyed.
     pub targets: Vec<Address>,
     /// Force these addresses to be replaced.
     pub replace: Vec<Address>,
@@ -180,10 +181,19 @@ pub fn diff(stack: &str, env: &str, desired: &[Desired], live: &[Live], options:
 
     // Live resources the stack no longer declares, deleted in reverse order.
     let declared: BTreeSet<&Address> = desired.iter().map(|d| &d.address).collect();
+    // A destroy of targets takes what depends on them too: nothing is left
+    // pointing at a deleted resource.
+    let doomed: Vec<Address> = if options.destroy {
+        with_dependents(desired, &options.targets)
+            .into_iter()
+            .chain(options.targets.iter().cloned())
+            .collect()
+    } else {
+        options.targets.clone()
+    };
     let targeted = |a: &Address| {
         options.targets.is_empty()
-            || options
-                .targets
+            || doomed
                 .iter()
                 .any(|t| t == a || a.as_str().starts_with(&format!("{t}.")))
     };
@@ -304,6 +314,28 @@ fn with_dependencies(desired: &[Desired], targets: &[Address]) -> BTreeSet<Addre
         }
     }
     out
+}
+
+/// The addresses of `desired` under `targets` (a target may be a prefix of
+/// child resources) and every one that depends on them, transitively.
+fn with_dependents(desired: &[Desired], targets: &[Address]) -> BTreeSet<Address> {
+    let under = |a: &Address, t: &Address| a == t || a.as_str().starts_with(&format!("{t}."));
+    let mut out: BTreeSet<Address> = desired
+        .iter()
+        .filter(|d| targets.iter().any(|t| under(&d.address, t)))
+        .map(|d| d.address.clone())
+        .collect();
+    loop {
+        let more: Vec<Address> = desired
+            .iter()
+            .filter(|d| !out.contains(&d.address) && d.depends_on.iter().any(|a| out.contains(a)))
+            .map(|d| d.address.clone())
+            .collect();
+        if more.is_empty() {
+            return out;
+        }
+        out.extend(more);
+    }
 }
 
 fn resolve_refs(

@@ -60,6 +60,11 @@ impl Cluster {
     }
 
     async fn mesh_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args, env).output().await.unwrap()
+    }
+
+    /// `mesh ARGS` pointed at the double, with `env` added.
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh"));
         cmd.args(args)
             .env("KUBECONFIG", self.dir.path().join("kubeconfig"))
@@ -73,7 +78,7 @@ impl Cluster {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.output().await.unwrap()
+        cmd
     }
 
     async fn run(&self, verb: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
@@ -1213,6 +1218,90 @@ async fn the_lock_is_a_lease_on_the_cluster() {
     // Free: plan, apply and destroy take and release it each time.
     ok(&c.run("destroy", &["--auto-approve"], &[]).await, "destroy");
     assert!(leases.get_opt(NAME).await.unwrap().is_none());
+}
+
+/// A second Ctrl-C abandons the changes in flight, but the locks are still
+/// released: the Lease on the cluster and the lock file on this machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_still_releases_the_locks() {
+    use kube::api::{Api, ApiResource, DynamicObject};
+
+    let c = Cluster::new().await;
+    // mesh reaches the cluster through a proxy that can hold every byte:
+    // then its calls in flight answer neither the first Ctrl-C nor anything.
+    let proxy = support::tcp_proxy::Proxy::start(c.double.addr());
+    std::fs::write(
+        c.dir.path().join("kubeconfig"),
+        kube_double::kubeconfig_yaml(&format!("http://{}", proxy.addr), "e2e"),
+    )
+    .unwrap();
+    // Rollouts that take five minutes: the apply is still waiting when interrupted.
+    c.double
+        .set_rollout_delay(std::time::Duration::from_secs(300));
+    let stack = c.stack.to_str().unwrap().to_owned();
+    let mut child = c
+        .command(
+            &["apply", &stack, "--env", "existing", "--auto-approve"],
+            &[],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ar = ApiResource {
+        group: "coordination.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "coordination.k8s.io/v1".into(),
+        kind: "Lease".into(),
+        plural: "leases".into(),
+    };
+    let leases: Api<DynamicObject> = Api::namespaced_with(c.double.client(), "default", &ar);
+    const LEASE: &str = "mesh-customer-mesh-existing";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Waiting for a rollout: the Deployment exists and the Lease is held.
+    while leases.get_opt(LEASE).await.unwrap().is_none()
+        || c.double
+            .objects_with_label("app.kubernetes.io/managed-by=mesh")
+            .iter()
+            .all(|o| o["kind"] != "Deployment")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the apply never got to a rollout"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    proxy.set(support::tcp_proxy::HANG);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let pid = child.id().unwrap().to_string();
+    let sigint = || {
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+    };
+    assert!(sigint().success());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(sigint().success());
+    // The cluster answers again, so the Lease can be given back.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    proxy.set(support::tcp_proxy::PASS);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("mesh exits after a second Ctrl-C")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("locks are released"), "{err}");
+    assert!(
+        leases.get_opt(LEASE).await.unwrap().is_none(),
+        "the Lease is released"
+    );
+    let lock_file = mesh::lock::lock_path(&mesh::provider::local::state_dir(&c.stack, "existing"));
+    assert!(!lock_file.exists(), "{} is left", lock_file.display());
+    // And the next run converges without `mesh unlock`.
+    c.double.set_rollout_delay(std::time::Duration::ZERO);
+    ok(&c.apply(&[]).await, "apply after the interrupted one");
 }
 
 // ------------------------------------------------ convergence and drift (issue 10)
