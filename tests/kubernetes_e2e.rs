@@ -1239,7 +1239,7 @@ async fn a_second_ctrl_c_still_releases_the_locks() {
     c.double
         .set_rollout_delay(std::time::Duration::from_secs(300));
     let stack = c.stack.to_str().unwrap().to_owned();
-    let mut child = c
+    let child = c
         .command(
             &["apply", &stack, "--env", "existing", "--auto-approve"],
             &[],
