@@ -353,6 +353,8 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
     let runtime = stand_in_runtime(one.path());
     let moto = moto_endpoint();
+    // B's runs: straight through the proxy the tests share (the add-on API is simulated there).
+    let aws = endpoint();
     let host = hostname();
 
     // A goes through a proxy that holds it once it reads live state, i.e.
@@ -380,7 +382,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     // B, on the other machine, is refused and told who holds the lock.
     let refused = run(
         &["apply", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     let text = show(&refused);
@@ -408,7 +410,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     assert_eq!(lock_item(&name, "dev").await, None, "released at the end");
     let again = run(
         &["apply", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     assert!(again.status.success(), "B after A: {}", show(&again));
@@ -433,7 +435,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     killed.wait().unwrap();
     let refused = run(
         &["destroy", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     let text = show(&refused);
@@ -444,7 +446,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
             && stderr(&refused).contains("lapses at"),
         "{text}"
     );
-    let unlocked = run(&["unlock", b, "--env", "dev"], &moto, &runtime);
+    let unlocked = run(&["unlock", b, "--env", "dev"], &aws, &runtime);
     assert!(unlocked.status.success(), "{}", show(&unlocked));
     assert!(
         stderr(&unlocked).contains(&format!(
@@ -455,7 +457,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     );
     let destroyed = run(
         &["destroy", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     assert!(destroyed.status.success(), "{}", show(&destroyed));
@@ -467,7 +469,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     put_foreign_lock(&name, "dev", "ci-runner-7", now() + 600).await;
     let refused = run(
         &["destroy", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     let text = show(&refused);
@@ -481,7 +483,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     put_foreign_lock(&name, "dev", "ci-runner-7", now() - 1).await;
     let taken = run(
         &["destroy", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     let text = show(&taken);
