@@ -318,6 +318,7 @@ async fn platform_lifecycle_plan_apply_update_replace_delete_destroy() {
         "network.main.security_group.cluster",
         "cluster.main.role",
         "cluster.main",
+        "cluster.main.addon.vpc-cni",
         "cluster.main.node_role",
         "cluster.main.node_group.general",
         "cluster.main.node_group.scoring",
@@ -929,7 +930,7 @@ async fn prod_environment_plans_its_own_resources() {
     let stack = platform(&name, "prod");
     let p = h.plan(&stack, &plan::Options::default()).await;
     // prod.toml asks for a NAT gateway per zone: two Elastic IPs, NAT gateways and private route tables.
-    assert_eq!(p.summary().add, 20, "{}", describe(&p));
+    assert_eq!(p.summary().add, 21, "{}", describe(&p));
     for zone in ["us-east-1a", "us-east-1b"] {
         for kind in ["nat_eip", "nat_gateway"] {
             let addr = format!("network.main.{kind}.{zone}");
