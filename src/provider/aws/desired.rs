@@ -674,6 +674,42 @@ mod tests {
     }
 
     #[test]
+    fn a_nodeport_without_node_port_waits_for_the_one_kubernetes_gives() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let mut stack =
+            crate::stack::load(&root, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+        if let Some(ExposeKind::NodePort { node_port, .. }) = stack
+            .exposes
+            .get_mut("customer-scoring")
+            .map(|e| &mut e.kind)
+        {
+            *node_port = None;
+        }
+        let all = resources(&stack);
+        let (_, rule) = get(&all, "expose.customer-scoring.node_port_rule.0-0-0-0_0");
+        let service = Address::new("expose.customer-scoring.service");
+        assert_eq!(rule.attrs["port"].value, r(&service, "node_port"));
+        assert!(rule.depends_on.contains(&service));
+        assert_eq!(
+            rule.attrs["group_id"].value,
+            r(&Address::new("cluster.platform"), "node_security_group")
+        );
+        let (_, features) = get(&all, "expose.customer-features.node_port_rule.10-40-0-0_16");
+        assert_eq!(features.attrs["port"].value, Value::Int(30080));
+        let (_, addon) = get(&all, "cluster.platform.addon.vpc-cni");
+        assert_eq!(
+            addon.attrs["configuration"].value,
+            Value::str(r#"{"enableNetworkPolicy":"true"}"#)
+        );
+        // A test instance deploys onto the environment's cluster: no rules of its own.
+        assert!(
+            !resources(&stack.instance("t1"))
+                .iter()
+                .any(|d| d.kind == kind::SECURITY_GROUP_RULE)
+        );
+    }
+
+    #[test]
     fn none_means_no_nat_resources() {
         let mut stack = platform("dev");
         if let Some(n) = stack.networks.get_mut("main") {

@@ -84,14 +84,19 @@ fn now() -> f64 {
         .unwrap_or_default()
 }
 
-fn error(status: StatusCode, code: &str, message: String) -> Response<Full<Bytes>> {
-    json_error(
-        status,
-        code,
-        "application/json",
-        json!({ "message": message }).to_string(),
-        "aws-fault-proxy-addons",
-    )
+/// An EKS error answer: HTTP status, `x-amzn-ErrorType` code, message.
+struct ApiError(StatusCode, &'static str, String);
+
+impl ApiError {
+    fn response(self) -> Response<Full<Bytes>> {
+        json_error(
+            self.0,
+            self.1,
+            "application/json",
+            json!({ "message": self.2 }).to_string(),
+            "aws-fault-proxy-addons",
+        )
+    }
 }
 
 fn ok(body: Value) -> Response<Full<Bytes>> {
@@ -102,20 +107,20 @@ fn ok(body: Value) -> Response<Full<Bytes>> {
         .expect("valid response")
 }
 
-fn not_found(message: String) -> Response<Full<Bytes>> {
-    error(StatusCode::NOT_FOUND, "ResourceNotFoundException", message)
+fn not_found(message: String) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "ResourceNotFoundException", message)
 }
 
-fn invalid(message: String) -> Response<Full<Bytes>> {
-    error(
+fn invalid(message: String) -> ApiError {
+    ApiError(
         StatusCode::BAD_REQUEST,
         "InvalidParameterException",
         message,
     )
 }
 
-fn in_use(message: String) -> Response<Full<Bytes>> {
-    error(StatusCode::CONFLICT, "ResourceInUseException", message)
+fn in_use(message: String) -> ApiError {
+    ApiError(StatusCode::CONFLICT, "ResourceInUseException", message)
 }
 
 fn shape(cluster: &str, name: &str, a: &Addon) -> Value {
@@ -137,7 +142,7 @@ fn shape(cluster: &str, name: &str, a: &Addon) -> Value {
 }
 
 /// `configurationValues` of a request: absent, or a JSON object as a string.
-fn configuration(body: &Value) -> Result<Option<String>, Response<Full<Bytes>>> {
+fn configuration(body: &Value) -> Result<Option<String>, ApiError> {
     match body.get("configurationValues") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(Some(String::new())),
@@ -158,7 +163,7 @@ async fn cluster(
     shared: &Shared,
     headers: &HeaderMap,
     name: &str,
-) -> Result<Option<(String, f64)>, Response<Full<Bytes>>> {
+) -> Result<Option<(String, f64)>, ApiError> {
     let uri: Uri = format!("/clusters/{name}")
         .parse()
         .map_err(|e| invalid(format!("cluster name {name:?}: {e}")))?;
@@ -167,7 +172,7 @@ async fn cluster(
     let resp = forward(shared, Method::GET, &uri, headers, Bytes::new())
         .await
         .map_err(|e| {
-            error(
+            ApiError(
                 StatusCode::BAD_GATEWAY,
                 "ServerException",
                 format!("asking moto for cluster {name}: {e}"),
@@ -192,9 +197,9 @@ pub(crate) async fn answer(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response<Full<Bytes>> {
-    match answer_inner(shared, action, path, headers, body).await {
-        Ok(r) | Err(r) => r,
-    }
+    answer_inner(shared, action, path, headers, body)
+        .await
+        .unwrap_or_else(ApiError::response)
 }
 
 async fn answer_inner(
@@ -203,7 +208,7 @@ async fn answer_inner(
     path: &str,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>> {
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let segs: Vec<String> = path
         .trim_matches('/')
         .split('/')
