@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use aws_fault_proxy::{FaultProxy, moto_endpoint};
 use serde_json::Value;
-use support::aws::{customer_mesh_named, leftovers, platform_named};
+use support::aws::{customer_mesh_named, endpoint, leftovers, platform_named};
 use support::{show, stand_in_runtime, stderr, stdout, unique};
 
 /// `mesh ARGS` against the AWS endpoint `endpoint` (moto, or a proxy in front of it).
@@ -59,7 +59,7 @@ fn an_aws_environment_plans_cloud_and_cluster_objects_before_the_cluster_exists(
             "--json",
             "--detailed-exitcode",
         ],
-        &moto_endpoint(),
+        &endpoint(),
         &runtime,
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -143,7 +143,7 @@ fn apply_cloud_part(stack: &Path, runtime: &Path) {
             "--target",
             "registry.platform",
         ],
-        &moto_endpoint(),
+        &endpoint(),
         runtime,
     );
     assert!(out.status.success(), "apply: {}", show(&out));
@@ -163,7 +163,7 @@ async fn destroy_removes_the_cloud_resources_when_the_cluster_cannot_be_reached(
     let path = stack.to_str().unwrap();
     let plan = run(
         &["plan", path, "--env", "dev", "--destroy", "--json"],
-        &moto_endpoint(),
+        &endpoint(),
         &runtime,
     );
     assert!(plan.status.success(), "plan --destroy: {}", show(&plan));
@@ -191,7 +191,7 @@ async fn destroy_removes_the_cloud_resources_when_the_cluster_cannot_be_reached(
 
     let out = run(
         &["destroy", path, "--env", "dev", "--auto-approve"],
-        &moto_endpoint(),
+        &endpoint(),
         &runtime,
     );
     assert!(out.status.success(), "destroy: {}", show(&out));
@@ -253,7 +253,7 @@ async fn destroy_removes_the_cloud_resources_after_the_cluster_was_deleted_by_ha
             "dev",
             "--auto-approve",
         ],
-        &moto_endpoint(),
+        &endpoint(),
         &runtime,
     );
     let text = show(&out);
@@ -353,6 +353,8 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
     let runtime = stand_in_runtime(one.path());
     let moto = moto_endpoint();
+    // B's runs: straight through the proxy the tests share (the add-on API is simulated there).
+    let aws = endpoint();
     let host = hostname();
 
     // A goes through a proxy that holds it once it reads live state, i.e.
@@ -380,7 +382,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     // B, on the other machine, is refused and told who holds the lock.
     let refused = run(
         &["apply", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     let text = show(&refused);
@@ -408,7 +410,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     assert_eq!(lock_item(&name, "dev").await, None, "released at the end");
     let again = run(
         &["apply", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     assert!(again.status.success(), "B after A: {}", show(&again));
@@ -433,7 +435,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     killed.wait().unwrap();
     let refused = run(
         &["destroy", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     let text = show(&refused);
@@ -444,7 +446,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
             && stderr(&refused).contains("lapses at"),
         "{text}"
     );
-    let unlocked = run(&["unlock", b, "--env", "dev"], &moto, &runtime);
+    let unlocked = run(&["unlock", b, "--env", "dev"], &aws, &runtime);
     assert!(unlocked.status.success(), "{}", show(&unlocked));
     assert!(
         stderr(&unlocked).contains(&format!(
@@ -455,7 +457,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     );
     let destroyed = run(
         &["destroy", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     assert!(destroyed.status.success(), "{}", show(&destroyed));
@@ -467,7 +469,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     put_foreign_lock(&name, "dev", "ci-runner-7", now() + 600).await;
     let refused = run(
         &["destroy", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     let text = show(&refused);
@@ -481,7 +483,7 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
     put_foreign_lock(&name, "dev", "ci-runner-7", now() - 1).await;
     let taken = run(
         &["destroy", b, "--env", "dev", "--auto-approve"],
-        &moto,
+        &aws,
         &runtime,
     );
     let text = show(&taken);
@@ -491,4 +493,149 @@ async fn two_machines_applying_a_cloud_only_stack_share_the_lock_in_the_account(
         "says whose lapsed lock it took over: {text}"
     );
     assert_eq!(lock_item(&name, "dev").await, None);
+}
+
+/// Every EKS cluster mesh creates gets the VPC CNI add-on with its
+/// network-policy agent on, so the NetworkPolicies written from `allow`
+/// are enforced. moto does not serve the add-on API: the fault proxy
+/// answers those calls (simulated, see `aws_fault_proxy::addons`).
+#[tokio::test]
+async fn eks_clusters_get_the_vpc_cni_with_network_policy_and_its_drift_is_an_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("np");
+    let stack = platform_named(dir.path(), &name);
+    let path = stack.to_str().unwrap();
+    let runtime = stand_in_runtime(dir.path());
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let ep = proxy.endpoint();
+    let addon_address = "cluster.main.addon.vpc-cni";
+
+    let plan = run(&["plan", path, "--env", "dev", "--json"], &ep, &runtime);
+    assert!(plan.status.success(), "plan: {}", show(&plan));
+    let json: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let planned = json["resource_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["address"] == addon_address)
+        .unwrap_or_else(|| panic!("{addon_address} is not planned: {json}"));
+    assert_eq!(planned["action"], "create", "{planned}");
+    assert_eq!(planned["type"], "aws_eks_addon", "{planned}");
+
+    let out = run(
+        &["apply", path, "--env", "dev", "--auto-approve"],
+        &ep,
+        &runtime,
+    );
+    assert!(out.status.success(), "apply: {}", show(&out));
+
+    // Read back through the SDK (and the proxy).
+    let eks = aws_sdk_eks::Client::new(&support::aws::sdk(&ep).await);
+    let cluster = mesh::provider::aws::names::eks_cluster(&name, "dev", "main");
+    let describe = || async {
+        eks.describe_addon()
+            .cluster_name(&cluster)
+            .addon_name("vpc-cni")
+            .send()
+            .await
+    };
+    let addon = describe()
+        .await
+        .expect("DescribeAddon")
+        .addon
+        .expect("addon");
+    assert_eq!(addon.status().map(|s| s.as_str()), Some("ACTIVE"));
+    assert_eq!(
+        addon.configuration_values(),
+        Some(r#"{"enableNetworkPolicy":"true"}"#)
+    );
+    assert_eq!(
+        addon
+            .tags()
+            .and_then(|t| t.get("mesh:address"))
+            .map(String::as_str),
+        Some(addon_address)
+    );
+
+    // Someone turns network policy off by hand: the plan shows an update of the add-on alone.
+    eks.update_addon()
+        .cluster_name(&cluster)
+        .addon_name("vpc-cni")
+        .configuration_values(r#"{"enableNetworkPolicy":"false"}"#)
+        .send()
+        .await
+        .expect("UpdateAddon");
+    let plan = run(
+        &[
+            "plan",
+            path,
+            "--env",
+            "dev",
+            "--json",
+            "--detailed-exitcode",
+        ],
+        &ep,
+        &runtime,
+    );
+    assert_eq!(plan.status.code(), Some(2), "plan: {}", show(&plan));
+    let json: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let changed: Vec<&Value> = json["resource_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["action"] != "no-op")
+        .collect();
+    assert_eq!(changed.len(), 1, "only the add-on drifted: {changed:?}");
+    assert_eq!(changed[0]["address"], addon_address);
+    assert_eq!(changed[0]["action"], "update");
+    let field = changed[0]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "configuration")
+        .unwrap_or_else(|| panic!("no configuration field: {}", changed[0]));
+    assert_eq!(field["before"], r#"{"enableNetworkPolicy":"false"}"#);
+    assert_eq!(field["after"], r#"{"enableNetworkPolicy":"true"}"#);
+    assert_eq!(field["forces_replacement"], false, "{field}");
+
+    let before = proxy.count("UpdateAddon");
+    let out = run(
+        &["apply", path, "--env", "dev", "--auto-approve"],
+        &ep,
+        &runtime,
+    );
+    assert!(out.status.success(), "apply: {}", show(&out));
+    assert_eq!(proxy.count("UpdateAddon"), before + 1, "updated in place");
+    assert_eq!(proxy.count("CreateAddon"), 1, "not created again");
+    let addon = describe()
+        .await
+        .expect("DescribeAddon")
+        .addon
+        .expect("addon");
+    assert_eq!(
+        addon.configuration_values(),
+        Some(r#"{"enableNetworkPolicy":"true"}"#)
+    );
+
+    // Destroy deletes the add-on, then the cluster.
+    let out = run(
+        &["destroy", path, "--env", "dev", "--auto-approve"],
+        &ep,
+        &runtime,
+    );
+    assert!(out.status.success(), "destroy: {}", show(&out));
+    let err = describe().await.expect_err("the add-on is gone");
+    assert_eq!(
+        aws_sdk_eks::error::ProvideErrorMetadata::code(&err),
+        Some("ResourceNotFoundException"),
+        "{err:?}"
+    );
+    let calls: Vec<String> = proxy.calls().into_iter().map(|c| c.action).collect();
+    let at = |a: &str| calls.iter().position(|c| c == a);
+    assert!(
+        at("DeleteAddon").is_some() && at("DeleteAddon") < at("DeleteCluster"),
+        "the add-on is deleted before the cluster: {calls:?}"
+    );
+    let left = leftovers(&moto_endpoint(), &name).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

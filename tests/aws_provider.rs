@@ -292,7 +292,7 @@ fn one_line(e: &ProviderError) -> String {
 
 #[tokio::test]
 async fn platform_lifecycle_plan_apply_update_replace_delete_destroy() {
-    let endpoint = moto_endpoint();
+    let endpoint = support::aws::endpoint();
     let h = Harness::new(&endpoint).await;
     let name = unique("plat");
     let mut stack = platform(&name, "dev");
@@ -318,6 +318,7 @@ async fn platform_lifecycle_plan_apply_update_replace_delete_destroy() {
         "network.main.security_group.cluster",
         "cluster.main.role",
         "cluster.main",
+        "cluster.main.addon.vpc-cni",
         "cluster.main.node_role",
         "cluster.main.node_group.general",
         "cluster.main.node_group.scoring",
@@ -923,13 +924,13 @@ impl K8sLeftovers {
 
 #[tokio::test]
 async fn prod_environment_plans_its_own_resources() {
-    let endpoint = moto_endpoint();
+    let endpoint = support::aws::endpoint();
     let h = Harness::new(&endpoint).await;
     let name = unique("prod");
     let stack = platform(&name, "prod");
     let p = h.plan(&stack, &plan::Options::default()).await;
     // prod.toml asks for a NAT gateway per zone: two Elastic IPs, NAT gateways and private route tables.
-    assert_eq!(p.summary().add, 20, "{}", describe(&p));
+    assert_eq!(p.summary().add, 21, "{}", describe(&p));
     for zone in ["us-east-1a", "us-east-1b"] {
         for kind in ["nat_eip", "nat_gateway"] {
             let addr = format!("network.main.{kind}.{zone}");
@@ -1650,13 +1651,14 @@ async fn observe_makes_a_handful_of_calls_per_kind() {
     h.apply(&stack, &p).await.expect("apply");
     proxy.reset();
     let live = h.p.observe(&scope(&stack)).await.expect("observe");
-    assert_eq!(live.len(), 17);
+    assert_eq!(live.len(), 18);
     let calls = proxy.calls();
     let total = proxy.total_requests();
     // 7 EC2 describes (NAT gateways and addresses included), ListRoles + 2
     // ListAttachedRolePolicies, ListClusters + DescribeCluster + ListNodegroups
-    // + 2 DescribeNodegroup, DescribeRepositories + 2 per repository.
-    assert!(total <= 18, "{total} calls: {calls:?}");
+    // + 2 DescribeNodegroup + ListAddons + DescribeAddon,
+    // DescribeSecurityGroupRules, DescribeRepositories + 2 per repository.
+    assert!(total <= 21, "{total} calls: {calls:?}");
     assert_eq!(proxy.count("DescribeNatGateways"), 1, "{calls:?}");
     assert_eq!(proxy.count("DescribeAddresses"), 1, "{calls:?}");
     h.destroy(&stack).await;
@@ -1771,4 +1773,161 @@ async fn the_registry_keeps_the_last_images_of_each_service() {
     h.apply(&stack, &second).await.expect("update");
     assert_empty(&h.plan(&stack, &plan::Options::default()).await, "update");
     h.destroy(&stack).await;
+}
+
+// ---------------------------------------------------------------- NodePorts on EKS
+
+/// The customer mesh's `dev` environment (EKS from `modules/aws-platform`)
+/// named `name`: its NodePorts are `customer-features` 30080 (allowed:
+/// the service `customer-scoring` only) and `customer-scoring` 30081
+/// (allowed: `0.0.0.0/0`).
+fn customer_mesh(name: &str) -> Stack {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+    let mut stack = mesh::stack::load(&root, Some("dev"))
+        .unwrap_or_else(|r| panic!("stacks/customer-mesh --env dev does not load: {r:?}"));
+    stack.name = name.to_owned();
+    stack
+}
+
+/// `port → sorted CIDRs` the node security group `group` lets in, read with the SDK.
+async fn open_ports(ec2: &aws_sdk_ec2::Client, group: &str) -> BTreeMap<i32, Vec<String>> {
+    let out = ec2
+        .describe_security_group_rules()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("group-id")
+                .values(group)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("DescribeSecurityGroupRules");
+    let mut open: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for r in out.security_group_rules() {
+        if r.is_egress() == Some(true) || r.ip_protocol() == Some("-1") {
+            continue;
+        }
+        let (from, to) = (r.from_port().unwrap_or(-1), r.to_port().unwrap_or(-1));
+        for port in [30080, 30081] {
+            if from <= port && port <= to {
+                open.entry(port)
+                    .or_default()
+                    .push(r.cidr_ipv4().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    open.values_mut().for_each(|v| v.sort());
+    open
+}
+
+#[tokio::test]
+async fn nodeports_open_the_node_security_group_only_to_the_allowed_cidrs() {
+    let endpoint = support::aws::endpoint();
+    let h = Harness::new(&endpoint).await;
+    let name = unique("np");
+    let mut stack = customer_mesh(&name);
+    let vpc_cidr = stack.networks["platform"].cidr.to_string();
+    let vpc_key = vpc_cidr.replace('.', "-").replace('/', "_");
+
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    let planned = changes(&p);
+    let features_rule = format!("expose.customer-features.node_port_rule.{vpc_key}");
+    let scoring_rule = "expose.customer-scoring.node_port_rule.0-0-0-0_0";
+    for a in [features_rule.as_str(), scoring_rule] {
+        assert_eq!(planned.get(a), Some(&Action::Create), "{}", describe(&p));
+    }
+    assert_eq!(
+        planned
+            .keys()
+            .filter(|a| a.contains(".node_port_rule."))
+            .count(),
+        2,
+        "one rule per allowed CIDR; a service name needs none: {}",
+        describe(&p)
+    );
+    h.apply(&stack, &p).await.expect("apply");
+    assert_empty(&h.plan(&stack, &plan::Options::default()).await, "apply");
+
+    // Read back: the node security group is the cluster's (moto creates no
+    // EKS cluster security group, so the one mesh gives the cluster).
+    let live = h.p.observe(&scope(&stack)).await.expect("observe");
+    let group = live
+        .iter()
+        .find(|l| l.address.as_str() == "cluster.platform")
+        .and_then(|l| l.outputs.get("node_security_group"))
+        .and_then(Value::as_str)
+        .expect("the cluster's node security group")
+        .to_owned();
+    assert!(group.starts_with("sg-"), "{group}");
+    let ec2 = aws_sdk_ec2::Client::new(&sdk(&endpoint).await);
+    assert_eq!(
+        open_ports(&ec2, &group).await,
+        BTreeMap::from([
+            (30080, vec![vpc_cidr.clone()]),
+            (30081, vec!["0.0.0.0/0".to_owned()]),
+        ]),
+        "callers named by service get the VPC's CIDR alone; a CIDR opens to itself"
+    );
+
+    // `allow` changes: the rules follow, created and deleted one by one.
+    let scoring = stack.exposes.get_mut("customer-scoring").expect("expose");
+    scoring.allow = ["203.0.113.0/24", "198.51.100.0/24"]
+        .iter()
+        .map(|c| mesh::stack::Caller::Cidr(c.parse().unwrap()))
+        .collect();
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    assert_eq!(
+        changes(&p),
+        BTreeMap::from([
+            (
+                "expose.customer-scoring.node_port_rule.198-51-100-0_24".to_owned(),
+                Action::Create
+            ),
+            (
+                "expose.customer-scoring.node_port_rule.203-0-113-0_24".to_owned(),
+                Action::Create
+            ),
+            (scoring_rule.to_owned(), Action::Delete),
+        ]),
+        "{}",
+        describe(&p)
+    );
+    h.apply(&stack, &p).await.expect("apply allow change");
+    assert_eq!(
+        open_ports(&ec2, &group).await,
+        BTreeMap::from([
+            (30080, vec![vpc_cidr.clone()]),
+            (
+                30081,
+                vec!["198.51.100.0/24".to_owned(), "203.0.113.0/24".to_owned()]
+            ),
+        ])
+    );
+
+    // Drift: a rule revoked by hand is planned again.
+    let rule = live
+        .iter()
+        .find(|l| l.address.as_str() == features_rule)
+        .expect("the features rule")
+        .id
+        .clone();
+    ec2.revoke_security_group_ingress()
+        .group_id(&group)
+        .security_group_rule_ids(&rule)
+        .send()
+        .await
+        .expect("RevokeSecurityGroupIngress");
+    let p = h.plan(&stack, &plan::Options::default()).await;
+    assert_eq!(
+        changes(&p),
+        BTreeMap::from([(features_rule.clone(), Action::Create)]),
+        "{}",
+        describe(&p)
+    );
+    h.apply(&stack, &p).await.expect("apply drift");
+    assert_eq!(open_ports(&ec2, &group).await[&30080], vec![vpc_cidr]);
+
+    h.destroy(&stack).await;
+    let left = leftovers(&moto_endpoint(), &name).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -416,7 +416,7 @@ mod aws {
             .args(["--env", env, "--instance", instance])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
-        support::aws::point_at(&mut cmd, &moto_endpoint());
+        support::aws::point_at(&mut cmd, &support::aws::endpoint());
         let started = Instant::now();
         let out = tokio::process::Command::from(cmd).output().await.unwrap();
         eprintln!(
@@ -440,7 +440,10 @@ mod aws {
         let cloud = format!(
             "\n[environment.cloud]\ntarget = \"aws\"\nregion = \"us-east-1\"\ncluster = \"existing\"\nregistry = \"{registry}\"\n"
         );
-        let c = Cluster::new(&name, "cloud", Some(moto_endpoint()), move |t| t + &cloud).await;
+        let c = Cluster::new(&name, "cloud", Some(support::aws::endpoint()), move |t| {
+            t + &cloud
+        })
+        .await;
         let before = c.apply_environment().await;
         let moto = moto_endpoint();
         let cloud_before = sorted(leftovers_of(&moto, &name, Some("cloud")).await);

@@ -4,6 +4,16 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The AWS endpoint the tests point mesh at: a fault proxy in front of moto
+/// (one per test binary, never stopped) that answers the EKS add-on calls
+/// moto does not serve (`aws_fault_proxy::addons`) and forwards the rest.
+pub fn endpoint() -> String {
+    static PROXY: std::sync::OnceLock<aws_fault_proxy::FaultProxy> = std::sync::OnceLock::new();
+    PROXY
+        .get_or_init(|| aws_fault_proxy::FaultProxy::start(&aws_fault_proxy::moto_endpoint()))
+        .endpoint()
+}
+
 /// Points a `mesh` command at the AWS endpoint `endpoint` (moto, or a
 /// proxy in front of it) with moto's test credentials.
 pub fn point_at(cmd: &mut std::process::Command, endpoint: &str) {

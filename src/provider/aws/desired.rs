@@ -4,17 +4,20 @@
 //! `.internet_gateway`, `.route_table.public`, `.security_group.cluster`
 //! and, per NAT gateway (keyed by its zone Z), `.nat_eip.Z`,
 //! `.nat_gateway.Z` and `.route_table.private-Z`;
-//! `cluster.C` (EKS) with `.role`, `.node_role`, `.node_group.G`;
-//! `registry.R` (ECR). Cross-resource ids are `Value::Ref`s, so the engine
+//! `cluster.C` (EKS) with `.role`, `.node_role`, `.node_group.G` and
+//! `.addon.vpc-cni` (network policy on);
+//! `expose.X.node_port_rule.K` (per CIDR the NodePort exposure X opens the
+//! node security group to, see [`node_port_rules`]); `registry.R` (ECR). Cross-resource ids are `Value::Ref`s, so the engine
 //! orders and parallelises them; every attribute has the same name and
 //! shape as [`super::AwsProvider::observe`] reports it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::resource::{Address, Desired, ProviderId, Value};
-use crate::stack::{ClusterKind, NatGateways, Network, Stack};
+use crate::stack::{Caller, ClusterKind, ExposeKind, NatGateways, Network, Stack};
 
 use super::super::ProviderError;
+use super::addon::{NETWORK_POLICY_ON, VPC_CNI};
 use super::{kind, names};
 
 /// Managed policies of the cluster role.
@@ -218,6 +221,22 @@ pub fn desired(
             .depends(sg);
         out.push(cluster);
 
+        // The VPC CNI enforces the NetworkPolicies mesh writes from `allow`
+        // only with its network-policy agent on.
+        out.push(
+            Desired::new(
+                caddr.child("addon", VPC_CNI),
+                kind::EKS_ADDON,
+                ProviderId::Aws,
+            )
+            .attr_force_new("cluster", r(&caddr, "name"))
+            .attr_force_new("name", VPC_CNI)
+            .attr("configuration", NETWORK_POLICY_ON)
+            .attr("tags", Value::Map(BTreeMap::new()))
+            .attr("status", "ACTIVE")
+            .depends(caddr.clone()),
+        );
+
         let node_role = Address::new(format!("{caddr}.node_role"));
         if eks.node_groups.iter().any(|g| g.role_arn.is_none()) {
             let name = names::iam_role(s, e, cname, "node");
@@ -278,6 +297,8 @@ pub fn desired(
             );
         }
     }
+
+    out.extend(node_port_rules(stack));
 
     for (rname, reg) in &stack.registries {
         let addr = Address::of("registry", rname);
@@ -370,6 +391,75 @@ fn nat_gateways(n: &Network, vpc: &Address, igw: &Address, s: &str, e: &str) -> 
         out.push(d);
     }
     out
+}
+
+/// The ingress rules of the node security group that open each NodePort
+/// exposure of the environment's EKS cluster: one rule per CIDR in the
+/// exposure's `allow` (service names are callers inside the cluster and
+/// need none); an exposure that allows no CIDR (only services, or nobody)
+/// is opened to the cluster network's VPC CIDR alone, "accessible only from
+/// inside the VPC". The node port is the exposure's `node_port`, else the
+/// one Kubernetes gave its Service (known once the Service exists).
+///
+/// The group is the cluster's `node_security_group` output: the cluster
+/// security group EKS creates, which managed node groups use.
+fn node_port_rules(stack: &Stack) -> Vec<Desired> {
+    let Some(cname) = stack.env.cluster.as_deref() else {
+        return Vec::new();
+    };
+    let Some(ClusterKind::Eks(eks)) = stack.clusters.get(cname).map(|c| &c.kind) else {
+        return Vec::new();
+    };
+    let Some(net) = stack.networks.get(&eks.network) else {
+        return Vec::new();
+    };
+    let caddr = Address::of("cluster", cname);
+    let mut out = Vec::new();
+    for (name, e) in &stack.exposes {
+        let ExposeKind::NodePort { node_port, .. } = &e.kind else {
+            continue;
+        };
+        let base = Address::of("expose", name);
+        // The Kubernetes Service of the exposure (the kubernetes provider's).
+        let service = Address::new(format!("{base}.service"));
+        let mut cidrs: Vec<String> = e
+            .allow
+            .iter()
+            .filter_map(|c| match c {
+                Caller::Cidr(n) => Some(n.to_string()),
+                Caller::Service(_) => None,
+            })
+            .collect();
+        if cidrs.is_empty() {
+            cidrs.push(net.cidr.to_string());
+        }
+        cidrs.sort();
+        cidrs.dedup();
+        for cidr in cidrs {
+            let mut d = Desired::new(
+                base.child("node_port_rule", &rule_key(&cidr)),
+                kind::SECURITY_GROUP_RULE,
+                ProviderId::Aws,
+            )
+            .attr_force_new("group_id", r(&caddr, "node_security_group"))
+            .attr_force_new("protocol", "tcp")
+            .attr_force_new("cidr", cidr)
+            .depends(caddr.clone());
+            d = match node_port {
+                Some(p) => d.attr_force_new("port", *p),
+                None => d
+                    .attr_force_new("port", r(&service, "node_port"))
+                    .depends(service.clone()),
+            };
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// A CIDR as the last part of an address: `10.0.0.0/16` → `10-0-0-0_16`.
+fn rule_key(cidr: &str) -> String {
+    cidr.replace('.', "-").replace('/', "_")
 }
 
 /// The services whose images go to `registry.NAME` (the environment's
@@ -581,6 +671,42 @@ mod tests {
             assert_eq!(n.nat_gateway, NatGateways::None);
         }
         assert!(!resources(&stack).iter().any(is_nat));
+    }
+
+    #[test]
+    fn a_nodeport_without_node_port_waits_for_the_one_kubernetes_gives() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let mut stack =
+            crate::stack::load(&root, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+        if let Some(ExposeKind::NodePort { node_port, .. }) = stack
+            .exposes
+            .get_mut("customer-scoring")
+            .map(|e| &mut e.kind)
+        {
+            *node_port = None;
+        }
+        let all = resources(&stack);
+        let (_, rule) = get(&all, "expose.customer-scoring.node_port_rule.0-0-0-0_0");
+        let service = Address::new("expose.customer-scoring.service");
+        assert_eq!(rule.attrs["port"].value, r(&service, "node_port"));
+        assert!(rule.depends_on.contains(&service));
+        assert_eq!(
+            rule.attrs["group_id"].value,
+            r(&Address::new("cluster.platform"), "node_security_group")
+        );
+        let (_, features) = get(&all, "expose.customer-features.node_port_rule.10-40-0-0_16");
+        assert_eq!(features.attrs["port"].value, Value::Int(30080));
+        let (_, addon) = get(&all, "cluster.platform.addon.vpc-cni");
+        assert_eq!(
+            addon.attrs["configuration"].value,
+            Value::str(r#"{"enableNetworkPolicy":"true"}"#)
+        );
+        // A test instance deploys onto the environment's cluster: no rules of its own.
+        assert!(
+            !resources(&stack.instance("t1"))
+                .iter()
+                .any(|d| d.kind == kind::SECURITY_GROUP_RULE)
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::{
     ownership_tags, str_map, user_tags, wait_gone, wait_until,
 };
 
-fn owned(tags: Option<&HashMap<String, String>>, scope: &Scope) -> Option<Address> {
+pub(super) fn owned(tags: Option<&HashMap<String, String>>, scope: &Scope) -> Option<Address> {
     let t = tags?;
     if t.get(TAG_STACK)? != &scope.stack || t.get(TAG_ENV)? != &scope.env {
         return None;
@@ -28,7 +28,7 @@ fn owned(tags: Option<&HashMap<String, String>>, scope: &Scope) -> Option<Addres
     t.get(TAG_ADDRESS).map(Address::new)
 }
 
-fn sorted_tags(tags: Option<&HashMap<String, String>>) -> Value {
+pub(super) fn sorted_tags(tags: Option<&HashMap<String, String>>) -> Value {
     user_tags(
         tags.into_iter()
             .flatten()
@@ -80,6 +80,20 @@ fn cluster_live(
                 .unwrap_or_default(),
         )
         .output("version", c.version().unwrap_or_default())
+        .output("node_security_group", node_security_group(c))
+}
+
+/// The security group of the cluster's managed nodes: the cluster security
+/// group EKS creates (managed node groups without a launch template get it).
+/// An EKS API that reports none (moto creates none) gets the first group
+/// mesh gave the cluster, which the control plane carries.
+fn node_security_group(c: &aws_sdk_eks::types::Cluster) -> String {
+    let vpc = c.resources_vpc_config();
+    vpc.and_then(|v| v.cluster_security_group_id())
+        .filter(|id| !id.is_empty())
+        .or_else(|| vpc.and_then(|v| v.security_group_ids().first().map(String::as_str)))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn node_group_live(
@@ -179,7 +193,7 @@ fn hash(m: BTreeMap<String, String>) -> HashMap<String, String> {
     m.into_iter().collect()
 }
 
-fn tags_with_owner(
+pub(super) fn tags_with_owner(
     attrs: &BTreeMap<String, Value>,
     ctx: &ApplyContext,
     a: &Address,
@@ -196,8 +210,9 @@ fn split_id(id: &str) -> (&str, &str) {
 
 impl AwsProvider {
     /// Clusters whose name starts with the stack's prefix, confirmed by their
-    /// tags, and their node groups: `ListClusters` + one `DescribeCluster`
-    /// per candidate, `ListNodegroups` + `DescribeNodegroup` per node group.
+    /// tags, their node groups and add-ons: `ListClusters` + one
+    /// `DescribeCluster` per candidate, `ListNodegroups` + `DescribeNodegroup`
+    /// per node group, `ListAddons` + `DescribeAddon` per add-on.
     pub(super) async fn observe_eks(
         &self,
         scope: &Scope,
@@ -249,6 +264,11 @@ impl AwsProvider {
                     Ok(None) => {}
                     Err(e) => return Err(e.observing()),
                 }
+            }
+            match self.observe_addons(name, scope).await {
+                Ok(addons) => out.extend(addons),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.observing()),
             }
         }
         Ok(out)
@@ -606,7 +626,7 @@ impl AwsProvider {
     }
 
     /// Brings user tags to the desired ones; true if anything changed.
-    async fn update_eks_tags(
+    pub(super) async fn update_eks_tags(
         &self,
         a: &Address,
         arn: &str,
@@ -887,7 +907,7 @@ impl AwsProvider {
     }
 }
 
-fn health(issues: Option<Vec<&str>>) -> String {
+pub(super) fn health(issues: Option<Vec<&str>>) -> String {
     match issues {
         Some(v) if !v.is_empty() => format!(" ({})", v.join("; ")),
         _ => String::new(),

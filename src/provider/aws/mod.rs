@@ -1,6 +1,8 @@
 //! The AWS provider: networks (VPC, subnets, internet gateway, route tables,
 //! NAT gateways with their Elastic IPs, security group), EKS clusters with
-//! managed node groups and their IAM roles, and ECR repositories.
+//! managed node groups, their IAM roles and the VPC CNI add-on with network
+//! policy on ([`addon`]), the node security group's rules that open a
+//! NodePort to the CIDRs its exposure allows, and ECR repositories.
 //!
 //! - Desired resources come from the resolved stack ([`desired`], pure).
 //! - Live resources are read by their ownership tags (`mesh:stack`,
@@ -15,6 +17,7 @@
 //!
 //! This is the only module that imports `aws-sdk-*`.
 
+mod addon;
 mod call;
 mod desired;
 mod ecr;
@@ -24,6 +27,7 @@ mod kube_access;
 pub mod lock;
 mod nat;
 mod network;
+mod node_ports;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,6 +43,7 @@ use crate::stack::Stack;
 
 use super::{ApplyContext, Provider, ProviderError};
 
+pub use addon::{NETWORK_POLICY_ON, VPC_CNI};
 pub use call::{AwsError, RateLimit, RateLimits, Service};
 pub use ecr::{RegistryCredentials, decode_authorization_token, is_ecr_host};
 pub use kube_access::{KubeAccess, eks_kube_access, eks_token};
@@ -52,9 +57,11 @@ pub mod kind {
     pub const EIP: &str = "aws_eip";
     pub const NAT_GATEWAY: &str = "aws_nat_gateway";
     pub const SECURITY_GROUP: &str = "aws_security_group";
+    pub const SECURITY_GROUP_RULE: &str = "aws_security_group_rule";
     pub const IAM_ROLE: &str = "aws_iam_role";
     pub const EKS_CLUSTER: &str = "aws_eks_cluster";
     pub const EKS_NODE_GROUP: &str = "aws_eks_node_group";
+    pub const EKS_ADDON: &str = "aws_eks_addon";
     pub const ECR_REPOSITORY: &str = "aws_ecr_repository";
 }
 
@@ -68,6 +75,7 @@ pub const TAG_ADDRESS: &str = "mesh:address";
 pub struct WaitConfig {
     /// EKS clusters take ~10-15 minutes to create in real AWS.
     pub cluster_timeout: Duration,
+    /// Node groups, and add-ons (a few minutes).
     pub node_group_timeout: Duration,
     /// NAT gateways take a few minutes to become available or to be deleted.
     pub nat_gateway_timeout: Duration,
@@ -402,10 +410,11 @@ impl Provider for AwsProvider {
     }
 
     async fn observe(&self, scope: &Scope) -> Result<Vec<Live>, ProviderError> {
-        let (net, roles, repos) = futures::join!(
+        let (net, roles, repos, rules) = futures::join!(
             self.observe_network(scope),
             self.observe_roles(scope),
             self.observe_registries(scope),
+            self.observe_node_port_rules(scope),
         );
         let net = net?;
         let subnet_names = network::subnet_names(&net);
@@ -414,6 +423,7 @@ impl Provider for AwsProvider {
         all.extend(roles?);
         all.extend(eks);
         all.extend(repos?);
+        all.extend(rules.map_err(AwsError::observing)?);
         Ok(all)
     }
 
@@ -500,9 +510,11 @@ impl AwsProvider {
             kind::EIP => self.create_eip(d, &attrs, ctx).await,
             kind::NAT_GATEWAY => self.create_nat_gateway(d, &attrs, ctx).await,
             kind::SECURITY_GROUP => self.create_security_group(d, &attrs, ctx).await,
+            kind::SECURITY_GROUP_RULE => self.create_node_port_rule(d, &attrs, ctx).await,
             kind::IAM_ROLE => self.create_role(d, &attrs, ctx).await,
             kind::EKS_CLUSTER => self.create_cluster(d, &attrs, ctx).await,
             kind::EKS_NODE_GROUP => self.create_node_group(d, &attrs, ctx).await,
+            kind::EKS_ADDON => self.create_addon(d, &attrs, ctx).await,
             kind::ECR_REPOSITORY => self.create_repository(d, &attrs, ctx).await,
             other => Err(unknown_kind(&d.address, other)),
         }
@@ -522,11 +534,14 @@ impl AwsProvider {
                 self.read_ec2(&d.kind, &d.address, &live.id, &attrs).await
             }
             kind::SUBNET => self.update_subnet(d, &attrs, live).await,
+            // Every attribute forces a new rule: nothing to change in place.
+            kind::SECURITY_GROUP_RULE => self.read_node_port_rule(&d.address, &live.id, ctx).await,
             kind::ROUTE_TABLE => self.update_route_table(d, &attrs, live).await,
             kind::NAT_GATEWAY => self.update_nat_gateway(d, &attrs, live, ctx).await,
             kind::IAM_ROLE => self.update_role(d, &attrs, live).await,
             kind::EKS_CLUSTER => self.update_cluster(d, &attrs, live, ctx).await,
             kind::EKS_NODE_GROUP => self.update_node_group(d, &attrs, live, ctx).await,
+            kind::EKS_ADDON => self.update_addon(d, &attrs, live, ctx).await,
             kind::ECR_REPOSITORY => self.update_repository(d, &attrs, live).await,
             other => Err(unknown_kind(&d.address, other)),
         }
@@ -542,9 +557,11 @@ impl AwsProvider {
             kind::EIP => self.delete_eip(live, ctx).await,
             kind::NAT_GATEWAY => self.delete_nat_gateway(live, ctx).await,
             kind::SECURITY_GROUP => self.delete_security_group(live, ctx).await,
+            kind::SECURITY_GROUP_RULE => self.delete_node_port_rule(live).await,
             kind::IAM_ROLE => self.delete_role(live).await,
             kind::EKS_CLUSTER => self.delete_cluster(live, ctx).await,
             kind::EKS_NODE_GROUP => self.delete_node_group(live, ctx).await,
+            kind::EKS_ADDON => self.delete_addon(live, ctx).await,
             kind::ECR_REPOSITORY => self.delete_repository(live).await,
             other => Err(unknown_kind(&live.address, other)),
         }

@@ -55,7 +55,7 @@ pub(super) fn address_of(tags: &[Tag]) -> Option<Address> {
         .map(|(_, v)| Address::new(v))
 }
 
-fn ec2_tags(items: impl IntoIterator<Item = (String, String)>) -> Vec<Tag> {
+pub(super) fn ec2_tags(items: impl IntoIterator<Item = (String, String)>) -> Vec<Tag> {
     items
         .into_iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())

@@ -23,6 +23,11 @@
 //! assert_eq!(proxy.count("DescribeVpcs"), 3);
 //! ```
 //!
+//! The EKS add-on calls (`CreateAddon`, `ListAddons`, `DescribeAddon`, `UpdateAddon`,
+//! `DeleteAddon`), which moto does not serve, are SIMULATED by the proxy: see [`addons`].
+//! Faults apply to them as to any other call; only what would have been forwarded is
+//! answered by the simulation instead (and not counted by [`FaultProxy::forwarded`]).
+//!
 //! Faults of one action that answer in the proxy's place (throttle, server error, canned
 //! response) are used up in the order they were programmed; delays apply before them;
 //! status rewrites apply to responses that came back from moto.
@@ -44,6 +49,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::oneshot;
+
+pub mod addons;
 
 /// The variable `scripts/services env` sets to moto's address.
 pub const ENDPOINT_VAR: &str = "MESH_TEST_AWS_ENDPOINT";
@@ -445,7 +452,11 @@ async fn serve(listener: StdTcpListener, shared: Arc<Shared>, mut shutdown: ones
 /// What to do with one call, decided under the lock.
 enum Plan {
     Answer(Response<Full<Bytes>>),
-    Forward { rewrite: bool },
+    /// An add-on call, answered by [`addons`] (moto does not serve them).
+    Simulate,
+    Forward {
+        rewrite: bool,
+    },
 }
 
 async fn handle(
@@ -512,6 +523,9 @@ async fn handle(
                 let request_id = format!("aws-fault-proxy-{}", st.received.len());
                 Plan::Answer(injected_response(&call, &fault, &request_id))
             }
+            None if call.service == "eks" && addons::ACTIONS.contains(&call.action.as_str()) => {
+                Plan::Simulate
+            }
             None => {
                 st.forwarded.push(call.clone());
                 let rewrite = st.rules.iter().any(|r| {
@@ -528,6 +542,22 @@ async fn handle(
         Plan::Answer(resp) => {
             eprintln!(
                 "aws-fault-proxy: {} answered {} by the proxy",
+                call.action,
+                resp.status()
+            );
+            return Ok(resp);
+        }
+        Plan::Simulate => {
+            let resp = addons::answer(
+                &shared,
+                &call.action,
+                parts.uri.path(),
+                &parts.headers,
+                &body,
+            )
+            .await;
+            eprintln!(
+                "aws-fault-proxy: {} answered {} by the add-on simulation",
                 call.action,
                 resp.status()
             );
@@ -947,6 +977,17 @@ fn aws_error(call: &Call, kind: ErrorKind, request_id: &str) -> Response<Full<By
         }
     };
     let _ = message;
+    json_error(status, code, content_type, body, request_id)
+}
+
+/// An error response with its code in `x-amzn-ErrorType` (how the SDKs read REST-JSON errors).
+fn json_error(
+    status: StatusCode,
+    code: &str,
+    content_type: &str,
+    body: String,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)

@@ -483,3 +483,190 @@ fn an_unreachable_upstream_is_a_502_not_a_hang() {
     assert_eq!(r.status, 502);
     assert!(r.body.contains("aws-fault-proxy"), "{}", r.body);
 }
+
+// ------------------------------------------------------------------ the simulated add-on API
+
+fn error_code(r: &Reply) -> &str {
+    r.header("x-amzn-ErrorType").unwrap_or_default()
+}
+
+#[test]
+fn addons_answer_the_eks_error_codes() {
+    let proxy = FaultProxy::start(&moto_endpoint());
+    let addr = proxy.addr();
+    let vpc_cni =
+        r#"{"addonName":"vpc-cni","configurationValues":"{\"enableNetworkPolicy\":\"true\"}"}"#;
+
+    // A cluster moto does not know: 404 for every call.
+    let ghost = unique("ghost");
+    let r = eks(addr, "POST", &format!("/clusters/{ghost}/addons"), vpc_cni);
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (404, "ResourceNotFoundException"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.json()["message"].as_str().unwrap().contains(&ghost),
+        "{}",
+        r.body
+    );
+    let r = eks(
+        addr,
+        "GET",
+        &format!("/clusters/{ghost}/addons/vpc-cni"),
+        "",
+    );
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (404, "ResourceNotFoundException")
+    );
+    let r = eks(addr, "GET", &format!("/clusters/{ghost}/addons"), "");
+    assert_eq!(r.status, 404);
+
+    let name = unique("addons");
+    create_cluster(addr, &name);
+    // An add-on the cluster does not have: 404; delete and update too.
+    let one = format!("/clusters/{name}/addons/vpc-cni");
+    for (method, path) in [
+        ("GET", one.clone()),
+        ("DELETE", one.clone()),
+        ("POST", format!("{one}/update")),
+    ] {
+        let r = eks(addr, method, &path, "{}");
+        assert_eq!(
+            (r.status, error_code(&r)),
+            (404, "ResourceNotFoundException"),
+            "{method} {path}: {}",
+            r.body
+        );
+    }
+    // Bad parameters: 400.
+    let r = eks(
+        addr,
+        "POST",
+        &format!("/clusters/{name}/addons"),
+        r#"{"configurationValues":"{}"}"#,
+    );
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (400, "InvalidParameterException"),
+        "{}",
+        r.body
+    );
+    let r = eks(
+        addr,
+        "POST",
+        &format!("/clusters/{name}/addons"),
+        r#"{"addonName":"vpc-cni","configurationValues":"enableNetworkPolicy"}"#,
+    );
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (400, "InvalidParameterException"),
+        "{}",
+        r.body
+    );
+    let r = eks(
+        addr,
+        "POST",
+        &format!("/clusters/{name}/addons"),
+        "not json",
+    );
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (400, "InvalidParameterException"),
+        "{}",
+        r.body
+    );
+
+    // Created CREATING, then ACTIVE on the next read; a second create is 409.
+    let r = eks(addr, "POST", &format!("/clusters/{name}/addons"), vpc_cni);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let created = r.json();
+    assert_eq!(created["addon"]["status"], "CREATING");
+    assert_eq!(created["addon"]["clusterName"], name.as_str());
+    assert!(
+        created["addon"]["addonArn"]
+            .as_str()
+            .unwrap()
+            .contains(":addon/"),
+        "{created}"
+    );
+    let r = eks(addr, "POST", &format!("/clusters/{name}/addons"), vpc_cni);
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (409, "ResourceInUseException"),
+        "{}",
+        r.body
+    );
+    let r = eks(addr, "GET", &one, "");
+    assert_eq!(r.json()["addon"]["status"], "CREATING");
+    let r = eks(addr, "GET", &one, "");
+    let active = r.json();
+    assert_eq!(active["addon"]["status"], "ACTIVE");
+    assert_eq!(
+        active["addon"]["configurationValues"],
+        r#"{"enableNetworkPolicy":"true"}"#
+    );
+    let r = eks(addr, "GET", &format!("/clusters/{name}/addons"), "");
+    assert_eq!(r.json()["addons"], serde_json::json!(["vpc-cni"]));
+
+    // Update: UPDATING, then the new configuration.
+    let r = eks(
+        addr,
+        "POST",
+        &format!("{one}/update"),
+        r#"{"configurationValues":"{\"enableNetworkPolicy\":\"false\"}"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["update"]["type"], "AddonUpdate");
+    assert_eq!(
+        eks(addr, "GET", &one, "").json()["addon"]["status"],
+        "UPDATING"
+    );
+    let after = eks(addr, "GET", &one, "").json();
+    assert_eq!(
+        after["addon"]["configurationValues"],
+        r#"{"enableNetworkPolicy":"false"}"#
+    );
+
+    // Delete: DELETING once, then gone; a change while deleting is 409.
+    let r = eks(addr, "DELETE", &one, "");
+    assert_eq!(r.json()["addon"]["status"], "DELETING");
+    let r = eks(addr, "POST", &format!("{one}/update"), "{}");
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (409, "ResourceInUseException"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        eks(addr, "GET", &one, "").json()["addon"]["status"],
+        "DELETING"
+    );
+    let r = eks(addr, "GET", &one, "");
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (404, "ResourceNotFoundException")
+    );
+
+    // The add-on calls never reached moto; faults still apply to them.
+    assert_eq!(proxy.forwarded("CreateAddon"), 0);
+    proxy.throttle("DescribeAddon", 1);
+    assert_eq!(eks(addr, "GET", &one, "").status, 429);
+
+    // Add-ons go with their cluster.
+    let r = eks(addr, "POST", &format!("/clusters/{name}/addons"), vpc_cni);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        eks(addr, "DELETE", &format!("/clusters/{name}"), "").status,
+        200
+    );
+    let r = eks(addr, "GET", &one, "");
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (404, "ResourceNotFoundException"),
+        "{}",
+        r.body
+    );
+}
