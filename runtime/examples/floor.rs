@@ -1,5 +1,5 @@
 //! The floor of the runtime benchmarks: a bare axum server on the same tokio
-//! runtime, serde_json and allocator (mimalloc) as `mesh-runtime`, answering `POST /echo` with the
+//! runtime, serde_json and allocator as `mesh-runtime`, answering `POST /echo` with the
 //! JSON it was sent (parsed and serialised again) and `GET /ok` with `{}`.
 //! Nothing a service does (routing by endpoint, keys, datasets, models,
 //! metrics) is in it, so `scenario req/s ÷ floor req/s` is what the service
@@ -11,9 +11,6 @@
 use axum::Json;
 use axum::routing::{get, post};
 use serde_json::Value;
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::io::Result<()> {
     let addr = std::env::args()

@@ -16,12 +16,6 @@ use mesh_runtime::config::Bundle;
 use mesh_runtime::service::{LoadOptions, Service};
 use mesh_runtime::{AppState, app, log};
 
-/// mimalloc: a request allocates and frees many small blocks across worker
-/// threads, which glibc's allocator serves measurably slower (see
-/// scripts/bench-runtime).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "mesh-runtime",
