@@ -528,8 +528,18 @@ fn live_of(kind: Kind, obj: &J) -> Option<Live> {
                 .pointer("/status/loadBalancer/ingress/0")
                 .and_then(|i| i.get("hostname").or_else(|| i.get("ip")))
                 .and_then(J::as_str);
+            // TLS on the load balancer's port (an ACM certificate, `aws`).
+            let annotation = |k: &str| {
+                obj.pointer("/metadata/annotations")
+                    .and_then(|a| a.get(k))
+                    .and_then(J::as_str)
+            };
+            let tls = annotation(kinds::ANNOTATION_AWS_SSL_CERT).is_some()
+                && annotation(kinds::ANNOTATION_AWS_SSL_PORTS)
+                    .is_some_and(|ports| ports.split(',').any(|p| p.trim() == port.to_string()));
             if let Some(host) = lb {
-                live = live.output("url", format!("http://{host}:{port}"));
+                let scheme = if tls { "https" } else { "http" };
+                live = live.output("url", format!("{scheme}://{host}:{port}"));
             } else if let Some(ns) = ns {
                 live = live.output(
                     "url",
@@ -546,9 +556,21 @@ fn live_of(kind: Kind, obj: &J) -> Option<Live> {
                 .pointer("/spec/rules/0/http/paths/0/path")
                 .and_then(J::as_str)
                 .unwrap_or("/");
+            // HTTPS where a `tls` entry covers the host.
+            let tls = obj
+                .pointer("/spec/tls")
+                .and_then(J::as_array)
+                .into_iter()
+                .flatten()
+                .any(|t| {
+                    t.get("hosts")
+                        .and_then(J::as_array)
+                        .is_some_and(|h| h.iter().any(|h| h.as_str() == Some(host)))
+                });
+            let scheme = if tls { "https" } else { "http" };
             live = live.output(
                 "url",
-                format!("http://{host}{}", path.trim_end_matches('/')),
+                format!("{scheme}://{host}{}", path.trim_end_matches('/')),
             );
         }
         _ => {}
