@@ -746,13 +746,21 @@ impl ServiceConfig {
                                 }
                             }
                             (None, Some(remote)) => {
-                                if !remote.url.starts_with("http://") {
-                                    out.push(format!("{at}: lookup url must start with `http://`"));
+                                let https = remote.url.starts_with("https://");
+                                if !https && !remote.url.starts_with("http://") {
+                                    out.push(format!(
+                                        "{at}: lookup url must start with `http://` or `https://`"
+                                    ));
                                 } else if !remote.url.ends_with("/lookup") {
                                     out.push(format!("{at}: lookup url must end with `/lookup`"));
                                 }
                                 if remote.timeout_ms == 0 {
                                     out.push(format!("{at}: timeout_ms must be positive"));
+                                }
+                                if remote.ca_file.is_some() && !https {
+                                    out.push(format!(
+                                        "{at}: ca_file is used only with an `https://` lookup url"
+                                    ));
                                 }
                             }
                             _ => {
