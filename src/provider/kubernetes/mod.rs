@@ -1170,3 +1170,43 @@ impl Provider for KubernetesProvider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn url(kind: Kind, obj: &J) -> String {
+        let live = live_of(kind, obj).expect("owned");
+        live.outputs["url"].as_str().expect("url").to_owned()
+    }
+
+    #[test]
+    fn an_exposure_url_is_https_where_the_live_object_terminates_tls() {
+        let mut svc = json!({
+            "metadata": { "name": "scoring", "namespace": "ns",
+                "annotations": { kinds::ANNOTATION_ADDRESS: "expose.scoring.service" } },
+            "spec": { "type": "LoadBalancer", "ports": [{ "port": 443 }] },
+            "status": { "loadBalancer": { "ingress": [{ "hostname": "lb.example.com" }] } },
+        });
+        assert_eq!(url(Kind::Service, &svc), "http://lb.example.com:443");
+        let a = &mut svc["metadata"]["annotations"];
+        a[kinds::ANNOTATION_AWS_SSL_CERT] = json!("arn:aws:acm:us-east-1:1:certificate/x");
+        a[kinds::ANNOTATION_AWS_SSL_PORTS] = json!("8443");
+        // A certificate on another port leaves this one plain.
+        assert_eq!(url(Kind::Service, &svc), "http://lb.example.com:443");
+        svc["metadata"]["annotations"][kinds::ANNOTATION_AWS_SSL_PORTS] = json!("8443, 443");
+        assert_eq!(url(Kind::Service, &svc), "https://lb.example.com:443");
+
+        let mut ing = json!({
+            "metadata": { "name": "features", "namespace": "ns",
+                "annotations": { kinds::ANNOTATION_ADDRESS: "expose.features.ingress" } },
+            "spec": { "rules": [{ "host": "f.example.com", "http": { "paths": [{ "path": "/x" }] } }] },
+        });
+        assert_eq!(url(Kind::Ingress, &ing), "http://f.example.com/x");
+        ing["spec"]["tls"] = json!([{ "hosts": ["other.example.com"], "secretName": "s" }]);
+        assert_eq!(url(Kind::Ingress, &ing), "http://f.example.com/x");
+        ing["spec"]["tls"] = json!([{ "hosts": ["f.example.com"], "secretName": "s" }]);
+        assert_eq!(url(Kind::Ingress, &ing), "https://f.example.com/x");
+    }
+}
