@@ -74,6 +74,7 @@ fn stack(name: &str, root: &Path, data: &Path) -> Stack {
                 service: s,
                 kind: ExposeKind::ClusterIP { port: 8080 },
                 allow,
+                tls: None,
             },
         );
     }

@@ -552,6 +552,10 @@ async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> E
         if let Some(Value::Str(key)) = l.outputs.get("api_key_file") {
             entry["api_key_file"] = serde_json::Value::String(key.clone());
         }
+        // A local HTTPS exposure: the certificate mesh made, for callers to trust.
+        if let Some(Value::Str(cert)) = l.outputs.get("certificate") {
+            entry["certificate"] = serde_json::Value::String(cert.clone());
+        }
         exposes.insert(name.clone(), entry);
     }
     if json {
@@ -573,6 +577,11 @@ async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> E
             if let Some(key) = v["api_key_file"].as_str() {
                 println!(
                     "  (callers need a key: from this machine send `X-API-Key: $(cat {key})`)"
+                );
+            }
+            if let Some(cert) = v["certificate"].as_str() {
+                println!(
+                    "  (HTTPS with a certificate mesh made: trust it with `curl --cacert {cert}`)"
                 );
             }
             if let Some(eps) = v["endpoints"].as_object() {

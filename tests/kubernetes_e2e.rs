@@ -1802,3 +1802,133 @@ async fn a_warehouse_password_refresh_or_query_change_updates_only_its_service()
         "destroy",
     );
 }
+
+/// The edge of a cluster: a LoadBalancer's CIDR `allow` as source ranges
+/// (and the client's address kept), an Ingress's as the controller's
+/// source-range annotation, TLS on Ingresses from a Secret or a
+/// cert-manager issuer (`mesh output` prints https), and every pod with a
+/// restrictive security context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cidr_allow_and_tls_reach_the_edge_and_pods_run_restricted() {
+    let c = Cluster::new().await;
+    c.edit("stacks/customer-mesh/stack.toml", |s| {
+        s.replace(
+            "[expose.customer-scoring]\ntype = \"NodePort\"\nport = 8080\nnode_port = 30081\nallow = [\"0.0.0.0/0\"]\n",
+            "[expose.customer-scoring]\ntype = \"LoadBalancer\"\nport = 8080\nallow = [\"203.0.113.0/24\", \"198.51.100.7/32\"]\n\n\
+             [expose.scoring-edge]\nservice = \"customer-scoring\"\ntype = \"Ingress\"\nhost = \"scoring.example.test\"\n\
+             allow = [\"10.20.0.0/16\"]\ntls = { secret = \"scoring-cert\" }\n\n\
+             [expose.features-edge]\nservice = \"customer-features\"\ntype = \"Ingress\"\nhost = \"features.example.test\"\n\
+             allow = [\"customer-scoring\"]\ntls = { issuer = \"letsencrypt\" }\n",
+        )
+    });
+    ok(&c.apply(&[]).await, "apply");
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "a second plan is not empty: {}", text(&out));
+
+    let svc = c.object("v1", "Service", "customer-scoring");
+    assert_eq!(
+        svc["spec"]["loadBalancerSourceRanges"],
+        json!(["203.0.113.0/24", "198.51.100.7/32"]),
+        "{svc:#}"
+    );
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local", "{svc:#}");
+    // No certificate on a kubernetes target's load balancer.
+    let annotations = &svc["metadata"]["annotations"];
+    assert!(
+        annotations
+            .get("service.beta.kubernetes.io/aws-load-balancer-ssl-cert")
+            .is_none(),
+        "{svc:#}"
+    );
+
+    let ing = c.object("networking.k8s.io/v1", "Ingress", "scoring-edge");
+    let a = &ing["metadata"]["annotations"];
+    assert_eq!(
+        a["nginx.ingress.kubernetes.io/whitelist-source-range"], "10.20.0.0/16",
+        "{ing:#}"
+    );
+    // The ALB controller's annotation is for aws environments only.
+    assert!(a.get("alb.ingress.kubernetes.io/inbound-cidrs").is_none());
+    assert_eq!(
+        ing["spec"]["tls"],
+        json!([{ "hosts": ["scoring.example.test"], "secretName": "scoring-cert" }])
+    );
+    let ing = c.object("networking.k8s.io/v1", "Ingress", "features-edge");
+    let a = &ing["metadata"]["annotations"];
+    assert_eq!(
+        a["cert-manager.io/cluster-issuer"], "letsencrypt",
+        "{ing:#}"
+    );
+    // Services only in `allow`: no source range at the edge (the NetworkPolicy holds).
+    assert!(
+        a.get("nginx.ingress.kubernetes.io/whitelist-source-range")
+            .is_none()
+    );
+    assert_eq!(
+        ing["spec"]["tls"],
+        json!([{ "hosts": ["features.example.test"], "secretName": "features-edge-tls" }])
+    );
+
+    for name in ["customer-features", "customer-scoring"] {
+        let dep = c.object("apps/v1", "Deployment", name);
+        let pod = &dep["spec"]["template"]["spec"];
+        let sc = &pod["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true, "{name}: {sc}");
+        assert_eq!(sc["runAsUser"], 65532, "{name}: {sc}");
+        assert_eq!(sc["runAsGroup"], 65532, "{name}: {sc}");
+        assert_eq!(sc["fsGroup"], 65532, "{name}: {sc}");
+        assert_eq!(
+            sc["seccompProfile"]["type"], "RuntimeDefault",
+            "{name}: {sc}"
+        );
+        let csc = &pod["containers"][0]["securityContext"];
+        assert_eq!(csc["readOnlyRootFilesystem"], true, "{name}: {csc}");
+        assert_eq!(csc["allowPrivilegeEscalation"], false, "{name}: {csc}");
+        assert_eq!(csc["runAsNonRoot"], true, "{name}: {csc}");
+        assert_eq!(csc["capabilities"]["drop"], json!(["ALL"]), "{name}: {csc}");
+        // Nothing writable is needed: the only volumes are read-only mounts.
+        for m in pod["containers"][0]["volumeMounts"].as_array().unwrap() {
+            assert_eq!(m["readOnly"], true, "{name}: {m}");
+        }
+    }
+
+    let out = c.run("output", &["--json"], &[]).await;
+    ok(&out, "output");
+    let urls: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        urls["exposes"]["scoring-edge"]["url"], "https://scoring.example.test",
+        "{urls:#}"
+    );
+    assert_eq!(
+        urls["exposes"]["features-edge"]["url"], "https://features.example.test",
+        "{urls:#}"
+    );
+    assert!(
+        urls["exposes"]["customer-scoring"]["url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("http://")),
+        "{urls:#}"
+    );
+
+    // Dropping the CIDRs and TLS is planned (the edge fields are compared)
+    // and applied.
+    c.edit("stacks/customer-mesh/stack.toml", |s| {
+        s.replace("tls = { secret = \"scoring-cert\" }\n", "")
+            .replace("allow = [\"10.20.0.0/16\"]\n", "allow = []\n")
+    });
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    assert!(
+        changes(&plan).contains(&("expose.scoring-edge.ingress".into(), "update".into())),
+        "{plan:#}"
+    );
+    ok(&c.apply(&[]).await, "apply without TLS");
+    let ing = c.object("networking.k8s.io/v1", "Ingress", "scoring-edge");
+    assert!(ing["spec"].get("tls").is_none(), "{ing:#}");
+    assert!(
+        ing["metadata"]["annotations"]
+            .get("nginx.ingress.kubernetes.io/whitelist-source-range")
+            .is_none(),
+        "{ing:#}"
+    );
+}

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use support::local::{alive, changed_addresses, files_under, ok, runtime_bin, try_request};
+use support::local::{
+    alive, changed_addresses, files_under, ok, runtime_bin, try_request, try_request_tls,
+};
 
 /// A copy of the example stack in a temp dir, on its own ports.
 struct Mesh {
@@ -752,20 +754,62 @@ fn an_update_refuses_no_connection() {
     let ask = serde_json::json!({"data": {"customer_id": "C00042"}});
     let (status, row) = post_with_key(&url, &ask, Some(&key));
     assert_eq!(status, 200, "{row}");
-    let before = row["data"]["total_spend_30d"].as_f64().unwrap();
+    assert_ne!(row["data"]["total_spend_30d"].as_f64(), Some(NEW_SPEND));
     let old_pid = m.pid_of("customer-features");
 
-    // Requests in a loop, each on a new connection, across the update.
+    let request = {
+        let (url, key, ask) = (url.clone(), key.clone(), ask.clone());
+        move || try_request("POST", &url, Some(&ask), Some(&key))
+    };
+    let (out, _) = requests_across_an_update(request, || {
+        set_spend(&m.stack, NEW_SPEND);
+        m.apply()
+    });
+    ok(&out, "apply after dataset edit");
+    // A few more requests against the new runtime alone.
+    let (status, row) = post_with_key(&url, &ask, Some(&key));
+    assert_eq!(status, 200, "{row}");
+    assert!(!alive(old_pid), "the old runtime still runs");
+    assert_ne!(m.pid_of("customer-features"), old_pid);
+}
+
+/// The `total_spend_30d` of C00042 that [`set_spend`] writes for an update.
+const NEW_SPEND: f64 = 99999.0;
+
+/// Edits the example's `behavior.csv`: C00042's `total_spend_30d` becomes `value`.
+fn set_spend(stack: &std::path::Path, value: f64) {
+    let csv = stack.join("../../examples/customer-mesh/behavior.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("C00042,"))
+        .unwrap()
+        .to_owned();
+    let mut cols: Vec<String> = line.split(',').map(str::to_owned).collect();
+    cols[1] = format!("{value:.1}");
+    std::fs::write(&csv, text.replace(&line, &cols.join(","))).unwrap();
+}
+
+/// Sends `request` (a lookup of C00042's behaviour) in a loop, each on a
+/// new connection, while `update` runs (an apply that puts [`NEW_SPEND`]
+/// in); asserts that none failed and that both the old and the new runtime
+/// answered. Returns what `update` did and the number of requests.
+fn requests_across_an_update<T>(
+    request: impl Fn() -> Result<(u16, Value), String> + Send + 'static,
+    update: impl FnOnce() -> T,
+) -> (T, u32)
+where
+    T: std::fmt::Debug,
+{
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {
         let stop = stop.clone();
-        let (url, key, ask) = (url.clone(), key.clone(), ask.clone());
         std::thread::spawn(move || {
             let (mut ok_old, mut ok_new, mut failures) = (0u32, 0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                match try_request("POST", &url, Some(&ask), Some(&key)) {
+                match request() {
                     Ok((200, row)) => {
-                        if row["data"]["total_spend_30d"].as_f64() == Some(99999.0) {
+                        if row["data"]["total_spend_30d"].as_f64() == Some(NEW_SPEND) {
                             ok_new += 1;
                         } else {
                             ok_old += 1;
@@ -778,37 +822,145 @@ fn an_update_refuses_no_connection() {
             (ok_old, ok_new, failures)
         })
     };
-
-    let csv = m.stack.join("../../examples/customer-mesh/behavior.csv");
-    let text = std::fs::read_to_string(&csv).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("C00042,"))
-        .unwrap()
-        .to_owned();
-    let mut cols: Vec<String> = line.split(',').map(str::to_owned).collect();
-    assert_ne!(before, 99999.0);
-    cols[1] = "99999.0".into();
-    std::fs::write(&csv, text.replace(&line, &cols.join(","))).unwrap();
-    let out = m.apply();
-    ok(&out, "apply after dataset edit");
-    // A few more requests against the new runtime alone.
-    let (status, row) = post_with_key(&url, &ask, Some(&key));
-    assert_eq!(status, 200, "{row}");
+    let done = update();
+    // Until the new runtime has answered (the apply returned once it was ready).
+    std::thread::sleep(std::time::Duration::from_millis(200));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok_old, ok_new, failures) = client.join().unwrap();
+    let total = failures.len() as u32 + ok_old + ok_new;
     assert!(
         failures.is_empty(),
-        "{} of {} requests failed during the update, e.g. {:?}\napply said:\n{}",
+        "{} of {total} requests failed during the update, e.g. {:?}\nthe update: {done:?}",
         failures.len(),
-        failures.len() as u32 + ok_old + ok_new,
         &failures[..failures.len().min(5)],
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(ok_old > 0, "no request reached the old runtime");
     assert!(ok_new > 0, "no request reached the new runtime");
-    assert!(!alive(old_pid), "the old runtime still runs");
+    (done, total)
+}
+
+/// `tls = { self_signed = true }` on both services: each serves HTTPS
+/// only, with a certificate mesh made (checked by a client trusting that
+/// certificate alone); the scoring service enriches from the feature
+/// service over TLS; an update hands the port over without a failed
+/// request, the new runtime serving the same certificate.
+#[test]
+fn self_signed_tls_serves_https_only_with_the_certificate_mesh_made() {
+    let m = Mesh::new();
+    let tls = "tls = { self_signed = true }\n";
+    let module = m.stack.join("../../modules/lookup-service/module.toml");
+    let text = std::fs::read_to_string(&module).unwrap();
+    std::fs::write(&module, format!("{text}{tls}")).unwrap();
+    let stack_toml = m.stack.join("stack.toml");
+    let text = std::fs::read_to_string(&stack_toml).unwrap();
+    let edited = text.replace(
+        "allow = [\"0.0.0.0/0\"]\n",
+        &format!("allow = [\"0.0.0.0/0\"]\n{tls}"),
+    );
+    assert_ne!(text, edited);
+    std::fs::write(&stack_toml, edited).unwrap();
+    ok(&m.apply(), "apply");
+
+    // `mesh output`: the https URLs and the certificates to trust.
+    let out = m.run("output", &["--json"]);
+    ok(&out, "output");
+    let urls: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cert = |expose: &str| -> PathBuf {
+        let e = &urls["exposes"][expose];
+        let port = if expose == "customer-features" {
+            m.features_port
+        } else {
+            m.scoring_port
+        };
+        assert_eq!(e["url"], format!("https://127.0.0.1:{port}"), "{urls:#}");
+        PathBuf::from(
+            e["certificate"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{urls:#}")),
+        )
+    };
+    let (features_cert, scoring_cert) = (cert("customer-features"), cert("customer-scoring"));
+    let text = String::from_utf8_lossy(&m.run("output", &[]).stdout).into_owned();
+    assert!(
+        text.contains(&format!("curl --cacert {}", scoring_cert.display())),
+        "{text}"
+    );
+    // The key never leaves its private folder; plans name no key material.
+    let key = features_cert.with_file_name("key.pem");
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&key), 0o600);
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 0, "{plan:#}");
+    let body = key_pem.lines().find(|l| !l.starts_with("-----")).unwrap();
+    assert!(!plan.to_string().contains(body));
+
+    // By id alone, enriched from the feature service over TLS.
+    let predict = format!(
+        "https://127.0.0.1:{}/public/api/v1/customer-scoring/high-value/predict",
+        m.scoring_port
+    );
+    let by_id = serde_json::json!({"features": {"customer_id": "C00042"}});
+    let (status, answer) =
+        try_request_tls("POST", &predict, Some(&by_id), None, &scoring_cert).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["result"]["prediction"], "1", "{answer}");
+
+    // Plain HTTP on the same port gets no HTTP answer.
+    let plain = predict.replacen("https://", "http://", 1);
+    let refused = try_request("POST", &plain, Some(&by_id), None);
+    assert!(
+        refused.as_ref().is_err_and(|e| !e.starts_with("connect")),
+        "plain HTTP answered (or nothing listened): {refused:?}"
+    );
+    // A client trusting another certificate refuses this one.
+    let wrong = try_request_tls("POST", &predict, Some(&by_id), None, &features_cert);
+    assert!(
+        wrong.as_ref().is_err_and(|e| e.contains("tls handshake")),
+        "{wrong:?}"
+    );
+
+    // `mesh test --live` sends the stack's test queries over HTTPS too,
+    // trusting the certificates `mesh output` shows.
+    let out = m.run("test", &["--live"]);
+    ok(&out, "mesh test --live");
+
+    // The operator's lookup over TLS, and across an update (a handover).
+    let lookup = format!(
+        "https://127.0.0.1:{}/public/api/v1/customer-features/behavior/lookup",
+        m.features_port
+    );
+    let operator = std::fs::read_to_string(
+        m.stack
+            .join(".mesh/local/access/customer-features/operator"),
+    )
+    .unwrap();
+    let ask = serde_json::json!({"data": {"customer_id": "C00042"}});
+    let (status, row) =
+        try_request_tls("POST", &lookup, Some(&ask), Some(&operator), &features_cert).unwrap();
+    assert_eq!(status, 200, "{row}");
+    let cert_before = std::fs::read(&features_cert).unwrap();
+    let old_pid = m.pid_of("customer-features");
+    let request = {
+        let (lookup, ask, cert) = (lookup.clone(), ask.clone(), features_cert.clone());
+        move || try_request_tls("POST", &lookup, Some(&ask), Some(&operator), &cert)
+    };
+    let (out, total) = requests_across_an_update(request, || {
+        set_spend(&m.stack, NEW_SPEND);
+        m.apply()
+    });
+    ok(&out, "apply after dataset edit");
+    assert!(total > 0);
     assert_ne!(m.pid_of("customer-features"), old_pid);
+    assert_eq!(std::fs::read(&features_cert).unwrap(), cert_before);
+    // The scoring service, updated too (its upstream's data changed nothing
+    // in its bundle), still enriches over TLS from the new runtime.
+    let (status, answer) =
+        try_request_tls("POST", &predict, Some(&by_id), None, &scoring_cert).unwrap();
+    assert_eq!(status, 200, "{answer}");
 }
 
 #[test]

@@ -69,6 +69,21 @@ pub struct ServiceConfig {
     /// stay at the root as well, so probes and in-cluster callers reach them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_path: Option<String>,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP (the
+    /// local target's `tls = { self_signed = true }`): every connection to
+    /// the port is TLS, probes included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+}
+
+/// A certificate chain and its private key, PEM files (relative to the
+/// bundle folder, or absolute). The key is a file reference like a secret:
+/// never in the bundle's text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A reference to a secret; the value itself never appears in a bundle.
@@ -411,6 +426,10 @@ pub struct RemoteLookup {
     /// Per-call timeout (default 2000 ms); exceeding it gives 504.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// For an `https://` url: the certificates (PEM) trusted for it, e.g.
+    /// the upstream's self-signed one; without it, the Mozilla roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -727,13 +746,21 @@ impl ServiceConfig {
                                 }
                             }
                             (None, Some(remote)) => {
-                                if !remote.url.starts_with("http://") {
-                                    out.push(format!("{at}: lookup url must start with `http://`"));
+                                let https = remote.url.starts_with("https://");
+                                if !https && !remote.url.starts_with("http://") {
+                                    out.push(format!(
+                                        "{at}: lookup url must start with `http://` or `https://`"
+                                    ));
                                 } else if !remote.url.ends_with("/lookup") {
                                     out.push(format!("{at}: lookup url must end with `/lookup`"));
                                 }
                                 if remote.timeout_ms == 0 {
                                     out.push(format!("{at}: timeout_ms must be positive"));
+                                }
+                                if remote.ca_file.is_some() && !https {
+                                    out.push(format!(
+                                        "{at}: ca_file is used only with an `https://` lookup url"
+                                    ));
                                 }
                             }
                             _ => {

@@ -24,5 +24,6 @@ pub mod scoring;
 pub mod service;
 pub mod snowflake;
 pub mod sql;
+pub mod tls;
 
 pub use http::{AppState, app};

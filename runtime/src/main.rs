@@ -8,12 +8,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use mesh_runtime::config::Bundle;
 use mesh_runtime::service::{LoadOptions, Service};
+use mesh_runtime::tls::TlsListener;
 use mesh_runtime::{AppState, app, log};
 
 #[derive(Parser)]
@@ -165,24 +167,36 @@ async fn serve(
         started.elapsed().as_secs_f64() * 1e3
     ));
     let state = AppState::new(&bundle.config, api_keys);
+    let tls = match &bundle.config.tls {
+        Some(files) => Some(
+            mesh_runtime::tls::server_config(&bundle.path(&files.cert), &bundle.path(&files.key))
+                .map_err(|e| format!("cannot serve HTTPS: {e}"))?,
+        ),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     if takeover.handover {
-        return serve_handover(bundle, listen, shutdown_timeout, state, started, takeover).await;
+        return serve_handover(
+            bundle,
+            listen,
+            shutdown_timeout,
+            state,
+            started,
+            takeover,
+            tls,
+        )
+        .await;
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    log::info(format_args!("listening on http://{local} (not ready yet)"));
+    log::info(format_args!(
+        "listening on {scheme}://{local} (not ready yet)"
+    ));
 
     let router = app(state.clone());
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal(shutdown_timeout))
-            .await
-    });
+    let mut server = tokio::spawn(run(listener, tls, router, shutdown_timeout));
 
     let loaded = tokio::select! {
         loaded = Service::load(&bundle, LoadOptions::default()) => loaded,
@@ -210,6 +224,30 @@ async fn serve(
     result.map_err(|e| e.to_string())
 }
 
+/// Serves `router` on `listener` until a signal, over TLS when `tls` is set.
+async fn run(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    shutdown_timeout: Duration,
+) -> std::io::Result<()> {
+    match tls {
+        Some(config) => {
+            axum::serve(TlsListener::new(listener, config)?, router)
+                .with_graceful_shutdown(shutdown_signal(shutdown_timeout))
+                .await
+        }
+        None => {
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown_signal(shutdown_timeout))
+                .await
+        }
+    }
+}
+
 /// `serve --handover`: the address is bound at once (SO_REUSEPORT, so it
 /// may be shared with the runtime serving now, and a program holding it
 /// otherwise is found before loading), but listened on only once loaded;
@@ -222,6 +260,7 @@ async fn serve_handover(
     state: AppState,
     started: Instant,
     takeover: Takeover,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(), String> {
     let bind = |reuseaddr: bool| {
         let s = if listen.is_ipv4() {
@@ -261,16 +300,12 @@ async fn serve_handover(
         ));
     }
     log::info(format_args!(
-        "ready in {:.1} ms, listening on http://{listen}",
-        started.elapsed().as_secs_f64() * 1e3
+        "ready in {:.1} ms, listening on {}://{listen}",
+        started.elapsed().as_secs_f64() * 1e3,
+        if tls.is_some() { "https" } else { "http" }
     ));
     write_ready_file(takeover.ready_file.as_deref());
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal(shutdown_timeout))
-        .await;
+    let result = run(listener, tls, app(state), shutdown_timeout).await;
     log::info(format_args!("stopped"));
     result.map_err(|e| e.to_string())
 }

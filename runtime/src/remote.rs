@@ -1,4 +1,5 @@
-//! Enrichment from another mesh service's lookup endpoint, over HTTP/1.1.
+//! Enrichment from another mesh service's lookup endpoint, over HTTP/1.1
+//! (HTTPS for an `https://` upstream, trusting its lookup's `ca_file`).
 //!
 //! One pooled keep-alive client serves all remote enrichments. The remote
 //! enrichments of a prediction endpoint that read one upstream service (same
@@ -50,10 +51,10 @@ pub const MAX_IN_FLIGHT: usize = 8;
 /// Most keys in one batched call.
 pub const MAX_BATCH: usize = 256;
 
-/// The shared HTTP client.
+/// The shared HTTP client: plain HTTP, or HTTPS to an `https://` upstream.
 #[derive(Clone, Debug)]
 pub struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl Default for HttpClient {
@@ -63,15 +64,29 @@ impl Default for HttpClient {
 }
 
 impl HttpClient {
+    /// HTTPS trusts the Mozilla roots.
     pub fn new() -> HttpClient {
+        HttpClient::trusting::<&std::path::Path>(&[]).expect("the Mozilla roots load")
+    }
+
+    /// HTTPS trusts exactly the certificates of `ca_files` (the remote
+    /// lookups' `ca_file`s of a service), or the Mozilla roots when none.
+    pub fn trusting<P: AsRef<std::path::Path>>(ca_files: &[P]) -> Result<HttpClient, String> {
+        let tls = crate::tls::client_config(ca_files)?;
         let mut connector = HttpConnector::new();
+        connector.enforce_http(false);
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
-            .build(connector);
-        HttpClient { client }
+            .build(https);
+        Ok(HttpClient { client })
     }
 }
 
@@ -187,9 +202,9 @@ impl Upstream {
         let uri: Uri = format!("{base}/lookup-endpoints")
             .parse()
             .map_err(|e| format!("invalid lookup url `{base}`: {e}"))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err(format!(
-                "lookup url `{base}` must be http://host[:port]/..."
+                "lookup url `{base}` must be http[s]://host[:port]/..."
             ));
         }
         if endpoints.is_empty() || endpoints.len() > 64 {

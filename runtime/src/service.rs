@@ -6,6 +6,7 @@
 //! Loading reports each phase with its timing on stderr.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -327,7 +328,21 @@ impl Service {
         }
 
         // Endpoints.
-        let http = HttpClient::new();
+        // One client for every remote lookup; HTTPS trusts their `ca_file`s.
+        let ca_files: Vec<PathBuf> = cfg
+            .endpoints
+            .values()
+            .flat_map(|ep| match ep {
+                EndpointConfig::Prediction { enrichments, .. } => enrichments.as_slice(),
+                EndpointConfig::Lookup { .. } => &[],
+            })
+            .filter_map(|en| en.lookup.as_ref()?.ca_file.as_deref())
+            .map(|p| bundle.path(p))
+            .collect();
+        let http = HttpClient::trusting(&ca_files).map_err(|reason| LoadError::Endpoint {
+            endpoint: "(remote lookups)".into(),
+            reason,
+        })?;
         let mut endpoints = HashMap::new();
         for (name, ep) in &cfg.endpoints {
             let t = Instant::now();

@@ -214,39 +214,17 @@ impl Connector {
 /// The rustls configuration of `require` (no certificate check) or
 /// `verify-full` (against `ca_file`, else the Mozilla roots).
 fn tls_config(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeRustlsConnect, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls: {e}"))?;
     let config = match mode {
-        SslMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth(),
-        _ => {
-            let mut roots = rustls::RootCertStore::empty();
-            match ca_file {
-                Some(path) => {
-                    let shown = path.display();
-                    let pem = std::fs::read(path)
-                        .map_err(|e| format!("cannot read ca_file {shown}: {e}"))?;
-                    for cert in CertificateDer::pem_slice_iter(&pem) {
-                        let cert =
-                            cert.map_err(|e| format!("ca_file {shown} is not valid PEM: {e}"))?;
-                        roots
-                            .add(cert)
-                            .map_err(|e| format!("ca_file {shown}: {e}"))?;
-                    }
-                    if roots.is_empty() {
-                        return Err(format!("ca_file {shown} holds no certificate"));
-                    }
-                }
-                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
+        SslMode::Require => {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("tls: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth()
         }
+        _ => crate::tls::client_config(ca_file.as_slice()).map_err(|e| format!("ca_file: {e}"))?,
     };
     Ok(MakeRustlsConnect::new(config))
 }

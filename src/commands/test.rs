@@ -372,6 +372,8 @@ async fn queries(
             url: testing::url(base, t),
             body: t.request.clone(),
             api_key: api_key(&engine.stack, &live, &t.service),
+            ca_file: exposure_output(&engine.stack, &live, &t.service, "certificate")
+                .map(PathBuf::from),
         });
     }
     eprintln!(
@@ -387,18 +389,28 @@ async fn queries(
 
 /// The key this machine's operator presents to `service`, if it demands
 /// one: the local target's operator key, else the service's first key.
-fn api_key(stack: &Stack, live: &[Live], service: &str) -> Option<String> {
-    let operator_key = stack
+/// An output of the first local exposure of `service` that has it
+/// (`api_key_file`, `certificate`).
+fn exposure_output<'a>(
+    stack: &Stack,
+    live: &'a [Live],
+    service: &str,
+    output: &str,
+) -> Option<&'a str> {
+    stack
         .exposes
         .iter()
         .filter(|(_, e)| e.service == service)
         .find_map(|(name, _)| {
             live.iter()
                 .find(|l| l.address.as_str() == format!("expose.{name}"))
-                .and_then(|l| l.outputs.get("api_key_file"))
+                .and_then(|l| l.outputs.get(output))
                 .and_then(Value::as_str)
-                .map(PathBuf::from)
-        });
+        })
+}
+
+fn api_key(stack: &Stack, live: &[Live], service: &str) -> Option<String> {
+    let operator_key = exposure_output(stack, live, service, "api_key_file").map(PathBuf::from);
     if let Some(file) = operator_key {
         return std::fs::read_to_string(file)
             .ok()

@@ -20,6 +20,7 @@
 
 pub mod ports;
 mod secrets;
+mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -70,6 +71,9 @@ struct ServiceState {
     /// Its folder under `services/<name>/` (bundle, secrets, log).
     #[serde(default)]
     generation: String,
+    /// The certificate it serves HTTPS with (see [`tls`]); none: plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
     /// The runtime it is taking over from, until that one has stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     previous: Option<Previous>,
@@ -93,6 +97,9 @@ struct ExposeState {
     /// The operator's key when callers must present one (see [`access`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key_file: Option<PathBuf>,
+    /// The certificate its service serves HTTPS with (see [`tls`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
 }
 
 impl LocalProvider {
@@ -477,6 +484,7 @@ pub fn bundle_for(
                                     .and_then(|s| s.api_keys.first())
                                     .map(secret),
                                 timeout_ms: 2000,
+                                ca_file: None,
                             }),
                         ),
                     };
@@ -510,6 +518,7 @@ pub fn bundle_for(
             datasets,
             endpoints,
             base_path: None,
+            tls: None,
         },
         files,
     }
@@ -778,28 +787,46 @@ fn runtime_alive(pid: u32) -> bool {
     }
 }
 
-/// `GET path` on a loopback port; the status code, if it answered.
-pub async fn http_status(port: u16, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// `GET path` on a loopback port, over HTTPS trusting only `tls_cert` when
+/// given; the status code, if it answered.
+pub async fn http_status(port: u16, path: &str, tls_cert: Option<&Path>) -> Option<u16> {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf);
-        text.split_whitespace().nth(1)?.parse().ok()
+        match tls_cert {
+            None => get_status(tcp, path).await,
+            Some(cert) => {
+                let config = mesh_runtime::tls::client_config(&[cert]).ok()?;
+                let s = mesh_runtime::tls::connect(config.into(), "127.0.0.1", tcp)
+                    .await
+                    .ok()?;
+                get_status(s, path).await
+            }
+        }
     };
     tokio::time::timeout(Duration::from_secs(2), fut)
         .await
         .ok()
         .flatten()
+}
+
+/// `GET path` on a connection (closed after); the status code.
+async fn get_status<S>(mut s: S, path: &str) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    // A TLS peer may close without `close_notify`: what was read counts.
+    let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -946,6 +973,12 @@ impl LocalProvider {
             "making access keys under {}",
             access_dir.display()
         )))?;
+        // The certificate it serves with and those it trusts (see `tls`).
+        tls::ensure(&desired_config).map_err(|message| ProviderError::Api {
+            address: d.address.clone(),
+            message,
+        })?;
+        let tls_cert = desired_config.tls.as_ref().map(|t| t.cert.clone());
         // Its secrets: digested as the plan does, handed over in files.
         let secrets_digest = if secrets::any(&desired_config, &access_dir) {
             let key = secrets::ensure_key(&dir)
@@ -1037,6 +1070,7 @@ impl LocalProvider {
             secrets_digest,
             started_at: crate::lock::now(),
             generation,
+            tls_cert: tls_cert.clone(),
             previous: handover.as_ref().map(|o| Previous {
                 pid: o.pid,
                 generation: o.generation.clone(),
@@ -1045,7 +1079,14 @@ impl LocalProvider {
         write_state(&dir, &state)?;
 
         if let Err(e) = self
-            .wait_ready(d, ctx, &mut child, port, &ready_path, &log_path)
+            .wait_ready(
+                d,
+                ctx,
+                &mut child,
+                (port, tls_cert.as_deref()),
+                &ready_path,
+                &log_path,
+            )
             .await
         {
             // The old runtime, if any, keeps serving and stays recorded.
@@ -1098,7 +1139,7 @@ impl LocalProvider {
         d: &Desired,
         ctx: &ApplyContext,
         child: &mut std::process::Child,
-        port: u16,
+        (port, tls_cert): (u16, Option<&Path>),
         ready_path: &Path,
         log_path: &Path,
     ) -> Result<(), ProviderError> {
@@ -1117,7 +1158,7 @@ impl LocalProvider {
                     ),
                 });
             }
-            if ready_path.exists() && http_status(port, "/readyz").await == Some(200) {
+            if ready_path.exists() && http_status(port, "/readyz", tls_cert).await == Some(200) {
                 return Ok(());
             }
             if ctx.cancelled() {
@@ -1142,7 +1183,12 @@ impl LocalProvider {
 }
 
 fn live_service(st: &ServiceState, running: bool) -> Live {
-    let url = format!("http://127.0.0.1:{}", st.port);
+    let scheme = if st.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://127.0.0.1:{}", st.port);
     let live = Live::new(
         st.address.clone(),
         SERVICE_KIND,
@@ -1172,12 +1218,14 @@ impl Provider for LocalProvider {
         let access_dir = access::dir(stack);
         let ports = service_ports(stack);
         let port_of = |svc: &str| ports.get(svc).copied().unwrap_or_default();
-        let url_of = |svc: &str| format!("http://127.0.0.1:{}", port_of(svc));
+        let url_of =
+            |svc: &str| format!("{}://127.0.0.1:{}", tls::scheme(stack, svc), port_of(svc));
         let services_dir = state_dir(&stack.root, &stack.env.name).join("services");
         for (name, svc) in &stack.services {
             let address = Address::of("service", name);
             let mut b = bundle_for(stack, svc, &url_of);
             access::configure(stack, &access_dir, svc, &mut b.config);
+            tls::configure(stack, name, &mut b.config);
             let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid {
                 address: address.clone(),
                 message: format!("reading the bundle's files: {e}"),
@@ -1239,6 +1287,17 @@ impl Provider for LocalProvider {
                     },
                 );
             }
+            if e.tls.is_some() {
+                let dir = tls::dir_at(&stack.root, &stack.env.name, &e.service);
+                d = d.attr("tls", "self_signed");
+                d.attrs.insert(
+                    "_tls_cert".into(),
+                    crate::resource::Attr {
+                        value: Value::Str(tls::cert_file(&dir).to_string_lossy().into_owned()),
+                        force_new: false,
+                    },
+                );
+            }
             out.push(d);
         }
         Ok(out)
@@ -1254,8 +1313,9 @@ impl Provider for LocalProvider {
                     continue;
                 };
                 checks.push(tokio::spawn(async move {
-                    let running =
-                        runtime_alive(st.pid) && http_status(st.port, "/readyz").await == Some(200);
+                    let running = runtime_alive(st.pid)
+                        && http_status(st.port, "/readyz", st.tls_cert.as_deref()).await
+                            == Some(200);
                     live_service(&st, running)
                 }));
             }
@@ -1391,6 +1451,11 @@ impl Provider for LocalProvider {
                         .get("_key_file")
                         .and_then(|a| a.value.as_str())
                         .map(PathBuf::from),
+                    tls_cert: d
+                        .attrs
+                        .get("_tls_cert")
+                        .and_then(|a| a.value.as_str())
+                        .map(PathBuf::from),
                 };
                 let dir = state_dir(&ctx.scope.root, &ctx.scope.env).join("exposes");
                 std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -1420,8 +1485,14 @@ fn live_expose(st: &ExposeState) -> Live {
     .attr("service", st.service.clone())
     .attr("port", st.port)
     .attr("allow", Value::list_of_str(st.allow.clone()))
-    .output("url", format!("http://127.0.0.1:{}", st.port))
     .output("service", st.service.clone());
+    let live = match &st.tls_cert {
+        Some(cert) => live
+            .attr("tls", "self_signed")
+            .output("url", format!("https://127.0.0.1:{}", st.port))
+            .output("certificate", cert.to_string_lossy().into_owned()),
+        None => live.output("url", format!("http://127.0.0.1:{}", st.port)),
+    };
     match &st.key_file {
         Some(k) => live.output("api_key_file", k.to_string_lossy().into_owned()),
         None => live,

@@ -235,6 +235,9 @@ fn record_base_dirs(table: &Table, dir: &Path, out: &mut BTreeMap<String, PathBu
 /// A dataset (`service.S.dataset.D`) whose overlay names a source (`file` or
 /// `connection`) switches to it: the base's other source keys are dropped, so
 /// an environment can read from the warehouse what another reads from a file.
+/// An exposure's `tls` is one choice of certificate source: an overlay's
+/// replaces the base's whole (`{ self_signed = true }` locally over a
+/// cluster's `{ issuer = ... }`).
 pub fn merge(base: &mut Table, overlay: Table) {
     merge_at(base, overlay, &mut Vec::new());
 }
@@ -271,10 +274,12 @@ fn merge_at(base: &mut Table, overlay: Table, path: &mut Vec<String>) {
         base.entries
             .retain(|e| !drop.contains(&e.key.as_str()) || overlaid.contains(&e.key.as_str()));
     }
+    let is_expose = path.len() == 2 && path[0] == "expose";
     for e in overlay.entries {
+        let whole = is_expose && e.key == "tls";
         match base.get_mut(&e.key) {
             Some(existing) => match (&mut existing.value.kind, e.value.kind) {
-                (NodeKind::Table(b), NodeKind::Table(o)) => {
+                (NodeKind::Table(b), NodeKind::Table(o)) if !whole => {
                     path.push(e.key.clone());
                     merge_at(b, o, path);
                     path.pop();

@@ -556,6 +556,40 @@ pub struct Expose {
     pub kind: ExposeKind,
     /// Empty: nobody but the cluster's own ingress path (deny by default).
     pub allow: Vec<Caller>,
+    /// TLS at the edge (`tls = { ... }`); checked against the type and the
+    /// environment's target.
+    pub tls: Option<Tls>,
+}
+
+impl Expose {
+    /// The CIDRs of `allow`: the source addresses admitted at the edge.
+    pub fn cidrs(&self) -> Vec<Ipv4Net> {
+        self.allow
+            .iter()
+            .filter_map(|c| match c {
+                Caller::Cidr(n) => Some(*n),
+                Caller::Service(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Where an exposure's TLS comes from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tls {
+    /// `{ secret = "NAME" }`: a `kubernetes.io/tls` Secret of the namespace
+    /// (an Ingress on a cluster).
+    Secret(String),
+    /// `{ issuer = "NAME" }`: a cert-manager ClusterIssuer issues the
+    /// certificate into a Secret mesh names (an Ingress on a cluster).
+    Issuer(String),
+    /// `{ certificate_arn = "..." }`: an ACM certificate on the AWS load
+    /// balancer (a LoadBalancer on an `aws` environment).
+    CertificateArn(String),
+    /// `{ self_signed = true }`: a certificate mesh generates at apply, the
+    /// runtime serving HTTPS itself (the local target).
+    SelfSigned,
 }
 
 #[cfg(test)]

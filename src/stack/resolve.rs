@@ -114,6 +114,7 @@ pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Optio
     if environment.target == Target::Local {
         check_local_ports(&mut ctx, &exposes);
     }
+    check_tls_target(&mut ctx, environment.target, &exposes);
 
     if !ctx.errors.0.is_empty() {
         return None;
@@ -2167,6 +2168,7 @@ fn decode_expose(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option
             "host",
             "path",
             "allow",
+            "tls",
         ],
     );
     let service = f
@@ -2235,12 +2237,232 @@ fn decode_expose(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Option
             allow.push(Caller::Service(a));
         }
     }
+    let tls = decode_tls(ctx, name, &f);
+    let kind = kind?;
+    if let Some((tls, span)) = &tls {
+        check_tls_type(ctx, name, &kind, tls, *span);
+    }
     Some(Expose {
         name: name.to_owned(),
         service,
-        kind: kind?,
+        kind,
         allow,
+        tls: tls.map(|(t, _)| t),
     })
+}
+
+const TLS_KEYS: &[&str] = &["secret", "issuer", "certificate_arn", "self_signed"];
+
+/// `tls = { secret | issuer | certificate_arn | self_signed }`: exactly one
+/// of them; the span of the key written, for later checks (also recorded
+/// as `expose.NAME.tls`).
+fn decode_tls(ctx: &mut Ctx<'_>, name: &str, f: &Fields<'_>) -> Option<(Tls, Span)> {
+    let (t, span) = f.table_opt(ctx.errors, "tls")?;
+    let what = format!("expose.{name}.tls");
+    let tf = Fields::new(t, span, what.clone());
+    tf.allow(ctx.errors, TLS_KEYS);
+    let known: Vec<_> = t
+        .entries
+        .iter()
+        .filter(|e| TLS_KEYS.contains(&e.key.as_str()))
+        .collect();
+    let first = match known.as_slice() {
+        [] => {
+            if t.entries.is_empty() {
+                ctx.errors.push(
+                    Diagnostic::new(Code::MissingField, span, format!("{what} is empty"))
+                        .label("no certificate source")
+                        .help("write one of: tls = { secret = \"NAME\" }, { issuer = \"NAME\" }, { certificate_arn = \"arn:...\" }, { self_signed = true }"),
+                );
+            }
+            return None;
+        }
+        [first] => first,
+        [first, second, ..] => {
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    second.key_span,
+                    format!("{what} has both `{}` and `{}`", first.key, second.key),
+                )
+                .label("a second certificate source")
+                .related(first.key_span, "the first one")
+                .help("keep one of them: an exposure's certificate comes from one place"),
+            );
+            return None;
+        }
+    };
+    let key = first.key.as_str();
+    let tls = match key {
+        "self_signed" => {
+            match tf.bool_opt(ctx.errors, key)? {
+                true => Tls::SelfSigned,
+                false => {
+                    ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        first.value.span,
+                        format!("`self_signed = false` in {what} asks for no certificate"),
+                    )
+                    .label("no certificate source")
+                    .help("write tls = { self_signed = true }, or remove `tls` to serve plain HTTP"),
+                );
+                    return None;
+                }
+            }
+        }
+        _ => {
+            let (v, vspan) = tf.str_opt(ctx.errors, key)?;
+            if v.trim().is_empty() {
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        vspan,
+                        format!("`{key}` in {what} is empty"),
+                    )
+                    .label("empty")
+                    .help(format!("name the {}", key.replace('_', " "))),
+                );
+                return None;
+            }
+            match key {
+                "secret" => Tls::Secret(v),
+                "issuer" => Tls::Issuer(v),
+                _ => Tls::CertificateArn(v),
+            }
+        }
+    };
+    ctx.spans.names.insert(what, first.key_span);
+    Some((tls, first.key_span))
+}
+
+/// The exposure types each certificate source fits (the target is checked
+/// once the environment is known: [`check_tls_target`]).
+fn check_tls_type(ctx: &mut Ctx<'_>, name: &str, kind: &ExposeKind, tls: &Tls, span: Span) {
+    let type_name = match kind {
+        ExposeKind::ClusterIP { .. } => "ClusterIP",
+        ExposeKind::NodePort { .. } => "NodePort",
+        ExposeKind::LoadBalancer { .. } => "LoadBalancer",
+        ExposeKind::Ingress { .. } => "Ingress",
+    };
+    let (fits, key, help) = match tls {
+        Tls::Secret(_) | Tls::Issuer(_) => (
+            matches!(kind, ExposeKind::Ingress { .. }),
+            if matches!(tls, Tls::Secret(_)) {
+                "secret"
+            } else {
+                "issuer"
+            },
+            "a TLS Secret or a cert-manager issuer is an Ingress's: use type = \"Ingress\", or tls = { certificate_arn = \"...\" } on a LoadBalancer of an aws environment",
+        ),
+        Tls::CertificateArn(_) => (
+            matches!(kind, ExposeKind::LoadBalancer { .. }),
+            "certificate_arn",
+            "an ACM certificate goes on an AWS load balancer: use type = \"LoadBalancer\", or on an Ingress tls = { secret = \"NAME\" } or { issuer = \"NAME\" }",
+        ),
+        Tls::SelfSigned => return,
+    };
+    if !fits {
+        ctx.errors.push(
+            Diagnostic::new(
+                Code::InvalidValue,
+                span,
+                format!("tls `{key}` does not fit expose.{name} of type {type_name}"),
+            )
+            .label(format!("not for type {type_name}"))
+            .help(help),
+        );
+    }
+}
+
+/// The certificate sources each target serves: `self_signed` only on the
+/// local target (the runtime serves HTTPS itself), a Secret or issuer only
+/// on a cluster (the Ingress controller does), an ACM certificate only on
+/// `aws` (the AWS load balancer does). On the local target a service is
+/// one port: all its exposures are TLS or none.
+fn check_tls_target(ctx: &mut Ctx<'_>, target: Target, exposes: &BTreeMap<String, Expose>) {
+    for e in exposes.values() {
+        let Some(tls) = &e.tls else { continue };
+        let Some(&span) = ctx.spans.names.get(&format!("expose.{}.tls", e.name)) else {
+            continue;
+        };
+        let problem = match (tls, target) {
+            (Tls::SelfSigned, Target::Local) => None,
+            (Tls::SelfSigned, _) => Some((
+                "`self_signed` is for the local target only",
+                "on a cluster, terminate TLS at the edge: tls = { secret = \"NAME\" } or { issuer = \"NAME\" } on an Ingress, { certificate_arn = \"...\" } on a LoadBalancer (aws); set `tls` per environment in <env>.toml",
+            )),
+            (Tls::Secret(_) | Tls::Issuer(_), Target::Kubernetes | Target::Aws) => None,
+            (Tls::CertificateArn(_), Target::Aws) => None,
+            (Tls::CertificateArn(_), Target::Kubernetes) => Some((
+                "`certificate_arn` needs an aws environment",
+                "an ACM certificate is read by the AWS load balancer of an EKS cluster mesh builds (target = \"aws\"); on another cluster use an Ingress with tls = { secret = \"NAME\" } or { issuer = \"NAME\" }",
+            )),
+            (_, Target::Local) => Some((
+                "the local target has no ingress controller nor load balancer to hold this certificate",
+                "in local.toml write tls = { self_signed = true } for this exposure (an overlay's `tls` replaces the stack's): the runtime then serves HTTPS with a certificate mesh generates",
+            )),
+        };
+        if let Some((message, help)) = problem {
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    span,
+                    format!("expose.{}: {message}", e.name),
+                )
+                .label(format!("not on a {} environment", target_name(target)))
+                .help(help),
+            );
+        }
+    }
+    if target != Target::Local {
+        return;
+    }
+    let self_signed = |e: &Expose| e.tls == Some(Tls::SelfSigned);
+    let mut first: BTreeMap<&str, &Expose> = BTreeMap::new();
+    for e in exposes.values() {
+        match first.get(e.service.as_str()) {
+            None => {
+                first.insert(&e.service, e);
+            }
+            Some(other) if self_signed(other) != self_signed(e) => {
+                let (with, without) = if self_signed(e) {
+                    (e, *other)
+                } else {
+                    (*other, e)
+                };
+                let Some(&span) = ctx.spans.names.get(&format!("expose.{}.tls", with.name)) else {
+                    continue;
+                };
+                let mut d = Diagnostic::new(
+                    Code::PortConflict,
+                    span,
+                    format!(
+                        "service {} is exposed with TLS by expose.{} and without by expose.{}, but on the local target it listens on one port",
+                        e.service, with.name, without.name
+                    ),
+                )
+                .label("TLS on the service's one port")
+                .help(format!(
+                    "give expose.{} the same `tls`, or neither of them",
+                    without.name
+                ));
+                if let Some(&other) = ctx.spans.names.get(&format!("expose.{}", without.name)) {
+                    d = d.related(other, "served on the same port, without TLS");
+                }
+                ctx.errors.push(d);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+fn target_name(t: Target) -> &'static str {
+    match t {
+        Target::Local => "local",
+        Target::Aws => "aws",
+        Target::Kubernetes => "kubernetes",
+    }
 }
 
 /// On the local target a service is one process on one loopback port, so

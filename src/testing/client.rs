@@ -1,6 +1,6 @@
-//! Sends test queries: a small HTTP/1.1 client over tokio's TCP (plain
-//! `http://` only; the local target and in-cluster URLs need no TLS), run
-//! with bounded parallelism and given up on Ctrl-C.
+//! Sends test queries: a small HTTP/1.1 client over tokio's TCP (`http://`,
+//! or `https://` with rustls: a local exposure's own certificate, else the
+//! Mozilla roots), run with bounded parallelism and given up on Ctrl-C.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,8 +14,10 @@ use super::Answer;
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("`{0}` is not an http:// URL (mesh test speaks plain HTTP)")]
+    #[error("`{0}` is not an http:// or https:// URL")]
     Url(String),
+    #[error("cannot trust {url}: {reason}")]
+    Tls { url: String, reason: String },
     #[error("cannot reach {url}: {source}")]
     Connect {
         url: String,
@@ -38,6 +40,9 @@ pub struct Request {
     pub body: Value,
     /// Sent as `X-API-Key`.
     pub api_key: Option<String>,
+    /// For an `https://` URL: the certificate trusted (a local exposure's,
+    /// see `mesh output`); none: the Mozilla roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// POSTs `body` as JSON to `url`; the status and (JSON) body of the answer.
@@ -45,28 +50,41 @@ pub async fn post_json(
     url: &str,
     body: &Value,
     api_key: Option<&str>,
+    ca_file: Option<&std::path::Path>,
     timeout: Duration,
 ) -> Result<Answer, ClientError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ClientError::Url(url.to_owned()))?;
+    let (rest, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, None),
+        (_, Some(rest)) => {
+            let trusted: Vec<&std::path::Path> = ca_file.into_iter().collect();
+            let config =
+                mesh_runtime::tls::client_config(&trusted).map_err(|reason| ClientError::Tls {
+                    url: url.to_owned(),
+                    reason,
+                })?;
+            (rest, Some(Arc::new(config)))
+        }
+        _ => return Err(ClientError::Url(url.to_owned())),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let host_port = if authority.contains(':') {
         authority.to_owned()
+    } else if tls.is_some() {
+        format!("{authority}:443")
     } else {
         format!("{authority}:80")
     };
-    // Through a proxy the request names the whole URL.
-    let (connect_to, target) = match proxy_for(&host_port) {
+    // Through a proxy the request names the whole URL (plain HTTP only).
+    let (connect_to, target) = match proxy_for(&host_port).filter(|_| tls.is_none()) {
         Some(proxy) => (proxy, url.to_owned()),
         None => (host_port, path.to_owned()),
     };
     let started = Instant::now();
     let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(&connect_to)
+        let tcp = tokio::net::TcpStream::connect(&connect_to)
             .await
             .map_err(|source| ClientError::Connect {
                 url: url.to_owned(),
@@ -84,10 +102,18 @@ pub async fn post_json(
             url: url.to_owned(),
             source,
         };
-        s.write_all(head.as_bytes()).await.map_err(io)?;
-        s.write_all(payload.as_bytes()).await.map_err(io)?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(io)?;
+        let request = format!("{head}{payload}");
+        let buf = match tls {
+            None => round_trip(tcp, &request).await,
+            Some(config) => {
+                let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+                let s = mesh_runtime::tls::connect(config, host, tcp)
+                    .await
+                    .map_err(io)?;
+                round_trip(s, &request).await
+            }
+        }
+        .map_err(io)?;
         parse_response(&buf).map_err(|reason| ClientError::Malformed {
             url: url.to_owned(),
             reason,
@@ -104,6 +130,21 @@ pub async fn post_json(
         body,
         latency: started.elapsed(),
     })
+}
+
+/// Writes `request`, reads the answer until the peer closes.
+async fn round_trip<S>(mut s: S, request: &str) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf).await {
+        Ok(_) => Ok(buf),
+        // A TLS peer closing without `close_notify` after a whole answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => Ok(buf),
+        Err(e) => Err(e),
+    }
 }
 
 /// The HTTP proxy (`host:port`) a request to `host_port` goes through:
@@ -234,9 +275,15 @@ pub async fn send_all(
         let permits = permits.clone();
         set.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let answer = post_json(&r.url, &r.body, r.api_key.as_deref(), timeout)
-                .await
-                .map_err(|e| e.to_string());
+            let answer = post_json(
+                &r.url,
+                &r.body,
+                r.api_key.as_deref(),
+                r.ca_file.as_deref(),
+                timeout,
+            )
+            .await
+            .map_err(|e| e.to_string());
             (r.id, answer)
         });
     }
@@ -341,6 +388,7 @@ mod tests {
             &format!("http://127.0.0.1:{port}/public/api/v1/s/e/lookup"),
             &serde_json::json!({"data": "x"}),
             Some("k3y"),
+            None,
             Duration::from_secs(5),
         )
         .await
@@ -372,6 +420,7 @@ mod tests {
                 url: format!("http://127.0.0.1:{port}/x"),
                 body: Value::Null,
                 api_key: None,
+                ca_file: None,
             })
             .collect();
         let run = tokio::spawn(send_all(requests, 2, Duration::from_secs(600), rx));

@@ -172,15 +172,76 @@ pub fn try_request(
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
     let mut s = std::net::TcpStream::connect(host).map_err(|e| format!("connect: {e}"))?;
     let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let key = key
-        .map(|k| format!("X-API-Key: {k}\r\n"))
-        .unwrap_or_default();
-    write!(s, "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    s.write_all(request_text(method, host, path, body, key).as_bytes())
         .map_err(|e| format!("write: {e}"))?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)
         .map_err(|e| format!("read: {e}"))?;
+    parse_answer(&buf)
+}
+
+/// [`try_request`] to an `https://` URL, with a TLS client (rustls) that
+/// trusts only the certificate in `ca_file`.
+pub fn try_request_tls(
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+    key: Option<&str>,
+    ca_file: &std::path::Path,
+) -> Result<(u16, Value), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("not an https:// URL: {url}"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let config = mesh_runtime::tls::client_config(&[ca_file])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let exchange = async {
+            let tcp = tokio::net::TcpStream::connect(host)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut s = mesh_runtime::tls::connect(config.into(), name, tcp)
+                .await
+                .map_err(|e| format!("tls handshake: {e}"))?;
+            s.write_all(request_text(method, host, path, body, key).as_bytes())
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            parse_answer(&String::from_utf8_lossy(&buf))
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), exchange)
+            .await
+            .map_err(|_| "no answer within 30 s".to_string())?
+    })
+}
+
+fn request_text(
+    method: &str,
+    host: &str,
+    path: &str,
+    body: Option<&Value>,
+    key: Option<&str>,
+) -> String {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let key = key
+        .map(|k| format!("X-API-Key: {k}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The status and JSON object of a whole HTTP/1.1 answer.
+fn parse_answer(buf: &str) -> Result<(u16, Value), String> {
     let status: u16 = buf
         .split_whitespace()
         .nth(1)

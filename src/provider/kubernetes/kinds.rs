@@ -25,6 +25,27 @@ pub const ANNOTATION_CONFIG_HASH: &str = "mesh.dev/config-hash";
 /// it back (removes mesh's labels and annotations) instead of deleting it.
 pub const ANNOTATION_ADOPTED: &str = "mesh.dev/adopted";
 
+/// The edge annotations mesh sets from an exposure's `allow` CIDRs and
+/// `tls` (read by the controllers named, ignored by others):
+/// ingress-nginx's source ranges of an Ingress,
+pub const ANNOTATION_NGINX_SOURCE_RANGE: &str =
+    "nginx.ingress.kubernetes.io/whitelist-source-range";
+/// the AWS Load Balancer Controller's (an Ingress on an `aws` environment),
+pub const ANNOTATION_ALB_INBOUND_CIDRS: &str = "alb.ingress.kubernetes.io/inbound-cidrs";
+/// cert-manager's issuer of an Ingress's certificate,
+pub const ANNOTATION_CLUSTER_ISSUER: &str = "cert-manager.io/cluster-issuer";
+/// and the AWS cloud provider's TLS listener of a LoadBalancer Service.
+pub const ANNOTATION_AWS_SSL_CERT: &str = "service.beta.kubernetes.io/aws-load-balancer-ssl-cert";
+pub const ANNOTATION_AWS_SSL_PORTS: &str = "service.beta.kubernetes.io/aws-load-balancer-ssl-ports";
+/// Every one of them: what an object's `edge_annotations` attribute holds.
+pub const EDGE_ANNOTATIONS: &[&str] = &[
+    ANNOTATION_NGINX_SOURCE_RANGE,
+    ANNOTATION_ALB_INBOUND_CIDRS,
+    ANNOTATION_CLUSTER_ISSUER,
+    ANNOTATION_AWS_SSL_CERT,
+    ANNOTATION_AWS_SSL_PORTS,
+];
+
 /// One kind of object mesh manages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {

@@ -528,8 +528,18 @@ fn live_of(kind: Kind, obj: &J) -> Option<Live> {
                 .pointer("/status/loadBalancer/ingress/0")
                 .and_then(|i| i.get("hostname").or_else(|| i.get("ip")))
                 .and_then(J::as_str);
+            // TLS on the load balancer's port (an ACM certificate, `aws`).
+            let annotation = |k: &str| {
+                obj.pointer("/metadata/annotations")
+                    .and_then(|a| a.get(k))
+                    .and_then(J::as_str)
+            };
+            let tls = annotation(kinds::ANNOTATION_AWS_SSL_CERT).is_some()
+                && annotation(kinds::ANNOTATION_AWS_SSL_PORTS)
+                    .is_some_and(|ports| ports.split(',').any(|p| p.trim() == port.to_string()));
             if let Some(host) = lb {
-                live = live.output("url", format!("http://{host}:{port}"));
+                let scheme = if tls { "https" } else { "http" };
+                live = live.output("url", format!("{scheme}://{host}:{port}"));
             } else if let Some(ns) = ns {
                 live = live.output(
                     "url",
@@ -546,9 +556,21 @@ fn live_of(kind: Kind, obj: &J) -> Option<Live> {
                 .pointer("/spec/rules/0/http/paths/0/path")
                 .and_then(J::as_str)
                 .unwrap_or("/");
+            // HTTPS where a `tls` entry covers the host.
+            let tls = obj
+                .pointer("/spec/tls")
+                .and_then(J::as_array)
+                .into_iter()
+                .flatten()
+                .any(|t| {
+                    t.get("hosts")
+                        .and_then(J::as_array)
+                        .is_some_and(|h| h.iter().any(|h| h.as_str() == Some(host)))
+                });
+            let scheme = if tls { "https" } else { "http" };
             live = live.output(
                 "url",
-                format!("http://{host}{}", path.trim_end_matches('/')),
+                format!("{scheme}://{host}{}", path.trim_end_matches('/')),
             );
         }
         _ => {}
@@ -1146,5 +1168,45 @@ impl Provider for KubernetesProvider {
             }
             Action::Create | Action::Update => self.put(kind, change, ctx).await.map(Some),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn url(kind: Kind, obj: &J) -> String {
+        let live = live_of(kind, obj).expect("owned");
+        live.outputs["url"].as_str().expect("url").to_owned()
+    }
+
+    #[test]
+    fn an_exposure_url_is_https_where_the_live_object_terminates_tls() {
+        let mut svc = json!({
+            "metadata": { "name": "scoring", "namespace": "ns",
+                "annotations": { kinds::ANNOTATION_ADDRESS: "expose.scoring.service" } },
+            "spec": { "type": "LoadBalancer", "ports": [{ "port": 443 }] },
+            "status": { "loadBalancer": { "ingress": [{ "hostname": "lb.example.com" }] } },
+        });
+        assert_eq!(url(Kind::Service, &svc), "http://lb.example.com:443");
+        let a = &mut svc["metadata"]["annotations"];
+        a[kinds::ANNOTATION_AWS_SSL_CERT] = json!("arn:aws:acm:us-east-1:1:certificate/x");
+        a[kinds::ANNOTATION_AWS_SSL_PORTS] = json!("8443");
+        // A certificate on another port leaves this one plain.
+        assert_eq!(url(Kind::Service, &svc), "http://lb.example.com:443");
+        svc["metadata"]["annotations"][kinds::ANNOTATION_AWS_SSL_PORTS] = json!("8443, 443");
+        assert_eq!(url(Kind::Service, &svc), "https://lb.example.com:443");
+
+        let mut ing = json!({
+            "metadata": { "name": "features", "namespace": "ns",
+                "annotations": { kinds::ANNOTATION_ADDRESS: "expose.features.ingress" } },
+            "spec": { "rules": [{ "host": "f.example.com", "http": { "paths": [{ "path": "/x" }] } }] },
+        });
+        assert_eq!(url(Kind::Ingress, &ing), "http://f.example.com/x");
+        ing["spec"]["tls"] = json!([{ "hosts": ["other.example.com"], "secretName": "s" }]);
+        assert_eq!(url(Kind::Ingress, &ing), "http://f.example.com/x");
+        ing["spec"]["tls"] = json!([{ "hosts": ["f.example.com"], "secretName": "s" }]);
+        assert_eq!(url(Kind::Ingress, &ing), "https://f.example.com/x");
     }
 }

@@ -308,6 +308,7 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                 "requests": { "cpu": svc.resources.cpu, "memory": svc.resources.memory },
                 "limits": { "memory": svc.resources.memory },
             },
+            "securityContext": container_security(),
             "readinessProbe": { "httpGet": { "path": "/readyz", "port": PORT_NAME }, "periodSeconds": 5 },
             "livenessProbe": { "httpGet": { "path": "/healthz", "port": PORT_NAME }, "initialDelaySeconds": 10, "periodSeconds": 10 },
             // The ConfigMap's `service.json` over the image's own (the same text), so the
@@ -339,15 +340,12 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             "template": {
                 "metadata": { "labels": pods, "annotations": template_annotations },
                 "spec": {
+                    "securityContext": pod_security(),
                     "containers": [container],
                     "volumes": volumes,
                 },
             },
         });
-        if secret_hash.is_some() {
-            spec["template"]["spec"]["securityContext"] =
-                json!({ "fsGroup": crate::image::NONROOT_GROUP });
-        }
         if inputs.pull_secret.is_some() {
             spec["template"]["spec"]["imagePullSecrets"] = json!([{ "name": PULL_SECRET }]);
         }
@@ -445,16 +443,31 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             sp["nodePort"] = json!(np);
         }
         let svc_addr = sub(&base, "service");
-        let manifest = json!({
+        let cidrs: Vec<String> = e.cidrs().iter().map(ToString::to_string).collect();
+        let mut manifest = json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": meta(stack, &svc_addr, name, Some(&ns)),
             "spec": { "type": svc_type, "selector": pods, "ports": [sp] },
         });
+        if let ExposeKind::LoadBalancer { .. } = e.kind {
+            // Only the allowed source addresses reach the load balancer, and
+            // it keeps them (no second hop through another node), so the
+            // NetworkPolicy's ipBlocks see the real client.
+            if !cidrs.is_empty() {
+                manifest["spec"]["loadBalancerSourceRanges"] = json!(cidrs);
+                manifest["spec"]["externalTrafficPolicy"] = json!("Local");
+            }
+            if let Some(stack::Tls::CertificateArn(arn)) = &e.tls {
+                let a = &mut manifest["metadata"]["annotations"];
+                a[kinds::ANNOTATION_AWS_SSL_CERT] = json!(arn);
+                a[kinds::ANNOTATION_AWS_SSL_PORTS] = json!(port.to_string());
+            }
+        }
         out.push(in_ns(object(&svc_addr, Kind::Service, manifest)).depends(after.clone()));
 
         if let ExposeKind::Ingress { host, path, .. } = &e.kind {
             let ing_addr = sub(&base, "ingress");
-            let manifest = json!({
+            let mut manifest = json!({
                 "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
                 "metadata": meta(stack, &ing_addr, name, Some(&ns)),
                 "spec": { "rules": [{ "host": host, "http": { "paths": [{
@@ -462,6 +475,7 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                     "backend": { "service": { "name": name, "port": { "number": port } } },
                 }] } }] },
             });
+            ingress_edge(&mut manifest, stack, e, host, &cidrs);
             out.push(in_ns(object(&ing_addr, Kind::Ingress, manifest)).depends(svc_addr.clone()));
         }
 
@@ -488,6 +502,57 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         out.push(in_ns(object(&np_addr, Kind::NetworkPolicy, manifest)).depends(after));
     }
     Ok(out)
+}
+
+/// The Ingress controller's part of an exposure (mesh names no
+/// `ingressClassName`: the cluster's default class serves it): the allowed
+/// CIDRs as source ranges (ingress-nginx's annotation everywhere, and on an
+/// `aws` environment the AWS Load Balancer Controller's too), and TLS: a
+/// Secret named by the stack, or one cert-manager's ClusterIssuer fills
+/// (`<expose>-tls`).
+fn ingress_edge(manifest: &mut J, stack: &Stack, e: &stack::Expose, host: &str, cidrs: &[String]) {
+    let a = &mut manifest["metadata"]["annotations"];
+    if !cidrs.is_empty() {
+        a[kinds::ANNOTATION_NGINX_SOURCE_RANGE] = json!(cidrs.join(","));
+        if stack.env.target == stack::Target::Aws {
+            a[kinds::ANNOTATION_ALB_INBOUND_CIDRS] = json!(cidrs.join(","));
+        }
+    }
+    let secret = match &e.tls {
+        Some(stack::Tls::Secret(s)) => s.clone(),
+        Some(stack::Tls::Issuer(issuer)) => {
+            a[kinds::ANNOTATION_CLUSTER_ISSUER] = json!(issuer);
+            tls_secret_name(&e.name)
+        }
+        _ => return,
+    };
+    manifest["spec"]["tls"] = json!([{ "hosts": [host], "secretName": secret }]);
+}
+
+/// The Secret cert-manager writes an Ingress's certificate to (`issuer`).
+pub fn tls_secret_name(expose: &str) -> String {
+    format!("{expose}-tls")
+}
+
+/// The pod's security context: not root (the image's user, 65532, whose
+/// group reads the secrets volume through `fsGroup`), the runtime's default
+/// seccomp profile.
+fn pod_security() -> J {
+    let id = crate::image::NONROOT_GROUP;
+    json!({
+        "runAsNonRoot": true, "runAsUser": id, "runAsGroup": id, "fsGroup": id,
+        "seccompProfile": { "type": "RuntimeDefault" },
+    })
+}
+
+/// The runtime container's: it writes nothing (logs go to stderr, the
+/// bundle and secrets are read-only mounts), needs no capability and never
+/// gains a privilege.
+fn container_security() -> J {
+    json!({
+        "runAsNonRoot": true, "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] },
+    })
 }
 
 /// A digest as a sensitive value (`Unknown` stays unknown).
@@ -761,6 +826,87 @@ mod tests {
         for d in deps {
             assert_eq!(d.attrs["image_repository"].value, Value::str(url));
             assert!(!d.depends_on.contains(&registry), "{}", d.address);
+        }
+    }
+
+    /// Every desired object of `stack` (images built by a stand-in).
+    fn all(stack: &Stack) -> Vec<Desired> {
+        let digests = |wanted: &[(&str, &BundlePlan)]| -> Vec<Result<String, String>> {
+            wanted
+                .iter()
+                .map(|_| Ok(format!("sha256:{}", "ab".repeat(32))))
+                .collect()
+        };
+        let inputs = Inputs {
+            registry: Some(Registry::Url("127.0.0.1:5000/mesh".into())),
+            image_digests: &digests,
+            pull_secret: None,
+        };
+        desired(stack, &inputs).expect("desired")
+    }
+
+    fn manifest(objects: &[Desired], address: &str) -> J {
+        let d = objects
+            .iter()
+            .find(|d| d.address.as_str() == address)
+            .unwrap_or_else(|| panic!("no {address}"));
+        serde_json::from_str(d.attrs[ATTR_MANIFEST].value.as_str().expect("text")).expect("json")
+    }
+
+    #[test]
+    fn on_aws_a_load_balancer_gets_the_acm_certificate_and_an_ingress_the_alb_source_ranges() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let mut stack =
+            crate::stack::load(&root, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+        let arn = "arn:aws:acm:us-east-1:123456789012:certificate/0a1b2c3d";
+        let cidr: ipnet::Ipv4Net = "10.40.0.0/16".parse().expect("cidr");
+        let scoring = stack.exposes.get_mut("customer-scoring").expect("expose");
+        scoring.kind = ExposeKind::LoadBalancer { port: 443 };
+        scoring.allow = vec![Caller::Cidr(cidr)];
+        scoring.tls = Some(stack::Tls::CertificateArn(arn.into()));
+        let features = stack.exposes.get_mut("customer-features").expect("expose");
+        features.kind = ExposeKind::Ingress {
+            port: 8080,
+            host: "features.example.com".into(),
+            path: "/".into(),
+        };
+        features.allow.push(Caller::Cidr(cidr));
+        let objects = all(&stack);
+
+        let svc = manifest(&objects, "expose.customer-scoring.service");
+        let a = &svc["metadata"]["annotations"];
+        assert_eq!(a[kinds::ANNOTATION_AWS_SSL_CERT], arn, "{svc:#}");
+        assert_eq!(a[kinds::ANNOTATION_AWS_SSL_PORTS], "443", "{svc:#}");
+        assert_eq!(
+            svc["spec"]["loadBalancerSourceRanges"],
+            json!(["10.40.0.0/16"])
+        );
+        assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local");
+        let ing = manifest(&objects, "expose.customer-features.ingress");
+        let a = &ing["metadata"]["annotations"];
+        assert_eq!(
+            a[kinds::ANNOTATION_ALB_INBOUND_CIDRS],
+            "10.40.0.0/16",
+            "{ing:#}"
+        );
+        assert_eq!(
+            a[kinds::ANNOTATION_NGINX_SOURCE_RANGE],
+            "10.40.0.0/16",
+            "{ing:#}"
+        );
+        assert!(ing["spec"].get("tls").is_none(), "{ing:#}");
+        // The compared attributes carry the edge, so a change shows in plan.
+        let d = objects
+            .iter()
+            .find(|d| d.address.as_str() == "expose.customer-scoring.service")
+            .expect("service");
+        assert_eq!(
+            d.attrs["source_ranges"].value,
+            Value::List(vec![Value::str("10.40.0.0/16")])
+        );
+        match &d.attrs["edge_annotations"].value {
+            Value::Map(m) => assert_eq!(m[kinds::ANNOTATION_AWS_SSL_CERT], Value::str(arn)),
+            other => panic!("{other:?}"),
         }
     }
 

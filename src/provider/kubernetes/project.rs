@@ -98,6 +98,17 @@ pub fn project(kind: Kind, obj: &J) -> BTreeMap<String, Value> {
             );
             put(&mut a, "node_port", obj.pointer("/spec/ports/0/nodePort"));
             put(&mut a, "selector", obj.pointer("/spec/selector"));
+            put(
+                &mut a,
+                "source_ranges",
+                obj.pointer("/spec/loadBalancerSourceRanges"),
+            );
+            put(
+                &mut a,
+                "external_traffic_policy",
+                obj.pointer("/spec/externalTrafficPolicy"),
+            );
+            a.insert("edge_annotations".to_owned(), edge_annotations(obj));
         }
         Kind::Ingress => {
             put(&mut a, "host", obj.pointer("/spec/rules/0/host"));
@@ -112,6 +123,26 @@ pub fn project(kind: Kind, obj: &J) -> BTreeMap<String, Value> {
             if let (Some(name), Some(port)) = (name, port) {
                 a.insert("backend".to_owned(), Value::str(format!("{name}:{port}")));
             }
+            // `SECRET:host,host` per entry.
+            let tls = obj
+                .pointer("/spec/tls")
+                .and_then(J::as_array)
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let hosts: Vec<&str> = t
+                        .get("hosts")
+                        .and_then(J::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(J::as_str)
+                        .collect();
+                    let secret = t.get("secretName").and_then(J::as_str).unwrap_or_default();
+                    Value::str(format!("{secret}:{}", hosts.join(",")))
+                })
+                .collect();
+            a.insert("tls".to_owned(), Value::List(tls));
+            a.insert("edge_annotations".to_owned(), edge_annotations(obj));
         }
         Kind::NetworkPolicy => {
             put(
@@ -150,6 +181,21 @@ pub fn project(kind: Kind, obj: &J) -> BTreeMap<String, Value> {
         }
     }
     a
+}
+
+/// The annotations of [`kinds::EDGE_ANNOTATIONS`] an object has: those mesh
+/// sets are compared, and one it no longer sets shows as a change.
+fn edge_annotations(obj: &J) -> Value {
+    let annotations = obj.pointer("/metadata/annotations");
+    Value::Map(
+        kinds::EDGE_ANNOTATIONS
+            .iter()
+            .filter_map(|k| {
+                let v = annotations?.get(*k)?;
+                Some(((*k).to_owned(), to_value(v)))
+            })
+            .collect(),
+    )
 }
 
 fn project_deployment(obj: &J, a: &mut BTreeMap<String, Value>) {
@@ -211,6 +257,17 @@ fn project_deployment(obj: &J, a: &mut BTreeMap<String, Value>) {
         a,
         "memory_limit",
         c.and_then(|c| c.pointer("/resources/limits/memory")),
+    );
+    // What the pod and its container may do (see `objects::SECURITY`).
+    put(
+        a,
+        "pod_security_context",
+        tmpl.and_then(|t| t.pointer("/spec/securityContext")),
+    );
+    put(
+        a,
+        "security_context",
+        c.and_then(|c| c.get("securityContext")),
     );
     put(
         a,
