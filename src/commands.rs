@@ -107,9 +107,11 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                     env: env.clone(),
                     plan: plan.clone(),
                 };
-                if let Err(e) =
-                    std::fs::write(&out, serde_json::to_vec_pretty(&saved).unwrap_or_default())
-                {
+                // 0600: a plan names what holds secrets (digests are keyed).
+                if let Err(e) = mesh::provider::local::secrets::replace_private(
+                    &out,
+                    &serde_json::to_vec_pretty(&saved).unwrap_or_default(),
+                ) {
                     return fail(format!("cannot write {}: {e}", out.display()));
                 }
                 eprintln!(
@@ -132,8 +134,12 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             no_wait,
             targets,
             replace,
+            rotate_keys,
         } => {
             if path.is_file() && path.extension().is_some_and(|e| e == "json") {
+                if rotate_keys {
+                    return fail("--rotate-keys applies a stack, not a saved plan");
+                }
                 return apply_saved(&path, parallelism, no_wait).await;
             }
             let Some(env) = env else {
@@ -149,6 +155,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 auto_approve,
                 parallelism,
                 no_wait,
+                rotate_keys,
                 "mesh apply",
             )
             .await
@@ -168,6 +175,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 auto_approve,
                 parallelism,
                 true,
+                false,
                 "mesh destroy",
             )
             .await;
@@ -285,6 +293,7 @@ async fn run_apply(
     auto_approve: bool,
     parallelism: usize,
     no_wait: bool,
+    rotate_keys: bool,
     command: &str,
 ) -> ExitCode {
     let stack = match test::load_instance(path, env, instance) {
@@ -304,16 +313,35 @@ async fn run_apply(
         );
         print!("{}", render::human(&plan, style()));
         warn_abandoned(&plan);
-        if !plan.has_changes() {
-            return ExitCode::SUCCESS;
+        if plan.has_changes() {
+            if !auto_approve && !confirm(command) {
+                eprintln!("Cancelled: nothing was changed.");
+                return ExitCode::from(1);
+            }
+            let code = execute(engine, &plan, parallelism, no_wait).await;
+            if code != ExitCode::SUCCESS {
+                return code;
+            }
         }
-        if !auto_approve && !confirm(command) {
-            eprintln!("Cancelled: nothing was changed.");
-            return ExitCode::from(1);
+        if rotate_keys {
+            return rotate(engine).await;
         }
-        execute(engine, &plan, parallelism, no_wait).await
+        ExitCode::SUCCESS
     })
     .await
+}
+
+/// `mesh apply --rotate-keys`: each provider rotates its caller keys.
+async fn rotate(engine: &Engine) -> ExitCode {
+    let ctx = ApplyContext::new(engine.scope.clone(), &[], cancel_on_ctrl_c(), false);
+    for provider in engine.providers.values() {
+        match provider.rotate_keys(&engine.stack, &ctx).await {
+            Ok(rotated) if rotated.is_empty() => {}
+            Ok(rotated) => eprintln!("Rotated the keys of {}.", rotated.join(", ")),
+            Err(e) => return fail(e),
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Runs `body` holding the stack's locks: the lock file of this machine,
@@ -494,6 +522,21 @@ async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> E
         if let Some(Value::Str(key)) = l.outputs.get("api_key_file") {
             entry["api_key_file"] = serde_json::Value::String(key.clone());
         }
+        // On a cluster: the Secret holding the operator's key, and how to read it.
+        let operator = mesh::provider::local::access::OPERATOR;
+        let key_secret = live
+            .iter()
+            .find(|x| x.address == Address::of("identity", operator));
+        if mesh::provider::local::access::restricted_to(&engine.stack, &e.service).is_some()
+            && let Some(secret) = key_secret
+            && let (Some(Value::Str(ns)), Some(Value::Str(name))) =
+                (secret.outputs.get("namespace"), secret.outputs.get("name"))
+        {
+            entry["api_key_secret"] = serde_json::json!(format!("{ns}/{name}"));
+            entry["api_key_command"] = serde_json::json!(format!(
+                "kubectl -n {ns} get secret {name} -o jsonpath='{{.data.{operator}}}' | base64 -d"
+            ));
+        }
         exposes.insert(name.clone(), entry);
     }
     if json {
@@ -516,6 +559,9 @@ async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> E
                 println!(
                     "  (callers need a key: from this machine send `X-API-Key: $(cat {key})`)"
                 );
+            }
+            if let Some(command) = v["api_key_command"].as_str() {
+                println!("  (callers need a key: the operator's is `$({command})`)");
             }
             if let Some(eps) = v["endpoints"].as_object() {
                 for (ep, url) in eps {

@@ -353,6 +353,17 @@ async fn queries(
         .await
         .map_err(|e| format!("reading where the services are: {e}"))?;
     let urls = testing::service_urls(&engine.stack, &live);
+    // On a cluster, the operator's key is a Secret there.
+    let mut operator_key = None;
+    for provider in engine.providers.values() {
+        if let Some(k) = provider
+            .caller_key(&engine.stack, mesh::provider::local::access::OPERATOR)
+            .await
+            .map_err(|e| format!("reading the operator's key: {e}"))?
+        {
+            operator_key = Some(k);
+        }
+    }
     let (_, sent) = testing::select(&engine.stack, o.filter.as_deref());
     let mut requests = Vec::new();
     let mut unreachable = BTreeMap::new();
@@ -371,7 +382,7 @@ async fn queries(
             id: testing::id(t),
             url: testing::url(base, t),
             body: t.request.clone(),
-            api_key: api_key(&engine.stack, &live, &t.service),
+            api_key: api_key(&engine.stack, &live, &t.service, operator_key.as_deref()),
         });
     }
     eprintln!(
@@ -386,8 +397,14 @@ async fn queries(
 }
 
 /// The key this machine's operator presents to `service`, if it demands
-/// one: the local target's operator key, else the service's first key.
-fn api_key(stack: &Stack, live: &[Live], service: &str) -> Option<String> {
+/// one: the local target's operator key, the cluster's (`operator_key`),
+/// else the service's first key.
+fn api_key(
+    stack: &Stack,
+    live: &[Live],
+    service: &str,
+    operator_key: Option<&str>,
+) -> Option<String> {
     let operator_key = stack
         .exposes
         .iter()
@@ -403,6 +420,11 @@ fn api_key(stack: &Stack, live: &[Live], service: &str) -> Option<String> {
         return std::fs::read_to_string(file)
             .ok()
             .map(|k| k.trim().to_owned());
+    }
+    if let Some(key) = operator_key
+        && mesh::provider::local::access::restricted_to(stack, service).is_some()
+    {
+        return Some(key.to_owned());
     }
     match stack.services.get(service)?.api_keys.first()? {
         SecretRef::Env(var) => std::env::var(var).ok(),
