@@ -149,6 +149,11 @@ fn http_get_status(host_port: &str, path: &str, accept: &str) -> u16 {
 
 const EVERY_OBJECT: &[&str] = &[
     "namespace.customer-mesh",
+    "digest_key.stack",
+    "identity.operator",
+    "identity.customer-features",
+    "identity.customer-scoring",
+    "verifiers.callers",
     "service.customer-features.configmap",
     "service.customer-features.deployment",
     "service.customer-features.hpa",
@@ -518,7 +523,7 @@ async fn secrets_are_planned_by_digest_and_never_shown() {
         secret["metadata"]["annotations"]["mesh.dev/secret-hash"]
             .as_str()
             .unwrap()
-            .starts_with("sha256:")
+            .starts_with("hmac-sha256:")
     );
     let stored = secret["data"][VAR].as_str().unwrap();
     let encoded = serde_json::to_value(k8s_openapi::ByteString(FIRST.as_bytes().to_vec())).unwrap();

@@ -397,13 +397,13 @@ async fn queries(
 }
 
 /// The key this machine's operator presents to `service`, if it demands
-/// one: the local target's operator key, the cluster's (`operator_key`),
+/// one: the local target's operator key, the cluster's (`cluster_key`),
 /// else the service's first key.
 fn api_key(
     stack: &Stack,
     live: &[Live],
     service: &str,
-    operator_key: Option<&str>,
+    cluster_key: Option<&str>,
 ) -> Option<String> {
     let operator_key = stack
         .exposes
@@ -421,7 +421,7 @@ fn api_key(
             .ok()
             .map(|k| k.trim().to_owned());
     }
-    if let Some(key) = operator_key
+    if let Some(key) = cluster_key
         && mesh::provider::local::access::restricted_to(stack, service).is_some()
     {
         return Some(key.to_owned());
