@@ -182,12 +182,13 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             if code == ExitCode::SUCCESS
                 && let Ok(stack) = test::load_instance(&path, &env, instance.as_deref())
             {
-                // Leave nothing behind: drop the state folders once empty.
+                // Leave nothing behind: the caller keys (the operator's is no
+                // service's), then the state folders once empty.
                 let dir = mesh::provider::local::state_dir(&stack.root, &stack.env.name);
+                let _ = std::fs::remove_dir_all(dir.join("access"));
                 for d in [
                     dir.join("services"),
                     dir.join("exposes"),
-                    dir.join("access"),
                     dir.clone(),
                     stack.root.join(".mesh"),
                 ] {

@@ -508,11 +508,8 @@ async fn secrets_are_planned_by_digest_and_never_shown() {
         let all = text(o);
         assert!(!all.contains(FIRST), "the secret leaked: {all}");
     }
-    assert!(
-        String::from_utf8_lossy(&plan_text.stdout).contains("(sensitive)"),
-        "{}",
-        text(&plan_text)
-    );
+    // Digests are keyed by the stack's key, made at the first apply: the
+    // content is known after it (`(sensitive)` from then on, see below).
     assert!(changes(&plan).contains(&("service.customer-scoring.secret".into(), "create".into())));
 
     let out = c.apply(&[(VAR, FIRST)]).await;
@@ -577,6 +574,11 @@ async fn secrets_are_planned_by_digest_and_never_shown() {
         "{got:?}"
     );
     let plan_text = c.run("plan", &[], &[(VAR, SECOND)]).await;
+    assert!(
+        String::from_utf8_lossy(&plan_text.stdout).contains("(sensitive)"),
+        "{}",
+        text(&plan_text)
+    );
     for o in [&plan_text, &out] {
         let all = text(o);
         assert!(
@@ -1532,90 +1534,22 @@ async fn an_ingress_under_a_path_serves_the_urls_mesh_output_prints() {
     assert!(path.starts_with("/features/"), "{lookup}");
 
     // The runtime, with the ConfigMap's service.json, answers that path (as
-    // the Ingress forwards it, unchanged) and its probes at the root.
-    let bundle = tempfile::tempdir().unwrap();
-    for d in ["datasets", "models"] {
-        std::fs::create_dir_all(bundle.path().join(d)).unwrap();
-    }
-    std::fs::write(
-        bundle.path().join("service.json"),
-        cm["data"]["service.json"].as_str().unwrap(),
-    )
-    .unwrap();
-    // The bundle's datasets (`datasets/<name>.csv`, as the image holds them).
-    for (name, file) in [
-        ("demographics", "customers.csv"),
-        ("behavior", "behavior.csv"),
-    ] {
-        assert!(config["datasets"].get(name).is_some(), "{config:#}");
-        std::fs::copy(
-            c.dir.path().join("examples/customer-mesh").join(file),
-            bundle.path().join(format!("datasets/{name}.csv")),
-        )
-        .unwrap();
-    }
+    // the Ingress forwards it, unchanged) and its probes at the root; the
+    // service admits only customer-scoring, so the operator's key.
     let port = free_port();
-    let runtime_bin = PathBuf::from(env!("CARGO_BIN_EXE_mesh")).with_file_name("mesh-runtime");
-    assert!(
-        runtime_bin.is_file(),
-        "mesh-runtime is not built at {}: run `cargo build -p mesh-runtime` (scripts/test builds it)",
-        runtime_bin.display()
-    );
-    let runtime = RuntimeProcess(
-        std::process::Command::new(runtime_bin)
-            .args(["serve", "--bundle"])
-            .arg(bundle.path())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let root = c.dir.path().join("pod-features");
+    let _runtime = Reaped(serve_as_pod(&c, "customer-features", &root, port, &[]));
     let host = format!("127.0.0.1:{port}");
-    // Up once /readyz answers 200 (the datasets are small; a dead process fails at once).
-    let mut tries = 0;
-    while http_get_status_opt(&host, "/readyz") != Some(200) {
-        tries += 1;
-        assert!(tries < 600, "the runtime never became ready on {host}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
     assert_eq!(http_get_status(&host, "/healthz", "*/*"), 200);
     assert_eq!(http_get_status(&host, "/readyz", "*/*"), 200);
-    let (status, body) = http_post(&host, path, r#"{"data": {"customer_id": "C00042"}}"#);
+    let key = secret_values(&c, "mesh-key-operator")["operator"].clone();
+    let (status, body) = support::local::post(
+        &format!("http://{host}{path}"),
+        &json!({"data": {"customer_id": "C00042"}}),
+        Some(&key),
+    );
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"age\""), "{body}");
-    drop(runtime);
-}
-
-/// Kills the runtime it holds when dropped.
-struct RuntimeProcess(std::process::Child);
-
-impl Drop for RuntimeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_post(host_port: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(host_port).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
-    )
+    assert!(body["data"].get("age").is_some(), "{body}");
 }
 
 /// The status of `GET /PATH`, or `None` when nothing answers yet.

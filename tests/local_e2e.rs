@@ -674,7 +674,7 @@ fn a_changed_secret_updates_exactly_the_service_that_uses_it() {
         let url = format!("http://127.0.0.1:{port}/public/api/v1/{svc}/rows/lookup");
         let ask = serde_json::json!({"data": {"id": "K1"}});
         assert_eq!(post_with_key(&url, &ask, Some(new)).0, 200, "{svc}");
-        assert_eq!(post_with_key(&url, &ask, Some(old)).0, 403, "{svc}");
+        assert_eq!(post_with_key(&url, &ask, Some(old)).0, 401, "{svc}");
     }
     for entry in files_under(&m.root().join(".mesh")) {
         if let Ok(text) = std::fs::read_to_string(&entry) {
