@@ -1712,10 +1712,10 @@ fn serve_as_pod(
     upstreams: &[(&str, u16)],
 ) -> std::process::Child {
     let cm = c.object("v1", "ConfigMap", &format!("{service}-config"));
-    let mut config = cm["data"]["service.json"]
-        .as_str()
-        .unwrap()
-        .replace("\"/var/run/mesh/", &format!("\"{}/var/run/mesh/", root.display()));
+    let mut config = cm["data"]["service.json"].as_str().unwrap().replace(
+        "\"/var/run/mesh/",
+        &format!("\"{}/var/run/mesh/", root.display()),
+    );
     for (host, port) in upstreams {
         config = config.replace(
             &format!("http://{host}.{NS}.svc.cluster.local:8080"),
@@ -1829,21 +1829,36 @@ async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
     }
     let verifiers = secret_values(&c, "mesh-verifiers");
     assert_eq!(verifiers.len(), 3, "{verifiers:?}");
-    assert!(keys.iter().all(|k| verifiers.values().all(|v| !v.contains(k.as_str()))));
+    assert!(
+        keys.iter()
+            .all(|k| verifiers.values().all(|v| !v.contains(k.as_str())))
+    );
     assert_eq!(
         secret_mounts(&c, "customer-scoring"),
         [
-            ("customer-scoring-secrets".into(), "/var/run/mesh/secrets".into()),
-            ("mesh-key-customer-scoring".into(), "/var/run/mesh/keys/keys".into()),
+            (
+                "customer-scoring-secrets".into(),
+                "/var/run/mesh/secrets".into()
+            ),
+            (
+                "mesh-key-customer-scoring".into(),
+                "/var/run/mesh/keys/keys".into()
+            ),
         ],
         "the caller: its own key, no verifier"
     );
     assert_eq!(
         secret_mounts(&c, "customer-features"),
-        [("mesh-verifiers".into(), "/var/run/mesh/keys/verifiers".into())],
+        [(
+            "mesh-verifiers".into(),
+            "/var/run/mesh/keys/verifiers".into()
+        )],
         "the called service: the verifiers, no key"
     );
-    for o in c.double.objects_with_label(&format!("mesh.dev/stack={STACK}")) {
+    for o in c
+        .double
+        .objects_with_label(&format!("mesh.dev/stack={STACK}"))
+    {
         assert!(
             !o.to_string().contains("\"mesh-key-operator\"") || o["kind"] == "Secret",
             "the operator's key is mounted: {o:#}"
@@ -1857,7 +1872,8 @@ async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
         .await;
     ok(&out, "plan --out");
     outputs.push(text(&out));
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&saved).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&saved).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the saved plan is private");
     outputs.push(std::fs::read_to_string(&saved).unwrap());
     let out = c.run("output", &["--json"], &env).await;
@@ -1875,7 +1891,13 @@ async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
     let features_root = c.dir.path().join("pod-features");
     let scoring_root = c.dir.path().join("pod-scoring");
     let (fp, sp) = (free_port(), free_port());
-    let _features = Reaped(serve_as_pod(&c, "customer-features", &features_root, fp, &[]));
+    let _features = Reaped(serve_as_pod(
+        &c,
+        "customer-features",
+        &features_root,
+        fp,
+        &[],
+    ));
     let _scoring = Reaped(serve_as_pod(
         &c,
         "customer-scoring",
@@ -1884,21 +1906,33 @@ async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
         &[("customer-features", fp)],
     ));
     let lookup = format!("http://127.0.0.1:{fp}/public/api/v1/customer-features/behavior/lookup");
-    let predict = format!("http://127.0.0.1:{sp}/public/api/v1/customer-scoring/high-value/predict");
+    let predict =
+        format!("http://127.0.0.1:{sp}/public/api/v1/customer-scoring/high-value/predict");
     let ask = json!({"data": {"customer_id": "C00042"}});
     let by_id = json!({"features": {"customer_id": "C00042"}});
     let post = support::local::post;
     let (status, body) = post(&lookup, &ask, None);
-    assert_eq!((status, &body["error"]["code"]), (401, &json!("unauthorized")), "{body}");
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (401, &json!("unauthorized")),
+        "{body}"
+    );
     let (status, body) = post(&lookup, &ask, Some("a-key-nobody-holds"));
     assert_eq!(status, 401, "{body}");
     let (status, body) = post(&lookup, &ask, Some(&key_of("customer-features")));
-    assert_eq!((status, &body["error"]["code"]), (403, &json!("forbidden")), "{body}");
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (403, &json!("forbidden")),
+        "{body}"
+    );
     assert!(!body.to_string().contains(&key_of("customer-features")));
     let (status, body) = post(&lookup, &ask, Some(&key_of("operator")));
     assert_eq!(status, 200, "the operator: {body}");
     let (status, body) = post(&predict, &by_id, Some(PASSWORD));
-    assert_eq!(status, 200, "the allowed caller, through its runtime: {body}");
+    assert_eq!(
+        status, 200,
+        "the allowed caller, through its runtime: {body}"
+    );
 
     // Rotation under load: every call succeeds; the kubelet stand-in keeps
     // the pods' files in step with the Secrets.
@@ -1923,7 +1957,9 @@ async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
     let rotating = std::sync::atomic::AtomicBool::new(true);
     let (out, ()) = tokio::join!(
         async {
-            let out = c.run("apply", &["--auto-approve", "--rotate-keys"], &env).await;
+            let out = c
+                .run("apply", &["--auto-approve", "--rotate-keys"], &env)
+                .await;
             rotating.store(false, std::sync::atomic::Ordering::SeqCst);
             out
         },
@@ -1943,7 +1979,12 @@ async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (n, failures) = load.join().unwrap();
     assert!(n >= 2000, "{n} calls");
-    assert!(failures.is_empty(), "{} of {n} calls failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {n} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert_ne!(key_of("operator"), old_operator, "rotated");
     assert_ne!(key_of("customer-scoring"), old_scoring, "rotated");
     let (status, _) = post(&lookup, &ask, Some(&old_operator));
@@ -1954,7 +1995,10 @@ async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
     assert_eq!(code, 0, "a rotation leaves nothing to plan: {}", text(&out));
 
     // No bare SHA-256 of any secret value anywhere.
-    for o in c.double.objects_with_label(&format!("mesh.dev/stack={STACK}")) {
+    for o in c
+        .double
+        .objects_with_label(&format!("mesh.dev/stack={STACK}"))
+    {
         outputs.push(o.to_string());
     }
     for root in [&features_root, &scoring_root] {
@@ -1966,9 +2010,15 @@ async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
     for v in &values {
         for d in bare_digests(v) {
             for o in &outputs {
-                assert!(!o.contains(&d), "a bare SHA-256 of a secret value: {d} in\n{o}");
+                assert!(
+                    !o.contains(&d),
+                    "a bare SHA-256 of a secret value: {d} in\n{o}"
+                );
             }
         }
     }
-    ok(&c.run("destroy", &["--auto-approve"], &env).await, "destroy");
+    ok(
+        &c.run("destroy", &["--auto-approve"], &env).await,
+        "destroy",
+    );
 }

@@ -751,9 +751,7 @@ fn runtimes_get_a_clean_environment_and_secrets_by_file() {
 fn an_update_refuses_no_connection() {
     let m = Mesh::new();
     ok(&m.apply(), "first apply");
-    let key_file = m
-        .stack
-        .join(".mesh/local/access/keys/operator");
+    let key_file = m.stack.join(".mesh/local/access/keys/operator");
     let key = std::fs::read_to_string(&key_file).unwrap();
     let url = format!(
         "http://127.0.0.1:{}/public/api/v1/customer-features/behavior/lookup",

@@ -167,7 +167,7 @@ impl Keys {
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -308,10 +308,7 @@ mod tests {
         Known {
             caller: caller.into(),
             allowed,
-            tags: keys
-                .iter()
-                .map(|k| tag(caller, k))
-                .collect(),
+            tags: keys.iter().map(|k| tag(caller, k)).collect(),
         }
     }
 
@@ -327,8 +324,14 @@ mod tests {
         assert_eq!(keys.check(None), Verdict::Unknown);
         assert_eq!(keys.check(Some("nobody's")), Verdict::Unknown);
         assert_eq!(keys.check(Some("configured")), Verdict::Allowed(None));
-        assert_eq!(keys.check(Some("key-a-old")), Verdict::Allowed(Some("a".into())));
-        assert_eq!(keys.check(Some("key-a-new")), Verdict::Allowed(Some("a".into())));
+        assert_eq!(
+            keys.check(Some("key-a-old")),
+            Verdict::Allowed(Some("a".into()))
+        );
+        assert_eq!(
+            keys.check(Some("key-a-new")),
+            Verdict::Allowed(Some("a".into()))
+        );
         assert_eq!(keys.check(Some("key-b")), Verdict::Denied("b".into()));
         // A verifier is bound to its caller: b's key is not a's.
         assert_ne!(verifier("a", "k"), verifier("b", "k"));

@@ -1686,8 +1686,9 @@ mod tests {
         let first = std::fs::read_to_string(&key).unwrap();
         assert_eq!(first.len(), 64);
         for f in [&key, &access::verifier_file(&dir, "operator")] {
-            let mode =
-                std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(f).unwrap().permissions());
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(f).unwrap().permissions(),
+            );
             assert_eq!(mode & 0o777, 0o600, "{}", f.display());
         }
         let verifier = std::fs::read_to_string(access::verifier_file(&dir, "operator")).unwrap();

@@ -108,9 +108,7 @@ impl Env {
     /// The key this machine's operator presents (to `service`, as to every
     /// restricted service) on the local target.
     pub fn operator_key(&self, _service: &str) -> String {
-        let file = self
-            .stack
-            .join(".mesh/local/access/keys/operator");
+        let file = self.stack.join(".mesh/local/access/keys/operator");
         std::fs::read_to_string(&file)
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
             .trim()

@@ -710,7 +710,9 @@ async fn read_secret(
         address: address.clone(),
         message: format!("reading Secret {ns}/{name}: {}", describe(&e, conn)),
     })?;
-    Ok(found.map(|o| secret_values(&to_json(&o))).unwrap_or_default())
+    Ok(found
+        .map(|o| secret_values(&to_json(&o)))
+        .unwrap_or_default())
 }
 
 /// The verifiers' Secret for (caller, old key, new key): of both keys, or
@@ -850,7 +852,8 @@ impl KubernetesProvider {
                 if let Some(values) = &secrets {
                     let key = self.digest_key(&conn, in_ns, address).await?;
                     manifest["spec"]["template"]["metadata"]["annotations"]
-                        [kinds::ANNOTATION_SECRET_HASH] = json!(objects::secret_digest(&key, values));
+                        [kinds::ANNOTATION_SECRET_HASH] =
+                        json!(objects::secret_digest(&key, values));
                 }
                 let image = self.push_image(d, change.live.as_ref(), ctx).await?;
                 manifest["spec"]["template"]["spec"]["containers"][0]["image"] = json!(image);
@@ -1332,7 +1335,13 @@ impl Provider for KubernetesProvider {
         let wait = self.settings.key_propagation;
         let both = verifier_lines(&fresh, true);
         patch(objects::VERIFIERS_SECRET.to_owned(), both).await?;
-        ctx.progress(&at, &format!("new keys accepted beside the old ones; waiting {}s for the pods", wait.as_secs()));
+        ctx.progress(
+            &at,
+            &format!(
+                "new keys accepted beside the old ones; waiting {}s for the pods",
+                wait.as_secs()
+            ),
+        );
         tokio::time::sleep(wait).await;
         for (caller, _, new) in &fresh {
             patch(
@@ -1341,7 +1350,13 @@ impl Provider for KubernetesProvider {
             )
             .await?;
         }
-        ctx.progress(&at, &format!("callers given the new keys; waiting {}s for the pods", wait.as_secs()));
+        ctx.progress(
+            &at,
+            &format!(
+                "callers given the new keys; waiting {}s for the pods",
+                wait.as_secs()
+            ),
+        );
         tokio::time::sleep(wait).await;
         let new_only = verifier_lines(&fresh, false);
         patch(objects::VERIFIERS_SECRET.to_owned(), new_only).await?;

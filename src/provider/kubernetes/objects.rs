@@ -329,8 +329,8 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             // `data`, not `stringData`: the server folds `stringData` into `data`,
             // so a key applied as `stringData` would never be removed by apply.
             let manifest = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "data": keys });
-            let mut d = in_ns(object(&secret_addr, Kind::Secret, manifest))
-                .depends(key_addr.clone());
+            let mut d =
+                in_ns(object(&secret_addr, Kind::Secret, manifest)).depends(key_addr.clone());
             d.attrs
                 .insert("data".to_owned(), Attr::new(sensitive(&digest)));
             d.attrs.insert(
@@ -430,13 +430,20 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         let verifies = refers_to(&bundle.config, &keys_dir.join("verifiers"));
         for (wanted, volume, dir, secret) in [
             (presents, "key", "keys", key_secret_name(name)),
-            (verifies, "verifiers", "verifiers", VERIFIERS_SECRET.to_owned()),
+            (
+                verifies,
+                "verifiers",
+                "verifiers",
+                VERIFIERS_SECRET.to_owned(),
+            ),
         ] {
             if !wanted {
                 continue;
             }
             if let Some(mounts) = container["volumeMounts"].as_array_mut() {
-                mounts.push(json!({ "name": volume, "mountPath": keys_dir.join(dir), "readOnly": true }));
+                mounts.push(
+                    json!({ "name": volume, "mountPath": keys_dir.join(dir), "readOnly": true }),
+                );
             }
             volumes.push(json!({
                 "name": volume,
@@ -618,8 +625,7 @@ fn generated_secret(
     let mut m = meta(stack, address, name, Some(ns));
     m["annotations"][kinds::ANNOTATION_GENERATED] = json!("true");
     let data: serde_json::Map<String, J> = keys.iter().map(|k| (k.clone(), json!(""))).collect();
-    let manifest =
-        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "data": data });
+    let manifest = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "data": data });
     let mut d = object(address, Kind::Secret, manifest);
     d.attrs.insert(
         ATTR_GENERATE.to_owned(),
@@ -827,10 +833,7 @@ pub fn resolve_secrets(
 
 /// The digest of a Secret's content (what the `mesh.dev/secret-hash` annotation holds).
 pub fn secret_digest(key: &[u8], values: &BTreeMap<String, String>) -> String {
-    super::project::secret_digest(
-        key,
-        values.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
-    )
+    super::project::secret_digest(key, values.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
 }
 
 /// A Secret's `data`: each value base64-encoded, as the API stores it.
