@@ -804,8 +804,8 @@ impl KubernetesProvider {
                 let mut values = read_secret(&conn, in_ns, &name, address).await?;
                 values.retain(|k, v| wanted.contains(k) && v.len() >= 32);
                 for k in wanted {
-                    if !values.contains_key(&k) {
-                        values.insert(k, new_key(address)?);
+                    if let std::collections::btree_map::Entry::Vacant(e) = values.entry(k) {
+                        e.insert(new_key(address)?);
                     }
                 }
                 manifest["data"] = objects::secret_data(&values);
