@@ -119,9 +119,11 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                     env: env.clone(),
                     plan: plan.clone(),
                 };
-                if let Err(e) =
-                    std::fs::write(&out, serde_json::to_vec_pretty(&saved).unwrap_or_default())
-                {
+                // 0600: a plan names what holds secrets (digests are keyed).
+                if let Err(e) = mesh::provider::local::secrets::replace_private(
+                    &out,
+                    &serde_json::to_vec_pretty(&saved).unwrap_or_default(),
+                ) {
                     return fail(format!("cannot write {}: {e}", out.display()));
                 }
                 eprintln!(
@@ -144,6 +146,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             no_wait,
             targets,
             replace,
+            rotate_keys,
         } => {
             if let Some(saved) = saved_plan(&path) {
                 let saved = match saved {
@@ -154,6 +157,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                     env.is_some().then_some("--env"),
                     (!targets.is_empty()).then_some("--target"),
                     (!replace.is_empty()).then_some("--replace"),
+                    rotate_keys.then_some("--rotate-keys"),
                 ]
                 .into_iter()
                 .flatten()
@@ -181,6 +185,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 auto_approve,
                 parallelism,
                 no_wait,
+                rotate_keys,
                 "mesh apply",
             )
             .await
@@ -203,6 +208,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 auto_approve,
                 parallelism,
                 no_wait,
+                false,
                 "mesh destroy",
             )
             .await;
@@ -210,12 +216,13 @@ pub(crate) async fn run(command: Command) -> ExitCode {
                 && everything
                 && let Ok(stack) = test::load_instance(&path, &env, instance.as_deref())
             {
-                // Leave nothing behind: drop the state folders once empty.
+                // Leave nothing behind: the caller keys (the operator's is no
+                // service's), then the state folders once empty.
                 let dir = mesh::provider::local::state_dir(&stack.root, &stack.env.name);
+                let _ = std::fs::remove_dir_all(dir.join("access"));
                 for d in [
                     dir.join("services"),
                     dir.join("exposes"),
-                    dir.join("access"),
                     dir.clone(),
                     stack.root.join(".mesh"),
                 ] {
@@ -323,6 +330,7 @@ async fn run_apply(
     auto_approve: bool,
     parallelism: usize,
     no_wait: bool,
+    rotate_keys: bool,
     command: &str,
 ) -> ExitCode {
     let stack = match test::load_instance(path, env, instance) {
@@ -342,16 +350,47 @@ async fn run_apply(
         );
         print!("{}", render::human(&plan, style()));
         warn_abandoned(&plan);
-        if !plan.has_changes() {
-            return ExitCode::SUCCESS;
+        if plan.has_changes() {
+            if !auto_approve && !confirm(command) {
+                eprintln!("Cancelled: nothing was changed.");
+                return ExitCode::from(1);
+            }
+            let code = execute(engine, &plan, parallelism, no_wait).await;
+            if code != ExitCode::SUCCESS {
+                return code;
+            }
         }
-        if !auto_approve && !confirm(command) {
-            eprintln!("Cancelled: nothing was changed.");
-            return ExitCode::from(1);
+        if rotate_keys {
+            return rotate(engine).await;
         }
-        execute(engine, &plan, parallelism, no_wait).await
+        ExitCode::SUCCESS
     })
     .await
+}
+
+/// `mesh apply --rotate-keys`: each provider rotates its caller keys.
+async fn rotate(engine: &Engine) -> ExitCode {
+    let (cancel, abandon) = cancel_on_ctrl_c();
+    let ctx = ApplyContext::new(engine.scope.clone(), &[], cancel, false);
+    let rotating = async {
+        for provider in engine.providers.values() {
+            match provider.rotate_keys(&engine.stack, &ctx).await {
+                Ok(rotated) if rotated.is_empty() => {}
+                Ok(rotated) => eprintln!("Rotated the keys of {}.", rotated.join(", ")),
+                Err(e) => return fail(e),
+            }
+        }
+        ExitCode::SUCCESS
+    };
+    tokio::select! {
+        code = rotating => code,
+        () = abandon => {
+            eprintln!(
+                "Abandoned the key rotation (second Ctrl-C); the locks are released. Run `mesh apply --rotate-keys` again to finish it."
+            );
+            ExitCode::from(130)
+        }
+    }
 }
 
 /// Runs `body` holding the stack's locks: the lock file of this machine,
@@ -556,6 +595,21 @@ async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> E
         if let Some(Value::Str(cert)) = l.outputs.get("certificate") {
             entry["certificate"] = serde_json::Value::String(cert.clone());
         }
+        // On a cluster: the Secret holding the operator's key, and how to read it.
+        let operator = mesh::provider::local::access::OPERATOR;
+        let key_secret = live
+            .iter()
+            .find(|x| x.address == Address::of("identity", operator));
+        if mesh::provider::local::access::restricted_to(&engine.stack, &e.service).is_some()
+            && let Some(secret) = key_secret
+            && let (Some(Value::Str(ns)), Some(Value::Str(name))) =
+                (secret.outputs.get("namespace"), secret.outputs.get("name"))
+        {
+            entry["api_key_secret"] = serde_json::json!(format!("{ns}/{name}"));
+            entry["api_key_command"] = serde_json::json!(format!(
+                "kubectl -n {ns} get secret {name} -o jsonpath='{{.data.{operator}}}' | base64 -d"
+            ));
+        }
         exposes.insert(name.clone(), entry);
     }
     if json {
@@ -583,6 +637,9 @@ async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> E
                 println!(
                     "  (HTTPS with a certificate mesh made: trust it with `curl --cacert {cert}`)"
                 );
+            }
+            if let Some(command) = v["api_key_command"].as_str() {
+                println!("  (callers need a key: the operator's is `$({command})`)");
             }
             if let Some(eps) = v["endpoints"].as_object() {
                 for (ep, url) in eps {

@@ -254,8 +254,10 @@ impl Engine {
     /// the cluster cannot be reached, or is already gone, the plan deletes
     /// the cloud resources and lists the objects as [`Plan::abandoned`].
     pub async fn plan(&self, options: &plan::Options) -> Result<Plan, EngineError> {
-        let desired = self.desired()?;
+        // Live first: desired digests secrets under the key observing reads
+        // (the Kubernetes provider's `mesh-digest-key`).
         let (live, unreachable) = self.observe_unless_unreachable(options.destroy).await?;
+        let desired = self.desired()?;
         let mut plan = plan::diff(
             &self.stack.name,
             &self.stack.env.name,

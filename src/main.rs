@@ -89,6 +89,11 @@ pub(crate) enum Command {
         /// Force these addresses to be replaced; repeatable.
         #[arg(long = "replace", value_name = "ADDR")]
         replace: Vec<String>,
+        /// After applying, give every caller identity (each service's and
+        /// the operator's) a new key without refusing a call: new keys
+        /// accepted beside the old, callers switched, old keys removed.
+        #[arg(long)]
+        rotate_keys: bool,
     },
     /// Tear down everything the stack created in an environment.
     Destroy {

@@ -309,7 +309,7 @@ fn preload_flow(m: &Stack, scoring_port: u16, proxy: &Proxy, update: &dyn Fn(&st
     let predict = format!(
         "http://127.0.0.1:{scoring_port}/public/api/v1/customer-scoring/high-value/predict"
     );
-    let key_file = m.state_dir().join("access/customer-features/operator");
+    let key_file = m.state_dir().join("access/keys/operator");
     let key = std::fs::read_to_string(&key_file)
         .unwrap_or_else(|e| panic!("operator key {}: {e}", key_file.display()));
     let ask = json!({"data": {"customer_id": "C00042"}});

@@ -154,6 +154,11 @@ fn http_get_status(host_port: &str, path: &str, accept: &str) -> u16 {
 
 const EVERY_OBJECT: &[&str] = &[
     "namespace.customer-mesh",
+    "digest_key.stack",
+    "identity.operator",
+    "identity.customer-features",
+    "identity.customer-scoring",
+    "verifiers.callers",
     "service.customer-features.configmap",
     "service.customer-features.deployment",
     "service.customer-features.hpa",
@@ -508,11 +513,8 @@ async fn secrets_are_planned_by_digest_and_never_shown() {
         let all = text(o);
         assert!(!all.contains(FIRST), "the secret leaked: {all}");
     }
-    assert!(
-        String::from_utf8_lossy(&plan_text.stdout).contains("(sensitive)"),
-        "{}",
-        text(&plan_text)
-    );
+    // Digests are keyed by the stack's key, made at the first apply: the
+    // content is known after it (`(sensitive)` from then on, see below).
     assert!(changes(&plan).contains(&("service.customer-scoring.secret".into(), "create".into())));
 
     let out = c.apply(&[(VAR, FIRST)]).await;
@@ -523,7 +525,7 @@ async fn secrets_are_planned_by_digest_and_never_shown() {
         secret["metadata"]["annotations"]["mesh.dev/secret-hash"]
             .as_str()
             .unwrap()
-            .starts_with("sha256:")
+            .starts_with("hmac-sha256:")
     );
     let stored = secret["data"][VAR].as_str().unwrap();
     let encoded = serde_json::to_value(k8s_openapi::ByteString(FIRST.as_bytes().to_vec())).unwrap();
@@ -577,6 +579,11 @@ async fn secrets_are_planned_by_digest_and_never_shown() {
         "{got:?}"
     );
     let plan_text = c.run("plan", &[], &[(VAR, SECOND)]).await;
+    assert!(
+        String::from_utf8_lossy(&plan_text.stdout).contains("(sensitive)"),
+        "{}",
+        text(&plan_text)
+    );
     for o in [&plan_text, &out] {
         let all = text(o);
         assert!(
@@ -1616,90 +1623,22 @@ async fn an_ingress_under_a_path_serves_the_urls_mesh_output_prints() {
     assert!(path.starts_with("/features/"), "{lookup}");
 
     // The runtime, with the ConfigMap's service.json, answers that path (as
-    // the Ingress forwards it, unchanged) and its probes at the root.
-    let bundle = tempfile::tempdir().unwrap();
-    for d in ["datasets", "models"] {
-        std::fs::create_dir_all(bundle.path().join(d)).unwrap();
-    }
-    std::fs::write(
-        bundle.path().join("service.json"),
-        cm["data"]["service.json"].as_str().unwrap(),
-    )
-    .unwrap();
-    // The bundle's datasets (`datasets/<name>.csv`, as the image holds them).
-    for (name, file) in [
-        ("demographics", "customers.csv"),
-        ("behavior", "behavior.csv"),
-    ] {
-        assert!(config["datasets"].get(name).is_some(), "{config:#}");
-        std::fs::copy(
-            c.dir.path().join("examples/customer-mesh").join(file),
-            bundle.path().join(format!("datasets/{name}.csv")),
-        )
-        .unwrap();
-    }
+    // the Ingress forwards it, unchanged) and its probes at the root; the
+    // service admits only customer-scoring, so the operator's key.
     let port = free_port();
-    let runtime_bin = PathBuf::from(env!("CARGO_BIN_EXE_mesh")).with_file_name("mesh-runtime");
-    assert!(
-        runtime_bin.is_file(),
-        "mesh-runtime is not built at {}: run `cargo build -p mesh-runtime` (scripts/test builds it)",
-        runtime_bin.display()
-    );
-    let runtime = RuntimeProcess(
-        std::process::Command::new(runtime_bin)
-            .args(["serve", "--bundle"])
-            .arg(bundle.path())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let root = c.dir.path().join("pod-features");
+    let _runtime = Reaped(serve_as_pod(&c, "customer-features", &root, port, &[]));
     let host = format!("127.0.0.1:{port}");
-    // Up once /readyz answers 200 (the datasets are small; a dead process fails at once).
-    let mut tries = 0;
-    while http_get_status_opt(&host, "/readyz") != Some(200) {
-        tries += 1;
-        assert!(tries < 600, "the runtime never became ready on {host}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
     assert_eq!(http_get_status(&host, "/healthz", "*/*"), 200);
     assert_eq!(http_get_status(&host, "/readyz", "*/*"), 200);
-    let (status, body) = http_post(&host, path, r#"{"data": {"customer_id": "C00042"}}"#);
+    let key = secret_values(&c, "mesh-key-operator")["operator"].clone();
+    let (status, body) = support::local::post(
+        &format!("http://{host}{path}"),
+        &json!({"data": {"customer_id": "C00042"}}),
+        Some(&key),
+    );
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"age\""), "{body}");
-    drop(runtime);
-}
-
-/// Kills the runtime it holds when dropped.
-struct RuntimeProcess(std::process::Child);
-
-impl Drop for RuntimeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_post(host_port: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(host_port).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
-    )
+    assert!(body["data"].get("age").is_some(), "{body}");
 }
 
 /// The status of `GET /PATH`, or `None` when nothing answers yet.
@@ -1930,5 +1869,375 @@ async fn cidr_allow_and_tls_reach_the_edge_and_pods_run_restricted() {
             .get("nginx.ingress.kubernetes.io/whitelist-source-range")
             .is_none(),
         "{ing:#}"
+    );
+}
+
+/// Secret `name`'s values, decoded.
+fn secret_values(c: &Cluster, name: &str) -> std::collections::BTreeMap<String, String> {
+    let s = c.object("v1", "Secret", name);
+    s["data"]
+        .as_object()
+        .unwrap_or_else(|| panic!("Secret {name} has no data: {s:#}"))
+        .iter()
+        .map(|(k, v)| {
+            let b: k8s_openapi::ByteString = serde_json::from_value(v.clone()).unwrap();
+            (k.clone(), String::from_utf8(b.0).unwrap())
+        })
+        .collect()
+}
+
+/// The mounted Secret volumes of a Deployment's pods: (Secret, mount path).
+fn secret_mounts(c: &Cluster, deployment: &str) -> Vec<(String, String)> {
+    let dep = c.object("apps/v1", "Deployment", deployment);
+    let pod = &dep["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| {
+            let v = volumes.iter().find(|v| v["name"] == m["name"])?;
+            Some((
+                v["secret"]["secretName"].as_str()?.to_owned(),
+                m["mountPath"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// What a kubelet does for the pods the double does not run: each Secret
+/// volume of `deployment` as files under `root` + its mount path, replaced
+/// whole (as the kubelet's atomic writer does) when the Secret changes.
+fn sync_volumes(c: &Cluster, deployment: &str, root: &std::path::Path) {
+    for (secret, path) in secret_mounts(c, deployment) {
+        let dir = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (k, v) in secret_values(c, &secret) {
+            let tmp = dir.join(format!(".{k}.tmp"));
+            std::fs::write(&tmp, v).unwrap();
+            std::fs::rename(&tmp, dir.join(k)).unwrap();
+        }
+    }
+}
+
+/// A real runtime for `service` as its pods would run it: the config of its
+/// ConfigMap, the mounted files under `root`, the example's data files as
+/// the image's bundle, in-cluster URLs led to `upstreams` (host → port).
+fn serve_as_pod(
+    c: &Cluster,
+    service: &str,
+    root: &std::path::Path,
+    port: u16,
+    upstreams: &[(&str, u16)],
+) -> std::process::Child {
+    let cm = c.object("v1", "ConfigMap", &format!("{service}-config"));
+    let mut config = cm["data"]["service.json"].as_str().unwrap().replace(
+        "\"/var/run/mesh/",
+        &format!("\"{}/var/run/mesh/", root.display()),
+    );
+    for (host, port) in upstreams {
+        config = config.replace(
+            &format!("http://{host}.{NS}.svc.cluster.local:8080"),
+            &format!("http://127.0.0.1:{port}"),
+        );
+    }
+    let bundle = root.join("bundle");
+    let examples = c.dir.path().join("examples/customer-mesh");
+    for (rel, from) in [
+        ("datasets/demographics.csv", "customers.csv"),
+        ("datasets/behavior.csv", "behavior.csv"),
+        ("models/high-value.onnx", "high_value.onnx"),
+    ] {
+        if config.contains(&format!("\"{rel}\"")) {
+            let to = bundle.join(rel);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(examples.join(from), to).unwrap();
+        }
+    }
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("service.json"), &config).unwrap();
+    sync_volumes(c, service, root);
+    let log = std::fs::File::create(root.join("runtime.log")).unwrap();
+    let child = std::process::Command::new(support::local::runtime_bin())
+        .args(["serve", "--bundle"])
+        .arg(&bundle)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    support::local::wait_for(
+        &format!("{service} ready on {port}"),
+        std::time::Duration::from_secs(60),
+        || match http_get_status_opt(&format!("127.0.0.1:{port}"), "/readyz") {
+            Some(200) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    child
+}
+
+/// Kills a runtime when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `sha256` hex and base64 of `value`: what a bare digest of it would look like.
+fn bare_digests(value: &str) -> [String; 2] {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(value.as_bytes());
+    let b64 = serde_json::to_value(k8s_openapi::ByteString(d.to_vec())).unwrap();
+    [hex::encode(d), b64.as_str().unwrap().to_owned()]
+}
+
+/// `allow` holds on a cluster whatever its CNI does: one key per identity
+/// (each service's and the operator's) as Secrets made at apply and never
+/// planned, mounted only into the pods that need them (a caller its own
+/// key, the called service the verifiers); two real runtimes given those
+/// files answer 401 without or with an unknown key, 403 to a known caller
+/// that is not allowed, 200 to an allowed one; `mesh apply --rotate-keys`
+/// fails none of 2,000+ calls made across it and the old key is refused
+/// after; and no output holds a bare SHA-256 of any secret value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_keys_are_mounted_where_needed_enforced_and_rotated() {
+    let c = Cluster::new().await;
+    const VAR: &str = "MESH_E2E_SCORING_API_KEY";
+    const PASSWORD: &str = "scoring-key-5e1f0a";
+    let env = [(VAR, PASSWORD), ("MESH_KEY_PROPAGATION_SECS", "3")];
+    c.edit("stacks/customer-mesh/stack.toml", |s| {
+        s.replace("[service.customer-scoring]\nversion = \"1.0.0\"\n", &format!("[service.customer-scoring]\nversion = \"1.0.0\"\napi_keys = [{{ env = \"{VAR}\" }}]\n"))
+    });
+    let mut outputs: Vec<String> = Vec::new();
+
+    // Planned as resources, with no value.
+    let plan_text = c.run("plan", &[], &env).await;
+    ok(&plan_text, "plan");
+    let (_, plan, out) = c.plan_json(&env).await;
+    let planned = changes(&plan);
+    for address in [
+        "identity.operator",
+        "identity.customer-scoring",
+        "identity.customer-features",
+        "verifiers.callers",
+        "digest_key.stack",
+    ] {
+        assert!(
+            planned.contains(&(address.into(), "create".into())),
+            "{address} not planned: {planned:?}"
+        );
+    }
+    outputs.extend([text(&plan_text), text(&out)]);
+    let out = c.apply(&env).await;
+    ok(&out, "apply");
+    outputs.push(text(&out));
+
+    // A key per identity; each pod mounts exactly what it needs.
+    let key_of = |caller: &str| secret_values(&c, &format!("mesh-key-{caller}"))[caller].clone();
+    let keys: Vec<String> = ["operator", "customer-scoring", "customer-features"]
+        .iter()
+        .map(|caller| key_of(caller))
+        .collect();
+    for k in &keys {
+        assert_eq!(k.len(), 64, "a 256-bit key, hex");
+    }
+    let verifiers = secret_values(&c, "mesh-verifiers");
+    assert_eq!(verifiers.len(), 3, "{verifiers:?}");
+    assert!(
+        keys.iter()
+            .all(|k| verifiers.values().all(|v| !v.contains(k.as_str())))
+    );
+    assert_eq!(
+        secret_mounts(&c, "customer-scoring"),
+        [
+            (
+                "customer-scoring-secrets".into(),
+                "/var/run/mesh/secrets".into()
+            ),
+            (
+                "mesh-key-customer-scoring".into(),
+                "/var/run/mesh/keys/keys".into()
+            ),
+        ],
+        "the caller: its own key, no verifier"
+    );
+    assert_eq!(
+        secret_mounts(&c, "customer-features"),
+        [(
+            "mesh-verifiers".into(),
+            "/var/run/mesh/keys/verifiers".into()
+        )],
+        "the called service: the verifiers, no key"
+    );
+    for o in c
+        .double
+        .objects_with_label(&format!("mesh.dev/stack={STACK}"))
+    {
+        assert!(
+            !o.to_string().contains("\"mesh-key-operator\"") || o["kind"] == "Secret",
+            "the operator's key is mounted: {o:#}"
+        );
+    }
+    let (code, _, out) = c.plan_json(&env).await;
+    assert_eq!(code, 0, "nothing to change after apply: {}", text(&out));
+    let saved = c.dir.path().join("saved-plan.json");
+    let out = c
+        .run("plan", &["--out", saved.to_str().unwrap()], &env)
+        .await;
+    ok(&out, "plan --out");
+    outputs.push(text(&out));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&saved).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the saved plan is private");
+    outputs.push(std::fs::read_to_string(&saved).unwrap());
+    let out = c.run("output", &["--json"], &env).await;
+    ok(&out, "output");
+    let urls: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        urls["exposes"]["customer-features"]["api_key_secret"],
+        format!("{NS}/mesh-key-operator"),
+        "{urls:#}"
+    );
+    outputs.push(text(&out));
+
+    // Two runtimes with the files as mounted: customer-scoring calls
+    // customer-features with its own key.
+    let features_root = c.dir.path().join("pod-features");
+    let scoring_root = c.dir.path().join("pod-scoring");
+    let (fp, sp) = (free_port(), free_port());
+    let _features = Reaped(serve_as_pod(
+        &c,
+        "customer-features",
+        &features_root,
+        fp,
+        &[],
+    ));
+    let _scoring = Reaped(serve_as_pod(
+        &c,
+        "customer-scoring",
+        &scoring_root,
+        sp,
+        &[("customer-features", fp)],
+    ));
+    let lookup = format!("http://127.0.0.1:{fp}/public/api/v1/customer-features/behavior/lookup");
+    let predict =
+        format!("http://127.0.0.1:{sp}/public/api/v1/customer-scoring/high-value/predict");
+    let ask = json!({"data": {"customer_id": "C00042"}});
+    let by_id = json!({"features": {"customer_id": "C00042"}});
+    let post = support::local::post;
+    let (status, body) = post(&lookup, &ask, None);
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (401, &json!("unauthorized")),
+        "{body}"
+    );
+    let (status, body) = post(&lookup, &ask, Some("a-key-nobody-holds"));
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = post(&lookup, &ask, Some(&key_of("customer-features")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (403, &json!("forbidden")),
+        "{body}"
+    );
+    assert!(!body.to_string().contains(&key_of("customer-features")));
+    let (status, body) = post(&lookup, &ask, Some(&key_of("operator")));
+    assert_eq!(status, 200, "the operator: {body}");
+    let (status, body) = post(&predict, &by_id, Some(PASSWORD));
+    assert_eq!(
+        status, 200,
+        "the allowed caller, through its runtime: {body}"
+    );
+
+    // Rotation under load: every call succeeds; the kubelet stand-in keeps
+    // the pods' files in step with the Secrets.
+    let old_operator = key_of("operator");
+    let old_scoring = key_of("customer-scoring");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, predict, by_id) = (stop.clone(), predict.clone(), by_id.clone());
+        std::thread::spawn(move || {
+            let (mut n, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 2000 {
+                n += 1;
+                match support::local::try_request("POST", &predict, Some(&by_id), Some(PASSWORD)) {
+                    Ok((200, _)) => {}
+                    Ok((status, body)) => failures.push(format!("{status}: {body}")),
+                    Err(e) => failures.push(e),
+                }
+            }
+            (n, failures)
+        })
+    };
+    let rotating = std::sync::atomic::AtomicBool::new(true);
+    let (out, ()) = tokio::join!(
+        async {
+            let out = c
+                .run("apply", &["--auto-approve", "--rotate-keys"], &env)
+                .await;
+            rotating.store(false, std::sync::atomic::Ordering::SeqCst);
+            out
+        },
+        async {
+            while rotating.load(std::sync::atomic::Ordering::SeqCst) {
+                sync_volumes(&c, "customer-features", &features_root);
+                sync_volumes(&c, "customer-scoring", &scoring_root);
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    );
+    ok(&out, "apply --rotate-keys");
+    outputs.push(text(&out));
+    sync_volumes(&c, "customer-features", &features_root);
+    sync_volumes(&c, "customer-scoring", &scoring_root);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (n, failures) = load.join().unwrap();
+    assert!(n >= 2000, "{n} calls");
+    assert!(
+        failures.is_empty(),
+        "{} of {n} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_ne!(key_of("operator"), old_operator, "rotated");
+    assert_ne!(key_of("customer-scoring"), old_scoring, "rotated");
+    let (status, _) = post(&lookup, &ask, Some(&old_operator));
+    assert_eq!(status, 401, "the old key is refused");
+    let (status, body) = post(&lookup, &ask, Some(&key_of("operator")));
+    assert_eq!(status, 200, "the new key: {body}");
+    let (code, _, out) = c.plan_json(&env).await;
+    assert_eq!(code, 0, "a rotation leaves nothing to plan: {}", text(&out));
+
+    // No bare SHA-256 of any secret value anywhere.
+    for o in c
+        .double
+        .objects_with_label(&format!("mesh.dev/stack={STACK}"))
+    {
+        outputs.push(o.to_string());
+    }
+    for root in [&features_root, &scoring_root] {
+        outputs.push(std::fs::read_to_string(root.join("runtime.log")).unwrap());
+    }
+    let mut values = vec![PASSWORD.to_owned(), old_operator, old_scoring];
+    values.extend(keys);
+    values.extend(["operator", "customer-scoring", "customer-features"].map(key_of));
+    for v in &values {
+        for d in bare_digests(v) {
+            for o in &outputs {
+                assert!(
+                    !o.contains(&d),
+                    "a bare SHA-256 of a secret value: {d} in\n{o}"
+                );
+            }
+        }
+    }
+    ok(
+        &c.run("destroy", &["--auto-approve"], &env).await,
+        "destroy",
     );
 }

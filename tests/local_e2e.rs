@@ -177,17 +177,27 @@ fn apply_serve_drift_repair_destroy() {
     let (status, refused) = post(&lookup_url, &ask);
     assert_eq!(status, 401, "{refused}");
     assert_eq!(refused["error"]["code"], "unauthorized", "{refused}");
-    let (status, _) = post_with_key(&lookup_url, &ask, Some("not-the-key"));
-    assert_eq!(status, 403);
+    // A key nobody holds is 401 too; a known caller that is not allowed
+    // (customer-features itself) is 403; the operator's is 200.
+    let (status, refused) = post_with_key(&lookup_url, &ask, Some("not-the-key"));
+    assert_eq!(status, 401, "{refused}");
+    assert!(!refused.to_string().contains("not-the-key"), "{refused}");
+    let keys = std::path::Path::new(&key_file).parent().unwrap();
+    let own = std::fs::read_to_string(keys.join("customer-features")).unwrap();
+    let (status, refused) = post_with_key(&lookup_url, &ask, Some(&own));
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
     let (status, row) = post_with_key(&lookup_url, &ask, Some(&operator_key));
     assert_eq!(status, 200, "{row}");
-    let keys = std::path::Path::new(&key_file).parent().unwrap();
     let mut callers: Vec<String> = std::fs::read_dir(keys)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     callers.sort();
-    assert_eq!(callers, ["customer-scoring", "operator"]);
+    assert_eq!(
+        callers,
+        ["customer-features", "customer-scoring", "operator"]
+    );
     let plan_text = String::from_utf8_lossy(&m.run("plan", &[]).stdout).into_owned();
     for k in [
         &key_file,
@@ -666,7 +676,7 @@ fn a_changed_secret_updates_exactly_the_service_that_uses_it() {
         let url = format!("http://127.0.0.1:{port}/public/api/v1/{svc}/rows/lookup");
         let ask = serde_json::json!({"data": {"id": "K1"}});
         assert_eq!(post_with_key(&url, &ask, Some(new)).0, 200, "{svc}");
-        assert_eq!(post_with_key(&url, &ask, Some(old)).0, 403, "{svc}");
+        assert_eq!(post_with_key(&url, &ask, Some(old)).0, 401, "{svc}");
     }
     for entry in files_under(&m.root().join(".mesh")) {
         if let Ok(text) = std::fs::read_to_string(&entry) {
@@ -743,9 +753,7 @@ fn runtimes_get_a_clean_environment_and_secrets_by_file() {
 fn an_update_refuses_no_connection() {
     let m = Mesh::new();
     ok(&m.apply(), "first apply");
-    let key_file = m
-        .stack
-        .join(".mesh/local/access/customer-features/operator");
+    let key_file = m.stack.join(".mesh/local/access/keys/operator");
     let key = std::fs::read_to_string(&key_file).unwrap();
     let url = format!(
         "http://127.0.0.1:{}/public/api/v1/customer-features/behavior/lookup",
@@ -1213,4 +1221,67 @@ fn a_relative_stack_path_with_an_env_secret_applies() {
     let url = format!("http://127.0.0.1:{port}/public/api/v1/svc/rows/lookup");
     let ask = serde_json::json!({"data": {"id": "K1"}});
     assert_eq!(post_with_key(&url, &ask, Some(key)).0, 200);
+}
+
+/// `mesh apply --rotate-keys` on the local target: 2,000+ calls through
+/// customer-scoring (which presents its key to customer-features) across
+/// the rotation, none failed; every key is new, the old operator key is
+/// refused (401) and the new one accepted; no runtime restarted.
+#[test]
+fn keys_rotate_without_a_failed_call() {
+    let m = Mesh::new();
+    ok(&m.apply(), "apply");
+    let keys = m.stack.join(".mesh/local/access/keys");
+    let read = |caller: &str| std::fs::read_to_string(keys.join(caller)).unwrap();
+    let (old_operator, old_scoring) = (read("operator"), read("customer-scoring"));
+    let pids = (m.pid_of("customer-features"), m.pid_of("customer-scoring"));
+    let predict = format!(
+        "http://127.0.0.1:{}/public/api/v1/customer-scoring/high-value/predict",
+        m.scoring_port
+    );
+    let lookup = format!(
+        "http://127.0.0.1:{}/public/api/v1/customer-features/behavior/lookup",
+        m.features_port
+    );
+    let by_id = serde_json::json!({"features": {"customer_id": "C00042"}});
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, predict, by_id) = (stop.clone(), predict.clone(), by_id.clone());
+        std::thread::spawn(move || {
+            let (mut n, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 2000 {
+                n += 1;
+                match try_request("POST", &predict, Some(&by_id), None) {
+                    Ok((200, _)) => {}
+                    Ok((status, body)) => failures.push(format!("{status}: {body}")),
+                    Err(e) => failures.push(e),
+                }
+            }
+            (n, failures)
+        })
+    };
+    let out = m.run("apply", &["--auto-approve", "--rotate-keys"]);
+    ok(&out, "apply --rotate-keys");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (n, failures) = load.join().unwrap();
+    assert!(n >= 2000, "{n} calls");
+    assert!(
+        failures.is_empty(),
+        "{} of {n} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_ne!(read("operator"), old_operator);
+    assert_ne!(read("customer-scoring"), old_scoring);
+    let ask = serde_json::json!({"data": {"customer_id": "C00042"}});
+    assert_eq!(post_with_key(&lookup, &ask, Some(&old_operator)).0, 401);
+    let (status, row) = post_with_key(&lookup, &ask, Some(&read("operator")));
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(
+        (m.pid_of("customer-features"), m.pid_of("customer-scoring")),
+        pids,
+        "no restart"
+    );
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 0, "{plan}");
 }

@@ -50,9 +50,14 @@ pub struct ServiceConfig {
     /// Free-form version, reported by the v2 model metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
-    /// Accepted API keys, by reference. Empty: no authentication.
+    /// Accepted API keys: keys by reference, or callers' verifiers (see
+    /// `auth`). Empty, and no `known_callers`: no authentication.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub api_keys: Vec<SecretRef>,
+    pub api_keys: Vec<ApiKey>,
+    /// Verifiers of the mesh's identities that may not call this service:
+    /// their keys are recognised and refused with 403 (any other key: 401).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub known_callers: Vec<CallerKey>,
     /// Request limits.
     #[serde(default)]
     pub limits: Limits,
@@ -84,6 +89,25 @@ pub struct ServiceConfig {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// An accepted API key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ApiKey {
+    /// `{"env": ...}` / `{"file": ...}`: a key itself, whoever holds it.
+    Key(SecretRef),
+    /// `{"caller": NAME, "verifier": {"file": ...}}`: a caller's verifier.
+    Caller(CallerKey),
+}
+
+/// A caller of the mesh and its verifier: lines `hmac-sha256:HEX`, one per
+/// key of the caller's (two while keys rotate), see `auth::verifier`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerKey {
+    pub caller: String,
+    pub verifier: SecretRef,
 }
 
 /// A reference to a secret; the value itself never appears in a bundle.
@@ -516,29 +540,34 @@ impl Bundle {
 
     /// Resolves a secret reference (file references relative to the bundle).
     pub fn resolve(&self, secret: &SecretRef) -> Result<String, ConfigError> {
-        let fail = |reason: String| ConfigError::Secret {
-            reference: secret.clone(),
-            reason,
-        };
-        let value = match secret {
-            SecretRef::Env(name) => std::env::var(name).map_err(|e| match e {
-                std::env::VarError::NotPresent => fail("variable not set".into()),
-                std::env::VarError::NotUnicode(_) => fail("variable is not UTF-8".into()),
-            })?,
-            SecretRef::File(path) => {
-                let mut text = std::fs::read_to_string(self.path(path))
-                    .map_err(|e| fail(format!("cannot read file: {}", e.kind())))?;
-                while text.ends_with('\n') || text.ends_with('\r') {
-                    text.pop();
-                }
-                text
-            }
-        };
-        if value.is_empty() {
-            return Err(fail("value is empty".into()));
-        }
-        Ok(value)
+        resolve_in(&self.dir, secret)
     }
+}
+
+/// Resolves a secret reference, file references relative to `dir`.
+pub fn resolve_in(dir: &Path, secret: &SecretRef) -> Result<String, ConfigError> {
+    let fail = |reason: String| ConfigError::Secret {
+        reference: secret.clone(),
+        reason,
+    };
+    let value = match secret {
+        SecretRef::Env(name) => std::env::var(name).map_err(|e| match e {
+            std::env::VarError::NotPresent => fail("variable not set".into()),
+            std::env::VarError::NotUnicode(_) => fail("variable is not UTF-8".into()),
+        })?,
+        SecretRef::File(path) => {
+            let mut text = std::fs::read_to_string(dir.join(path))
+                .map_err(|e| fail(format!("cannot read file: {}", e.kind())))?;
+            while text.ends_with('\n') || text.ends_with('\r') {
+                text.pop();
+            }
+            text
+        }
+    };
+    if value.is_empty() {
+        return Err(fail("value is empty".into()));
+    }
+    Ok(value)
 }
 
 /// `/a`, `/a/b-c`: a rooted path, not `/`, without a trailing `/`, empty
@@ -584,7 +613,12 @@ impl ServiceConfig {
                 EndpointConfig::Lookup { .. } => &mut [],
             })
             .filter_map(|en| en.lookup.as_mut()?.api_key.as_mut());
-        self.api_keys.iter_mut().chain(connections).chain(lookups)
+        let keys = self.api_keys.iter_mut().map(|k| match k {
+            ApiKey::Key(r) => r,
+            ApiKey::Caller(c) => &mut c.verifier,
+        });
+        let known = self.known_callers.iter_mut().map(|c| &mut c.verifier);
+        keys.chain(known).chain(connections).chain(lookups)
     }
 
     /// Consistency problems: dangling references, bad names, empty lists.
@@ -850,7 +884,7 @@ mod tests {
         assert_eq!(cfg.problems(), Vec::<String>::new());
         assert_eq!(
             cfg.api_keys,
-            vec![SecretRef::Env("MESH_API_KEY_SCORING".into())]
+            vec![ApiKey::Key(SecretRef::Env("MESH_API_KEY_SCORING".into()))]
         );
         // Round trip through the CLI's side.
         let text = serde_json::to_string(&cfg).expect("serializes");
@@ -1105,6 +1139,15 @@ mod tests {
                 statement_timeout_ms: 5000,
             },
         );
+        // Callers' verifiers, allowed or only known, in the form the CLI writes.
+        let callers: ServiceConfig = serde_json::from_value(serde_json::json!({
+            "service": "s", "endpoints": {},
+            "api_keys": [{ "caller": "a", "verifier": { "file": "va" } }],
+            "known_callers": [{ "caller": "b", "verifier": { "file": "vb" } }],
+        }))
+        .expect("parses");
+        cfg.api_keys.extend(callers.api_keys);
+        cfg.known_callers.extend(callers.known_callers);
         let mut seen: Vec<String> = cfg.secrets_mut().map(|r| r.to_string()).collect();
         seen.sort();
         assert_eq!(
@@ -1113,7 +1156,9 @@ mod tests {
                 "env:MESH_API_KEY_SCORING",
                 "env:MESH_CONN_WAREHOUSE_PASSWORD",
                 "env:X",
-                "file:k.p8"
+                "file:k.p8",
+                "file:va",
+                "file:vb"
             ]
         );
         for r in cfg.secrets_mut() {

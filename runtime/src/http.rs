@@ -19,6 +19,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 
+use crate::auth::{KeyRing, Verdict};
 use crate::config::{EndpointConfig, Limits, ServiceConfig};
 use crate::error::{AppError, json_ok, json_response};
 use crate::input::{ParseError, parse_many, parse_one};
@@ -37,7 +38,7 @@ struct Inner {
     version: Option<String>,
     limits: Limits,
     base_path: Option<String>,
-    api_keys: Vec<Vec<u8>>,
+    keys: KeyRing,
     metrics: Metrics,
     ready: OnceLock<Ready>,
 }
@@ -48,9 +49,8 @@ struct Ready {
 }
 
 impl AppState {
-    /// State for `config`, not ready yet. `api_keys` are the resolved keys
-    /// (empty: no authentication).
-    pub fn new(config: &ServiceConfig, api_keys: Vec<String>) -> AppState {
+    /// State for `config`, not ready yet, accepting `keys` (none: no authentication).
+    pub fn new(config: &ServiceConfig, keys: KeyRing) -> AppState {
         let endpoints = config.endpoints.iter().map(|(name, ep)| {
             (
                 name.as_str(),
@@ -66,7 +66,7 @@ impl AppState {
                     .base_path
                     .clone()
                     .filter(|p| crate::config::valid_base_path(p)),
-                api_keys: api_keys.into_iter().map(String::into_bytes).collect(),
+                keys,
                 metrics: Metrics::new(&config.service, endpoints),
                 ready: OnceLock::new(),
             }),
@@ -151,12 +151,10 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     response
 }
 
-/// `Authorization: Bearer KEY` or `X-API-Key: KEY`; 401 without, 403 wrong.
+/// `Authorization: Bearer KEY` or `X-API-Key: KEY` (see `auth`): 401
+/// without a key or with one nobody holds, 403 from a known caller that is
+/// not allowed. The key is never echoed.
 async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let keys = &state.inner.api_keys;
-    if keys.is_empty() {
-        return next.run(request).await;
-    }
     let headers = request.headers();
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -166,38 +164,34 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
     let given = bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    let Some(given) = given else {
-        let mut response = AppError::new(
+    let refused = match state.inner.keys.current().check(given) {
+        Verdict::Open | Verdict::Allowed(_) => return next.run(request).await,
+        Verdict::Denied(caller) => AppError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "caller `{caller}` may not call service `{}` (not in its exposure's `allow`)",
+                state.inner.service
+            ),
+        ),
+        Verdict::Unknown => AppError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`",
-        )
-        .into_response();
+            if given.is_some() {
+                "unknown API key"
+            } else {
+                "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
+            },
+        ),
+    };
+    let status = refused.status;
+    let mut response = refused.into_response();
+    if status == StatusCode::UNAUTHORIZED {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
-    };
-    // Compare with every key, without stopping early.
-    let mut ok = false;
-    for key in keys {
-        ok |= constant_time_eq(key, given.as_bytes());
     }
-    if !ok {
-        return AppError::new(StatusCode::FORBIDDEN, "forbidden", "invalid API key")
-            .into_response();
-    }
-    next.run(request).await
-}
-
-/// Equality whose time depends only on the length of `secret`.
-fn constant_time_eq(secret: &[u8], given: &[u8]) -> bool {
-    let mut diff = (secret.len() ^ given.len()) as u64;
-    for (i, &s) in secret.iter().enumerate() {
-        let g = given.get(i).copied().unwrap_or(!s);
-        diff |= u64::from(s ^ g);
-    }
-    std::hint::black_box(diff) == 0
+    response
 }
 
 async fn healthz() -> Response {
@@ -797,19 +791,5 @@ async fn model_infer(
     match result {
         Ok(answer) => json_ok(&answer),
         Err(e) => e.into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn constant_time_compare() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"secret", b"secre"));
-        assert!(!constant_time_eq(b"secret", b""));
     }
 }

@@ -3,6 +3,7 @@
 //! A service is described by a *bundle* (a folder holding `service.json`, the
 //! ONNX models and the datasets). See `config` for the bundle schema.
 
+pub mod auth;
 pub mod backend;
 pub mod cache;
 pub mod config;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
+use mesh_runtime::auth::KeyRing;
 use mesh_runtime::config::Bundle;
 use mesh_runtime::service::{LoadOptions, Service};
 use mesh_runtime::tls::TlsListener;
@@ -119,9 +120,7 @@ fn main() -> ExitCode {
 async fn check(dir: PathBuf, offline: bool) -> Result<(), String> {
     let bundle = Bundle::open(&dir).map_err(|e| e.to_string())?;
     if !offline {
-        for key in &bundle.config.api_keys {
-            bundle.resolve(key).map_err(|e| e.to_string())?;
-        }
+        KeyRing::open(&bundle).map_err(|e| e.to_string())?;
     }
     let service = Service::load(&bundle, LoadOptions { connect: !offline })
         .await
@@ -154,19 +153,16 @@ async fn serve(
 ) -> Result<(), String> {
     let started = Instant::now();
     let bundle = Bundle::open(&dir).map_err(|e| e.to_string())?;
-    let mut api_keys = Vec::new();
-    for key in &bundle.config.api_keys {
-        api_keys.push(bundle.resolve(key).map_err(|e| e.to_string())?);
-    }
+    let keys = KeyRing::open(&bundle).map_err(|e| e.to_string())?;
     log::info(format_args!(
-        "bundle {}: service `{}`, {} endpoints, {} api keys, read in {:.1} ms",
+        "bundle {}: service `{}`, {} endpoints, {} api keys and verifiers, read in {:.1} ms",
         dir.display(),
         bundle.config.service,
         bundle.config.endpoints.len(),
-        api_keys.len(),
+        keys.current().count(),
         started.elapsed().as_secs_f64() * 1e3
     ));
-    let state = AppState::new(&bundle.config, api_keys);
+    let state = AppState::new(&bundle.config, keys);
     let tls = match &bundle.config.tls {
         Some(files) => Some(
             mesh_runtime::tls::server_config(&bundle.path(&files.cert), &bundle.path(&files.key))

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use axum::http::{Method, Request, StatusCode, Uri, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
@@ -34,6 +34,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::auth::PresentedKey;
 use crate::backend::LiveKey;
 use crate::cache::KeyCache;
 use crate::dataset::KeyRef;
@@ -117,7 +118,7 @@ struct Call {
     uri: Uri,
     /// For messages: the service address (`.../public/api/v1/{service}`).
     display: String,
-    auth: Option<HeaderValue>,
+    auth: Option<PresentedKey>,
     timeout: Duration,
     key: String,
     endpoints: Vec<String>,
@@ -195,7 +196,7 @@ impl Upstream {
     pub fn new(
         base: &str,
         endpoints: Vec<String>,
-        api_key: Option<String>,
+        api_key: Option<PresentedKey>,
         timeout: Duration,
         key: &str,
     ) -> Result<Upstream, String> {
@@ -213,12 +214,7 @@ impl Upstream {
                 endpoints.len()
             ));
         }
-        let auth = match api_key {
-            None => None,
-            Some(k) => Some(HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
-                "lookup api key holds characters not allowed in a header".to_string()
-            })?),
-        };
+        let auth = api_key;
         Ok(Upstream {
             call: Arc::new(Call {
                 uri,
@@ -411,7 +407,7 @@ impl Call {
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json");
         if let Some(auth) = &self.auth {
-            request = request.header(header::AUTHORIZATION, auth.clone());
+            request = request.header(header::AUTHORIZATION, (*auth.header()).clone());
         }
         let request = request
             .body(Full::new(Bytes::from(body)))

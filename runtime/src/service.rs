@@ -10,11 +10,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::PresentedKey;
 use crate::backend::{Connection, LiveError, LiveKey, LiveTable};
 use crate::cache::KeyCache;
 use crate::config::{
     Bundle, ColumnType, ConfigError, DatasetConfig, DatasetMode, DatasetSource, EndpointConfig,
-    Limits, OnMissing,
+    Limits, OnMissing, SecretRef,
 };
 use crate::dataset::{Dataset, KeyRef, Schema, Value, ValueRef};
 use crate::error::AppError;
@@ -738,7 +739,7 @@ fn plan_upstreams(
 ) -> Result<Remotes, LoadError> {
     struct Plan<'e> {
         base: &'e str,
-        api_key: Option<String>,
+        api_key: Option<&'e SecretRef>,
         key: &'e str,
         timeout_ms: u64,
         endpoints: Vec<String>,
@@ -751,10 +752,7 @@ fn plan_upstreams(
             places.push(None);
             continue;
         };
-        let api_key = match &remote.api_key {
-            Some(secret) if options.connect => Some(bundle.resolve(secret)?),
-            _ => None,
-        };
+        let api_key = remote.api_key.as_ref().filter(|_| options.connect);
         let (base, endpoint) = split_lookup_url(&remote.url).map_err(|r| at(n, r))?;
         let group = match plans
             .iter()
@@ -786,10 +784,14 @@ fn plan_upstreams(
     }
     let mut upstreams = Vec::with_capacity(plans.len());
     for plan in plans {
+        let api_key = match plan.api_key {
+            Some(r) => Some(PresentedKey::open(bundle, r).map_err(|m| at(plan.first, m))?),
+            None => None,
+        };
         let upstream = Upstream::new(
             plan.base,
             plan.endpoints,
-            plan.api_key,
+            api_key,
             Duration::from_millis(plan.timeout_ms),
             plan.key,
         )

@@ -353,6 +353,17 @@ async fn queries(
         .await
         .map_err(|e| format!("reading where the services are: {e}"))?;
     let urls = testing::service_urls(&engine.stack, &live);
+    // On a cluster, the operator's key is a Secret there.
+    let mut operator_key = None;
+    for provider in engine.providers.values() {
+        if let Some(k) = provider
+            .caller_key(&engine.stack, mesh::provider::local::access::OPERATOR)
+            .await
+            .map_err(|e| format!("reading the operator's key: {e}"))?
+        {
+            operator_key = Some(k);
+        }
+    }
     let (_, sent) = testing::select(&engine.stack, o.filter.as_deref());
     let mut requests = Vec::new();
     let mut unreachable = BTreeMap::new();
@@ -371,7 +382,7 @@ async fn queries(
             id: testing::id(t),
             url: testing::url(base, t),
             body: t.request.clone(),
-            api_key: api_key(&engine.stack, &live, &t.service),
+            api_key: api_key(&engine.stack, &live, &t.service, operator_key.as_deref()),
             ca_file: exposure_output(&engine.stack, &live, &t.service, "certificate")
                 .map(PathBuf::from),
         });
@@ -387,8 +398,6 @@ async fn queries(
     Ok(testing::evaluate(reported, &answers))
 }
 
-/// The key this machine's operator presents to `service`, if it demands
-/// one: the local target's operator key, else the service's first key.
 /// An output of the first local exposure of `service` that has it
 /// (`api_key_file`, `certificate`).
 fn exposure_output<'a>(
@@ -409,12 +418,25 @@ fn exposure_output<'a>(
         })
 }
 
-fn api_key(stack: &Stack, live: &[Live], service: &str) -> Option<String> {
+/// The key this machine's operator presents to `service`, if it demands
+/// one: the local target's operator key, the cluster's (`cluster_key`),
+/// else the service's first key.
+fn api_key(
+    stack: &Stack,
+    live: &[Live],
+    service: &str,
+    cluster_key: Option<&str>,
+) -> Option<String> {
     let operator_key = exposure_output(stack, live, service, "api_key_file").map(PathBuf::from);
     if let Some(file) = operator_key {
         return std::fs::read_to_string(file)
             .ok()
             .map(|k| k.trim().to_owned());
+    }
+    if let Some(key) = cluster_key
+        && mesh::provider::local::access::restricted_to(stack, service).is_some()
+    {
+        return Some(key.to_owned());
     }
     match stack.services.get(service)?.api_keys.first()? {
         SecretRef::Env(var) => std::env::var(var).ok(),

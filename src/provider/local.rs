@@ -19,7 +19,7 @@
 //! environment (see [`RUNTIME_ENV`]); secrets reach them in files.
 
 pub mod ports;
-mod secrets;
+pub mod secrets;
 mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -243,13 +243,40 @@ pub mod access {
         state_dir(&root, env).join("access")
     }
 
-    /// The key `caller` presents to `service` (`operator`: the person at this machine).
-    pub fn key_file(dir: &Path, service: &str, caller: &str) -> PathBuf {
-        dir.join(service).join(caller)
+    /// The operator's identity: the person at this machine (`mesh output`).
+    pub const OPERATOR: &str = "operator";
+
+    /// The key `caller` (a service, or [`OPERATOR`]) presents: `keys/<caller>`.
+    pub fn key_file(dir: &Path, caller: &str) -> PathBuf {
+        dir.join("keys").join(caller)
     }
 
-    /// Adds the keys `service` accepts and those its enrichments present.
-    /// `dir` is [`dir`]`(stack)`, worked out once per plan.
+    /// What a service verifies `caller`'s key with: `verifiers/<caller>`,
+    /// one `hmac-sha256:` line per key of the caller's (see
+    /// `mesh_runtime::auth`), never the key itself.
+    pub fn verifier_file(dir: &Path, caller: &str) -> PathBuf {
+        dir.join("verifiers").join(caller)
+    }
+
+    /// Every identity of the mesh when a service is restricted: the
+    /// operator and each service (none otherwise).
+    pub fn identities(stack: &Stack) -> Vec<String> {
+        let any = stack
+            .services
+            .keys()
+            .any(|s| restricted_to(stack, s).is_some());
+        if !any {
+            return Vec::new();
+        }
+        std::iter::once(OPERATOR.to_owned())
+            .chain(stack.services.keys().cloned())
+            .collect()
+    }
+
+    /// Adds the callers `service` accepts (the operator and the allowed
+    /// services), the identities it recognises and refuses (every other
+    /// one, so their calls are 403, not 401), and the key its enrichments
+    /// present (its own). `dir` is [`dir`]`(stack)`, worked out once per plan.
     pub fn configure(
         stack: &Stack,
         dir: &Path,
@@ -257,11 +284,17 @@ pub mod access {
         config: &mut rc::ServiceConfig,
     ) {
         if let Some(callers) = restricted_to(stack, &svc.name) {
-            config.api_keys.extend(
-                std::iter::once("operator".to_owned())
-                    .chain(callers)
-                    .map(|c| rc::SecretRef::File(key_file(dir, &svc.name, &c))),
-            );
+            for caller in identities(stack) {
+                let key = rc::CallerKey {
+                    verifier: rc::SecretRef::File(verifier_file(dir, &caller)),
+                    caller,
+                };
+                if key.caller == OPERATOR || callers.contains(&key.caller) {
+                    config.api_keys.push(rc::ApiKey::Caller(key));
+                } else {
+                    config.known_callers.push(key);
+                }
+            }
         }
         for (name, ep) in &svc.endpoints {
             let (
@@ -285,51 +318,94 @@ pub mod access {
                             svc.name, svc.name
                         );
                     }
-                    lookup.api_key = Some(rc::SecretRef::File(key_file(dir, service, &svc.name)));
+                    lookup.api_key = Some(rc::SecretRef::File(key_file(dir, &svc.name)));
                 }
             }
         }
     }
 
-    /// Makes every key under `dir` that `config` names and that does not exist yet.
+    /// The identity whose key or verifier `r` is, if it is one of `dir`'s.
+    fn identity_of(dir: &Path, r: &rc::SecretRef) -> Option<String> {
+        let rc::SecretRef::File(path) = r else {
+            return None;
+        };
+        let rest = path
+            .strip_prefix(dir.join("keys"))
+            .or_else(|_| path.strip_prefix(dir.join("verifiers")))
+            .ok()?;
+        Some(rest.to_str()?.to_owned()).filter(|c| !c.contains('/'))
+    }
+
+    /// Makes the key and verifier of every identity under `dir` that
+    /// `config` names and that does not have them yet.
     pub fn ensure_keys(dir: &Path, config: &rc::ServiceConfig) -> std::io::Result<()> {
-        let lookups = config.endpoints.values().flat_map(|ep| match ep {
-            rc::EndpointConfig::Prediction { enrichments, .. } => enrichments
-                .iter()
-                .filter_map(|e| e.lookup.as_ref()?.api_key.as_ref())
-                .collect::<Vec<_>>(),
-            _ => Vec::new(),
-        });
-        for r in config.api_keys.iter().chain(lookups) {
-            if let rc::SecretRef::File(path) = r
-                && path.starts_with(dir)
-            {
-                make_key(path)?;
+        let mut config = config.clone();
+        let callers: BTreeSet<String> = config
+            .secrets_mut()
+            .filter_map(|r| identity_of(dir, r))
+            .collect();
+        for caller in callers {
+            let key = key_file(dir, &caller);
+            if !key.exists() {
+                std::fs::create_dir_all(dir.join("keys"))?;
+                secrets::replace_private(&key, hex::encode(secrets::random_key()?).as_bytes())?;
+            }
+            let verifier = verifier_file(dir, &caller);
+            if !verifier.exists() {
+                std::fs::create_dir_all(dir.join("verifiers"))?;
+                let key = std::fs::read_to_string(&key)?;
+                let line = mesh_runtime::auth::verifier(&caller, key.trim_end());
+                secrets::replace_private(&verifier, line.as_bytes())?;
             }
         }
         Ok(())
     }
 
-    /// 32 random bytes, hex, in a new file only its owner can read; an
-    /// existing key is kept (the other side may already use it).
-    fn make_key(path: &Path) -> std::io::Result<()> {
-        use std::io::{Read, Write};
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+    /// How long after a key file changes every runtime has read it again
+    /// (they read them at most `mesh_runtime::auth::RELOAD` old).
+    const SETTLE: Duration = Duration::from_millis(2 * 1000 + 500);
+
+    /// Gives every identity under `dir` a new key without refusing a call:
+    /// each verifier first accepts the new key beside the old one, then
+    /// each caller presents the new key, then the verifiers drop the old
+    /// one, waiting [`SETTLE`] after each step for the runtimes to read it.
+    /// Returns the identities rotated.
+    pub async fn rotate(dir: &Path, progress: impl Fn(&str)) -> std::io::Result<Vec<String>> {
+        let mut callers = Vec::new();
+        match std::fs::read_dir(dir.join("keys")) {
+            Ok(listed) => {
+                for entry in listed {
+                    callers.push(entry?.file_name().to_string_lossy().into_owned());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(mut f) => f.write_all(hex::encode(bytes).as_bytes()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(e),
+        let mut fresh = Vec::new();
+        for caller in callers.into_iter().filter(|c| !c.starts_with('.')) {
+            let old = std::fs::read_to_string(key_file(dir, &caller))?;
+            let new = hex::encode(secrets::random_key()?);
+            let both = [old.trim_end(), new.as_str()]
+                .map(|k| mesh_runtime::auth::verifier(&caller, k))
+                .join("\n");
+            secrets::replace_private(&verifier_file(dir, &caller), both.as_bytes())?;
+            fresh.push((caller, new));
         }
+        fresh.sort();
+        progress("new keys accepted beside the old ones");
+        tokio::time::sleep(SETTLE).await;
+        for (caller, new) in &fresh {
+            secrets::replace_private(&key_file(dir, caller), new.as_bytes())?;
+        }
+        progress("callers present the new keys");
+        tokio::time::sleep(SETTLE).await;
+        for (caller, new) in &fresh {
+            let line = mesh_runtime::auth::verifier(caller, new);
+            secrets::replace_private(&verifier_file(dir, caller), line.as_bytes())?;
+        }
+        tokio::time::sleep(SETTLE).await;
+        progress("old keys refused");
+        Ok(fresh.into_iter().map(|(c, _)| c).collect())
     }
 }
 
@@ -512,7 +588,12 @@ pub fn bundle_for(
         config: rc::ServiceConfig {
             service: svc.name.clone(),
             version: Some(svc.version.clone()),
-            api_keys: svc.api_keys.iter().map(secret).collect(),
+            api_keys: svc
+                .api_keys
+                .iter()
+                .map(|r| rc::ApiKey::Key(secret(r)))
+                .collect(),
+            known_callers: Vec::new(),
             limits: rc::Limits::default(),
             connections,
             datasets,
@@ -650,6 +731,7 @@ async fn check_datasets(
 ) -> Result<(), String> {
     let mut check = rc::ServiceConfig {
         api_keys: Vec::new(),
+        known_callers: Vec::new(),
         ..config.clone()
     };
     check
@@ -1213,6 +1295,18 @@ impl Provider for LocalProvider {
         ProviderId::Local
     }
 
+    async fn rotate_keys(
+        &self,
+        _stack: &Stack,
+        ctx: &ApplyContext,
+    ) -> Result<Vec<String>, ProviderError> {
+        let dir = access::dir_at(&ctx.scope.root, &ctx.scope.env);
+        let at = Address::of("access", "keys");
+        access::rotate(&dir, |step| ctx.progress(&at, step))
+            .await
+            .map_err(io(format!("rotating the keys under {}", dir.display())))
+    }
+
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {
         let mut out = Vec::new();
         let access_dir = access::dir(stack);
@@ -1278,7 +1372,7 @@ impl Provider for LocalProvider {
                 .attr("allow", Value::list_of_str(allow_strings(e)))
                 .depends(Address::of("service", &e.service));
             if access::restricted_to(stack, &e.service).is_some() {
-                let key = access::key_file(&access_dir, &e.service, "operator");
+                let key = access::key_file(&access_dir, access::OPERATOR);
                 d.attrs.insert(
                     "_key_file".into(),
                     crate::resource::Attr {
@@ -1375,18 +1469,20 @@ impl Provider for LocalProvider {
                 if let Some(prev) = read_state(&dir).and_then(|st| st.previous) {
                     stop_process(prev.pid).await;
                 }
-                // Its bundle, and the keys it accepted (see `access`).
-                let keys = access::dir_at(&ctx.scope.root, &ctx.scope.env).join(name);
-                for dir in [dir, keys] {
-                    std::fs::remove_dir_all(&dir)
-                        .or_else(|e| {
-                            if e.kind() == std::io::ErrorKind::NotFound {
-                                Ok(())
-                            } else {
-                                Err(e)
-                            }
-                        })
-                        .map_err(io(format!("removing {}", dir.display())))?;
+                // Its bundle, and its identity (see `access`).
+                let access_dir = access::dir_at(&ctx.scope.root, &ctx.scope.env);
+                let gone = |r: std::io::Result<()>| match r {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    r => r,
+                };
+                gone(std::fs::remove_dir_all(&dir))
+                    .map_err(io(format!("removing {}", dir.display())))?;
+                for file in [
+                    access::key_file(&access_dir, name),
+                    access::verifier_file(&access_dir, name),
+                ] {
+                    gone(std::fs::remove_file(&file))
+                        .map_err(io(format!("removing {}", file.display())))?;
                 }
                 Ok(None)
             }
@@ -1528,13 +1624,19 @@ mod tests {
         let dir = access::dir(&stack);
         access::configure(&stack, &dir, features, &mut b.config);
         assert!(dir.is_absolute());
+        let caller = |c: &str| rc::CallerKey {
+            caller: c.into(),
+            verifier: rc::SecretRef::File(dir.join("verifiers").join(c)),
+        };
         assert_eq!(
             b.config.api_keys,
             vec![
-                rc::SecretRef::File(dir.join("customer-features/operator")),
-                rc::SecretRef::File(dir.join("customer-features/customer-scoring")),
+                rc::ApiKey::Caller(caller("operator")),
+                rc::ApiKey::Caller(caller("customer-scoring")),
             ]
         );
+        // Every other identity of the mesh is known, so refused with 403.
+        assert_eq!(b.config.known_callers, vec![caller("customer-features")]);
 
         let scoring = &stack.services["customer-scoring"];
         let mut b = bundle_for(&stack, scoring, &url_of);
@@ -1556,9 +1658,7 @@ mod tests {
         for k in keys {
             assert_eq!(
                 k,
-                Some(rc::SecretRef::File(
-                    dir.join("customer-features/customer-scoring")
-                ))
+                Some(rc::SecretRef::File(dir.join("keys/customer-scoring")))
             );
         }
     }
@@ -1640,23 +1740,31 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_made_once_and_private() {
+    fn keys_are_made_once_and_private_and_verifiers_hold_no_key() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("access");
-        let key = dir.join("svc/operator");
         let config: rc::ServiceConfig = serde_json::from_value(serde_json::json!({
             "service": "svc",
-            "api_keys": [{ "file": key }, { "file": "/elsewhere/not-ours" }],
+            "api_keys": [
+                { "caller": "operator", "verifier": { "file": access::verifier_file(&dir, "operator") } },
+                { "file": "/elsewhere/not-ours" }
+            ],
             "endpoints": {}
         }))
         .unwrap();
         access::ensure_keys(&dir, &config).unwrap();
+        let key = access::key_file(&dir, "operator");
         let first = std::fs::read_to_string(&key).unwrap();
         assert_eq!(first.len(), 64);
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(&key).unwrap().permissions(),
-        );
-        assert_eq!(mode & 0o777, 0o600);
+        for f in [&key, &access::verifier_file(&dir, "operator")] {
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(f).unwrap().permissions(),
+            );
+            assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+        }
+        let verifier = std::fs::read_to_string(access::verifier_file(&dir, "operator")).unwrap();
+        assert_eq!(verifier, mesh_runtime::auth::verifier("operator", &first));
+        assert!(!verifier.contains(&first));
         access::ensure_keys(&dir, &config).unwrap();
         assert_eq!(std::fs::read_to_string(&key).unwrap(), first, "kept");
         assert!(!Path::new("/elsewhere/not-ours").exists());

@@ -159,6 +159,27 @@ pub trait Provider: Send + Sync {
         Ok(())
     }
 
+    /// Gives every caller identity of `stack` a new key without refusing a
+    /// call (`mesh apply --rotate-keys`): new keys accepted beside the old,
+    /// callers switched, old keys removed. The identities rotated.
+    async fn rotate_keys(
+        &self,
+        _stack: &Stack,
+        _ctx: &ApplyContext,
+    ) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
+    }
+
+    /// The key `caller` presents, where the provider keeps it (a cluster's
+    /// Secret); `None` where it does not (the local target: a file).
+    async fn caller_key(
+        &self,
+        _stack: &Stack,
+        _caller: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
+
     /// Takes the lock of `scope` that everyone applying it shares, where the
     /// provider's backend can hold one (a Kubernetes Lease); `None` where it
     /// cannot (yet). Refused with [`ProviderError::Locked`] while another

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 pub struct Route {
     /// `127.0.0.1:PORT` of the runtime that answers.
     pub backend: String,
-    /// Sent as `X-API-Key` when the request has none (the local target's
-    /// operator key: there the runtime checks keys, a cluster checks
-    /// NetworkPolicies).
+    /// Sent as `X-API-Key` instead of the key the request carries (the
+    /// local target's operator key for the cluster's: each runtime checks
+    /// the keys of its own target).
     pub api_key: Option<String>,
 }
 
@@ -160,15 +160,19 @@ fn serve(
         );
     };
     let mut out = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", route.backend);
+    // The route's key stands for the cluster's: a key the request carries
+    // (the cluster's operator key) is replaced by it.
+    let replaced = |k: &str| {
+        route.api_key.is_some()
+            && (k.eq_ignore_ascii_case("x-api-key") || k.eq_ignore_ascii_case("authorization"))
+    };
     for (k, v) in &headers {
-        if !k.eq_ignore_ascii_case("host") && !k.eq_ignore_ascii_case("connection") {
+        if !k.eq_ignore_ascii_case("host") && !k.eq_ignore_ascii_case("connection") && !replaced(k)
+        {
             out.push_str(&format!("{k}: {v}\r\n"));
         }
     }
-    let has_key = headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("x-api-key"));
-    if let (Some(key), false) = (&route.api_key, has_key) {
+    if let Some(key) = &route.api_key {
         out.push_str(&format!("X-API-Key: {key}\r\n"));
     }
     out.push_str("Connection: close\r\n\r\n");

@@ -105,11 +105,10 @@ impl Env {
         self.command(verb, extra).output().unwrap()
     }
 
-    /// The key this machine's operator presents to `service` on the local target.
-    pub fn operator_key(&self, service: &str) -> String {
-        let file = self
-            .stack
-            .join(format!(".mesh/local/access/{service}/operator"));
+    /// The key this machine's operator presents (to `service`, as to every
+    /// restricted service) on the local target.
+    pub fn operator_key(&self, _service: &str) -> String {
+        let file = self.stack.join(".mesh/local/access/keys/operator");
         std::fs::read_to_string(&file)
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
             .trim()

@@ -19,6 +19,9 @@ pub const LABEL_SERVICE: &str = "mesh.dev/service";
 pub const ANNOTATION_ADDRESS: &str = "mesh.dev/address";
 /// Digest of a Secret's content (on the Secret and on the pod template that uses it).
 pub const ANNOTATION_SECRET_HASH: &str = "mesh.dev/secret-hash";
+/// On a Secret whose values mesh makes at apply (caller keys, verifiers,
+/// the digest key): its content is neither planned nor compared.
+pub const ANNOTATION_GENERATED: &str = "mesh.dev/generated";
 /// Digest of the service config (on the pod template, so a config change rolls the pods).
 pub const ANNOTATION_CONFIG_HASH: &str = "mesh.dev/config-hash";
 /// On a namespace that existed before mesh applied the stack: destroy gives

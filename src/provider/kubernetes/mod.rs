@@ -26,6 +26,7 @@ mod objects;
 mod project;
 mod rollout;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -105,6 +106,11 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// How long a deletion may take (LoadBalancer Services, namespaces).
     pub delete_timeout: Duration,
+    /// How long a changed Secret takes to reach the pods' volumes (the
+    /// kubelet's sync period and cache; the runtime reads key files again
+    /// every second): each step of a key rotation waits this long
+    /// (`MESH_KEY_PROPAGATION_SECS`, default 120).
+    pub key_propagation: Duration,
 }
 
 impl Settings {
@@ -125,6 +131,11 @@ impl Settings {
             ),
             poll_interval: Duration::from_millis(200),
             delete_timeout: Duration::from_secs(600),
+            key_propagation: Duration::from_secs(
+                var("MESH_KEY_PROPAGATION_SECS")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(120),
+            ),
         }
     }
 }
@@ -156,6 +167,9 @@ pub struct KubernetesProvider {
     /// The stack's namespace, once known: where to look when listing across
     /// namespaces is forbidden (a user with rights in one namespace only).
     namespace: std::sync::Mutex<Option<String>>,
+    /// The stack's digest key ([`objects::DIGEST_KEY_SECRET`]), as last
+    /// observed or made.
+    digest_key: std::sync::Mutex<Option<Vec<u8>>>,
     /// Where push credentials come from before [`Settings::registry_auth`].
     registry_auth_source: Option<RegistryAuthSource>,
     /// The URL of the environment's registry a test instance pushes to
@@ -219,6 +233,7 @@ impl KubernetesProvider {
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
+            digest_key: std::sync::Mutex::new(None),
             registry_auth_source: None,
             reused_registry: None,
         })
@@ -235,6 +250,7 @@ impl KubernetesProvider {
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
+            digest_key: std::sync::Mutex::new(None),
             registry_auth_source: None,
             reused_registry: None,
         })
@@ -252,6 +268,7 @@ impl KubernetesProvider {
             settings: settings.clone(),
             images: images::Images::new(settings.runtime),
             namespace: std::sync::Mutex::new(None),
+            digest_key: std::sync::Mutex::new(None),
             registry_auth_source: None,
             reused_registry: None,
         }
@@ -294,9 +311,51 @@ impl KubernetesProvider {
         let (host, _) = crate::image::registry_and_repository(url).ok()?;
         let config = objects::docker_config(&host, user, password);
         Some(objects::PullSecret {
-            digest: objects::pull_secret_digest(&config),
+            digest: self
+                .known_digest_key()
+                .map(|key| objects::pull_secret_digest(&key, &config)),
             host,
         })
+    }
+
+    fn known_digest_key(&self) -> Option<Vec<u8>> {
+        self.digest_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn remember_digest_key(&self, key: Option<Vec<u8>>) {
+        *self.digest_key.lock().unwrap_or_else(|e| e.into_inner()) = key;
+    }
+
+    /// The digest key at apply: as observed, else read from (or made in,
+    /// by its own change, which every digest depends on) the namespace.
+    async fn digest_key(
+        &self,
+        conn: &Conn,
+        ns: &str,
+        address: &Address,
+    ) -> Result<Vec<u8>, ProviderError> {
+        if let Some(key) = self.known_digest_key() {
+            return Ok(key);
+        }
+        let values = read_secret(conn, ns, objects::DIGEST_KEY_SECRET, address).await?;
+        let key = values
+            .get(objects::DIGEST_KEY)
+            .map(|v| v.as_bytes().to_vec())
+            .filter(|k| k.len() >= 32)
+            .ok_or_else(|| {
+                invalid(
+                    address,
+                    format!(
+                        "the Secret {ns}/{} holds no digest key",
+                        objects::DIGEST_KEY_SECRET
+                    ),
+                )
+            })?;
+        self.remember_digest_key(Some(key.clone()));
+        Ok(key)
     }
 
     /// Remembers image digests under the stack's state folder (`.mesh/<env>/`).
@@ -480,7 +539,7 @@ fn api_for(conn: &Conn, kind: Kind, namespace: Option<&str>) -> Api<DynamicObjec
 }
 
 /// The live resource of an object mesh owns (`None` without an address).
-fn live_of(kind: Kind, obj: &J) -> Option<Live> {
+fn live_of(kind: Kind, obj: &J, digest_key: Option<&[u8]>) -> Option<Live> {
     let address = obj
         .pointer("/metadata/annotations")?
         .get(kinds::ANNOTATION_ADDRESS)?
@@ -499,6 +558,11 @@ fn live_of(kind: Kind, obj: &J) -> Option<Live> {
     )
     .output("name", name);
     live.attrs = project::project(kind, obj);
+    if kind == Kind::Secret
+        && let Some(digest) = project::secret_data_digest(obj, digest_key)
+    {
+        live.attrs.insert("data".to_owned(), digest);
+    }
     if let Some(ns) = ns {
         live = live.output("namespace", ns);
     }
@@ -643,6 +707,62 @@ fn to_json(obj: &DynamicObject) -> J {
     serde_json::to_value(obj).unwrap_or(J::Null)
 }
 
+/// A Secret's values (`data`, decoded; not UTF-8: left out).
+fn secret_values(obj: &J) -> BTreeMap<String, String> {
+    obj.pointer("/data")
+        .and_then(J::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            let bytes = serde_json::from_value::<k8s_openapi::ByteString>(v.clone()).ok()?;
+            Some((k.clone(), String::from_utf8(bytes.0).ok()?))
+        })
+        .collect()
+}
+
+/// The values of Secret `ns/name`; none when it does not exist.
+async fn read_secret(
+    conn: &Conn,
+    ns: &str,
+    name: &str,
+    address: &Address,
+) -> Result<BTreeMap<String, String>, ProviderError> {
+    let api = api_for(conn, Kind::Secret, Some(ns));
+    let found = api.get_opt(name).await.map_err(|e| ProviderError::Api {
+        address: address.clone(),
+        message: format!("reading Secret {ns}/{name}: {}", describe(&e, conn)),
+    })?;
+    Ok(found
+        .map(|o| secret_values(&to_json(&o)))
+        .unwrap_or_default())
+}
+
+/// The verifiers' Secret for (caller, old key, new key): of both keys, or
+/// of the new one only.
+fn verifier_lines(fresh: &[(String, String, String)], with_old: bool) -> BTreeMap<String, String> {
+    fresh
+        .iter()
+        .map(|(caller, old, new)| {
+            let keys = if with_old { vec![old, new] } else { vec![new] };
+            let lines: Vec<String> = keys
+                .into_iter()
+                .map(|k| mesh_runtime::auth::verifier(caller, k))
+                .collect();
+            (caller.clone(), lines.join("\n"))
+        })
+        .collect()
+}
+
+/// A new random key (64 hex digits).
+fn new_key(address: &Address) -> Result<String, ProviderError> {
+    crate::provider::local::secrets::random_key()
+        .map(hex::encode)
+        .map_err(|source| ProviderError::Io {
+            context: format!("{address}: making a key"),
+            source,
+        })
+}
+
 fn internal_str<'a>(d: &'a Desired, name: &str) -> Option<&'a str> {
     d.attrs.get(name).and_then(|a| a.value.as_str())
 }
@@ -686,37 +806,6 @@ impl KubernetesProvider {
             }
             None => None,
         };
-        match kind {
-            Kind::Secret if internal_str(d, objects::ATTR_PULL_SECRET).is_some() => {
-                let host = internal_str(d, objects::ATTR_PULL_SECRET).unwrap_or_default();
-                let RegistryAuth::Basic { user, password } = &self.settings.registry_auth else {
-                    return Err(invalid(
-                        address,
-                        "the registry's credentials (MESH_REGISTRY_USER, MESH_REGISTRY_PASSWORD) are not set any more; set them or plan again",
-                    ));
-                };
-                let config = objects::docker_config(host, user, password);
-                manifest["metadata"]["annotations"][kinds::ANNOTATION_SECRET_HASH] =
-                    json!(objects::pull_secret_digest(&config));
-                manifest["data"] =
-                    objects::secret_data(&[(objects::DOCKER_CONFIG_KEY.to_owned(), config)].into());
-            }
-            Kind::Secret => {
-                let values = secrets.unwrap_or_default();
-                manifest["metadata"]["annotations"][kinds::ANNOTATION_SECRET_HASH] =
-                    json!(objects::secret_digest(&values));
-                manifest["data"] = objects::secret_data(&values);
-            }
-            Kind::Deployment => {
-                if let Some(values) = &secrets {
-                    manifest["spec"]["template"]["metadata"]["annotations"]
-                        [kinds::ANNOTATION_SECRET_HASH] = json!(objects::secret_digest(values));
-                }
-                let image = self.push_image(d, change.live.as_ref(), ctx).await?;
-                manifest["spec"]["template"]["spec"]["containers"][0]["image"] = json!(image);
-            }
-            _ => {}
-        }
         let conn = self.require_conn(address).await?;
         let name = manifest
             .pointer("/metadata/name")
@@ -727,6 +816,72 @@ impl KubernetesProvider {
             .pointer("/metadata/namespace")
             .and_then(J::as_str)
             .map(str::to_owned);
+        let in_ns = ns.as_deref().unwrap_or("default");
+        match kind {
+            // Keys mesh makes: those there are kept, missing ones made.
+            Kind::Secret if internal_str(d, objects::ATTR_GENERATE).is_some() => {
+                let wanted: Vec<String> =
+                    serde_json::from_str(internal_str(d, objects::ATTR_GENERATE).unwrap_or("[]"))
+                        .unwrap_or_default();
+                let mut values = read_secret(&conn, in_ns, &name, address).await?;
+                values.retain(|k, v| wanted.contains(k) && v.len() >= 32);
+                for k in wanted {
+                    if let std::collections::btree_map::Entry::Vacant(e) = values.entry(k) {
+                        e.insert(new_key(address)?);
+                    }
+                }
+                manifest["data"] = objects::secret_data(&values);
+            }
+            // Verifiers, from the callers' keys (applied before: dependencies).
+            Kind::Secret if internal_str(d, objects::ATTR_VERIFIERS).is_some() => {
+                let callers: Vec<String> =
+                    serde_json::from_str(internal_str(d, objects::ATTR_VERIFIERS).unwrap_or("[]"))
+                        .unwrap_or_default();
+                let mut values = BTreeMap::new();
+                for caller in callers {
+                    let secret = objects::key_secret_name(&caller);
+                    let keys = read_secret(&conn, in_ns, &secret, address).await?;
+                    let key = keys.get(&caller).ok_or_else(|| {
+                        invalid(address, format!("the Secret {in_ns}/{secret} holds no key"))
+                    })?;
+                    values.insert(caller.clone(), mesh_runtime::auth::verifier(&caller, key));
+                }
+                manifest["data"] = objects::secret_data(&values);
+            }
+            Kind::Secret if internal_str(d, objects::ATTR_PULL_SECRET).is_some() => {
+                let host = internal_str(d, objects::ATTR_PULL_SECRET).unwrap_or_default();
+                let RegistryAuth::Basic { user, password } = &self.settings.registry_auth else {
+                    return Err(invalid(
+                        address,
+                        "the registry's credentials (MESH_REGISTRY_USER, MESH_REGISTRY_PASSWORD) are not set any more; set them or plan again",
+                    ));
+                };
+                let config = objects::docker_config(host, user, password);
+                let key = self.digest_key(&conn, in_ns, address).await?;
+                manifest["metadata"]["annotations"][kinds::ANNOTATION_SECRET_HASH] =
+                    json!(objects::pull_secret_digest(&key, &config));
+                manifest["data"] =
+                    objects::secret_data(&[(objects::DOCKER_CONFIG_KEY.to_owned(), config)].into());
+            }
+            Kind::Secret => {
+                let values = secrets.unwrap_or_default();
+                let key = self.digest_key(&conn, in_ns, address).await?;
+                manifest["metadata"]["annotations"][kinds::ANNOTATION_SECRET_HASH] =
+                    json!(objects::secret_digest(&key, &values));
+                manifest["data"] = objects::secret_data(&values);
+            }
+            Kind::Deployment => {
+                if let Some(values) = &secrets {
+                    let key = self.digest_key(&conn, in_ns, address).await?;
+                    manifest["spec"]["template"]["metadata"]["annotations"]
+                        [kinds::ANNOTATION_SECRET_HASH] =
+                        json!(objects::secret_digest(&key, values));
+                }
+                let image = self.push_image(d, change.live.as_ref(), ctx).await?;
+                manifest["spec"]["template"]["spec"]["containers"][0]["image"] = json!(image);
+            }
+            _ => {}
+        }
         let api = api_for(&conn, kind, ns.as_deref());
         // A namespace that is already there (made by hand, or by another
         // tool) is adopted: destroy will give it back rather than delete it.
@@ -779,7 +934,11 @@ impl KubernetesProvider {
                 .wait(address, &name, ns.as_deref().unwrap_or("default"), ctx)
                 .await?;
         }
-        live_of(kind, &obj).ok_or_else(|| {
+        if kind == Kind::Secret && name == objects::DIGEST_KEY_SECRET {
+            let key = secret_values(&obj).remove(objects::DIGEST_KEY);
+            self.remember_digest_key(key.map(String::into_bytes));
+        }
+        live_of(kind, &obj, self.known_digest_key().as_deref()).ok_or_else(|| {
             invalid(
                 address,
                 "the applied object has no mesh.dev/address annotation",
@@ -1069,6 +1228,7 @@ impl Provider for KubernetesProvider {
             pull_secret: self.pull_secret(registry.as_ref()),
             registry,
             image_digests: &digests,
+            digest_key: self.known_digest_key(),
         };
         objects::desired(stack, &inputs)
     }
@@ -1090,12 +1250,12 @@ impl Provider for KubernetesProvider {
             let hint = hint.clone();
             set.spawn(async move { (kind, list_owned(&conn, kind, &lp, hint.as_deref()).await) });
         }
-        let mut out = Vec::new();
+        let mut objects = Vec::new();
         let mut first_error = None;
         while let Some(joined) = set.join_next().await {
             let Ok((kind, listed)) = joined else { continue };
             match listed {
-                Ok(items) => out.extend(items.iter().filter_map(|o| live_of(kind, &to_json(o)))),
+                Ok(items) => objects.extend(items.iter().map(|o| (kind, to_json(o)))),
                 Err(e) => {
                     if first_error.is_none() {
                         first_error = Some(match &e {
@@ -1114,8 +1274,117 @@ impl Provider for KubernetesProvider {
                 message,
             });
         }
+        // The digest key first: the other Secrets' digests are keyed by it.
+        let key = objects.iter().find_map(|(kind, o)| {
+            let name = o.pointer("/metadata/name").and_then(J::as_str);
+            (*kind == Kind::Secret && name == Some(objects::DIGEST_KEY_SECRET))
+                .then(|| secret_values(o).remove(objects::DIGEST_KEY))?
+                .map(String::into_bytes)
+                .filter(|k| k.len() >= 32)
+        });
+        self.remember_digest_key(key.clone());
+        let mut out: Vec<Live> = objects
+            .iter()
+            .filter_map(|(kind, o)| live_of(*kind, o, key.as_deref()))
+            .collect();
         out.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(out)
+    }
+
+    async fn caller_key(
+        &self,
+        stack: &Stack,
+        caller: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        let at = objects::identity_address(caller);
+        let Some(conn) = self.conn().await? else {
+            return Ok(None);
+        };
+        let ns = objects::namespace(stack);
+        let mut values = read_secret(&conn, &ns, &objects::key_secret_name(caller), &at).await?;
+        Ok(values.remove(caller))
+    }
+
+    /// Each step changes the Secrets, then waits
+    /// [`Settings::key_propagation`] for the kubelets to update the pods'
+    /// volumes (and the runtimes to read them): verifiers of old and new
+    /// keys, then the new keys, then verifiers of the new keys only.
+    async fn rotate_keys(
+        &self,
+        stack: &Stack,
+        ctx: &ApplyContext,
+    ) -> Result<Vec<String>, ProviderError> {
+        let identities = crate::provider::local::access::identities(stack);
+        let at = objects::verifiers_address();
+        if identities.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.require_conn(&at).await?;
+        let ns = objects::namespace(stack);
+        let api = api_for(&conn, Kind::Secret, Some(&ns));
+        let patch = |name: String, values: BTreeMap<String, String>| {
+            let api = &api;
+            let conn = &conn;
+            let at = &at;
+            let ns = &ns;
+            async move {
+                let params = PatchParams {
+                    field_manager: Some(OWNER.to_owned()),
+                    ..Default::default()
+                };
+                let body = json!({ "data": objects::secret_data(&values) });
+                api.patch(&name, &params, &Patch::Merge(&body))
+                    .await
+                    .map(drop)
+                    .map_err(|e| ProviderError::Api {
+                        address: at.clone(),
+                        message: format!("updating Secret {ns}/{name}: {}", describe(&e, conn)),
+                    })
+            }
+        };
+        let mut fresh = Vec::new();
+        for caller in &identities {
+            let secret = objects::key_secret_name(caller);
+            let old = read_secret(&conn, &ns, &secret, &at).await?;
+            let old = old.get(caller).ok_or_else(|| {
+                invalid(
+                    &at,
+                    format!("the Secret {ns}/{secret} holds no key: apply the stack first"),
+                )
+            })?;
+            fresh.push((caller.clone(), old.clone(), new_key(&at)?));
+        }
+        let wait = self.settings.key_propagation;
+        let both = verifier_lines(&fresh, true);
+        patch(objects::VERIFIERS_SECRET.to_owned(), both).await?;
+        ctx.progress(
+            &at,
+            &format!(
+                "new keys accepted beside the old ones; waiting {}s for the pods",
+                wait.as_secs()
+            ),
+        );
+        tokio::time::sleep(wait).await;
+        for (caller, _, new) in &fresh {
+            patch(
+                objects::key_secret_name(caller),
+                [(caller.clone(), new.clone())].into(),
+            )
+            .await?;
+        }
+        ctx.progress(
+            &at,
+            &format!(
+                "callers given the new keys; waiting {}s for the pods",
+                wait.as_secs()
+            ),
+        );
+        tokio::time::sleep(wait).await;
+        let new_only = verifier_lines(&fresh, false);
+        patch(objects::VERIFIERS_SECRET.to_owned(), new_only).await?;
+        tokio::time::sleep(wait).await;
+        ctx.progress(&at, "old keys refused");
+        Ok(identities)
     }
 
     async fn lock(
@@ -1177,7 +1446,7 @@ mod tests {
     use serde_json::json;
 
     fn url(kind: Kind, obj: &J) -> String {
-        let live = live_of(kind, obj).expect("owned");
+        let live = live_of(kind, obj, None).expect("owned");
         live.outputs["url"].as_str().expect("url").to_owned()
     }
 

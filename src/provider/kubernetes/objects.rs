@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::kinds::{self, Kind};
 use super::project::{content_digest, project};
 use crate::provider::ProviderError;
-use crate::provider::local::{BundlePlan, bundle_for};
+use crate::provider::local::{BundlePlan, access, bundle_for};
 use crate::resource::{Address, Attr, Desired, ProviderId, Value};
 use crate::stack::{self, Caller, ClusterKind, ExposeKind, Stack};
 
@@ -59,6 +59,50 @@ pub struct Inputs<'a> {
     pub image_digests: &'a ImageDigests<'a>,
     /// The pull secret the cluster needs for a registry that takes credentials.
     pub pull_secret: Option<PullSecret>,
+    /// The stack's digest key (Secret [`DIGEST_KEY_SECRET`]) as observed;
+    /// `None` before the first apply makes it: digests are known after apply.
+    pub digest_key: Option<Vec<u8>>,
+}
+
+/// The Secret holding the stack's digest key: HMAC-SHA256 keys the digests
+/// of every other Secret's content, so plans, saved plans and annotations
+/// hold no plain hash of a secret value. Made at the first apply, kept.
+pub const DIGEST_KEY_SECRET: &str = "mesh-digest-key";
+/// Its one key in `data`.
+pub const DIGEST_KEY: &str = "key";
+/// Where a pod reads the caller keys it needs, in the layout of the local
+/// target's `access` folder: `keys/<service>` (its own key, Secret
+/// [`key_secret_name`]) and `verifiers/<caller>` (Secret [`VERIFIERS_SECRET`]).
+pub const KEYS_DIR: &str = "/var/run/mesh/keys";
+/// The Secret of every identity's verifiers, mounted into the services that
+/// accept callers (verifiers only: no key).
+pub const VERIFIERS_SECRET: &str = "mesh-verifiers";
+/// Internal attribute of a Secret whose values apply makes: the data keys
+/// to fill with new random keys (existing values are kept).
+pub const ATTR_GENERATE: &str = "_generate";
+/// Internal attribute of [`VERIFIERS_SECRET`]: the identities whose
+/// verifiers apply derives from their key Secrets.
+pub const ATTR_VERIFIERS: &str = "_verifiers";
+
+/// The Secret holding `caller`'s key (a service's, or the operator's),
+/// mounted into that service's pods only; the operator's into none.
+pub fn key_secret_name(caller: &str) -> String {
+    format!("mesh-key-{caller}")
+}
+
+/// The address of the digest key's Secret.
+pub fn digest_key_address() -> Address {
+    Address::of("digest_key", "stack")
+}
+
+/// The address of `caller`'s key Secret.
+pub fn identity_address(caller: &str) -> Address {
+    Address::of("identity", caller)
+}
+
+/// The address of the verifiers' Secret.
+pub fn verifiers_address() -> Address {
+    Address::of("verifiers", "callers")
 }
 
 /// A `kubernetes.io/dockerconfigjson` Secret for pulling the images: the
@@ -67,7 +111,8 @@ pub struct Inputs<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PullSecret {
     pub host: String,
-    pub digest: String,
+    /// `None` before the digest key exists: known after apply.
+    pub digest: Option<String>,
 }
 
 /// The pull secret's name, in the stack's namespace.
@@ -93,8 +138,8 @@ pub fn docker_config(host: &str, user: &str, password: &str) -> String {
 }
 
 /// The pull secret's `data` digest (as [`secret_digest`] of its one key).
-pub fn pull_secret_digest(config: &str) -> String {
-    super::project::secret_digest([(DOCKER_CONFIG_KEY, config.as_bytes())])
+pub fn pull_secret_digest(key: &[u8], config: &str) -> String {
+    super::project::secret_digest(key, [(DOCKER_CONFIG_KEY, config.as_bytes())])
 }
 
 /// The namespace a stack's objects go to.
@@ -163,15 +208,57 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             "apiVersion": "v1", "kind": "Secret", "metadata": m,
             "type": "kubernetes.io/dockerconfigjson", "data": { DOCKER_CONFIG_KEY: "" },
         });
-        let mut d = in_ns(object(&pull_addr, Kind::Secret, manifest));
-        d.attrs.insert(
-            "data".to_owned(),
-            Attr::new(Value::Sensitive {
-                digest: p.digest.clone(),
-            }),
-        );
+        let mut d = in_ns(object(&pull_addr, Kind::Secret, manifest)).depends(digest_key_address());
+        let digest = match &p.digest {
+            Some(digest) => Value::Sensitive {
+                digest: digest.clone(),
+            },
+            None => Value::Unknown,
+        };
+        d.attrs.insert("data".to_owned(), Attr::new(digest));
         d.attrs
             .insert(ATTR_PULL_SECRET.to_owned(), internal(p.host.clone()));
+        out.push(d);
+    }
+
+    // The digest key, the callers' keys and their verifiers: values made
+    // at apply, never planned (see `access`).
+    let key_addr = digest_key_address();
+    if inputs.pull_secret.is_some() || !stack.services.is_empty() {
+        out.push(in_ns(generated_secret(
+            stack,
+            &ns,
+            &key_addr,
+            DIGEST_KEY_SECRET,
+            &[DIGEST_KEY.to_owned()],
+        )));
+    }
+    let identities = access::identities(stack);
+    for caller in &identities {
+        out.push(in_ns(generated_secret(
+            stack,
+            &ns,
+            &identity_address(caller),
+            &key_secret_name(caller),
+            std::slice::from_ref(caller),
+        )));
+    }
+    if !identities.is_empty() {
+        let mut d = in_ns(generated_secret(
+            stack,
+            &ns,
+            &verifiers_address(),
+            VERIFIERS_SECRET,
+            &identities,
+        ));
+        d.attrs.remove(ATTR_GENERATE);
+        d.attrs.insert(
+            ATTR_VERIFIERS.to_owned(),
+            internal(serde_json::to_string(&identities).unwrap_or_default()),
+        );
+        for caller in &identities {
+            d = d.depends(identity_address(caller));
+        }
         out.push(d);
     }
 
@@ -193,6 +280,7 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             });
         }
         bundle.config.base_path = base_path(stack, &svc.name);
+        access::configure(stack, Path::new(KEYS_DIR), svc, &mut bundle.config);
         let secrets = cluster_secrets(&mut bundle.config);
         bundles.push((bundle, secrets));
     }
@@ -224,9 +312,10 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         let secret_hash: Option<Value> = if secrets.is_empty() {
             None
         } else {
-            let digest = match resolve_secrets(secrets) {
-                Ok(resolved) => Value::str(secret_digest(&resolved)),
-                Err(message) => {
+            let digest = match (resolve_secrets(secrets), &inputs.digest_key) {
+                (Ok(resolved), Some(key)) => Value::str(secret_digest(key, &resolved)),
+                (Ok(_), None) => Value::Unknown,
+                (Err(message), _) => {
                     warn(
                         &secret_addr,
                         &format!("{message}; its content is known after apply"),
@@ -240,7 +329,8 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             // `data`, not `stringData`: the server folds `stringData` into `data`,
             // so a key applied as `stringData` would never be removed by apply.
             let manifest = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "data": keys });
-            let mut d = in_ns(object(&secret_addr, Kind::Secret, manifest));
+            let mut d =
+                in_ns(object(&secret_addr, Kind::Secret, manifest)).depends(key_addr.clone());
             d.attrs
                 .insert("data".to_owned(), Attr::new(sensitive(&digest)));
             d.attrs.insert(
@@ -334,6 +424,33 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                 "secret": { "secretName": secret_name(name), "defaultMode": 0o400 },
             }));
         }
+        // Its own key if it calls a restricted service, the verifiers if it
+        // accepts callers: each pod gets exactly the keys it needs.
+        let keys_dir = Path::new(KEYS_DIR);
+        let presents = refers_to(&bundle.config, &access::key_file(keys_dir, name));
+        let verifies = refers_to(&bundle.config, &keys_dir.join("verifiers"));
+        for (wanted, volume, dir, secret) in [
+            (presents, "key", "keys", key_secret_name(name)),
+            (
+                verifies,
+                "verifiers",
+                "verifiers",
+                VERIFIERS_SECRET.to_owned(),
+            ),
+        ] {
+            if !wanted {
+                continue;
+            }
+            if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+                mounts.push(
+                    json!({ "name": volume, "mountPath": keys_dir.join(dir), "readOnly": true }),
+                );
+            }
+            volumes.push(json!({
+                "name": volume,
+                "secret": { "secretName": secret, "defaultMode": 0o400 },
+            }));
+        }
         let mut spec = json!({
             "selector": { "matchLabels": pods },
             "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 } },
@@ -389,7 +506,13 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         }
         d = d.depends(cm_addr.clone());
         if secret_hash.is_some() {
-            d = d.depends(secret_addr.clone());
+            d = d.depends(secret_addr.clone()).depends(key_addr.clone());
+        }
+        if presents {
+            d = d.depends(identity_address(name));
+        }
+        if verifies {
+            d = d.depends(verifiers_address());
         }
         for ep in svc.endpoints.values() {
             if let stack::Endpoint::Prediction { enrichments, .. } = ep {
@@ -555,6 +678,35 @@ fn container_security() -> J {
     })
 }
 
+/// A Secret whose values apply makes ([`ATTR_GENERATE`]): `keys` are its
+/// data keys; its content is never planned nor compared.
+fn generated_secret(
+    stack: &Stack,
+    ns: &str,
+    address: &Address,
+    name: &str,
+    keys: &[String],
+) -> Desired {
+    let mut m = meta(stack, address, name, Some(ns));
+    m["annotations"][kinds::ANNOTATION_GENERATED] = json!("true");
+    let data: serde_json::Map<String, J> = keys.iter().map(|k| (k.clone(), json!(""))).collect();
+    let manifest = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": m, "type": "Opaque", "data": data });
+    let mut d = object(address, Kind::Secret, manifest);
+    d.attrs.insert(
+        ATTR_GENERATE.to_owned(),
+        internal(serde_json::to_string(keys).unwrap_or_default()),
+    );
+    d
+}
+
+/// Whether a secret reference of `config` is `path` or under it.
+fn refers_to(config: &rc::ServiceConfig, path: &Path) -> bool {
+    config
+        .clone()
+        .secrets_mut()
+        .any(|r| matches!(r, rc::SecretRef::File(p) if p.starts_with(path)))
+}
+
 /// A digest as a sensitive value (`Unknown` stays unknown).
 fn sensitive(v: &Value) -> Value {
     match v {
@@ -685,6 +837,10 @@ pub const SECRETS_DIR: &str = "/var/run/mesh/secrets";
 fn cluster_secrets(config: &mut rc::ServiceConfig) -> BTreeMap<String, SecretSource> {
     let mut out = BTreeMap::new();
     for r in config.secrets_mut() {
+        // Caller keys and verifiers come from Secrets of their own.
+        if matches!(r, rc::SecretRef::File(p) if p.starts_with(KEYS_DIR)) {
+            continue;
+        }
         let hashed = |kind: &str, what: &str| {
             let h = hex::encode(Sha256::digest(what.as_bytes()));
             format!("MESH_SECRET_{kind}_{}", h[..12].to_uppercase())
@@ -741,8 +897,8 @@ pub fn resolve_secrets(
 }
 
 /// The digest of a Secret's content (what the `mesh.dev/secret-hash` annotation holds).
-pub fn secret_digest(values: &BTreeMap<String, String>) -> String {
-    super::project::secret_digest(values.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+pub fn secret_digest(key: &[u8], values: &BTreeMap<String, String>) -> String {
+    super::project::secret_digest(key, values.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
 }
 
 /// A Secret's `data`: each value base64-encoded, as the API stores it.
@@ -800,6 +956,7 @@ mod tests {
             registry: Some(registry),
             image_digests: &digests,
             pull_secret: None,
+            digest_key: None,
         };
         desired(stack, &inputs)
             .expect("desired")
@@ -841,6 +998,7 @@ mod tests {
             registry: Some(Registry::Url("127.0.0.1:5000/mesh".into())),
             image_digests: &digests,
             pull_secret: None,
+            digest_key: None,
         };
         desired(stack, &inputs).expect("desired")
     }

@@ -52,26 +52,9 @@ pub fn project(kind: Kind, obj: &J) -> BTreeMap<String, Value> {
             a.insert("keys".to_owned(), Value::list_of_str(keys));
             put(&mut a, "type", obj.pointer("/type"));
             // The digest of the data itself (what the server holds, not what
-            // mesh last wrote), so a value edited by hand shows as a change.
-            // A desired manifest carries no values: its `data` is set apart.
-            let data: BTreeMap<String, Vec<u8>> = obj
-                .pointer("/data")
-                .and_then(J::as_object)
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| {
-                    let bytes = serde_json::from_value::<k8s_openapi::ByteString>(v.clone())
-                        .map(|b| b.0)
-                        .unwrap_or_default();
-                    (k.clone(), bytes)
-                })
-                .collect();
-            a.insert(
-                "data".to_owned(),
-                Value::Sensitive {
-                    digest: secret_digest(data.iter().map(|(k, v)| (k.as_str(), v.as_slice()))),
-                },
-            );
+            // mesh last wrote), so a value edited by hand shows as a change,
+            // is keyed: the observer adds it ([`secret_data_digest`]). A
+            // desired manifest carries no values: its `data` is set apart.
         }
         Kind::Deployment => project_deployment(obj, &mut a),
         Kind::HorizontalPodAutoscaler => {
@@ -366,19 +349,60 @@ fn sensitive(v: Option<&J>) -> Value {
 }
 
 /// The digest of a Secret's content, key by key (what the
-/// `mesh.dev/secret-hash` annotation holds); never the values themselves.
-pub fn secret_digest<'a>(items: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+/// `mesh.dev/secret-hash` annotation holds): HMAC-SHA256 under the stack's
+/// digest key (the Secret `mesh-digest-key` of its namespace), so neither
+/// the values nor a plain hash to guess them from ever leave the Secret.
+pub fn secret_digest<'a>(
+    key: &[u8],
+    items: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> String {
     let mut sorted: Vec<(&str, &[u8])> = items.into_iter().collect();
     sorted.sort();
-    let mut h = Sha256::new();
-    h.update(b"mesh-secret/1\0");
+    let mut message = b"mesh-secret/1\0".to_vec();
     for (k, v) in sorted {
-        h.update(k.as_bytes());
-        h.update([0]);
-        h.update(v);
-        h.update([0]);
+        message.extend_from_slice(k.as_bytes());
+        message.push(0);
+        message.extend_from_slice(&(v.len() as u64).to_be_bytes());
+        message.extend_from_slice(v);
     }
-    format!("sha256:{}", hex::encode(h.finalize()))
+    format!(
+        "hmac-sha256:{}",
+        hex::encode(crate::provider::local::secrets::hmac_sha256(key, &message))
+    )
+}
+
+/// Whether mesh makes a Secret's values itself at apply (caller keys,
+/// verifiers, the digest key): they are never planned, nor compared.
+pub fn generated(obj: &J) -> bool {
+    obj.pointer("/metadata/annotations")
+        .and_then(|a| a.get(kinds::ANNOTATION_GENERATED))
+        .is_some()
+}
+
+/// A live Secret's `data` attribute: the keyed digest of its content
+/// (`Unknown` without the key), nothing for a generated Secret.
+pub fn secret_data_digest(obj: &J, key: Option<&[u8]>) -> Option<Value> {
+    if generated(obj) {
+        return None;
+    }
+    let Some(key) = key else {
+        return Some(Value::Unknown);
+    };
+    let data: BTreeMap<String, Vec<u8>> = obj
+        .pointer("/data")
+        .and_then(J::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let bytes = serde_json::from_value::<k8s_openapi::ByteString>(v.clone())
+                .map(|b| b.0)
+                .unwrap_or_default();
+            (k.clone(), bytes)
+        })
+        .collect();
+    Some(Value::Sensitive {
+        digest: secret_digest(key, data.iter().map(|(k, v)| (k.as_str(), v.as_slice()))),
+    })
 }
 
 /// `sha256:HEX` of a text.

@@ -115,13 +115,25 @@ pub fn ensure_key(service_dir: &Path) -> std::io::Result<Vec<u8>> {
         return Ok(k);
     }
     std::fs::create_dir_all(service_dir)?;
+    let key = random_key()?;
+    replace_private(&service_dir.join(KEY_FILE), &key)?;
+    Ok(key.to_vec())
+}
+
+/// 32 random bytes.
+pub fn random_key() -> std::io::Result<[u8; 32]> {
     let mut key = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-    let path = service_dir.join(KEY_FILE);
-    let tmp = service_dir.join(format!("{KEY_FILE}.{}", std::process::id()));
-    write_private(&tmp, &key)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(key.to_vec())
+    Ok(key)
+}
+
+/// Replaces `path` with a new file only its owner can read, at once: a
+/// reader sees the old content or the new, never none.
+pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    write_private(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Why the secrets could not be handed to a runtime. Names the reference,
@@ -271,7 +283,7 @@ mod tests {
         }));
         let dir = tmp.path().join("secrets");
         stage(&mut c, &dir).unwrap();
-        let rc::SecretRef::File(p) = &c.api_keys[0] else {
+        let rc::ApiKey::Key(rc::SecretRef::File(p)) = &c.api_keys[0] else {
             panic!("{:?}", c.api_keys)
         };
         assert_eq!(std::fs::read_to_string(p).unwrap(), path_value);
@@ -284,10 +296,15 @@ mod tests {
             std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o700
         );
-        assert_eq!(c.api_keys[1], rc::SecretRef::File("/keep/me".into()));
+        assert_eq!(
+            c.api_keys[1],
+            rc::ApiKey::Key(rc::SecretRef::File("/keep/me".into()))
+        );
         assert_eq!(
             c.api_keys[2],
-            rc::SecretRef::File(std::env::current_dir().unwrap().join("rel/key"))
+            rc::ApiKey::Key(rc::SecretRef::File(
+                std::env::current_dir().unwrap().join("rel/key")
+            ))
         );
         let mut missing = config(serde_json::json!({
             "service": "s", "api_keys": [{ "env": "MESH_UNIT_TEST_NOT_SET_ANYWHERE" }], "endpoints": {}
