@@ -941,11 +941,8 @@ fn self_signed_tls_serves_https_only_with_the_certificate_mesh_made() {
         "https://127.0.0.1:{}/public/api/v1/customer-features/behavior/lookup",
         m.features_port
     );
-    let operator = std::fs::read_to_string(
-        m.stack
-            .join(".mesh/local/access/customer-features/operator"),
-    )
-    .unwrap();
+    let operator =
+        std::fs::read_to_string(m.stack.join(".mesh/local/access/keys/operator")).unwrap();
     let ask = serde_json::json!({"data": {"customer_id": "C00042"}});
     let (status, row) =
         try_request_tls("POST", &lookup, Some(&ask), Some(&operator), &features_cert).unwrap();

@@ -173,7 +173,7 @@ fn failing_upstreams_are_502_and_504() {
         .assert_error(502, "upstream_error");
     drop(s);
 
-    // Wrong key: the upstream says 403, we say 502 naming it.
+    // Wrong key: the upstream says 401, we say 502 naming it.
     let fb = features_bundle();
     let features = Server::start_ready(fb.path(), &[("MESH_API_KEY_FEATURES", FEATURES_KEY)]);
     let sb = BundleDir::new(&scoring_service(features.addr, 2000, "error"));
@@ -181,7 +181,7 @@ fn failing_upstreams_are_502_and_504() {
     let msg = s
         .api("high-value", "predict", body)
         .assert_error(502, "upstream_error");
-    assert!(msg.contains("403"), "{msg}");
+    assert!(msg.contains("401"), "{msg}");
     assert!(!msg.contains("wrong"), "{msg}");
     // Explicit features need no upstream at all.
     let r = s.api(
@@ -489,7 +489,7 @@ fn lookup_endpoints_answers_several_endpoints_per_key() {
         &[("Authorization", "Bearer wrong")],
         r#"{"endpoints": ["behavior"], "items": []}"#,
     )
-    .assert_error(403, "forbidden");
+    .assert_error(401, "unauthorized");
 
     // Bad requests name their problem.
     let msg = call(
