@@ -114,7 +114,7 @@ pub(crate) enum Command {
         /// Destroy only these addresses (and what depends on them); repeatable.
         #[arg(long = "target", value_name = "ADDR")]
         targets: Vec<String>,
-        /// Do not wait for deletions to finish (a cluster, a namespace) before returning.
+        /// Do not wait for a Kubernetes namespace to finish going (AWS deletions are always awaited).
         #[arg(long)]
         no_wait: bool,
     },

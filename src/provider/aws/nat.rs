@@ -16,7 +16,7 @@ use aws_sdk_ec2::types::{ConnectivityType, DomainType, Filter, NatGatewayState, 
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, paginate, retry_for};
+use super::call::{AwsError, Service, retry_for};
 use super::network::{address_of, filter, gone_ok, owned_by, tag_pairs, tag_spec};
 use super::{AwsProvider, Polled, attr_str, kind, user_tags, wait_gone, wait_until};
 
@@ -126,24 +126,14 @@ impl AwsProvider {
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::NatGateway>, AwsError> {
-        paginate(|token| {
-            let req = self
-                .ec2
-                .describe_nat_gateways()
-                .set_filter(Some(filters.clone()))
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Ec2, "DescribeNatGateways", req.send())
-                    .await?;
-                Ok((
-                    page.nat_gateways().to_vec(),
-                    page.next_token().map(str::to_owned),
-                ))
-            }
-        })
-        .await
+        ec2_pages!(
+            self,
+            describe_nat_gateways,
+            set_filter,
+            filters,
+            "DescribeNatGateways",
+            nat_gateways
+        )
     }
 
     /// `DescribeAddresses` is not paginated: one call answers all.

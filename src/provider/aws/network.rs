@@ -264,117 +264,70 @@ impl AwsProvider {
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::Vpc>, AwsError> {
-        paginate(|token| {
-            let req = self
-                .ec2
-                .describe_vpcs()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Ec2, "DescribeVpcs", req.send())
-                    .await?;
-                Ok((page.vpcs().to_vec(), page.next_token().map(str::to_owned)))
-            }
-        })
-        .await
+        ec2_pages!(
+            self,
+            describe_vpcs,
+            set_filters,
+            filters,
+            "DescribeVpcs",
+            vpcs
+        )
     }
 
     async fn list_subnets(
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::Subnet>, AwsError> {
-        paginate(|token| {
-            let req = self
-                .ec2
-                .describe_subnets()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Ec2, "DescribeSubnets", req.send())
-                    .await?;
-                Ok((
-                    page.subnets().to_vec(),
-                    page.next_token().map(str::to_owned),
-                ))
-            }
-        })
-        .await
+        ec2_pages!(
+            self,
+            describe_subnets,
+            set_filters,
+            filters,
+            "DescribeSubnets",
+            subnets
+        )
     }
 
     async fn list_igws(
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>, AwsError> {
-        paginate(|token| {
-            let req = self
-                .ec2
-                .describe_internet_gateways()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Ec2, "DescribeInternetGateways", req.send())
-                    .await?;
-                Ok((
-                    page.internet_gateways().to_vec(),
-                    page.next_token().map(str::to_owned),
-                ))
-            }
-        })
-        .await
+        ec2_pages!(
+            self,
+            describe_internet_gateways,
+            set_filters,
+            filters,
+            "DescribeInternetGateways",
+            internet_gateways
+        )
     }
 
     async fn list_route_tables(
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
-        paginate(|token| {
-            let req = self
-                .ec2
-                .describe_route_tables()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Ec2, "DescribeRouteTables", req.send())
-                    .await?;
-                Ok((
-                    page.route_tables().to_vec(),
-                    page.next_token().map(str::to_owned),
-                ))
-            }
-        })
-        .await
+        ec2_pages!(
+            self,
+            describe_route_tables,
+            set_filters,
+            filters,
+            "DescribeRouteTables",
+            route_tables
+        )
     }
 
     async fn list_security_groups(
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<aws_sdk_ec2::types::SecurityGroup>, AwsError> {
-        paginate(|token| {
-            let req = self
-                .ec2
-                .describe_security_groups()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Ec2, "DescribeSecurityGroups", req.send())
-                    .await?;
-                Ok((
-                    page.security_groups().to_vec(),
-                    page.next_token().map(str::to_owned),
-                ))
-            }
-        })
-        .await
+        ec2_pages!(
+            self,
+            describe_security_groups,
+            set_filters,
+            filters,
+            "DescribeSecurityGroups",
+            security_groups
+        )
     }
 
     /// Reads one EC2 resource back by id (retrying briefly: EC2 reads are

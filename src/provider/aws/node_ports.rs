@@ -17,7 +17,7 @@ use aws_sdk_ec2::types::{
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, ErrorKind, Service, paginate, retry_for};
+use super::call::{AwsError, ErrorKind, Service, retry_for};
 use super::network::{address_of, ec2_tags, filter, gone_ok, owned_by, owner_filters};
 use super::{AwsProvider, attr_str, kind, ownership_tags};
 
@@ -62,24 +62,14 @@ impl AwsProvider {
         &self,
         filters: Vec<Filter>,
     ) -> Result<Vec<SecurityGroupRule>, AwsError> {
-        paginate(|token| {
-            let req = self
-                .ec2
-                .describe_security_group_rules()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Ec2, "DescribeSecurityGroupRules", req.send())
-                    .await?;
-                Ok((
-                    page.security_group_rules().to_vec(),
-                    page.next_token().map(str::to_owned),
-                ))
-            }
-        })
-        .await
+        ec2_pages!(
+            self,
+            describe_security_group_rules,
+            set_filters,
+            filters,
+            "DescribeSecurityGroupRules",
+            security_group_rules
+        )
     }
 
     /// Reads one rule back by id (retrying briefly: EC2 reads are eventually consistent).
