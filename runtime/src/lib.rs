@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod error;
 pub mod freeze;
 pub mod freshness;
+pub mod h1;
 pub mod http;
 pub mod input;
 pub mod log;

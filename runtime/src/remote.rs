@@ -20,19 +20,21 @@
 //! A failing upstream becomes a 502 (bad answer, unreachable) or 504
 //! (timeout) for our caller, never a panic.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::http::{Method, Request, StatusCode, Uri, header};
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::PresentedKey;
 use crate::backend::LiveKey;
@@ -116,6 +118,9 @@ struct Waiting {
 struct Call {
     /// The `lookup-endpoints` address.
     uri: Uri,
+    /// Plain `http://`: our own keep-alive connections, and the request
+    /// head's fixed lines (see [`crate::h1`]); HTTPS goes through hyper.
+    plain: Option<(crate::h1::Pool, Vec<u8>)>,
     /// For messages: the service address (`.../public/api/v1/{service}`).
     display: String,
     auth: Option<PresentedKey>,
@@ -215,9 +220,24 @@ impl Upstream {
             ));
         }
         let auth = api_key;
+        let plain = match (uri.scheme_str(), uri.authority()) {
+            (Some("http"), Some(authority)) => {
+                let port = authority.port_u16().unwrap_or(80);
+                let head = format!(
+                    "POST {} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nAccept: application/json\r\n",
+                    uri.path()
+                );
+                Some((
+                    crate::h1::Pool::new(&format!("{}:{port}", authority.host())),
+                    head.into_bytes(),
+                ))
+            }
+            _ => None,
+        };
         Ok(Upstream {
             call: Arc::new(Call {
                 uri,
+                plain,
                 display: base.to_string(),
                 auth,
                 timeout,
@@ -288,51 +308,61 @@ impl Upstream {
     }
 }
 
-/// Starts the task that sends waiting keys in batches (see the module):
-/// it takes the first key waiting, waits for a call to send it in, then takes
-/// every key that queued meanwhile and sends one call per endpoint mask. It
-/// stops when its [`Upstream`] is dropped.
+/// Starts the task that sends waiting keys in batches (see the module). The
+/// task drives its calls itself (at most [`MAX_IN_FLIGHT`]), so a call that
+/// returns and the keys that queued meanwhile are seen in one wake-up. It
+/// stops when its [`Upstream`] is dropped and its calls are answered.
 fn batcher(call: Arc<Call>, client: HttpClient) -> mpsc::UnboundedSender<Waiting> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Waiting>();
     tokio::spawn(async move {
-        let out = Arc::new(AtomicUsize::new(0));
-        let returned = Arc::new(Notify::new());
-        while let Some(first) = rx.recv().await {
-            let patience = tokio::time::Instant::now() + PATIENCE;
-            loop {
-                // Registered before the check, so a call returning in between wakes us.
-                let woken = returned.notified();
-                let n = out.load(Ordering::Acquire);
-                if n == 0 || (n < MAX_IN_FLIGHT && tokio::time::Instant::now() >= patience) {
-                    break;
+        let mut calls = FuturesUnordered::new();
+        let mut waiting: Vec<Waiting> = Vec::new();
+        let mut open = true;
+        // When the oldest waiting key has been patient enough.
+        let patience = tokio::time::sleep(PATIENCE);
+        tokio::pin!(patience);
+        loop {
+            while waiting.len() < MAX_BATCH
+                && let Ok(w) = rx.try_recv()
+            {
+                if waiting.is_empty() {
+                    patience
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + PATIENCE);
                 }
-                if n < MAX_IN_FLIGHT {
-                    tokio::select! {
-                        () = woken => {}
-                        () = tokio::time::sleep_until(patience) => {}
+                waiting.push(w);
+            }
+            let send = !waiting.is_empty()
+                && (calls.is_empty() || (calls.len() < MAX_IN_FLIGHT && patience.is_elapsed()));
+            if send {
+                let batch = std::mem::take(&mut waiting);
+                calls.push(answer(call.clone(), client.clone(), batch));
+                continue;
+            }
+            if !open && waiting.is_empty() && calls.is_empty() {
+                break;
+            }
+            tokio::select! {
+                w = rx.recv(), if open && waiting.len() < MAX_BATCH => match w {
+                    Some(w) => {
+                        if waiting.is_empty() {
+                            patience.as_mut().reset(tokio::time::Instant::now() + PATIENCE);
+                        }
+                        waiting.push(w);
                     }
-                } else {
-                    woken.await;
-                }
+                    None => open = false,
+                },
+                Some(()) = calls.next(), if !calls.is_empty() => {}
+                () = &mut patience, if !waiting.is_empty() && calls.len() < MAX_IN_FLIGHT => {}
             }
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(w) => batch.push(w),
-                    Err(_) => break,
-                }
-            }
-            out.fetch_add(1, Ordering::AcqRel);
-            let (call, client, out, returned) =
-                (call.clone(), client.clone(), out.clone(), returned.clone());
-            tokio::spawn(async move {
-                call.answer(&client, batch).await;
-                out.fetch_sub(1, Ordering::AcqRel);
-                returned.notify_waiters();
-            });
         }
     });
     tx
+}
+
+/// [`Call::answer`] as an owned future, for the batcher's set of calls.
+async fn answer(call: Arc<Call>, client: HttpClient, batch: Vec<Waiting>) {
+    call.answer(&client, batch).await;
 }
 
 impl Call {
@@ -401,31 +431,11 @@ impl Call {
                 .collect(),
         };
         let body = serde_json::to_vec(&body).map_err(AppError::internal)?;
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(self.uri.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json");
-        if let Some(auth) = &self.auth {
-            request = request.header(header::AUTHORIZATION, (*auth.header()).clone());
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(AppError::internal)?;
-        let call = async {
-            let response = self.client_call(client, request).await?;
-            let status = response.status();
-            let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| self.bad_gateway(format!("reading the answer failed: {e}")))?
-                .to_bytes();
-            Ok::<_, AppError>((status, bytes))
-        };
-        let (status, bytes) = match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result?,
-            Err(_) => return Err(self.timed_out()),
-        };
+        let (status, bytes) =
+            match tokio::time::timeout(self.timeout, self.send(client, body)).await {
+                Ok(result) => result?,
+                Err(_) => return Err(self.timed_out()),
+            };
         if status != StatusCode::OK {
             let code = serde_json::from_slice::<Value>(&bytes)
                 .ok()
@@ -470,6 +480,51 @@ impl Call {
             out.push(rows);
         }
         Ok(out)
+    }
+
+    /// POSTs `body` to the upstream: the answer's status and body.
+    async fn send(
+        &self,
+        client: &HttpClient,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), AppError> {
+        if let Some((pool, fixed)) = &self.plain {
+            let mut head = Vec::with_capacity(fixed.len() + 160);
+            head.extend_from_slice(fixed);
+            head.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+            if let Some(auth) = &self.auth {
+                head.extend_from_slice(b"Authorization: ");
+                head.extend_from_slice(auth.header().as_bytes());
+                head.extend_from_slice(b"\r\n");
+            }
+            head.extend_from_slice(b"\r\n");
+            let answer = pool
+                .send(&head, &body, MAX_ANSWER_BYTES)
+                .await
+                .map_err(|e| self.bad_gateway(format!("unreachable: {e}")))?;
+            let status = StatusCode::from_u16(answer.status)
+                .map_err(|_| self.bad_gateway(format!("answered status {}", answer.status)))?;
+            return Ok((status, Bytes::from(answer.body)));
+        }
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json");
+        if let Some(auth) = &self.auth {
+            request = request.header(header::AUTHORIZATION, (*auth.header()).clone());
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(AppError::internal)?;
+        let response = self.client_call(client, request).await?;
+        let status = response.status();
+        let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| self.bad_gateway(format!("reading the answer failed: {e}")))?
+            .to_bytes();
+        Ok((status, bytes))
     }
 
     async fn client_call(
