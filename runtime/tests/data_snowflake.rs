@@ -11,9 +11,9 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
 
-use common::proxy::{HANG, PASS, Proxy, REFUSE};
+use common::outage::{self, LIMIT, key};
+use common::proxy::Proxy;
 use common::*;
 use serde_json::{Value, json};
 
@@ -51,12 +51,6 @@ fn start(service: &Value) -> (BundleDir, Server) {
     let s = Server::start_ready(b.path(), &[(PASSWORD_ENV, PASSWORD)]);
     (b, s)
 }
-
-fn key(id: u32) -> String {
-    format!(r#"{{"data": {{"id": {id}}}}}"#)
-}
-
-const LIMIT: Duration = Duration::from_secs(15);
 
 /// A preload with `refresh_secs` picks up an UPDATE at its next refresh, and
 /// reports itself as PostgreSQL's preloads do.
@@ -201,135 +195,13 @@ fn concurrent_cached_live_lookups_of_one_key_make_one_query() {
 fn snowflake_down_then_back() {
     let table = items_table("sf_down", 100);
     let proxy = Proxy::start(fakesnow());
-    let query = format!("select * from {table}");
-    let service = json!({
-        "service": SERVICE,
-        "connections": {"warehouse": connection(proxy.addr, 1000)},
-        "datasets": {
-            "pre": {"source": {"sql": {"connection": "warehouse", "query": query}}, "key": "id",
-                "mode": "preload", "refresh_secs": 1, "max_staleness_secs": 2},
-            "cached": {"source": {"sql": {"connection": "warehouse", "query": query}}, "key": "id",
-                "mode": "live", "cache": {"ttl_ms": 600000, "max_entries": 1000}},
-            "plain": {"source": {"sql": {"connection": "warehouse", "query": query}}, "key": "id",
-                "mode": "live"}
-        },
-        "endpoints": {
-            "pre": {"kind": "lookup", "datasets": ["pre"]},
-            "cached": {"kind": "lookup", "datasets": ["cached"]},
-            "plain": {"kind": "lookup", "datasets": ["plain"]}
-        }
-    });
+    let service = outage::service(
+        connection(proxy.addr, 1000),
+        &format!("select * from {table}"),
+    );
     let (_b, s) = start(&service);
-
-    // Warm the cache with key 1 (a miss, then a hit).
-    for _ in 0..2 {
-        let r = lookup_within(&s, "cached", &key(1), LIMIT);
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
-
-    // Snowflake goes away.
-    proxy.set(REFUSE);
-    let r = lookup_within(&s, "pre", &key(5), LIMIT);
-    assert_eq!(
-        r.status,
-        200,
-        "preload serves its last snapshot: {}",
-        r.text()
-    );
-    assert_eq!(r.json()["data"]["label"], "item-5");
-    let r = lookup_within(&s, "cached", &key(1), LIMIT);
-    assert_eq!(r.status, 200, "a cache hit answers: {}", r.text());
-    let msg = lookup_within(&s, "cached", &key(2), LIMIT).assert_error(503, "dataset_unavailable");
-    assert!(msg.contains("`cached`"), "{msg}");
-    let msg = lookup_within(&s, "plain", &key(1), LIMIT).assert_error(503, "dataset_unavailable");
-    assert!(!msg.contains(PASSWORD), "{msg}");
-    let text = metrics(&s);
-    assert_eq!(
-        metric(
-            &text,
-            r#"mesh_dataset_cache_total{dataset="cached",result="hit"}"#
-        ),
-        Some(2.0),
-        "{text}"
-    );
-    assert!(
-        metric(
-            &text,
-            r#"mesh_dataset_queries_total{dataset="plain",result="error"}"#
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{text}"
-    );
-
-    // Refreshes fail; after max_staleness the preload is reported stale (and still served).
-    wait_until(&s, "pre is stale", Duration::from_secs(60), || {
-        let ready = readyz(&s);
-        let ds = &ready["datasets"]["pre"];
-        if ds["stale"] == true && ds["last_refresh"]["result"] == "error" {
-            Ok(())
-        } else {
-            Err(ready.to_string())
-        }
-    });
-    let ready = readyz(&s);
-    assert_eq!(ready["status"], "ready", "{ready}");
-    let error = ready["datasets"]["pre"]["last_refresh"]["error"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(!error.is_empty() && !error.contains(PASSWORD), "{ready}");
-    let text = metrics(&s);
-    assert_eq!(
-        metric(&text, r#"mesh_dataset_stale{dataset="pre"}"#),
-        Some(1.0),
-        "{text}"
-    );
-    assert!(
-        metric(
-            &text,
-            r#"mesh_dataset_refresh_total{dataset="pre",result="error"}"#
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{text}"
-    );
-    assert_eq!(lookup_within(&s, "pre", &key(5), LIMIT).status, 200);
-
-    // A black hole: connections open but nothing comes back. A miss still
-    // answers 503, bounded by the statement timeout.
-    proxy.set(PASS);
-    wait_until(&s, "plain recovers", Duration::from_secs(60), || {
-        let r = lookup_within(&s, "plain", &key(3), LIMIT);
-        if r.status == 200 {
-            Ok(())
-        } else {
-            Err(r.text())
-        }
-    });
-    proxy.set(HANG);
-    let msg = lookup_within(&s, "plain", &key(4), LIMIT).assert_error(503, "dataset_unavailable");
-    assert!(msg.contains("did not answer within 1000 ms"), "{msg}");
-
-    // Back: everything recovers without a restart.
-    proxy.set(PASS);
-    wait_until(&s, "live recovers", Duration::from_secs(60), || {
-        let r = lookup_within(&s, "plain", &key(7), LIMIT);
-        let c = lookup_within(&s, "cached", &key(8), LIMIT);
-        if r.status == 200 && c.status == 200 {
-            Ok(())
-        } else {
-            Err(format!("{} / {}", r.text(), c.text()))
-        }
-    });
-    snowflake_exec(&[&format!("UPDATE {table} SET label = 'new-' || id")]);
-    wait_until(&s, "preload fresh again", Duration::from_secs(60), || {
-        let ready = readyz(&s);
-        let r = lookup_within(&s, "pre", &key(5), LIMIT);
-        if ready["datasets"]["pre"]["stale"] == false && r.json()["data"]["label"] == "new-5" {
-            Ok(())
-        } else {
-            Err(format!("{ready} {}", r.text()))
-        }
+    outage::down_then_back(&s, &proxy, Some(PASSWORD), || {
+        snowflake_exec(&[&format!("UPDATE {table} SET label = 'new-' || id")])
     });
     // The same per-dataset shape as PostgreSQL's (data_products.rs).
     let ready = readyz(&s);

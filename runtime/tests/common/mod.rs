@@ -3,6 +3,7 @@
 //! small blocking HTTP/1.1 client.
 #![allow(dead_code)]
 
+pub mod outage;
 pub mod proxy;
 
 // Shared with the workspace's tests (tests/support), hence a file of its own.
