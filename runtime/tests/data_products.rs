@@ -25,42 +25,6 @@ use serde_json::{Value, json};
 
 // ------------------------------------------------------------------ helpers
 
-struct Pg {
-    host: String,
-    port: u16,
-    user: String,
-    password: String,
-    database: String,
-}
-
-fn pg() -> Pg {
-    let url = std::env::var("MESH_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "MESH_TEST_POSTGRES_URL is not set: run the tests with `scripts/test` (it starts PostgreSQL), \
-             or `bash scripts/services start; eval \"$(bash scripts/services env)\"`"
-        )
-    });
-    let rest = url
-        .strip_prefix("postgresql://")
-        .or_else(|| url.strip_prefix("postgres://"))
-        .expect("MESH_TEST_POSTGRES_URL must start with postgresql://");
-    let (auth, hostpart) = rest
-        .split_once('@')
-        .expect("user:password@ in MESH_TEST_POSTGRES_URL");
-    let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
-    let (hostport, database) = hostpart
-        .split_once('/')
-        .expect("/database in MESH_TEST_POSTGRES_URL");
-    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
-    Pg {
-        host: host.to_string(),
-        port: port.parse().expect("port"),
-        user: user.to_string(),
-        password: password.to_string(),
-        database: database.split('?').next().unwrap_or(database).to_string(),
-    }
-}
-
 /// Runs `sql` on the shared PostgreSQL.
 fn exec(pg: &Pg, sql: &str) {
     let rt = tokio::runtime::Builder::new_current_thread()

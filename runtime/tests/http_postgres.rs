@@ -9,42 +9,6 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
-struct Pg {
-    host: String,
-    port: u16,
-    user: String,
-    password: String,
-    database: String,
-}
-
-fn pg() -> Pg {
-    let url = std::env::var("MESH_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "MESH_TEST_POSTGRES_URL is not set: run the tests with `scripts/test` (it starts PostgreSQL), \
-             or start PostgreSQL yourself and set MESH_TEST_POSTGRES_URL=postgresql://mesh:mesh@127.0.0.1:15432/mesh"
-        )
-    });
-    let rest = url
-        .strip_prefix("postgresql://")
-        .or_else(|| url.strip_prefix("postgres://"))
-        .expect("MESH_TEST_POSTGRES_URL must start with postgresql://");
-    let (auth, hostpart) = rest
-        .split_once('@')
-        .expect("user:password@ in MESH_TEST_POSTGRES_URL");
-    let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
-    let (hostport, database) = hostpart
-        .split_once('/')
-        .expect("/database in MESH_TEST_POSTGRES_URL");
-    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
-    Pg {
-        host: host.to_string(),
-        port: port.parse().expect("port"),
-        user: user.to_string(),
-        password: password.to_string(),
-        database: database.split('?').next().unwrap_or(database).to_string(),
-    }
-}
-
 /// Creates a fresh schema with `behavior` (from the example CSV) and
 /// `segments` (integer key); returns the schema name.
 fn setup(pg: &Pg) -> String {

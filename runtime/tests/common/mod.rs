@@ -544,3 +544,41 @@ pub fn lookup_within(s: &Server, endpoint: &str, body: &str, limit: Duration) ->
     raw_with_timeout(s.addr, head.as_bytes(), limit)
         .unwrap_or_else(|e| panic!("{endpoint}: no answer within {limit:?} ({e})"))
 }
+
+/// The shared PostgreSQL the tests use (`MESH_TEST_POSTGRES_URL`).
+pub struct Pg {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+/// Reads `MESH_TEST_POSTGRES_URL` (`postgresql://user:password@host:port/db`).
+pub fn pg() -> Pg {
+    let url = std::env::var("MESH_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "MESH_TEST_POSTGRES_URL is not set: run the tests with `scripts/test` (it starts PostgreSQL), \
+             or `bash scripts/services start; eval \"$(bash scripts/services env)\"`"
+        )
+    });
+    let rest = url
+        .strip_prefix("postgresql://")
+        .or_else(|| url.strip_prefix("postgres://"))
+        .expect("MESH_TEST_POSTGRES_URL must start with postgresql://");
+    let (auth, hostpart) = rest
+        .split_once('@')
+        .expect("user:password@ in MESH_TEST_POSTGRES_URL");
+    let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+    let (hostport, database) = hostpart
+        .split_once('/')
+        .expect("/database in MESH_TEST_POSTGRES_URL");
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
+    Pg {
+        host: host.to_string(),
+        port: port.parse().expect("port"),
+        user: user.to_string(),
+        password: password.to_string(),
+        database: database.split('?').next().unwrap_or(database).to_string(),
+    }
+}
