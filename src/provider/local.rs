@@ -110,10 +110,6 @@ impl LocalProvider {
             runtime_bin: find_runtime()?,
         })
     }
-
-    pub fn with_runtime(runtime_bin: PathBuf) -> Self {
-        LocalProvider { runtime_bin }
-    }
 }
 
 fn find_runtime() -> Result<PathBuf, ProviderError> {
