@@ -16,9 +16,8 @@ use aws_sdk_eks::types::{Addon, ResolveConflicts};
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Value};
 
-use super::call::{AwsError, Service, paginate};
+use super::call::{AwsError, Service, gone_ok, paginate};
 use super::eks::{health, owned, sorted_tags, tags_with_owner};
-use super::network::gone_ok;
 use super::{AwsProvider, Polled, attr_str, kind, wait_gone, wait_until};
 
 /// The add-on that enforces NetworkPolicy on EKS: the Amazon VPC CNI.

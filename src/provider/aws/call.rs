@@ -466,6 +466,15 @@ where
     }
 }
 
+/// A delete that found the resource already gone succeeded.
+pub(super) fn gone_ok<T>(res: Result<T, AwsError>, a: &Address) -> Result<(), ProviderError> {
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.at(a)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

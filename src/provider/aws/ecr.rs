@@ -15,8 +15,7 @@ use futures::StreamExt;
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, paginate};
-use super::network::gone_ok;
+use super::call::{AwsError, Service, gone_ok, paginate};
 use super::{
     AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, kind, map_delta, names, ownership_tags,
     str_map, user_tags,

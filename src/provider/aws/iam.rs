@@ -11,8 +11,7 @@ use aws_sdk_iam::types::Tag;
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, paginate, retry_for};
-use super::network::gone_ok;
+use super::call::{AwsError, Service, gone_ok, paginate, retry_for};
 use super::{AwsProvider, attr_str, kind, names, ownership_tags};
 
 fn trust_policy(service: &str) -> String {

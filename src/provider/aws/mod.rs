@@ -55,6 +55,7 @@ pub mod lock;
 mod nat;
 mod network;
 mod node_ports;
+mod tags;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

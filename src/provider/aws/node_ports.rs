@@ -17,8 +17,8 @@ use aws_sdk_ec2::types::{
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, ErrorKind, Service, retry_for};
-use super::network::{address_of, ec2_tags, filter, gone_ok, owned_by, owner_filters};
+use super::call::{AwsError, ErrorKind, Service, gone_ok, retry_for};
+use super::tags::{address_of, ec2_tags, filter, owned_by, owner_filters};
 use super::{AwsProvider, attr_str, kind, ownership_tags};
 
 fn rule_live(r: &SecurityGroupRule, scope: &Scope) -> Option<Live> {
