@@ -211,6 +211,30 @@ impl Limiter {
         fut.await.map_err(|e| classify(op, e))
     }
 
+    /// Every page of a listing, each request through [`Limiter::call`]:
+    /// `request` sends the request for one page given the previous page's
+    /// continuation token (or marker; `None` first), `split` parts an answer
+    /// into its items and the next token (see [`paginate`]).
+    pub async fn pages<T, O, E, F, Fut>(
+        &self,
+        service: Service,
+        op: &'static str,
+        mut request: F,
+        split: impl Fn(O) -> (Vec<T>, Option<String>),
+    ) -> Result<Vec<T>, AwsError>
+    where
+        F: FnMut(Option<String>) -> Fut,
+        Fut: Future<Output = Result<O, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+    {
+        let split = &split;
+        paginate(|token| {
+            let sent = request(token);
+            async move { self.call(service, op, sent).await.map(split) }
+        })
+        .await
+    }
+
     /// API calls made so far (logical calls, SDK retries not included), per service.
     pub fn counts(&self) -> Vec<(Service, u64)> {
         Service::ALL

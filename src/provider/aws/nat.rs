@@ -17,7 +17,7 @@ use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
 use super::call::{AwsError, Service, gone_ok, retry_for};
-use super::tags::{address_of, filter, owned_by, owner_filters, tag_pairs, tag_spec};
+use super::ec2::{address_of, filter, owned_by, owner_filters, tag_pairs, tag_spec};
 use super::{AwsProvider, Polled, attr_str, kind, user_tags, wait_gone, wait_until};
 
 /// A NAT gateway that is, or will soon be, nothing: not live state.
@@ -122,20 +122,6 @@ pub(super) fn live_eips(addresses: &[aws_sdk_ec2::types::Address], scope: &Scope
 }
 
 impl AwsProvider {
-    pub(super) async fn list_nat_gateways(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::NatGateway>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_nat_gateways,
-            set_filter,
-            filters,
-            "DescribeNatGateways",
-            nat_gateways
-        )
-    }
-
     /// `DescribeAddresses` is not paginated: one call answers all.
     pub(super) async fn list_addresses(
         &self,

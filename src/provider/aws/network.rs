@@ -14,9 +14,9 @@ use aws_sdk_ec2::types::{
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, gone_ok, paginate, retry_for};
+use super::call::{AwsError, Service, gone_ok, retry_for};
+use super::ec2::{address_of, ec2_tags, filter, owner_filters, tag_pairs, tag_spec};
 use super::nat::{eip_live, live_eips, live_nat_gateways};
-use super::tags::{address_of, ec2_tags, filter, owner_filters, tag_pairs, tag_spec};
 use super::{
     AwsProvider, TAG_ADDRESS, TAG_STACK, attr_str, id_map, kind, map_delta, str_map, user_tags,
 };
@@ -203,76 +203,6 @@ impl AwsProvider {
             scope,
         ));
         Ok(out)
-    }
-
-    async fn list_vpcs(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::Vpc>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_vpcs,
-            set_filters,
-            filters,
-            "DescribeVpcs",
-            vpcs
-        )
-    }
-
-    async fn list_subnets(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::Subnet>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_subnets,
-            set_filters,
-            filters,
-            "DescribeSubnets",
-            subnets
-        )
-    }
-
-    async fn list_igws(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_internet_gateways,
-            set_filters,
-            filters,
-            "DescribeInternetGateways",
-            internet_gateways
-        )
-    }
-
-    async fn list_route_tables(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_route_tables,
-            set_filters,
-            filters,
-            "DescribeRouteTables",
-            route_tables
-        )
-    }
-
-    async fn list_security_groups(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::SecurityGroup>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_security_groups,
-            set_filters,
-            filters,
-            "DescribeSecurityGroups",
-            security_groups
-        )
     }
 
     /// Reads one EC2 resource back by id (retrying briefly: EC2 reads are
@@ -996,24 +926,26 @@ impl AwsProvider {
             return Ok(());
         }
         // Load balancers (ELBv2: application and network).
-        let lbs: Vec<String> = paginate(|marker| {
-            let req = self.elbv2.describe_load_balancers().set_marker(marker);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Elbv2, "DescribeLoadBalancers", req.send())
-                    .await?;
-                let arns = page
-                    .load_balancers()
-                    .iter()
-                    .filter(|lb| lb.vpc_id() == Some(vpc_id))
-                    .filter_map(|lb| lb.load_balancer_arn().map(str::to_owned))
-                    .collect();
-                Ok((arns, page.next_marker().map(str::to_owned)))
-            }
-        })
-        .await
-        .map_err(|e| e.at(a))?;
+        let lbs: Vec<String> = self
+            .limiter
+            .pages(
+                Service::Elbv2,
+                "DescribeLoadBalancers",
+                |marker| {
+                    self.elbv2
+                        .describe_load_balancers()
+                        .set_marker(marker)
+                        .send()
+                },
+                |page| {
+                    let arns = page.load_balancers().iter();
+                    let arns = arns.filter(|lb| lb.vpc_id() == Some(vpc_id));
+                    let arns = arns.filter_map(|lb| lb.load_balancer_arn().map(str::to_owned));
+                    (arns.collect(), page.next_marker().map(str::to_owned))
+                },
+            )
+            .await
+            .map_err(|e| e.at(a))?;
         let mut doomed_lbs = Vec::new();
         for chunk in lbs.chunks(20) {
             let req = self
