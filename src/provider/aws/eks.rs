@@ -852,35 +852,26 @@ pub(super) trait EksStatus {
     fn issues(&self) -> Option<Vec<&str>>;
 }
 
-impl EksStatus for aws_sdk_eks::types::Cluster {
-    fn status_str(&self) -> Option<&str> {
-        self.status().map(|s| s.as_str())
-    }
-    fn issues(&self) -> Option<Vec<&str>> {
-        self.health()
-            .map(|h| h.issues().iter().filter_map(|i| i.message()).collect())
-    }
+/// The three answer the same questions the same way.
+macro_rules! eks_status {
+    ($($t:ty),*) => {$(
+        impl EksStatus for $t {
+            fn status_str(&self) -> Option<&str> {
+                self.status().map(|s| s.as_str())
+            }
+            fn issues(&self) -> Option<Vec<&str>> {
+                self.health()
+                    .map(|h| h.issues().iter().filter_map(|i| i.message()).collect())
+            }
+        }
+    )*};
 }
 
-impl EksStatus for aws_sdk_eks::types::Nodegroup {
-    fn status_str(&self) -> Option<&str> {
-        self.status().map(|s| s.as_str())
-    }
-    fn issues(&self) -> Option<Vec<&str>> {
-        self.health()
-            .map(|h| h.issues().iter().filter_map(|i| i.message()).collect())
-    }
-}
-
-impl EksStatus for aws_sdk_eks::types::Addon {
-    fn status_str(&self) -> Option<&str> {
-        self.status().map(|s| s.as_str())
-    }
-    fn issues(&self) -> Option<Vec<&str>> {
-        self.health()
-            .map(|h| h.issues().iter().filter_map(|i| i.message()).collect())
-    }
-}
+eks_status!(
+    aws_sdk_eks::types::Cluster,
+    aws_sdk_eks::types::Nodegroup,
+    aws_sdk_eks::types::Addon
+);
 
 /// A wait for an EKS resource to be ACTIVE.
 pub(super) struct ActiveWait<'a> {
