@@ -219,20 +219,19 @@ impl Limiter {
         &self,
         service: Service,
         op: &'static str,
-        mut request: F,
+        request: F,
         split: impl Fn(O) -> (Vec<T>, Option<String>),
     ) -> Result<Vec<T>, AwsError>
     where
-        F: FnMut(Option<String>) -> Fut,
+        F: Fn(Option<String>) -> Fut,
         Fut: Future<Output = Result<O, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
     {
-        let split = &split;
-        paginate(|token| {
-            let sent = request(token);
-            async move { self.call(service, op, sent).await.map(split) }
-        })
-        .await
+        // The request is sent from inside the page's future, so that future
+        // holds the (large) SDK future once, not twice.
+        let (request, split) = (&request, &split);
+        paginate(|token| async move { self.call(service, op, request(token)).await.map(split) })
+            .await
     }
 
     /// API calls made so far (logical calls, SDK retries not included), per service.
