@@ -14,8 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use mesh::bundle::bundle_for;
 use mesh::image::{self, ImageSpec, LayerKind, RegistryAuth};
-use mesh::provider::local::bundle_for;
 
 const RUNS: usize = 5;
 /// Services (repositories) of the mount comparison.

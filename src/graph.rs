@@ -4,51 +4,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::resource::{Address, Desired};
 
-/// Finds one cycle in a graph given as node → dependencies, if any.
-/// Returns the nodes of the cycle in order.
-pub fn find_cycle<'a>(edges: &BTreeMap<&'a str, BTreeSet<&'a str>>) -> Option<Vec<&'a str>> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        Visiting,
-        Done,
-    }
-    fn visit<'a>(
-        n: &'a str,
-        edges: &BTreeMap<&'a str, BTreeSet<&'a str>>,
-        marks: &mut BTreeMap<&'a str, Mark>,
-        path: &mut Vec<&'a str>,
-    ) -> Option<Vec<&'a str>> {
-        match marks.get(n) {
-            Some(Mark::Done) => return None,
-            Some(Mark::Visiting) => {
-                let start = path.iter().position(|p| *p == n).unwrap_or(0);
-                return Some(path[start..].to_vec());
-            }
-            None => {}
-        }
-        marks.insert(n, Mark::Visiting);
-        path.push(n);
-        if let Some(deps) = edges.get(n) {
-            for d in deps {
-                if let Some(c) = visit(d, edges, marks, path) {
-                    return Some(c);
-                }
-            }
-        }
-        path.pop();
-        marks.insert(n, Mark::Done);
-        None
-    }
-    let mut marks = BTreeMap::new();
-    for n in edges.keys() {
-        let mut path = Vec::new();
-        if let Some(c) = visit(n, edges, &mut marks, &mut path) {
-            return Some(c);
-        }
-    }
-    None
-}
-
 /// Orders resources so each comes after what it depends on (stable: ties
 /// keep their given order). Dependencies on addresses not in `resources`
 /// are ignored. Returns `Err` with a cycle if there is one.

@@ -6,6 +6,7 @@
 //! Only `provider` modules do I/O against the outside world.
 
 pub mod apply;
+pub mod bundle;
 pub mod engine;
 pub mod graph;
 #[cfg(feature = "kubernetes")]

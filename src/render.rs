@@ -167,20 +167,6 @@ pub fn summary_line(summary: &Summary) -> String {
     )
 }
 
-/// `Apply complete! Resources: 2 added, 1 changed, 2 destroyed.`, for what an
-/// apply actually did.
-pub fn apply_summary(done: &Summary) -> String {
-    format!(
-        "Apply complete! Resources: {} added, {} changed, {} destroyed.",
-        done.add, done.change, done.destroy
-    )
-}
-
-/// `Destroy complete! Resources: 3 destroyed.`, for what a destroy actually did.
-pub fn destroy_summary(done: &Summary) -> String {
-    format!("Destroy complete! Resources: {} destroyed.", done.destroy)
-}
-
 /// The plan for tools, as JSON with a versioned schema (`format_version` is
 /// [`FORMAT_VERSION`]; see also `docs/plan-json.md`):
 ///
@@ -874,14 +860,6 @@ mod tests {
         assert_eq!(
             summary_line(&s),
             "Plan: 2 to add, 1 to change, 0 to destroy."
-        );
-        assert_eq!(
-            apply_summary(&s),
-            "Apply complete! Resources: 2 added, 1 changed, 0 destroyed."
-        );
-        assert_eq!(
-            destroy_summary(&s),
-            "Destroy complete! Resources: 0 destroyed."
         );
     }
 }

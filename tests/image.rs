@@ -15,8 +15,8 @@ use std::time::Duration;
 
 mod support;
 
+use mesh::bundle::{BundlePlan, bundle_for};
 use mesh::image::{self, Image, ImageError, ImageSpec, LayerKind, PushOptions, RegistryAuth};
-use mesh::provider::local::{BundlePlan, bundle_for};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

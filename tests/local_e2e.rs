@@ -392,7 +392,14 @@ fn failure_mid_apply_reports_and_a_rerun_converges() {
 #[test]
 fn destroy_leaves_no_state_behind() {
     let m = Mesh::new();
-    ok(&m.apply(), "apply");
+    let out = m.apply();
+    ok(&out, "apply");
+    // The closing lines as the CLI prints them (stderr), with what was done.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Apply complete! Resources: 4 added, 0 changed, 0 destroyed."),
+        "{err}"
+    );
     let out = m.run("destroy", &["--auto-approve"]);
     ok(&out, "destroy");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -22,9 +22,9 @@ use crate::error::AppError;
 use crate::freshness::{DatasetStatus, QueryTotal, Snapshot};
 use crate::input::FieldMap;
 use crate::log;
-use crate::model::{InputKind, InputSpec};
+use crate::model::{InputKind, InputSpec, Model};
 use crate::remote::{HttpClient, RemoteRow, Upstream, split_lookup_url};
-use crate::scoring::{Classifier, class_names, load_model};
+use crate::scoring::{class_names, load_model};
 use crate::snowflake::SnowflakeError;
 use crate::sql::SqlError;
 
@@ -212,7 +212,7 @@ impl Table {
 /// A prediction endpoint, planned.
 pub struct PredictionEndpoint {
     pub name: String,
-    pub model: Arc<dyn Classifier>,
+    pub model: Arc<Model>,
     /// Request fields: slots `0..inputs.len()` are the model inputs in order,
     /// then the enrichment keys that are not model inputs.
     pub fields: FieldMap,
@@ -607,7 +607,7 @@ fn plan_lookup(
 fn plan_prediction(
     bundle: &Bundle,
     name: &str,
-    model: Arc<dyn Classifier>,
+    model: Arc<Model>,
     enrichments: &[crate::config::EnrichmentConfig],
     datasets: &HashMap<String, Table>,
     options: LoadOptions,

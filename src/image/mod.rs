@@ -2,7 +2,7 @@
 //!
 //! An image is built from two inputs and nothing else: the statically linked
 //! runtime binary (`scripts/build-static-runtime`) and a service's bundle
-//! ([`BundlePlan`], from [`crate::provider::local::bundle_for`]). It has two
+//! ([`BundlePlan`], from [`crate::bundle::bundle_for`]). It has two
 //! layers, so a new model or dataset changes only the second one:
 //!
 //! | layer | content |
@@ -27,7 +27,7 @@
 //! The flow for the Kubernetes provider:
 //!
 //! ```text
-//! let bundle = provider::local::bundle_for(&stack, service, &lookup_url);
+//! let bundle = mesh::bundle::bundle_for(&stack, service, &lookup_url);
 //! let spec = image::ImageSpec { runtime_bin, bundle: &bundle, service: name.clone(), port: 8080 };
 //! // CPU-bound (gzip: ~0.9 s for the first image of a process, whose runtime layer is then
 //! // reused by every later build with the same binary): keep it off the async executor.
@@ -52,7 +52,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::provider::local::BundlePlan;
+use crate::bundle::BundlePlan;
 
 /// Media type of the image manifest.
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -138,6 +138,9 @@ pub trait Provider: Send + Sync {
     /// dataset), the secrets it digests, and what the provider recorded
     /// before (the local target's allocated ports, probed free on this
     /// machine). Nothing it does needs undoing when the plan is not applied.
+    /// Two things go beyond reading (see ARCHITECTURE.md): the Kubernetes
+    /// provider builds images in memory for their digests (remembered in a
+    /// cache file under `.mesh/`), and plan-time warnings go to stderr.
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError>;
 
     /// Reads the live resources this provider owns for `scope`.

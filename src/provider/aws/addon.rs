@@ -16,10 +16,9 @@ use aws_sdk_eks::types::{Addon, ResolveConflicts};
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Value};
 
-use super::call::{AwsError, Service, paginate};
-use super::eks::{health, owned, sorted_tags, tags_with_owner};
-use super::network::gone_ok;
-use super::{AwsProvider, Polled, attr_str, kind, wait_gone, wait_until};
+use super::call::{AwsError, Service, gone_ok};
+use super::eks::{ActiveWait, owned, sorted_tags, tags_with_owner};
+use super::{AwsProvider, attr_str, kind};
 
 /// The add-on that enforces NetworkPolicy on EKS: the Amazon VPC CNI.
 pub const VPC_CNI: &str = "vpc-cni";
@@ -76,21 +75,18 @@ impl AwsProvider {
         cluster: &str,
         scope: &crate::resource::Scope,
     ) -> Result<Vec<Live>, AwsError> {
-        let names: Vec<String> = paginate(|token| {
-            let req = self
-                .eks
-                .list_addons()
-                .cluster_name(cluster)
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Eks, "ListAddons", req.send())
-                    .await?;
-                Ok((page.addons().to_vec(), page.next_token().map(str::to_owned)))
-            }
-        })
-        .await?;
+        let names: Vec<String> = self
+            .limiter
+            .pages(
+                Service::Eks,
+                "ListAddons",
+                |token| {
+                    let req = self.eks.list_addons().cluster_name(cluster);
+                    req.set_next_token(token).send()
+                },
+                |page| (page.addons().to_vec(), page.next_token().map(str::to_owned)),
+            )
+            .await?;
         let mut out = Vec::new();
         for name in &names {
             if let Some(a) = self.describe_addon(cluster, name).await?
@@ -127,40 +123,23 @@ impl AwsProvider {
         name: &str,
         ctx: &ApplyContext,
     ) -> Result<Live, ProviderError> {
-        let wait = &self.config.wait;
-        wait_until(
+        self.wait_eks_active(
             ctx,
             a,
-            "waiting for the add-on to be ACTIVE",
-            wait.node_group_timeout,
-            wait,
-            || async {
-                let Some(addon) = self
-                    .describe_addon(cluster, name)
-                    .await
-                    .map_err(|e| e.at(a))?
-                else {
-                    return Err(ProviderError::Api {
-                        address: a.clone(),
-                        message: format!("add-on {name} of EKS cluster {cluster} disappeared"),
-                    });
-                };
-                match addon.status().map(|s| s.as_str()).unwrap_or("UNKNOWN") {
-                    "ACTIVE" => Ok(Polled::Done(addon_live(a.clone(), &addon))),
-                    s @ ("CREATE_FAILED" | "UPDATE_FAILED" | "DELETE_FAILED" | "DEGRADED") => {
-                        Err(ProviderError::Api {
-                            address: a.clone(),
-                            message: format!(
-                                "add-on {name} of EKS cluster {cluster} is {s}{}",
-                                health(addon.health().map(|h| {
-                                    h.issues().iter().filter_map(|i| i.message()).collect()
-                                }))
-                            ),
-                        })
-                    }
-                    other => Ok(Polled::Pending(other.to_owned())),
-                }
+            ActiveWait {
+                what: "waiting for the add-on to be ACTIVE",
+                timeout: self.config.wait.node_group_timeout,
+                subject: format!("add-on {name} of EKS cluster {cluster}"),
+                failing: &[
+                    "CREATE_FAILED",
+                    "UPDATE_FAILED",
+                    "DELETE_FAILED",
+                    "DEGRADED",
+                ],
+                hint: "",
             },
+            || self.describe_addon(cluster, name),
+            |addon| addon_live(a.clone(), addon),
         )
         .await
     }
@@ -261,24 +240,12 @@ impl AwsProvider {
         name: &str,
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
-        let wait = &self.config.wait;
-        wait_gone(
+        self.wait_eks_gone(
             ctx,
             a,
             "waiting for the add-on to be deleted",
-            wait.node_group_timeout,
-            wait,
-            || async {
-                let addon = self
-                    .describe_addon(cluster, name)
-                    .await
-                    .map_err(|e| e.at(a))?;
-                Ok(addon.map(|x| {
-                    x.status()
-                        .map(|s| s.as_str().to_owned())
-                        .unwrap_or_default()
-                }))
-            },
+            self.config.wait.node_group_timeout,
+            || self.describe_addon(cluster, name),
         )
         .await
     }

@@ -211,6 +211,29 @@ impl Limiter {
         fut.await.map_err(|e| classify(op, e))
     }
 
+    /// Every page of a listing, each request through [`Limiter::call`]:
+    /// `request` sends the request for one page given the previous page's
+    /// continuation token (or marker; `None` first), `split` parts an answer
+    /// into its items and the next token (see [`paginate`]).
+    pub async fn pages<T, O, E, F, Fut>(
+        &self,
+        service: Service,
+        op: &'static str,
+        request: F,
+        split: impl Fn(O) -> (Vec<T>, Option<String>),
+    ) -> Result<Vec<T>, AwsError>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: Future<Output = Result<O, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+    {
+        // The request is sent from inside the page's future, so that future
+        // holds the (large) SDK future once, not twice.
+        let (request, split) = (&request, &split);
+        paginate(|token| async move { self.call(service, op, request(token)).await.map(split) })
+            .await
+    }
+
     /// API calls made so far (logical calls, SDK retries not included), per service.
     pub fn counts(&self) -> Vec<(Service, u64)> {
         Service::ALL
@@ -463,6 +486,15 @@ where
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// A delete that found the resource already gone succeeded.
+pub(super) fn gone_ok<T>(res: Result<T, AwsError>, a: &Address) -> Result<(), ProviderError> {
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.at(a)),
     }
 }
 

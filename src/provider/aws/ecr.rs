@@ -15,8 +15,7 @@ use futures::StreamExt;
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, paginate};
-use super::network::gone_ok;
+use super::call::{AwsError, Service, gone_ok};
 use super::{
     AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, kind, map_delta, names, ownership_tags,
     str_map, user_tags,
@@ -290,28 +289,28 @@ impl AwsProvider {
     ) -> Result<Vec<Live>, ProviderError> {
         let prefix = names::ecr_prefix(&scope.stack, &scope.env);
         let prefix = prefix.as_str();
-        let repos = paginate(|token| {
-            let req = self
-                .ecr
-                .describe_repositories()
-                .max_results(1000)
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Ecr, "DescribeRepositories", req.send())
-                    .await?;
-                let ours = page
-                    .repositories()
-                    .iter()
-                    .filter(|r| r.repository_name().is_some_and(|n| n.starts_with(prefix)))
-                    .cloned()
-                    .collect();
-                Ok((ours, page.next_token().map(str::to_owned)))
-            }
-        })
-        .await
-        .map_err(AwsError::observing)?;
+        let repos = self
+            .limiter
+            .pages(
+                Service::Ecr,
+                "DescribeRepositories",
+                |token| {
+                    let req = self.ecr.describe_repositories().max_results(1000);
+                    req.set_next_token(token).send()
+                },
+                |page| {
+                    let ours = page
+                        .repositories()
+                        .iter()
+                        .filter(|r| r.repository_name().is_some_and(|n| n.starts_with(prefix)));
+                    (
+                        ours.cloned().collect(),
+                        page.next_token().map(str::to_owned),
+                    )
+                },
+            )
+            .await
+            .map_err(AwsError::observing)?;
         let results: Vec<Result<Option<Live>, AwsError>> = futures::stream::iter(repos)
             .map(|r| async move {
                 let (tags, policy) =

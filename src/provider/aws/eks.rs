@@ -13,7 +13,7 @@ use aws_sdk_eks::types::{NodegroupScalingConfig, UpdateLabelsPayload, VpcConfigR
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, paginate, retry_for};
+use super::call::{AwsError, Service, retry_for};
 use super::network::{named_ids, reverse};
 use super::{
     AwsProvider, Polled, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
@@ -220,24 +220,22 @@ impl AwsProvider {
     ) -> Result<Vec<Live>, ProviderError> {
         let prefix = format!("{}-{}-", scope.stack, scope.env);
         let prefix = prefix.as_str();
-        let names: Vec<String> = paginate(|token| {
-            let req = self.eks.list_clusters().set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Eks, "ListClusters", req.send())
-                    .await?;
-                let ours = page
-                    .clusters()
-                    .iter()
-                    .filter(|n| n.starts_with(prefix))
-                    .cloned()
-                    .collect();
-                Ok((ours, page.next_token().map(str::to_owned)))
-            }
-        })
-        .await
-        .map_err(AwsError::observing)?;
+        let names: Vec<String> = self
+            .limiter
+            .pages(
+                Service::Eks,
+                "ListClusters",
+                |token| self.eks.list_clusters().set_next_token(token).send(),
+                |page| {
+                    let ours = page.clusters().iter().filter(|n| n.starts_with(prefix));
+                    (
+                        ours.cloned().collect(),
+                        page.next_token().map(str::to_owned),
+                    )
+                },
+            )
+            .await
+            .map_err(AwsError::observing)?;
         let mut out = Vec::new();
         for name in &names {
             let cluster = match self.describe_cluster(name).await {
@@ -292,24 +290,22 @@ impl AwsProvider {
     }
 
     async fn list_node_groups(&self, cluster: &str) -> Result<Vec<String>, AwsError> {
-        paginate(|token| {
-            let req = self
-                .eks
-                .list_nodegroups()
-                .cluster_name(cluster)
-                .set_next_token(token);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Eks, "ListNodegroups", req.send())
-                    .await?;
-                Ok((
-                    page.nodegroups().to_vec(),
-                    page.next_token().map(str::to_owned),
-                ))
-            }
-        })
-        .await
+        self.limiter
+            .pages(
+                Service::Eks,
+                "ListNodegroups",
+                |token| {
+                    let req = self.eks.list_nodegroups().cluster_name(cluster);
+                    req.set_next_token(token).send()
+                },
+                |page| {
+                    (
+                        page.nodegroups().to_vec(),
+                        page.next_token().map(str::to_owned),
+                    )
+                },
+            )
+            .await
     }
 
     async fn describe_node_group(
@@ -341,34 +337,18 @@ impl AwsProvider {
         names: &BTreeMap<String, String>,
         ctx: &ApplyContext,
     ) -> Result<Live, ProviderError> {
-        let wait = &self.config.wait;
-        wait_until(
+        self.wait_eks_active(
             ctx,
             a,
-            "waiting for the EKS cluster to be ACTIVE",
-            wait.cluster_timeout,
-            wait,
-            || async {
-                let Some(c) = self.describe_cluster(name).await.map_err(|e| e.at(a))? else {
-                    return Err(ProviderError::Api {
-                        address: a.clone(),
-                        message: format!("EKS cluster {name} disappeared"),
-                    });
-                };
-                match c.status().map(|s| s.as_str()).unwrap_or("UNKNOWN") {
-                    "ACTIVE" => Ok(Polled::Done(cluster_live(a.clone(), &c, names))),
-                    "FAILED" => Err(ProviderError::Api {
-                        address: a.clone(),
-                        message: format!(
-                            "EKS cluster {name} is FAILED{}: delete it or plan with --replace",
-                            health(c.health().map(|h| {
-                                h.issues().iter().filter_map(|i| i.message()).collect()
-                            }))
-                        ),
-                    }),
-                    other => Ok(Polled::Pending(other.to_owned())),
-                }
+            ActiveWait {
+                what: "waiting for the EKS cluster to be ACTIVE",
+                timeout: self.config.wait.cluster_timeout,
+                subject: format!("EKS cluster {name}"),
+                failing: &["FAILED"],
+                hint: ": delete it or plan with --replace",
             },
+            || self.describe_cluster(name),
+            |c| cluster_live(a.clone(), c, names),
         )
         .await
     }
@@ -379,21 +359,12 @@ impl AwsProvider {
         name: &str,
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
-        let wait = &self.config.wait;
-        wait_gone(
+        self.wait_eks_gone(
             ctx,
             a,
             "waiting for the EKS cluster to be deleted",
-            wait.cluster_timeout,
-            wait,
-            || async {
-                let c = self.describe_cluster(name).await.map_err(|e| e.at(a))?;
-                Ok(c.map(|c| {
-                    c.status()
-                        .map(|s| s.as_str().to_owned())
-                        .unwrap_or_default()
-                }))
-            },
+            self.config.wait.cluster_timeout,
+            || self.describe_cluster(name),
         )
         .await
     }
@@ -406,40 +377,18 @@ impl AwsProvider {
         names: &BTreeMap<String, String>,
         ctx: &ApplyContext,
     ) -> Result<Live, ProviderError> {
-        let wait = &self.config.wait;
-        wait_until(
+        self.wait_eks_active(
             ctx,
             a,
-            "waiting for the node group to be ACTIVE",
-            wait.node_group_timeout,
-            wait,
-            || async {
-                let Some(g) = self
-                    .describe_node_group(cluster, name)
-                    .await
-                    .map_err(|e| e.at(a))?
-                else {
-                    return Err(ProviderError::Api {
-                        address: a.clone(),
-                        message: format!("node group {cluster}/{name} disappeared"),
-                    });
-                };
-                match g.status().map(|s| s.as_str()).unwrap_or("UNKNOWN") {
-                    "ACTIVE" => Ok(Polled::Done(node_group_live(a.clone(), &g, names))),
-                    s @ ("CREATE_FAILED" | "DEGRADED" | "DELETE_FAILED") => {
-                        Err(ProviderError::Api {
-                            address: a.clone(),
-                            message: format!(
-                                "node group {cluster}/{name} is {s}{}",
-                                health(g.health().map(|h| {
-                                    h.issues().iter().filter_map(|i| i.message()).collect()
-                                }))
-                            ),
-                        })
-                    }
-                    other => Ok(Polled::Pending(other.to_owned())),
-                }
+            ActiveWait {
+                what: "waiting for the node group to be ACTIVE",
+                timeout: self.config.wait.node_group_timeout,
+                subject: format!("node group {cluster}/{name}"),
+                failing: &["CREATE_FAILED", "DEGRADED", "DELETE_FAILED"],
+                hint: "",
             },
+            || self.describe_node_group(cluster, name),
+            |g| node_group_live(a.clone(), g, names),
         )
         .await
     }
@@ -451,24 +400,12 @@ impl AwsProvider {
         name: &str,
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
-        let wait = &self.config.wait;
-        wait_gone(
+        self.wait_eks_gone(
             ctx,
             a,
             "waiting for the node group to be deleted",
-            wait.node_group_timeout,
-            wait,
-            || async {
-                let g = self
-                    .describe_node_group(cluster, name)
-                    .await
-                    .map_err(|e| e.at(a))?;
-                Ok(g.map(|g| {
-                    g.status()
-                        .map(|s| s.as_str().to_owned())
-                        .unwrap_or_default()
-                }))
-            },
+            self.config.wait.node_group_timeout,
+            || self.describe_node_group(cluster, name),
         )
         .await
     }
@@ -904,6 +841,115 @@ impl AwsProvider {
             Err(e) => return Err(e.at(a)),
         }
         self.wait_node_group_gone(a, cluster, name, ctx).await
+    }
+}
+
+/// What the waits for an EKS cluster, node group or add-on read of it.
+pub(super) trait EksStatus {
+    /// `ACTIVE`, `CREATING`, ...
+    fn status_str(&self) -> Option<&str>;
+    /// The messages of the health issues it reports.
+    fn issues(&self) -> Option<Vec<&str>>;
+}
+
+/// The three answer the same questions the same way.
+macro_rules! eks_status {
+    ($($t:ty),*) => {$(
+        impl EksStatus for $t {
+            fn status_str(&self) -> Option<&str> {
+                self.status().map(|s| s.as_str())
+            }
+            fn issues(&self) -> Option<Vec<&str>> {
+                self.health()
+                    .map(|h| h.issues().iter().filter_map(|i| i.message()).collect())
+            }
+        }
+    )*};
+}
+
+eks_status!(
+    aws_sdk_eks::types::Cluster,
+    aws_sdk_eks::types::Nodegroup,
+    aws_sdk_eks::types::Addon
+);
+
+/// A wait for an EKS resource to be ACTIVE.
+pub(super) struct ActiveWait<'a> {
+    /// What the progress lines say.
+    pub what: &'a str,
+    pub timeout: std::time::Duration,
+    /// The resource, as errors name it.
+    pub subject: String,
+    /// The statuses that end the wait with an error.
+    pub failing: &'a [&'a str],
+    /// What such an error adds.
+    pub hint: &'a str,
+}
+
+impl AwsProvider {
+    /// Waits until the EKS resource `describe` reads is ACTIVE and returns
+    /// `live` of it; it disappearing or reaching a failing status ends the
+    /// wait with an error.
+    pub(super) async fn wait_eks_active<R, F, Fut>(
+        &self,
+        ctx: &ApplyContext,
+        a: &Address,
+        w: ActiveWait<'_>,
+        describe: F,
+        live: impl Fn(&R) -> Live,
+    ) -> Result<Live, ProviderError>
+    where
+        R: EksStatus,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<R>, AwsError>>,
+    {
+        let ActiveWait {
+            what,
+            timeout,
+            subject,
+            failing,
+            hint,
+        } = w;
+        let subject = &subject;
+        wait_until(ctx, a, what, timeout, &self.config.wait, || async {
+            let Some(r) = describe().await.map_err(|e| e.at(a))? else {
+                return Err(ProviderError::Api {
+                    address: a.clone(),
+                    message: format!("{subject} disappeared"),
+                });
+            };
+            match r.status_str().unwrap_or("UNKNOWN") {
+                "ACTIVE" => Ok(Polled::Done(live(&r))),
+                s if failing.contains(&s) => Err(ProviderError::Api {
+                    address: a.clone(),
+                    message: format!("{subject} is {s}{}{hint}", health(r.issues())),
+                }),
+                other => Ok(Polled::Pending(other.to_owned())),
+            }
+        })
+        .await
+    }
+
+    /// Waits until `describe` finds the EKS resource no more, showing its
+    /// status meanwhile.
+    pub(super) async fn wait_eks_gone<R, F, Fut>(
+        &self,
+        ctx: &ApplyContext,
+        a: &Address,
+        what: &str,
+        timeout: std::time::Duration,
+        describe: F,
+    ) -> Result<(), ProviderError>
+    where
+        R: EksStatus,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<R>, AwsError>>,
+    {
+        wait_gone(ctx, a, what, timeout, &self.config.wait, || async {
+            let r = describe().await.map_err(|e| e.at(a))?;
+            Ok(r.map(|r| r.status_str().unwrap_or_default().to_owned()))
+        })
+        .await
     }
 }
 

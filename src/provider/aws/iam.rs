@@ -11,8 +11,7 @@ use aws_sdk_iam::types::Tag;
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, paginate, retry_for};
-use super::network::gone_ok;
+use super::call::{AwsError, Service, gone_ok, retry_for};
 use super::{AwsProvider, attr_str, kind, names, ownership_tags};
 
 fn trust_policy(service: &str) -> String {
@@ -76,25 +75,22 @@ fn next_marker(truncated: bool, marker: Option<&str>) -> Option<String> {
 impl AwsProvider {
     pub(super) async fn observe_roles(&self, scope: &Scope) -> Result<Vec<Live>, ProviderError> {
         let prefix = names::iam_path_prefix(&scope.stack, &scope.env);
-        let roles = paginate(|marker| {
-            let req = self
-                .iam
-                .list_roles()
-                .path_prefix(&prefix)
-                .set_marker(marker);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Iam, "ListRoles", req.send())
-                    .await?;
-                Ok((
-                    page.roles().to_vec(),
-                    next_marker(page.is_truncated(), page.marker()),
-                ))
-            }
-        })
-        .await
-        .map_err(AwsError::observing)?;
+        let roles = self
+            .limiter
+            .pages(
+                Service::Iam,
+                "ListRoles",
+                |marker| {
+                    let req = self.iam.list_roles().path_prefix(&prefix);
+                    req.set_marker(marker).send()
+                },
+                |page| {
+                    let next = next_marker(page.is_truncated(), page.marker());
+                    (page.roles().to_vec(), next)
+                },
+            )
+            .await
+            .map_err(AwsError::observing)?;
         let mut out = Vec::new();
         for role in &roles {
             let Some(address) = role
@@ -117,26 +113,25 @@ impl AwsProvider {
     }
 
     async fn attached_policies(&self, role: &str) -> Result<Vec<String>, AwsError> {
-        let mut out = paginate(|marker| {
-            let req = self
-                .iam
-                .list_attached_role_policies()
-                .role_name(role)
-                .set_marker(marker);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Iam, "ListAttachedRolePolicies", req.send())
-                    .await?;
-                let arns = page
-                    .attached_policies()
-                    .iter()
-                    .filter_map(|p| p.policy_arn().map(str::to_owned))
-                    .collect();
-                Ok((arns, next_marker(page.is_truncated(), page.marker())))
-            }
-        })
-        .await?;
+        let mut out = self
+            .limiter
+            .pages(
+                Service::Iam,
+                "ListAttachedRolePolicies",
+                |marker| {
+                    let req = self.iam.list_attached_role_policies().role_name(role);
+                    req.set_marker(marker).send()
+                },
+                |page| {
+                    let arns = page.attached_policies().iter();
+                    let arns = arns.filter_map(|p| p.policy_arn().map(str::to_owned));
+                    (
+                        arns.collect(),
+                        next_marker(page.is_truncated(), page.marker()),
+                    )
+                },
+            )
+            .await?;
         out.sort();
         Ok(out)
     }

@@ -17,36 +17,10 @@
 //!
 //! This is the only module that imports `aws-sdk-*`.
 
-/// Every page of an EC2 `Describe*` call with filters, through the rate
-/// limiter: `ec2_pages!(self, describe_vpcs, set_filters, filters, "DescribeVpcs", vpcs)`
-/// (the request builder, its filter setter, the action's name, the answer's list).
-macro_rules! ec2_pages {
-    ($self:ident, $describe:ident, $set_filters:ident, $filters:expr, $action:literal, $items:ident) => {
-        $crate::provider::aws::call::paginate(|token| {
-            let req = $self
-                .ec2
-                .$describe()
-                .$set_filters(Some($filters.clone()))
-                .set_next_token(token);
-            async move {
-                let page = $self
-                    .limiter
-                    .call(
-                        $crate::provider::aws::call::Service::Ec2,
-                        $action,
-                        req.send(),
-                    )
-                    .await?;
-                Ok((page.$items().to_vec(), page.next_token().map(str::to_owned)))
-            }
-        })
-        .await
-    };
-}
-
 mod addon;
 mod call;
 mod desired;
+mod ec2;
 mod ecr;
 mod eks;
 mod iam;

@@ -16,8 +16,8 @@ use aws_sdk_ec2::types::{ConnectivityType, DomainType, Filter, NatGatewayState, 
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, retry_for};
-use super::network::{address_of, filter, gone_ok, owned_by, tag_pairs, tag_spec};
+use super::call::{AwsError, Service, gone_ok, retry_for};
+use super::ec2::{address_of, filter, owned_by, owner_filters, tag_pairs, tag_spec};
 use super::{AwsProvider, Polled, attr_str, kind, user_tags, wait_gone, wait_until};
 
 /// A NAT gateway that is, or will soon be, nothing: not live state.
@@ -122,20 +122,6 @@ pub(super) fn live_eips(addresses: &[aws_sdk_ec2::types::Address], scope: &Scope
 }
 
 impl AwsProvider {
-    pub(super) async fn list_nat_gateways(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::NatGateway>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_nat_gateways,
-            set_filter,
-            filters,
-            "DescribeNatGateways",
-            nat_gateways
-        )
-    }
-
     /// `DescribeAddresses` is not paginated: one call answers all.
     pub(super) async fn list_addresses(
         &self,
@@ -408,7 +394,7 @@ impl AwsProvider {
         subnet: &str,
         ctx: &ApplyContext,
     ) -> Result<(), ProviderError> {
-        let mut filters = super::network::owner_filters(&ctx.scope);
+        let mut filters = owner_filters(&ctx.scope);
         filters.push(filter("subnet-id", subnet));
         let gateways = self.list_nat_gateways(filters).await.map_err(|e| e.at(a))?;
         for g in gateways.iter().filter(|g| {
@@ -449,7 +435,7 @@ impl AwsProvider {
             wait,
             || async {
                 let holders = self
-                    .list_nat_gateways(super::network::owner_filters(scope))
+                    .list_nat_gateways(owner_filters(scope))
                     .await
                     .map_err(|e| e.at(a))?;
                 let holder = holders.iter().find(|g| {

@@ -8,73 +8,18 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    AttributeBooleanValue, Filter, IpPermission, ResourceType, Tag, TagSpecification,
-    UserIdGroupPair,
+    AttributeBooleanValue, Filter, IpPermission, ResourceType, Tag, UserIdGroupPair,
 };
 
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, Service, paginate, retry_for};
+use super::call::{AwsError, Service, gone_ok, retry_for};
+use super::ec2::{address_of, ec2_tags, filter, owner_filters, tag_pairs, tag_spec};
 use super::nat::{eip_live, live_eips, live_nat_gateways};
 use super::{
-    AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
-    ownership_tags, str_map, user_tags,
+    AwsProvider, TAG_ADDRESS, TAG_STACK, attr_str, id_map, kind, map_delta, str_map, user_tags,
 };
-
-pub(super) fn filter(name: &str, value: &str) -> Filter {
-    Filter::builder().name(name).values(value).build()
-}
-
-pub(super) fn owner_filters(scope: &Scope) -> Vec<Filter> {
-    vec![
-        filter(&format!("tag:{TAG_STACK}"), &scope.stack),
-        filter(&format!("tag:{TAG_ENV}"), &scope.env),
-    ]
-}
-
-pub(super) fn tag_pairs(tags: &[Tag]) -> impl Iterator<Item = (&str, &str)> {
-    tags.iter()
-        .filter_map(|t| Some((t.key()?, t.value().unwrap_or(""))))
-}
-
-/// The resource carries the scope's stack and environment tags.
-pub(super) fn owned_by(tags: &[Tag], scope: &Scope) -> bool {
-    let mut stack = false;
-    let mut env = false;
-    for (k, v) in tag_pairs(tags) {
-        stack |= k == TAG_STACK && v == scope.stack;
-        env |= k == TAG_ENV && v == scope.env;
-    }
-    stack && env
-}
-
-pub(super) fn address_of(tags: &[Tag]) -> Option<Address> {
-    tag_pairs(tags)
-        .find(|(k, _)| *k == TAG_ADDRESS)
-        .map(|(_, v)| Address::new(v))
-}
-
-pub(super) fn ec2_tags(items: impl IntoIterator<Item = (String, String)>) -> Vec<Tag> {
-    items
-        .into_iter()
-        .map(|(k, v)| Tag::builder().key(k).value(v).build())
-        .collect()
-}
-
-pub(super) fn tag_spec(
-    rt: ResourceType,
-    scope: &Scope,
-    address: &Address,
-    attrs: &BTreeMap<String, Value>,
-) -> TagSpecification {
-    let mut tags = str_map(attrs.get("tags"));
-    tags.extend(ownership_tags(scope, address));
-    TagSpecification::builder()
-        .resource_type(rt)
-        .set_tags(Some(ec2_tags(tags)))
-        .build()
-}
 
 fn dv(e: &AwsError) -> bool {
     e.is("DependencyViolation")
@@ -258,76 +203,6 @@ impl AwsProvider {
             scope,
         ));
         Ok(out)
-    }
-
-    async fn list_vpcs(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::Vpc>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_vpcs,
-            set_filters,
-            filters,
-            "DescribeVpcs",
-            vpcs
-        )
-    }
-
-    async fn list_subnets(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::Subnet>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_subnets,
-            set_filters,
-            filters,
-            "DescribeSubnets",
-            subnets
-        )
-    }
-
-    async fn list_igws(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_internet_gateways,
-            set_filters,
-            filters,
-            "DescribeInternetGateways",
-            internet_gateways
-        )
-    }
-
-    async fn list_route_tables(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_route_tables,
-            set_filters,
-            filters,
-            "DescribeRouteTables",
-            route_tables
-        )
-    }
-
-    async fn list_security_groups(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<aws_sdk_ec2::types::SecurityGroup>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_security_groups,
-            set_filters,
-            filters,
-            "DescribeSecurityGroups",
-            security_groups
-        )
     }
 
     /// Reads one EC2 resource back by id (retrying briefly: EC2 reads are
@@ -1051,24 +926,26 @@ impl AwsProvider {
             return Ok(());
         }
         // Load balancers (ELBv2: application and network).
-        let lbs: Vec<String> = paginate(|marker| {
-            let req = self.elbv2.describe_load_balancers().set_marker(marker);
-            async move {
-                let page = self
-                    .limiter
-                    .call(Service::Elbv2, "DescribeLoadBalancers", req.send())
-                    .await?;
-                let arns = page
-                    .load_balancers()
-                    .iter()
-                    .filter(|lb| lb.vpc_id() == Some(vpc_id))
-                    .filter_map(|lb| lb.load_balancer_arn().map(str::to_owned))
-                    .collect();
-                Ok((arns, page.next_marker().map(str::to_owned)))
-            }
-        })
-        .await
-        .map_err(|e| e.at(a))?;
+        let lbs: Vec<String> = self
+            .limiter
+            .pages(
+                Service::Elbv2,
+                "DescribeLoadBalancers",
+                |marker| {
+                    self.elbv2
+                        .describe_load_balancers()
+                        .set_marker(marker)
+                        .send()
+                },
+                |page| {
+                    let arns = page.load_balancers().iter();
+                    let arns = arns.filter(|lb| lb.vpc_id() == Some(vpc_id));
+                    let arns = arns.filter_map(|lb| lb.load_balancer_arn().map(str::to_owned));
+                    (arns.collect(), page.next_marker().map(str::to_owned))
+                },
+            )
+            .await
+            .map_err(|e| e.at(a))?;
         let mut doomed_lbs = Vec::new();
         for chunk in lbs.chunks(20) {
             let req = self
@@ -1237,13 +1114,4 @@ fn is_kubernetes_tag(key: &str) -> bool {
     key.starts_with("kubernetes.io/cluster/")
         || key == "elbv2.k8s.aws/cluster"
         || key == "service.k8s.aws/stack"
-}
-
-/// A delete that found the resource already gone succeeded.
-pub(super) fn gone_ok<T>(res: Result<T, AwsError>, a: &Address) -> Result<(), ProviderError> {
-    match res {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(e.at(a)),
-    }
 }

@@ -11,14 +11,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    Filter, IpPermission, IpRange, ResourceType, SecurityGroupRule, TagSpecification,
+    IpPermission, IpRange, ResourceType, SecurityGroupRule, TagSpecification,
 };
 
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
-use super::call::{AwsError, ErrorKind, Service, retry_for};
-use super::network::{address_of, ec2_tags, filter, gone_ok, owned_by, owner_filters};
+use super::call::{AwsError, ErrorKind, Service, gone_ok, retry_for};
+use super::ec2::{address_of, ec2_tags, filter, owned_by, owner_filters};
 use super::{AwsProvider, attr_str, kind, ownership_tags};
 
 fn rule_live(r: &SecurityGroupRule, scope: &Scope) -> Option<Live> {
@@ -56,20 +56,6 @@ impl AwsProvider {
     ) -> Result<Vec<Live>, AwsError> {
         let rules = self.list_security_group_rules(owner_filters(scope)).await?;
         Ok(rules.iter().filter_map(|r| rule_live(r, scope)).collect())
-    }
-
-    async fn list_security_group_rules(
-        &self,
-        filters: Vec<Filter>,
-    ) -> Result<Vec<SecurityGroupRule>, AwsError> {
-        ec2_pages!(
-            self,
-            describe_security_group_rules,
-            set_filters,
-            filters,
-            "DescribeSecurityGroupRules",
-            security_group_rules
-        )
     }
 
     /// Reads one rule back by id (retrying briefly: EC2 reads are eventually consistent).

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
+use crate::bundle::{BundlePlan, bundle_digest};
 use crate::image::{self, ImageSpec, LayerKind, PushOptions, Pushed, RegistryAuth};
-use crate::provider::local::{BundlePlan, bundle_digest};
 
 /// Finds the runtime binary images ship: `MESH_RUNTIME_STATIC_BIN`, else the
 /// `mesh-runtime` beside the `mesh` executable (which clusters can run only
@@ -304,7 +304,7 @@ mod tests {
             .services
             .get(service)
             .unwrap_or_else(|| panic!("no service {service}"));
-        crate::provider::local::bundle_for(&stack, svc, &|n| format!("http://{n}:8080"))
+        crate::bundle::bundle_for(&stack, svc, &|n| format!("http://{n}:8080"))
     }
 
     /// Concurrent pushes of two services to two repositories of one registry

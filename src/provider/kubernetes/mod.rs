@@ -1217,7 +1217,7 @@ impl Provider for KubernetesProvider {
 
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {
         self.remember_namespace(stack);
-        let digests = |wanted: &[(&str, &crate::provider::local::BundlePlan)]| {
+        let digests = |wanted: &[(&str, &crate::bundle::BundlePlan)]| {
             self.images.digests(wanted, RUNTIME_PORT)
         };
         let registry = match &self.reused_registry {

@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 
 use super::kinds::{self, Kind};
 use super::project::{content_digest, project};
+use crate::bundle::{BundlePlan, bundle_for};
 use crate::provider::ProviderError;
-use crate::provider::local::{BundlePlan, access, bundle_for};
+use crate::provider::local::access;
 use crate::resource::{Address, Attr, Desired, ProviderId, Value};
 use crate::stack::{self, Caller, ClusterKind, ExposeKind, Stack};
 
