@@ -1194,9 +1194,15 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
             "dataset",
             "endpoint",
             "api_keys",
+            "request_timeout",
+            "access_log",
         ],
     );
     let base = ctx.base_dir(&format!("service.{name}"));
+    let request_timeout_ms = f
+        .duration_opt(ctx.errors, "request_timeout")
+        .map(|(d, _)| d.as_millis().min(u64::MAX as u128) as u64);
+    let access_log = f.bool_opt(ctx.errors, "access_log");
     let version = f
         .str_opt(ctx.errors, "version")
         .map(|v| v.0)
@@ -1608,6 +1614,8 @@ fn decode_service(ctx: &mut Ctx<'_>, name: &str, t: &Table, span: Span) -> Optio
         datasets,
         endpoints,
         api_keys,
+        request_timeout_ms,
+        access_log,
         tests,
     })
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod webdriver;
 
 // Shared with the workspace's tests (tests/support), hence a file of its own.
 mod fakesnow;
