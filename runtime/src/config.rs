@@ -170,8 +170,10 @@ impl Limits {
 
     /// `request_timeout_ms`, or [`Limits::DEFAULT_REQUEST_TIMEOUT`].
     pub fn request_timeout(&self) -> std::time::Duration {
-        self.request_timeout_ms
-            .map_or(Self::DEFAULT_REQUEST_TIMEOUT, std::time::Duration::from_millis)
+        self.request_timeout_ms.map_or(
+            Self::DEFAULT_REQUEST_TIMEOUT,
+            std::time::Duration::from_millis,
+        )
     }
 }
 

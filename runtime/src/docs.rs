@@ -60,12 +60,19 @@ pub async fn asset(Path(file): Path<String>) -> Response {
         Some(&(_, content_type, bytes)) => {
             with_headers(bytes.into_response(), content_type, ASSET_CACHE)
         }
-        None => AppError::not_found("unknown_asset", format!("no asset `{file}` under /docs/assets"))
-            .into_response(),
+        None => AppError::not_found(
+            "unknown_asset",
+            format!("no asset `{file}` under /docs/assets"),
+        )
+        .into_response(),
     }
 }
 
-fn with_headers(mut response: Response, content_type: &'static str, cache: &'static str) -> Response {
+fn with_headers(
+    mut response: Response,
+    content_type: &'static str,
+    cache: &'static str,
+) -> Response {
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -107,7 +107,10 @@ impl Metrics {
             return i;
         }
         if path.starts_with("/docs/assets/") {
-            return SYSTEM.iter().position(|(p, _)| *p == "/docs/assets").unwrap_or(0);
+            return SYSTEM
+                .iter()
+                .position(|(p, _)| *p == "/docs/assets")
+                .unwrap_or(0);
         }
         let unmatched = SYSTEM.len();
         let mut parts = path.trim_start_matches('/').split('/');

@@ -45,28 +45,61 @@ fn keyed_bundle(access_log: Option<bool>) -> BundleDir {
 fn one_json_line_per_request_with_status_caller_and_no_key() {
     let bundle = keyed_bundle(Some(true));
     let s = Server::start_ready(bundle.path(), &[("MESH_TEST_PLAIN_KEY", PLAIN_KEY)]);
-    let before = access_lines(&s.log()).len();
     let body = br#"{"features": {"customer_id": "C00001"}}"#;
     let ct = ("Content-Type", "application/json");
     let bearer = format!("Bearer {OPERATOR_KEY}");
     // (headers, method, path, expected status, expected caller)
     let sent: Vec<(Vec<(&str, &str)>, &str, &str, u16, Option<&str>)> = vec![
-        (vec![ct, ("X-API-Key", OPERATOR_KEY), ("X-Request-Id", "req-1")], "POST", PREDICT, 200, Some("operator")),
-        (vec![ct, ("Authorization", bearer.as_str())], "POST", PREDICT, 200, Some("operator")),
-        (vec![ct, ("X-API-Key", PLAIN_KEY)], "POST", PREDICT, 200, None),
+        (
+            vec![ct, ("X-API-Key", OPERATOR_KEY), ("X-Request-Id", "req-1")],
+            "POST",
+            PREDICT,
+            200,
+            Some("operator"),
+        ),
+        (
+            vec![ct, ("Authorization", bearer.as_str())],
+            "POST",
+            PREDICT,
+            200,
+            Some("operator"),
+        ),
+        (
+            vec![ct, ("X-API-Key", PLAIN_KEY)],
+            "POST",
+            PREDICT,
+            200,
+            None,
+        ),
         (vec![ct], "POST", PREDICT, 401, None),
-        (vec![ct, ("X-API-Key", "not-a-key")], "POST", PREDICT, 401, None),
+        (
+            vec![ct, ("X-API-Key", "not-a-key")],
+            "POST",
+            PREDICT,
+            401,
+            None,
+        ),
         (vec![], "GET", "/healthz", 200, None),
         (vec![], "GET", "/no/such/route", 404, None),
     ];
     for (headers, method, path, status, _) in &sent {
-        let r = request(s.addr, method, path, headers, if *method == "POST" { body } else { b"" });
+        let r = request(
+            s.addr,
+            method,
+            path,
+            headers,
+            if *method == "POST" { body } else { b"" },
+        );
         assert_eq!(r.status, *status, "{method} {path}: {}", r.text());
     }
     let n = sent.len();
     let mut lines = Vec::new();
     wait_until(&s, "the access log lines", Duration::from_secs(10), || {
-        lines = access_lines(&s.log()).split_off(before);
+        // Without the readiness polls of `start_ready`.
+        lines = access_lines(&s.log())
+            .into_iter()
+            .filter(|l| l["path"] != "/readyz")
+            .collect();
         if lines.len() >= n {
             Ok(())
         } else {
@@ -79,10 +112,16 @@ fn one_json_line_per_request_with_status_caller_and_no_key() {
         assert_eq!(line["path"], *path, "{line}");
         assert_eq!(line["status"], *status, "{line}");
         assert_eq!(line["caller"].as_str(), *caller, "{line}");
-        assert!(line["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{line}");
+        assert!(
+            line["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{line}"
+        );
         assert!(line["bytes"].as_u64().is_some_and(|b| b > 0), "{line}");
         let time = line["time"].as_str().expect("time");
-        assert!(time.len() == 24 && time.ends_with('Z') && &time[10..11] == "T", "{time}");
+        assert!(
+            time.len() == 24 && time.ends_with('Z') && &time[10..11] == "T",
+            "{time}"
+        );
     }
     assert_eq!(lines[0]["request_id"], "req-1");
     assert!(lines[1].get("request_id").is_none(), "{}", lines[1]);
@@ -91,7 +130,11 @@ fn one_json_line_per_request_with_status_caller_and_no_key() {
         assert!(!log.contains(key), "a key in stderr:\n{log}");
     }
     let text = metrics(&s);
-    assert_eq!(metric(&text, "mesh_access_log_dropped_total"), Some(0.0), "{text}");
+    assert_eq!(
+        metric(&text, "mesh_access_log_dropped_total"),
+        Some(0.0),
+        "{text}"
+    );
     s.assert_no_panic();
 }
 
@@ -105,7 +148,10 @@ fn no_access_log_unless_asked() {
                 s.addr,
                 "POST",
                 PREDICT,
-                &[("Content-Type", "application/json"), ("X-API-Key", OPERATOR_KEY)],
+                &[
+                    ("Content-Type", "application/json"),
+                    ("X-API-Key", OPERATOR_KEY),
+                ],
                 br#"{"features": {"customer_id": "C00001"}}"#,
             );
             assert_eq!(r.status, 200, "{}", r.text());

@@ -20,7 +20,10 @@ fn the_page_and_its_assets_are_served_with_types_and_cache_headers() {
     let version = mesh_runtime::docs::SWAGGER_UI_VERSION.trim();
     let page = s.get("/docs");
     assert_eq!(page.status, 200);
-    assert_eq!(page.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
     assert_eq!(page.header("cache-control"), Some("no-cache"));
     let html = page.text();
     for asset in ["swagger-ui-bundle.js", "swagger-ui.css"] {
@@ -59,17 +62,21 @@ fn screenshot_path(name: &str) -> std::path::PathBuf {
 /// Opens the prediction operation, "Try it out", fills the body, Execute:
 /// the answer panel must show a 200 with a prediction. Saves a screenshot.
 fn try_a_prediction(browser: &Browser, screenshot: &str) {
-    let op = format!(
-        ".opblock:has(.opblock-summary-path[data-path=\"{PREDICT}\"])"
-    );
+    let op = format!(".opblock:has(.opblock-summary-path[data-path=\"{PREDICT}\"])");
     browser
         .wait_for(&format!("{op} .opblock-summary"), Duration::from_secs(30))
         .click();
     browser
-        .wait_for(&format!("{op} button.try-out__btn"), Duration::from_secs(10))
+        .wait_for(
+            &format!("{op} button.try-out__btn"),
+            Duration::from_secs(10),
+        )
         .click();
     browser
-        .wait_for(&format!("{op} textarea.body-param__text"), Duration::from_secs(10))
+        .wait_for(
+            &format!("{op} textarea.body-param__text"),
+            Duration::from_secs(10),
+        )
         .fill(r#"{"features": {"customer_id": "C00001"}}"#);
     browser
         .wait_for(&format!("{op} button.execute"), Duration::from_secs(10))
@@ -79,10 +86,15 @@ fn try_a_prediction(browser: &Browser, screenshot: &str) {
         Duration::from_secs(30),
         |t| !t.trim().is_empty(),
     );
-    let body = browser.text(&format!("{op} .live-responses-table .response-col_description pre"));
+    let body = browser.text(&format!(
+        "{op} .live-responses-table .response-col_description pre"
+    ));
     let path = browser.screenshot(&screenshot_path(screenshot));
     println!("screenshot: {}", path.display());
-    assert!(status.trim().starts_with("200"), "status {status}; body:\n{body}");
+    assert!(
+        status.trim().starts_with("200"),
+        "status {status}; body:\n{body}"
+    );
     let answer: serde_json::Value = serde_json::from_str(body.trim())
         .unwrap_or_else(|e| panic!("the response panel is not JSON ({e}):\n{body}"));
     let prediction = answer["result"]["prediction"].as_str();

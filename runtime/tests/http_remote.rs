@@ -226,7 +226,11 @@ fn the_request_timeout_bounds_a_request_whose_upstream_hangs() {
         Some(2.0),
         "{text}"
     );
-    assert_eq!(metric(&text, "mesh_request_timeouts_total"), Some(2.0), "{text}");
+    assert_eq!(
+        metric(&text, "mesh_request_timeouts_total"),
+        Some(2.0),
+        "{text}"
+    );
     s.assert_no_panic();
 }
 

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{Value, json};
 
-
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The key W3C WebDriver names an element reference with.
@@ -184,11 +183,8 @@ impl Browser {
 
 impl Element<'_> {
     fn command(&self, method: &str, action: &str, body: &Value) -> Value {
-        self.browser.session_command(
-            method,
-            &format!("/element/{}/{action}", self.id),
-            body,
-        )
+        self.browser
+            .session_command(method, &format!("/element/{}/{action}", self.id), body)
     }
 
     /// Scrolls the element into view and clicks it.
