@@ -10,6 +10,7 @@ use common::*;
 use serde_json::{Value, json};
 
 const OPERATOR_KEY: &str = "operator-key-5d1f0a";
+const OPERATOR_BEARER: &str = "Bearer operator-key-5d1f0a";
 const PLAIN_KEY: &str = "plain-key-77c2e9";
 const PREDICT: &str = "/public/api/v1/customer-scoring/high-value/predict";
 
@@ -41,56 +42,63 @@ fn keyed_bundle(access_log: Option<bool>) -> BundleDir {
     bundle
 }
 
+/// A request the test sends and what its line must say.
+struct Sent {
+    headers: Vec<(&'static str, &'static str)>,
+    method: &'static str,
+    path: &'static str,
+    status: u16,
+    caller: Option<&'static str>,
+}
+
 #[test]
 fn one_json_line_per_request_with_status_caller_and_no_key() {
     let bundle = keyed_bundle(Some(true));
     let s = Server::start_ready(bundle.path(), &[("MESH_TEST_PLAIN_KEY", PLAIN_KEY)]);
     let body = br#"{"features": {"customer_id": "C00001"}}"#;
     let ct = ("Content-Type", "application/json");
-    let bearer = format!("Bearer {OPERATOR_KEY}");
-    // (headers, method, path, expected status, expected caller)
-    let sent: Vec<(Vec<(&str, &str)>, &str, &str, u16, Option<&str>)> = vec![
-        (
+    let post = |headers: Vec<(&'static str, &'static str)>, status, caller| Sent {
+        headers,
+        method: "POST",
+        path: PREDICT,
+        status,
+        caller,
+    };
+    let get = |path, status| Sent {
+        headers: Vec::new(),
+        method: "GET",
+        path,
+        status,
+        caller: None,
+    };
+    let sent = [
+        post(
             vec![ct, ("X-API-Key", OPERATOR_KEY), ("X-Request-Id", "req-1")],
-            "POST",
-            PREDICT,
             200,
             Some("operator"),
         ),
-        (
-            vec![ct, ("Authorization", bearer.as_str())],
-            "POST",
-            PREDICT,
+        post(
+            vec![ct, ("Authorization", OPERATOR_BEARER)],
             200,
             Some("operator"),
         ),
-        (
-            vec![ct, ("X-API-Key", PLAIN_KEY)],
-            "POST",
-            PREDICT,
-            200,
-            None,
-        ),
-        (vec![ct], "POST", PREDICT, 401, None),
-        (
-            vec![ct, ("X-API-Key", "not-a-key")],
-            "POST",
-            PREDICT,
-            401,
-            None,
-        ),
-        (vec![], "GET", "/healthz", 200, None),
-        (vec![], "GET", "/no/such/route", 404, None),
+        post(vec![ct, ("X-API-Key", PLAIN_KEY)], 200, None),
+        post(vec![ct], 401, None),
+        post(vec![ct, ("X-API-Key", "not-a-key")], 401, None),
+        get("/healthz", 200),
+        get("/no/such/route", 404),
     ];
-    for (headers, method, path, status, _) in &sent {
-        let r = request(
-            s.addr,
-            method,
-            path,
-            headers,
-            if *method == "POST" { body } else { b"" },
+    for r in &sent {
+        let body: &[u8] = if r.method == "POST" { body } else { b"" };
+        let answer = request(s.addr, r.method, r.path, &r.headers, body);
+        assert_eq!(
+            answer.status,
+            r.status,
+            "{} {}: {}",
+            r.method,
+            r.path,
+            answer.text()
         );
-        assert_eq!(r.status, *status, "{method} {path}: {}", r.text());
     }
     let n = sent.len();
     let mut lines = Vec::new();
@@ -107,11 +115,11 @@ fn one_json_line_per_request_with_status_caller_and_no_key() {
         }
     });
     assert_eq!(lines.len(), n, "{lines:#?}");
-    for (line, (_, method, path, status, caller)) in lines.iter().zip(&sent) {
-        assert_eq!(line["method"], *method, "{line}");
-        assert_eq!(line["path"], *path, "{line}");
-        assert_eq!(line["status"], *status, "{line}");
-        assert_eq!(line["caller"].as_str(), *caller, "{line}");
+    for (line, r) in lines.iter().zip(&sent) {
+        assert_eq!(line["method"], r.method, "{line}");
+        assert_eq!(line["path"], r.path, "{line}");
+        assert_eq!(line["status"], r.status, "{line}");
+        assert_eq!(line["caller"].as_str(), r.caller, "{line}");
         assert!(
             line["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
             "{line}"
