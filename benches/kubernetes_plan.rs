@@ -59,6 +59,8 @@ fn stack(name: &str, root: &Path, data: &Path) -> Stack {
                     },
                 )]),
                 api_keys: Vec::new(),
+                request_timeout_ms: None,
+                access_log: None,
                 tests: Vec::new(),
             },
         );

@@ -199,12 +199,18 @@ pub fn bundle_for(
                 .map(|r| rc::ApiKey::Key(secret(r)))
                 .collect(),
             known_callers: Vec::new(),
-            limits: rc::Limits::default(),
+            limits: rc::Limits {
+                request_timeout_ms: svc.request_timeout_ms,
+                ..rc::Limits::default()
+            },
             connections,
             datasets,
             endpoints,
             base_path: None,
             tls: None,
+            // Off on this machine unless asked: the log file would grow with every
+            // request (a cluster turns it on: see `kubernetes::objects`).
+            access_log: svc.access_log.unwrap_or(false),
         },
         files,
     }
@@ -298,8 +304,9 @@ pub fn bundle_digest(b: &BundlePlan) -> Result<String, std::io::Error> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_enrichment_cache_reaches_the_bundle() {
+    /// The example stack with `edit` made to its `stack.toml` (which must
+    /// change it), loaded from a copy in a temp folder.
+    fn edited_example(edit: impl FnOnce(&str) -> String) -> (tempfile::TempDir, Stack) {
         let root = tempfile::tempdir().unwrap();
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
         for f in std::fs::read_dir(&example).unwrap() {
@@ -310,20 +317,53 @@ mod tests {
         }
         let toml = root.path().join("stack.toml");
         let text = std::fs::read_to_string(&toml).unwrap();
-        let cached = text.replacen(
-            r#"key = "customer_id" }"#,
-            r#"key = "customer_id", cache = { ttl = "5s", max_entries = 500 } }"#,
-            1,
-        );
-        assert_ne!(cached, text, "the example has a lookup enrichment");
+        let edited = edit(&text);
+        assert_ne!(edited, text, "the edit changes nothing");
         // Paths in the example are relative to its folder.
         std::fs::write(
             &toml,
-            cached.replace("../../", &format!("{}/", env!("CARGO_MANIFEST_DIR"))),
+            edited.replace("../../", &format!("{}/", env!("CARGO_MANIFEST_DIR"))),
         )
         .unwrap();
         let stack = crate::stack::load(root.path(), Some("local"))
             .unwrap_or_else(|r| panic!("{}", r.render()));
+        (root, stack)
+    }
+
+    #[test]
+    fn request_timeout_and_access_log_reach_the_bundle() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let stack =
+            crate::stack::load(&root, Some("local")).unwrap_or_else(|r| panic!("{}", r.render()));
+        let url_of = |svc: &str| format!("http://{svc}");
+        let b = bundle_for(&stack, &stack.services["customer-scoring"], &url_of);
+        assert_eq!(b.config.limits.request_timeout_ms, None);
+        assert!(!b.config.access_log, "off by default on the local target");
+
+        let (_root, stack) = edited_example(|text| {
+            text.replacen(
+                "[service.customer-scoring]\n",
+                "[service.customer-scoring]\nrequest_timeout = \"1m30s\"\naccess_log = true\n",
+                1,
+            )
+        });
+        let b = bundle_for(&stack, &stack.services["customer-scoring"], &url_of);
+        assert_eq!(b.config.limits.request_timeout_ms, Some(90_000));
+        assert!(b.config.access_log);
+        let other = bundle_for(&stack, &stack.services["customer-features"], &url_of);
+        assert!(!other.config.access_log);
+        assert_eq!(other.config.limits.request_timeout_ms, None);
+    }
+
+    #[test]
+    fn an_enrichment_cache_reaches_the_bundle() {
+        let (_root, stack) = edited_example(|text| {
+            text.replacen(
+                r#"key = "customer_id" }"#,
+                r#"key = "customer_id", cache = { ttl = "5s", max_entries = 500 } }"#,
+                1,
+            )
+        });
         let url_of = |svc: &str| format!("http://{svc}:8080");
         let b = bundle_for(&stack, &stack.services["customer-scoring"], &url_of);
         let caches: Vec<_> = b

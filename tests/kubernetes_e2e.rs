@@ -290,6 +290,19 @@ async fn plan_apply_change_and_destroy_on_an_existing_cluster() {
     let config: Value = serde_json::from_str(cm["data"]["service.json"].as_str().unwrap()).unwrap();
     let lookup = config.to_string();
     assert!(lookup.contains("http://customer-features.customer-mesh.svc.cluster.local:8080/public/api/v1/customer-features/"), "{config:#}");
+    // In a cluster every request is logged (the stack does not say otherwise):
+    // the ConfigMap the Deployment mounts over the image's service.json says so.
+    assert_eq!(config["access_log"], true, "{config:#}");
+    let dep = c.object("apps/v1", "Deployment", "customer-scoring");
+    let mounts = &dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"];
+    assert!(
+        mounts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "config" && m["subPath"] == "service.json"),
+        "{dep:#}"
+    );
 
     // Nothing to do now: no perpetual diff from defaulted or allocated fields.
     let (code, plan, out) = c.plan_json(&[]).await;

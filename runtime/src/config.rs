@@ -79,6 +79,10 @@ pub struct ServiceConfig {
     /// the port is TLS, probes included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsFiles>,
+    /// Write one JSON line per request to stderr (see `access_log`). The
+    /// local target leaves it off unless the stack asks; clusters turn it on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_log: bool,
 }
 
 /// A certificate chain and its private key, PEM files (relative to the
@@ -147,14 +151,29 @@ pub struct Limits {
     /// request; larger batches get 413.
     #[serde(default = "Limits::default_max_batch")]
     pub max_batch: usize,
+    /// Longest a request may take, in milliseconds, from its head read to
+    /// its answer; then it is answered 504 (see `http`). Absent: 30 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
 }
 
 impl Limits {
+    /// The request timeout when `request_timeout_ms` is absent.
+    pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
     fn default_max_body_bytes() -> usize {
         1024 * 1024
     }
     fn default_max_batch() -> usize {
         1000
+    }
+
+    /// `request_timeout_ms`, or [`Limits::DEFAULT_REQUEST_TIMEOUT`].
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.request_timeout_ms.map_or(
+            Self::DEFAULT_REQUEST_TIMEOUT,
+            std::time::Duration::from_millis,
+        )
     }
 }
 
@@ -163,6 +182,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: Self::default_max_body_bytes(),
             max_batch: Self::default_max_batch(),
+            request_timeout_ms: None,
         }
     }
 }
@@ -637,7 +657,10 @@ impl ServiceConfig {
                 "base_path `{p}` must start with `/`, not end with `/`, hold only path characters and not start like a route of the root (`/v2`, `/public`, `/healthz`, ...), e.g. `/features`"
             ));
         }
-        if self.limits.max_body_bytes == 0 || self.limits.max_batch == 0 {
+        if self.limits.max_body_bytes == 0
+            || self.limits.max_batch == 0
+            || self.limits.request_timeout_ms == Some(0)
+        {
             out.push("limits must be positive".into());
         }
         for (name, conn) in &self.connections {

@@ -4,9 +4,13 @@
 //! directly. The state answers `/healthz` from the first moment; every other
 //! route that needs models or datasets answers 503 until
 //! [`AppState::set_ready`] is called.
+//!
+//! Every request is bounded by the service's request timeout (504 with a
+//! JSON reason, counted in `/metrics`), counted, and written to the access
+//! log when the service has one (`access_log`).
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::RawPathParamsRejection;
@@ -19,6 +23,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 
+use crate::access_log::{AccessLog, Entry};
 use crate::auth::{KeyRing, Verdict};
 use crate::config::{EndpointConfig, Limits, ServiceConfig};
 use crate::error::{AppError, json_ok, json_response};
@@ -40,8 +45,14 @@ struct Inner {
     base_path: Option<String>,
     keys: KeyRing,
     metrics: Metrics,
+    request_timeout: Duration,
+    access_log: Option<AccessLog>,
     ready: OnceLock<Ready>,
 }
+
+/// The identity a request's key was recognised as (`auth`), for the access log.
+#[derive(Clone)]
+struct Caller(String);
 
 struct Ready {
     service: Arc<Service>,
@@ -68,6 +79,8 @@ impl AppState {
                     .filter(|p| crate::config::valid_base_path(p)),
                 keys,
                 metrics: Metrics::new(&config.service, endpoints),
+                request_timeout: config.limits.request_timeout(),
+                access_log: config.access_log.then(access_log).flatten(),
                 ready: OnceLock::new(),
             }),
         }
@@ -75,8 +88,9 @@ impl AppState {
 
     /// Marks the service loaded: every route answers from now on.
     pub fn set_ready(&self, service: Service) {
-        let openapi =
-            serde_json::to_vec_pretty(&crate::openapi::document(&service)).unwrap_or_default();
+        let keyed = !self.inner.keys.current().open();
+        let openapi = serde_json::to_vec_pretty(&crate::openapi::document(&service, keyed))
+            .unwrap_or_default();
         let _ = self.inner.ready.set(Ready {
             service: Arc::new(service),
             openapi,
@@ -96,6 +110,17 @@ impl AppState {
     }
 }
 
+/// The access log's writer, or none (and a warning) when it cannot start.
+fn access_log() -> Option<AccessLog> {
+    AccessLog::to_stderr()
+        .inspect_err(|e| {
+            crate::log::warn(format_args!(
+                "cannot start the access log ({e}): requests are not logged"
+            ));
+        })
+        .ok()
+}
+
 /// The router of a service.
 pub fn app(state: AppState) -> Router {
     let protected = Router::new()
@@ -110,6 +135,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(model_infer))
+        // Behind the keys too: the description names every endpoint and field.
+        .route("/openapi.json", get(openapi))
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     let routes = Router::new()
         .route("/healthz", get(healthz))
@@ -118,7 +145,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/health/live", get(v2_live))
         .route("/v2/health/ready", get(v2_ready))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route("/docs", get(crate::docs::page))
+        .route("/docs/assets/{file}", get(crate::docs::asset))
         .merge(protected);
     // Under the base path as well as at the root (see `ServiceConfig::base_path`).
     let routes = match state.inner.base_path.as_deref() {
@@ -132,22 +160,57 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Bounds, counts and logs every request.
 async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let inner = &state.inner;
     let path = request.uri().path();
-    let path = state
-        .inner
-        .base_path
-        .as_deref()
-        .and_then(|b| path.strip_prefix(b))
-        .filter(|rest| rest.starts_with('/'))
-        .unwrap_or(path);
-    let route = state.inner.metrics.route_id(path);
+    let route = inner.metrics.route_id(
+        inner
+            .base_path
+            .as_deref()
+            .and_then(|b| path.strip_prefix(b))
+            .filter(|rest| rest.starts_with('/'))
+            .unwrap_or(path),
+    );
+    // What the access log needs of the request, only when there is one.
+    let logged = inner.access_log.as_ref().map(|_| {
+        let request_id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        (request.method().clone(), path.to_owned(), request_id)
+    });
     let start = Instant::now();
-    let response = next.run(request).await;
-    state
-        .inner
-        .metrics
-        .record(route, response.status().as_u16(), start.elapsed());
+    let response = match tokio::time::timeout(inner.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            inner.metrics.record_timeout();
+            AppError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request took longer than the service's limit of {} ms",
+                    inner.request_timeout.as_millis()
+                ),
+            )
+            .into_response()
+        }
+    };
+    let latency = start.elapsed();
+    let status = response.status().as_u16();
+    inner.metrics.record(route, status, latency);
+    if let (Some(log), Some((method, path, request_id))) = (&inner.access_log, &logged) {
+        log.record(&Entry {
+            method: method.as_str(),
+            path,
+            status,
+            latency,
+            bytes: axum::body::HttpBody::size_hint(response.body()).exact(),
+            caller: response.extensions().get::<Caller>().map(|c| c.0.as_str()),
+            request_id: request_id.as_deref(),
+        });
+    }
     response
 }
 
@@ -165,7 +228,12 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
         });
     let given = bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     let refused = match state.inner.keys.current().check(given) {
-        Verdict::Open | Verdict::Allowed(_) => return next.run(request).await,
+        Verdict::Open | Verdict::Allowed(None) => return next.run(request).await,
+        Verdict::Allowed(Some(caller)) => {
+            let mut response = next.run(request).await;
+            response.extensions_mut().insert(Caller(caller));
+            return response;
+        }
         Verdict::Denied(caller) => AppError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -235,6 +303,9 @@ async fn server_metadata() -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = state.inner.metrics.render(state.is_ready());
+    if let Some(log) = &state.inner.access_log {
+        crate::metrics::render_access_log(&mut text, log.dropped());
+    }
     if let Ok(service) = state.service() {
         crate::metrics::render_datasets(&mut text, service.dataset_statuses());
         crate::metrics::render_remotes(&mut text, &service.remote_statuses());

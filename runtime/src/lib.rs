@@ -3,11 +3,13 @@
 //! A service is described by a *bundle* (a folder holding `service.json`, the
 //! ONNX models and the datasets). See `config` for the bundle schema.
 
+pub mod access_log;
 pub mod auth;
 pub mod backend;
 pub mod cache;
 pub mod config;
 pub mod dataset;
+pub mod docs;
 pub mod error;
 pub mod freeze;
 pub mod freshness;

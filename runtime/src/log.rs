@@ -20,20 +20,22 @@ pub fn error(args: Arguments<'_>) {
 }
 
 fn line(level: &str, args: Arguments<'_>) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = rfc3339(SystemTime::now());
+    let _ = writeln!(std::io::stderr().lock(), "{now} {level} {args}");
+}
+
+/// `2026-11-26T04:59:01.123Z`: RFC 3339, UTC, milliseconds.
+pub fn rfc3339(time: SystemTime) -> String {
+    let now = time.duration_since(UNIX_EPOCH).unwrap_or_default();
     let (secs, millis) = (now.as_secs(), now.subsec_millis());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(
-        err,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z {level} {args}",
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
-    );
+    )
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
@@ -56,5 +58,7 @@ mod tests {
     fn civil_dates() {
         assert_eq!(super::civil_from_days(0), (1970, 1, 1));
         assert_eq!(super::civil_from_days(20_600), (2026, 5, 27));
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_779_840_000_123);
+        assert_eq!(super::rfc3339(t), "2026-05-27T00:00:00.123Z");
     }
 }

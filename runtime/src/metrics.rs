@@ -18,8 +18,10 @@ const STATUSES: [u16; 16] = [
 ];
 
 /// Routes of the operational endpoints: `(path, label)`.
-const SYSTEM: [(&str, &str); 6] = [
+const SYSTEM: [(&str, &str); 8] = [
     ("/healthz", "healthz"),
+    ("/docs", "docs"),
+    ("/docs/assets", "docs-assets"),
     ("/readyz", "readyz"),
     ("/metrics", "metrics"),
     ("/openapi.json", "openapi"),
@@ -55,6 +57,8 @@ pub struct Metrics {
     routes: Vec<RouteStats>,
     /// endpoint → (route label, index into `routes`).
     by_endpoint: HashMap<String, Vec<(&'static str, usize)>>,
+    /// Requests answered 504 by the request timeout.
+    timeouts: AtomicU64,
 }
 
 /// Route labels of a prediction endpoint.
@@ -93,6 +97,7 @@ impl Metrics {
             service: service.to_string(),
             routes,
             by_endpoint,
+            timeouts: AtomicU64::new(0),
         }
     }
 
@@ -100,6 +105,12 @@ impl Metrics {
     pub fn route_id(&self, path: &str) -> usize {
         if let Some(i) = SYSTEM.iter().position(|(p, _)| *p == path) {
             return i;
+        }
+        if path.starts_with("/docs/assets/") {
+            return SYSTEM
+                .iter()
+                .position(|(p, _)| *p == "/docs/assets")
+                .unwrap_or(0);
         }
         let unmatched = SYSTEM.len();
         let mut parts = path.trim_start_matches('/').split('/');
@@ -133,6 +144,11 @@ impl Metrics {
             .get(endpoint)
             .and_then(|ids| ids.iter().find(|(label, _)| *label == action))
             .map_or(unmatched, |&(_, id)| id)
+    }
+
+    /// A request answered 504 by the request timeout (`http::track`).
+    pub fn record_timeout(&self) {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn record(&self, route: usize, status: u16, elapsed: Duration) {
@@ -222,8 +238,28 @@ impl Metrics {
                 "mesh_request_duration_seconds_count{{{labels}}} {count}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP mesh_request_timeouts_total Requests answered 504 because they took longer than the request timeout."
+        );
+        let _ = writeln!(out, "# TYPE mesh_request_timeouts_total counter");
+        let _ = writeln!(
+            out,
+            "mesh_request_timeouts_total {}",
+            self.timeouts.load(Ordering::Relaxed)
+        );
         out
     }
+}
+
+/// Appends the access log's dropped lines (the writer fell behind).
+pub fn render_access_log(out: &mut String, dropped: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP mesh_access_log_dropped_total Access log lines dropped because stderr could not keep up."
+    );
+    let _ = writeln!(out, "# TYPE mesh_access_log_dropped_total counter");
+    let _ = writeln!(out, "mesh_access_log_dropped_total {dropped}");
 }
 
 /// Appends the freshness of each dataset: rows, age, refreshes, staleness,

@@ -7,8 +7,9 @@ use serde_json::{Value, json};
 use crate::model::InputKind;
 use crate::service::{Endpoint, LookupEndpoint, PredictionEndpoint, Service};
 
-/// Builds the document.
-pub fn document(service: &Service) -> Value {
+/// Builds the document; `keyed`: the service takes keys (the document then
+/// declares them, so the `/docs` page's Authorize button can send one).
+pub fn document(service: &Service, keyed: bool) -> Value {
     let mut paths = serde_json::Map::new();
     let mut schemas = serde_json::Map::new();
     schemas.insert(
@@ -54,19 +55,21 @@ pub fn document(service: &Service) -> Value {
             json!({"get": {"summary": what, "security": [], "responses": {"200": {"description": "OK"}}}}),
         );
     }
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": format!("mesh service {}", service.name), "version": service.version.clone().unwrap_or_else(|| "0".into())},
-        "security": [{"bearer": []}, {"apiKey": []}],
         "paths": paths,
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer KEY`"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-            }
-        }
-    })
+        "components": {"schemas": schemas}
+    });
+    if keyed {
+        // Either scheme; the `/docs` page authorizes `apiKey` with the key it is given.
+        doc["security"] = json!([{"bearer": []}, {"apiKey": []}]);
+        doc["components"]["securitySchemes"] = json!({
+            "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer KEY`"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: KEY`"}
+        });
+    }
+    doc
 }
 
 fn errors() -> Value {

@@ -66,7 +66,6 @@ fn api_keys_by_env_and_file() {
         "/metrics",
         "/v2/health/live",
         "/v2/health/ready",
-        "/openapi.json",
     ] {
         assert_eq!(s.get(path).status, 200, "{path}");
     }
@@ -76,6 +75,68 @@ fn api_keys_by_env_and_file() {
         !log.contains("env-key-123") && !log.contains("file-key-456"),
         "{log}"
     );
+}
+
+#[test]
+fn openapi_is_behind_the_keys_when_the_service_requires_them() {
+    let mut service = local_service();
+    service["api_keys"] = json!([
+        {"caller": "operator", "verifier": {"file": "secrets/operator"}},
+        {"env": "MESH_TEST_KEY"}
+    ]);
+    service["known_callers"] = json!([{"caller": "other", "verifier": {"file": "secrets/other"}}]);
+    let bundle = BundleDir::new(&service);
+    std::fs::create_dir_all(bundle.path().join("secrets")).expect("mkdir");
+    for (caller, key) in [("operator", "operator-key-1"), ("other", "other-key-2")] {
+        std::fs::write(
+            bundle.path().join("secrets").join(caller),
+            mesh_runtime::auth::verifier(caller, key),
+        )
+        .expect("write verifier");
+    }
+    let s = Server::start_ready(bundle.path(), &[("MESH_TEST_KEY", "env-key-123")]);
+    let get = |headers: &[(&str, &str)]| request(s.addr, "GET", "/openapi.json", headers, b"");
+    // The same rules as the endpoints: no key or nobody's 401, a known caller not allowed 403.
+    let r = get(&[]);
+    r.assert_error(401, "unauthorized");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    get(&[("X-API-Key", "nobodys")]).assert_error(401, "unauthorized");
+    get(&[("X-API-Key", "other-key-2")]).assert_error(403, "forbidden");
+    for auth in [
+        ("X-API-Key", "operator-key-1"),
+        ("Authorization", "Bearer operator-key-1"),
+        ("X-API-Key", "env-key-123"),
+    ] {
+        let r = get(&[auth]);
+        assert_eq!(r.status, 200, "{auth:?}: {}", r.text());
+        let doc = r.json();
+        assert!(doc["paths"][PREDICT].is_object(), "{doc}");
+        let scheme = &doc["components"]["securitySchemes"]["apiKey"];
+        assert_eq!(
+            (&scheme["type"], &scheme["in"], &scheme["name"]),
+            (&json!("apiKey"), &json!("header"), &json!("X-API-Key")),
+            "{doc}"
+        );
+        assert!(doc["security"].to_string().contains("apiKey"), "{doc}");
+    }
+    // The /docs page itself is public and holds no key.
+    let page = s.get("/docs");
+    assert_eq!(page.status, 200);
+    for key in ["operator-key-1", "env-key-123", "hmac-sha256"] {
+        assert!(!page.text().contains(key), "{key} in the page");
+    }
+}
+
+#[test]
+fn openapi_is_public_when_the_service_takes_no_keys() {
+    let bundle = BundleDir::new(&local_service());
+    let s = Server::start_ready(bundle.path(), &[]);
+    let r = s.get("/openapi.json");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let doc = r.json();
+    assert!(doc["paths"][PREDICT].is_object());
+    // Nothing to authorize with.
+    assert!(doc.get("security").is_none(), "{doc}");
 }
 
 #[test]

@@ -193,6 +193,47 @@ fn failing_upstreams_are_502_and_504() {
     s.assert_no_panic();
 }
 
+#[test]
+fn the_request_timeout_bounds_a_request_whose_upstream_hangs() {
+    // The upstream never answers and the enrichment would wait a minute for
+    // it: the service's request timeout (300 ms) answers first.
+    let silent = fake_upstream(Duration::ZERO, 200, None, Duration::from_secs(60));
+    let mut service = scoring_service(silent, 60_000, "error");
+    service["limits"] = json!({"request_timeout_ms": 300});
+    let sb = BundleDir::new(&service);
+    let s = Server::start_ready(sb.path(), &[("MESH_FEATURES_KEY", "k")]);
+    let body = r#"{"features": {"customer_id": "C00001"}}"#;
+    let msg = s
+        .api("high-value", "predict", body)
+        .assert_error(504, "request_timeout");
+    assert!(msg.contains("300 ms"), "{msg}");
+    // A request that needs no upstream is not affected, and the server goes on.
+    let r = s.api(
+        "high-value",
+        "predict",
+        &format!(r#"{{"features": {}}}"#, explicit_features(0)),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.api("high-value", "predict", body)
+        .assert_error(504, "request_timeout");
+    // Counted: as 504s of the route, and as timeouts.
+    let text = metrics(&s);
+    assert_eq!(
+        metric(
+            &text,
+            "mesh_requests_total{endpoint=\"high-value\",route=\"predict\",code=\"504\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "mesh_request_timeouts_total"),
+        Some(2.0),
+        "{text}"
+    );
+    s.assert_no_panic();
+}
+
 /// A features service with two lookup endpoints (`demographics`,
 /// `behavior`), as in the example stack.
 fn two_endpoint_features() -> BundleDir {

@@ -362,6 +362,12 @@ pub struct Service {
     pub datasets: BTreeMap<String, Dataset>,
     pub endpoints: BTreeMap<String, Endpoint>,
     pub api_keys: Vec<SecretRef>,
+    /// `request_timeout`: how long a request may take before the runtime
+    /// answers 504; `None`: the runtime's default (30 s).
+    pub request_timeout_ms: Option<u64>,
+    /// `access_log`: one JSON line per request on the runtime's stderr;
+    /// `None`: the target's default (off locally, on in clusters).
+    pub access_log: Option<bool>,
     /// Test queries of its endpoints (`[[service.S.endpoint.E.test]]`), in
     /// declaration order; `mesh test` sends them.
     pub tests: Vec<TestQuery>,

@@ -5,6 +5,7 @@
 
 pub mod outage;
 pub mod proxy;
+pub mod webdriver;
 
 // Shared with the workspace's tests (tests/support), hence a file of its own.
 mod fakesnow;

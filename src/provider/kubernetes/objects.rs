@@ -281,6 +281,9 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             });
         }
         bundle.config.base_path = base_path(stack, &svc.name);
+        // A cluster keeps the pods' stderr in its log pipeline: one line per request,
+        // unless the stack says `access_log = false`.
+        bundle.config.access_log = svc.access_log.unwrap_or(true);
         access::configure(stack, Path::new(KEYS_DIR), svc, &mut bundle.config);
         let secrets = cluster_secrets(&mut bundle.config);
         bundles.push((bundle, secrets));
@@ -984,6 +987,36 @@ mod tests {
         for d in deps {
             assert_eq!(d.attrs["image_repository"].value, Value::str(url));
             assert!(!d.depends_on.contains(&registry), "{}", d.address);
+        }
+    }
+
+    #[test]
+    fn clusters_log_every_request_unless_the_stack_says_not_to() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let mut stack =
+            crate::stack::load(&root, Some("dev")).unwrap_or_else(|r| panic!("{}", r.render()));
+        let configs = |stack: &Stack| -> Vec<rc::ServiceConfig> {
+            deployments(stack, Registry::Url("127.0.0.1:5000/mesh".into()))
+                .iter()
+                .map(|d| {
+                    let json = d.attrs[ATTR_BUNDLE].value.as_str().expect("bundle");
+                    serde_json::from_str(json).expect("service.json")
+                })
+                .collect()
+        };
+        let on = configs(&stack);
+        assert_eq!(on.len(), 2);
+        for config in &on {
+            assert!(config.access_log, "{}", config.service);
+            assert_eq!(config.limits.request_timeout_ms, None, "{}", config.service);
+        }
+        for svc in stack.services.values_mut() {
+            svc.access_log = Some(false);
+            svc.request_timeout_ms = Some(2500);
+        }
+        for config in configs(&stack) {
+            assert!(!config.access_log, "{}", config.service);
+            assert_eq!(config.limits.request_timeout_ms, Some(2500));
         }
     }
 

@@ -29,9 +29,15 @@ pub(super) fn decode_service(
             "dataset",
             "endpoint",
             "api_keys",
+            "request_timeout",
+            "access_log",
         ],
     );
     let base = ctx.base_dir(&format!("service.{name}"));
+    let request_timeout_ms = f
+        .duration_opt(ctx.errors, "request_timeout")
+        .map(|(d, _)| d.as_millis().min(u64::MAX as u128) as u64);
+    let access_log = f.bool_opt(ctx.errors, "access_log");
     let version = f
         .str_opt(ctx.errors, "version")
         .map(|v| v.0)
@@ -227,6 +233,8 @@ pub(super) fn decode_service(
         datasets,
         endpoints,
         api_keys,
+        request_timeout_ms,
+        access_log,
         tests,
     })
 }
