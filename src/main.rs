@@ -118,10 +118,10 @@ pub(crate) enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Show what the applied environment offers: exposures' URLs, clusters'
-    /// endpoints, registries' URLs, networks' ids, module outputs.
+    /// Show the applied environment's outputs: URLs, endpoints, ids, module outputs.
     ///
-    /// With NAME, print that one value alone (for scripts). Exit 0 on
+    /// Exposures' URLs, clusters' endpoints, registries' URLs, networks' ids
+    /// and the stack's module outputs, grouped. With NAME, print that one value alone (for scripts). Exit 0 on
     /// success, 1 on an error or an unknown NAME (the known names are
     /// listed), 3 when nothing of the environment is applied.
     Output {
