@@ -1,156 +1,103 @@
 //! Run with: eval "$(scripts/services env)" && cargo bench --features aws --bench aws_plan
 //!
-//! The cost of a no-op plan against moto: a stack of one network with 100
-//! subnets (and one NAT gateway) and 20 ECR registries is applied once, then
-//! planned again several times with nothing to do. Prints the AWS API calls
-//! one plan makes (counted by the fault proxy in front of moto, per action)
-//! and the wall time.
+//! What a user waits for on a no-op plan against moto: a stack of one
+//! network with 100 subnets (and one NAT gateway) and 20 ECR registries is
+//! applied once with `mesh apply`, then the real `mesh plan` runs several
+//! times with nothing to do, a fresh process each time as a user runs it
+//! (the providers set up, the stack's desired state, live state read,
+//! diffed). Prints the AWS API calls one plan makes (counted by the fault
+//! proxy in front of moto, per action), the wall times, and their median
+//! over the floor measured in the same run (`mesh validate` of the same
+//! stack: process start and stack loading). The stack is destroyed at the end.
+
+mod support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::fmt::Write as _;
+use std::time::Duration;
 
 use aws_fault_proxy::{FaultProxy, moto_endpoint};
-use mesh::plan;
-use mesh::provider::aws::{AwsConfig, AwsProvider};
-use mesh::provider::{ApplyContext, Provider};
-use mesh::resource::Scope;
-use mesh::stack::{Environment, NatGateways, Network, Registry, Stack, Subnet, Target};
+use support::{Series, expect_code, mesh, ms, timed};
 
 const SUBNETS: usize = 100;
 const REGISTRIES: usize = 20;
 const RUNS: usize = 5;
 
-fn stack(name: &str) -> Stack {
-    let subnets = (0..SUBNETS)
-        .map(|i| Subnet {
-            name: format!("s{i:03}"),
-            zone: if i % 2 == 0 {
-                "us-east-1a".into()
-            } else {
-                "us-east-1b".into()
-            },
-            cidr: format!("10.60.{i}.0/24").parse().expect("cidr"),
-            public: i < 10,
-        })
-        .collect();
-    let network = Network {
-        name: "big".into(),
-        cidr: "10.60.0.0/16".parse().expect("cidr"),
-        subnets,
-        tags: BTreeMap::from([("team".to_owned(), "bench".to_owned())]),
-        // What the stack language gives a network with public and private subnets.
-        nat_gateway: NatGateways::Single,
-    };
-    let registries = (0..REGISTRIES)
-        .map(|i| {
-            let name = format!("reg{i:02}");
-            (
-                name.clone(),
-                Registry {
-                    name,
-                    scan_on_push: true,
-                    immutable_tags: i % 2 == 0,
-                    keep_last: Some(10),
-                },
-            )
-        })
-        .collect();
-    Stack {
-        name: name.to_owned(),
-        root: PathBuf::from("."),
-        env: Environment {
-            name: "bench".into(),
-            target: Target::Aws,
-            region: Some("us-east-1".into()),
-            cluster: None,
-            registry: None,
-            namespace: None,
-            instance: None,
-        },
-        networks: BTreeMap::from([("big".to_owned(), network)]),
-        clusters: BTreeMap::new(),
-        registries,
-        connections: BTreeMap::new(),
-        services: BTreeMap::new(),
-        exposes: BTreeMap::new(),
+fn stack_toml(name: &str) -> String {
+    let mut s = format!(
+        "[stack]\nname = \"{name}\"\n\n[environment.bench]\ntarget = \"aws\"\nregion = \"us-east-1\"\n\n\
+         [network.big]\ncidr = \"10.60.0.0/16\"\ntags = {{ team = \"bench\" }}\nnat_gateway = \"single\"\n\n"
+    );
+    for i in 0..SUBNETS {
+        let zone = if i % 2 == 0 {
+            "us-east-1a"
+        } else {
+            "us-east-1b"
+        };
+        let _ = write!(
+            s,
+            "[network.big.subnet.s{i:03}]\nzone = \"{zone}\"\ncidr = \"10.60.{i}.0/24\"\npublic = {}\n\n",
+            i < 10
+        );
     }
+    for i in 0..REGISTRIES {
+        let _ = write!(
+            s,
+            "[registry.reg{i:02}]\nscan_on_push = true\nimmutable_tags = {}\nkeep_last = 10\n\n",
+            i % 2 == 0
+        );
+    }
+    s
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
-}
-
-async fn run() {
     let proxy = FaultProxy::start(&moto_endpoint());
-    let config = AwsConfig {
-        endpoint_url: Some(proxy.endpoint()),
-        dependency_timeout: Duration::from_secs(10),
-        dependency_backoff: Duration::from_millis(50),
-        ..AwsConfig::default()
-    };
-    let p = AwsProvider::with_config(Some("us-east-1".into()), config.clone())
-        .await
-        .expect("provider");
+    let endpoint = proxy.endpoint();
+    let envs = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let dir = tempfile::tempdir().expect("temp dir");
     let name = format!("bench{}", std::process::id());
-    let stack = stack(&name);
-    let scope = Scope {
-        stack: stack.name.clone(),
-        env: stack.env.name.clone(),
-        root: stack.root.clone(),
+    std::fs::write(dir.path().join("stack.toml"), stack_toml(&name)).expect("stack.toml");
+    let path = dir.path().to_str().expect("utf-8 path");
+    let run = |args: &[&str], code: i32, what: &str| -> Duration {
+        let (out, t) = timed(mesh(args).env_remove("AWS_PROFILE").envs(envs));
+        expect_code(&out, code, what);
+        t
     };
-    let desired = p.desired(&stack).expect("desired");
-    let (_tx, rx) = tokio::sync::watch::channel(false);
 
-    let started = Instant::now();
-    let live = p.observe(&scope).await.expect("observe");
-    let first = plan::diff(
-        &stack.name,
-        &stack.env.name,
-        &desired,
-        &live,
-        &plan::Options::default(),
+    println!(
+        "aws_plan: {SUBNETS} subnets, {REGISTRIES} registries; load {}",
+        support::load()
     );
-    let ctx = ApplyContext::new(scope.clone(), &first.live, rx.clone(), false);
-    for c in first.changes.iter().filter(|c| !c.action.is_noop()) {
-        p.apply(c, &ctx).await.expect("apply");
-    }
-    eprintln!(
-        "applied {} resources in {:.1}s ({} API requests)",
-        first.summary().add,
-        started.elapsed().as_secs_f64(),
+    let floor = support::validate_floor(dir.path(), "bench", RUNS, &envs);
+    println!("  floor (mesh validate, same stack): {}", floor.text());
+    let apply = run(
+        &["apply", path, "--env", "bench", "--auto-approve"],
+        0,
+        "apply",
+    );
+    println!(
+        "  mesh apply: {:.1} s, {} API requests",
+        apply.as_secs_f64(),
         proxy.total_requests()
     );
 
-    // Each run is a fresh provider, as each `mesh plan` is a fresh process
-    // (the client-side rate limiters start full).
     let mut times = Vec::new();
     let mut requests = Vec::new();
     let mut per_action: BTreeMap<String, usize> = BTreeMap::new();
-    for run in 0..RUNS {
-        let p = AwsProvider::with_config(Some("us-east-1".into()), config.clone())
-            .await
-            .expect("provider");
+    for run_no in 0..RUNS {
         proxy.reset();
-        let started = Instant::now();
-        let live = p.observe(&scope).await.expect("observe");
-        let plan = plan::diff(
-            &stack.name,
-            &stack.env.name,
-            &desired,
-            &live,
-            &plan::Options::default(),
-        );
-        let elapsed = started.elapsed();
-        assert!(!plan.has_changes(), "the no-op plan has changes");
-        assert_eq!(live.len(), desired.len());
-        times.push(elapsed);
+        times.push(run(
+            &["plan", path, "--env", "bench", "--detailed-exitcode"],
+            0,
+            "no-op plan",
+        ));
         requests.push(proxy.total_requests());
-        if run == 0 {
+        if run_no == 0 {
             for c in proxy.calls() {
                 *per_action
                     .entry(format!("{}:{}", c.service, c.action))
@@ -158,40 +105,22 @@ async fn run() {
             }
         }
     }
-    times.sort();
-    let median = times[times.len() / 2];
-    println!(
-        "aws_plan: no-op plan of {} resources ({SUBNETS} subnets, {REGISTRIES} registries)",
-        desired.len()
-    );
-    println!("  API requests per plan: {requests:?}");
+    let noop = Series::of(times);
+    println!("  no-op plan: API requests per plan {requests:?}");
     for (action, n) in &per_action {
         println!("    {action:<40} {n}");
     }
     println!(
-        "  wall time: median {:.0} ms, min {:.0} ms, max {:.0} ms over {RUNS} runs",
-        median.as_secs_f64() * 1e3,
-        times[0].as_secs_f64() * 1e3,
-        times[times.len() - 1].as_secs_f64() * 1e3
+        "  no-op plan wall time: {} = {:.1}x floor (floor median {:.0} ms)",
+        noop.text(),
+        noop.ratio(&floor),
+        ms(floor.median)
     );
+    println!("  load after: {}", support::load());
 
-    let live = p.observe(&scope).await.expect("observe");
-    let destroy = plan::diff(
-        &stack.name,
-        &stack.env.name,
-        &desired,
-        &live,
-        &plan::Options {
-            destroy: true,
-            ..Default::default()
-        },
-    );
-    let ctx = ApplyContext::new(scope.clone(), &destroy.live, rx, false);
-    for c in &destroy.changes {
-        p.apply(c, &ctx).await.expect("destroy");
-    }
-    assert!(
-        p.observe(&scope).await.expect("observe").is_empty(),
-        "destroy left resources"
+    run(
+        &["destroy", path, "--env", "bench", "--auto-approve"],
+        0,
+        "destroy",
     );
 }

@@ -1,268 +1,149 @@
 //! Run with: eval "$(scripts/services env)" && cargo bench --features kubernetes --bench kubernetes_plan
 //!
-//! The cost of planning 100 services on the `kubernetes` target against the
-//! API test double (in-process): a cold plan (every image built to learn its
-//! digest), a warm plan (digests remembered), then, once everything is
-//! applied (images pushed to the registry at `MESH_TEST_REGISTRY`), a no-op
-//! plan. Prints wall times and the API requests each plan makes.
+//! What a user waits for when planning 100 services on the `kubernetes`
+//! target: the real `mesh plan`, a fresh process each time as a user runs
+//! it, against the API test double (in this process, reached through a
+//! kubeconfig). A cold plan (every image built to learn its digest), a warm
+//! plan (digests remembered in the stack's state folder), then, once `mesh
+//! apply` has pushed the images to the registry at `MESH_TEST_REGISTRY` and
+//! rolled them out, no-op plans. Prints wall times, the API requests each
+//! plan makes, and each median over the floor measured in the same run
+//! (`mesh validate` of the same stack: process start and stack loading).
 //!
-//! The runtime the images ship is `MESH_RUNTIME_STATIC_BIN`, else the release
-//! `mesh-runtime` beside this bench, else a small stand-in.
+//! The images ship the real runtime: `MESH_RUNTIME_STATIC_BIN`, else the
+//! release `mesh-runtime` beside this bench; without one the bench refuses
+//! to run.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+mod support;
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
 
 use kube_double::KubeDouble;
-use mesh::provider::kubernetes::{KubeAccess, KubernetesProvider, Settings};
-use mesh::provider::{ApplyContext, Provider};
-use mesh::resource::{ProviderId, Scope};
-use mesh::stack::{
-    Caller, Cluster, ClusterKind, Dataset, DatasetMode, DatasetSource, Duplicates, Endpoint,
-    Environment, Expose, ExposeKind, Resources, Service, Stack, Target,
-};
-use mesh::{apply, plan};
+use support::{Series, expect_code, megabytes, mesh, ms, real_runtime, timed};
 
 const SERVICES: usize = 100;
 const RUNS: usize = 5;
 
-fn stack(name: &str, root: &Path, data: &Path) -> Stack {
-    let mut services = BTreeMap::new();
-    let mut exposes = BTreeMap::new();
+/// 100 lookup services, each with its own version (so its own bundle and
+/// image), each exposed on a ClusterIP to the one before it.
+fn stack_toml(name: &str) -> String {
+    let mut s = format!(
+        "[stack]\nname = \"{name}\"\n\n[environment.bench]\ntarget = \"kubernetes\"\ncluster = \"c\"\n\n\
+         [cluster.c]\nkind = \"existing\"\ncontext = \"bench\"\n\n"
+    );
     for i in 0..SERVICES {
-        let s = format!("svc-{i:03}");
-        let dataset = Dataset {
-            name: "customers".into(),
-            source: DatasetSource::File(data.to_owned()),
-            mode: DatasetMode::Bundle,
-            key: "customer_id".into(),
-            duplicates: Duplicates::Error,
-        };
-        services.insert(
-            s.clone(),
-            Service {
-                name: s.clone(),
-                // Each service's bundle differs (its version is in service.json), so each image does.
-                version: format!("1.0.{i}"),
-                replicas: 1 + (i % 3) as u32,
-                autoscaling: None,
-                resources: Resources {
-                    cpu: "100m".into(),
-                    memory: "128Mi".into(),
-                },
-                datasets: BTreeMap::from([("customers".to_owned(), dataset)]),
-                endpoints: BTreeMap::from([(
-                    "customers".to_owned(),
-                    Endpoint::Lookup {
-                        datasets: vec!["customers".into()],
-                    },
-                )]),
-                api_keys: Vec::new(),
-                request_timeout_ms: None,
-                access_log: None,
-                tests: Vec::new(),
-            },
-        );
+        let svc = format!("svc-{i:03}");
         let allow = if i == 0 {
-            vec![Caller::Cidr("10.0.0.0/8".parse().expect("cidr"))]
+            "\"10.0.0.0/8\"".to_owned()
         } else {
-            vec![Caller::Service(format!("svc-{:03}", i - 1))]
+            format!("\"svc-{:03}\"", i - 1)
         };
-        exposes.insert(
-            s.clone(),
-            Expose {
-                name: s.clone(),
-                service: s,
-                kind: ExposeKind::ClusterIP { port: 8080 },
-                allow,
-                tls: None,
-            },
+        let _ = write!(
+            s,
+            "[service.{svc}]\nversion = \"1.0.{i}\"\nreplicas = {}\nresources = {{ cpu = \"100m\", memory = \"128Mi\" }}\n\
+             [service.{svc}.dataset.customers]\nfile = \"customers.csv\"\nkey = \"customer_id\"\n\
+             [service.{svc}.endpoint.customers]\nkind = \"lookup\"\ndatasets = [\"customers\"]\n\
+             [expose.{svc}]\ntype = \"ClusterIP\"\nport = 8080\nallow = [{allow}]\n\n",
+            1 + i % 3
         );
     }
-    Stack {
-        name: name.to_owned(),
-        root: root.to_owned(),
-        env: Environment {
-            name: "bench".into(),
-            target: Target::Kubernetes,
-            region: None,
-            cluster: Some("c".into()),
-            registry: None,
-            namespace: None,
-            instance: None,
-        },
-        networks: BTreeMap::new(),
-        clusters: BTreeMap::from([(
-            "c".to_owned(),
-            Cluster {
-                name: "c".into(),
-                kind: ClusterKind::Existing { context: None },
-            },
-        )]),
-        registries: BTreeMap::new(),
-        connections: BTreeMap::new(),
-        services,
-        exposes,
-    }
-}
-
-fn runtime(dir: &Path) -> PathBuf {
-    if let Some(p) = std::env::var_os("MESH_RUNTIME_STATIC_BIN") {
-        return PathBuf::from(p);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        // target/release/deps/kubernetes_plan-HASH → target/release/mesh-runtime
-        if let Some(p) = exe
-            .parent()
-            .and_then(Path::parent)
-            .map(|d| d.join("mesh-runtime"))
-            .filter(|p| p.is_file())
-        {
-            return p;
-        }
-    }
-    let p = dir.join("mesh-runtime");
-    std::fs::write(&p, b"#!/bin/sh\n# stand-in\n").expect("stand-in runtime");
-    p
+    s
 }
 
 fn main() {
+    let registry = std::env::var("MESH_TEST_REGISTRY").unwrap_or_else(|_| panic!("MESH_TEST_REGISTRY is not set: run `scripts/services start` and `eval \"$(scripts/services env)\"`"));
+    let runtime = real_runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("stack");
+    std::fs::create_dir_all(&root).expect("stack folder");
+    let name = format!("bench{}", std::process::id());
+    std::fs::write(root.join("stack.toml"), stack_toml(&name)).expect("stack.toml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/customer-mesh/customers.csv"),
+        root.join("customers.csv"),
+    )
+    .expect("customers.csv");
+
+    // The double serves from this runtime's threads; `mesh` runs as a child process.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run());
-}
-
-async fn run() {
-    let registry = std::env::var("MESH_TEST_REGISTRY").unwrap_or_else(|_| panic!("MESH_TEST_REGISTRY is not set: run `scripts/services start` and `eval \"$(scripts/services env)\"`"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/customer-mesh/customers.csv");
-    let name = format!("bench{}", std::process::id());
-    let stack = stack(&name, dir.path(), &data);
-    let runtime = runtime(dir.path());
-    let runtime_size = std::fs::metadata(&runtime).map(|m| m.len()).unwrap_or(0);
-    eprintln!(
-        "{SERVICES} services; runtime {} ({:.1} MB)",
-        runtime.display(),
-        runtime_size as f64 / 1e6
-    );
-
-    let double = KubeDouble::start().await;
-    let mut settings = Settings::from_env();
-    settings.registry = Some(format!("{registry}/bench"));
-    settings.runtime = Some(runtime);
-    let access = KubeAccess {
-        endpoint: double.url(),
-        ca_pem: String::new(),
-        token: "bench".into(),
-    };
-    let provider = KubernetesProvider::from_access(&access, settings)
-        .await
-        .expect("provider")
-        .with_state_dir(&stack);
-    let scope = Scope {
-        stack: stack.name.clone(),
-        env: stack.env.name.clone(),
-        root: stack.root.clone(),
-    };
-
-    let plan_once = |label: &'static str| {
-        let provider = &provider;
-        let stack = &stack;
-        let scope = &scope;
-        let double = &double;
-        async move {
-            let before = double.request_count();
-            let started = Instant::now();
-            let desired = provider.desired(stack).expect("desired");
-            let desired_time = started.elapsed();
-            let desired = mesh::graph::topo_order(desired).unwrap_or_else(|_| panic!("cycle"));
-            let live = provider.observe(scope).await.expect("observe");
-            let p = plan::diff(
-                &stack.name,
-                &stack.env.name,
-                &desired,
-                &live,
-                &plan::Options::default(),
-            );
-            let total = started.elapsed();
-            let requests = double.request_count() - before;
-            eprintln!(
-                "{label}: {:.0} ms (desired {:.0} ms), {requests} API requests, {} objects, {} changes",
-                total.as_secs_f64() * 1000.0,
-                desired_time.as_secs_f64() * 1000.0,
-                desired.len(),
-                p.changes.iter().filter(|c| !c.action.is_noop()).count()
-            );
-            (p, total, requests)
-        }
-    };
-
-    let (first, _, _) = plan_once("cold plan (every image built)").await;
-    let (first, _, _) = {
-        let _ = first;
-        plan_once("warm plan (digests remembered), empty cluster").await
-    };
-
-    let before = double.request_count();
-    let started = Instant::now();
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(ApplyContext::new(scope.clone(), &first.live, rx, false));
-    let providers: BTreeMap<ProviderId, Arc<dyn Provider>> = BTreeMap::from([(
-        ProviderId::Kubernetes,
-        Arc::new(provider) as Arc<dyn Provider>,
-    )]);
-    let report = apply::apply(&first, &providers, ctx, &apply::Options { parallelism: 10 }).await;
-    assert!(report.succeeded(), "{}", apply::render_report(&report));
-    eprintln!(
-        "apply of {} objects (images pushed, rollouts awaited): {:.1} s, {} API requests",
-        first.summary().add,
-        started.elapsed().as_secs_f64(),
-        double.request_count() - before
-    );
-    let provider = providers
-        .get(&ProviderId::Kubernetes)
-        .expect("provider")
-        .clone();
-
-    let mut times = Vec::new();
-    let mut requests = 0;
-    for _ in 0..RUNS {
+    let double = rt.block_on(KubeDouble::start());
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, double.kubeconfig_yaml("bench")).expect("kubeconfig");
+    let repository = format!("{registry}/bench");
+    let envs = [
+        ("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path")),
+        ("MESH_REGISTRY", repository.as_str()),
+        (
+            "MESH_RUNTIME_STATIC_BIN",
+            runtime.to_str().expect("utf-8 path"),
+        ),
+    ];
+    let path = root.to_str().expect("utf-8 path");
+    let run = |args: &[&str], code: i32, what: &str| -> (Duration, u64) {
         let before = double.request_count();
-        let started = Instant::now();
-        let desired = mesh::graph::topo_order(provider.desired(&stack).expect("desired"))
-            .unwrap_or_else(|_| panic!("cycle"));
-        let live = provider.observe(&scope).await.expect("observe");
-        let p = plan::diff(
-            &stack.name,
-            &stack.env.name,
-            &desired,
-            &live,
-            &plan::Options::default(),
-        );
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-        requests = double.request_count() - before;
-        assert!(
-            !p.has_changes(),
-            "the no-op plan has changes: {:#?}",
-            p.changes
-                .iter()
-                .filter(|c| !c.action.is_noop())
-                .map(|c| (&c.address, &c.reason))
-                .collect::<Vec<_>>()
-        );
+        let (out, t) = timed(mesh(args).envs(envs));
+        expect_code(&out, code, what);
+        (t, double.request_count() - before)
+    };
+    let plan = ["plan", path, "--env", "bench", "--detailed-exitcode"];
+
+    println!(
+        "kubernetes_plan: {SERVICES} services, runtime {} ({:.1} MB), load {}",
+        runtime.display(),
+        megabytes(&runtime),
+        support::load()
+    );
+    let floor = support::validate_floor(&root, "bench", RUNS, &envs);
+    println!("  floor (mesh validate, same stack): {}", floor.text());
+    let (cold, requests) = run(&plan, 2, "cold plan");
+    println!(
+        "  cold plan (every image built): {:.0} ms ({:.1}x floor), {requests} API requests",
+        ms(cold),
+        cold.as_secs_f64() / floor.median.as_secs_f64()
+    );
+    let (warm, requests) = run(&plan, 2, "warm plan");
+    println!(
+        "  warm plan (digests remembered), empty cluster: {:.0} ms ({:.1}x floor), {requests} API requests",
+        ms(warm),
+        warm.as_secs_f64() / floor.median.as_secs_f64()
+    );
+    let (apply, requests) = run(
+        &[
+            "apply",
+            path,
+            "--env",
+            "bench",
+            "--auto-approve",
+            "--parallelism",
+            "10",
+        ],
+        0,
+        "apply",
+    );
+    println!(
+        "  mesh apply (images pushed, rollouts awaited): {:.1} s, {requests} API requests",
+        apply.as_secs_f64()
+    );
+    let mut times = Vec::new();
+    let mut requests = Vec::new();
+    for _ in 0..RUNS {
+        let (t, n) = run(&plan, 0, "no-op plan");
+        times.push(t);
+        requests.push(n);
     }
-    times.sort_by(f64::total_cmp);
-    eprintln!(
-        "no-op plan of {SERVICES} services ({} live objects): median {:.0} ms, min {:.0} ms, max {:.0} ms over {RUNS} runs; {requests} API requests each",
+    let noop = Series::of(times);
+    println!(
+        "  no-op plan ({} live objects): {} = {:.1}x floor; API requests per plan {requests:?}",
         double
             .objects_with_label(&format!("mesh.dev/stack={name}"))
             .len(),
-        times[RUNS / 2],
-        times[0],
-        times[RUNS - 1]
+        noop.text(),
+        noop.ratio(&floor)
     );
+    println!("  load after: {}", support::load());
 }

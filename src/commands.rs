@@ -10,7 +10,7 @@ use mesh::engine::Engine;
 use mesh::plan::{self, Plan};
 use mesh::provider::ApplyContext;
 use mesh::render;
-use mesh::resource::{Address, Value};
+use mesh::resource::Address;
 use serde::{Deserialize, Serialize};
 
 use crate::Command;
@@ -233,10 +233,11 @@ pub(crate) async fn run(command: Command) -> ExitCode {
         }
         Command::Output {
             path,
+            name,
             env,
             instance,
             json,
-        } => output(&path, &env, instance.as_deref(), json).await,
+        } => output(&path, &env, instance.as_deref(), name.as_deref(), json).await,
         Command::Test {
             path,
             env,
@@ -534,7 +535,16 @@ async fn apply_saved(file: &Path, saved: SavedPlan, parallelism: usize, no_wait:
     .await
 }
 
-async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> ExitCode {
+/// `mesh output`'s exit code when nothing of the environment is applied.
+const NOTHING_APPLIED: u8 = 3;
+
+async fn output(
+    path: &Path,
+    env: &str,
+    instance: Option<&str>,
+    name: Option<&str>,
+    json: bool,
+) -> ExitCode {
     let stack = match test::load_instance(path, env, instance) {
         Ok(s) => s,
         Err(c) => return c,
@@ -543,110 +553,39 @@ async fn output(path: &Path, env: &str, instance: Option<&str>, json: bool) -> E
         Ok(e) => e,
         Err(e) => return fail(e),
     };
-    let live = match engine.observe().await {
-        Ok(l) => l,
+    let outputs = match engine.outputs().await {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            let env = engine.stack.env.name.as_str();
+            eprintln!(
+                "error: nothing of stack `{}` is applied in environment `{env}`\n  help: run `mesh apply {} --env {env}` first",
+                engine.stack.name,
+                path.display()
+            );
+            return ExitCode::from(NOTHING_APPLIED);
+        }
         Err(e) => return fail(e),
     };
-    let mut exposes = serde_json::Map::new();
-    for (name, e) in &engine.stack.exposes {
-        // Local exposures live at `expose.NAME`; Kubernetes ones at
-        // `expose.NAME.ingress` / `expose.NAME.service`, the ingress first.
-        let candidates = [
-            Address::of("expose", name),
-            Address::new(format!("expose.{name}.ingress")),
-            Address::new(format!("expose.{name}.service")),
-        ];
-        let found = candidates.iter().find_map(|a| {
-            let l = live.iter().find(|l| &l.address == a)?;
-            match l.outputs.get("url") {
-                Some(Value::Str(url)) => Some((l, url.clone())),
-                _ => None,
-            }
-        });
-        let Some((l, url)) = found else { continue };
-        let node_port = live
-            .iter()
-            .find(|x| x.address.as_str() == format!("expose.{name}.service"))
-            .and_then(|x| x.outputs.get("node_port"))
-            .or_else(|| l.outputs.get("node_port"))
-            .and_then(Value::as_int);
-        let mut endpoints = serde_json::Map::new();
-        if let Some(svc) = engine.stack.services.get(&e.service) {
-            for (ep, kind) in &svc.endpoints {
-                let verb = match kind {
-                    mesh::stack::Endpoint::Prediction { .. } => "predict",
-                    mesh::stack::Endpoint::Lookup { .. } => "lookup",
-                };
-                endpoints.insert(
-                    ep.clone(),
-                    serde_json::Value::String(format!(
-                        "{url}/public/api/v1/{}/{ep}/{verb}",
-                        e.service
-                    )),
-                );
-            }
-        }
-        let mut entry = serde_json::json!({ "service": e.service, "url": url, "node_port": node_port, "health": format!("{url}/readyz"), "openapi": format!("{url}/openapi.json"), "endpoints": endpoints });
-        // Local exposures limited to some callers: where this machine's key is.
-        if let Some(Value::Str(key)) = l.outputs.get("api_key_file") {
-            entry["api_key_file"] = serde_json::Value::String(key.clone());
-        }
-        // A local HTTPS exposure: the certificate mesh made, for callers to trust.
-        if let Some(Value::Str(cert)) = l.outputs.get("certificate") {
-            entry["certificate"] = serde_json::Value::String(cert.clone());
-        }
-        // On a cluster: the Secret holding the operator's key, and how to read it.
-        let operator = mesh::provider::local::access::OPERATOR;
-        let key_secret = live
-            .iter()
-            .find(|x| x.address == Address::of("identity", operator));
-        if mesh::provider::local::access::restricted_to(&engine.stack, &e.service).is_some()
-            && let Some(secret) = key_secret
-            && let (Some(Value::Str(ns)), Some(Value::Str(name))) =
-                (secret.outputs.get("namespace"), secret.outputs.get("name"))
-        {
-            entry["api_key_secret"] = serde_json::json!(format!("{ns}/{name}"));
-            entry["api_key_command"] = serde_json::json!(format!(
-                "kubectl -n {ns} get secret {name} -o jsonpath='{{.data.{operator}}}' | base64 -d"
+    if let Some(name) = name {
+        let Some(value) = outputs.get(name) else {
+            let known = outputs.names();
+            return fail(format_args!(
+                "no output `{name}`; the outputs are:\n  {}",
+                known.join("\n  ")
             ));
+        };
+        if json {
+            println!("{}", serde_json::to_string(&value).unwrap_or_default());
+        } else {
+            println!("{}", mesh::output::text(&value));
         }
-        exposes.insert(name.clone(), entry);
+        return ExitCode::SUCCESS;
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "stack": engine.stack.name, "env": env, "exposes": exposes })
-            )
-            .unwrap_or_default()
-        );
-    } else if exposes.is_empty() {
-        eprintln!(
-            "Nothing is exposed yet: run `mesh apply {} --env {env}` first.",
-            path.display()
-        );
+        let all = outputs.to_json(&engine.stack.name, env);
+        println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
     } else {
-        for (name, v) in &exposes {
-            println!("{name}: {}", v["url"].as_str().unwrap_or_default());
-            if let Some(key) = v["api_key_file"].as_str() {
-                println!(
-                    "  (callers need a key: from this machine send `X-API-Key: $(cat {key})`)"
-                );
-            }
-            if let Some(cert) = v["certificate"].as_str() {
-                println!(
-                    "  (HTTPS with a certificate mesh made: trust it with `curl --cacert {cert}`)"
-                );
-            }
-            if let Some(command) = v["api_key_command"].as_str() {
-                println!("  (callers need a key: the operator's is `$({command})`)");
-            }
-            if let Some(eps) = v["endpoints"].as_object() {
-                for (ep, url) in eps {
-                    println!("  {ep}: {}", url.as_str().unwrap_or_default());
-                }
-            }
-        }
+        print!("{}", outputs.render());
     }
     ExitCode::SUCCESS
 }

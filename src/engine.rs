@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::output::Outputs;
 use crate::plan::{self, Abandoned, Action, Plan};
 use crate::provider::{Provider, ProviderError};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope};
@@ -186,6 +187,29 @@ impl Engine {
         // Providers finish in any order; keep the result stable.
         live.sort_by(|a, b| a.address.cmp(&b.address));
         Ok((live, unreachable))
+    }
+
+    /// What `mesh output` shows: every provider's outputs for what it owns
+    /// (read from the live state) and the stack's module outputs; `None`
+    /// when nothing of the stack's environment is live. The objects of the
+    /// stack's own cluster are left out, with a warning, when it cannot be
+    /// reached (an EKS cluster outside this network): the cloud's outputs
+    /// are still worth showing.
+    pub async fn outputs(&self) -> Result<Option<Outputs>, EngineError> {
+        let (live, unreachable) = self.observe_unless_unreachable(true).await?;
+        if let Some(e) = unreachable {
+            eprintln!(
+                "warning: the cluster's objects were not read ({e}); their outputs are missing"
+            );
+        }
+        if live.is_empty() {
+            return Ok(None);
+        }
+        let mut out = crate::output::modules(&self.stack);
+        for p in self.providers.values() {
+            out.merge(p.outputs(&self.stack, &live));
+        }
+        Ok(Some(out))
     }
 
     /// Takes the shared locks of every provider that can hold one (see

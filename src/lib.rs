@@ -12,6 +12,7 @@ pub mod graph;
 #[cfg(feature = "kubernetes")]
 pub mod image;
 pub mod lock;
+pub mod output;
 pub mod plan;
 pub mod provider;
 pub mod render;

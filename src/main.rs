@@ -118,10 +118,19 @@ pub(crate) enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// List each exposed service's URLs.
+    /// Show the applied environment's outputs: URLs, endpoints, ids, module outputs.
+    ///
+    /// Exposures' URLs, clusters' endpoints, registries' URLs, networks' ids
+    /// and the stack's module outputs, grouped. With NAME, print that one value alone (for scripts). Exit 0 on
+    /// success, 1 on an error or an unknown NAME (the known names are
+    /// listed), 3 when nothing of the environment is applied.
     Output {
         /// The stack folder (holding stack.toml).
         path: PathBuf,
+        /// One output to print bare, by its dotted name, e.g.
+        /// `expose.scoring.url`, `cluster.main.endpoint`, `registry.models.url`,
+        /// `network.main.vpc_id`, `module.platform.cluster`.
+        name: Option<String>,
         /// The environment whose outputs to show.
         #[arg(long)]
         env: String,

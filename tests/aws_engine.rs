@@ -161,6 +161,104 @@ async fn destroy_removes_the_cloud_resources_when_the_cluster_cannot_be_reached(
     // The cluster exists, but its API cannot be reached (moto's endpoint and
     // CA are random): its objects cannot be listed, let alone deleted.
     let path = stack.to_str().unwrap();
+
+    // `mesh output` shows the cloud's outputs all the same, as the SDK reads them.
+    let out = run(
+        &["output", path, "--env", "dev", "--json"],
+        &endpoint(),
+        &runtime,
+    );
+    assert!(out.status.success(), "output: {}", show(&out));
+    assert!(stderr(&out).contains("not read"), "{}", show(&out));
+    let outputs: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", show(&out)));
+    let sdk = support::aws::sdk(&moto_endpoint()).await;
+    let eks_name = mesh::provider::aws::names::eks_cluster(&name, "dev", "platform");
+    let eks = aws_sdk_eks::Client::new(&sdk)
+        .describe_cluster()
+        .name(&eks_name)
+        .send()
+        .await
+        .expect("DescribeCluster")
+        .cluster
+        .expect("cluster");
+    let cluster = &outputs["clusters"]["platform"];
+    assert_eq!(cluster["name"], eks_name, "{outputs:#}");
+    assert_eq!(cluster["endpoint"], eks.endpoint().unwrap(), "{outputs:#}");
+    assert_eq!(cluster["arn"], eks.arn().unwrap(), "{outputs:#}");
+    let repo_name = mesh::provider::aws::names::ecr_repository(&name, "dev", "platform");
+    let repos = aws_sdk_ecr::Client::new(&sdk)
+        .describe_repositories()
+        .repository_names(&repo_name)
+        .send()
+        .await
+        .expect("DescribeRepositories");
+    let registry = &outputs["registries"]["platform"];
+    assert_eq!(
+        registry["url"],
+        repos.repositories()[0].repository_uri().unwrap(),
+        "{outputs:#}"
+    );
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let tagged = |k: &str, v: &str| {
+        aws_sdk_ec2::types::Filter::builder()
+            .name(format!("tag:{k}"))
+            .values(v)
+            .build()
+    };
+    let vpcs = ec2
+        .describe_vpcs()
+        .filters(tagged("mesh:stack", &name))
+        .send()
+        .await
+        .expect("DescribeVpcs");
+    let network = &outputs["networks"]["platform"];
+    assert_eq!(
+        network["vpc_id"],
+        vpcs.vpcs()[0].vpc_id().unwrap(),
+        "{outputs:#}"
+    );
+    assert_eq!(network["cidr"], "10.40.0.0/16", "{outputs:#}");
+    for subnet in ["public-a", "public-b"] {
+        let found = ec2
+            .describe_subnets()
+            .filters(tagged(
+                "mesh:address",
+                &format!("network.platform.subnet.{subnet}"),
+            ))
+            .filters(tagged("mesh:stack", &name))
+            .send()
+            .await
+            .expect("DescribeSubnets");
+        assert_eq!(
+            network["subnet_ids"][subnet],
+            found.subnets()[0].subnet_id().unwrap(),
+            "{outputs:#}"
+        );
+    }
+    let igws = ec2
+        .describe_internet_gateways()
+        .filters(tagged("mesh:stack", &name))
+        .send()
+        .await
+        .expect("DescribeInternetGateways");
+    assert_eq!(
+        network["internet_gateway_id"],
+        igws.internet_gateways()[0].internet_gateway_id().unwrap(),
+        "{outputs:#}"
+    );
+    assert_eq!(outputs["modules"]["platform"]["registry"], "platform");
+    // One value, bare.
+    let out = run(
+        &["output", path, "--env", "dev", "registry.platform.url"],
+        &endpoint(),
+        &runtime,
+    );
+    assert!(out.status.success(), "output NAME: {}", show(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("{}\n", registry["url"].as_str().unwrap())
+    );
     let plan = run(
         &["plan", path, "--env", "dev", "--destroy", "--json"],
         &endpoint(),

@@ -175,6 +175,15 @@ const EVERY_OBJECT: &[&str] = &[
 async fn plan_apply_change_and_destroy_on_an_existing_cluster() {
     let c = Cluster::new().await;
 
+    // Nothing applied yet: `mesh output` says so and exits 3.
+    let out = c.run("output", &[], &[]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is applied in environment `existing`"),
+        "{}",
+        text(&out)
+    );
+
     // Plan: every object is a create.
     let (code, plan, out) = c.plan_json(&[]).await;
     assert_eq!(code, 2, "{}", text(&out));
@@ -211,6 +220,47 @@ async fn plan_apply_change_and_destroy_on_an_existing_cluster() {
             .is_some_and(|u| u.ends_with("/public/api/v1/customer-scoring/high-value/predict")),
         "{urls}"
     );
+    // The Service's cluster IP as the double assigned it.
+    let service = c.object("v1", "Service", "customer-scoring");
+    assert_eq!(
+        scoring["cluster_ip"], service["spec"]["clusterIP"],
+        "{urls}"
+    );
+    // The cluster: the API server the kubeconfig names, and its context.
+    let cluster = &urls["clusters"]["existing"];
+    assert_eq!(
+        cluster["endpoint"],
+        c.double.url().trim_end_matches('/'),
+        "{urls}"
+    );
+    assert_eq!(cluster["context"], "e2e", "{urls}");
+    // Callers of the restricted customer-features need a key: the
+    // operator's is in a Secret that exists.
+    let secret = urls["exposes"]["customer-features"]["api_key_secret"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no api_key_secret: {urls}"));
+    let (ns, name) = secret.split_once('/').unwrap();
+    assert!(
+        c.double.object("v1", "Secret", ns, name).is_some(),
+        "{secret}"
+    );
+    assert!(scoring["api_key_secret"].is_null(), "open to all: {urls}");
+    // One value, bare, for scripts.
+    for (name, want) in [
+        ("expose.customer-scoring.node_port", "30081\n".to_owned()),
+        (
+            "expose.customer-scoring.url",
+            format!("{}\n", scoring["url"].as_str().unwrap()),
+        ),
+        (
+            "cluster.existing.endpoint",
+            format!("{}\n", cluster["endpoint"].as_str().unwrap()),
+        ),
+    ] {
+        let out = c.run("output", &[name], &[]).await;
+        ok(&out, name);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{name}");
+    }
 
     let dep = c.object("apps/v1", "Deployment", "customer-features");
     let labels = &dep["metadata"]["labels"];

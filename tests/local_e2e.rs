@@ -135,6 +135,24 @@ fn post_with_key(url: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
     support::local::post(url, body, key)
 }
 
+/// Nothing applied: `mesh output` says so and exits 3, with or without a
+/// NAME, so a script can tell it from an error (1).
+#[test]
+fn output_before_any_apply_exits_3() {
+    let m = Mesh::new();
+    for extra in [&[][..], &["--json"], &["expose.customer-scoring.url"]] {
+        let out = m.run("output", extra);
+        assert_eq!(out.status.code(), Some(3), "output {extra:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "output {extra:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("nothing of stack `customer-mesh` is applied in environment `local`")
+                && err.contains("mesh apply"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn apply_serve_drift_repair_destroy() {
     let m = Mesh::new();
@@ -155,6 +173,39 @@ fn apply_serve_drift_repair_destroy() {
     assert!(
         predict_url.contains(&m.scoring_port.to_string()),
         "{predict_url}"
+    );
+    assert_eq!(
+        urls["exposes"]["customer-scoring"]["port"], m.scoring_port,
+        "{urls}"
+    );
+    // The stack's module outputs, as `${module.M.O}` resolves them.
+    assert_eq!(urls["modules"]["platform"]["cluster"], "platform", "{urls}");
+
+    // `mesh output NAME`: the value alone, for scripts.
+    let bare = |name: &str| {
+        let out = m.run("output", &[name]);
+        ok(&out, name);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        bare("expose.customer-scoring.url"),
+        format!("http://127.0.0.1:{}\n", m.scoring_port)
+    );
+    assert_eq!(
+        bare("expose.customer-scoring.endpoints.high-value"),
+        format!("{predict_url}\n")
+    );
+    assert_eq!(bare("module.platform.cluster"), "platform\n");
+    // An unknown name: exit 1, nothing on stdout, the known names listed.
+    let out = m.run("output", &["expose.customer-scoring.nope"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no output `expose.customer-scoring.nope`")
+            && err.contains("expose.customer-scoring.url")
+            && err.contains("module.platform.cluster"),
+        "{err}"
     );
 
     // Only customer-scoring may call customer-features (`allow`): on loopback

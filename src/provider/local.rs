@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApplyContext, Provider, ProviderError};
 use crate::bundle::{bundle_digest, bundle_for};
+use crate::output::Outputs;
 use crate::plan::{Action, Change};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 use crate::stack::{self, Caller, Endpoint, EnrichmentSource, Stack};
@@ -326,8 +327,12 @@ pub mod access {
     }
 
     /// Makes the key and verifier of every identity under `dir` that
-    /// `config` names and that does not have them yet.
+    /// `config` names and that does not have them yet. One at a time: the
+    /// services of an apply start side by side, and each key must be made
+    /// once, its verifier from it.
     pub fn ensure_keys(dir: &Path, config: &rc::ServiceConfig) -> std::io::Result<()> {
+        static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
         let mut config = config.clone();
         let callers: BTreeSet<String> = config
             .secrets_mut()
@@ -1011,6 +1016,33 @@ impl Provider for LocalProvider {
         ProviderId::Local
     }
 
+    /// Each exposure (`expose.NAME`): its loopback URL and port, and where
+    /// this machine's key and the certificate to trust are.
+    fn outputs(&self, stack: &Stack, live: &[Live]) -> Outputs {
+        let mut out = Outputs::default();
+        for (name, e) in &stack.exposes {
+            let address = Address::of("expose", name);
+            let Some(l) = live.iter().find(|l| l.address == address) else {
+                continue;
+            };
+            if out.exposure(stack, e, l) {
+                out.copy(
+                    "expose",
+                    name,
+                    l,
+                    &[
+                        ("api_key_file", "api_key_file"),
+                        ("certificate", "certificate"),
+                    ],
+                );
+                if let Some(port) = l.attrs.get("port").and_then(crate::output::plain) {
+                    out.set("expose", name, "port", port);
+                }
+            }
+        }
+        out
+    }
+
     async fn rotate_keys(
         &self,
         _stack: &Stack,
@@ -1318,6 +1350,47 @@ mod tests {
     fn example() -> Stack {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
         crate::stack::load(&root, Some("local")).unwrap_or_else(|r| panic!("{}", r.render()))
+    }
+
+    /// Services applied side by side make the keys they need at once: each
+    /// key is made once, and every verifier matches its key.
+    #[test]
+    fn keys_made_by_services_applied_at_once_agree_with_their_verifiers() {
+        let stack = example();
+        let ports = service_ports(&stack);
+        let url_of = |svc: &str| format!("http://127.0.0.1:{}", ports[svc]);
+        let features = &stack.services["customer-features"];
+        for _ in 0..20 {
+            let tmp = tempfile::tempdir().expect("temp dir");
+            let dir = tmp.path().join("access");
+            let mut b = bundle_for(&stack, features, &url_of);
+            access::configure(&stack, &dir, features, &mut b.config);
+            let config = &b.config;
+            let start = std::sync::Barrier::new(16);
+            let made: Vec<std::io::Result<()>> = std::thread::scope(|s| {
+                let all: Vec<_> = (0..16)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            access::ensure_keys(&dir, config)
+                        })
+                    })
+                    .collect();
+                all.into_iter().map(|t| t.join().expect("thread")).collect()
+            });
+            for r in made {
+                r.expect("ensure_keys");
+            }
+            for caller in ["operator", "customer-scoring"] {
+                let key = std::fs::read_to_string(access::key_file(&dir, caller)).expect("key");
+                let verifier =
+                    std::fs::read_to_string(access::verifier_file(&dir, caller)).expect("verifier");
+                assert_eq!(
+                    verifier,
+                    mesh_runtime::auth::verifier(caller, key.trim_end())
+                );
+            }
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
+use crate::output::Outputs;
 use crate::plan::Change;
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 use crate::stack::Stack;
@@ -153,6 +154,14 @@ pub trait Provider: Send + Sync {
         change: &Change,
         ctx: &ApplyContext,
     ) -> Result<Option<Live>, ProviderError>;
+
+    /// What `mesh output` shows of the resources this provider owns, read
+    /// from `live` (every provider's live resources): an exposure's URLs,
+    /// a cluster's endpoint, a registry's URL, a network's ids. Only the
+    /// provider knows its addresses and outputs; nothing secret.
+    fn outputs(&self, _stack: &Stack, _live: &[Live]) -> Outputs {
+        Outputs::default()
+    }
 
     /// Checks, before anything of the plan is applied, what carrying out
     /// `change` needs from outside the stack (the databases a service reads

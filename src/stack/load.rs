@@ -39,6 +39,8 @@ pub struct Loaded {
     /// Which file declared each top-level resource (`service.x` → file dir),
     /// so relative paths resolve against the file that wrote them.
     pub base_dirs: BTreeMap<String, PathBuf>,
+    /// The modules' outputs: `module.M.O` → value.
+    pub outputs: BTreeMap<String, String>,
 }
 
 fn read(sources: &mut Sources, path: &Path, errors: &mut Errors) -> Option<(FileId, Table)> {
@@ -210,6 +212,7 @@ pub fn load(
         main,
         table,
         base_dirs,
+        outputs: modules.outputs,
     })
 }
 

@@ -22,6 +22,8 @@ pub struct Stack {
     pub connections: BTreeMap<String, Connection>,
     pub services: BTreeMap<String, Service>,
     pub exposes: BTreeMap<String, Expose>,
+    /// The modules' outputs (`${module.M.O}`): `module.M.O` → value.
+    pub outputs: BTreeMap<String, String>,
 }
 
 impl Stack {

@@ -29,6 +29,7 @@ pub mod lock;
 mod nat;
 mod network;
 mod node_ports;
+mod outputs;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -408,6 +409,10 @@ impl Provider for AwsProvider {
 
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {
         desired::desired(stack, &|name| self.managed_policy(name))
+    }
+
+    fn outputs(&self, stack: &Stack, live: &[Live]) -> crate::output::Outputs {
+        outputs::outputs(stack, live)
     }
 
     async fn observe(&self, scope: &Scope) -> Result<Vec<Live>, ProviderError> {

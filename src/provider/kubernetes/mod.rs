@@ -41,6 +41,7 @@ use serde_json::{Value as J, json};
 
 use super::{ApplyContext, Provider, ProviderError};
 use crate::image::RegistryAuth;
+use crate::output::Outputs;
 use crate::plan::{Action, Change};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 use crate::stack::{ClusterKind, Stack};
@@ -1213,6 +1214,63 @@ impl KubernetesProvider {
 impl Provider for KubernetesProvider {
     fn id(&self) -> ProviderId {
         ProviderId::Kubernetes
+    }
+
+    /// Each exposure: the Ingress's URL, else the Service's, its node port
+    /// and cluster IP, and where the operator's key is when callers need
+    /// one; an `existing` cluster's API endpoint and kubeconfig context.
+    fn outputs(&self, stack: &Stack, live: &[Live]) -> Outputs {
+        let find = |a: &Address| live.iter().find(|l| &l.address == a);
+        let mut out = Outputs::default();
+        let operator = crate::provider::local::access::OPERATOR;
+        let key_secret = find(&objects::identity_address(operator)).and_then(|s| {
+            match (s.outputs.get("namespace"), s.outputs.get("name")) {
+                (Some(Value::Str(ns)), Some(Value::Str(name))) => Some((ns, name)),
+                _ => None,
+            }
+        });
+        for (name, e) in &stack.exposes {
+            let base = Address::of("expose", name);
+            let service = find(&objects::sub(&base, "service"));
+            let ingress = find(&objects::sub(&base, "ingress"));
+            if ![ingress, service]
+                .into_iter()
+                .flatten()
+                .any(|l| out.exposure(stack, e, l))
+            {
+                continue;
+            }
+            if let Some(s) = service {
+                out.copy(
+                    "expose",
+                    name,
+                    s,
+                    &[("node_port", "node_port"), ("cluster_ip", "cluster_ip")],
+                );
+            }
+            if let Some((ns, secret)) = key_secret
+                && crate::provider::local::access::restricted_to(stack, &e.service).is_some()
+            {
+                out.set("expose", name, "api_key_secret", format!("{ns}/{secret}"));
+                out.set(
+                    "expose",
+                    name,
+                    "api_key_command",
+                    format!("kubectl -n {ns} get secret {secret} -o jsonpath='{{.data.{operator}}}' | base64 -d"),
+                );
+            }
+        }
+        let existing = stack.env.cluster.as_ref().filter(|c| {
+            matches!(
+                stack.clusters.get(*c).map(|c| &c.kind),
+                Some(ClusterKind::Existing { .. })
+            )
+        });
+        if let (Some(cluster), Connection::Ready(conn)) = (existing, &self.connection) {
+            out.set("cluster", cluster, "endpoint", conn.server.clone());
+            out.set("cluster", cluster, "context", conn.context.clone());
+        }
+        out
     }
 
     fn desired(&self, stack: &Stack) -> Result<Vec<Desired>, ProviderError> {

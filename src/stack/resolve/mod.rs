@@ -148,6 +148,7 @@ pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Optio
         connections,
         services,
         exposes,
+        outputs: loaded.outputs.clone(),
     })
 }
 
