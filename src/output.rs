@@ -188,6 +188,7 @@ pub fn exposure(stack: &Stack, expose: &Expose, url: &str) -> Map<String, J> {
     fields.insert("url".into(), url.into());
     fields.insert("health".into(), format!("{url}/readyz").into());
     fields.insert("openapi".into(), format!("{url}/openapi.json").into());
+    fields.insert("docs".into(), format!("{url}/docs").into());
     fields.insert("endpoints".into(), J::Object(endpoints));
     fields
 }

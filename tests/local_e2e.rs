@@ -196,6 +196,11 @@ fn apply_serve_drift_repair_destroy() {
         format!("{predict_url}\n")
     );
     assert_eq!(bare("module.platform.cluster"), "platform\n");
+    // The interactive page the runtime serves (Swagger UI over /openapi.json).
+    let docs = bare("expose.customer-scoring.docs");
+    let (status, page) = support::local::get_text(docs.trim_end());
+    assert_eq!(status, 200, "{docs}: {page}");
+    assert!(page.contains("swagger-ui"), "{docs}: {page}");
     // An unknown name: exit 1, nothing on stdout, the known names listed.
     let out = m.run("output", &["expose.customer-scoring.nope"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
