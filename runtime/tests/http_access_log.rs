@@ -32,13 +32,7 @@ fn keyed_bundle(access_log: Option<bool>) -> BundleDir {
     if let Some(on) = access_log {
         service["access_log"] = json!(on);
     }
-    let bundle = BundleDir::new(&service);
-    std::fs::create_dir_all(bundle.path().join("secrets")).expect("mkdir");
-    std::fs::write(
-        bundle.path().join("secrets/operator"),
-        mesh_runtime::auth::verifier("operator", OPERATOR_KEY),
-    )
-    .expect("write verifier");
+    let bundle = bundle_with_operator_verifier(&service, OPERATOR_KEY);
     bundle
 }
 

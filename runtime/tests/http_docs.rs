@@ -118,13 +118,7 @@ fn try_it_out_predicts_in_headless_chromium() {
 fn try_it_out_with_keys_asks_for_one_and_authorizes_with_it() {
     let mut service = local_service();
     service["api_keys"] = json!([{"caller": "operator", "verifier": {"file": "secrets/operator"}}]);
-    let bundle = BundleDir::new(&service);
-    std::fs::create_dir_all(bundle.path().join("secrets")).expect("mkdir");
-    std::fs::write(
-        bundle.path().join("secrets/operator"),
-        mesh_runtime::auth::verifier("operator", OPERATOR_KEY),
-    )
-    .expect("write verifier");
+    let bundle = bundle_with_operator_verifier(&service, OPERATOR_KEY);
     let s = Server::start_ready(bundle.path(), &[]);
     let browser = Browser::start();
     browser.goto(&format!("http://{}/docs", s.addr));

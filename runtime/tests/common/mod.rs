@@ -583,3 +583,16 @@ pub fn pg() -> Pg {
         database: database.split('?').next().unwrap_or(database).to_string(),
     }
 }
+
+/// A bundle of `service` whose `secrets/operator` holds the operator's
+/// verifier for `key` (name it with `{"verifier": {"file": "secrets/operator"}}`).
+pub fn bundle_with_operator_verifier(service: &Value, key: &str) -> BundleDir {
+    let bundle = BundleDir::new(service);
+    std::fs::create_dir_all(bundle.path().join("secrets")).expect("mkdir");
+    std::fs::write(
+        bundle.path().join("secrets/operator"),
+        mesh_runtime::auth::verifier("operator", key),
+    )
+    .expect("write verifier");
+    bundle
+}
