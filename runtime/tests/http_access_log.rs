@@ -32,8 +32,7 @@ fn keyed_bundle(access_log: Option<bool>) -> BundleDir {
     if let Some(on) = access_log {
         service["access_log"] = json!(on);
     }
-    let bundle = bundle_with_operator_verifier(&service, OPERATOR_KEY);
-    bundle
+    bundle_with_operator_verifier(&service, OPERATOR_KEY)
 }
 
 /// A request the test sends and what its line must say.
