@@ -72,15 +72,11 @@ impl Pool {
         }
     }
 
-    /// Sends `head` (the request line and headers, ending with the empty
-    /// line) and `body`, and reads the answer, refusing a body over `max`
-    /// bytes.
-    pub async fn send(&self, head: &[u8], body: &[u8], max: usize) -> Result<Answer, String> {
-        let mut request = Vec::with_capacity(head.len() + body.len());
-        request.extend_from_slice(head);
-        request.extend_from_slice(body);
+    /// Sends `request` (request line, headers, the empty line and the body)
+    /// and reads the answer, refusing a body over `max` bytes.
+    pub async fn send(&self, request: &[u8], max: usize) -> Result<Answer, String> {
         if let Some(mut conn) = self.checkout() {
-            match exchange(&mut conn, &request, max).await {
+            match exchange(&mut conn, request, max).await {
                 Ok((answer, keep)) => {
                     if keep {
                         self.checkin(conn);
@@ -93,7 +89,7 @@ impl Pool {
             }
         }
         let mut conn = self.connect().await?;
-        match exchange(&mut conn, &request, max).await {
+        match exchange(&mut conn, request, max).await {
             Ok((answer, keep)) => {
                 if keep {
                     self.checkin(conn);

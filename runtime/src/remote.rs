@@ -489,17 +489,21 @@ impl Call {
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), AppError> {
         if let Some((pool, fixed)) = &self.plain {
-            let mut head = Vec::with_capacity(fixed.len() + 160);
-            head.extend_from_slice(fixed);
-            head.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+            // The whole request in one buffer: one write.
+            let mut request = Vec::with_capacity(fixed.len() + 160 + body.len());
+            request.extend_from_slice(fixed);
+            // Writing to a Vec cannot fail.
+            use std::io::Write as _;
+            let _ = write!(request, "Content-Length: {}\r\n", body.len());
             if let Some(auth) = &self.auth {
-                head.extend_from_slice(b"Authorization: ");
-                head.extend_from_slice(auth.header().as_bytes());
-                head.extend_from_slice(b"\r\n");
+                request.extend_from_slice(b"Authorization: ");
+                request.extend_from_slice(auth.header().as_bytes());
+                request.extend_from_slice(b"\r\n");
             }
-            head.extend_from_slice(b"\r\n");
+            request.extend_from_slice(b"\r\n");
+            request.extend_from_slice(&body);
             let answer = pool
-                .send(&head, &body, MAX_ANSWER_BYTES)
+                .send(&request, MAX_ANSWER_BYTES)
                 .await
                 .map_err(|e| self.bad_gateway(format!("unreachable: {e}")))?;
             let status = StatusCode::from_u16(answer.status)

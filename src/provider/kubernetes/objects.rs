@@ -950,6 +950,14 @@ mod tests {
     use super::*;
 
     fn deployments(stack: &Stack, registry: Registry) -> Vec<Desired> {
+        desired_with(stack, registry)
+            .into_iter()
+            .filter(|d| d.address.as_str().ends_with(".deployment"))
+            .collect()
+    }
+
+    /// Every desired object of `stack` pushing to `registry` (images built by a stand-in).
+    fn desired_with(stack: &Stack, registry: Registry) -> Vec<Desired> {
         let digests = |wanted: &[(&str, &BundlePlan)]| -> Vec<Result<String, String>> {
             wanted
                 .iter()
@@ -962,11 +970,7 @@ mod tests {
             pull_secret: None,
             digest_key: None,
         };
-        desired(stack, &inputs)
-            .expect("desired")
-            .into_iter()
-            .filter(|d| d.address.as_str().ends_with(".deployment"))
-            .collect()
+        desired(stack, &inputs).expect("desired")
     }
 
     #[test]
@@ -1020,21 +1024,9 @@ mod tests {
         }
     }
 
-    /// Every desired object of `stack` (images built by a stand-in).
+    /// Every desired object of `stack`, pushing to a registry by URL.
     fn all(stack: &Stack) -> Vec<Desired> {
-        let digests = |wanted: &[(&str, &BundlePlan)]| -> Vec<Result<String, String>> {
-            wanted
-                .iter()
-                .map(|_| Ok(format!("sha256:{}", "ab".repeat(32))))
-                .collect()
-        };
-        let inputs = Inputs {
-            registry: Some(Registry::Url("127.0.0.1:5000/mesh".into())),
-            image_digests: &digests,
-            pull_secret: None,
-            digest_key: None,
-        };
-        desired(stack, &inputs).expect("desired")
+        desired_with(stack, Registry::Url("127.0.0.1:5000/mesh".into()))
     }
 
     fn manifest(objects: &[Desired], address: &str) -> J {
