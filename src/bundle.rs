@@ -182,7 +182,9 @@ pub fn bundle_for(
                     });
                 }
                 rc::EndpointConfig::Prediction {
-                    model: PathBuf::from(rel),
+                    model: Some(PathBuf::from(rel)),
+                    generations: Vec::new(),
+                    dispatch: rc::Dispatch::Random,
                     enrichments: out,
                 }
             }
@@ -211,6 +213,8 @@ pub fn bundle_for(
             // Off on this machine unless asked: the log file would grow with every
             // request (a cluster turns it on: see `kubernetes::objects`).
             access_log: svc.access_log.unwrap_or(false),
+            split_file: None,
+            query_log: None,
         },
         files,
     }

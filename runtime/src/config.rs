@@ -83,6 +83,14 @@ pub struct ServiceConfig {
     /// local target leaves it off unless the stack asks; clusters turn it on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub access_log: bool,
+    /// The weights of the endpoints' generations ([`SplitFile`]), kept out
+    /// of the bundle so a weight change is not a new bundle. Left out: the
+    /// `weight`s in `generations`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_file: Option<PathBuf>,
+    /// The query log; left out: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_log: Option<QueryLogConfig>,
 }
 
 /// A certificate chain and its private key, PEM files (relative to the
@@ -417,13 +425,95 @@ pub enum EndpointConfig {
     /// are merged by key.
     Lookup { datasets: Vec<String> },
     /// Features in, prediction out (`predict`, `predict-multi`, v2 `infer`).
+    /// Exactly one of `model` (one model, answers name no generation) and
+    /// `generations` (several models side by side, see [`GenerationConfig`]).
     Prediction {
         /// ONNX model file, relative to the bundle folder.
-        model: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<PathBuf>,
+        /// The endpoint's generations, in declaration order (key dispatch
+        /// assigns hash buckets in this order).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        generations: Vec<GenerationConfig>,
+        /// How a request picks its serving generation.
+        #[serde(default, skip_serializing_if = "Dispatch::is_random")]
+        dispatch: Dispatch,
         /// Applied in order; each fills only features still missing.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         enrichments: Vec<EnrichmentConfig>,
     },
+}
+
+/// One model of a prediction endpoint with generations: it serves a share
+/// of the traffic (`weight`, percent; the serving generations' weights sum
+/// to 100) or, with `shadow`, scores a copy of it off the request path and
+/// is compared with the generation that served, never answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Named in answers (`"generation"`, header `X-Mesh-Generation`),
+    /// metrics and the query log; a request may pin it with that header.
+    pub name: String,
+    /// ONNX model file, relative to the bundle folder.
+    pub model: PathBuf,
+    /// Percent of the traffic (0..=100). Left out when `split_file` gives
+    /// the weights; never set on a shadow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Receives a copy of the traffic; its answers are recorded and
+    /// compared, never returned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
+}
+
+/// How a prediction endpoint with generations picks the serving one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Dispatch {
+    /// Each request independently, with the weights as probabilities.
+    #[default]
+    Random,
+    /// `{"key": "customer_id"}`: a stable hash of this request feature picks
+    /// the generation, so a key always lands on the same one; buckets are
+    /// given to generations in declaration order, so moving weight between
+    /// two neighbours moves only keys between them.
+    Key(String),
+}
+
+impl Dispatch {
+    /// The default, left out of `service.json`.
+    pub fn is_random(&self) -> bool {
+        matches!(self, Dispatch::Random)
+    }
+}
+
+/// `split_file`: the current weights of the serving generations, which the
+/// runtime re-reads when the file changes (so a weight change restarts
+/// nothing): `{"ENDPOINT": {"GENERATION": WEIGHT, ...}, ...}`, every
+/// endpoint with generations, every serving generation, weights summing to
+/// 100. A file that is not valid keeps the previous split.
+pub type SplitFile = BTreeMap<String, BTreeMap<String, u32>>;
+
+/// `query_log`: one JSON line per prediction or lookup (and per
+/// authentication failure, apart, never with the key presented).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryLogConfig {
+    /// File the lines are appended to; left out: standard output (the
+    /// cluster's log pipeline takes it there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Fraction of queries logged, 0.0..=1.0 (default 1.0).
+    #[serde(default = "default_sample")]
+    pub sample: f64,
+    /// Fields (request features, enriched values, lookup columns) whose
+    /// values never appear in the log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact: Vec<String>,
+}
+
+fn default_sample() -> f64 {
+    1.0
 }
 
 /// Fills missing features of a prediction request from a row found by key.
@@ -793,7 +883,20 @@ impl ServiceConfig {
                         }
                     }
                 }
-                EndpointConfig::Prediction { enrichments, .. } => {
+                EndpointConfig::Prediction {
+                    model,
+                    generations,
+                    dispatch,
+                    enrichments,
+                } => {
+                    generation_problems(
+                        name,
+                        model.is_some(),
+                        generations,
+                        dispatch,
+                        self.split_file.is_some(),
+                        &mut out,
+                    );
                     for (i, en) in enrichments.iter().enumerate() {
                         let at = format!("endpoint `{name}` enrichment {}", i + 1);
                         match (&en.dataset, &en.lookup) {
@@ -847,6 +950,78 @@ impl ServiceConfig {
     }
 }
 
+/// A prediction endpoint's `model` / `generations` / `dispatch`: one of
+/// the first two; generation names valid and unique; weights on every
+/// serving generation (unless `split_file` gives them) summing to 100,
+/// never on a shadow; at least one serving generation.
+fn generation_problems(
+    name: &str,
+    has_model: bool,
+    generations: &[GenerationConfig],
+    dispatch: &Dispatch,
+    split_file: bool,
+    out: &mut Vec<String>,
+) {
+    let at = format!("endpoint `{name}`");
+    match (has_model, generations.is_empty()) {
+        (true, false) => out.push(format!(
+            "{at}: give either `model` or `generations`, not both"
+        )),
+        (false, true) => out.push(format!("{at}: needs a `model` or `generations`")),
+        (true, true) => {
+            if !dispatch.is_random() {
+                out.push(format!("{at}: `dispatch` applies to `generations` only"));
+            }
+            return;
+        }
+        (false, false) => {}
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0u32;
+    for g in generations {
+        if !valid_name(&g.name) {
+            out.push(format!(
+                "{at}: generation name `{}` must use only letters, digits, `-`, `_` and `.`",
+                g.name
+            ));
+        }
+        if !seen.insert(g.name.as_str()) {
+            out.push(format!("{at}: two generations named `{}`", g.name));
+        }
+        match (g.shadow, g.weight) {
+            (true, Some(_)) => out.push(format!(
+                "{at}: generation `{}` is a shadow: it takes no `weight`",
+                g.name
+            )),
+            (false, Some(w)) if w > 100 => out.push(format!(
+                "{at}: generation `{}`: weight {w} is more than 100",
+                g.name
+            )),
+            (false, Some(w)) => total += w,
+            (false, None) if !split_file => out.push(format!(
+                "{at}: generation `{}` needs a `weight` (percent) or `shadow = true`",
+                g.name
+            )),
+            _ => {}
+        }
+    }
+    let serving: Vec<_> = generations.iter().filter(|g| !g.shadow).collect();
+    if serving.is_empty() {
+        out.push(format!(
+            "{at}: every generation is a shadow: one must serve"
+        ));
+    } else if serving.iter().all(|g| g.weight.is_some()) && total != 100 {
+        out.push(format!(
+            "{at}: the serving generations' weights sum to {total}, not 100"
+        ));
+    }
+    if let Dispatch::Key(k) = dispatch
+        && k.is_empty()
+    {
+        out.push(format!("{at}: dispatch key must not be empty"));
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -857,6 +1032,71 @@ fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generations_need_one_serving_and_weights_summing_to_100() {
+        let problems = |endpoint: serde_json::Value, split: bool| {
+            let mut cfg: ServiceConfig = serde_json::from_value(serde_json::json!({
+                "service": "s", "endpoints": { "p": endpoint }
+            }))
+            .unwrap();
+            cfg.split_file = split.then(|| PathBuf::from("split.json"));
+            cfg.problems().join("\n")
+        };
+        let ok = serde_json::json!({ "kind": "prediction", "dispatch": {"key": "id"},
+            "generations": [ {"name": "v1", "model": "a.onnx", "weight": 90},
+                             {"name": "v2", "model": "b.onnx", "weight": 10},
+                             {"name": "v3", "model": "c.onnx", "shadow": true} ] });
+        assert_eq!(problems(ok, false), "");
+        let unweighted = serde_json::json!({ "kind": "prediction",
+            "generations": [ {"name": "v1", "model": "a.onnx"} ] });
+        assert_eq!(
+            problems(unweighted.clone(), true),
+            "",
+            "split_file gives them"
+        );
+        assert!(problems(unweighted, false).contains("needs a `weight`"));
+        for (bad, says) in [
+            (
+                serde_json::json!({ "kind": "prediction", "model": "m.onnx",
+                "generations": [ {"name": "v1", "model": "a.onnx", "weight": 100} ] }),
+                "not both",
+            ),
+            (
+                serde_json::json!({ "kind": "prediction" }),
+                "needs a `model`",
+            ),
+            (
+                serde_json::json!({ "kind": "prediction",
+                "generations": [ {"name": "v1", "model": "a.onnx", "weight": 60},
+                                 {"name": "v2", "model": "b.onnx", "weight": 30} ] }),
+                "sum to 90, not 100",
+            ),
+            (
+                serde_json::json!({ "kind": "prediction",
+                "generations": [ {"name": "v1", "model": "a.onnx", "weight": 100},
+                                 {"name": "v1", "model": "b.onnx", "shadow": true} ] }),
+                "two generations named `v1`",
+            ),
+            (
+                serde_json::json!({ "kind": "prediction",
+                "generations": [ {"name": "v1", "model": "a.onnx", "shadow": true, "weight": 5} ] }),
+                "takes no `weight`",
+            ),
+            (
+                serde_json::json!({ "kind": "prediction",
+                "generations": [ {"name": "v1", "model": "a.onnx", "shadow": true} ] }),
+                "one must serve",
+            ),
+            (
+                serde_json::json!({ "kind": "prediction", "model": "m.onnx", "dispatch": {"key": "id"} }),
+                "generations` only",
+            ),
+        ] {
+            let got = problems(bad.clone(), false);
+            assert!(got.contains(says), "{bad}: {got}");
+        }
+    }
 
     #[test]
     fn base_paths_are_rooted_plain_and_clear_of_the_root_routes() {

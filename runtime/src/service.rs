@@ -354,7 +354,23 @@ impl Service {
                         None => continue,
                     }
                 }
-                EndpointConfig::Prediction { model, enrichments } => {
+                EndpointConfig::Prediction {
+                    model,
+                    generations,
+                    enrichments,
+                    ..
+                } => {
+                    // Generations: the first serving one answers until the
+                    // runtime splits traffic between them.
+                    let Some(model) = model
+                        .as_ref()
+                        .or_else(|| generations.iter().find(|g| !g.shadow).map(|g| &g.model))
+                    else {
+                        return Err(LoadError::Model {
+                            endpoint: name.clone(),
+                            reason: "no model and no serving generation".into(),
+                        });
+                    };
                     let path = bundle.path(model);
                     let model = tokio::task::spawn_blocking(move || load_model(&path))
                         .await
