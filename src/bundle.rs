@@ -35,7 +35,6 @@ pub struct BundlePlan {
     pub files: BTreeMap<String, PathBuf>,
 }
 
-/// Builds the bundle of a service from the stack. `lookup_url` gives the base
 /// A dataset's or an enrichment's cache, in the runtime's terms.
 fn cache_config(c: stack::LiveCache) -> rc::CacheConfig {
     rc::CacheConfig {
@@ -44,6 +43,7 @@ fn cache_config(c: stack::LiveCache) -> rc::CacheConfig {
     }
 }
 
+/// Builds the bundle of a service from the stack. `lookup_url` gives the base
 /// URL of another service (for lookup enrichments).
 pub fn bundle_for(
     stack: &Stack,
@@ -114,10 +114,22 @@ pub fn bundle_for(
             Endpoint::Lookup { datasets } => rc::EndpointConfig::Lookup {
                 datasets: datasets.clone(),
             },
-            Endpoint::Prediction { model, enrichments } => {
-                let rel = format!("models/{name}.onnx");
-                files.insert(rel.clone(), model.clone());
-                let features: BTreeSet<String> = model_inputs(model).into_iter().collect();
+            Endpoint::Prediction {
+                models,
+                enrichments,
+            } => {
+                // Generations take the same inputs (the stack checks it).
+                let mut features = BTreeSet::new();
+                let mut rels = Vec::new();
+                for (generation, model) in models.files() {
+                    let rel = match generation {
+                        None => format!("models/{name}.onnx"),
+                        Some(g) => format!("models/{name}/{g}.onnx"),
+                    };
+                    files.insert(rel.clone(), model.clone());
+                    features.extend(model_inputs(model));
+                    rels.push(PathBuf::from(rel));
+                }
                 let mut out = Vec::new();
                 for en in enrichments {
                     // Columns available from the source, restricted to model
@@ -181,11 +193,34 @@ pub fn bundle_for(
                         cache: en.cache.map(cache_config),
                     });
                 }
-                rc::EndpointConfig::Prediction {
-                    model: Some(PathBuf::from(rel)),
-                    generations: Vec::new(),
-                    dispatch: rc::Dispatch::Random,
-                    enrichments: out,
+                match models {
+                    stack::Models::One(_) => rc::EndpointConfig::Prediction {
+                        model: rels.pop(),
+                        generations: Vec::new(),
+                        dispatch: rc::Dispatch::Random,
+                        enrichments: out,
+                    },
+                    stack::Models::Generations {
+                        generations,
+                        dispatch,
+                    } => rc::EndpointConfig::Prediction {
+                        model: None,
+                        generations: generations
+                            .iter()
+                            .zip(rels)
+                            .map(|(g, model)| rc::GenerationConfig {
+                                name: g.name.clone(),
+                                model,
+                                weight: g.weight,
+                                shadow: g.weight.is_none(),
+                            })
+                            .collect(),
+                        dispatch: match dispatch {
+                            stack::Dispatch::Random => rc::Dispatch::Random,
+                            stack::Dispatch::Key(k) => rc::Dispatch::Key(k.clone()),
+                        },
+                        enrichments: out,
+                    },
                 }
             }
         };
@@ -218,6 +253,42 @@ pub fn bundle_for(
         },
         files,
     }
+}
+
+/// Moves the generations' weights out of the bundle into the split the
+/// runtime reads from `split_file` and re-reads when it changes, so a weight
+/// change is not a new bundle (and restarts nothing). The split; `None` when
+/// no endpoint has generations (the config is left as it was).
+pub fn split_out(config: &mut rc::ServiceConfig, split_file: PathBuf) -> Option<rc::SplitFile> {
+    let mut split = rc::SplitFile::new();
+    for (name, ep) in &mut config.endpoints {
+        if let rc::EndpointConfig::Prediction { generations, .. } = ep {
+            for g in generations.iter_mut().filter(|g| !g.shadow) {
+                let weight = g.weight.take().unwrap_or_default();
+                split
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(g.name.clone(), weight);
+            }
+        }
+    }
+    if split.is_empty() {
+        return None;
+    }
+    config.split_file = Some(split_file);
+    Some(split)
+}
+
+/// A split as one plan value: `high-value: v1 90, v2 10`.
+pub fn split_text(split: &rc::SplitFile) -> String {
+    split
+        .iter()
+        .map(|(endpoint, weights)| {
+            let w: Vec<String> = weights.iter().map(|(g, w)| format!("{g} {w}")).collect();
+            format!("{endpoint}: {}", w.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The runtime's view of a `[connection]`: options and secrets by reference.
@@ -305,12 +376,20 @@ pub fn bundle_digest(b: &BundlePlan) -> Result<String, std::io::Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The example stack with `edit` made to its `stack.toml` (which must
-    /// change it), loaded from a copy in a temp folder.
+    /// change it), loaded for `local` from a copy in a temp folder.
     fn edited_example(edit: impl FnOnce(&str) -> String) -> (tempfile::TempDir, Stack) {
+        edited_example_for("local", edit)
+    }
+
+    /// [`edited_example`] for environment `env`.
+    pub(crate) fn edited_example_for(
+        env: &str,
+        edit: impl FnOnce(&str) -> String,
+    ) -> (tempfile::TempDir, Stack) {
         let root = tempfile::tempdir().unwrap();
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
         for f in std::fs::read_dir(&example).unwrap() {
@@ -329,9 +408,85 @@ mod tests {
             edited.replace("../../", &format!("{}/", env!("CARGO_MANIFEST_DIR"))),
         )
         .unwrap();
-        let stack = crate::stack::load(root.path(), Some("local"))
-            .unwrap_or_else(|r| panic!("{}", r.render()));
+        let stack =
+            crate::stack::load(root.path(), Some(env)).unwrap_or_else(|r| panic!("{}", r.render()));
         (root, stack)
+    }
+
+    /// The example's `high-value` endpoint as generations `v1` (its model)
+    /// and `v2` (the same model) with these weights, and a shadow `v3`.
+    pub(crate) fn with_generations(text: &str, v1: u32, v2: u32) -> String {
+        let model = "model = \"../../examples/customer-mesh/high_value.onnx\"";
+        let generation = |name: &str, role: &str| {
+            format!(
+                "\n[[service.customer-scoring.endpoint.high-value.generation]]\nname = \"{name}\"\n{model}\n{role}\n"
+            )
+        };
+        let (head, tail) = text.split_once(model).expect("the example's model line");
+        let tail = tail
+            .split_once("\n[expose.customer-scoring]")
+            .map(|(enrich, rest)| {
+                format!(
+                    "{enrich}{}{}{}\n[expose.customer-scoring]{rest}",
+                    generation("v1", &format!("weight = {v1}")),
+                    generation("v2", &format!("weight = {v2}")),
+                    generation("v3", "shadow = true"),
+                )
+            })
+            .expect("the example's exposure");
+        format!("{head}dispatch = {{ key = \"customer_id\" }}{tail}")
+    }
+
+    #[test]
+    fn generations_weights_live_outside_the_bundle() {
+        let bundle = |v1, v2| {
+            let (_root, stack) = edited_example(|text| with_generations(text, v1, v2));
+            let url_of = |svc: &str| format!("http://{svc}");
+            let mut b = bundle_for(&stack, &stack.services["customer-scoring"], &url_of);
+            let split = split_out(&mut b.config, PathBuf::from("/state/split.json"));
+            (b, split.expect("a split"))
+        };
+        let (b, split) = bundle(90, 10);
+        let rc::EndpointConfig::Prediction {
+            model,
+            generations,
+            dispatch,
+            ..
+        } = &b.config.endpoints["high-value"]
+        else {
+            panic!("a prediction endpoint");
+        };
+        assert_eq!(model, &None);
+        assert_eq!(dispatch, &rc::Dispatch::Key("customer_id".into()));
+        let names: Vec<(&str, &Path, Option<u32>, bool)> = generations
+            .iter()
+            .map(|g| (g.name.as_str(), g.model.as_path(), g.weight, g.shadow))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("v1", Path::new("models/high-value/v1.onnx"), None, false),
+                ("v2", Path::new("models/high-value/v2.onnx"), None, false),
+                ("v3", Path::new("models/high-value/v3.onnx"), None, true),
+            ]
+        );
+        for g in ["v1", "v2", "v3"] {
+            assert!(
+                b.files.contains_key(&format!("models/high-value/{g}.onnx")),
+                "{g}"
+            );
+        }
+        assert_eq!(
+            b.config.split_file,
+            Some(PathBuf::from("/state/split.json"))
+        );
+        assert_eq!(split_text(&split), "high-value: v1 90, v2 10");
+        assert!(b.config.problems().is_empty(), "{:?}", b.config.problems());
+        // Another split, the same bundle: a weight change restarts nothing.
+        let (other, split2) = bundle(80, 20);
+        assert_eq!(split_text(&split2), "high-value: v1 80, v2 20");
+        assert_eq!(other.config, b.config);
+        assert_eq!(bundle_digest(&other).unwrap(), bundle_digest(&b).unwrap());
     }
 
     #[test]

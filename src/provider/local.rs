@@ -31,7 +31,7 @@ use mesh_runtime::config as rc;
 use serde::{Deserialize, Serialize};
 
 use super::{ApplyContext, Provider, ProviderError};
-use crate::bundle::{bundle_digest, bundle_for};
+use crate::bundle::{bundle_digest, bundle_for, split_out, split_text};
 use crate::output::Outputs;
 use crate::plan::{Action, Change};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
@@ -47,6 +47,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// After a new runtime took a port over, how long the old one keeps
 /// accepting what the kernel queued for it before the switch.
 const HANDOVER_GRACE: Duration = Duration::from_millis(250);
+/// A service's generation weights (`services/<name>/split.json`), outside
+/// its bundle: the runtime re-reads it (see `bundle::split_out`).
+const SPLIT_FILE: &str = "split.json";
+/// How long an apply waits for a runtime to take up a new split.
+const SPLIT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The only variables of mesh's environment a runtime gets (when set): none
 /// carries a secret. Cloud credentials and the like stay with mesh.
@@ -467,6 +472,8 @@ async fn check_datasets(
     let mut check = rc::ServiceConfig {
         api_keys: Vec::new(),
         known_callers: Vec::new(),
+        split_file: None,
+        query_log: None,
         ..config.clone()
     };
     check
@@ -593,18 +600,25 @@ fn runtime_alive(pid: u32) -> bool {
 /// `GET path` on a loopback port, over HTTPS trusting only `tls_cert` when
 /// given; the status code, if it answered.
 pub async fn http_status(port: u16, path: &str, tls_cert: Option<&Path>) -> Option<u16> {
+    http_get(port, path, tls_cert)
+        .await
+        .map(|(status, _)| status)
+}
+
+/// `GET path` on a loopback port (see [`http_status`]); status and body.
+async fn http_get(port: u16, path: &str, tls_cert: Option<&Path>) -> Option<(u16, String)> {
     let fut = async {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .ok()?;
         match tls_cert {
-            None => get_status(tcp, path).await,
+            None => get(tcp, path).await,
             Some(cert) => {
                 let config = mesh_runtime::tls::client_config(&[cert]).ok()?;
                 let s = mesh_runtime::tls::connect(config.into(), "127.0.0.1", tcp)
                     .await
                     .ok()?;
-                get_status(s, path).await
+                get(s, path).await
             }
         }
     };
@@ -614,8 +628,8 @@ pub async fn http_status(port: u16, path: &str, tls_cert: Option<&Path>) -> Opti
         .flatten()
 }
 
-/// `GET path` on a connection (closed after); the status code.
-async fn get_status<S>(mut s: S, path: &str) -> Option<u16>
+/// `GET path` on a connection (closed after); the status code and the body.
+async fn get<S>(mut s: S, path: &str) -> Option<(u16, String)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -629,7 +643,29 @@ where
     // A TLS peer may close without `close_notify`: what was read counts.
     let _ = s.read_to_end(&mut buf).await;
     let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace().nth(1)?.parse().ok()
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Whether a runtime's `/metrics` shows every weight of `split` in force
+/// (`mesh_generation_weight{endpoint="E",generation="G"} W`).
+fn split_in_force(metrics: &str, split: &rc::SplitFile) -> bool {
+    split.iter().all(|(endpoint, weights)| {
+        weights.iter().all(|(generation, weight)| {
+            let series = format!(
+                "mesh_generation_weight{{endpoint=\"{endpoint}\",generation=\"{generation}\"}}"
+            );
+            metrics.lines().any(|l| {
+                l.strip_prefix(&series)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .is_some_and(|v| v == f64::from(*weight))
+            })
+        })
+    })
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -723,6 +759,24 @@ impl LocalProvider {
             .and_then(|p| u16::try_from(p).ok())
             .ok_or_else(|| invalid("no port"))?;
         let (desired_config, files) = bundle_of(d)?;
+        let split = d.attrs.get("_split").and_then(|a| a.value.as_str());
+        if let (Some(split), Some(live)) = (split, live)
+            && only_split_changed(d, live)
+            && let Some(st) =
+                read_state(&dir).filter(|st| st.previous.is_none() && runtime_alive(st.pid))
+        {
+            // The runtime re-reads its split file: nothing restarts.
+            ctx.progress(
+                &d.address,
+                &format!("new split, pid {} keeps serving", st.pid),
+            );
+            write_split(&dir, split)?;
+            self.wait_split(d, ctx, &st, split).await?;
+            return Ok(live_service(&st, true).attr("split", d.attrs["split"].value.clone()));
+        }
+        if let Some(split) = split {
+            write_split(&dir, split)?;
+        }
 
         // What runs now (recorded by us). A runtime left over from an
         // interrupted handover goes first.
@@ -927,6 +981,50 @@ impl LocalProvider {
         Ok(live_service(&state, true))
     }
 
+    /// Waits until the runtime of `st` has taken up `split` (its
+    /// `/metrics`), which it does within about a second of the file's change.
+    async fn wait_split(
+        &self,
+        d: &Desired,
+        ctx: &ApplyContext,
+        st: &ServiceState,
+        split: &str,
+    ) -> Result<(), ProviderError> {
+        let invalid = |message: String| ProviderError::Invalid {
+            address: d.address.clone(),
+            message,
+        };
+        let want: rc::SplitFile =
+            serde_json::from_str(split).map_err(|e| invalid(format!("split: {e}")))?;
+        let started = Instant::now();
+        loop {
+            if let Some((200, metrics)) =
+                http_get(st.port, "/metrics", st.tls_cert.as_deref()).await
+                && split_in_force(&metrics, &want)
+            {
+                return Ok(());
+            }
+            if started.elapsed() > SPLIT_TIMEOUT {
+                return Err(ProviderError::Api {
+                    address: d.address.clone(),
+                    message: format!(
+                        "pid {} did not take up the new split within {}s (its log: {})",
+                        st.pid,
+                        SPLIT_TIMEOUT.as_secs(),
+                        Self::service_dir(
+                            &ctx.scope,
+                            d.address.as_str().trim_start_matches("service.")
+                        )
+                        .join(&st.generation)
+                        .join("runtime.log")
+                        .display()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs `mesh-runtime freeze` on a staged bundle (clean environment,
     /// bounded); its message on failure.
     async fn freeze(&self, bundle: &Path) -> Result<(), String> {
@@ -983,6 +1081,34 @@ impl LocalProvider {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// Whether a running service differs from its desired state in its split
+/// only (or not at all).
+fn only_split_changed(d: &Desired, live: &Live) -> bool {
+    live.attrs.get("running") == Some(&Value::Bool(true))
+        && ["version", "port", "bundle_digest", "secrets"]
+            .iter()
+            .all(|k| d.attrs.get(*k).map(|a| &a.value) == live.attrs.get(*k))
+}
+
+/// The split in force of a service with generations (its `split.json`).
+fn read_split(service_dir: &Path) -> Option<rc::SplitFile> {
+    let text = std::fs::read_to_string(service_dir.join(SPLIT_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Writes a service's split whole (a new file renamed over the old one), so
+/// the runtime never reads half of it.
+fn write_split(service_dir: &Path, split: &str) -> Result<(), ProviderError> {
+    let tmp = service_dir.join(format!("{SPLIT_FILE}.tmp"));
+    std::fs::create_dir_all(service_dir)
+        .and_then(|()| std::fs::write(&tmp, split))
+        .and_then(|()| std::fs::rename(&tmp, service_dir.join(SPLIT_FILE)))
+        .map_err(io(format!(
+            "writing {}",
+            service_dir.join(SPLIT_FILE).display()
+        )))
 }
 
 fn live_service(st: &ServiceState, running: bool) -> Live {
@@ -1068,6 +1194,7 @@ impl Provider for LocalProvider {
             let mut b = bundle_for(stack, svc, &url_of);
             access::configure(stack, &access_dir, svc, &mut b.config);
             tls::configure(stack, name, &mut b.config);
+            let split = split_out(&mut b.config, services_dir.join(name).join(SPLIT_FILE));
             let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid {
                 address: address.clone(),
                 message: format!("reading the bundle's files: {e}"),
@@ -1086,6 +1213,17 @@ impl Provider for LocalProvider {
                     None => Value::Unknown,
                 };
                 d = d.attr("secrets", digest);
+            }
+            if let Some(split) = &split {
+                // Not in the bundle: a weight change only rewrites the file.
+                d = d.attr("split", split_text(split));
+                d.attrs.insert(
+                    "_split".into(),
+                    crate::resource::Attr {
+                        value: Value::Str(serde_json::to_string(split).unwrap_or_default()),
+                        force_new: false,
+                    },
+                );
             }
             // Carried for apply only: `_` attributes are neither compared nor shown.
             d.attrs.insert(
@@ -1154,11 +1292,16 @@ impl Provider for LocalProvider {
                 let Some(st) = read_state(&e.path()) else {
                     continue;
                 };
+                let split = read_split(&e.path());
                 checks.push(tokio::spawn(async move {
                     let running = runtime_alive(st.pid)
                         && http_status(st.port, "/readyz", st.tls_cert.as_deref()).await
                             == Some(200);
-                    live_service(&st, running)
+                    let live = live_service(&st, running);
+                    match split {
+                        Some(split) => live.attr("split", split_text(&split)),
+                        None => live,
+                    }
                 }));
             }
         }

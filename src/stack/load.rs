@@ -238,6 +238,9 @@ fn record_base_dirs(table: &Table, dir: &Path, out: &mut BTreeMap<String, PathBu
 /// A dataset (`service.S.dataset.D`) whose overlay names a source (`file` or
 /// `connection`) switches to it: the base's other source keys are dropped, so
 /// an environment can read from the warehouse what another reads from a file.
+/// A prediction endpoint has one `model` or `generation`s: an overlay that
+/// names one drops the base's other (and an array of generations replaces
+/// the base's whole, as every array does).
 /// An exposure's `tls` is one choice of certificate source: an overlay's
 /// replaces the base's whole (`{ self_signed = true }` locally over a
 /// cluster's `{ issuer = ... }`).
@@ -276,6 +279,17 @@ fn merge_at(base: &mut Table, overlay: Table, path: &mut Vec<String>) {
         let overlaid: Vec<&str> = overlay.entries.iter().map(|e| e.key.as_str()).collect();
         base.entries
             .retain(|e| !drop.contains(&e.key.as_str()) || overlaid.contains(&e.key.as_str()));
+    }
+    let is_endpoint = path.len() == 4 && path[0] == "service" && path[2] == "endpoint";
+    if is_endpoint {
+        // One model or generations: an overlay naming one drops the other.
+        let names = |key: &str| overlay.entries.iter().any(|e| e.key == key);
+        let drop: &[&str] = match (names("model"), names("generation")) {
+            (true, false) => &["generation", "dispatch"],
+            (false, true) => &["model"],
+            _ => &[],
+        };
+        base.entries.retain(|e| !drop.contains(&e.key.as_str()));
     }
     let is_expose = path.len() == 2 && path[0] == "expose";
     for e in overlay.entries {

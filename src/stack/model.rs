@@ -493,13 +493,64 @@ pub struct Dataset {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Endpoint {
     Prediction {
-        /// Absolute path of the ONNX model.
-        model: PathBuf,
+        /// The model, or the generations side by side.
+        models: Models,
         enrichments: Vec<Enrichment>,
     },
     Lookup {
         datasets: Vec<String>,
     },
+}
+
+/// The models of a prediction endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Models {
+    /// `model = "..."`: absolute path of the one ONNX model; answers name
+    /// no generation.
+    One(PathBuf),
+    /// `[[service.S.endpoint.E.generation]]`: several models, traffic split
+    /// between the serving ones, copies to the shadows.
+    Generations {
+        generations: Vec<Generation>,
+        dispatch: Dispatch,
+    },
+}
+
+impl Models {
+    /// Every model file, with its generation's name (none for `One`).
+    pub fn files(&self) -> Vec<(Option<&str>, &PathBuf)> {
+        match self {
+            Models::One(p) => vec![(None, p)],
+            Models::Generations { generations, .. } => generations
+                .iter()
+                .map(|g| (Some(g.name.as_str()), &g.model))
+                .collect(),
+        }
+    }
+}
+
+/// One model of an endpoint with generations.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Generation {
+    pub name: String,
+    /// Absolute path of its ONNX model.
+    pub model: PathBuf,
+    /// Percent of the traffic it serves; `None`: a shadow (scores a copy of
+    /// the traffic, never answers).
+    pub weight: Option<u32>,
+}
+
+/// How a request picks its serving generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    /// The weights as probabilities, request by request.
+    #[default]
+    Random,
+    /// A stable hash of this request feature: a key always gets the same
+    /// generation.
+    Key(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

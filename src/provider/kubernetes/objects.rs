@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::kinds::{self, Kind};
 use super::project::{content_digest, project};
-use crate::bundle::{BundlePlan, bundle_for};
+use crate::bundle::{BundlePlan, bundle_for, split_out};
 use crate::provider::ProviderError;
 use crate::provider::local::access;
 use crate::resource::{Address, Attr, Desired, ProviderId, Value};
@@ -75,6 +75,9 @@ pub const DIGEST_KEY: &str = "key";
 /// target's `access` folder: `keys/<service>` (its own key, Secret
 /// [`key_secret_name`]) and `verifiers/<caller>` (Secret [`VERIFIERS_SECRET`]).
 pub const KEYS_DIR: &str = "/var/run/mesh/keys";
+/// Where a service with generations finds its split (a ConfigMap volume, so
+/// the kubelet updates the file in place and no pod restarts).
+pub const SPLIT_DIR: &str = "/var/run/mesh/split";
 /// The Secret of every identity's verifiers, mounted into the services that
 /// accept callers (verifiers only: no key).
 pub const VERIFIERS_SECRET: &str = "mesh-verifiers";
@@ -159,6 +162,10 @@ fn system_namespace(ns: &str) -> bool {
 
 pub fn configmap_name(service: &str) -> String {
     format!("{service}-config")
+}
+
+pub fn split_configmap_name(service: &str) -> String {
+    format!("{service}-split")
 }
 
 pub fn secret_name(service: &str) -> String {
@@ -286,16 +293,19 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         bundle.config.access_log = svc.access_log.unwrap_or(true);
         access::configure(stack, Path::new(KEYS_DIR), svc, &mut bundle.config);
         let secrets = cluster_secrets(&mut bundle.config);
-        bundles.push((bundle, secrets));
+        // Weights outside the bundle (and the image): a weight change is a
+        // ConfigMap update the runtime picks up, not a rollout.
+        let split = split_out(&mut bundle.config, Path::new(SPLIT_DIR).join("split.json"));
+        bundles.push((bundle, secrets, split));
     }
     let wanted: Vec<(&str, &BundlePlan)> = stack
         .services
         .keys()
         .zip(&bundles)
-        .map(|(n, (b, _))| (n.as_str(), b))
+        .map(|(n, (b, ..))| (n.as_str(), b))
         .collect();
     let mut digests = (inputs.image_digests)(&wanted).into_iter();
-    for ((name, svc), (bundle, secrets)) in stack.services.iter().zip(&bundles) {
+    for ((name, svc), (bundle, secrets, split)) in stack.services.iter().zip(&bundles) {
         let base = Address::of("service", name);
         let config_json = serde_json::to_string_pretty(&bundle.config).unwrap_or_default();
 
@@ -307,6 +317,19 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             "data": { rc::SERVICE_FILE: config_json },
         });
         out.push(in_ns(object(&cm_addr, Kind::ConfigMap, cm)));
+
+        // ConfigMap: the generations' weights, mounted as a folder (never a
+        // `subPath`, which the kubelet does not update).
+        let split_addr = sub(&base, "split");
+        if let Some(split) = split {
+            let text = serde_json::to_string_pretty(split).unwrap_or_default();
+            let cm = json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": meta(stack, &split_addr, &split_configmap_name(name), Some(&ns)),
+                "data": { "split.json": text },
+            });
+            out.push(in_ns(object(&split_addr, Kind::ConfigMap, cm)));
+        }
 
         // Secret: connection passwords, private keys and API keys, by
         // reference; only a digest here. Pods read it as files (`SECRETS_DIR`).
@@ -416,6 +439,14 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         });
         let mut volumes =
             vec![json!({ "name": "config", "configMap": { "name": configmap_name(name) } })];
+        if split.is_some() {
+            if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+                mounts.push(json!({ "name": "split", "mountPath": SPLIT_DIR, "readOnly": true }));
+            }
+            volumes.push(
+                json!({ "name": "split", "configMap": { "name": split_configmap_name(name) } }),
+            );
+        }
         if secret_hash.is_some() {
             if let Some(mounts) = container["volumeMounts"].as_array_mut() {
                 mounts
@@ -509,6 +540,9 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             );
         }
         d = d.depends(cm_addr.clone());
+        if split.is_some() {
+            d = d.depends(split_addr.clone());
+        }
         if secret_hash.is_some() {
             d = d.depends(secret_addr.clone()).depends(key_addr.clone());
         }
@@ -992,6 +1026,55 @@ mod tests {
             assert_eq!(d.attrs["image_repository"].value, Value::str(url));
             assert!(!d.depends_on.contains(&registry), "{}", d.address);
         }
+    }
+
+    #[test]
+    fn a_weight_change_is_the_split_configmap_alone() {
+        use crate::bundle::tests::{edited_example_for, with_generations};
+        let objects = |v1, v2| {
+            let (_root, stack) = edited_example_for("dev", |t| with_generations(t, v1, v2));
+            all(&stack)
+        };
+        let (before, after) = (objects(90, 10), objects(80, 20));
+        assert_eq!(before.len(), after.len());
+        let split = "service.customer-scoring.split";
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(b.address, a.address);
+            if b.address.as_str() == split {
+                assert_ne!(b.attrs, a.attrs, "the split changes");
+            } else {
+                assert_eq!(b.attrs, a.attrs, "{} changes with the weights", b.address);
+            }
+        }
+        let cm = manifest(&after, split);
+        let weights: rc::SplitFile =
+            serde_json::from_str(cm["data"]["split.json"].as_str().expect("split.json")).unwrap();
+        assert_eq!(weights["high-value"]["v2"], 20);
+        // The pods read it from a folder the kubelet keeps current.
+        let dep = manifest(&after, "service.customer-scoring.deployment");
+        let pod = &dep["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v["configMap"]["name"] == "customer-scoring-split")
+                .count(),
+            1
+        );
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "split")
+            .expect("the split mounted");
+        assert_eq!(mount["mountPath"], SPLIT_DIR);
+        assert!(mount.get("subPath").is_none(), "a subPath is never updated");
+        let deployment = after
+            .iter()
+            .find(|d| d.address.as_str() == "service.customer-scoring.deployment")
+            .unwrap();
+        assert!(deployment.depends_on.contains(&Address::new(split)));
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod cluster;
 mod connection;
 mod dataset;
 mod expose;
+mod generation;
 mod network;
 mod registry;
 mod service;

@@ -9,6 +9,7 @@ use crate::stack::model::*;
 use crate::stack::source::{Node, NodeKind, Span, Table};
 
 use super::dataset::{decode_cache, decode_dataset};
+use super::generation::{check_generations, decode_models};
 use super::test_query::decode_tests;
 use super::{Ctx, check_name, secret_node};
 
@@ -131,25 +132,12 @@ pub(super) fn decode_service(
         }
         match ef.str_req(ctx.errors, "kind", "\"prediction\"") {
             Some((k, _)) if k == "prediction" => {
-                ef.allow(ctx.errors, &["kind", "model", "enrich", "test"]);
+                ef.allow(
+                    ctx.errors,
+                    &["kind", "model", "generation", "dispatch", "enrich", "test"],
+                );
                 tests.extend(decode_tests(ctx, name, ename, TestAction::Predict, &ef));
-                let model = ef
-                    .str_req(ctx.errors, "model", "\"model.onnx\"")
-                    .map(|(m, mspan)| {
-                        let path = base.join(&m);
-                        if !path.is_file() {
-                            ctx.errors.push(
-                                Diagnostic::new(
-                                    Code::DanglingReference,
-                                    mspan,
-                                    format!("model file `{m}` not found"),
-                                )
-                                .label(format!("looked for {}", path.display()))
-                                .help("paths are relative to the file that declares the endpoint"),
-                            );
-                        }
-                        path
-                    });
+                let models = decode_models(ctx, name, ename, &ef, &base);
                 let mut enrichments = Vec::new();
                 if let Some(e) = ef.entry("enrich") {
                     let NodeKind::Array(items) = &e.value.kind else {
@@ -163,10 +151,14 @@ pub(super) fn decode_service(
                             .filter_map(|it| decode_enrichment(ctx, name, ename, it)),
                     );
                 }
-                if let Some(model) = model {
+                if let Some(models) = models {
+                    check_generations(ctx, name, ename, &models, &enrichments);
                     endpoints.insert(
                         ename.to_owned(),
-                        Endpoint::Prediction { model, enrichments },
+                        Endpoint::Prediction {
+                            models: models.models,
+                            enrichments,
+                        },
                     );
                 }
             }
