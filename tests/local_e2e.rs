@@ -1345,3 +1345,138 @@ fn keys_rotate_without_a_failed_call() {
     let (code, plan) = m.plan_json();
     assert_eq!(code, 0, "{plan}");
 }
+
+/// The example's `high-value` endpoint as generations with these weights
+/// (`None`: left out), dispatched by customer id; both generations use the
+/// example's model, so only the name tells their answers apart.
+fn generations_toml(text: &str, v1: Option<u32>, v2: u32) -> String {
+    let model = "model = \"../../examples/customer-mesh/high_value.onnx\"\n";
+    let generation = |name: &str, weight: u32| {
+        format!(
+            "\n[[service.customer-scoring.endpoint.high-value.generation]]\nname = \"{name}\"\n{model}weight = {weight}\n"
+        )
+    };
+    let mut generations = String::new();
+    if let Some(w) = v1 {
+        generations.push_str(&generation("v1", w));
+    }
+    generations.push_str(&generation("v2", v2));
+    let (head, tail) = text.split_once(model).expect("the example's model");
+    let (enrich, rest) = tail
+        .split_once("\n[expose.customer-scoring]")
+        .expect("the example's exposure");
+    format!(
+        "{head}dispatch = {{ key = \"customer_id\" }}\n{enrich}{generations}\n[expose.customer-scoring]{rest}"
+    )
+}
+
+/// A release on the local target, through the real binaries: adding a
+/// generation, shifting weight and retiring the old one are each one plan
+/// line (an update of the scoring service) and one apply. Answers name
+/// their generation; a key keeps its generation; the weight shift changes
+/// the `split` alone and restarts nothing (same pid); after it, keys move
+/// from v1 to v2 only.
+#[test]
+fn generations_added_shifted_and_retired_each_in_one_apply() {
+    let m = Mesh::new();
+    ok(&m.apply(), "first apply");
+    let original = std::fs::read_to_string(m.stack.join("stack.toml")).unwrap();
+    let set = |v1: Option<u32>, v2: u32| {
+        std::fs::write(
+            m.stack.join("stack.toml"),
+            generations_toml(&original, v1, v2),
+        )
+        .unwrap();
+    };
+    let key = std::fs::read_to_string(m.stack.join(".mesh/local/access/keys/operator")).unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/public/api/v1/customer-scoring/high-value/predict",
+        m.scoring_port
+    );
+    let customers: Vec<String> = (1..=300).map(|i| format!("C{i:05}")).collect();
+    let generations = || -> Vec<String> {
+        customers
+            .iter()
+            .map(|c| {
+                let ask = serde_json::json!({"features": {"customer_id": c}});
+                let (status, answer) = post_with_key(&url, &ask, Some(&key));
+                assert_eq!(status, 200, "{c}: {answer}");
+                answer["generation"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{c}: no generation in {answer}"))
+                    .to_owned()
+            })
+            .collect()
+    };
+    let one_update = |step: &str| -> Value {
+        let (code, plan) = m.plan_json();
+        assert_eq!(code, 2, "{step}: {plan}");
+        assert_eq!(
+            changed_addresses(&plan),
+            [("service.customer-scoring".to_owned(), "update".to_owned())],
+            "{step}: {plan}"
+        );
+        plan["resource_changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["address"] == "service.customer-scoring")
+            .unwrap()["fields"]
+            .clone()
+    };
+    let count = |gens: &[String], name: &str| gens.iter().filter(|g| *g == name).count();
+
+    // Add v2 beside v1 at 10%.
+    set(Some(90), 10);
+    one_update("add a generation");
+    ok(&m.apply(), "apply: add a generation");
+    let first = generations();
+    assert_eq!(first, generations(), "a key keeps its generation");
+    let v2_before = count(&first, "v2");
+    assert!(
+        (10..=60).contains(&v2_before),
+        "v2 serves about 10% of 300 keys, got {v2_before}"
+    );
+    assert_eq!(count(&first, "v1") + v2_before, customers.len());
+
+    // Shift to 20%: the split alone, in place.
+    let pid = m.pid_of("customer-scoring");
+    set(Some(80), 20);
+    let fields = one_update("shift weight");
+    let paths: Vec<&str> = fields
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert_eq!(paths, ["split"], "{fields}");
+    ok(&m.apply(), "apply: shift weight");
+    assert_eq!(
+        m.pid_of("customer-scoring"),
+        pid,
+        "a weight shift restarted the runtime"
+    );
+    assert!(alive(pid));
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 0, "converged after the shift: {plan}");
+    let second = generations();
+    for (c, (before, after)) in customers.iter().zip(first.iter().zip(&second)) {
+        assert!(
+            !(before == "v2" && after == "v1"),
+            "{c} moved back from v2 to v1"
+        );
+    }
+    let v2_after = count(&second, "v2");
+    assert!(
+        v2_after > v2_before,
+        "no key moved to v2 ({v2_before} -> {v2_after})"
+    );
+
+    // Retire v1.
+    set(None, 100);
+    one_update("retire v1");
+    ok(&m.apply(), "apply: retire v1");
+    assert!(generations().iter().all(|g| g == "v2"));
+    let (code, plan) = m.plan_json();
+    assert_eq!(code, 0, "converged: {plan}");
+}

@@ -75,9 +75,11 @@ pub const DIGEST_KEY: &str = "key";
 /// target's `access` folder: `keys/<service>` (its own key, Secret
 /// [`key_secret_name`]) and `verifiers/<caller>` (Secret [`VERIFIERS_SECRET`]).
 pub const KEYS_DIR: &str = "/var/run/mesh/keys";
-/// Where a service with generations finds its split (a ConfigMap volume, so
-/// the kubelet updates the file in place and no pod restarts).
+/// Where a service with generations finds its split: key [`SPLIT_FILE`] of
+/// its ConfigMap, mounted as a folder so the kubelet updates the file in
+/// place and no pod restarts.
 pub const SPLIT_DIR: &str = "/var/run/mesh/split";
+pub const SPLIT_FILE: &str = "split.json";
 /// The Secret of every identity's verifiers, mounted into the services that
 /// accept callers (verifiers only: no key).
 pub const VERIFIERS_SECRET: &str = "mesh-verifiers";
@@ -162,10 +164,6 @@ fn system_namespace(ns: &str) -> bool {
 
 pub fn configmap_name(service: &str) -> String {
     format!("{service}-config")
-}
-
-pub fn split_configmap_name(service: &str) -> String {
-    format!("{service}-split")
 }
 
 pub fn secret_name(service: &str) -> String {
@@ -309,27 +307,20 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         let base = Address::of("service", name);
         let config_json = serde_json::to_string_pretty(&bundle.config).unwrap_or_default();
 
-        // ConfigMap: the service's config.
+        // ConfigMap: the service's config, and the generations' weights
+        // (`split.json`, outside the config's hash: a weight change rolls
+        // nothing out, the kubelet updates the file in place).
         let cm_addr = sub(&base, "configmap");
+        let mut data = json!({ rc::SERVICE_FILE: config_json });
+        if let Some(split) = split {
+            data[SPLIT_FILE] = json!(serde_json::to_string_pretty(split).unwrap_or_default());
+        }
         let cm = json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": meta(stack, &cm_addr, &configmap_name(name), Some(&ns)),
-            "data": { rc::SERVICE_FILE: config_json },
+            "data": data,
         });
         out.push(in_ns(object(&cm_addr, Kind::ConfigMap, cm)));
-
-        // ConfigMap: the generations' weights, mounted as a folder (never a
-        // `subPath`, which the kubelet does not update).
-        let split_addr = sub(&base, "split");
-        if let Some(split) = split {
-            let text = serde_json::to_string_pretty(split).unwrap_or_default();
-            let cm = json!({
-                "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": meta(stack, &split_addr, &split_configmap_name(name), Some(&ns)),
-                "data": { "split.json": text },
-            });
-            out.push(in_ns(object(&split_addr, Kind::ConfigMap, cm)));
-        }
 
         // Secret: connection passwords, private keys and API keys, by
         // reference; only a digest here. Pods read it as files (`SECRETS_DIR`).
@@ -440,12 +431,14 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         let mut volumes =
             vec![json!({ "name": "config", "configMap": { "name": configmap_name(name) } })];
         if split.is_some() {
+            // A folder, never a `subPath` (which the kubelet does not update).
             if let Some(mounts) = container["volumeMounts"].as_array_mut() {
                 mounts.push(json!({ "name": "split", "mountPath": SPLIT_DIR, "readOnly": true }));
             }
-            volumes.push(
-                json!({ "name": "split", "configMap": { "name": split_configmap_name(name) } }),
-            );
+            volumes.push(json!({ "name": "split", "configMap": {
+                "name": configmap_name(name),
+                "items": [{ "key": SPLIT_FILE, "path": SPLIT_FILE }],
+            } }));
         }
         if secret_hash.is_some() {
             if let Some(mounts) = container["volumeMounts"].as_array_mut() {
@@ -540,9 +533,6 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             );
         }
         d = d.depends(cm_addr.clone());
-        if split.is_some() {
-            d = d.depends(split_addr.clone());
-        }
         if secret_hash.is_some() {
             d = d.depends(secret_addr.clone()).depends(key_addr.clone());
         }
@@ -1029,7 +1019,7 @@ mod tests {
     }
 
     #[test]
-    fn a_weight_change_is_the_split_configmap_alone() {
+    fn a_weight_change_is_the_split_alone() {
         use crate::bundle::tests::{edited_example_for, with_generations};
         let objects = |v1, v2| {
             let (_root, stack) = edited_example_for("dev", |t| with_generations(t, v1, v2));
@@ -1037,31 +1027,28 @@ mod tests {
         };
         let (before, after) = (objects(90, 10), objects(80, 20));
         assert_eq!(before.len(), after.len());
-        let split = "service.customer-scoring.split";
+        let cm = "service.customer-scoring.configmap";
         for (b, a) in before.iter().zip(&after) {
             assert_eq!(b.address, a.address);
-            if b.address.as_str() == split {
-                assert_ne!(b.attrs, a.attrs, "the split changes");
-            } else {
+            if b.address.as_str() != cm {
                 assert_eq!(b.attrs, a.attrs, "{} changes with the weights", b.address);
             }
         }
-        let cm = manifest(&after, split);
+        let (old, new) = (manifest(&before, cm), manifest(&after, cm));
+        assert_eq!(old["data"][rc::SERVICE_FILE], new["data"][rc::SERVICE_FILE]);
         let weights: rc::SplitFile =
-            serde_json::from_str(cm["data"]["split.json"].as_str().expect("split.json")).unwrap();
+            serde_json::from_str(new["data"][SPLIT_FILE].as_str().expect("split.json")).unwrap();
         assert_eq!(weights["high-value"]["v2"], 20);
         // The pods read it from a folder the kubelet keeps current.
         let dep = manifest(&after, "service.customer-scoring.deployment");
         let pod = &dep["spec"]["template"]["spec"];
-        assert_eq!(
-            pod["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|v| v["configMap"]["name"] == "customer-scoring-split")
-                .count(),
-            1
-        );
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "split")
+            .expect("the split volume");
+        assert_eq!(volume["configMap"]["name"], "customer-scoring-config");
         let mount = pod["containers"][0]["volumeMounts"]
             .as_array()
             .unwrap()
@@ -1070,11 +1057,6 @@ mod tests {
             .expect("the split mounted");
         assert_eq!(mount["mountPath"], SPLIT_DIR);
         assert!(mount.get("subPath").is_none(), "a subPath is never updated");
-        let deployment = after
-            .iter()
-            .find(|d| d.address.as_str() == "service.customer-scoring.deployment")
-            .unwrap();
-        assert!(deployment.depends_on.contains(&Address::new(split)));
     }
 
     #[test]
