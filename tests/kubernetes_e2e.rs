@@ -1201,6 +1201,75 @@ async fn a_failed_release_is_rolled_back_by_applying_the_previous_stack() {
     assert_eq!(code, 0, "{}", text(&out));
 }
 
+/// The changes a plan with something to do holds.
+async fn planned_changes(c: &Cluster) -> BTreeSet<(String, String)> {
+    let (code, plan, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 2, "{}", text(&out));
+    changes(&plan).into_iter().collect()
+}
+
+/// Generations on a cluster (the double): adding one is a new bundle (the
+/// scoring service's ConfigMap and Deployment); a weight shift is the
+/// ConfigMap's `split.json` alone and rolls nothing out (the Deployment's
+/// generation stays); retiring one is a new bundle again; each converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_are_added_shifted_and_retired() {
+    let c = Cluster::new().await;
+    ok(&c.apply(&[]).await, "apply");
+    let rel = "stacks/customer-mesh/stack.toml";
+    let original = std::fs::read_to_string(c.dir.path().join(rel)).unwrap();
+    let bundle_change: BTreeSet<(String, String)> = [
+        ("service.customer-scoring.configmap", "update"),
+        ("service.customer-scoring.deployment", "update"),
+    ]
+    .iter()
+    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+    .collect();
+    let split_of = |c: &Cluster| -> Value {
+        let cm = c.object("v1", "ConfigMap", "customer-scoring-config");
+        serde_json::from_str(cm["data"]["split.json"].as_str().unwrap_or("null")).unwrap()
+    };
+
+    // Add v2 beside v1.
+    c.edit(rel, |_| support::generations_toml(&original, Some(90), 10));
+    assert_eq!(planned_changes(&c).await, bundle_change);
+    ok(&c.apply(&[]).await, "apply: add a generation");
+    assert_eq!(split_of(&c)["high-value"]["v2"], 10);
+    let dep = c.object("apps/v1", "Deployment", "customer-scoring");
+    let mounted = dep["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "split");
+    assert!(mounted, "{dep:#}");
+
+    // Shift weight: the ConfigMap alone.
+    c.edit(rel, |_| support::generations_toml(&original, Some(80), 20));
+    let shift: BTreeSet<(String, String)> = [(
+        "service.customer-scoring.configmap".to_owned(),
+        "update".to_owned(),
+    )]
+    .into();
+    assert_eq!(planned_changes(&c).await, shift);
+    ok(&c.apply(&[]).await, "apply: shift weight");
+    assert_eq!(split_of(&c)["high-value"]["v2"], 20);
+    let after = c.object("apps/v1", "Deployment", "customer-scoring");
+    assert_eq!(
+        after["metadata"]["generation"], dep["metadata"]["generation"],
+        "a weight shift rolled the Deployment out"
+    );
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+
+    // Retire v1.
+    c.edit(rel, |_| support::generations_toml(&original, None, 100));
+    assert_eq!(planned_changes(&c).await, bundle_change);
+    ok(&c.apply(&[]).await, "apply: retire v1");
+    assert_eq!(split_of(&c)["high-value"], serde_json::json!({ "v2": 100 }));
+    let (code, _, out) = c.plan_json(&[]).await;
+    assert_eq!(code, 0, "{}", text(&out));
+}
+
 /// The stack's lock is shared through the cluster (a Lease in `default`):
 /// an apply from another machine holding it refuses this one, naming the
 /// holder; a Lease nobody renewed lapses and is taken over; the Lease is

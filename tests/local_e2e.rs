@@ -1346,30 +1346,6 @@ fn keys_rotate_without_a_failed_call() {
     assert_eq!(code, 0, "{plan}");
 }
 
-/// The example's `high-value` endpoint as generations with these weights
-/// (`None`: left out), dispatched by customer id; both generations use the
-/// example's model, so only the name tells their answers apart.
-fn generations_toml(text: &str, v1: Option<u32>, v2: u32) -> String {
-    let model = "model = \"../../examples/customer-mesh/high_value.onnx\"\n";
-    let generation = |name: &str, weight: u32| {
-        format!(
-            "\n[[service.customer-scoring.endpoint.high-value.generation]]\nname = \"{name}\"\n{model}weight = {weight}\n"
-        )
-    };
-    let mut generations = String::new();
-    if let Some(w) = v1 {
-        generations.push_str(&generation("v1", w));
-    }
-    generations.push_str(&generation("v2", v2));
-    let (head, tail) = text.split_once(model).expect("the example's model");
-    let (enrich, rest) = tail
-        .split_once("\n[expose.customer-scoring]")
-        .expect("the example's exposure");
-    format!(
-        "{head}dispatch = {{ key = \"customer_id\" }}\n{enrich}{generations}\n[expose.customer-scoring]{rest}"
-    )
-}
-
 /// A release on the local target, through the real binaries: adding a
 /// generation, shifting weight and retiring the old one are each one plan
 /// line (an update of the scoring service) and one apply. Answers name
@@ -1384,7 +1360,7 @@ fn generations_added_shifted_and_retired_each_in_one_apply() {
     let set = |v1: Option<u32>, v2: u32| {
         std::fs::write(
             m.stack.join("stack.toml"),
-            generations_toml(&original, v1, v2),
+            support::generations_toml(&original, v1, v2),
         )
         .unwrap();
     };

@@ -201,3 +201,27 @@ fn start_registry(dir: tempfile::TempDir, read_only: bool) -> AuthRegistry {
     }
     reg
 }
+
+/// The example's `high-value` endpoint as generations with these weights
+/// (`None`: left out), dispatched by customer id; both generations use the
+/// example's model, so only the name tells their answers apart.
+pub fn generations_toml(text: &str, v1: Option<u32>, v2: u32) -> String {
+    let model = "model = \"../../examples/customer-mesh/high_value.onnx\"\n";
+    let generation = |name: &str, weight: u32| {
+        format!(
+            "\n[[service.customer-scoring.endpoint.high-value.generation]]\nname = \"{name}\"\n{model}weight = {weight}\n"
+        )
+    };
+    let mut generations = String::new();
+    if let Some(w) = v1 {
+        generations.push_str(&generation("v1", w));
+    }
+    generations.push_str(&generation("v2", v2));
+    let (head, tail) = text.split_once(model).expect("the example's model");
+    let (enrich, rest) = tail
+        .split_once("\n[expose.customer-scoring]")
+        .expect("the example's exposure");
+    format!(
+        "{head}dispatch = {{ key = \"customer_id\" }}\n{enrich}{generations}\n[expose.customer-scoring]{rest}"
+    )
+}
