@@ -218,6 +218,16 @@ fn check(t: &TestQuery, a: &Answer) -> Vec<Mismatch> {
     match t.action {
         TestAction::Predict => {
             let result = &a.body["result"];
+            if let Some(g) = &t.generation {
+                let got = answered_generation(&a.body);
+                if got.as_str() != Some(g.as_str()) {
+                    out.push(Mismatch {
+                        field: "generation".into(),
+                        expected: Value::String(g.clone()).to_string(),
+                        got: show(got),
+                    });
+                }
+            }
             if let Some(p) = &e.prediction {
                 let got = &result["prediction"];
                 if got.as_str() != Some(p.as_str()) {
@@ -257,6 +267,11 @@ fn check(t: &TestQuery, a: &Answer) -> Vec<Mismatch> {
         }
     }
     out
+}
+
+/// The generation named in a prediction's answer.
+fn answered_generation(body: &Value) -> &Value {
+    &body["result"]["generation"]
 }
 
 /// This test's answer `a` against the answer `b` of test `other`.
@@ -692,6 +707,7 @@ mod tests {
             name: name.into(),
             action,
             request: serde_json::json!({}),
+            generation: None,
             expect,
         }
     }
@@ -730,6 +746,25 @@ mod tests {
         ));
         assert!(!matches("*/by-id", "customer-scoring/high-value/by-idx"));
         assert!(matches("*", "a/b/c"));
+    }
+
+    #[test]
+    fn a_pinned_generation_must_be_the_one_that_answered() {
+        let mut t = query("p", "t", TestAction::Predict, expect());
+        t.generation = Some("v2".into());
+        let named = |g: &str| {
+            let mut body = predicted("1", 0.8);
+            body["result"]["generation"] = Value::from(g);
+            Answers::from([("svc/p/t".into(), answer(200, body))])
+        };
+        assert_eq!(evaluate(&[&t], &named("v2"))[0].outcome, Outcome::Passed);
+        let Outcome::Failed(d) = &evaluate(&[&t], &named("v1"))[0].outcome else {
+            panic!("must fail")
+        };
+        assert_eq!(
+            (d[0].field.as_str(), d[0].got.as_str()),
+            ("generation", "\"v1\"")
+        );
     }
 
     #[test]

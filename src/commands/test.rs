@@ -383,6 +383,7 @@ async fn queries(
             url: testing::url(base, t),
             body: t.request.clone(),
             api_key: api_key(&engine.stack, &live, &t.service, operator_key.as_deref()),
+            generation: t.generation.clone(),
             ca_file: exposure_output(&engine.stack, &live, &t.service, "certificate")
                 .map(PathBuf::from),
         });

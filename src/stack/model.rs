@@ -386,6 +386,8 @@ pub struct TestQuery {
     pub action: TestAction,
     /// The JSON body sent to the endpoint.
     pub request: serde_json::Value,
+    /// The generation pinned (`X-Mesh-Generation`); the answer must name it.
+    pub generation: Option<String>,
     pub expect: Expect,
 }
 

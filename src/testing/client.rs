@@ -40,6 +40,8 @@ pub struct Request {
     pub body: Value,
     /// Sent as `X-API-Key`.
     pub api_key: Option<String>,
+    /// Sent as `X-Mesh-Generation`: the generation that must answer.
+    pub generation: Option<String>,
     /// For an `https://` URL: the certificate trusted (a local exposure's,
     /// see `mesh output`); none: the Mozilla roots.
     pub ca_file: Option<std::path::PathBuf>,
@@ -50,6 +52,7 @@ pub async fn post_json(
     url: &str,
     body: &Value,
     api_key: Option<&str>,
+    generation: Option<&str>,
     ca_file: Option<&std::path::Path>,
     timeout: Duration,
 ) -> Result<Answer, ClientError> {
@@ -91,9 +94,12 @@ pub async fn post_json(
                 source,
             })?;
         let payload = body.to_string();
-        let key = api_key
+        let mut key = api_key
             .map(|k| format!("X-API-Key: {k}\r\n"))
             .unwrap_or_default();
+        if let Some(g) = generation {
+            key.push_str(&format!("X-Mesh-Generation: {g}\r\n"));
+        }
         let head = format!(
             "POST {target} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nAccept: application/json\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n",
             payload.len()
@@ -279,6 +285,7 @@ pub async fn send_all(
                 &r.url,
                 &r.body,
                 r.api_key.as_deref(),
+                r.generation.as_deref(),
                 r.ca_file.as_deref(),
                 timeout,
             )
@@ -388,6 +395,7 @@ mod tests {
             &format!("http://127.0.0.1:{port}/public/api/v1/s/e/lookup"),
             &serde_json::json!({"data": "x"}),
             Some("k3y"),
+            Some("v2"),
             None,
             Duration::from_secs(5),
         )
@@ -400,6 +408,7 @@ mod tests {
             "{request}"
         );
         assert!(request.contains("X-API-Key: k3y\r\n"), "{request}");
+        assert!(request.contains("X-Mesh-Generation: v2\r\n"), "{request}");
     }
 
     #[tokio::test]
@@ -420,6 +429,7 @@ mod tests {
                 url: format!("http://127.0.0.1:{port}/x"),
                 body: Value::Null,
                 api_key: None,
+                generation: None,
                 ca_file: None,
             })
             .collect();

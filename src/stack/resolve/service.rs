@@ -136,8 +136,21 @@ pub(super) fn decode_service(
                     ctx.errors,
                     &["kind", "model", "generation", "dispatch", "enrich", "test"],
                 );
-                tests.extend(decode_tests(ctx, name, ename, TestAction::Predict, &ef));
                 let models = decode_models(ctx, name, ename, &ef, &base);
+                let pinnable: Vec<&str> = match models.as_ref().map(|m| &m.models) {
+                    Some(Models::Generations { generations, .. }) => {
+                        generations.iter().map(|g| g.name.as_str()).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                tests.extend(decode_tests(
+                    ctx,
+                    name,
+                    ename,
+                    TestAction::Predict,
+                    &ef,
+                    &pinnable,
+                ));
                 let mut enrichments = Vec::new();
                 if let Some(e) = ef.entry("enrich") {
                     let NodeKind::Array(items) = &e.value.kind else {
@@ -164,7 +177,7 @@ pub(super) fn decode_service(
             }
             Some((k, _)) if k == "lookup" => {
                 ef.allow(ctx.errors, &["kind", "datasets", "test"]);
-                tests.extend(decode_tests(ctx, name, ename, TestAction::Lookup, &ef));
+                tests.extend(decode_tests(ctx, name, ename, TestAction::Lookup, &ef, &[]));
                 let ds = ef.strs_opt(ctx.errors, "datasets").unwrap_or_default();
                 if ds.is_empty() {
                     ctx.errors.push(

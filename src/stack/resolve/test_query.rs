@@ -11,12 +11,15 @@ use crate::stack::source::{Node, NodeKind, Span};
 use super::{Ctx, check_name};
 
 /// The test queries of one endpoint (`[[service.S.endpoint.E.test]]`).
+/// The tests of an endpoint; `generations` are the names a test may pin
+/// (none: the endpoint has no generations).
 pub(super) fn decode_tests(
     ctx: &mut Ctx<'_>,
     service: &str,
     endpoint: &str,
     action: TestAction,
     ef: &Fields<'_>,
+    generations: &[&str],
 ) -> Vec<TestQuery> {
     let Some(e) = ef.entry("test") else {
         return Vec::new();
@@ -60,6 +63,7 @@ pub(super) fn decode_tests(
                 "tolerance",
                 "fields",
                 "same_as",
+                "generation",
             ],
         );
         let name = tf.str_req(ctx.errors, "name", "\"by-id\"");
@@ -94,6 +98,10 @@ pub(super) fn decode_tests(
                 (
                     "probas",
                     "`probas` checks a prediction endpoint; a lookup is checked by `fields`",
+                ),
+                (
+                    "generation",
+                    "`generation` pins one of a prediction endpoint's generations; a lookup has none",
                 ),
                 (
                     "tolerance",
@@ -238,6 +246,27 @@ pub(super) fn decode_tests(
                 }
             }
         }
+        let generation = match action {
+            TestAction::Predict => tf.str_opt(ctx.errors, "generation"),
+            TestAction::Lookup => None,
+        };
+        if let Some((g, span)) = &generation
+            && !generations.contains(&g.as_str())
+        {
+            let d = Diagnostic::new(
+                Code::DanglingReference,
+                *span,
+                format!("{what} pins generation `{g}`, which the endpoint does not have"),
+            )
+            .label("no such generation");
+            ctx.errors.push(if generations.is_empty() {
+                d.help(format!(
+                    "the endpoint has one model: remove `generation`, or declare [[service.{service}.endpoint.{endpoint}.generation]]"
+                ))
+            } else {
+                d.help(format!("its generations: {}", generations.join(", ")))
+            });
+        }
         let same = tf.str_opt(ctx.errors, "same_as");
         if let (Some((other, span)), Some((n, _))) = (&same, &name) {
             same_as.push((other.clone(), *span, n.clone()));
@@ -251,6 +280,7 @@ pub(super) fn decode_tests(
                 name,
                 action,
                 request,
+                generation: generation.map(|g| g.0),
                 expect: Expect {
                     status,
                     prediction,
