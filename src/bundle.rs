@@ -249,7 +249,12 @@ pub fn bundle_for(
             // request (a cluster turns it on: see `kubernetes::objects`).
             access_log: svc.access_log.unwrap_or(false),
             split_file: None,
-            query_log: None,
+            // Where it goes is the target's (see `local` and `kubernetes::objects`).
+            query_log: svc.query_log.as_ref().map(|q| rc::QueryLogConfig {
+                path: q.path.clone(),
+                sample: q.sample,
+                redact: q.redact.clone(),
+            }),
         },
         files,
     }

@@ -50,6 +50,9 @@ const HANDOVER_GRACE: Duration = Duration::from_millis(250);
 /// A service's generation weights (`services/<name>/split.json`), outside
 /// its bundle: the runtime re-reads it (see `bundle::split_out`).
 const SPLIT_FILE: &str = "split.json";
+/// A service's query log when the stack names no file
+/// (`services/<name>/queries.jsonl`).
+const QUERY_LOG_FILE: &str = "queries.jsonl";
 /// How long an apply waits for a runtime to take up a new split.
 const SPLIT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -1195,6 +1198,11 @@ impl Provider for LocalProvider {
             access::configure(stack, &access_dir, svc, &mut b.config);
             tls::configure(stack, name, &mut b.config);
             let split = split_out(&mut b.config, services_dir.join(name).join(SPLIT_FILE));
+            if let Some(q) = &mut b.config.query_log {
+                // Beside the runtime's own log, kept across updates.
+                q.path
+                    .get_or_insert_with(|| services_dir.join(name).join(QUERY_LOG_FILE));
+            }
             let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid {
                 address: address.clone(),
                 message: format!("reading the bundle's files: {e}"),

@@ -370,9 +370,24 @@ pub struct Service {
     /// `access_log`: one JSON line per request on the runtime's stderr;
     /// `None`: the target's default (off locally, on in clusters).
     pub access_log: Option<bool>,
+    /// `query_log`: one JSON line per prediction or lookup.
+    pub query_log: Option<QueryLog>,
     /// Test queries of its endpoints (`[[service.S.endpoint.E.test]]`), in
     /// declaration order; `mesh test` sends them.
     pub tests: Vec<TestQuery>,
+}
+
+/// A service's query log: what was asked and answered.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QueryLog {
+    /// The file, on the local target (absolute); `None`: the target's
+    /// default (a file in the service's state folder locally, the pods'
+    /// stdout on a cluster).
+    pub path: Option<PathBuf>,
+    /// Fraction of the queries logged, 0 to 1.
+    pub sample: f64,
+    /// Fields whose values never appear in the log.
+    pub redact: Vec<String>,
 }
 
 /// One test query: a request to an endpoint and what its answer must be.

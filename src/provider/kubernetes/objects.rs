@@ -289,6 +289,10 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         // A cluster keeps the pods' stderr in its log pipeline: one line per request,
         // unless the stack says `access_log = false`.
         bundle.config.access_log = svc.access_log.unwrap_or(true);
+        // The query log goes to stdout, for the cluster's log pipeline.
+        if let Some(q) = &mut bundle.config.query_log {
+            q.path = None;
+        }
         access::configure(stack, Path::new(KEYS_DIR), svc, &mut bundle.config);
         let secrets = cluster_secrets(&mut bundle.config);
         // Weights outside the bundle (and the image): a weight change is a

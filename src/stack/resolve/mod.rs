@@ -30,7 +30,7 @@ use connection::decode_connection;
 use expose::{check_exposes, check_local_ports, check_tls_target, decode_expose};
 use network::{check_networks, decode_network};
 use registry::decode_registry;
-use service::{check_services, decode_service};
+use service::{check_query_log_target, check_services, decode_service};
 
 /// Where things were written, for errors found after decoding.
 #[derive(Default)]
@@ -135,6 +135,7 @@ pub fn resolve(loaded: &Loaded, env: Option<&str>, errors: &mut Errors) -> Optio
         check_local_ports(&mut ctx, &exposes);
     }
     check_tls_target(&mut ctx, environment.target, &exposes);
+    check_query_log_target(&mut ctx, environment.target, &services);
 
     if !ctx.errors.0.is_empty() {
         return None;

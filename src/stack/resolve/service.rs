@@ -32,6 +32,7 @@ pub(super) fn decode_service(
             "api_keys",
             "request_timeout",
             "access_log",
+            "query_log",
         ],
     );
     let base = ctx.base_dir(&format!("service.{name}"));
@@ -39,6 +40,9 @@ pub(super) fn decode_service(
         .duration_opt(ctx.errors, "request_timeout")
         .map(|(d, _)| d.as_millis().min(u64::MAX as u128) as u64);
     let access_log = f.bool_opt(ctx.errors, "access_log");
+    let query_log = f
+        .table_opt(ctx.errors, "query_log")
+        .map(|(qt, qspan)| decode_query_log(ctx, name, qt, qspan, &base));
     let version = f
         .str_opt(ctx.errors, "version")
         .map(|v| v.0)
@@ -240,8 +244,87 @@ pub(super) fn decode_service(
         api_keys,
         request_timeout_ms,
         access_log,
+        query_log,
         tests,
     })
+}
+
+/// A query log's `path` is a file on this machine: on a cluster the log
+/// goes to the pods' stdout, where the cluster's log pipeline takes it.
+pub(super) fn check_query_log_target(
+    ctx: &mut Ctx<'_>,
+    target: Target,
+    services: &BTreeMap<String, Service>,
+) {
+    if target == Target::Local {
+        return;
+    }
+    for name in services.keys() {
+        let key = format!("service.{name}.query_log.path");
+        if let Some(&span) = ctx.spans.names.get(&key) {
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    span,
+                    format!("service.{name}: a query log `path` is for the local target"),
+                )
+                .label("a file on this machine")
+                .help("on a cluster the query log goes to the pods' stdout (the cluster's log pipeline takes it): set `path` in local.toml only"),
+            );
+        }
+    }
+}
+
+/// `query_log = { path = "...", sample = 1.0, redact = ["field", ...] }`.
+fn decode_query_log(
+    ctx: &mut Ctx<'_>,
+    name: &str,
+    t: &Table,
+    span: Span,
+    base: &std::path::Path,
+) -> QueryLog {
+    let qf = Fields::new(t, span, format!("service.{name}.query_log"));
+    qf.allow(ctx.errors, &["path", "sample", "redact"]);
+    let path = qf.str_opt(ctx.errors, "path").map(|(p, pspan)| {
+        ctx.spans
+            .names
+            .insert(format!("service.{name}.query_log.path"), pspan);
+        base.join(p)
+    });
+    let sample = match qf.entry("sample") {
+        None => 1.0,
+        Some(e) => match &e.value.kind {
+            NodeKind::Float(v) if (0.0..=1.0).contains(v) => *v,
+            NodeKind::Int(v @ 0..=1) => *v as f64,
+            NodeKind::Float(_) | NodeKind::Int(_) => {
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        e.value.span,
+                        "`sample` is the fraction of queries logged",
+                    )
+                    .label("not from 0 to 1")
+                    .help("e.g. sample = 0.1 logs one query in ten; 1.0 logs every one"),
+                );
+                1.0
+            }
+            other => {
+                ctx.errors.push(wrong_type(e, "a number", other));
+                1.0
+            }
+        },
+    };
+    let redact = qf
+        .strs_opt(ctx.errors, "redact")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    QueryLog {
+        path,
+        sample,
+        redact,
+    }
 }
 
 /// One `enrich = [...]` item of a prediction endpoint: a dataset of the
