@@ -1377,7 +1377,7 @@ fn generations_added_shifted_and_retired_each_in_one_apply() {
                 let ask = serde_json::json!({"features": {"customer_id": c}});
                 let (status, answer) = post_with_key(&url, &ask, Some(&key));
                 assert_eq!(status, 200, "{c}: {answer}");
-                answer["generation"]
+                answer["result"]["generation"]
                     .as_str()
                     .unwrap_or_else(|| panic!("{c}: no generation in {answer}"))
                     .to_owned()
