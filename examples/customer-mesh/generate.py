@@ -11,6 +11,10 @@ Writes, next to this script:
     high_value.onnx  a scikit-learn Pipeline (OneHotEncoder + StandardScaler +
                      LogisticRegression) exported with skl2onnx, one graph input
                      per feature column, named like the CSV column
+    high_value_gbt.onnx   the same inputs and preprocessing, a
+                     GradientBoostingClassifier (a second generation)
+    high_value_slow.onnx  the same inputs, a deliberately big RandomForest
+                     (slow to score: the slow-shadow benchmark)
 
 Everything is seeded: running it twice gives the same CSVs and the same model.
 """
@@ -22,6 +26,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
@@ -50,6 +55,10 @@ FEATURES = ["age", "gender", "region", "campaign", "loyalty_member",
 
 # Opsets the mesh engine implements (ai.onnx up to 21, ai.onnx.ml up to 3).
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
+# The slow forest: enough trees to be >= 20x the logistic model per row,
+# small enough to stay under 8 MB.
+SLOW_TREES = 300
+SLOW_DEPTH = 8
 
 
 def make_data(seed: int = SEED) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
@@ -152,6 +161,24 @@ def train_logistic(x: pd.DataFrame, y: np.ndarray) -> Pipeline:
     return pipe.fit(x, y)
 
 
+def train_gbt(x: pd.DataFrame, y: np.ndarray) -> Pipeline:
+    pipe = Pipeline([
+        ("prep", preprocessor("scale")),
+        ("clf", GradientBoostingClassifier(n_estimators=100, max_depth=3, random_state=SEED)),
+    ])
+    return pipe.fit(x, y)
+
+
+def train_slow(x: pd.DataFrame, y: np.ndarray) -> Pipeline:
+    """Many deep trees on purpose: scoring a row walks every one of them."""
+    pipe = Pipeline([
+        ("prep", preprocessor("scale")),
+        ("clf", RandomForestClassifier(n_estimators=SLOW_TREES, max_depth=SLOW_DEPTH,
+                                       min_samples_leaf=4, random_state=SEED)),
+    ])
+    return pipe.fit(x, y)
+
+
 def main() -> None:
     customers, behavior, label = make_data()
     customers.to_csv(HERE / "customers.csv", index=False)
@@ -163,6 +190,10 @@ def main() -> None:
     pipe = train_logistic(x, label)
     (HERE / "high_value.onnx").write_bytes(to_onnx(pipe, "high_value"))
     acc = (pipe.predict(x) == label).mean()
+    gbt = train_gbt(x, label)
+    (HERE / "high_value_gbt.onnx").write_bytes(to_onnx(gbt, "high_value_gbt"))
+    slow = train_slow(x, label)
+    (HERE / "high_value_slow.onnx").write_bytes(to_onnx(slow, "high_value_slow"))
     print(f"customers={len(customers)} positives={label.mean():.3f} train_accuracy={acc:.3f}")
 
 

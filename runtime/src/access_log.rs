@@ -6,15 +6,13 @@
 //! key; the path has no query string; headers are never written.
 //!
 //! A request never waits for stderr: lines go through a bounded queue to a
-//! thread of their own that writes them through a buffer, flushed whenever
-//! the queue runs empty. When the queue is full the line is dropped and
-//! counted ([`AccessLog::dropped`], in `/metrics`).
+//! thread of their own ([`LineWriter`]). When the queue is full the line is
+//! dropped and counted ([`AccessLog::dropped`], in `/metrics`).
 
 use std::io::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime};
+
+use crate::lines::LineWriter;
 
 use serde::Serialize;
 
@@ -51,8 +49,7 @@ struct Line<'a> {
 /// The sending side; cheap to clone.
 #[derive(Clone)]
 pub struct AccessLog {
-    queue: SyncSender<Vec<u8>>,
-    dropped: Arc<AtomicU64>,
+    lines: LineWriter,
 }
 
 impl AccessLog {
@@ -63,13 +60,8 @@ impl AccessLog {
 
     /// Starts the writer thread, writing to `out`.
     pub fn start(out: impl Write + Send + 'static) -> std::io::Result<AccessLog> {
-        let (queue, lines) = sync_channel(QUEUE);
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_lines(lines, out))?;
         Ok(AccessLog {
-            queue,
-            dropped: Arc::new(AtomicU64::new(0)),
+            lines: LineWriter::start("access-log", QUEUE, out)?,
         })
     }
 
@@ -85,40 +77,19 @@ impl AccessLog {
             caller: entry.caller,
             request_id: entry.request_id,
         };
-        let Ok(mut bytes) = serde_json::to_vec(&line) else {
-            return;
-        };
-        bytes.push(b'\n');
-        match self.queue.try_send(bytes) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.lines.send_json(&line);
     }
 
     /// Lines dropped because the writer fell behind (or is gone).
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-}
-
-/// The writer thread: writes what is queued, flushes when the queue is empty.
-fn write_lines(lines: Receiver<Vec<u8>>, out: impl Write) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = lines.recv() {
-        let _ = out.write_all(&line);
-        while let Ok(line) = lines.try_recv() {
-            let _ = out.write_all(&line);
-        }
-        let _ = out.flush();
+        self.lines.dropped()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);

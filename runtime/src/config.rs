@@ -163,6 +163,10 @@ pub struct Limits {
     /// its answer; then it is answered 504 (see `http`). Absent: 30 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_timeout_ms: Option<u64>,
+    /// Request copies each shadow generation may have waiting before new
+    /// ones are dropped (counted). Absent: 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_queue: Option<usize>,
 }
 
 impl Limits {
@@ -174,6 +178,11 @@ impl Limits {
     }
     fn default_max_batch() -> usize {
         1000
+    }
+
+    /// `shadow_queue`, or 1024.
+    pub fn shadow_queue(&self) -> usize {
+        self.shadow_queue.unwrap_or(1024).max(1)
     }
 
     /// `request_timeout_ms`, or [`Limits::DEFAULT_REQUEST_TIMEOUT`].
@@ -191,6 +200,7 @@ impl Default for Limits {
             max_body_bytes: Self::default_max_body_bytes(),
             max_batch: Self::default_max_batch(),
             request_timeout_ms: None,
+            shadow_queue: None,
         }
     }
 }

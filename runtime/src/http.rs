@@ -29,8 +29,13 @@ use crate::config::{EndpointConfig, Limits, ServiceConfig};
 use crate::error::{AppError, json_ok, json_response};
 use crate::input::{ParseError, parse_many, parse_one};
 use crate::metrics::Metrics;
-use crate::predict::{Scored, Timing, score};
+use crate::predict::{Call, Pick, Scored, Timing, score};
+use crate::query_log::{Probabilities, QueryLine, QueryLog, millis};
 use crate::service::{Endpoint, LookupEndpoint, PredictionEndpoint, Service};
+
+/// Request header that pins a generation; response header naming the one
+/// that answered.
+pub const GENERATION_HEADER: &str = "x-mesh-generation";
 
 /// Shared state of the server.
 #[derive(Clone)]
@@ -99,6 +104,13 @@ impl AppState {
 
     pub fn is_ready(&self) -> bool {
         self.inner.ready.get().is_some()
+    }
+
+    /// Writes out what the query log holds (a graceful stop's last step).
+    pub fn flush_logs(&self) {
+        if let Some(log) = self.service().ok().and_then(|s| s.query_log.clone()) {
+            log.flush();
+        }
     }
 
     fn service(&self) -> Result<Arc<Service>, AppError> {
@@ -227,32 +239,52 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
     let given = bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    let refused = match state.inner.keys.current().check(given) {
+    let verdict = state.inner.keys.current().check(given);
+    let had_key = given.is_some();
+    let mut request = request;
+    let (refused, caller) = match verdict {
         Verdict::Open | Verdict::Allowed(None) => return next.run(request).await,
         Verdict::Allowed(Some(caller)) => {
+            request.extensions_mut().insert(Caller(caller.clone()));
             let mut response = next.run(request).await;
             response.extensions_mut().insert(Caller(caller));
             return response;
         }
-        Verdict::Denied(caller) => AppError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "caller `{caller}` may not call service `{}` (not in its exposure's `allow`)",
-                state.inner.service
+        Verdict::Denied(caller) => (
+            AppError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "caller `{caller}` may not call service `{}` (not in its exposure's `allow`)",
+                    state.inner.service
+                ),
             ),
+            Some(caller),
         ),
-        Verdict::Unknown => AppError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            if given.is_some() {
-                "unknown API key"
-            } else {
-                "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
-            },
+        Verdict::Unknown => (
+            AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                if had_key {
+                    "unknown API key"
+                } else {
+                    "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
+                },
+            ),
+            None,
         ),
     };
     let status = refused.status;
+    // The reason is the answer's message, which never holds the key.
+    if let Some(log) = state.service().ok().and_then(|s| s.query_log.clone()) {
+        log.auth_failure(
+            request.method().as_str(),
+            request.uri().path(),
+            status.as_u16(),
+            caller.as_deref(),
+            &refused.message,
+        );
+    }
     let mut response = refused.into_response();
     if status == StatusCode::UNAUTHORIZED {
         response
@@ -309,6 +341,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if let Ok(service) = state.service() {
         crate::metrics::render_datasets(&mut text, service.dataset_statuses());
         crate::metrics::render_remotes(&mut text, &service.remote_statuses());
+        crate::generations::render_metrics(&mut text, &service.generations, &service.split_reloads);
+        if let Some(log) = &service.query_log {
+            crate::metrics::render_query_log(&mut text, log.lines(), log.dropped());
+        }
     }
     let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(
@@ -579,6 +615,7 @@ async fn public_api_inner(
         }
     }
     let service = service_named(state, service_name)?;
+    let ctx = Ctx::of(&request);
     let Some(endpoint) = service.endpoints.get(endpoint_name) else {
         return Err(AppError::not_found(
             "unknown_endpoint",
@@ -588,19 +625,19 @@ async fn public_api_inner(
     match (endpoint, action) {
         (Endpoint::Prediction(ep), "predict") => {
             let body = json_body(request, limit).await?;
-            predict_one(&service, ep, &body).await
+            predict_one(&service, ep, &body, &ctx).await
         }
         (Endpoint::Prediction(ep), "predict-multi") => {
             let body = json_body(request, limit).await?;
-            predict_many(&service, ep, &body).await
+            predict_many(&service, ep, &body, &ctx).await
         }
         (Endpoint::Lookup(ep), "lookup") => {
             let body = json_body(request, limit).await?;
-            lookup_one(ep, &body).await
+            lookup_one(&service, ep, &body, &ctx).await
         }
         (Endpoint::Lookup(ep), "lookup-multi") => {
             let body = json_body(request, limit).await?;
-            lookup_many(&service, ep, &body).await
+            lookup_many(&service, ep, &body, &ctx).await
         }
         (Endpoint::Prediction(_), _) => Err(AppError::not_found(
             "unknown_route",
@@ -613,20 +650,160 @@ async fn public_api_inner(
     }
 }
 
-/// `{"0": 0.2, "1": 0.8}`.
-struct Probas<'a> {
-    names: &'a [String],
-    values: &'a [f32],
+/// What a public API request brings besides its body.
+struct Ctx {
+    started: Instant,
+    request_id: Option<String>,
+    caller: Option<String>,
+    /// `X-Mesh-Generation`.
+    pin: Option<String>,
 }
 
-impl Serialize for Probas<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.names.len()))?;
-        for (name, value) in self.names.iter().zip(self.values) {
-            map.serialize_entry(name, value)?;
+impl Ctx {
+    fn of(request: &Request) -> Ctx {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Ctx {
+            started: Instant::now(),
+            request_id: header("x-request-id"),
+            caller: request.extensions().get::<Caller>().map(|c| c.0.clone()),
+            pin: header(GENERATION_HEADER),
         }
-        map.end()
     }
+
+    /// The generation pinned by the header: 400 naming the known ones when
+    /// there is no such generation.
+    fn pick(&self, ep: &PredictionEndpoint) -> Result<Pick, AppError> {
+        let Some(name) = self.pin.as_deref() else {
+            return Ok(Pick::Dispatch);
+        };
+        let Some(gens) = &ep.generations else {
+            return Err(AppError::bad_request(
+                "unknown_generation",
+                format!(
+                    "endpoint `{}` has no generations: leave out the `X-Mesh-Generation` header",
+                    ep.name
+                ),
+            ));
+        };
+        gens.position(name).map(Pick::Pin).ok_or_else(|| {
+            AppError::bad_request(
+                "unknown_generation",
+                format!(
+                    "endpoint `{}` has no generation `{name}` (generations: {})",
+                    ep.name,
+                    gens.names()
+                ),
+            )
+        })
+    }
+
+    /// Whether this query goes to the query log (drawn once per request).
+    fn logged<'s>(&self, service: &'s Service) -> Option<&'s QueryLog> {
+        service.query_log.as_ref().filter(|log| log.sampled())
+    }
+
+    fn call(&self, pick: Pick, logged: bool) -> Call<'_> {
+        Call {
+            pick,
+            logged,
+            request_id: self.request_id.as_deref(),
+        }
+    }
+
+    /// A query line of `endpoint` with what every line carries.
+    fn line<'a>(&'a self, endpoint: &'a str, kind: &'static str, status: u16) -> QueryLine<'a> {
+        QueryLine {
+            time: crate::log::rfc3339(std::time::SystemTime::now() - self.started.elapsed()),
+            event: "query",
+            endpoint,
+            kind,
+            generation: None,
+            key: None,
+            features: None,
+            row: None,
+            prediction: None,
+            probabilities: None,
+            status,
+            latency_ms: millis(self.started.elapsed()),
+            request_id: self.request_id.as_deref(),
+            caller: self.caller.as_deref(),
+        }
+    }
+
+    /// The query line of one prediction item (`row`: its fields after
+    /// enrichment, when parsed).
+    fn log_prediction(
+        &self,
+        log: &QueryLog,
+        ep: &PredictionEndpoint,
+        row: Option<&[crate::input::Input<'_>]>,
+        outcome: Result<&Scored, &AppError>,
+    ) {
+        let status = match outcome {
+            Ok(_) => 200,
+            Err(e) => e.status.as_u16(),
+        };
+        let mut line = self.line(&ep.name, "predict", status);
+        if let Some(row) = row {
+            line.key = ep
+                .log_key_slot
+                .map(|k| crate::query_log::input_json(&row[k]));
+            line.features = Some(log.features(&ep.fields, row));
+        }
+        if let Ok(scored) = outcome {
+            line.generation = generation_name(ep, scored);
+            line.prediction = Some(&scored.label);
+            line.probabilities = Some(Probabilities {
+                names: &ep.class_names,
+                values: &scored.probabilities,
+            });
+        }
+        log.send(&line);
+    }
+
+    /// The query line of one lookup key.
+    fn log_lookup(
+        &self,
+        log: &QueryLog,
+        ep: &LookupEndpoint,
+        keys: Option<&[crate::input::Input<'_>]>,
+        outcome: Result<&crate::lookup::Merged<'_>, &AppError>,
+    ) {
+        let status = match outcome {
+            Ok(_) => 200,
+            Err(e) => e.status.as_u16(),
+        };
+        let mut line = self.line(&ep.name, "lookup", status);
+        line.key = keys
+            .and_then(|k| k.first())
+            .map(crate::query_log::input_json);
+        if let Ok(merged) = outcome {
+            line.row = serde_json::to_value(merged)
+                .ok()
+                .map(|row| log.redact_object(row));
+        }
+        log.send(&line);
+    }
+}
+
+/// The name of the generation that answered, if the endpoint has them.
+fn generation_name<'a>(ep: &'a PredictionEndpoint, scored: &Scored) -> Option<&'a str> {
+    let gens = ep.generations.as_ref()?;
+    Some(gens.list[scored.generation?].name.as_str())
+}
+
+/// `response` with the `X-Mesh-Generation` header when `name` is set.
+fn with_generation(mut response: Response, name: Option<&str>) -> Response {
+    if let Some(value) = name.and_then(|n| HeaderValue::from_str(n).ok()) {
+        response.headers_mut().insert(GENERATION_HEADER, value);
+    }
+    response
 }
 
 /// `["age", "gender"]`.
@@ -648,15 +825,18 @@ impl Serialize for Enriched<'_> {
 #[derive(Serialize)]
 struct PredictResult<'a> {
     prediction: &'a str,
-    probas: Probas<'a>,
+    probas: Probabilities<'a>,
     enriched: Enriched<'a>,
+    /// Endpoints with generations only: plain ones answer as before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<&'a str>,
 }
 
 impl<'a> PredictResult<'a> {
     fn new(ep: &'a PredictionEndpoint, scored: &'a Scored) -> PredictResult<'a> {
         PredictResult {
             prediction: &scored.label,
-            probas: Probas {
+            probas: Probabilities {
                 names: &ep.class_names,
                 values: &scored.probabilities,
             },
@@ -664,6 +844,7 @@ impl<'a> PredictResult<'a> {
                 ep,
                 slots: &scored.enriched,
             },
+            generation: generation_name(ep, scored),
         }
     }
 }
@@ -696,18 +877,41 @@ async fn predict_one(
     service: &Service,
     ep: &PredictionEndpoint,
     body: &[u8],
+    ctx: &Ctx,
 ) -> Result<Response, AppError> {
     let start = Instant::now();
-    let mut slots = parse_one(body, "features", &ep.fields).map_err(parse_error)?;
+    let log = ctx.logged(service);
+    let parsed = ctx.pick(ep).and_then(|pick| {
+        let slots = parse_one(body, "features", &ep.fields).map_err(parse_error)?;
+        Ok((pick, slots))
+    });
+    let (pick, mut slots) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            if let Some(log) = log {
+                ctx.log_prediction(log, ep, None, Err(&e));
+            }
+            return Err(e);
+        }
+    };
     let mut timing = Timing::default();
-    let mut results = score(service, ep, &mut slots, 1, &mut timing).await?;
-    let scored = results
-        .pop()
-        .unwrap_or_else(|| Err(AppError::internal("no result")))?;
-    Ok(json_ok(&PredictOne {
+    let call = ctx.call(pick, log.is_some());
+    let scored = score(service, ep, &mut slots, 1, &mut timing, &call)
+        .await
+        .and_then(|mut results| {
+            results
+                .pop()
+                .unwrap_or_else(|| Err(AppError::internal("no result")))
+        });
+    if let Some(log) = log {
+        ctx.log_prediction(log, ep, Some(&slots), scored.as_ref());
+    }
+    let scored = scored?;
+    let response = json_ok(&PredictOne {
         result: PredictResult::new(ep, &scored),
         timing: TimingBody::new(timing, start),
-    }))
+    });
+    Ok(with_generation(response, generation_name(ep, &scored)))
 }
 
 /// One item of a `*-multi` answer.
@@ -737,12 +941,44 @@ async fn predict_many(
     service: &Service,
     ep: &PredictionEndpoint,
     body: &[u8],
+    ctx: &Ctx,
 ) -> Result<Response, AppError> {
     let start = Instant::now();
-    let (mut slots, n) =
-        parse_many(body, "features", &ep.fields, service.limits.max_batch).map_err(parse_error)?;
+    let log = ctx.logged(service);
+    let parsed = ctx.pick(ep).and_then(|pick| {
+        let (slots, n) = parse_many(body, "features", &ep.fields, service.limits.max_batch)
+            .map_err(parse_error)?;
+        Ok((pick, slots, n))
+    });
+    let (pick, mut slots, n) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            if let Some(log) = log {
+                ctx.log_prediction(log, ep, None, Err(&e));
+            }
+            return Err(e);
+        }
+    };
     let mut timing = Timing::default();
-    let results = score(service, ep, &mut slots, n, &mut timing).await?;
+    let call = ctx.call(pick, log.is_some());
+    let results = score(service, ep, &mut slots, n, &mut timing, &call).await;
+    let width = ep.fields.len();
+    if let Some(log) = log {
+        for item in 0..n {
+            let row = Some(&slots[item * width..(item + 1) * width]);
+            match &results {
+                Ok(results) => ctx.log_prediction(log, ep, row, results[item].as_ref()),
+                Err(e) => ctx.log_prediction(log, ep, row, Err(e)),
+            }
+        }
+    }
+    let results = results?;
+    // The header names the generation when every answer has the same one.
+    let mut names = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().and_then(|s| generation_name(ep, s)));
+    let first = names.next();
+    let header = first.filter(|f| names.all(|n| n == *f));
     let items = results
         .iter()
         .map(|r| match r {
@@ -750,10 +986,11 @@ async fn predict_many(
             Err(e) => ItemBody::Err(e),
         })
         .collect();
-    Ok(json_ok(&PredictMany {
+    let response = json_ok(&PredictMany {
         items,
         timing: TimingBody::new(timing, start),
-    }))
+    });
+    Ok(with_generation(response, header))
 }
 
 #[derive(Serialize)]
@@ -761,10 +998,27 @@ struct LookupOne<T> {
     data: T,
 }
 
-async fn lookup_one(ep: &LookupEndpoint, body: &[u8]) -> Result<Response, AppError> {
-    let keys = parse_one(body, "data", &ep.fields).map_err(parse_error)?;
-    let merged = crate::lookup::lookup(ep, &keys).await?;
-    Ok(json_ok(&LookupOne { data: merged }))
+async fn lookup_one(
+    service: &Service,
+    ep: &LookupEndpoint,
+    body: &[u8],
+    ctx: &Ctx,
+) -> Result<Response, AppError> {
+    let log = ctx.logged(service);
+    let keys = match parse_one(body, "data", &ep.fields).map_err(parse_error) {
+        Ok(keys) => keys,
+        Err(e) => {
+            if let Some(log) = log {
+                ctx.log_lookup(log, ep, None, Err(&e));
+            }
+            return Err(e);
+        }
+    };
+    let merged = crate::lookup::lookup(ep, &keys).await;
+    if let Some(log) = log {
+        ctx.log_lookup(log, ep, Some(&keys), merged.as_ref());
+    }
+    Ok(json_ok(&LookupOne { data: merged? }))
 }
 
 #[derive(Serialize)]
@@ -776,13 +1030,27 @@ async fn lookup_many(
     service: &Service,
     ep: &LookupEndpoint,
     body: &[u8],
+    ctx: &Ctx,
 ) -> Result<Response, AppError> {
+    let log = ctx.logged(service);
     let (keys, n) =
-        parse_many(body, "data", &ep.fields, service.limits.max_batch).map_err(parse_error)?;
+        match parse_many(body, "data", &ep.fields, service.limits.max_batch).map_err(parse_error) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                if let Some(log) = log {
+                    ctx.log_lookup(log, ep, None, Err(&e));
+                }
+                return Err(e);
+            }
+        };
     let width = ep.fields.len();
     let mut results = Vec::with_capacity(n);
     for item in 0..n {
-        let merged = crate::lookup::lookup(ep, &keys[item * width..(item + 1) * width]).await;
+        let item_keys = &keys[item * width..(item + 1) * width];
+        let merged = crate::lookup::lookup(ep, item_keys).await;
+        if let Some(log) = log {
+            ctx.log_lookup(log, ep, Some(item_keys), merged.as_ref());
+        }
         if let Err(e) = &merged
             && e.status.is_server_error()
         {
@@ -842,25 +1110,50 @@ async fn model_ready(
     }
 }
 
+/// v2 `infer`: the whole request is scored by one generation (the pinned
+/// one, else drawn by the weights: the tensors are model inputs, so a
+/// dispatch key that is not one cannot be read), named in the answer's
+/// `parameters` and the `X-Mesh-Generation` header.
 async fn model_infer(
     State(state): State<AppState>,
     params: Result<RawPathParams, RawPathParamsRejection>,
     request: Request,
 ) -> Response {
+    let ctx = Ctx::of(&request);
     let result = async {
         let (service, ep) = model_endpoint(&state, params).await?;
+        let generation = match (ctx.pick(&ep)?, &ep.generations) {
+            (Pick::Pin(g), _) => Some(g),
+            (Pick::Dispatch, Some(gens)) => Some(gens.pick(crate::generations::random_bucket())),
+            (Pick::Dispatch, None) => None,
+        };
         let body = json_body(request, state.inner.limits.max_body_bytes).await?;
-        crate::oip::infer(
+        let answer = crate::oip::infer(
             &ep,
+            generation,
             service.version.as_deref(),
             &body,
             service.limits.max_batch,
         )
-        .await
+        .await;
+        if let (Some(g), Some(gens)) = (generation, &ep.generations) {
+            let stats = &gens.list[g].stats;
+            stats
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.latency.observe(ctx.started.elapsed());
+            if answer.is_err() {
+                stats
+                    .errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let name = generation.and_then(|g| Some(ep.generations.as_ref()?.list[g].name.clone()));
+        Ok::<_, AppError>(with_generation(json_ok(&answer?), name.as_deref()))
     }
     .await;
     match result {
-        Ok(answer) => json_ok(&answer),
+        Ok(answer) => answer,
         Err(e) => e.into_response(),
     }
 }

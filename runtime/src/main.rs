@@ -216,6 +216,7 @@ async fn serve(
         }
     }
     let result = server.await.map_err(|e| e.to_string())?;
+    state.flush_logs();
     log::info(format_args!("stopped"));
     result.map_err(|e| e.to_string())
 }
@@ -301,7 +302,8 @@ async fn serve_handover(
         if tls.is_some() { "https" } else { "http" }
     ));
     write_ready_file(takeover.ready_file.as_deref());
-    let result = run(listener, tls, app(state), shutdown_timeout).await;
+    let result = run(listener, tls, app(state.clone()), shutdown_timeout).await;
+    state.flush_logs();
     log::info(format_args!("stopped"));
     result.map_err(|e| e.to_string())
 }

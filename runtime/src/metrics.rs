@@ -29,13 +29,49 @@ const SYSTEM: [(&str, &str); 8] = [
     ("/v2/health/ready", "v2-ready"),
 ];
 
+/// A latency histogram: lock-free, one atomic add per bucket.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(b) = BUCKETS.iter().position(|&le| secs <= le) {
+            self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Appends the `_bucket`, `_sum` and `_count` lines of `name` with
+    /// `labels` (`a="x",b="y"`); nothing before the first observation.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let count = self.count.load(Ordering::Relaxed);
+        if count == 0 {
+            return;
+        }
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
 struct RouteStats {
     endpoint: String,
     route: &'static str,
     statuses: [AtomicU64; STATUSES.len()],
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+    latency: Histogram,
 }
 
 impl RouteStats {
@@ -44,9 +80,7 @@ impl RouteStats {
             endpoint: endpoint.to_string(),
             route,
             statuses: Default::default(),
-            buckets: Default::default(),
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
+            latency: Histogram::default(),
         }
     }
 }
@@ -160,14 +194,7 @@ impl Metrics {
             .position(|&s| s == status)
             .unwrap_or(STATUSES.len() - 1);
         stats.statuses[slot].fetch_add(1, Ordering::Relaxed);
-        let secs = elapsed.as_secs_f64();
-        if let Some(b) = BUCKETS.iter().position(|&le| secs <= le) {
-            stats.buckets[b].fetch_add(1, Ordering::Relaxed);
-        }
-        stats.count.fetch_add(1, Ordering::Relaxed);
-        stats
-            .sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        stats.latency.observe(elapsed);
     }
 
     /// The Prometheus text exposition.
@@ -214,29 +241,9 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE mesh_request_duration_seconds histogram");
         for r in &self.routes {
-            let count = r.count.load(Ordering::Relaxed);
-            if count == 0 {
-                continue;
-            }
             let labels = format!("endpoint=\"{}\",route=\"{}\"", esc(&r.endpoint), r.route);
-            let mut cumulative = 0;
-            for (i, le) in BUCKETS.iter().enumerate() {
-                cumulative += r.buckets[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "mesh_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "mesh_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}"
-            );
-            let sum = r.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "mesh_request_duration_seconds_sum{{{labels}}} {sum}");
-            let _ = writeln!(
-                out,
-                "mesh_request_duration_seconds_count{{{labels}}} {count}"
-            );
+            r.latency
+                .render(&mut out, "mesh_request_duration_seconds", &labels);
         }
         let _ = writeln!(
             out,
@@ -260,6 +267,22 @@ pub fn render_access_log(out: &mut String, dropped: u64) {
     );
     let _ = writeln!(out, "# TYPE mesh_access_log_dropped_total counter");
     let _ = writeln!(out, "mesh_access_log_dropped_total {dropped}");
+}
+
+/// Appends the query log's written and dropped lines.
+pub fn render_query_log(out: &mut String, lines: u64, dropped: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP mesh_query_log_lines_total Query log lines queued for writing."
+    );
+    let _ = writeln!(out, "# TYPE mesh_query_log_lines_total counter");
+    let _ = writeln!(out, "mesh_query_log_lines_total {lines}");
+    let _ = writeln!(
+        out,
+        "# HELP mesh_query_log_dropped_total Query log lines dropped because the writer could not keep up."
+    );
+    let _ = writeln!(out, "# TYPE mesh_query_log_dropped_total counter");
+    let _ = writeln!(out, "mesh_query_log_dropped_total {dropped}");
 }
 
 /// Appends the freshness of each dataset: rows, age, refreshes, staleness,
@@ -447,7 +470,7 @@ pub fn render_remotes(out: &mut String, remotes: &[RemoteStatus<'_>]) {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

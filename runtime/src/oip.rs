@@ -90,8 +90,12 @@ fn tensor_input(value: &Value) -> Input<'_> {
 }
 
 /// `POST /v2/models/{name}/infer`.
+///
+/// `generation`: the generation that scores the request (an endpoint with
+/// generations), named in the answer's `parameters`.
 pub async fn infer(
     ep: &PredictionEndpoint,
+    generation: Option<usize>,
     version: Option<&str>,
     body: &[u8],
     max_batch: usize,
@@ -210,11 +214,13 @@ pub async fn infer(
             )));
         }
     }
+    let generation = generation.and_then(|g| Some(&ep.generations.as_ref()?.list[g]));
+    let model = generation.map_or(&ep.model, |g| &g.model);
     let prediction = if rows == 0 {
         None
     } else {
         Some(
-            crate::scoring::predict_rows(&ep.model, columns, rows)
+            crate::scoring::predict_rows(model, columns, rows)
                 .await
                 .map_err(|e| {
                     AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
@@ -262,6 +268,9 @@ pub async fn infer(
     }
     if let Some(id) = request.id {
         answer["id"] = json!(id);
+    }
+    if let Some(g) = generation {
+        answer["parameters"] = json!({"generation": g.name});
     }
     Ok(answer)
 }

@@ -122,10 +122,19 @@ fn prediction(
         }
         props.insert(spec.name.clone(), schema);
     }
+    let dispatch_key = match ep.generations.as_ref().map(|g| g.dispatch) {
+        Some(crate::generations::DispatchBy::Key(slot)) => Some(slot),
+        _ => None,
+    };
     for slot in ep.inputs.len()..ep.fields.len() {
+        let what = if Some(slot) == dispatch_key {
+            "picks the generation (a stable hash of its value)"
+        } else {
+            "enrichment key"
+        };
         props.insert(
             ep.fields.name(slot).to_string(),
-            json!({"type": ["string", "integer"], "description": "enrichment key"}),
+            json!({"type": ["string", "integer"], "description": what}),
         );
     }
     let features = format!("{}Features", ep.name);
@@ -139,11 +148,19 @@ fn prediction(
         .iter()
         .map(|c| (c.clone(), json!({"type": "number"})))
         .collect();
-    let result = json!({"type": "object", "properties": {
+    let mut result = json!({"type": "object", "properties": {
         "prediction": {"type": "string", "enum": ep.class_names},
         "probas": {"type": "object", "properties": probas},
         "enriched": {"type": "array", "items": {"type": "string"}}
     }});
+    let generations: Option<Vec<&str>> = ep
+        .generations
+        .as_ref()
+        .map(|g| g.list.iter().map(|g| g.name.as_str()).collect());
+    if let Some(names) = &generations {
+        result["properties"]["generation"] = json!({"type": "string", "enum": names,
+            "description": "the generation that answered"});
+    }
     paths.insert(
         format!("{base}/{}/predict", ep.name),
         post(
@@ -182,6 +199,23 @@ fn prediction(
             json!({"type": "object", "properties": {"outputs": {"type": "array"}}}),
         ),
     );
+    if let Some(names) = generations {
+        for route in [
+            format!("{base}/{}/predict", ep.name),
+            format!("{base}/{}/predict-multi", ep.name),
+            format!("/v2/models/{}/infer", ep.name),
+        ] {
+            let Some(op) = paths.get_mut(&route).map(|p| &mut p["post"]) else {
+                continue;
+            };
+            op["parameters"] = json!([{"name": "X-Mesh-Generation", "in": "header", "required": false,
+                "description": "pins the generation that answers (a shadow too: for testing); an unknown name is a 400",
+                "schema": {"type": "string", "enum": names}}]);
+            op["responses"]["200"]["headers"] = json!({"X-Mesh-Generation": {
+                "description": "the generation that answered (predict-multi: when every item has the same one)",
+                "schema": {"type": "string"}}});
+        }
+    }
 }
 
 /// `lookup-endpoints`: the rows of several lookup endpoints per key.

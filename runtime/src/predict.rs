@@ -7,12 +7,16 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::http::StatusCode;
 
 use crate::config::OnMissing;
 use crate::dataset::KeyRef;
 use crate::error::AppError;
+use crate::generations::{
+    DispatchBy, Generations, ShadowCopy, ShadowLogRow, key_bucket, random_bucket,
+};
 use crate::input::Input;
 use crate::model::{Column, InputKind};
 use crate::remote::{RemoteRow, owned_key};
@@ -28,6 +32,36 @@ pub struct Scored {
     pub probabilities: Vec<f32>,
     /// Model input slots filled by enrichments, in input order.
     pub enriched: Vec<usize>,
+    /// The generation that answered (an endpoint with generations).
+    pub generation: Option<usize>,
+}
+
+/// Which generation answers a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pick {
+    /// The endpoint's dispatch, per item.
+    Dispatch,
+    /// The `X-Mesh-Generation` header's (a shadow too); no shadow copy.
+    Pin(usize),
+}
+
+/// What a request brings besides its features.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'c> {
+    pub pick: Pick,
+    /// Whether the query is in the query log (its shadow lines too).
+    pub logged: bool,
+    pub request_id: Option<&'c str>,
+}
+
+impl Default for Call<'_> {
+    fn default() -> Self {
+        Call {
+            pick: Pick::Dispatch,
+            logged: false,
+            request_id: None,
+        }
+    }
 }
 
 /// Time spent per phase, in microseconds.
@@ -39,16 +73,148 @@ pub struct Timing {
 
 /// Scores `n` items whose fields are `slots` (row-major, `ep.fields.len()`
 /// per item). A whole-request failure (an upstream down, a model fault) is
-/// `Err`; per-item problems are per-item `Err`s.
+/// `Err`; per-item problems are per-item `Err`s. With generations, each
+/// item is dispatched on its own (items of one generation scored in one
+/// batch), counted per generation, and copied to the shadows.
 pub async fn score<'a>(
     service: &'a Service,
     ep: &'a PredictionEndpoint,
     slots: &mut [Input<'a>],
     n: usize,
     timing: &mut Timing,
+    call: &Call<'_>,
+) -> Result<Vec<Result<Scored, AppError>>, AppError> {
+    let Some(gens) = &ep.generations else {
+        return score_with(service, ep, slots, n, timing, &[], vec![None; n]).await;
+    };
+    let start = std::time::Instant::now();
+    let width = ep.fields.len();
+    let single = n == 1;
+    let mut chosen = vec![None; n];
+    let mut errors: Vec<Option<AppError>> = vec![None; n];
+    for item in 0..n {
+        let bucket = match (call.pick, gens.dispatch) {
+            (Pick::Pin(g), _) => {
+                chosen[item] = Some(g);
+                continue;
+            }
+            (Pick::Dispatch, DispatchBy::Random) => random_bucket(),
+            (Pick::Dispatch, DispatchBy::Key(slot)) => match &slots[item * width + slot] {
+                Input::Str(s) => key_bucket(s.as_bytes()),
+                Input::Int(i) => key_bucket(i.to_string().as_bytes()),
+                other => {
+                    let e = AppError::bad_request(
+                        "missing_dispatch_key",
+                        format!(
+                            "feature `{}` picks the generation: send it as a string or an integer (got {})",
+                            ep.fields.name(slot),
+                            other.type_name()
+                        ),
+                    );
+                    if single {
+                        return Err(e);
+                    }
+                    errors[item] = Some(item_err(single, item, e));
+                    continue;
+                }
+            },
+        };
+        chosen[item] = Some(gens.pick(bucket));
+    }
+    let result = score_with(service, ep, slots, n, timing, &chosen, errors).await;
+    // Per generation: requests, errors, latency.
+    let elapsed = start.elapsed();
+    for (item, g) in chosen.iter().enumerate() {
+        let Some(g) = *g else { continue };
+        let stats = &gens.list[g].stats;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.latency.observe(elapsed);
+        if !matches!(&result, Ok(r) if r[item].is_ok()) {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let mut results = result?;
+    for (r, g) in results.iter_mut().zip(&chosen) {
+        if let Ok(scored) = r {
+            scored.generation = *g;
+        }
+    }
+    if call.pick == Pick::Dispatch && gens.has_shadows() {
+        shadow(ep, gens, slots, &results, call);
+    }
+    Ok(results)
+}
+
+/// Copies the enriched features of the answered items, with their
+/// answers, to the endpoint's shadows.
+fn shadow(
+    ep: &PredictionEndpoint,
+    gens: &Generations,
+    slots: &[Input<'_>],
+    results: &[Result<Scored, AppError>],
+    call: &Call<'_>,
+) {
+    let width = ep.fields.len();
+    let answered: Vec<(usize, &Scored)> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().ok().map(|s| (i, s)))
+        .collect();
+    if answered.is_empty() {
+        return;
+    }
+    let columns = ep
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(slot, spec)| {
+            column(
+                spec.kind,
+                answered
+                    .iter()
+                    .map(|&(item, _)| &slots[item * width + slot]),
+            )
+        })
+        .collect();
+    let logged = call.logged.then(|| {
+        answered
+            .iter()
+            .map(|&(item, scored)| ShadowLogRow {
+                key: ep
+                    .log_key_slot
+                    .map(|k| crate::query_log::input_json(&slots[item * width + k])),
+                request_id: call.request_id.map(str::to_owned),
+                served_by: scored
+                    .generation
+                    .map_or_else(String::new, |g| gens.list[g].name.clone()),
+            })
+            .collect()
+    });
+    gens.shadow(ShadowCopy {
+        columns,
+        rows: answered.len(),
+        served_probabilities: answered
+            .iter()
+            .flat_map(|(_, s)| s.probabilities.iter().copied())
+            .collect(),
+        served_labels: answered.iter().map(|(_, s)| s.label.clone()).collect(),
+        logged,
+    });
+}
+
+/// [`score`] with each item's generation chosen (`chosen[item]`, or the
+/// endpoint's model when `chosen` is empty or `None`) and the errors of the
+/// dispatch.
+async fn score_with<'a>(
+    service: &'a Service,
+    ep: &'a PredictionEndpoint,
+    slots: &mut [Input<'a>],
+    n: usize,
+    timing: &mut Timing,
+    chosen: &[Option<usize>],
+    mut errors: Vec<Option<AppError>>,
 ) -> Result<Vec<Result<Scored, AppError>>, AppError> {
     let width = ep.fields.len();
-    let mut errors: Vec<Option<AppError>> = vec![None; n];
     let mut enriched = vec![false; n * ep.inputs.len()];
     let single = n == 1;
 
@@ -219,72 +385,104 @@ pub async fn score<'a>(
             }))
         })
         .collect();
-    if !ok.is_empty() {
-        let columns: Vec<Column> = ep
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(slot, spec)| {
-                column(
-                    spec.kind,
-                    ok.iter().map(|&item| &slots[item * width + slot]),
-                )
-            })
-            .collect();
-        let prediction = crate::scoring::predict_rows(&ep.model, columns, ok.len())
-            .await
-            .map_err(|e| {
-                AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
-            })?;
-        if prediction.labels.len() != ok.len()
-            || prediction.classes != ep.class_names.len()
-            || prediction.probabilities.len() != ok.len() * ep.class_names.len()
-        {
-            return Err(AppError::internal(format_args!(
-                "endpoint `{}`: model returned {} rows of {} classes for {} rows of {} classes",
-                ep.name,
-                prediction.labels.len(),
-                prediction.classes,
-                ok.len(),
-                ep.class_names.len()
-            )));
+    if chosen.is_empty() && !ok.is_empty() {
+        predict_group(ep, &ep.model, slots, &ok, &enriched, single, &mut results).await?;
+    }
+    // With generations, the items of one generation are scored in one batch.
+    let mut groups: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+    for &item in ok.iter().filter(|_| !chosen.is_empty()) {
+        let g = chosen.get(item).copied().flatten();
+        match groups.iter_mut().find(|(k, _)| *k == g) {
+            Some((_, items)) => items.push(item),
+            None => groups.push((g, vec![item])),
         }
-        for (k, &item) in ok.iter().enumerate() {
-            let probabilities = prediction.probabilities_of(k).to_vec();
-            let enriched_slots: Vec<usize> = (0..ep.inputs.len())
-                .filter(|&s| enriched[item * ep.inputs.len() + s])
-                .collect();
-            results[item] = if probabilities.iter().all(|p| p.is_finite()) {
-                Ok(Scored {
-                    label: prediction.labels[k].to_string(),
-                    probabilities,
-                    enriched: enriched_slots,
-                })
-            } else {
-                let nulls: Vec<&str> = (0..ep.inputs.len())
-                    .filter(|&s| slots[item * width + s] == Input::Null)
-                    .map(|s| ep.fields.name(s))
-                    .collect();
-                Err(item_err(
-                    single,
-                    item,
-                    AppError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "undefined_prediction",
-                        format!(
-                            "the model gives no probabilities for missing values (null features: {})",
-                            nulls.join(", ")
-                        ),
-                    ),
-                ))
-            };
-        }
+    }
+    for (g, items) in &groups {
+        let model = match (g, &ep.generations) {
+            (Some(g), Some(gens)) => &gens.list[*g].model,
+            _ => &ep.model,
+        };
+        predict_group(ep, model, slots, items, &enriched, single, &mut results).await?;
     }
     timing.predict_us = t.elapsed().as_micros() as u64;
     if single && let Some(Err(e)) = results.first() {
         return Err(e.clone());
     }
     Ok(results)
+}
+
+/// Scores `items` with `model` into `results`.
+async fn predict_group(
+    ep: &PredictionEndpoint,
+    model: &Arc<crate::model::Model>,
+    slots: &[Input<'_>],
+    items: &[usize],
+    enriched: &[bool],
+    single: bool,
+    results: &mut [Result<Scored, AppError>],
+) -> Result<(), AppError> {
+    let width = ep.fields.len();
+    let columns: Vec<Column> = ep
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(slot, spec)| {
+            column(
+                spec.kind,
+                items.iter().map(|&item| &slots[item * width + slot]),
+            )
+        })
+        .collect();
+    let prediction = crate::scoring::predict_rows(model, columns, items.len())
+        .await
+        .map_err(|e| {
+            AppError::internal(format_args!("endpoint `{}`: model failed: {e}", ep.name))
+        })?;
+    if prediction.labels.len() != items.len()
+        || prediction.classes != ep.class_names.len()
+        || prediction.probabilities.len() != items.len() * ep.class_names.len()
+    {
+        return Err(AppError::internal(format_args!(
+            "endpoint `{}`: model returned {} rows of {} classes for {} rows of {} classes",
+            ep.name,
+            prediction.labels.len(),
+            prediction.classes,
+            items.len(),
+            ep.class_names.len()
+        )));
+    }
+    for (k, &item) in items.iter().enumerate() {
+        let probabilities = prediction.probabilities_of(k).to_vec();
+        let enriched_slots: Vec<usize> = (0..ep.inputs.len())
+            .filter(|&s| enriched[item * ep.inputs.len() + s])
+            .collect();
+        results[item] = if probabilities.iter().all(|p| p.is_finite()) {
+            Ok(Scored {
+                label: prediction.labels[k].to_string(),
+                probabilities,
+                enriched: enriched_slots,
+                generation: None,
+            })
+        } else {
+            let nulls: Vec<&str> = (0..ep.inputs.len())
+                .filter(|&s| slots[item * width + s] == Input::Null)
+                .map(|s| ep.fields.name(s))
+                .collect();
+            Err(item_err(
+                single,
+                item,
+                AppError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "undefined_prediction",
+                    format!(
+                        "the model gives no probabilities for missing values (null features: {})",
+                        nulls.join(", ")
+                    ),
+                ),
+            ))
+        };
+    }
+    Ok(())
 }
 
 /// Asks the upstream of remote enrichment `first`, once, for the rows of it

@@ -14,15 +14,17 @@ use crate::auth::PresentedKey;
 use crate::backend::{Connection, LiveError, LiveKey, LiveTable};
 use crate::cache::KeyCache;
 use crate::config::{
-    Bundle, ColumnType, ConfigError, DatasetConfig, DatasetMode, DatasetSource, EndpointConfig,
-    Limits, OnMissing, SecretRef,
+    Bundle, ColumnType, ConfigError, DatasetConfig, DatasetMode, DatasetSource, Dispatch,
+    EndpointConfig, GenerationConfig, Limits, OnMissing, SecretRef,
 };
 use crate::dataset::{Dataset, KeyRef, Schema, Value, ValueRef};
 use crate::error::AppError;
 use crate::freshness::{DatasetStatus, QueryTotal, Snapshot};
+use crate::generations::{Declared, DispatchBy, Generations, SplitReloads};
 use crate::input::FieldMap;
 use crate::log;
 use crate::model::{InputKind, InputSpec, Model};
+use crate::query_log::QueryLog;
 use crate::remote::{HttpClient, RemoteRow, Upstream, split_lookup_url};
 use crate::scoring::{class_names, load_model};
 use crate::snowflake::SnowflakeError;
@@ -54,6 +56,9 @@ pub enum LoadError {
     /// A model could not be read or is not supported.
     #[error("endpoint `{endpoint}`: model {reason}")]
     Model { endpoint: String, reason: String },
+    /// The split file cannot be read or does not fit the endpoints.
+    #[error("split file: {reason}")]
+    Split { reason: String },
     /// An endpoint declaration does not fit its model or datasets.
     #[error("endpoint `{endpoint}`: {reason}")]
     Endpoint { endpoint: String, reason: String },
@@ -81,6 +86,10 @@ pub struct Service {
     pub endpoints: HashMap<String, Endpoint>,
     pub datasets: HashMap<String, Table>,
     pub http: HttpClient,
+    pub query_log: Option<QueryLog>,
+    /// The generations of every endpoint that has them.
+    pub generations: Vec<Arc<Generations>>,
+    pub split_reloads: Arc<SplitReloads>,
 }
 
 /// One endpoint.
@@ -219,6 +228,11 @@ pub struct PredictionEndpoint {
     pub inputs: Vec<InputSpec>,
     pub class_names: Vec<String>,
     pub enrichments: Vec<Enrichment>,
+    /// Several models side by side (`None`: `model` answers alone).
+    pub generations: Option<Arc<Generations>>,
+    /// The field whose value is a query log line's `key`: the dispatch key,
+    /// else the first enrichment's key.
+    pub log_key_slot: Option<usize>,
 }
 
 /// An enrichment, planned.
@@ -344,6 +358,19 @@ impl Service {
             endpoint: "(remote lookups)".into(),
             reason,
         })?;
+        // The query log (not for an offline check: it would open its file).
+        let query_log = match (&cfg.query_log, options.connect) {
+            (Some(config), true) => {
+                Some(
+                    QueryLog::open(config, &bundle.dir).map_err(|e| LoadError::Endpoint {
+                        endpoint: "(query log)".into(),
+                        reason: format!("cannot open the query log: {e}"),
+                    })?,
+                )
+            }
+            _ => None,
+        };
+        let mut all_generations = Vec::new();
         let mut endpoints = HashMap::new();
         for (name, ep) in &cfg.endpoints {
             let t = Instant::now();
@@ -357,50 +384,106 @@ impl Service {
                 EndpointConfig::Prediction {
                     model,
                     generations,
+                    dispatch,
                     enrichments,
-                    ..
                 } => {
-                    // Generations: the first serving one answers until the
-                    // runtime splits traffic between them.
-                    let Some(model) = model
-                        .as_ref()
-                        .or_else(|| generations.iter().find(|g| !g.shadow).map(|g| &g.model))
-                    else {
-                        return Err(LoadError::Model {
-                            endpoint: name.clone(),
-                            reason: "no model and no serving generation".into(),
-                        });
+                    // The plain model, or every generation's (shadows too).
+                    let paths: Vec<&PathBuf> = match model {
+                        Some(model) => vec![model],
+                        None => generations.iter().map(|g| &g.model).collect(),
                     };
-                    let path = bundle.path(model);
-                    let model = tokio::task::spawn_blocking(move || load_model(&path))
-                        .await
-                        .map_err(|e| LoadError::Model {
-                            endpoint: name.clone(),
-                            reason: e.to_string(),
-                        })?
-                        .map_err(|reason| LoadError::Model {
-                            endpoint: name.clone(),
-                            reason,
-                        })?;
-                    let Some(planned) =
-                        plan_prediction(bundle, name, model, enrichments, &datasets, options)?
+                    let mut models = Vec::with_capacity(paths.len());
+                    for (i, path) in paths.into_iter().enumerate() {
+                        let path = bundle.path(path);
+                        let at = match generations.get(i) {
+                            Some(g) if model.is_none() => {
+                                format!("{name}` generation `{}", g.name)
+                            }
+                            _ => name.clone(),
+                        };
+                        let loaded = tokio::task::spawn_blocking(move || load_model(&path))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r)
+                            .map_err(|reason| LoadError::Model {
+                                endpoint: at,
+                                reason,
+                            })?;
+                        models.push(loaded);
+                    }
+                    // The first serving generation's model plans the
+                    // endpoint: the others must take the same inputs.
+                    let primary = match model {
+                        Some(_) => 0,
+                        None => generations.iter().position(|g| !g.shadow).unwrap_or(0),
+                    };
+                    let Some(mut planned) = plan_prediction(
+                        bundle,
+                        name,
+                        models[primary].clone(),
+                        enrichments,
+                        &datasets,
+                        options,
+                    )?
                     else {
                         log::info(format_args!(
                             "endpoint `{name}`: skipped (uses a SQL dataset; offline check)"
                         ));
                         continue;
                     };
+                    if model.is_none() {
+                        let gens = plan_generations(
+                            name,
+                            &mut planned,
+                            generations,
+                            models,
+                            dispatch,
+                            &cfg.limits,
+                            query_log.clone(),
+                        )?;
+                        all_generations.push(gens.clone());
+                        planned.generations = Some(gens);
+                    }
+                    planned.log_key_slot = match planned.generations.as_ref().map(|g| g.dispatch) {
+                        Some(DispatchBy::Key(slot)) => Some(slot),
+                        _ => planned.enrichments.first().map(|en| en.key_slot),
+                    };
                     log::info(format_args!(
-                        "endpoint `{name}`: model with {} inputs, {} classes, {} enrichments, loaded in {}",
+                        "endpoint `{name}`: model with {} inputs, {} classes, {} enrichments{}, loaded in {}",
                         planned.inputs.len(),
                         planned.class_names.len(),
                         planned.enrichments.len(),
+                        match &planned.generations {
+                            Some(g) => format!(", generations {}", g.names()),
+                            None => String::new(),
+                        },
                         ms(t.elapsed())
                     ));
                     Endpoint::Prediction(Arc::new(planned))
                 }
             };
             endpoints.insert(name.clone(), endpoint);
+        }
+        // Weights from the split file, then whenever it changes.
+        let split_reloads = Arc::new(SplitReloads::default());
+        // An offline check of a staged bundle validates the split file
+        // only when it is there already.
+        if let Some(path) = cfg
+            .split_file
+            .as_ref()
+            .map(|p| bundle.path(p))
+            .filter(|p| options.connect || p.exists())
+        {
+            crate::generations::read_split_file(&path)
+                .and_then(|file| crate::generations::apply_split_file(&all_generations, &file))
+                .map_err(|reason| LoadError::Split { reason })?;
+            if options.connect {
+                crate::generations::watch_split_file(
+                    path,
+                    all_generations.clone(),
+                    split_reloads.clone(),
+                );
+            }
         }
         log::info(format_args!(
             "service `{}`: {} endpoints, {} datasets loaded in {}",
@@ -416,6 +499,9 @@ impl Service {
             endpoints,
             datasets,
             http,
+            query_log,
+            generations: all_generations,
+            split_reloads,
         })
     }
 }
@@ -738,7 +824,88 @@ fn plan_prediction(
         inputs,
         class_names,
         enrichments: planned,
+        generations: None,
+        log_key_slot: None,
     }))
+}
+
+/// The generations of `planned` (planned with the first serving one's
+/// model): every generation's model must take the same inputs and give the
+/// same classes, so what the enrichments fill fits each of them.
+fn plan_generations(
+    name: &str,
+    planned: &mut PredictionEndpoint,
+    generations: &[GenerationConfig],
+    models: Vec<Arc<Model>>,
+    dispatch: &Dispatch,
+    limits: &Limits,
+    query_log: Option<QueryLog>,
+) -> Result<Arc<Generations>, LoadError> {
+    let err = |g: &str, reason: String| LoadError::Endpoint {
+        endpoint: format!("{name}` generation `{g}"),
+        reason,
+    };
+    let describe = |inputs: &[InputSpec]| {
+        inputs
+            .iter()
+            .map(|i| format!("{} ({})", i.name, kind_name(i.kind)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut declared = Vec::with_capacity(generations.len());
+    for (g, model) in generations.iter().zip(models) {
+        let same = model.inputs().len() == planned.inputs.len()
+            && model
+                .inputs()
+                .iter()
+                .zip(&planned.inputs)
+                .all(|(a, b)| a.name == b.name && a.kind == b.kind && a.width == b.width);
+        if !same {
+            return Err(err(
+                &g.name,
+                format!(
+                    "its model's inputs ({}) are not the endpoint's ({}): every generation takes the inputs the enrichments fill, in the same order",
+                    describe(model.inputs()),
+                    describe(&planned.inputs)
+                ),
+            ));
+        }
+        let classes = class_names(model.classes());
+        if classes != planned.class_names {
+            return Err(err(
+                &g.name,
+                format!(
+                    "its model's classes ({}) are not the other generations' ({})",
+                    classes.join(", "),
+                    planned.class_names.join(", ")
+                ),
+            ));
+        }
+        declared.push(Declared {
+            name: g.name.clone(),
+            model,
+            shadow: g.shadow,
+            weight: g.weight,
+        });
+    }
+    let dispatch = match dispatch {
+        Dispatch::Random => DispatchBy::Random,
+        // The key is read from the request as sent.
+        Dispatch::Key(key) => DispatchBy::Key(planned.fields.add(key)),
+    };
+    let gens = Generations::new(
+        name,
+        declared,
+        dispatch,
+        &planned.class_names,
+        limits.shadow_queue(),
+        query_log,
+    )
+    .map_err(|e| LoadError::Endpoint {
+        endpoint: name.to_string(),
+        reason: format!("cannot start a shadow thread: {e}"),
+    })?;
+    Ok(Arc::new(gens))
 }
 
 /// The upstream of each remote enrichment (`None` for a dataset) and its

@@ -1,0 +1,519 @@
+//! Generations over the real runtime: the weighted split, key dispatch that
+//! is sticky and moves only the keys it must when the split file changes
+//! (same process), the pin header, shadows that never answer and whose
+//! drops are counted, and the configurations the runtime refuses.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{BundleDir, SERVICE, Server, local_service, metric, metrics, request, wait_until};
+use serde_json::{Value, json};
+
+/// The example service whose `high-value` endpoint has `generations`
+/// (models `high_value.onnx`, `high_value_gbt.onnx`, `high_value_slow.onnx`
+/// are in the bundle's `models/`).
+fn bundle(generations: Value, dispatch: Option<&str>, edit: impl FnOnce(&mut Value)) -> BundleDir {
+    let mut service = local_service();
+    let ep = &mut service["endpoints"]["high-value"];
+    ep.as_object_mut().expect("endpoint").remove("model");
+    ep["generations"] = generations;
+    if let Some(key) = dispatch {
+        ep["dispatch"] = json!({"key": key});
+    }
+    edit(&mut service);
+    let b = BundleDir::new(&service);
+    for model in ["high_value_gbt.onnx", "high_value_slow.onnx"] {
+        std::fs::copy(
+            common::example_dir().join(model),
+            b.path().join("models").join(model),
+        )
+        .expect("copy model");
+    }
+    b
+}
+
+fn generation(name: &str, model: &str, weight: Option<u32>) -> Value {
+    match weight {
+        Some(w) => json!({"name": name, "model": format!("models/{model}"), "weight": w}),
+        None => json!({"name": name, "model": format!("models/{model}"), "shadow": true}),
+    }
+}
+
+fn customer(i: usize) -> String {
+    format!("C{:05}", i % 10_000 + 1)
+}
+
+fn predict_body(i: usize) -> String {
+    format!("{{\"features\": {{\"customer_id\": \"{}\"}}}}", customer(i))
+}
+
+/// Sends `bodies` as single predictions over keep-alive connections,
+/// `tasks` at a time, and returns each answer's status and `generation`.
+fn predict_all(s: &Server, bodies: Vec<String>, tasks: usize) -> Vec<(u16, Option<String>)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pool = Arc::new(mesh_runtime::h1::Pool::new(&s.addr.to_string()));
+    let bodies = Arc::new(bodies);
+    let path = format!("/public/api/v1/{SERVICE}/high-value/predict");
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let (pool, bodies, path) = (pool.clone(), bodies.clone(), path.clone());
+            let host = s.addr.to_string();
+            handles.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in (t..bodies.len()).step_by(tasks) {
+                    let body = &bodies[i];
+                    let req = format!(
+                        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let answer = pool.send(req.as_bytes(), 1 << 20).await.expect("answer");
+                    let v: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+                    let g = v["result"]["generation"].as_str().map(str::to_owned);
+                    out.push((i, answer.status, g));
+                }
+                out
+            }));
+        }
+        let mut all = vec![(0, None); bodies.len()];
+        for h in handles {
+            for (i, status, g) in h.await.expect("task") {
+                all[i] = (status, g);
+            }
+        }
+        all
+    })
+}
+
+fn shares(answers: &[(u16, Option<String>)]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for (status, g) in answers {
+        assert_eq!(*status, 200);
+        *counts
+            .entry(g.clone().expect("every answer names its generation"))
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn random_dispatch_follows_the_weights() {
+    let b = bundle(
+        json!([
+            generation("v1", "high_value.onnx", Some(70)),
+            generation("v2", "high_value_gbt.onnx", Some(30))
+        ]),
+        None,
+        |_| {},
+    );
+    let s = Server::start_ready(b.path(), &[]);
+    let n = 20_000;
+    let answers = predict_all(&s, (0..n).map(predict_body).collect(), 8);
+    let counts = shares(&answers);
+    let v1 = counts.get("v1").copied().unwrap_or(0) as f64 / n as f64 * 100.0;
+    let v2 = counts.get("v2").copied().unwrap_or(0) as f64 / n as f64 * 100.0;
+    assert!((v1 - 70.0).abs() <= 1.5, "v1 {v1:.2}% of {n}: {counts:?}");
+    assert!((v2 - 30.0).abs() <= 1.5, "v2 {v2:.2}% of {n}: {counts:?}");
+    // The counters per generation agree with the answers.
+    let text = metrics(&s);
+    for (g, c) in &counts {
+        let sample =
+            format!("mesh_generation_requests_total{{endpoint=\"high-value\",generation=\"{g}\"}}");
+        assert_eq!(metric(&text, &sample), Some(*c as f64), "{text}");
+    }
+    assert!(text.contains(
+        "mesh_generation_latency_seconds_count{endpoint=\"high-value\",generation=\"v1\"}"
+    ));
+    // The response header names the body's generation.
+    let r = s.api("high-value", "predict", &predict_body(7));
+    assert_eq!(r.status, 200);
+    let g = r.json()["result"]["generation"]
+        .as_str()
+        .expect("generation")
+        .to_string();
+    assert_eq!(r.header("x-mesh-generation"), Some(g.as_str()));
+}
+
+fn write_split(dir: &Path, v1: u32, v2: u32) {
+    let text = json!({"high-value": {"v1": v1, "v2": v2}}).to_string();
+    // Atomically, as a ConfigMap update would.
+    std::fs::write(dir.join("split.json.tmp"), text).expect("write split");
+    std::fs::rename(dir.join("split.json.tmp"), dir.join("split.json")).expect("rename split");
+}
+
+fn weight(s: &Server, g: &str) -> Option<f64> {
+    metric(
+        &metrics(s),
+        &format!("mesh_generation_weight{{endpoint=\"high-value\",generation=\"{g}\"}}"),
+    )
+}
+
+#[test]
+fn key_dispatch_is_sticky_and_a_weight_change_moves_only_the_border_keys() {
+    let b = bundle(
+        json!([
+            {"name": "v1", "model": "models/high_value.onnx"},
+            {"name": "v2", "model": "models/high_value_gbt.onnx"}
+        ]),
+        Some("customer_id"),
+        |s| s["split_file"] = json!("split.json"),
+    );
+    write_split(b.path(), 90, 10);
+    let s = Server::start_ready(b.path(), &[]);
+    let pid = s.child.id();
+    let keys = 2_000;
+    let bodies: Vec<String> = (0..keys).chain(0..keys).map(predict_body).collect();
+    let first = predict_all(&s, bodies, 8);
+    shares(&first);
+    for k in 0..keys {
+        assert_eq!(first[k].1, first[keys + k].1, "key {} moved", customer(k));
+    }
+    assert_eq!(weight(&s, "v2"), Some(10.0));
+
+    write_split(b.path(), 80, 20);
+    wait_until(
+        &s,
+        "the new weight in /metrics",
+        Duration::from_secs(10),
+        || match weight(&s, "v2") {
+            Some(20.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let again = predict_all(&s, (0..keys).map(predict_body).collect(), 8);
+    let (mut to_v2, mut to_v1) = (0, 0);
+    for k in 0..keys {
+        match (first[k].1.as_deref(), again[k].1.as_deref()) {
+            (Some("v1"), Some("v2")) => to_v2 += 1,
+            (Some("v2"), Some("v1")) => to_v1 += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(to_v1, 0, "keys moved from v2 back to v1");
+    let moved = to_v2 as f64 / keys as f64 * 100.0;
+    assert!(
+        (moved - 10.0).abs() <= 1.5,
+        "{moved:.2}% of keys moved v1 → v2"
+    );
+
+    // A later invalid file keeps the split in force and counts an error.
+    std::fs::write(
+        b.path().join("split.json"),
+        r#"{"high-value": {"v1": 50, "v2": 20}}"#,
+    )
+    .expect("write");
+    wait_until(
+        &s,
+        "a reload error counted",
+        Duration::from_secs(10),
+        || match metric(&metrics(&s), "mesh_split_reload_errors_total") {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(weight(&s, "v2"), Some(20.0));
+    let still = predict_all(&s, (0..200).map(predict_body).collect(), 4);
+    for k in 0..200 {
+        assert_eq!(still[k].1, again[k].1, "key {} moved", customer(k));
+    }
+    assert!(s.log().contains("sum to 70, not 100"), "{}", s.log());
+    assert_eq!(s.child.id(), pid, "same process");
+    // A request without the dispatch key: a 400 naming it.
+    let r = s.api(
+        "high-value",
+        "predict",
+        &format!("{{\"features\": {}}}", common::explicit_features(3)),
+    );
+    let message = r.assert_error(400, "missing_dispatch_key");
+    assert!(message.contains("customer_id"), "{message}");
+}
+
+#[test]
+fn a_missing_split_file_at_start_is_refused_with_the_reason() {
+    let b = bundle(
+        json!([
+            {"name": "v1", "model": "models/high_value.onnx"},
+            {"name": "v2", "model": "models/high_value_gbt.onnx"}
+        ]),
+        None,
+        |s| s["split_file"] = json!("split.json"),
+    );
+    let mut s = Server::start(b.path(), &[]);
+    let status = s.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = s.log();
+    assert!(
+        log.contains("split file: cannot read") && log.contains("split.json"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_pin_header_picks_a_serving_or_shadow_generation() {
+    let b = bundle(
+        json!([
+            generation("v1", "high_value.onnx", Some(100)),
+            generation("v2", "high_value_gbt.onnx", Some(0)),
+            generation("shadow", "high_value_gbt.onnx", None)
+        ]),
+        None,
+        |_| {},
+    );
+    let s = Server::start_ready(b.path(), &[]);
+    let path = format!("/public/api/v1/{SERVICE}/high-value/predict");
+    let pinned = |g: &str| {
+        request(
+            s.addr,
+            "POST",
+            &path,
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Mesh-Generation", g),
+            ],
+            predict_body(1).as_bytes(),
+        )
+    };
+    for g in ["v2", "shadow", "v1"] {
+        let r = pinned(g);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["result"]["generation"], g);
+        assert_eq!(r.header("x-mesh-generation"), Some(g));
+    }
+    let message = pinned("v3").assert_error(400, "unknown_generation");
+    assert!(
+        message.contains("`v3`") && message.contains("`v1`, `v2`, `shadow`"),
+        "{message}"
+    );
+    // Unpinned: always the serving generation with all the weight.
+    for i in 0..50 {
+        let r = s.api("high-value", "predict", &predict_body(i));
+        assert_eq!(r.json()["result"]["generation"], "v1");
+    }
+    // predict-multi: each item names its generation.
+    let r = s.api(
+        "high-value",
+        "predict-multi",
+        r#"{"items": [{"features": {"customer_id": "C00001"}}, {"features": {"customer_id": "C00002"}}]}"#,
+    );
+    for item in r.json()["items"].as_array().expect("items") {
+        assert_eq!(item["result"]["generation"], "v1");
+    }
+    // v2 infer names the generation in `parameters` and the header.
+    let features: Value = serde_json::from_str(&common::explicit_features(1)).expect("features");
+    let inputs: Vec<Value> = features
+        .as_object()
+        .expect("object")
+        .iter()
+        .map(|(name, v)| {
+            let datatype = if v.is_string() { "BYTES" } else { "FP32" };
+            json!({"name": name, "shape": [1], "datatype": datatype, "data": [v]})
+        })
+        .collect();
+    let body = json!({"inputs": inputs}).to_string();
+    let r = request(
+        s.addr,
+        "POST",
+        "/v2/models/high-value/infer",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Mesh-Generation", "v2"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["parameters"]["generation"], "v2");
+    assert_eq!(r.header("x-mesh-generation"), Some("v2"));
+    // A plain-model endpoint's answers carry no generation.
+    let r = s.api(
+        "high-value-plain",
+        "predict",
+        &format!("{{\"features\": {}}}", common::explicit_features(1)),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["result"].get("generation").is_none());
+    assert!(r.header("x-mesh-generation").is_none());
+}
+
+#[test]
+fn shadows_never_answer_and_are_compared() {
+    let b = bundle(
+        json!([
+            generation("v1", "high_value.onnx", Some(100)),
+            generation("gbt", "high_value_gbt.onnx", None)
+        ]),
+        None,
+        |_| {},
+    );
+    let s = Server::start_ready(b.path(), &[]);
+    let n = 300;
+    let answers = predict_all(&s, (0..n).map(predict_body).collect(), 4);
+    let counts = shares(&answers);
+    assert_eq!(counts.get("v1"), Some(&n), "{counts:?}");
+    let sample = |name: &str| format!("{name}{{endpoint=\"high-value\",generation=\"gbt\"}}");
+    wait_until(&s, "every copy compared", Duration::from_secs(20), || {
+        let text = metrics(&s);
+        let compared = metric(&text, &sample("mesh_shadow_compared_total")).unwrap_or(0.0);
+        let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).unwrap_or(0.0);
+        if compared + dropped == n as f64 && compared > 0.0 {
+            Ok(())
+        } else {
+            Err(format!("compared {compared}, dropped {dropped}"))
+        }
+    });
+    let text = metrics(&s);
+    let compared = metric(&text, &sample("mesh_shadow_compared_total")).expect("compared");
+    let agreed = metric(&text, &sample("mesh_shadow_agreed_total")).expect("agreed");
+    let diff = metric(&text, &sample("mesh_shadow_probability_abs_diff_sum")).expect("diff");
+    // Two different models of the same data: mostly, not always, agreeing.
+    assert!(
+        agreed > compared * 0.5 && agreed <= compared,
+        "{agreed} of {compared}"
+    );
+    assert!(
+        diff > 0.0 && diff / compared < 0.5,
+        "mean diff {}",
+        diff / compared
+    );
+    assert!(
+        s.log().contains("shadow generation `gbt` scores at"),
+        "{}",
+        s.log()
+    );
+}
+
+#[test]
+fn a_slow_shadow_with_a_full_queue_drops_copies_and_never_the_requests() {
+    let b = bundle(
+        json!([
+            generation("v1", "high_value.onnx", Some(100)),
+            generation("slow", "high_value_slow.onnx", None)
+        ]),
+        None,
+        |s| s["limits"]["shadow_queue"] = json!(2),
+    );
+    let s = Server::start_ready(b.path(), &[]);
+    let n = 3_000;
+    let answers = predict_all(&s, (0..n).map(predict_body).collect(), 8);
+    let counts = shares(&answers);
+    assert_eq!(counts.get("v1"), Some(&n), "{counts:?}");
+    let sample = |name: &str| format!("{name}{{endpoint=\"high-value\",generation=\"slow\"}}");
+    wait_until(
+        &s,
+        "every copy compared or dropped",
+        Duration::from_secs(60),
+        || {
+            let text = metrics(&s);
+            let compared = metric(&text, &sample("mesh_shadow_compared_total")).unwrap_or(0.0);
+            let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).unwrap_or(0.0);
+            if compared + dropped == n as f64 {
+                Ok(())
+            } else {
+                Err(format!("compared {compared}, dropped {dropped}"))
+            }
+        },
+    );
+    let text = metrics(&s);
+    let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).expect("dropped");
+    assert!(
+        dropped > 0.0,
+        "a queue of 2 behind a slow forest drops copies:\n{text}"
+    );
+}
+
+/// `mesh-runtime check` of `service`: its stderr, having failed.
+fn refused(service: &Value) -> String {
+    let b = BundleDir::new(service);
+    std::fs::copy(
+        common::example_dir().join("high_value_gbt.onnx"),
+        b.path().join("models/high_value_gbt.onnx"),
+    )
+    .expect("copy");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/models/svm.onnx"),
+        b.path().join("models/other.onnx"),
+    )
+    .expect("copy");
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-runtime"))
+        .args(["check", "--bundle"])
+        .arg(b.path())
+        .output()
+        .expect("run check");
+    assert!(!out.status.success(), "accepted: {service}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn the_runtime_refuses_bad_generations_and_names_them() {
+    let with = |generations: Value, edit: &dyn Fn(&mut Value)| {
+        let mut service = local_service();
+        let ep = &mut service["endpoints"]["high-value"];
+        ep.as_object_mut().expect("endpoint").remove("model");
+        ep["generations"] = generations;
+        edit(&mut service);
+        service
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            with(
+                json!([
+                    generation("v1", "high_value.onnx", Some(60)),
+                    generation("v2", "high_value_gbt.onnx", Some(30))
+                ]),
+                &|_| {},
+            ),
+            "weights sum to 90, not 100",
+        ),
+        (
+            with(
+                json!([
+                    generation("v1", "high_value.onnx", Some(100)),
+                    generation("v1", "high_value_gbt.onnx", None)
+                ]),
+                &|_| {},
+            ),
+            "two generations named `v1`",
+        ),
+        (
+            with(json!([generation("s", "high_value.onnx", None)]), &|_| {}),
+            "every generation is a shadow",
+        ),
+        (
+            with(
+                json!([{"name": "s", "model": "models/high_value.onnx", "shadow": true, "weight": 5},
+                        generation("v1", "high_value.onnx", Some(100))]),
+                &|_| {},
+            ),
+            "generation `s` is a shadow: it takes no `weight`",
+        ),
+        (
+            with(
+                json!([generation("v1", "high_value.onnx", Some(100))]),
+                &|s| s["endpoints"]["high-value"]["model"] = json!("models/high_value.onnx"),
+            ),
+            "give either `model` or `generations`",
+        ),
+        (
+            with(
+                json!([
+                    generation("v1", "high_value.onnx", Some(90)),
+                    generation("v2", "other.onnx", Some(10))
+                ]),
+                &|_| {},
+            ),
+            "endpoint `high-value` generation `v2`: model",
+        ),
+    ];
+    for (service, expected) in cases {
+        let err = refused(&service);
+        assert!(err.contains(expected), "expected `{expected}` in:\n{err}");
+    }
+}
