@@ -397,22 +397,21 @@ pub(crate) mod tests {
     ) -> (tempfile::TempDir, Stack) {
         let root = tempfile::tempdir().unwrap();
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        // Paths in the example are relative to its folder.
+        let absolute =
+            |text: &str| text.replace("../../", &format!("{}/", env!("CARGO_MANIFEST_DIR")));
         for f in std::fs::read_dir(&example).unwrap() {
             let f = f.unwrap().path();
             if f.is_file() {
-                std::fs::copy(&f, root.path().join(f.file_name().unwrap())).unwrap();
+                let text = std::fs::read_to_string(&f).unwrap();
+                std::fs::write(root.path().join(f.file_name().unwrap()), absolute(&text)).unwrap();
             }
         }
         let toml = root.path().join("stack.toml");
         let text = std::fs::read_to_string(&toml).unwrap();
         let edited = edit(&text);
         assert_ne!(edited, text, "the edit changes nothing");
-        // Paths in the example are relative to its folder.
-        std::fs::write(
-            &toml,
-            edited.replace("../../", &format!("{}/", env!("CARGO_MANIFEST_DIR"))),
-        )
-        .unwrap();
+        std::fs::write(&toml, edited).unwrap();
         let stack =
             crate::stack::load(root.path(), Some(env)).unwrap_or_else(|r| panic!("{}", r.render()));
         (root, stack)
@@ -421,13 +420,18 @@ pub(crate) mod tests {
     /// The example's `high-value` endpoint as generations `v1` (its model)
     /// and `v2` (the same model) with these weights, and a shadow `v3`.
     pub(crate) fn with_generations(text: &str, v1: u32, v2: u32) -> String {
-        let model = "model = \"../../examples/customer-mesh/high_value.onnx\"";
+        let model = format!(
+            "model = \"{}/examples/customer-mesh/high_value.onnx\"",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let generation = |name: &str, role: &str| {
             format!(
                 "\n[[service.customer-scoring.endpoint.high-value.generation]]\nname = \"{name}\"\n{model}\n{role}\n"
             )
         };
-        let (head, tail) = text.split_once(model).expect("the example's model line");
+        let (head, tail) = text
+            .split_once(model.as_str())
+            .expect("the example's model line");
         let tail = tail
             .split_once("\n[expose.customer-scoring]")
             .map(|(enrich, rest)| {

@@ -1026,7 +1026,8 @@ mod tests {
     fn a_weight_change_is_the_split_alone() {
         use crate::bundle::tests::{edited_example_for, with_generations};
         let objects = |v1, v2| {
-            let (_root, stack) = edited_example_for("dev", |t| with_generations(t, v1, v2));
+            // Not `dev`, whose overlay has generations of its own.
+            let (_root, stack) = edited_example_for("existing", |t| with_generations(t, v1, v2));
             all(&stack)
         };
         let (before, after) = (objects(90, 10), objects(80, 20));
