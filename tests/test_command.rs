@@ -415,3 +415,26 @@ fn timeout_and_deadline_take_durations() {
         "{help}"
     );
 }
+
+/// Test queries may pin a generation: with the scoring endpoint split 50/50
+/// by customer id, one query pinned to each generation for the same
+/// customer passes (dispatch alone would send both to the one generation
+/// the key picks: without the pin one of them would fail).
+#[test]
+fn test_queries_pin_a_generation() {
+    let pinned = |name: &str| {
+        format!(
+            "\n[[service.customer-scoring.endpoint.high-value.test]]\nname = \"on-{name}\"\n\
+             request = {{ features = {{ customer_id = \"C00042\" }} }}\ngeneration = \"{name}\"\n\
+             same_as = \"all-features\"\n"
+        )
+    };
+    let env =
+        Env::new(|t| support::generations_toml(&t, Some(50), 50) + &pinned("v1") + &pinned("v2"));
+    let out = env.mesh(&["test", "--json", "--filter", "*/on-*"]);
+    ok(&out, "mesh test");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["passed"], 2, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_only_the_environment_is_left(&env, &out);
+}
