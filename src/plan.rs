@@ -428,7 +428,11 @@ fn compare(d: &Desired, l: &Live, forced: bool) -> Change {
         let names: Vec<&str> = fields.iter().map(|f| f.path.as_str()).collect();
         (
             Action::Update,
-            format!("{} differ from the stack", names.join(", ")),
+            format!(
+                "{} {} from the stack",
+                names.join(", "),
+                if names.len() == 1 { "differs" } else { "differ" }
+            ),
         )
     } else {
         (Action::NoOp, "matches the stack".to_owned())

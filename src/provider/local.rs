@@ -1192,16 +1192,25 @@ impl Provider for LocalProvider {
         let url_of =
             |svc: &str| format!("{}://127.0.0.1:{}", tls::scheme(stack, svc), port_of(svc));
         let services_dir = state_dir(&stack.root, &stack.env.name).join("services");
+        // Files the runtime opens itself (split, query log): absolute, as it
+        // runs in a folder of its own.
+        let runtime_dir = std::path::absolute(&services_dir).map_err(|e| ProviderError::Invalid {
+            address: Address::of("stack", &stack.name),
+            message: format!("locating {}: {e}", services_dir.display()),
+        })?;
         for (name, svc) in &stack.services {
             let address = Address::of("service", name);
             let mut b = bundle_for(stack, svc, &url_of);
             access::configure(stack, &access_dir, svc, &mut b.config);
             tls::configure(stack, name, &mut b.config);
-            let split = split_out(&mut b.config, services_dir.join(name).join(SPLIT_FILE));
+            let split = split_out(&mut b.config, runtime_dir.join(name).join(SPLIT_FILE));
             if let Some(q) = &mut b.config.query_log {
-                // Beside the runtime's own log, kept across updates.
-                q.path
-                    .get_or_insert_with(|| services_dir.join(name).join(QUERY_LOG_FILE));
+                // The stack's file, else beside the runtime's own log (kept
+                // across updates).
+                q.path = Some(match &q.path {
+                    Some(p) => std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+                    None => runtime_dir.join(name).join(QUERY_LOG_FILE),
+                });
             }
             let digest = bundle_digest(&b).map_err(|e| ProviderError::Invalid {
                 address: address.clone(),
