@@ -181,8 +181,9 @@ fn example_models_load_with_one_input_per_csv_column() {
         "high_value_gbt.onnx",
         "high_value_slow.onnx",
     ] {
-        let path =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/customer-mesh").join(file);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/customer-mesh")
+            .join(file);
         let model = Model::from_bytes(&std::fs::read(path).expect("read model")).expect("load");
         let names: Vec<&str> = model.inputs().iter().map(|i| i.name.as_str()).collect();
         assert_eq!(
