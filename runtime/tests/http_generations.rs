@@ -309,6 +309,20 @@ fn the_pin_header_picks_a_serving_or_shadow_generation() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["parameters"]["generation"], "v2");
     assert_eq!(r.header("x-mesh-generation"), Some("v2"));
+    // The OpenAPI document names the header and the field.
+    let doc = s.get("/openapi.json").json();
+    let predict = &doc["paths"][format!("/public/api/v1/{SERVICE}/high-value/predict")]["post"];
+    assert_eq!(
+        predict["parameters"][0]["name"], "X-Mesh-Generation",
+        "{predict}"
+    );
+    assert!(predict["responses"]["200"]["headers"]["X-Mesh-Generation"].is_object());
+    let result = &predict["responses"]["200"]["content"]["application/json"]["schema"]["properties"]
+        ["result"];
+    assert_eq!(
+        result["properties"]["generation"]["enum"],
+        json!(["v1", "v2", "shadow"])
+    );
     // A plain-model endpoint's answers carry no generation.
     let r = s.api(
         "high-value-plain",
