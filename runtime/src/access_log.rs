@@ -72,7 +72,7 @@ impl AccessLog {
             method: entry.method,
             path: entry.path,
             status: entry.status,
-            latency_ms: (entry.latency.as_secs_f64() * 1e6).round() / 1e3,
+            latency_ms: crate::query_log::millis(entry.latency),
             bytes: entry.bytes,
             caller: entry.caller,
             request_id: entry.request_id,

@@ -8,7 +8,6 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{BundleDir, SERVICE, Server, local_service, metric, metrics, request, wait_until};
@@ -52,46 +51,24 @@ fn predict_body(i: usize) -> String {
     format!("{{\"features\": {{\"customer_id\": \"{}\"}}}}", customer(i))
 }
 
-/// Sends `bodies` as single predictions over keep-alive connections,
-/// `tasks` at a time, and returns each answer's status and `generation`.
+/// Sends `bodies` as single predictions to `high-value`, `tasks` at a
+/// time over keep-alive connections; each answer's status and `generation`.
 fn predict_all(s: &Server, bodies: Vec<String>, tasks: usize) -> Vec<(u16, Option<String>)> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let pool = Arc::new(mesh_runtime::h1::Pool::new(&s.addr.to_string()));
-    let bodies = Arc::new(bodies);
     let path = format!("/public/api/v1/{SERVICE}/high-value/predict");
-    rt.block_on(async {
-        let mut handles = Vec::new();
-        for t in 0..tasks {
-            let (pool, bodies, path) = (pool.clone(), bodies.clone(), path.clone());
-            let host = s.addr.to_string();
-            handles.push(tokio::spawn(async move {
-                let mut out = Vec::new();
-                for i in (t..bodies.len()).step_by(tasks) {
-                    let body = &bodies[i];
-                    let req = format!(
-                        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let answer = pool.send(req.as_bytes(), 1 << 20).await.expect("answer");
-                    let v: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
-                    let g = v["result"]["generation"].as_str().map(str::to_owned);
-                    out.push((i, answer.status, g));
-                }
-                out
-            }));
-        }
-        let mut all = vec![(0, None); bodies.len()];
-        for h in handles {
-            for (i, status, g) in h.await.expect("task") {
-                all[i] = (status, g);
-            }
-        }
-        all
-    })
+    let requests = bodies
+        .into_iter()
+        .map(|b| (path.clone(), Vec::new(), b))
+        .collect();
+    common::send_all(s.addr, requests, tasks)
+        .into_iter()
+        .map(|(status, body)| {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            (
+                status,
+                v["result"]["generation"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
 }
 
 fn shares(answers: &[(u16, Option<String>)]) -> HashMap<String, usize> {
@@ -332,6 +309,20 @@ fn the_pin_header_picks_a_serving_or_shadow_generation() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["parameters"]["generation"], "v2");
     assert_eq!(r.header("x-mesh-generation"), Some("v2"));
+    // The OpenAPI document names the header and the field.
+    let doc = s.get("/openapi.json").json();
+    let predict = &doc["paths"][format!("/public/api/v1/{SERVICE}/high-value/predict")]["post"];
+    assert_eq!(
+        predict["parameters"][0]["name"], "X-Mesh-Generation",
+        "{predict}"
+    );
+    assert!(predict["responses"]["200"]["headers"]["X-Mesh-Generation"].is_object());
+    let result = &predict["responses"]["200"]["content"]["application/json"]["schema"]["properties"]
+        ["result"];
+    assert_eq!(
+        result["properties"]["generation"]["enum"],
+        json!(["v1", "v2", "shadow"])
+    );
     // A plain-model endpoint's answers carry no generation.
     let r = s.api(
         "high-value-plain",

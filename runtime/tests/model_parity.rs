@@ -173,26 +173,35 @@ fn gradient_boosting_matches_scikit_learn() {
 }
 
 #[test]
-fn example_model_loads_with_one_input_per_csv_column() {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/customer-mesh/high_value.onnx");
-    let model =
-        Model::from_bytes(&std::fs::read(path).expect("read high_value.onnx")).expect("load");
-    let names: Vec<&str> = model.inputs().iter().map(|i| i.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "age",
-            "gender",
-            "region",
-            "campaign",
-            "loyalty_member",
-            "total_spend_30d",
-            "orders_90d",
-            "days_since_last_order",
-            "avg_basket"
-        ]
-    );
+fn example_models_load_with_one_input_per_csv_column() {
+    // The logistic model and the generations made beside it (gradient
+    // boosting, the deliberately big forest): the same inputs, in order.
+    for file in [
+        "high_value.onnx",
+        "high_value_gbt.onnx",
+        "high_value_slow.onnx",
+    ] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/customer-mesh")
+            .join(file);
+        let model = Model::from_bytes(&std::fs::read(path).expect("read model")).expect("load");
+        let names: Vec<&str> = model.inputs().iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "age",
+                "gender",
+                "region",
+                "campaign",
+                "loyalty_member",
+                "total_spend_30d",
+                "orders_90d",
+                "days_since_last_order",
+                "avg_basket"
+            ],
+            "{file}"
+        );
+    }
 }
 
 #[test]

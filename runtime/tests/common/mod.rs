@@ -596,3 +596,49 @@ pub fn bundle_with_operator_verifier(service: &Value, key: &str) -> BundleDir {
     .expect("write verifier");
     bundle
 }
+
+/// One request of [`send_all`]: path, extra headers, JSON body.
+pub type Req = (String, Vec<(String, String)>, String);
+
+/// Sends `requests` (POSTs of JSON bodies) over keep-alive connections,
+/// `tasks` at a time, and returns each one's status and body, in order.
+pub fn send_all(addr: SocketAddr, requests: Vec<Req>, tasks: usize) -> Vec<(u16, Vec<u8>)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pool = Arc::new(mesh_runtime::h1::Pool::new(&addr.to_string()));
+    let requests = Arc::new(requests);
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let (pool, requests) = (pool.clone(), requests.clone());
+            handles.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in (t..requests.len()).step_by(tasks) {
+                    let (path, headers, body) = &requests[i];
+                    let mut head = format!(
+                        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+                        body.len()
+                    );
+                    for (k, v) in headers {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    head.push_str(body);
+                    let answer = pool.send(head.as_bytes(), 1 << 20).await.expect("answer");
+                    out.push((i, answer.status, answer.body));
+                }
+                out
+            }));
+        }
+        let mut all = vec![(0, Vec::new()); requests.len()];
+        for h in handles {
+            for (i, status, body) in h.await.expect("task") {
+                all[i] = (status, body);
+            }
+        }
+        all
+    })
+}
