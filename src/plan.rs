@@ -431,7 +431,11 @@ fn compare(d: &Desired, l: &Live, forced: bool) -> Change {
             format!(
                 "{} {} from the stack",
                 names.join(", "),
-                if names.len() == 1 { "differs" } else { "differ" }
+                if names.len() == 1 {
+                    "differs"
+                } else {
+                    "differ"
+                }
             ),
         )
     } else {

@@ -1194,10 +1194,11 @@ impl Provider for LocalProvider {
         let services_dir = state_dir(&stack.root, &stack.env.name).join("services");
         // Files the runtime opens itself (split, query log): absolute, as it
         // runs in a folder of its own.
-        let runtime_dir = std::path::absolute(&services_dir).map_err(|e| ProviderError::Invalid {
-            address: Address::of("stack", &stack.name),
-            message: format!("locating {}: {e}", services_dir.display()),
-        })?;
+        let runtime_dir =
+            std::path::absolute(&services_dir).map_err(|e| ProviderError::Invalid {
+                address: Address::of("stack", &stack.name),
+                message: format!("locating {}: {e}", services_dir.display()),
+            })?;
         for (name, svc) in &stack.services {
             let address = Address::of("service", name);
             let mut b = bundle_for(stack, svc, &url_of);

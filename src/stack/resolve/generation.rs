@@ -293,6 +293,7 @@ pub(super) fn check_generations(
     };
     let what = format!("service.{service}.endpoint.{ename}");
     let mut inputs = Vec::new();
+    let mut classes = Vec::new();
     for (g, span) in generations.iter().zip(&d.model_spans) {
         if !g.model.is_file() {
             return; // reported already
@@ -301,12 +302,15 @@ pub(super) fn check_generations(
             .map_err(|e| e.to_string())
             .and_then(|b| mesh_runtime::model::Model::from_bytes(&b).map_err(|e| e.to_string()))
         {
-            Ok(m) => inputs.push(
-                m.inputs()
-                    .iter()
-                    .map(|i| (i.name.clone(), i.kind.to_string()))
-                    .collect::<BTreeSet<_>>(),
-            ),
+            Ok(m) => {
+                inputs.push(
+                    m.inputs()
+                        .iter()
+                        .map(|i| (i.name.clone(), i.kind.to_string()))
+                        .collect::<BTreeSet<_>>(),
+                );
+                classes.push(mesh_runtime::scoring::class_names(m.classes()));
+            }
             Err(e) => {
                 ctx.errors.push(
                     Diagnostic::new(
@@ -353,6 +357,25 @@ pub(super) fn check_generations(
                 .help(format!(
                     "give this generation a model that takes `{c}`, or fill only features every generation's model takes"
                 )),
+            );
+            continue;
+        }
+        if i != first && classes[i] != classes[first] {
+            ctx.errors.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    d.model_spans[i],
+                    format!(
+                        "generation `{}` of {what}: its model predicts other classes than generation `{}`'s",
+                        g.name, generations[first].name
+                    ),
+                )
+                .label(format!("classes {}", classes[i].join(", ")))
+                .related(
+                    d.model_spans[first],
+                    format!("classes {}", classes[first].join(", ")),
+                )
+                .help("generations answer the same question: train them on the same labels"),
             );
             continue;
         }
