@@ -118,7 +118,7 @@ fn new_token(holder: &Holder) -> String {
 impl AwsProvider {
     /// Makes sure the lock table exists and is ACTIVE, creating it on first use.
     async fn ensure_lock_table(&self) -> Result<(), ProviderError> {
-        let created = std::cell::Cell::new(false);
+        let created = std::sync::atomic::AtomicBool::new(false);
         let wait = Wait {
             what: "the lock table to be ACTIVE",
             timeout: TABLE_READY_TIMEOUT,
@@ -127,16 +127,19 @@ impl AwsProvider {
         };
         poll_until(&wait, None, || async {
             let described = match self.describe_lock_table().await {
-                Err(e) if e.is("ResourceNotFoundException") && !created.replace(true) => {
+                Err(e)
+                    if e.is("ResourceNotFoundException")
+                        && !created.swap(true, std::sync::atomic::Ordering::Relaxed) =>
+                {
                     self.create_lock_table().await?;
                     self.describe_lock_table().await
                 }
                 described => described,
             };
-            match described.map_err(lock_error)? {
-                None | Some(TableStatus::Active) => Ok(Polled::Done(())),
-                Some(status) => Ok(Polled::Pending(status.as_str().to_owned())),
-            }
+            Ok::<_, ProviderError>(match described.map_err(lock_error)? {
+                None | Some(TableStatus::Active) => Polled::Done(()),
+                Some(status) => Polled::Pending(status.as_str().to_owned()),
+            })
         })
         .await
         .map_err(|w| match w {
