@@ -50,6 +50,7 @@ pub(crate) enum Report<'a> {
     /// after Ns` at the end: waits of minutes (AWS).
     EveryPoll,
     /// `WHAT: STATE` when the state changes, else every 10 s.
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     Changes,
     /// This note every 10 s.
     Note(&'a str),
