@@ -24,12 +24,13 @@ mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use mesh_runtime::config as rc;
 use serde::{Deserialize, Serialize};
 
+use super::wait::{Every, Polled, Report, Wait, poll_until};
 use super::{ApplyContext, Provider, ProviderError};
 use crate::bundle::{bundle_digest, bundle_for, split_out, split_text};
 use crate::output::Outputs;
@@ -679,21 +680,35 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+/// Stops a runtime: TERM, then KILL if it still runs after 10 s.
 async fn stop_process(pid: u32) {
     if !runtime_alive(pid) {
         return;
     }
     signal(pid, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while runtime_alive(pid) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if runtime_alive(pid) {
+    if !exited(pid, Duration::from_millis(50), Duration::from_secs(10)).await {
         signal(pid, "KILL");
-        while runtime_alive(pid) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        exited(pid, Duration::from_millis(20), Duration::MAX).await;
     }
+}
+
+/// Whether the runtime `pid` is gone within `timeout`, looking `every` so often.
+async fn exited(pid: u32, every: Duration, timeout: Duration) -> bool {
+    let wait = Wait {
+        what: "the runtime to exit",
+        timeout,
+        every: Every::fixed(every),
+        report: Report::Nothing,
+    };
+    poll_until(&wait, None, || async {
+        Ok::<_, std::convert::Infallible>(if runtime_alive(pid) {
+            Polled::Pending("running")
+        } else {
+            Polled::Done(())
+        })
+    })
+    .await
+    .is_ok()
 }
 
 async fn port_free(port: u16) -> bool {
@@ -1047,42 +1062,42 @@ impl LocalProvider {
         ready_path: &Path,
         log_path: &Path,
     ) -> Result<(), ProviderError> {
-        let start = Instant::now();
-        let mut last_note = Instant::now();
-        loop {
-            if !matches!(child.try_wait(), Ok(None)) {
-                let tail = std::fs::read_to_string(log_path).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                return Err(ProviderError::Api {
-                    address: d.address.clone(),
-                    message: format!(
-                        "mesh-runtime exited during start; last log lines ({}):\n    {}",
-                        log_path.display(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n    ")
-                    ),
-                });
+        let wait = Wait {
+            what: "the runtime to be ready",
+            timeout: READY_TIMEOUT,
+            every: Every::fixed(Duration::from_millis(25)),
+            report: Report::Note("still loading"),
+        };
+        poll_until(&wait, Some((ctx, &d.address)), || {
+            let exited = !matches!(child.try_wait(), Ok(None));
+            async move {
+                if exited {
+                    let tail = std::fs::read_to_string(log_path).unwrap_or_default();
+                    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                    return Err(ProviderError::Api {
+                        address: d.address.clone(),
+                        message: format!(
+                            "mesh-runtime exited during start; last log lines ({}):\n    {}",
+                            log_path.display(),
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n    ")
+                        ),
+                    });
+                }
+                let ready = ready_path.exists()
+                    && http_status(port, "/readyz", tls_cert).await == Some(200);
+                Ok(if ready {
+                    Polled::Done(())
+                } else {
+                    Polled::Pending("starting")
+                })
             }
-            if ready_path.exists() && http_status(port, "/readyz", tls_cert).await == Some(200) {
-                return Ok(());
-            }
-            if ctx.cancelled() {
-                return Err(ProviderError::Interrupted {
-                    address: d.address.clone(),
-                });
-            }
-            if start.elapsed() > READY_TIMEOUT {
-                return Err(ProviderError::Timeout {
-                    address: d.address.clone(),
-                    seconds: READY_TIMEOUT.as_secs(),
-                    message: format!("see {}", log_path.display()),
-                });
-            }
-            if last_note.elapsed() > Duration::from_secs(10) {
-                ctx.progress(&d.address, "still loading");
-                last_note = Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        })
+        .await
+        .map_err(|w| {
+            w.into_error(&d.address, READY_TIMEOUT, |_| {
+                format!("see {}", log_path.display())
+            })
+        })
     }
 }
 

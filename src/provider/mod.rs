@@ -10,6 +10,7 @@ pub mod aws;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod local;
+pub(crate) mod wait;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

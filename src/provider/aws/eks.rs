@@ -16,9 +16,10 @@ use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 use super::call::{AwsError, Service, retry_for};
 use super::network::{named_ids, reverse};
 use super::{
-    AwsProvider, Polled, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
-    ownership_tags, str_map, user_tags, wait_gone, wait_until,
+    AwsProvider, TAG_ADDRESS, TAG_ENV, TAG_STACK, attr_str, id_map, kind, map_delta,
+    ownership_tags, str_map, user_tags,
 };
+use crate::provider::wait::{Polled, wait_gone, wait_until};
 
 pub(super) fn owned(tags: Option<&HashMap<String, String>>, scope: &Scope) -> Option<Address> {
     let t = tags?;
@@ -911,7 +912,7 @@ impl AwsProvider {
             hint,
         } = w;
         let subject = &subject;
-        wait_until(ctx, a, what, timeout, &self.config.wait, || async {
+        wait_until(ctx, a, what, timeout, self.config.wait.every(), || async {
             let Some(r) = describe().await.map_err(|e| e.at(a))? else {
                 return Err(ProviderError::Api {
                     address: a.clone(),
@@ -945,7 +946,7 @@ impl AwsProvider {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Option<R>, AwsError>>,
     {
-        wait_gone(ctx, a, what, timeout, &self.config.wait, || async {
+        wait_gone(ctx, a, what, timeout, self.config.wait.every(), || async {
             let r = describe().await.map_err(|e| e.at(a))?;
             Ok(r.map(|r| r.status_str().unwrap_or_default().to_owned()))
         })

@@ -30,6 +30,7 @@ use aws_sdk_dynamodb::types::{
 use super::call::{AwsError, Service};
 use super::{AwsProvider, config_error};
 use crate::lock::{Holder, format_time, now};
+use crate::provider::wait::{Every, Polled, Report, Wait, Waited, poll_until};
 use crate::provider::{ProviderError, SharedLock};
 use crate::resource::Scope;
 
@@ -117,39 +118,50 @@ fn new_token(holder: &Holder) -> String {
 impl AwsProvider {
     /// Makes sure the lock table exists and is ACTIVE, creating it on first use.
     async fn ensure_lock_table(&self) -> Result<(), ProviderError> {
-        let started = std::time::Instant::now();
-        let mut created = false;
-        loop {
-            let described = self
-                .limiter
-                .call(
-                    Service::DynamoDb,
-                    "DescribeTable",
-                    self.dynamodb.describe_table().table_name(TABLE).send(),
-                )
-                .await;
-            match described {
-                Ok(out) => {
-                    let status = out.table().and_then(|t| t.table_status());
-                    if matches!(status, Some(TableStatus::Active) | None) {
-                        return Ok(());
-                    }
-                }
-                Err(e) if e.is("ResourceNotFoundException") && !created => {
+        let created = std::sync::atomic::AtomicBool::new(false);
+        let wait = Wait {
+            what: "the lock table to be ACTIVE",
+            timeout: TABLE_READY_TIMEOUT,
+            every: Every::fixed(Duration::from_secs(1)),
+            report: Report::Nothing,
+        };
+        poll_until(&wait, None, || async {
+            let described = match self.describe_lock_table().await {
+                Err(e)
+                    if e.is("ResourceNotFoundException")
+                        && !created.swap(true, std::sync::atomic::Ordering::Relaxed) =>
+                {
                     self.create_lock_table().await?;
-                    created = true;
-                    continue;
+                    self.describe_lock_table().await
                 }
-                Err(e) => return Err(lock_error(e)),
-            }
-            if started.elapsed() > TABLE_READY_TIMEOUT {
-                return Err(config_error(&format!(
-                    "the DynamoDB table {TABLE} (the stacks' locks) is not ACTIVE after {} s",
-                    TABLE_READY_TIMEOUT.as_secs()
-                )));
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+                described => described,
+            };
+            Ok::<_, ProviderError>(match described.map_err(lock_error)? {
+                None | Some(TableStatus::Active) => Polled::Done(()),
+                Some(status) => Polled::Pending(status.as_str().to_owned()),
+            })
+        })
+        .await
+        .map_err(|w| match w {
+            Waited::Failed(e) => e,
+            Waited::TimedOut(_) | Waited::Interrupted => config_error(&format!(
+                "the DynamoDB table {TABLE} (the stacks' locks) is not ACTIVE after {} s",
+                TABLE_READY_TIMEOUT.as_secs()
+            )),
+        })
+    }
+
+    /// The lock table's status (`None`: the answer names none).
+    async fn describe_lock_table(&self) -> Result<Option<TableStatus>, AwsError> {
+        let out = self
+            .limiter
+            .call(
+                Service::DynamoDb,
+                "DescribeTable",
+                self.dynamodb.describe_table().table_name(TABLE).send(),
+            )
+            .await?;
+        Ok(out.table().and_then(|t| t.table_status()).cloned())
     }
 
     async fn create_lock_table(&self) -> Result<(), ProviderError> {

@@ -43,6 +43,7 @@ use crate::plan::{Action, Change};
 use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 use crate::stack::Stack;
 
+use super::wait::Every;
 use super::{ApplyContext, Provider, ProviderError};
 
 pub use addon::{NETWORK_POLICY_ON, VPC_CNI};
@@ -84,6 +85,13 @@ pub struct WaitConfig {
     /// First poll interval; grows by half each poll up to `max_interval`.
     pub initial_interval: Duration,
     pub max_interval: Duration,
+}
+
+impl WaitConfig {
+    /// How often a wait polls.
+    pub(crate) fn every(&self) -> Every {
+        Every::growing(self.initial_interval, self.max_interval)
+    }
 }
 
 impl Default for WaitConfig {
@@ -579,100 +587,4 @@ fn unknown_kind(address: &Address, kind: &str) -> ProviderError {
         address: address.clone(),
         message: format!("the aws provider does not manage `{kind}`"),
     }
-}
-
-/// Waits with backoff until `poll` says done, showing progress and stopping on Ctrl-C.
-pub(crate) async fn wait_until<T, F, Fut>(
-    ctx: &ApplyContext,
-    address: &Address,
-    what: &str,
-    timeout: Duration,
-    wait: &WaitConfig,
-    mut poll: F,
-) -> Result<T, ProviderError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Polled<T>, ProviderError>>,
-{
-    let started = std::time::Instant::now();
-    let mut interval = wait.initial_interval;
-    let mut cancel = ctx.cancel.clone();
-    let mut last_status = String::new();
-    loop {
-        if ctx.cancelled() {
-            return Err(ProviderError::Interrupted {
-                address: address.clone(),
-            });
-        }
-        match poll().await? {
-            Polled::Done(v) => {
-                ctx.progress(
-                    address,
-                    &format!("{what}: done after {}s", started.elapsed().as_secs()),
-                );
-                return Ok(v);
-            }
-            Polled::Pending(status) => {
-                if started.elapsed() >= timeout {
-                    return Err(ProviderError::Timeout {
-                        address: address.clone(),
-                        seconds: timeout.as_secs(),
-                        message: format!("{what}: still {status}"),
-                    });
-                }
-                let note = if status == last_status { "still " } else { "" };
-                ctx.progress(
-                    address,
-                    &format!(
-                        "{what}: {note}{status} ({}s so far)",
-                        started.elapsed().as_secs()
-                    ),
-                );
-                last_status = status;
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = cancel.changed() => {}
-        }
-        if ctx.cancelled() {
-            return Err(ProviderError::Interrupted {
-                address: address.clone(),
-            });
-        }
-        interval = interval.mul_f64(1.5).min(wait.max_interval);
-    }
-}
-
-/// Waits until `still_there` finds nothing left (`None`); while something is
-/// left it returns the status to show (`Some`).
-pub(crate) async fn wait_gone<F, Fut>(
-    ctx: &ApplyContext,
-    address: &Address,
-    what: &str,
-    timeout: Duration,
-    wait: &WaitConfig,
-    mut still_there: F,
-) -> Result<(), ProviderError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<String>, ProviderError>>,
-{
-    wait_until(ctx, address, what, timeout, wait, || {
-        let poll = still_there();
-        async move {
-            Ok(match poll.await? {
-                None => Polled::Done(()),
-                Some(status) => Polled::Pending(status),
-            })
-        }
-    })
-    .await
-}
-
-/// One poll of a wait.
-pub(crate) enum Polled<T> {
-    Done(T),
-    /// Not yet; the status seen.
-    Pending(String),
 }

@@ -18,7 +18,8 @@ use crate::resource::{Address, Desired, Live, ProviderId, Scope, Value};
 
 use super::call::{AwsError, Service, gone_ok, retry_for};
 use super::ec2::{address_of, filter, owned_by, owner_filters, tag_pairs, tag_spec};
-use super::{AwsProvider, Polled, attr_str, kind, user_tags, wait_gone, wait_until};
+use super::{AwsProvider, attr_str, kind, user_tags};
+use crate::provider::wait::{Polled, wait_gone, wait_until};
 
 /// A NAT gateway that is, or will soon be, nothing: not live state.
 fn is_gone(state: Option<&NatGatewayState>) -> bool {
@@ -256,7 +257,7 @@ impl AwsProvider {
             a,
             "waiting for the NAT gateway to be available",
             wait.nat_gateway_timeout,
-            wait,
+            wait.every(),
             || async {
                 let Some(g) = self.describe_nat_gateway(id).await.map_err(|e| e.at(a))? else {
                     // Describe calls are eventually consistent right after a create.
@@ -305,7 +306,7 @@ impl AwsProvider {
             a,
             "waiting for the NAT gateway to be deleted",
             wait.nat_gateway_timeout,
-            wait,
+            wait.every(),
             || async {
                 let g = self.describe_nat_gateway(id).await.map_err(|e| e.at(a))?;
                 Ok(g.filter(|g| !has_ended(g.state()))
@@ -432,7 +433,7 @@ impl AwsProvider {
             a,
             "waiting for the NAT gateway holding the address to be deleted",
             wait.nat_gateway_timeout,
-            wait,
+            wait.every(),
             || async {
                 let holders = self
                     .list_nat_gateways(owner_filters(scope))

@@ -39,6 +39,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value as J, json};
 
+use super::wait::{Every, Polled, Report, Wait, poll_until};
 use super::{ApplyContext, Provider, ProviderError};
 use crate::image::RegistryAuth;
 use crate::output::Outputs;
@@ -138,6 +139,11 @@ impl Settings {
                     .unwrap_or(120),
             ),
         }
+    }
+
+    /// How often a wait polls: from `poll_interval`, growing to 2 s.
+    pub(crate) fn every(&self) -> Every {
+        Every::growing(self.poll_interval, Duration::from_secs(2))
     }
 }
 
@@ -1160,53 +1166,40 @@ impl KubernetesProvider {
         if !(wait || load_balancer || (kind == Kind::Namespace && !ctx.no_wait)) {
             return Ok(());
         }
-        let start = Instant::now();
-        let mut last_note = Instant::now();
-        let mut interval = self.settings.poll_interval;
-        loop {
+        let note = format!("waiting for {} {} to be deleted", kind.kind(), live.id);
+        let wait = Wait {
+            what: &note,
+            timeout: self.settings.delete_timeout,
+            every: self.settings.every(),
+            report: Report::Note(&note),
+        };
+        poll_until(&wait, Some((ctx, address)), || async {
             match api.get_opt(name).await {
-                Ok(None) => return Ok(()),
-                Ok(Some(_)) => {}
-                Err(e) => {
-                    return Err(ProviderError::Api {
-                        address: address.clone(),
-                        message: format!(
-                            "waiting for {} {} to go: {}",
-                            kind.kind(),
-                            live.id,
-                            describe(&e, &conn)
-                        ),
-                    });
-                }
-            }
-            if ctx.cancelled() {
-                return Err(ProviderError::Interrupted {
+                Ok(None) => Ok(Polled::Done(())),
+                Ok(Some(_)) => Ok(Polled::Pending("there")),
+                Err(e) => Err(ProviderError::Api {
                     address: address.clone(),
-                });
-            }
-            if start.elapsed() > self.settings.delete_timeout {
-                return Err(ProviderError::Timeout {
-                    address: address.clone(),
-                    seconds: self.settings.delete_timeout.as_secs(),
                     message: format!(
-                        "{} {} is still being deleted; look at `kubectl{} get {} {name} -o yaml` (finalizers)",
+                        "waiting for {} {} to go: {}",
                         kind.kind(),
                         live.id,
-                        ns.map(|n| format!(" -n {n}")).unwrap_or_default(),
-                        kind.plural()
+                        describe(&e, &conn)
                     ),
-                });
+                }),
             }
-            if last_note.elapsed() > Duration::from_secs(10) {
-                ctx.progress(
-                    address,
-                    &format!("waiting for {} {} to be deleted", kind.kind(), live.id),
-                );
-                last_note = Instant::now();
-            }
-            tokio::time::sleep(interval).await;
-            interval = (interval * 3 / 2).min(Duration::from_secs(2));
-        }
+        })
+        .await
+        .map_err(|w| {
+            w.into_error(address, self.settings.delete_timeout, |_| {
+                format!(
+                    "{} {} is still being deleted; look at `kubectl{} get {} {name} -o yaml` (finalizers)",
+                    kind.kind(),
+                    live.id,
+                    ns.map(|n| format!(" -n {n}")).unwrap_or_default(),
+                    kind.plural()
+                )
+            })
+        })
     }
 }
 

@@ -7,13 +7,12 @@
 //! fails at the timeout or when the Deployment reports
 //! `ProgressDeadlineExceeded`, naming the pod's reason and what to look at.
 
-use std::time::{Duration, Instant};
-
 use kube::api::{Api, DynamicObject, ListParams};
 use serde_json::Value as J;
 
 use super::project::rollout_state;
 use super::{Conn, Settings, describe, to_json};
+use crate::provider::wait::{Polled, Report, Wait, poll_until};
 use crate::provider::{ApplyContext, ProviderError};
 use crate::resource::Address;
 
@@ -43,10 +42,6 @@ impl Waiter<'_> {
         ns: &str,
         ctx: &ApplyContext,
     ) -> Result<J, ProviderError> {
-        let start = Instant::now();
-        let mut last_note = Instant::now();
-        let mut last_state = String::new();
-        let mut interval = self.settings.poll_interval;
         let api_err = |e: kube::Error| ProviderError::Api {
             address: address.clone(),
             message: format!(
@@ -54,11 +49,17 @@ impl Waiter<'_> {
                 describe(&e, self.conn)
             ),
         };
-        loop {
+        let wait = Wait {
+            what: "rolling out",
+            timeout: self.settings.rollout_timeout,
+            every: self.settings.every(),
+            report: Report::Changes,
+        };
+        poll_until(&wait, Some((ctx, address)), || async {
             let dep = to_json(&self.api.get(name).await.map_err(api_err)?);
             let state = rollout_state(&dep);
             if state == "complete" {
-                return Ok(dep);
+                return Ok(Polled::Done(dep));
             }
             let image = dep
                 .pointer("/spec/template/spec/containers/0/image")
@@ -87,32 +88,20 @@ impl Waiter<'_> {
                     message,
                 });
             }
-            if ctx.cancelled() {
-                return Err(ProviderError::Interrupted {
-                    address: address.clone(),
-                });
-            }
-            if start.elapsed() > self.settings.rollout_timeout {
-                let message = match pods.iter().find(|p| p.reason.is_some()) {
-                    Some(p) => failure(ns, name, p, &state),
-                    None => {
-                        format!("{state}\n  look at: kubectl -n {ns} describe deployment {name}")
-                    }
-                };
-                return Err(ProviderError::Timeout {
-                    address: address.clone(),
-                    seconds: self.settings.rollout_timeout.as_secs(),
-                    message,
-                });
-            }
-            if state != last_state || last_note.elapsed() > Duration::from_secs(10) {
-                ctx.progress(address, &format!("rolling out: {state}"));
-                last_state = state;
-                last_note = Instant::now();
-            }
-            tokio::time::sleep(interval).await;
-            interval = (interval * 3 / 2).min(Duration::from_secs(2));
-        }
+            Ok(Polled::Pending(Rolling { state, pods }))
+        })
+        .await
+        .map_err(|w| {
+            w.into_error(address, self.settings.rollout_timeout, |last| {
+                match last.pods.iter().find(|p| p.reason.is_some()) {
+                    Some(p) => failure(ns, name, p, &last.state),
+                    None => format!(
+                        "{}\n  look at: kubectl -n {ns} describe deployment {name}",
+                        last.state
+                    ),
+                }
+            })
+        })
     }
 
     /// The pods of the Deployment running `image` (the new template's), with
@@ -146,6 +135,19 @@ impl Waiter<'_> {
             .filter(|p| p.pointer("/spec/containers/0/image").and_then(J::as_str) == Some(image))
             .map(|p| pod_state(&p))
             .collect()
+    }
+}
+
+/// A rollout not done yet: its state (what progress shows) and why its pods
+/// are not ready (what a timeout names).
+struct Rolling {
+    state: String,
+    pods: Vec<PodState>,
+}
+
+impl std::fmt::Display for Rolling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.state)
     }
 }
 
