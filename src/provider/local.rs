@@ -1014,33 +1014,33 @@ impl LocalProvider {
         };
         let want: rc::SplitFile =
             serde_json::from_str(split).map_err(|e| invalid(format!("split: {e}")))?;
-        let started = Instant::now();
-        loop {
-            if let Some((200, metrics)) =
-                http_get(st.port, "/metrics", st.tls_cert.as_deref()).await
-                && split_in_force(&metrics, &want)
-            {
-                return Ok(());
-            }
-            if started.elapsed() > SPLIT_TIMEOUT {
-                return Err(ProviderError::Api {
-                    address: d.address.clone(),
-                    message: format!(
-                        "pid {} did not take up the new split within {}s (its log: {})",
-                        st.pid,
-                        SPLIT_TIMEOUT.as_secs(),
-                        Self::service_dir(
-                            &ctx.scope,
-                            d.address.as_str().trim_start_matches("service.")
-                        )
-                        .join(&st.generation)
-                        .join("runtime.log")
-                        .display()
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let wait = Wait {
+            what: "the runtime to take up the new split",
+            timeout: SPLIT_TIMEOUT,
+            every: Every::fixed(Duration::from_millis(100)),
+            report: Report::Nothing,
+        };
+        poll_until(&wait, Some((ctx, &d.address)), || async {
+            Ok(
+                match http_get(st.port, "/metrics", st.tls_cert.as_deref()).await {
+                    Some((200, metrics)) if split_in_force(&metrics, &want) => Polled::Done(()),
+                    Some((200, _)) => Polled::Pending("the old split in force"),
+                    _ => Polled::Pending("no answer on /metrics"),
+                },
+            )
+        })
+        .await
+        .map_err(|w| {
+            w.into_error(&d.address, SPLIT_TIMEOUT, |last| {
+                let log = Self::service_dir(
+                    &ctx.scope,
+                    d.address.as_str().trim_start_matches("service."),
+                )
+                .join(&st.generation)
+                .join("runtime.log");
+                format!("pid {}: {last} (its log: {})", st.pid, log.display())
+            })
+        })
     }
 
     /// Runs `mesh-runtime freeze` on a staged bundle (clean environment,
