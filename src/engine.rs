@@ -58,6 +58,7 @@ impl Engine {
             root: stack.root.clone(),
         };
         let mut providers: BTreeMap<ProviderId, Arc<dyn Provider>> = BTreeMap::new();
+        #[cfg_attr(not(all(feature = "aws", feature = "kubernetes")), allow(unused_mut))]
         let mut in_cluster = None;
         match stack.env.target {
             Target::Local => {

@@ -36,6 +36,7 @@ impl Every {
         }
     }
 
+    #[cfg_attr(not(any(feature = "aws", feature = "kubernetes")), allow(dead_code))]
     pub const fn growing(first: Duration, max: Duration) -> Every {
         Every { first, max }
     }
@@ -48,6 +49,7 @@ pub(crate) enum Report<'a> {
     Nothing,
     /// After each poll `WHAT: [still ]STATE (Ns so far)`, and `WHAT: done
     /// after Ns` at the end: waits of minutes (AWS).
+    #[cfg_attr(not(feature = "aws"), allow(dead_code))]
     EveryPoll,
     /// `WHAT: STATE` when the state changes, else every 10 s.
     #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
@@ -188,6 +190,7 @@ impl<S> Waited<S, ProviderError> {
 /// Waits during an apply until `poll` says done, showing each poll
 /// ([`Report::EveryPoll`]); a timeout names what was awaited and the state
 /// it was still in.
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
 pub(crate) async fn wait_until<T, F, Fut>(
     ctx: &ApplyContext,
     address: &Address,
@@ -213,6 +216,7 @@ where
 
 /// [`wait_until`] something is gone: `still_there` returns the state of what
 /// is left (`Some`), or `None` once nothing is.
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
 pub(crate) async fn wait_gone<F, Fut>(
     ctx: &ApplyContext,
     address: &Address,
