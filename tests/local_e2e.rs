@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use support::local::{
-    alive, changed_addresses, files_under, ok, runtime_bin, try_request, try_request_tls,
+    alive, changed_addresses, files_under, free_port, ok, runtime_bin, try_request, try_request_tls,
 };
 
 /// A copy of the example stack in a temp dir, on its own ports.
@@ -23,29 +23,6 @@ struct Mesh {
     stack: PathBuf,
     features_port: u16,
     scoring_port: u16,
-}
-
-fn free_port() -> u16 {
-    // Ask the kernel for a free port in the NodePort range by trying a few.
-    for _ in 0..200 {
-        let p = 30000 + (rand_u32() % 2767) as u16;
-        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port found in 30000-32767");
-}
-
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
-    h.finish() as u32
 }
 
 impl Mesh {
@@ -58,11 +35,8 @@ impl Mesh {
         );
         let dir = tempfile::tempdir().unwrap();
         let stack = support::copy_customer_mesh(dir.path());
-        let features_port = free_port();
-        let mut scoring_port = free_port();
-        while scoring_port == features_port {
-            scoring_port = free_port();
-        }
+        let features_port = free_port(&[]);
+        let scoring_port = free_port(&[features_port]);
         let toml = std::fs::read_to_string(stack.join("stack.toml")).unwrap();
         let toml = toml
             .replace("node_port = 30080", &format!("node_port = {features_port}"))

@@ -35,10 +35,18 @@ pub fn free_port(not: &[u16]) -> u16 {
         .unwrap()
         .subsec_nanos() as usize;
     let start = (std::process::id() as usize * 31 + call * 557 + nanos) % 2768;
-    (0..2768)
+    // Free now is not enough: two tests may both see a port free before
+    // either starts on it. A port is handed out once per test process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = (0..2768)
         .map(|i| 30000 + ((start + i) % 2768) as u16)
-        .find(|p| !not.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port in 30000-32767")
+        .find(|p| {
+            !not.contains(p) && !given.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok()
+        })
+        .expect("a free port in 30000-32767");
+    given.push(port);
+    port
 }
 
 impl Env {
