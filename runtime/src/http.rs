@@ -615,7 +615,7 @@ async fn public_api_inner(
         }
     }
     let service = service_named(state, service_name)?;
-    let ctx = Ctx::of(&request);
+    let ctx = Ctx::of(&request, service.query_log.is_some());
     let Some(endpoint) = service.endpoints.get(endpoint_name) else {
         return Err(AppError::not_found(
             "unknown_endpoint",
@@ -660,7 +660,9 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn of(request: &Request) -> Ctx {
+    /// `logged`: whether the service has a query log, the only reader of
+    /// the request id and caller (so a request without one copies neither).
+    fn of(request: &Request, logged: bool) -> Ctx {
         let header = |name: &str| {
             request
                 .headers()
@@ -670,8 +672,10 @@ impl Ctx {
         };
         Ctx {
             started: Instant::now(),
-            request_id: header("x-request-id"),
-            caller: request.extensions().get::<Caller>().map(|c| c.0.clone()),
+            request_id: logged.then(|| header("x-request-id")).flatten(),
+            caller: logged
+                .then(|| request.extensions().get::<Caller>().map(|c| c.0.clone()))
+                .flatten(),
             pin: header(GENERATION_HEADER),
         }
     }
@@ -1119,7 +1123,8 @@ async fn model_infer(
     params: Result<RawPathParams, RawPathParamsRejection>,
     request: Request,
 ) -> Response {
-    let ctx = Ctx::of(&request);
+    // v2 `infer` writes no query line.
+    let ctx = Ctx::of(&request, false);
     let result = async {
         let (service, ep) = model_endpoint(&state, params).await?;
         let generation = match (ctx.pick(&ep)?, &ep.generations) {
