@@ -159,10 +159,8 @@ const EVERY_OBJECT: &[&str] = &[
     "identity.customer-features",
     "identity.customer-scoring",
     "verifiers.callers",
-    "service.customer-features.configmap",
     "service.customer-features.deployment",
     "service.customer-features.hpa",
-    "service.customer-scoring.configmap",
     "service.customer-scoring.deployment",
     "service.customer-scoring.hpa",
     "expose.customer-features.service",
@@ -1208,23 +1206,23 @@ async fn planned_changes(c: &Cluster) -> BTreeSet<(String, String)> {
     changes(&plan).into_iter().collect()
 }
 
-/// Generations on a cluster (the double): adding one is a new bundle (the
-/// scoring service's ConfigMap and Deployment); a weight shift is the
-/// ConfigMap's `split.json` alone and rolls nothing out (the Deployment's
-/// generation stays); retiring one is a new bundle again; each converges.
+/// Generations on a cluster (the double): each step is one plan line, the
+/// scoring service's Deployment with its ConfigMap. Adding one is a new
+/// bundle; a weight shift is its `split` alone, applied to the ConfigMap's
+/// `split.json` alone, and rolls nothing out (the Deployment's generation
+/// stays); retiring one is a new bundle again; each converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generations_are_added_shifted_and_retired() {
     let c = Cluster::new().await;
     ok(&c.apply(&[]).await, "apply");
     let rel = "stacks/customer-mesh/stack.toml";
     let original = std::fs::read_to_string(c.dir.path().join(rel)).unwrap();
-    let bundle_change: BTreeSet<(String, String)> = [
-        ("service.customer-scoring.configmap", "update"),
-        ("service.customer-scoring.deployment", "update"),
-    ]
-    .iter()
-    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-    .collect();
+    // Every step is one line: the Deployment, with its ConfigMap.
+    let one_line: BTreeSet<(String, String)> = [(
+        "service.customer-scoring.deployment".to_owned(),
+        "update".to_owned(),
+    )]
+    .into();
     let split_of = |c: &Cluster| -> Value {
         let cm = c.object("v1", "ConfigMap", "customer-scoring-config");
         serde_json::from_str(cm["data"]["split.json"].as_str().unwrap_or("null")).unwrap()
@@ -1232,7 +1230,7 @@ async fn generations_are_added_shifted_and_retired() {
 
     // Add v2 beside v1.
     c.edit(rel, |_| support::generations_toml(&original, Some(90), 10));
-    assert_eq!(planned_changes(&c).await, bundle_change);
+    assert_eq!(planned_changes(&c).await, one_line);
     ok(&c.apply(&[]).await, "apply: add a generation");
     assert_eq!(split_of(&c)["high-value"]["v2"], 10);
     let dep = c.object("apps/v1", "Deployment", "customer-scoring");
@@ -1243,14 +1241,19 @@ async fn generations_are_added_shifted_and_retired() {
         .any(|v| v["name"] == "split");
     assert!(mounted, "{dep:#}");
 
-    // Shift weight: the ConfigMap alone.
+    // Shift weight: the split alone, applied to the ConfigMap alone.
     c.edit(rel, |_| support::generations_toml(&original, Some(80), 20));
-    let shift: BTreeSet<(String, String)> = [(
-        "service.customer-scoring.configmap".to_owned(),
-        "update".to_owned(),
-    )]
-    .into();
-    assert_eq!(planned_changes(&c).await, shift);
+    assert_eq!(planned_changes(&c).await, one_line);
+    let (_, plan, _) = c.plan_json(&[]).await;
+    let fields: Vec<&str> = plan["resource_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|ch| ch["action"] != "no-op")
+        .flat_map(|ch| ch["fields"].as_array().unwrap())
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["split"], "{plan:#}");
     ok(&c.apply(&[]).await, "apply: shift weight");
     assert_eq!(split_of(&c)["high-value"]["v2"], 20);
     let after = c.object("apps/v1", "Deployment", "customer-scoring");
@@ -1263,7 +1266,7 @@ async fn generations_are_added_shifted_and_retired() {
 
     // Retire v1.
     c.edit(rel, |_| support::generations_toml(&original, None, 100));
-    assert_eq!(planned_changes(&c).await, bundle_change);
+    assert_eq!(planned_changes(&c).await, one_line);
     ok(&c.apply(&[]).await, "apply: retire v1");
     assert_eq!(split_of(&c)["high-value"], serde_json::json!({ "v2": 100 }));
     let (code, _, out) = c.plan_json(&[]).await;
@@ -1538,7 +1541,7 @@ async fn fields_added_by_another_manager_are_planned_and_removed_by_one_apply() 
     assert_eq!(code, 2, "{}", text(&out));
     let got: BTreeSet<(String, String)> = changes(&plan).into_iter().collect();
     let want: BTreeSet<(String, String)> = [
-        ("service.customer-scoring.configmap", "update"),
+        ("service.customer-scoring.deployment", "update"),
         ("service.customer-scoring.secret", "update"),
         ("service.customer-features.deployment", "update"),
     ]

@@ -2,11 +2,13 @@
 //! (a kubeconfig context, or an EKS cluster reached by endpoint, CA and
 //! token), with server-side apply.
 //!
-//! - Desired objects ([`objects`], pure): per service a ConfigMap (its
-//!   `service.json`), a Secret (credentials by reference, resolved at apply
-//!   time; only a digest is planned), a Deployment (the runtime image pinned
-//!   by digest, [`images`]) and an autoscaler; per exposure a Service, an
-//!   Ingress and a NetworkPolicy; and the namespace.
+//! - Desired objects ([`objects`], pure): per service a Deployment (the
+//!   runtime image pinned by digest, [`images`]) with its ConfigMap (the
+//!   `service.json` and the generations' `split.json`; one resource, so a
+//!   weight change updates the ConfigMap alone), a Secret (credentials by
+//!   reference, resolved at apply time; only a digest is planned) and an
+//!   autoscaler; per exposure a Service, an Ingress and a NetworkPolicy;
+//!   and the namespace.
 //! - Live objects are found by their labels (one list call per kind across
 //!   namespaces) and projected onto the attributes mesh sets ([`project`]),
 //!   so defaulted and allocated fields never show as differences.
@@ -649,6 +651,48 @@ fn live_of(kind: Kind, obj: &J, digest_key: Option<&[u8]>) -> Option<Live> {
     Some(live)
 }
 
+/// Folds a service's ConfigMap into its Deployment's live resource
+/// ([`objects::configmap_attrs`]). One whose Deployment is not there (an
+/// apply stopped between the two, or a Deployment deleted by hand) stands
+/// for the Deployment, so the plan makes it and a destroy deletes both.
+/// ConfigMaps applied before they were part of the Deployment carry the
+/// address `service.NAME.configmap`.
+fn fold_configmap(lives: &mut Vec<Live>, cm: &J) {
+    let annotated = cm
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(kinds::ANNOTATION_ADDRESS))
+        .and_then(J::as_str);
+    let Some(service) = annotated
+        .and_then(|a| a.strip_prefix("service."))
+        .and_then(|a| {
+            a.strip_suffix(".deployment")
+                .or_else(|| a.strip_suffix(".configmap"))
+        })
+    else {
+        return;
+    };
+    let address = objects::sub(&Address::of("service", service), "deployment");
+    let attrs = objects::configmap_attrs(cm);
+    if let Some(dep) = lives.iter_mut().find(|l| l.address == address) {
+        dep.attrs.extend(attrs);
+        return;
+    }
+    let ns = cm
+        .pointer("/metadata/namespace")
+        .and_then(J::as_str)
+        .unwrap_or("default");
+    let mut live = Live::new(
+        address,
+        Kind::Deployment.resource_kind(),
+        ProviderId::Kubernetes,
+        format!("{ns}/{service}"),
+    )
+    .output("name", service)
+    .output("namespace", ns);
+    live.attrs.extend(attrs);
+    lives.push(live);
+}
+
 /// A strategic merge patch deleting what `live` holds beyond `manifest` in
 /// the parts mesh declares as wholly its own: a ConfigMap's or Secret's
 /// data keys; a Deployment's pod template labels, containers and pull
@@ -814,6 +858,7 @@ impl KubernetesProvider {
             None => None,
         };
         let conn = self.require_conn(address).await?;
+        let mut configmap = None;
         let name = manifest
             .pointer("/metadata/name")
             .and_then(J::as_str)
@@ -878,6 +923,35 @@ impl KubernetesProvider {
                 manifest["data"] = objects::secret_data(&values);
             }
             Kind::Deployment => {
+                // Its ConfigMap first: the pods it starts mount it.
+                if let Some(text) = internal_str(d, objects::ATTR_CONFIGMAP) {
+                    let cm: J = serde_json::from_str(text).map_err(|e| {
+                        invalid(
+                            address,
+                            format!("the planned ConfigMap does not parse: {e}"),
+                        )
+                    })?;
+                    let cm = self
+                        .apply_object(Kind::ConfigMap, &conn, cm, address)
+                        .await?;
+                    configmap = Some(cm);
+                }
+                // The weights alone: the kubelet updates the pods' split file in
+                // place and the runtimes take it up; nothing rolls out.
+                let split_only = !change.fields.is_empty()
+                    && change
+                        .fields
+                        .iter()
+                        .all(|f| f.path == "split" || f.path.starts_with("split."));
+                if let (true, Some(live), Some(cm)) = (split_only, &change.live, &configmap) {
+                    ctx.progress(
+                        address,
+                        "new weights in the ConfigMap; the pods take them up when the kubelet refreshes the file (about a minute)",
+                    );
+                    let mut live = live.clone();
+                    live.attrs.extend(objects::configmap_attrs(cm));
+                    return Ok(live);
+                }
                 if let Some(values) = &secrets {
                     let key = self.digest_key(&conn, in_ns, address).await?;
                     manifest["spec"]["template"]["metadata"]["annotations"]
@@ -905,27 +979,7 @@ impl KubernetesProvider {
                 );
             }
         }
-        let params = PatchParams::apply(OWNER).force();
-        let obj = api
-            .patch(&name, &params, &Patch::Apply(&manifest))
-            .await
-            .map_err(|e| ProviderError::Api {
-                address: address.clone(),
-                message: format!(
-                    "applying {} {}: {}",
-                    kind.kind(),
-                    ns.as_deref()
-                        .map(|n| format!("{n}/{name}"))
-                        .unwrap_or(name.clone()),
-                    describe(&e, &conn)
-                ),
-            })?;
-        let mut obj = to_json(&obj);
-        if foreign_patch(kind, &manifest, &obj).is_some() {
-            obj = self
-                .remove_foreign(kind, &api, &manifest, obj, address, &conn)
-                .await?;
-        }
+        let mut obj = self.apply_object(kind, &conn, manifest, address).await?;
         if kind == Kind::Deployment && !ctx.no_wait {
             let waiter = rollout::Waiter {
                 api: &api,
@@ -945,12 +999,55 @@ impl KubernetesProvider {
             let key = secret_values(&obj).remove(objects::DIGEST_KEY);
             self.remember_digest_key(key.map(String::into_bytes));
         }
-        live_of(kind, &obj, self.known_digest_key().as_deref()).ok_or_else(|| {
-            invalid(
-                address,
-                "the applied object has no mesh.dev/address annotation",
-            )
-        })
+        let mut live =
+            live_of(kind, &obj, self.known_digest_key().as_deref()).ok_or_else(|| {
+                invalid(
+                    address,
+                    "the applied object has no mesh.dev/address annotation",
+                )
+            })?;
+        if let Some(cm) = &configmap {
+            live.attrs.extend(objects::configmap_attrs(cm));
+        }
+        Ok(live)
+    }
+
+    /// Server-side applies `manifest` (forced, field manager `mesh`), then
+    /// removes what other managers added to what mesh owns wholly.
+    async fn apply_object(
+        &self,
+        kind: Kind,
+        conn: &Conn,
+        manifest: J,
+        address: &Address,
+    ) -> Result<J, ProviderError> {
+        let name = manifest
+            .pointer("/metadata/name")
+            .and_then(J::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let ns = manifest.pointer("/metadata/namespace").and_then(J::as_str);
+        let api = api_for(conn, kind, ns);
+        let params = PatchParams::apply(OWNER).force();
+        let obj = api
+            .patch(&name, &params, &Patch::Apply(&manifest))
+            .await
+            .map_err(|e| ProviderError::Api {
+                address: address.clone(),
+                message: format!(
+                    "applying {} {}: {}",
+                    kind.kind(),
+                    ns.map(|n| format!("{n}/{name}")).unwrap_or(name.clone()),
+                    describe(&e, conn)
+                ),
+            })?;
+        let obj = to_json(&obj);
+        if foreign_patch(kind, &manifest, &obj).is_some() {
+            return self
+                .remove_foreign(kind, &api, &manifest, obj, address, conn)
+                .await;
+        }
+        Ok(obj)
     }
 
     /// Removes what other field managers added to what mesh declares as
@@ -1146,6 +1243,27 @@ impl KubernetesProvider {
         if kind == Kind::Namespace && live.outputs.get("adopted") == Some(&Value::Bool(true)) {
             return self.give_back_namespace(&api, live, &conn).await;
         }
+        if kind == Kind::Deployment {
+            // Its ConfigMap goes with it.
+            let cms = api_for(&conn, Kind::ConfigMap, ns);
+            match cms
+                .delete(&objects::configmap_name(name), &DeleteParams::background())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(ProviderError::Api {
+                        address: address.clone(),
+                        message: format!(
+                            "deleting ConfigMap {}: {}",
+                            objects::configmap_name(name),
+                            describe(&e, &conn)
+                        ),
+                    });
+                }
+            }
+        }
         match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => return Ok(()),
@@ -1336,8 +1454,13 @@ impl Provider for KubernetesProvider {
         self.remember_digest_key(key.clone());
         let mut out: Vec<Live> = objects
             .iter()
+            .filter(|(kind, _)| *kind != Kind::ConfigMap)
             .filter_map(|(kind, o)| live_of(*kind, o, key.as_deref()))
             .collect();
+        let configmaps = objects.iter().filter(|(kind, _)| *kind == Kind::ConfigMap);
+        for (_, cm) in configmaps {
+            fold_configmap(&mut out, cm);
+        }
         out.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(out)
     }
@@ -1495,6 +1618,57 @@ impl Provider for KubernetesProvider {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A service's ConfigMap is part of its Deployment's live resource; one
+    /// left without its Deployment stands for it (so the plan makes the
+    /// Deployment, and destroy deletes both); one applied when it was a
+    /// resource of its own (`….configmap`) folds the same way.
+    #[test]
+    fn a_configmap_folds_into_its_deployment() {
+        let cm = |address: &str, split: &str| {
+            json!({
+                "metadata": { "name": "scoring-config", "namespace": "ns",
+                              "annotations": { kinds::ANNOTATION_ADDRESS: address } },
+                "data": { "service.json": "{}", "split.json": split },
+            })
+        };
+        let dep = json!({
+            "metadata": { "name": "scoring", "namespace": "ns",
+                          "annotations": { kinds::ANNOTATION_ADDRESS: "service.scoring.deployment" } },
+            "spec": {},
+        });
+        let split = r#"{"high-value": {"v1": 80, "v2": 20}}"#;
+        for address in ["service.scoring.deployment", "service.scoring.configmap"] {
+            let mut lives = vec![live_of(Kind::Deployment, &dep, None).unwrap()];
+            fold_configmap(&mut lives, &cm(address, split));
+            assert_eq!(lives.len(), 1, "{address}");
+            assert_eq!(
+                lives[0].attrs["split"],
+                Value::str("high-value: v1 80, v2 20")
+            );
+            assert!(
+                matches!(&lives[0].attrs["config"], Value::Map(m) if m.contains_key("service.json"))
+            );
+
+            let mut alone = Vec::new();
+            fold_configmap(&mut alone, &cm(address, "not json"));
+            assert_eq!(alone.len(), 1);
+            assert_eq!(alone[0].address.as_str(), "service.scoring.deployment");
+            assert_eq!(alone[0].kind, Kind::Deployment.resource_kind());
+            assert_eq!(alone[0].id, "ns/scoring");
+            // A split that does not parse shows as a digest: it differs from any split.
+            assert!(
+                alone[0].attrs["split"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("sha256:")
+            );
+        }
+        // A ConfigMap mesh did not make a service's is left alone.
+        let mut lives = Vec::new();
+        fold_configmap(&mut lives, &cm("expose.scoring.service", split));
+        assert!(lives.is_empty());
+    }
 
     fn url(kind: Kind, obj: &J) -> String {
         let live = live_of(kind, obj, None).expect("owned");

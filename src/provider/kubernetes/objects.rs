@@ -29,6 +29,8 @@ const PORT_NAME: &str = "http";
 
 /// Internal attributes (never compared nor shown).
 pub const ATTR_MANIFEST: &str = "_manifest";
+/// A service Deployment's ConfigMap manifest (JSON), applied before it.
+pub const ATTR_CONFIGMAP: &str = "_configmap";
 /// `{ key: {"env": VAR} | {"file": PATH} }` of a Secret, resolved at apply time.
 pub const ATTR_SECRETS: &str = "_secrets";
 /// The service's bundle: `service.json` text and files (bundle path → source).
@@ -164,6 +166,35 @@ fn system_namespace(ns: &str) -> bool {
 
 pub fn configmap_name(service: &str) -> String {
     format!("{service}-config")
+}
+
+/// What a service's ConfigMap adds to its Deployment resource, desired or
+/// live alike: `config`, a digest per data key but the split, and `split`,
+/// the generations' weights as the local target shows them
+/// ([`crate::bundle::split_text`]; a split file that does not parse shows
+/// as its digest, so it differs).
+pub fn configmap_attrs(cm: &J) -> Vec<(String, Value)> {
+    let data = cm.pointer("/data").and_then(J::as_object);
+    let config = data
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != SPLIT_FILE)
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                Value::Str(content_digest(v.as_str().unwrap_or_default())),
+            )
+        })
+        .collect();
+    let mut out = vec![("config".to_owned(), Value::Map(config))];
+    if let Some(text) = data.and_then(|d| d.get(SPLIT_FILE)).and_then(J::as_str) {
+        let split = match serde_json::from_str::<rc::SplitFile>(text) {
+            Ok(split) => crate::bundle::split_text(&split),
+            Err(_) => content_digest(text),
+        };
+        out.push(("split".to_owned(), Value::str(split)));
+    }
+    out
 }
 
 pub fn secret_name(service: &str) -> String {
@@ -313,18 +344,19 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
 
         // ConfigMap: the service's config, and the generations' weights
         // (`split.json`, outside the config's hash: a weight change rolls
-        // nothing out, the kubelet updates the file in place).
-        let cm_addr = sub(&base, "configmap");
+        // nothing out, the kubelet updates the file in place). It is part of
+        // the service's Deployment resource ([`ATTR_CONFIGMAP`]): applied
+        // with it, deleted with it, planned as its `config` and `split`.
+        let dep_addr = sub(&base, "deployment");
         let mut data = json!({ rc::SERVICE_FILE: config_json });
         if let Some(split) = split {
             data[SPLIT_FILE] = json!(serde_json::to_string_pretty(split).unwrap_or_default());
         }
         let cm = json!({
             "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": meta(stack, &cm_addr, &configmap_name(name), Some(&ns)),
+            "metadata": meta(stack, &dep_addr, &configmap_name(name), Some(&ns)),
             "data": data,
         });
-        out.push(in_ns(object(&cm_addr, Kind::ConfigMap, cm)));
 
         // Secret: connection passwords, private keys and API keys, by
         // reference; only a digest here. Pods read it as files (`SECRETS_DIR`).
@@ -366,7 +398,6 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         // Deployment: the runtime image pinned by digest. An image that cannot
         // be built now (no runtime binary, no registry) is known after apply,
         // where it is an error.
-        let dep_addr = sub(&base, "deployment");
         let digest = digests
             .next()
             .unwrap_or_else(|| Err("no image digest".into()));
@@ -536,7 +567,11 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
                 internal(serde_json::to_string(secrets).unwrap_or_default()),
             );
         }
-        d = d.depends(cm_addr.clone());
+        for (k, v) in configmap_attrs(&cm) {
+            d.attrs.insert(k, Attr::new(v));
+        }
+        d.attrs
+            .insert(ATTR_CONFIGMAP.to_owned(), internal(cm.to_string()));
         if secret_hash.is_some() {
             d = d.depends(secret_addr.clone()).depends(key_addr.clone());
         }
@@ -1032,20 +1067,48 @@ mod tests {
         };
         let (before, after) = (objects(90, 10), objects(80, 20));
         assert_eq!(before.len(), after.len());
-        let cm = "service.customer-scoring.configmap";
+        let scoring = "service.customer-scoring.deployment";
         for (b, a) in before.iter().zip(&after) {
             assert_eq!(b.address, a.address);
-            if b.address.as_str() != cm {
-                assert_eq!(b.attrs, a.attrs, "{} changes with the weights", b.address);
+            let mut b = b.attrs.clone();
+            let mut a = a.attrs.clone();
+            if a.remove("split").is_some() {
+                assert_eq!(
+                    b.remove("split").map(|s| s.value),
+                    Some(Value::str("high-value: v1 90, v2 10"))
+                );
+                b.remove(ATTR_CONFIGMAP);
+                a.remove(ATTR_CONFIGMAP);
             }
+            assert_eq!(b, a, "{scoring} changes with the weights beyond its split");
         }
-        let (old, new) = (manifest(&before, cm), manifest(&after, cm));
+        let split = &after
+            .iter()
+            .find(|d| d.address.as_str() == scoring)
+            .unwrap()
+            .attrs;
+        assert_eq!(split["split"].value, Value::str("high-value: v1 80, v2 20"));
+        // The ConfigMap, applied with the Deployment: the config unchanged, the split new.
+        let configmap = |objects: &[Desired]| -> J {
+            let d = objects
+                .iter()
+                .find(|d| d.address.as_str() == scoring)
+                .unwrap();
+            serde_json::from_str(d.attrs[ATTR_CONFIGMAP].value.as_str().unwrap()).unwrap()
+        };
+        let (old, new) = (configmap(&before), configmap(&after));
         assert_eq!(old["data"][rc::SERVICE_FILE], new["data"][rc::SERVICE_FILE]);
         let weights: rc::SplitFile =
             serde_json::from_str(new["data"][SPLIT_FILE].as_str().expect("split.json")).unwrap();
         assert_eq!(weights["high-value"]["v2"], 20);
+        assert!(
+            !after
+                .iter()
+                .any(|d| d.kind == Kind::ConfigMap.resource_kind()),
+            "a ConfigMap is part of its Deployment, not a resource of its own"
+        );
         // The pods read it from a folder the kubelet keeps current.
-        let dep = manifest(&after, "service.customer-scoring.deployment");
+        let dep = manifest(&after, scoring);
         let pod = &dep["spec"]["template"]["spec"];
         let volume = pod["volumes"]
             .as_array()
