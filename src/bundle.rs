@@ -130,69 +130,13 @@ pub fn bundle_for(
                     features.extend(model_inputs(model));
                     rels.push(PathBuf::from(rel));
                 }
-                let mut out = Vec::new();
-                for en in enrichments {
-                    // Columns available from the source, restricted to model
-                    // features; none (the runtime takes every model input the
-                    // source has) when a dataset's columns are known only once
-                    // it is queried.
-                    let available: Option<Vec<String>> = match &en.source {
-                        EnrichmentSource::Dataset(d) => {
-                            svc.datasets.get(d).and_then(dataset_columns)
-                        }
-                        EnrichmentSource::Lookup { service, endpoint } => stack
-                            .services
-                            .get(service)
-                            .and_then(|s| match s.endpoints.get(endpoint) {
-                                Some(Endpoint::Lookup { datasets }) => datasets
-                                    .iter()
-                                    .filter_map(|d| s.datasets.get(d))
-                                    .map(dataset_columns)
-                                    .collect::<Option<Vec<_>>>()
-                                    .map(|c| c.concat()),
-                                _ => None,
-                            }),
-                    };
-                    let wanted: Vec<String> = if en.columns.is_empty() {
-                        available.unwrap_or_default()
-                    } else {
-                        en.columns.clone()
-                    };
-                    let columns: Vec<String> = wanted
-                        .into_iter()
-                        .filter(|c| c != &en.key && (features.is_empty() || features.contains(c)))
-                        .collect();
-                    let (dataset, lookup) = match &en.source {
-                        EnrichmentSource::Dataset(d) => (Some(d.clone()), None),
-                        EnrichmentSource::Lookup { service, endpoint } => (
-                            None,
-                            Some(rc::RemoteLookup {
-                                url: format!(
-                                    "{}/public/api/v1/{service}/{endpoint}/lookup",
-                                    lookup_url(service)
-                                ),
-                                api_key: stack
-                                    .services
-                                    .get(service)
-                                    .and_then(|s| s.api_keys.first())
-                                    .map(secret),
-                                timeout_ms: 2000,
-                                ca_file: None,
-                            }),
-                        ),
-                    };
-                    out.push(rc::EnrichmentConfig {
-                        dataset,
-                        lookup,
-                        key: en.key.clone(),
-                        columns,
-                        on_missing: match en.on_missing {
-                            stack::OnMissing::Error => rc::OnMissing::Error,
-                            stack::OnMissing::Null => rc::OnMissing::Null,
-                        },
-                        cache: en.cache.map(cache_config),
-                    });
-                }
+                let configs = |enrichments: &[stack::Enrichment]| {
+                    enrichments
+                        .iter()
+                        .map(|en| enrichment_config(stack, svc, en, &features, lookup_url))
+                        .collect::<Vec<_>>()
+                };
+                let out = configs(enrichments);
                 match models {
                     stack::Models::One(_) => rc::EndpointConfig::Prediction {
                         model: rels.pop(),
@@ -213,6 +157,7 @@ pub fn bundle_for(
                                 model,
                                 weight: g.weight,
                                 shadow: g.weight.is_none(),
+                                enrichments: g.enrichments.as_deref().map(configs),
                             })
                             .collect(),
                         dispatch: match dispatch {
@@ -348,6 +293,77 @@ fn connection_config(
             pool_size: c.pool_size as usize,
             statement_timeout_ms: c.statement_timeout_ms,
         },
+    }
+}
+
+/// One enrichment in the runtime's terms: the columns it fills (restricted
+/// to the model's `features`) and, for a lookup, the upstream's URL and key.
+fn enrichment_config(
+    stack: &Stack,
+    svc: &stack::Service,
+    en: &stack::Enrichment,
+    features: &BTreeSet<String>,
+    lookup_url: &dyn Fn(&str) -> String,
+) -> rc::EnrichmentConfig {
+    // Columns available from the source, restricted to model
+    // features; none (the runtime takes every model input the
+    // source has) when a dataset's columns are known only once
+    // it is queried.
+    let available: Option<Vec<String>> = match &en.source {
+        EnrichmentSource::Dataset(d) => svc.datasets.get(d).and_then(dataset_columns),
+        EnrichmentSource::Lookup { service, endpoint } => {
+            stack
+                .services
+                .get(service)
+                .and_then(|s| match s.endpoints.get(endpoint) {
+                    Some(Endpoint::Lookup { datasets }) => datasets
+                        .iter()
+                        .filter_map(|d| s.datasets.get(d))
+                        .map(dataset_columns)
+                        .collect::<Option<Vec<_>>>()
+                        .map(|c| c.concat()),
+                    _ => None,
+                })
+        }
+    };
+    let wanted: Vec<String> = if en.columns.is_empty() {
+        available.unwrap_or_default()
+    } else {
+        en.columns.clone()
+    };
+    let columns: Vec<String> = wanted
+        .into_iter()
+        .filter(|c| c != &en.key && (features.is_empty() || features.contains(c)))
+        .collect();
+    let (dataset, lookup) = match &en.source {
+        EnrichmentSource::Dataset(d) => (Some(d.clone()), None),
+        EnrichmentSource::Lookup { service, endpoint } => (
+            None,
+            Some(rc::RemoteLookup {
+                url: format!(
+                    "{}/public/api/v1/{service}/{endpoint}/lookup",
+                    lookup_url(service)
+                ),
+                api_key: stack
+                    .services
+                    .get(service)
+                    .and_then(|s| s.api_keys.first())
+                    .map(secret),
+                timeout_ms: 2000,
+                ca_file: None,
+            }),
+        ),
+    };
+    rc::EnrichmentConfig {
+        dataset,
+        lookup,
+        key: en.key.clone(),
+        columns,
+        on_missing: match en.on_missing {
+            stack::OnMissing::Error => rc::OnMissing::Error,
+            stack::OnMissing::Null => rc::OnMissing::Null,
+        },
+        cache: en.cache.map(cache_config),
     }
 }
 
@@ -496,6 +512,66 @@ pub(crate) mod tests {
         assert_eq!(split_text(&split2), "high-value: v1 80, v2 20");
         assert_eq!(other.config, b.config);
         assert_eq!(bundle_digest(&other).unwrap(), bundle_digest(&b).unwrap());
+    }
+
+    /// A generation's own `enrich` reaches the runtime beside the endpoint's,
+    /// its lookup URL resolved and, where the upstream admits only listed
+    /// callers, given the caller's key like the endpoint's own lookups.
+    #[test]
+    fn a_generations_own_enrichments_are_wired_like_the_endpoints() {
+        let (root, stack) = edited_example(|text| {
+            with_generations(text, 90, 10).replace(
+                "name = \"v2\"\n",
+                "name = \"v2\"\nenrich = [{ lookup = \"customer-features.behavior\", key = \"customer_id\", on_missing = \"null\" }, { lookup = \"customer-features.demographics\", key = \"customer_id\", columns = [\"age\"] }]\n",
+            )
+        });
+        let url_of = |svc: &str| format!("http://{svc}:9");
+        let mut b = bundle_for(&stack, &stack.services["customer-scoring"], &url_of);
+        let rc::EndpointConfig::Prediction {
+            generations,
+            enrichments,
+            ..
+        } = &b.config.endpoints["high-value"]
+        else {
+            panic!("a prediction endpoint");
+        };
+        assert_eq!(enrichments.len(), 2);
+        assert_eq!(generations[0].enrichments, None);
+        let own = generations[1].enrichments.as_ref().expect("v2's own");
+        let urls: Vec<&str> = own
+            .iter()
+            .map(|e| e.lookup.as_ref().unwrap().url.as_str())
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "http://customer-features:9/public/api/v1/customer-features/behavior/lookup",
+                "http://customer-features:9/public/api/v1/customer-features/demographics/lookup",
+            ]
+        );
+        assert_eq!(own[0].on_missing, rc::OnMissing::Null);
+        assert_eq!(own[1].columns, ["age"]);
+        assert!(b.config.problems().is_empty(), "{:?}", b.config.problems());
+        // customer-features admits customer-scoring alone: every lookup, the
+        // generation's too, presents customer-scoring's key.
+        let dir = root.path().join("keys");
+        crate::provider::local::access::configure(
+            &stack,
+            &dir,
+            &stack.services["customer-scoring"],
+            &mut b.config,
+        );
+        let keys: Vec<_> = b.config.endpoints["high-value"]
+            .all_enrichments()
+            .iter()
+            .map(|e| e.lookup.as_ref().and_then(|l| l.api_key.clone()))
+            .collect();
+        assert_eq!(keys.len(), 4);
+        let want = rc::SecretRef::File(crate::provider::local::access::key_file(
+            &dir,
+            "customer-scoring",
+        ));
+        assert!(keys.iter().all(|k| k.as_ref() == Some(&want)), "{keys:?}");
     }
 
     #[test]

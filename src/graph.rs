@@ -91,13 +91,9 @@ pub fn stack_graph(stack: &crate::stack::Stack) -> Vec<Node> {
                 d = d.depends(Address::of("connection", connection));
             }
         }
-        for e in s.endpoints.values() {
-            if let Endpoint::Prediction { enrichments, .. } = e {
-                for en in enrichments {
-                    if let EnrichmentSource::Lookup { service, .. } = &en.source {
-                        d = d.depends(Address::of("service", service));
-                    }
-                }
+        for en in s.endpoints.values().flat_map(Endpoint::all_enrichments) {
+            if let EnrichmentSource::Lookup { service, .. } = &en.source {
+                d = d.depends(Address::of("service", service));
             }
         }
         if cloud {

@@ -438,3 +438,55 @@ fn test_queries_pin_a_generation() {
     assert_eq!(v["failed"], 0, "{v}");
     assert_only_the_environment_is_left(&env, &out);
 }
+
+/// A generation may read its features from sources of its own: v2 reads
+/// behaviour from another feature service (its own `enrich`; that service
+/// admits customer-scoring alone, so the lookup presents its key), v1 from
+/// the endpoint's. Each pinned query by id equals the same generation's
+/// answer with every feature of its own sources sent, and the two sources
+/// differ for this customer (7 more orders), so v2 reading the endpoint's
+/// sources would fail its query.
+#[test]
+fn a_generation_reads_its_features_from_its_own_sources() {
+    let data = tempfile::tempdir().unwrap();
+    let csv = data.path().join("behavior_next.csv");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/customer-mesh/behavior.csv");
+    let text = std::fs::read_to_string(example).unwrap();
+    let edited = text.replace("C00042,141.32,6,", "C00042,141.32,13,");
+    assert_ne!(edited, text, "the example's C00042 behaviour");
+    std::fs::write(&csv, edited).unwrap();
+    let port = support::local::free_port(&[]);
+    let features = |orders: u32| {
+        format!(
+            "{{ customer_id = \"C00042\", age = 28, gender = \"M\", region = \"west\", campaign = \"spring_sale\", loyalty_member = 1, total_spend_30d = 141.32, orders_90d = {orders}, days_since_last_order = 1, avg_basket = 47.25 }}"
+        )
+    };
+    let query = |name: &str, generation: &str, request: &str, same_as: &str| {
+        format!(
+            "\n[[service.customer-scoring.endpoint.high-value.test]]\nname = \"{name}\"\n\
+             request = {{ features = {request} }}\ngeneration = \"{generation}\"\n{same_as}\n"
+        )
+    };
+    let by_id = "{ customer_id = \"C00042\" }";
+    let env = Env::new(|t| {
+        let t = support::generations_toml(&t, Some(50), 50).replace(
+            "name = \"v2\"\n",
+            "name = \"v2\"\nenrich = [\n  { lookup = \"customer-features.demographics\", key = \"customer_id\" },\n  { lookup = \"features-next.behavior\", key = \"customer_id\" },\n]\n",
+        );
+        format!(
+            "{t}\n[service.features-next.dataset.behavior]\nfile = \"{}\"\nkey = \"customer_id\"\n\n\
+             [service.features-next.endpoint.behavior]\nkind = \"lookup\"\ndatasets = [\"behavior\"]\n\n\
+             [expose.features-next]\ntype = \"NodePort\"\nport = 8080\nnode_port = {port}\nallow = [\"customer-scoring\"]\n{}{}{}",
+            csv.display(),
+            query("on-v1", "v1", by_id, "same_as = \"all-features\""),
+            query("on-v2-all", "v2", &features(13), "prediction = \"1\""),
+            query("on-v2", "v2", by_id, "same_as = \"on-v2-all\""),
+        )
+    });
+    let out = env.mesh(&["test", "--json", "--filter", "*/on-*"]);
+    ok(&out, "mesh test");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["passed"], 3, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_only_the_environment_is_left(&env, &out);
+}

@@ -454,11 +454,52 @@ pub enum EndpointConfig {
     },
 }
 
+impl EndpointConfig {
+    /// Every enrichment of a prediction endpoint: the endpoint's, then each
+    /// generation's own, in declaration order (none for a lookup endpoint).
+    pub fn all_enrichments(&self) -> Vec<&EnrichmentConfig> {
+        match self {
+            EndpointConfig::Prediction {
+                enrichments,
+                generations,
+                ..
+            } => enrichments
+                .iter()
+                .chain(
+                    generations
+                        .iter()
+                        .flat_map(|g| g.enrichments.iter().flatten()),
+                )
+                .collect(),
+            EndpointConfig::Lookup { .. } => Vec::new(),
+        }
+    }
+
+    /// [`EndpointConfig::all_enrichments`], to rewrite them (in that order).
+    pub fn all_enrichments_mut(&mut self) -> Vec<&mut EnrichmentConfig> {
+        match self {
+            EndpointConfig::Prediction {
+                enrichments,
+                generations,
+                ..
+            } => enrichments
+                .iter_mut()
+                .chain(
+                    generations
+                        .iter_mut()
+                        .flat_map(|g| g.enrichments.iter_mut().flatten()),
+                )
+                .collect(),
+            EndpointConfig::Lookup { .. } => Vec::new(),
+        }
+    }
+}
+
 /// One model of a prediction endpoint with generations: it serves a share
 /// of the traffic (`weight`, percent; the serving generations' weights sum
 /// to 100) or, with `shadow`, scores a copy of it off the request path and
 /// is compared with the generation that served, never answering.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationConfig {
     /// Named in answers (`"generation"`, header `X-Mesh-Generation`),
@@ -474,6 +515,11 @@ pub struct GenerationConfig {
     /// compared, never returned.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
+    /// This generation's own enrichments, in place of the endpoint's (a
+    /// model that reads a feature from another source); `None`: the
+    /// endpoint's. Its model still takes the same inputs as the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrichments: Option<Vec<EnrichmentConfig>>,
 }
 
 /// How a prediction endpoint with generations picks the serving one.
@@ -728,10 +774,7 @@ impl ServiceConfig {
         let lookups = self
             .endpoints
             .values_mut()
-            .flat_map(|ep| match ep {
-                EndpointConfig::Prediction { enrichments, .. } => enrichments.as_mut_slice(),
-                EndpointConfig::Lookup { .. } => &mut [],
-            })
+            .flat_map(EndpointConfig::all_enrichments_mut)
             .filter_map(|en| en.lookup.as_mut()?.api_key.as_mut());
         let keys = self.api_keys.iter_mut().map(|k| match k {
             ApiKey::Key(r) => r,
@@ -907,8 +950,21 @@ impl ServiceConfig {
                         self.split_file.is_some(),
                         &mut out,
                     );
-                    for (i, en) in enrichments.iter().enumerate() {
-                        let at = format!("endpoint `{name}` enrichment {}", i + 1);
+                    let own = generations.iter().flat_map(|g| {
+                        g.enrichments.iter().flatten().enumerate().map(|(i, en)| {
+                            let at = format!(
+                                "endpoint `{name}` generation `{}` enrichment {}",
+                                g.name,
+                                i + 1
+                            );
+                            (at, en)
+                        })
+                    });
+                    let endpoint = enrichments
+                        .iter()
+                        .enumerate()
+                        .map(|(i, en)| (format!("endpoint `{name}` enrichment {}", i + 1), en));
+                    for (at, en) in endpoint.chain(own) {
                         match (&en.dataset, &en.lookup) {
                             (Some(ds), None) => {
                                 if !self.datasets.contains_key(ds) {
@@ -989,6 +1045,12 @@ fn generation_problems(
     let mut seen = std::collections::BTreeSet::new();
     let mut total = 0u32;
     for g in generations {
+        if g.shadow && g.enrichments.is_some() {
+            out.push(format!(
+                "{at}: generation `{}` is a shadow: it scores the features its serving generation was given and takes no enrichments of its own",
+                g.name
+            ));
+        }
         if !valid_name(&g.name) {
             out.push(format!(
                 "{at}: generation name `{}` must use only letters, digits, `-`, `_` and `.`",

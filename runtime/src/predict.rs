@@ -225,7 +225,7 @@ async fn score_with<'a>(
         // Items that need this enrichment, with their keys.
         let mut wanted: Vec<usize> = Vec::new();
         for (item, error) in errors.iter_mut().enumerate() {
-            if error.is_some() {
+            if error.is_some() || !en.applies(generation_of(chosen, item), &ep.own_enrichments) {
                 continue;
             }
             let row = &slots[item * width..(item + 1) * width];
@@ -306,7 +306,7 @@ async fn score_with<'a>(
             }
             EnrichmentSource::Remote(_) => {
                 if fetched[e].is_none() {
-                    fetch_upstream(service, ep, e, slots, &errors, &mut fetched).await?;
+                    fetch_upstream(service, ep, e, slots, &errors, chosen, &mut fetched).await?;
                 }
                 for &item in &wanted {
                     let base = item * width;
@@ -485,6 +485,11 @@ async fn predict_group(
     Ok(())
 }
 
+/// The generation chosen for `item` (none without generations).
+fn generation_of(chosen: &[Option<usize>], item: usize) -> Option<usize> {
+    chosen.get(item).copied().flatten()
+}
+
 /// Asks the upstream of remote enrichment `first`, once, for the rows of it
 /// and of every later enrichment reading the same upstream, for every item
 /// still missing some of their targets (what later enrichments will want is
@@ -496,6 +501,7 @@ async fn fetch_upstream(
     first: usize,
     slots: &[Input<'_>],
     errors: &[Option<AppError>],
+    chosen: &[Option<usize>],
     fetched: &mut [Option<Vec<Option<RemoteRow>>>],
 ) -> Result<(), AppError> {
     let EnrichmentSource::Remote(lead) = &ep.enrichments[first].source else {
@@ -526,10 +532,12 @@ async fn fetch_upstream(
             continue;
         };
         for &(j, remote) in &members {
-            let missing = ep.enrichments[j]
-                .targets
-                .iter()
-                .any(|&(slot, _)| row[slot] == Input::Absent);
+            let en = &ep.enrichments[j];
+            let missing = en.applies(generation_of(chosen, item), &ep.own_enrichments)
+                && en
+                    .targets
+                    .iter()
+                    .any(|&(slot, _)| row[slot] == Input::Absent);
             if !missing {
                 continue;
             }

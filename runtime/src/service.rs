@@ -233,6 +233,9 @@ pub struct PredictionEndpoint {
     /// The field whose value is a query log line's `key`: the dispatch key,
     /// else the first enrichment's key.
     pub log_key_slot: Option<usize>,
+    /// Per generation: whether it has enrichments of its own (which
+    /// `enrichments` holds after the endpoint's, see [`Enrichment::generation`]).
+    pub own_enrichments: Vec<bool>,
 }
 
 /// An enrichment, planned.
@@ -249,6 +252,20 @@ pub struct Enrichment {
     /// does not have is left to later enrichments (not an error).
     pub optional_columns: bool,
     pub on_missing: OnMissing,
+    /// `Some(g)`: generation `g`'s own, for its items alone; `None`: the
+    /// endpoint's, for the items of every generation without its own.
+    pub generation: Option<usize>,
+}
+
+impl Enrichment {
+    /// Whether it fills the features of an item that generation `g` (of
+    /// `own`: which generations have enrichments of their own) answers.
+    pub fn applies(&self, g: Option<usize>, own: &[bool]) -> bool {
+        match self.generation {
+            None => !g.is_some_and(|g| own.get(g).copied().unwrap_or(false)),
+            Some(mine) => g == Some(mine),
+        }
+    }
 }
 
 /// Where an enrichment reads.
@@ -417,11 +434,24 @@ impl Service {
                         Some(_) => 0,
                         None => generations.iter().position(|g| !g.shadow).unwrap_or(0),
                     };
+                    // A generation's own enrichments are planned with the
+                    // endpoint's (one field layout, shared upstreams), after
+                    // them, each marked with its generation.
+                    let mut all = enrichments.clone();
+                    let mut scopes = vec![None; enrichments.len()];
+                    for (g, generation) in generations.iter().enumerate() {
+                        // Never a shadow's (`generation_problems`).
+                        let Some(own) = &generation.enrichments else {
+                            continue;
+                        };
+                        all.extend(own.iter().cloned());
+                        scopes.extend(std::iter::repeat_n(Some(g), own.len()));
+                    }
                     let Some(mut planned) = plan_prediction(
                         bundle,
                         name,
                         models[primary].clone(),
-                        enrichments,
+                        &all,
                         &datasets,
                         options,
                     )?
@@ -431,7 +461,14 @@ impl Service {
                         ));
                         continue;
                     };
+                    for (en, scope) in planned.enrichments.iter_mut().zip(scopes) {
+                        en.generation = scope;
+                    }
                     if model.is_none() {
+                        planned.own_enrichments = generations
+                            .iter()
+                            .map(|g| g.enrichments.is_some())
+                            .collect();
                         let gens = plan_generations(
                             name,
                             &mut planned,
@@ -815,6 +852,7 @@ fn plan_prediction(
             },
             optional_columns: en.lookup.is_some() && en.columns.is_empty(),
             on_missing: en.on_missing,
+            generation: None,
         });
     }
     Ok(Some(PredictionEndpoint {
@@ -826,6 +864,7 @@ fn plan_prediction(
         enrichments: planned,
         generations: None,
         log_key_slot: None,
+        own_enrichments: Vec::new(),
     }))
 }
 

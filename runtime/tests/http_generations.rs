@@ -502,9 +502,103 @@ fn the_runtime_refuses_bad_generations_and_names_them() {
             ),
             "endpoint `high-value` generation `v2`: model",
         ),
+        (
+            with(
+                json!([
+                    generation("v1", "high_value.onnx", Some(100)),
+                    {"name": "s", "model": "models/high_value.onnx", "shadow": true,
+                     "enrichments": [{"dataset": "behavior", "key": "customer_id"}]}
+                ]),
+                &|_| {},
+            ),
+            "generation `s` is a shadow: it scores the features its serving generation was given and takes no enrichments of its own",
+        ),
     ];
     for (service, expected) in cases {
         let err = refused(&service);
         assert!(err.contains(expected), "expected `{expected}` in:\n{err}");
     }
+}
+
+/// A generation with enrichments of its own reads its features from them,
+/// the others from the endpoint's: by id alone, each generation answers
+/// bit for bit what it answers with every feature sent from its sources.
+#[test]
+fn a_generation_enriches_from_its_own_sources() {
+    // `behavior_v2`: the example's behaviour with more orders for everyone.
+    let (header, rows) = common::read_csv("behavior.csv");
+    let orders = header
+        .iter()
+        .position(|h| h == "orders_90d")
+        .expect("orders_90d");
+    let mut v2_rows = rows.clone();
+    for r in &mut v2_rows {
+        r[orders] = (r[orders].parse::<i64>().expect("orders") + 7).to_string();
+    }
+    let csv: String = std::iter::once(header.join(","))
+        .chain(v2_rows.iter().map(|r| r.join(",")))
+        .map(|l| l + "\n")
+        .collect();
+    let b = bundle(
+        json!([
+            generation("v1", "high_value.onnx", Some(50)),
+            {"name": "v2", "model": "models/high_value.onnx", "weight": 50, "enrichments": [
+                {"dataset": "customers", "key": "customer_id", "columns": common::CUSTOMER_COLUMNS},
+                {"dataset": "behavior_v2", "key": "customer_id", "columns": common::BEHAVIOR_COLUMNS}
+            ]}
+        ]),
+        Some("customer_id"),
+        |s| {
+            s["datasets"]["behavior_v2"] =
+                json!({"source": {"csv": "datasets/behavior_v2.csv"}, "key": "customer_id"})
+        },
+    );
+    std::fs::write(b.path().join("datasets/behavior_v2.csv"), csv).expect("write");
+    let s = Server::start_ready(b.path(), &[]);
+    let path = format!("/public/api/v1/{SERVICE}/high-value/predict");
+    let ask = |g: Option<&str>, body: &str| -> Value {
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(g) = g {
+            headers.push(("X-Mesh-Generation", g));
+        }
+        let r = request(s.addr, "POST", &path, &headers, body.as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["result"].clone()
+    };
+    let mut differ = 0;
+    let mut served = HashMap::new();
+    for (i, v2_row) in v2_rows.iter().enumerate().take(60) {
+        let by_id = predict_body(i);
+        let sent = common::explicit_features(i);
+        // The same features with v2's orders.
+        let mut sent_v2: Value = serde_json::from_str(&sent).expect("features");
+        sent_v2["orders_90d"] = json!(v2_row[orders].parse::<i64>().expect("orders"));
+        let v1 = ask(Some("v1"), &by_id);
+        let v2 = ask(Some("v2"), &by_id);
+        assert_eq!(
+            v1["probas"],
+            ask(Some("v1"), &format!("{{\"features\": {sent}}}"))["probas"],
+            "v1 by id = v1 with the endpoint's features, customer {i}"
+        );
+        assert_eq!(
+            v2["probas"],
+            ask(Some("v2"), &json!({ "features": sent_v2 }).to_string())["probas"],
+            "v2 by id = v2 with its own sources' features, customer {i}"
+        );
+        assert!(v1["probas"].is_object(), "{v1}");
+        if v1["probas"] != v2["probas"] {
+            differ += 1;
+        }
+        // Unpinned, the key's generation answers with its own sources.
+        let any = ask(None, &by_id);
+        let g = any["generation"].as_str().expect("generation").to_owned();
+        let pinned = if g == "v1" { &v1 } else { &v2 };
+        assert_eq!(any["probas"], pinned["probas"], "customer {i}, {g}");
+        *served.entry(g).or_insert(0) += 1;
+    }
+    assert!(
+        differ >= 30,
+        "only {differ} of 60 customers differ between the sources"
+    );
+    assert_eq!(served.len(), 2, "{served:?}");
 }

@@ -296,17 +296,14 @@ pub mod access {
             }
         }
         for (name, ep) in &svc.endpoints {
-            let (
-                Endpoint::Prediction { enrichments, .. },
-                Some(rc::EndpointConfig::Prediction {
-                    enrichments: configured,
-                    ..
-                }),
-            ) = (ep, config.endpoints.get_mut(name))
-            else {
+            let Some(configured) = config.endpoints.get_mut(name) else {
                 continue;
             };
-            for (en, cfg) in enrichments.iter().zip(configured.iter_mut()) {
+            for (en, cfg) in ep
+                .all_enrichments()
+                .into_iter()
+                .zip(configured.all_enrichments_mut())
+            {
                 if let (EnrichmentSource::Lookup { service, .. }, Some(lookup)) =
                     (&en.source, cfg.lookup.as_mut())
                     && let Some(callers) = restricted_to(stack, service)
@@ -1273,13 +1270,9 @@ impl Provider for LocalProvider {
                     force_new: false,
                 },
             );
-            for dep in svc.endpoints.values() {
-                if let Endpoint::Prediction { enrichments, .. } = dep {
-                    for en in enrichments {
-                        if let EnrichmentSource::Lookup { service, .. } = &en.source {
-                            d = d.depends(Address::of("service", service));
-                        }
-                    }
+            for en in svc.endpoints.values().flat_map(Endpoint::all_enrichments) {
+                if let EnrichmentSource::Lookup { service, .. } = &en.source {
+                    d = d.depends(Address::of("service", service));
                 }
             }
             out.push(d);

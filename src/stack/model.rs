@@ -519,6 +519,30 @@ pub enum Endpoint {
     },
 }
 
+impl Endpoint {
+    /// Every enrichment of a prediction endpoint: the endpoint's, then each
+    /// generation's own, in declaration order (the order of
+    /// `EndpointConfig::all_enrichments` in the runtime's config).
+    pub fn all_enrichments(&self) -> Vec<&Enrichment> {
+        match self {
+            Endpoint::Prediction {
+                models,
+                enrichments,
+            } => {
+                let own = match models {
+                    Models::One(_) => Vec::new(),
+                    Models::Generations { generations, .. } => generations
+                        .iter()
+                        .flat_map(|g| g.enrichments.iter().flatten())
+                        .collect(),
+                };
+                enrichments.iter().chain(own).collect()
+            }
+            Endpoint::Lookup { .. } => Vec::new(),
+        }
+    }
+}
+
 /// The models of a prediction endpoint.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -556,6 +580,8 @@ pub struct Generation {
     /// Percent of the traffic it serves; `None`: a shadow (scores a copy of
     /// the traffic, never answers).
     pub weight: Option<u32>,
+    /// Its own `enrich`, in place of the endpoint's; `None`: the endpoint's.
+    pub enrichments: Option<Vec<Enrichment>>,
 }
 
 /// How a request picks its serving generation.

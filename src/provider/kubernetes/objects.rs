@@ -581,13 +581,13 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         if verifies {
             d = d.depends(verifiers_address());
         }
-        for ep in svc.endpoints.values() {
-            if let stack::Endpoint::Prediction { enrichments, .. } = ep {
-                for en in enrichments {
-                    if let stack::EnrichmentSource::Lookup { service, .. } = &en.source {
-                        d = d.depends(sub(&Address::of("service", service), "deployment"));
-                    }
-                }
+        for en in svc
+            .endpoints
+            .values()
+            .flat_map(stack::Endpoint::all_enrichments)
+        {
+            if let stack::EnrichmentSource::Lookup { service, .. } = &en.source {
+                d = d.depends(sub(&Address::of("service", service), "deployment"));
             }
         }
         if let Some(Registry::Stack(reg)) = &inputs.registry {

@@ -65,17 +65,14 @@ pub fn configure(stack: &Stack, service: &str, config: &mut rc::ServiceConfig) {
     }
     let svc = stack.services.get(service);
     for (name, ep) in config.endpoints.iter_mut() {
-        let (
-            rc::EndpointConfig::Prediction { enrichments, .. },
-            Some(crate::stack::Endpoint::Prediction {
-                enrichments: declared,
-                ..
-            }),
-        ) = (ep, svc.and_then(|s| s.endpoints.get(name)))
-        else {
+        let Some(declared) = svc.and_then(|s| s.endpoints.get(name)) else {
             continue;
         };
-        for (cfg, en) in enrichments.iter_mut().zip(declared) {
+        for (cfg, en) in ep
+            .all_enrichments_mut()
+            .into_iter()
+            .zip(declared.all_enrichments())
+        {
             if let (Some(lookup), crate::stack::EnrichmentSource::Lookup { service: up, .. }) =
                 (cfg.lookup.as_mut(), &en.source)
                 && served(stack, up)
@@ -93,10 +90,7 @@ pub fn ensure(config: &rc::ServiceConfig) -> Result<(), String> {
     let trusted = config
         .endpoints
         .values()
-        .flat_map(|ep| match ep {
-            rc::EndpointConfig::Prediction { enrichments, .. } => enrichments.as_slice(),
-            rc::EndpointConfig::Lookup { .. } => &[],
-        })
+        .flat_map(rc::EndpointConfig::all_enrichments)
         .filter_map(|en| en.lookup.as_ref()?.ca_file.as_deref());
     for cert in config.tls.iter().map(|t| t.cert.as_path()).chain(trusted) {
         if let Some(dir) = cert.parent().filter(|_| !cert.exists()) {

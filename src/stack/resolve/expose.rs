@@ -391,15 +391,13 @@ pub(super) fn check_exposes(
         let mut callees: Vec<&str> = caller
             .endpoints
             .values()
-            .flat_map(|ep| match ep {
-                Endpoint::Prediction { enrichments, .. } => enrichments
-                    .iter()
+            .flat_map(|ep| {
+                ep.all_enrichments()
+                    .into_iter()
                     .filter_map(|en| match &en.source {
                         EnrichmentSource::Lookup { service, .. } => Some(service.as_str()),
                         EnrichmentSource::Dataset(_) => None,
                     })
-                    .collect(),
-                Endpoint::Lookup { .. } => Vec::new(),
             })
             .collect();
         callees.sort_unstable();

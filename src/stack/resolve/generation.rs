@@ -10,6 +10,7 @@ use crate::stack::diag::{Code, Diagnostic};
 use crate::stack::model::{Dispatch, Enrichment, Generation, Models};
 use crate::stack::source::{NodeKind, Span};
 
+use super::service::decode_enrich;
 use super::{Ctx, check_name};
 
 /// The decoded models with the spans their checks point at.
@@ -94,7 +95,7 @@ pub(super) fn decode_models(
                     continue;
                 };
                 let gf = Fields::new(t, it.span, format!("a generation of {what}"));
-                gf.allow(ctx.errors, &["name", "model", "weight", "shadow"]);
+                gf.allow(ctx.errors, &["name", "model", "weight", "shadow", "enrich"]);
                 let name = gf.str_req(ctx.errors, "name", "\"v2\"");
                 if let Some((n, span)) = &name {
                     check_name(ctx, n, *span, "generation name");
@@ -160,11 +161,34 @@ pub(super) fn decode_models(
                         None
                     }
                 };
+                let enrichments = match gf.entry("enrich") {
+                    Some(e) if shadow => {
+                        ctx.errors.push(
+                            Diagnostic::new(
+                                Code::InvalidValue,
+                                e.key_span,
+                                "a shadow generation takes no `enrich` of its own",
+                            )
+                            .label("a shadow scores the features its serving generation was given")
+                            .help("remove `enrich` here; to try other sources, serve this generation a small `weight` instead of `shadow = true`"),
+                        );
+                        None
+                    }
+                    Some(e) => match decode_enrich(ctx, service, ename, e) {
+                        Some(list) => Some(list),
+                        None => {
+                            ok = false;
+                            None
+                        }
+                    },
+                    None => None,
+                };
                 if let (Some((name, _)), Some((model, span))) = (name, model) {
                     generations.push(Generation {
                         name,
                         model,
                         weight,
+                        enrichments,
                     });
                     model_spans.push(span);
                 } else {
@@ -273,10 +297,11 @@ fn model_file(ctx: &mut Ctx<'_>, m: &str, span: Span, base: &Path) -> std::path:
     path
 }
 
-/// Generations answer the same requests, enriched the same way: their
-/// models take the same inputs (names and types), every column an
-/// enrichment names is one of them, and a dispatch key is a feature the
-/// request carries (an enrichment's key or a model input).
+/// Generations answer the same requests: their models take the same inputs
+/// (names and types), every column an enrichment names (the endpoint's, or
+/// the generation's own `enrich` in their place) is one of them, and a
+/// dispatch key is a feature the request carries (an enrichment's key or a
+/// model input).
 pub(super) fn check_generations(
     ctx: &mut Ctx<'_>,
     service: &str,
@@ -338,7 +363,11 @@ pub(super) fn check_generations(
             .join(", ")
     };
     for (i, g) in generations.iter().enumerate() {
-        let named: Vec<&String> = enrichments
+        let own = g.enrichments.is_some();
+        let named: Vec<&String> = g
+            .enrichments
+            .as_deref()
+            .unwrap_or(enrichments)
             .iter()
             .flat_map(|en| en.columns.iter().filter(move |c| **c != en.key))
             .filter(|c| !inputs[i].iter().any(|(n, _)| n == *c))
@@ -349,14 +378,17 @@ pub(super) fn check_generations(
                     Code::InvalidValue,
                     d.model_spans[i],
                     format!(
-                        "generation `{}` of {what}: its model has no input `{c}`, which an enrichment of the endpoint fills",
-                        g.name
+                        "generation `{}` of {what}: its model has no input `{c}`, which an enrichment of {} fills",
+                        g.name,
+                        if own { "the generation" } else { "the endpoint" }
                     ),
                 )
                 .label(format!("no input `{c}`"))
-                .help(format!(
-                    "give this generation a model that takes `{c}`, or fill only features every generation's model takes"
-                )),
+                .help(if own {
+                    format!("give this generation a model that takes `{c}`, or fill only features its model takes")
+                } else {
+                    format!("give this generation a model that takes `{c}`, or fill only features every generation's model takes")
+                }),
             );
             continue;
         }
@@ -408,8 +440,13 @@ pub(super) fn check_generations(
             .help("every generation answers the same requests with the same enrichments: export its model with the same input names and types"),
         );
     }
+    let keys = enrichments.iter().chain(
+        generations
+            .iter()
+            .flat_map(|g| g.enrichments.iter().flatten()),
+    );
     if let (Dispatch::Key(k), Some(span)) = (dispatch, d.dispatch_span)
-        && !enrichments.iter().any(|en| &en.key == k)
+        && !keys.map(|en| &en.key).any(|key| key == k)
         && !inputs[first].iter().any(|(n, _)| n == k)
     {
         ctx.errors.push(

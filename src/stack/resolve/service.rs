@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::stack::decode::{Fields, wrong_type};
 use crate::stack::diag::{Code, Diagnostic, did_you_mean};
 use crate::stack::model::*;
-use crate::stack::source::{Node, NodeKind, Span, Table};
+use crate::stack::source::{Entry, Node, NodeKind, Span, Table};
 
 use super::dataset::{decode_cache, decode_dataset};
 use super::generation::{check_generations, decode_models};
@@ -155,19 +155,13 @@ pub(super) fn decode_service(
                     &ef,
                     &pinnable,
                 ));
-                let mut enrichments = Vec::new();
-                if let Some(e) = ef.entry("enrich") {
-                    let NodeKind::Array(items) = &e.value.kind else {
-                        ctx.errors
-                            .push(wrong_type(e, "an array of tables", &e.value.kind));
-                        continue;
-                    };
-                    enrichments.extend(
-                        items
-                            .iter()
-                            .filter_map(|it| decode_enrichment(ctx, name, ename, it)),
-                    );
-                }
+                let enrichments = match ef.entry("enrich") {
+                    Some(e) => match decode_enrich(ctx, name, ename, e) {
+                        Some(list) => list,
+                        None => continue,
+                    },
+                    None => Vec::new(),
+                };
                 if let Some(models) = models {
                     check_generations(ctx, name, ename, &models, &enrichments);
                     endpoints.insert(
@@ -327,6 +321,28 @@ fn decode_query_log(
     }
 }
 
+/// `enrich = [...]` of a prediction endpoint or of one of its generations:
+/// the enrichments not in error (those are reported); `None` when it is not
+/// an array.
+pub(super) fn decode_enrich(
+    ctx: &mut Ctx<'_>,
+    name: &str,
+    ename: &str,
+    e: &Entry,
+) -> Option<Vec<Enrichment>> {
+    let NodeKind::Array(items) = &e.value.kind else {
+        ctx.errors
+            .push(wrong_type(e, "an array of tables", &e.value.kind));
+        return None;
+    };
+    Some(
+        items
+            .iter()
+            .filter_map(|it| decode_enrichment(ctx, name, ename, it))
+            .collect(),
+    )
+}
+
 /// One `enrich = [...]` item of a prediction endpoint: a dataset of the
 /// service or another service's lookup. `None` when it is in error (reported).
 fn decode_enrichment(ctx: &mut Ctx<'_>, name: &str, ename: &str, it: &Node) -> Option<Enrichment> {
@@ -447,12 +463,7 @@ pub(super) fn check_services(ctx: &mut Ctx<'_>, services: &BTreeMap<String, Serv
             let deps = s
                 .endpoints
                 .values()
-                .flat_map(|e| match e {
-                    Endpoint::Prediction { enrichments, .. } => {
-                        enrichments.iter().collect::<Vec<_>>()
-                    }
-                    Endpoint::Lookup { .. } => Vec::new(),
-                })
+                .flat_map(Endpoint::all_enrichments)
                 .filter_map(|en| match &en.source {
                     EnrichmentSource::Lookup { service, .. } => Some(service.as_str()),
                     EnrichmentSource::Dataset(_) => None,
