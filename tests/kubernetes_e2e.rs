@@ -1449,6 +1449,45 @@ async fn a_second_ctrl_c_still_releases_the_locks() {
 // ------------------------------------------------ convergence and drift (issue 10)
 
 /// A JSON merge patch by another field manager, as `kubectl patch --type merge` sends it.
+/// A service's ConfigMap is part of its Deployment's resource: with the
+/// Deployment deleted by hand, the ConfigMap left stands for it, so the plan
+/// is one line (that Deployment) and one apply brings it back; a ConfigMap
+/// deleted by hand is planned as the Deployment's `config` and made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_or_configmap_deleted_by_hand_is_one_line_and_one_apply() {
+    use kube::api::{Api, DeleteParams, DynamicObject};
+    let c = Cluster::new().await;
+    ok(&c.apply(&[]).await, "apply");
+    let one_line: BTreeSet<(String, String)> = [(
+        "service.customer-scoring.deployment".to_owned(),
+        "update".to_owned(),
+    )]
+    .into();
+    for (kind, name) in [
+        ("Deployment", "customer-scoring"),
+        ("ConfigMap", "customer-scoring-config"),
+    ] {
+        let ar = match kind {
+            "Deployment" => {
+                kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&())
+            }
+            _ => kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(c.double.client(), NS, &ar);
+        api.delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("deleting {kind} {name}: {e}"));
+        assert_eq!(planned_changes(&c).await, one_line, "{kind} deleted");
+        ok(&c.apply(&[]).await, "apply");
+        let (code, _, out) = c.plan_json(&[]).await;
+        assert_eq!(code, 0, "{kind}: {}", text(&out));
+        let cm = c.object("v1", "ConfigMap", "customer-scoring-config");
+        assert!(cm["data"]["service.json"].is_string(), "{cm:#}");
+        let dep = c.object("apps/v1", "Deployment", "customer-scoring");
+        assert_eq!(dep["metadata"]["name"], "customer-scoring");
+    }
+}
+
 async fn merge_patch_as(c: &Cluster, kind: &str, name: &str, manager: &str, patch: Value) {
     use kube::api::{Api, DynamicObject, Patch, PatchParams};
     let ar = match kind {

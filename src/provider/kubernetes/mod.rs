@@ -688,7 +688,9 @@ fn fold_configmap(lives: &mut Vec<Live>, cm: &J) {
         format!("{ns}/{service}"),
     )
     .output("name", service)
-    .output("namespace", ns);
+    .output("namespace", ns)
+    .attr("name", Value::str(service))
+    .attr("namespace", Value::str(ns));
     live.attrs.extend(attrs);
     lives.push(live);
 }
