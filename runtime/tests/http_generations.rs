@@ -1,6 +1,6 @@
 //! Generations over the real runtime: the weighted split, key dispatch that
 //! is sticky and moves only the keys it must when the split file changes
-//! (same process), the pin
+//! (same process), SIGHUP reloading a change the poll cannot see, the pin
 //! header, shadows that never answer and whose drops are counted, a shadow
 //! kept within its CPU budget, and the configurations the runtime refuses.
 
@@ -213,6 +213,57 @@ fn key_dispatch_is_sticky_and_a_weight_change_moves_only_the_border_keys() {
     );
     let message = r.assert_error(400, "missing_dispatch_key");
     assert!(message.contains("customer_id"), "{message}");
+}
+
+#[test]
+fn sighup_reloads_a_split_change_polling_cannot_see() {
+    let b = bundle(
+        json!([
+            {"name": "v1", "model": "models/high_value.onnx"},
+            {"name": "v2", "model": "models/high_value_gbt.onnx"}
+        ]),
+        None,
+        |s| s["split_file"] = json!("split.json"),
+    );
+    write_split(b.path(), 90, 10);
+    let mut s = Server::start_ready(b.path(), &[]);
+    assert_eq!(weight(&s, "v2"), Some(10.0));
+    // 90/10 → 80/20 in place: the same inode, the same size, and the
+    // modification time put back, so the once-a-second poll sees no change.
+    let path = b.path().join("split.json");
+    let before = std::fs::metadata(&path).expect("split file");
+    let text = json!({"high-value": {"v1": 80, "v2": 20}}).to_string();
+    assert_eq!(text.len() as u64, before.len());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open split");
+    std::io::Write::write_all(&mut &file, text.as_bytes()).expect("write split");
+    file.set_modified(before.modified().expect("mtime"))
+        .expect("put the mtime back");
+    drop(file);
+    let after = std::fs::metadata(&path).expect("split file");
+    assert_eq!(after.modified().ok(), before.modified().ok());
+    // Three polls later: still the old weights.
+    std::thread::sleep(Duration::from_millis(3_000));
+    assert_eq!(weight(&s, "v2"), Some(10.0), "a poll saw the change");
+
+    s.signal("HUP");
+    wait_until(
+        &s,
+        "the new weight in /metrics after SIGHUP",
+        Duration::from_secs(10),
+        || match weight(&s, "v2") {
+            Some(20.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(
+        s.child.try_wait().expect("try_wait").is_none(),
+        "the same process serves on"
+    );
+    let answers = predict_all(&s, (0..200).map(predict_body).collect(), 4);
+    assert!(shares(&answers).contains_key("v2"));
 }
 
 #[test]
