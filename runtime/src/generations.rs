@@ -24,7 +24,12 @@
 //! thread keeps within a CPU budget ([`Limits::shadow_cpu`](crate::config::Limits),
 //! a share of one core): after each batch it reads its own CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`) and sleeps until its duty cycle is back
-//! within the share.
+//! within the share. And it starts a batch only while the machine has had
+//! at least that share of a core idle over the last [`IDLE_WINDOW`] (the
+//! idle time in `/proc/stat`, plus what the thread itself used): on a
+//! saturated machine even an idle-priority thread takes something from the
+//! serving threads (their caches, the CPU between a wake-up and its
+//! preemption), so it waits, and copies are dropped and counted instead.
 //!
 //! A thread at idle priority can be descheduled for long stretches while
 //! runnable, so it shares no lock with the request path (a serving thread
@@ -66,6 +71,10 @@ const SHADOW_BATCH_ROWS: usize = 256;
 
 /// How long a shadow thread sleeps when its queue is empty.
 pub const SHADOW_POLL: Duration = Duration::from_millis(2);
+
+/// How often a shadow thread looks at the machine's idle time, and how long
+/// it waits when there was too little.
+pub const IDLE_WINDOW: Duration = Duration::from_millis(100);
 
 /// Spent copies the serving side drops per [`Generations::shadow`] call:
 /// more than the one copy a call hands out, so the hand-back queue drains.
@@ -424,9 +433,14 @@ impl ShadowThread {
             self.endpoint, self.generation, self.cpu_share
         ));
         let mut budget = Budget::start(self.cpu_share);
+        let mut idle = IdleGate::default();
         let mut held: Vec<Arc<ShadowCopy>> = Vec::new();
         let mut open = true;
         while open {
+            if !idle.open(self.cpu_share) {
+                std::thread::sleep(IDLE_WINDOW);
+                continue;
+            }
             let mut copies = Vec::new();
             let mut rows = 0;
             while rows < SHADOW_BATCH_ROWS {
@@ -566,6 +580,72 @@ impl Budget {
         }
         self.since = Instant::now();
     }
+}
+
+/// Whether the machine has had `share` of a core idle, counting what the
+/// calling thread used, over the last [`IDLE_WINDOW`] (re-read when the
+/// window is over). Open where the machine's idle time cannot be read.
+struct IdleGate {
+    last: Option<(Instant, u64, Duration)>,
+    open: bool,
+}
+
+impl Default for IdleGate {
+    fn default() -> IdleGate {
+        IdleGate {
+            last: None,
+            open: true,
+        }
+    }
+}
+
+impl IdleGate {
+    fn open(&mut self, share: f64) -> bool {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|(at, _, _)| now.duration_since(at) < IDLE_WINDOW)
+        {
+            return self.open;
+        }
+        let (Some((idle, per_second)), Some(cpu)) = (machine_idle_ticks(), thread_cpu_time())
+        else {
+            return true;
+        };
+        if let Some((at, idle_then, cpu_then)) = self.last {
+            let wall = now.duration_since(at).as_secs_f64();
+            let idle_cores = idle.saturating_sub(idle_then) as f64 / per_second / wall;
+            let own = cpu.saturating_sub(cpu_then).as_secs_f64() / wall;
+            self.open = idle_cores + own >= share;
+        }
+        self.last = Some((now, idle, cpu));
+        self.open
+    }
+}
+
+/// The machine's idle and I/O-wait time in clock ticks (`/proc/stat`), and
+/// the ticks per second.
+#[cfg(target_os = "linux")]
+fn machine_idle_ticks() -> Option<(u64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| {
+        (
+            fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0),
+            per_second as f64,
+        )
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn machine_idle_ticks() -> Option<(u64, f64)> {
+    None
 }
 
 /// The calling thread's CPU time (user and system).

@@ -125,6 +125,17 @@ fn every_query_is_logged_or_counted_redacted_and_without_keys() {
         );
         assert_eq!(r.status, status, "{}", r.text());
     }
+    // The shadow scores off the request path, once the machine has idle time.
+    let compared = "mesh_shadow_compared_total{endpoint=\"high-value\",generation=\"gbt-shadow\"}";
+    common::wait_until(
+        &s,
+        "a shadow copy compared",
+        Duration::from_secs(30),
+        || match metric(&metrics(&s), compared) {
+            Some(n) if n > 0.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
     let text = metrics(&s);
     let dropped = metric(&text, "mesh_query_log_dropped_total").expect("dropped counter");
     stop(s);
