@@ -30,8 +30,8 @@
 //! lowers). Measured on the 2-core VM of the benchmark, any busy
 //! idle-priority thread, even a bare loop, doubles the serving p99 of a
 //! saturated runtime: idle priority alone does not protect the tail, so a
-//! busy machine gets no shadow work, and copies are dropped and counted
-//! instead.
+//! busy machine gets no shadow work but a batch every [`SHUT_AT_MOST`],
+//! and copies are dropped and counted instead.
 //!
 //! A thread at idle priority can be descheduled for long stretches while
 //! runnable, so it shares no lock with the request path (a serving thread
@@ -81,6 +81,9 @@ pub const IDLE_WINDOW: Duration = Duration::from_millis(100);
 /// Idle cores, besides its CPU share, a shadow thread needs to see to start
 /// a batch.
 pub const SPARE_CORES: f64 = 1.0;
+
+/// Longest the idle gate keeps a shadow from scoring.
+pub const SHUT_AT_MOST: Duration = Duration::from_secs(1);
 
 /// Spent copies the serving side drops per [`Generations::shadow`] call:
 /// more than the one copy a call hands out, so the hand-back queue drains.
@@ -589,11 +592,13 @@ impl Budget {
 }
 
 /// Whether the machine has had [`SPARE_CORES`] + `share` idle over the
-/// last [`IDLE_WINDOW`] (re-read when the window is over). Open where the
+/// last [`IDLE_WINDOW`] (re-read when the window is over); shut for
+/// [`SHUT_AT_MOST`], it lets one batch through all the same. Open where the
 /// machine's idle time cannot be read.
 struct IdleGate {
     last: Option<(Instant, u64)>,
     open: bool,
+    shut_since: Option<Instant>,
 }
 
 impl Default for IdleGate {
@@ -601,6 +606,7 @@ impl Default for IdleGate {
         IdleGate {
             last: None,
             open: true,
+            shut_since: None,
         }
     }
 }
@@ -608,22 +614,32 @@ impl Default for IdleGate {
 impl IdleGate {
     fn open(&mut self, share: f64) -> bool {
         let now = Instant::now();
-        if self
+        let stale = self
             .last
-            .is_some_and(|(at, _)| now.duration_since(at) < IDLE_WINDOW)
-        {
-            return self.open;
+            .is_none_or(|(at, _)| now.duration_since(at) >= IDLE_WINDOW);
+        if stale {
+            let Some((idle, per_second)) = machine_idle_ticks() else {
+                return true;
+            };
+            if let Some((at, idle_then)) = self.last {
+                let wall = now.duration_since(at).as_secs_f64();
+                let idle_cores = idle.saturating_sub(idle_then) as f64 / per_second / wall;
+                self.open = idle_cores >= SPARE_CORES + share;
+            }
+            self.last = Some((now, idle));
         }
-        let Some((idle, per_second)) = machine_idle_ticks() else {
+        if self.open {
+            self.shut_since = None;
             return true;
-        };
-        if let Some((at, idle_then)) = self.last {
-            let wall = now.duration_since(at).as_secs_f64();
-            let idle_cores = idle.saturating_sub(idle_then) as f64 / per_second / wall;
-            self.open = idle_cores >= SPARE_CORES + share;
         }
-        self.last = Some((now, idle));
-        self.open
+        // A shadow on a machine never idle still compares a batch now and
+        // then (a few milliseconds of CPU a second).
+        let since = *self.shut_since.get_or_insert(now);
+        if now.duration_since(since) >= SHUT_AT_MOST {
+            self.shut_since = Some(now);
+            return true;
+        }
+        false
     }
 }
 
