@@ -149,7 +149,7 @@ impl fmt::Display for SecretRef {
 }
 
 /// Request limits of the service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest accepted request body; larger bodies get 413.
@@ -167,6 +167,12 @@ pub struct Limits {
     /// ones are dropped (counted). Absent: 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_queue: Option<usize>,
+    /// The share of one core each shadow generation's scoring thread may
+    /// use, in `(0, 1]`: after each batch it sleeps long enough to stay
+    /// within it (copies arriving meanwhile wait or are dropped, counted).
+    /// Absent: [`Limits::DEFAULT_SHADOW_CPU`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_cpu: Option<f64>,
 }
 
 impl Limits {
@@ -178,6 +184,14 @@ impl Limits {
     }
     fn default_max_batch() -> usize {
         1000
+    }
+
+    /// The shadow CPU budget when `shadow_cpu` is absent: a quarter core.
+    pub const DEFAULT_SHADOW_CPU: f64 = 0.25;
+
+    /// `shadow_cpu`, or [`Limits::DEFAULT_SHADOW_CPU`].
+    pub fn shadow_cpu(&self) -> f64 {
+        self.shadow_cpu.unwrap_or(Self::DEFAULT_SHADOW_CPU)
     }
 
     /// `shadow_queue`, or 1024.
@@ -201,6 +215,7 @@ impl Default for Limits {
             max_batch: Self::default_max_batch(),
             request_timeout_ms: None,
             shadow_queue: None,
+            shadow_cpu: None,
         }
     }
 }
@@ -805,6 +820,13 @@ impl ServiceConfig {
             || self.limits.request_timeout_ms == Some(0)
         {
             out.push("limits must be positive".into());
+        }
+        if let Some(cpu) = self.limits.shadow_cpu
+            && !(cpu > 0.0 && cpu <= 1.0)
+        {
+            out.push(format!(
+                "limits.shadow_cpu {cpu} must be a share of one core in (0, 1], e.g. 0.25"
+            ));
         }
         for (name, conn) in &self.connections {
             let pool_size = match conn {

@@ -20,16 +20,42 @@
 //! ([`Limits::shadow_queue`](crate::config::Limits) copies) drained by an
 //! OS thread of its own at `SCHED_IDLE` priority (nice 19 where that is
 //! refused), so it only takes CPU the serving path leaves. A full queue
-//! drops the copy and counts it; the caller never waits.
+//! drops the copy and counts it; the caller never waits. Besides, the
+//! thread keeps within a CPU budget ([`Limits::shadow_cpu`](crate::config::Limits),
+//! a share of one core): after each batch it reads its own CPU time
+//! (`CLOCK_THREAD_CPUTIME_ID`) and sleeps until its duty cycle is back
+//! within the share. And it starts a batch only while the machine has had
+//! a core to spare besides that share over the last [`IDLE_WINDOW`]
+//! ([`SPARE_CORES`] + the share idle in `/proc/stat`, which its own work
+//! lowers). Measured on the 2-core VM of the benchmark, any busy
+//! idle-priority thread, even a bare loop, doubles the serving p99 of a
+//! saturated runtime: idle priority alone does not protect the tail, so a
+//! busy machine gets no shadow work but a batch every [`SHUT_AT_MOST`],
+//! and copies are dropped and counted instead.
+//!
+//! A thread at idle priority can be descheduled for long stretches while
+//! runnable, so it shares no lock with the request path (a serving thread
+//! waiting on a lock it holds would wait as long — priority inversion):
+//! - it never blocks in the queue's `recv` (a waiting receiver makes every
+//!   `try_send` of a serving thread take the channel's waker lock); it
+//!   polls with `try_recv` and sleeps [`SHADOW_POLL`] when the queue is
+//!   empty, and the query-log writer it sends lines to polls too
+//!   ([`crate::lines`]);
+//! - it does not free the copies serving threads allocated (a `free` into
+//!   another thread's malloc arena takes that arena's lock): it hands them
+//!   back on a second queue, and the serving side drops a few of them on
+//!   each [`Generations::shadow`] call;
+//! - its model is its own (models keep no shared state while scoring).
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, SystemTime};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -44,6 +70,24 @@ pub const BUCKETS: u32 = 10_000;
 
 /// Rows a shadow thread scores at once when copies are waiting.
 const SHADOW_BATCH_ROWS: usize = 256;
+
+/// How long a shadow thread sleeps when its queue is empty.
+pub const SHADOW_POLL: Duration = Duration::from_millis(2);
+
+/// How often a shadow thread looks at the machine's idle time, and how long
+/// it waits when there was too little.
+pub const IDLE_WINDOW: Duration = Duration::from_millis(100);
+
+/// Idle cores, besides its CPU share, a shadow thread needs to see to start
+/// a batch.
+pub const SPARE_CORES: f64 = 1.0;
+
+/// Longest the idle gate keeps a shadow from scoring.
+pub const SHUT_AT_MOST: Duration = Duration::from_secs(1);
+
+/// Spent copies the serving side drops per [`Generations::shadow`] call:
+/// more than the one copy a call hands out, so the hand-back queue drains.
+const SPENT_DROPS_PER_CALL: usize = 4;
 
 /// The bucket of a dispatch key's canonical text (see the module docs).
 pub fn key_bucket(text: &[u8]) -> u32 {
@@ -127,6 +171,8 @@ pub struct GenerationStats {
     /// Sum over compared copies of the mean absolute difference of the
     /// class probabilities, as `f64` bits (one writer: the shadow thread).
     abs_diff_sum: AtomicU64,
+    /// Shadows: CPU time of the scoring thread, in nanoseconds.
+    pub cpu_nanos: AtomicU64,
 }
 
 impl GenerationStats {
@@ -161,6 +207,10 @@ pub struct Generations {
     /// Indices of the serving generations, in declaration order.
     serving: Vec<usize>,
     split: ArcSwap<Split>,
+    /// Copies the shadows are done with, to be freed on the serving side
+    /// (see the module docs). Only serving threads take this lock, and only
+    /// with `try_lock`.
+    spent: Mutex<Receiver<Arc<ShadowCopy>>>,
 }
 
 /// What a shadow scores: the enriched features of the items one request's
@@ -193,13 +243,13 @@ pub struct Declared {
 
 impl Generations {
     /// The generations of `endpoint`; a shadow's thread starts here, with
-    /// `queue` copies of room.
+    /// `queue` copies of room and `cpu_share` of one core.
     pub fn new(
         endpoint: &str,
         declared: Vec<Declared>,
         dispatch: DispatchBy,
         class_names: &[String],
-        queue: usize,
+        (queue, cpu_share): (usize, f64),
         log: Option<QueryLog>,
     ) -> std::io::Result<Generations> {
         let serving: Vec<usize> = (0..declared.len())
@@ -209,6 +259,10 @@ impl Generations {
             .iter()
             .map(|&i| declared[i].weight.unwrap_or(0))
             .collect();
+        let shadows = declared.iter().filter(|d| d.shadow).count();
+        // Room for every copy the shadows can hold: queued, in a batch, or
+        // waiting to be handed back.
+        let (give_back, spent) = sync_channel(shadows * (2 * queue + SHADOW_BATCH_ROWS));
         let mut list = Vec::with_capacity(declared.len());
         for d in declared {
             let stats = Arc::new(GenerationStats::default());
@@ -221,10 +275,12 @@ impl Generations {
                     classes: class_names.to_vec(),
                     stats: stats.clone(),
                     log: log.clone(),
+                    cpu_share,
                 };
+                let give_back = give_back.clone();
                 std::thread::Builder::new()
                     .name(format!("shadow-{}", d.name))
-                    .spawn(move || shadow.run(receive))?;
+                    .spawn(move || shadow.run(receive, give_back))?;
                 Some(send)
             } else {
                 None
@@ -243,6 +299,7 @@ impl Generations {
             dispatch,
             serving,
             split: ArcSwap::from_pointee(Split::new(weights)),
+            spent: Mutex::new(spent),
         })
     }
 
@@ -325,7 +382,15 @@ impl Generations {
     }
 
     /// Hands `copy` to every shadow's queue; a full queue drops it (counted).
+    /// Frees a few copies the shadows are done with first; never waits.
     pub fn shadow(&self, copy: ShadowCopy) {
+        if let Ok(spent) = self.spent.try_lock() {
+            for _ in 0..SPENT_DROPS_PER_CALL {
+                if spent.try_recv().is_err() {
+                    break;
+                }
+            }
+        }
         let copy = Arc::new(copy);
         for g in &self.list {
             let Some(queue) = &g.queue else { continue };
@@ -347,6 +412,8 @@ struct ShadowThread {
     classes: Vec<String>,
     stats: Arc<GenerationStats>,
     log: Option<QueryLog>,
+    /// The share of one core it may use.
+    cpu_share: f64,
 }
 
 #[derive(Serialize)]
@@ -366,21 +433,60 @@ struct ShadowLine<'a> {
 }
 
 impl ShadowThread {
-    fn run(self, queue: Receiver<Arc<ShadowCopy>>) {
+    /// Scores what `queue` brings, in batches, until the endpoint is gone;
+    /// hands each copy back on `give_back` once scored.
+    fn run(self, queue: Receiver<Arc<ShadowCopy>>, give_back: SyncSender<Arc<ShadowCopy>>) {
         let how = lower_priority();
         crate::log::info(format_args!(
-            "endpoint `{}`: shadow generation `{}` scores at {how} priority",
-            self.endpoint, self.generation
+            "endpoint `{}`: shadow generation `{}` scores at {how} priority, within {} of a core",
+            self.endpoint, self.generation, self.cpu_share
         ));
-        while let Ok(first) = queue.recv() {
-            let mut copies = vec![first];
-            let mut rows = copies[0].rows;
+        let mut budget = Budget::start(self.cpu_share);
+        let mut idle = IdleGate::default();
+        let mut held: Vec<Arc<ShadowCopy>> = Vec::new();
+        let mut open = true;
+        while open {
+            if !idle.open(self.cpu_share) {
+                std::thread::sleep(IDLE_WINDOW);
+                continue;
+            }
+            let mut copies = Vec::new();
+            let mut rows = 0;
             while rows < SHADOW_BATCH_ROWS {
-                let Ok(next) = queue.try_recv() else { break };
-                rows += next.rows;
-                copies.push(next);
+                match queue.try_recv() {
+                    Ok(next) => {
+                        rows += next.rows;
+                        copies.push(next);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            if copies.is_empty() {
+                if open {
+                    std::thread::sleep(SHADOW_POLL);
+                }
+                continue;
             }
             self.score(&copies, rows);
+            // Handed back, not dropped here (see the module docs); a full
+            // hand-back queue keeps them for the next round.
+            held.append(&mut copies);
+            while let Some(copy) = held.pop() {
+                match give_back.try_send(copy) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(copy)) => {
+                        held.push(copy);
+                        break;
+                    }
+                    // The endpoint is gone: nothing serves any more.
+                    Err(TrySendError::Disconnected(_)) => {}
+                }
+            }
+            budget.rest(&self.stats.cpu_nanos);
         }
     }
 
@@ -447,6 +553,136 @@ impl ShadowThread {
             .abs_diff_sum
             .store(diff_sum.to_bits(), Ordering::Relaxed);
     }
+}
+
+/// A thread's CPU budget: a share of one core, kept by sleeping after each
+/// batch until CPU time used ÷ wall time since the last rest is within it.
+struct Budget {
+    share: f64,
+    cpu: Duration,
+    since: Instant,
+}
+
+impl Budget {
+    fn start(share: f64) -> Budget {
+        Budget {
+            share,
+            cpu: thread_cpu_time().unwrap_or_default(),
+            since: Instant::now(),
+        }
+    }
+
+    /// Sleeps as long as the work since the last rest requires; stores the
+    /// thread's CPU time in `cpu_nanos`. Where a thread's CPU time cannot be
+    /// read, the wall time counts as CPU time.
+    fn rest(&mut self, cpu_nanos: &AtomicU64) {
+        let elapsed = self.since.elapsed();
+        let now = thread_cpu_time();
+        let used = now.map_or(elapsed, |now| now.saturating_sub(self.cpu));
+        let due = used.div_f64(self.share.clamp(f64::MIN_POSITIVE, 1.0));
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+        if let Some(now) = thread_cpu_time() {
+            cpu_nanos.store(now.as_nanos() as u64, Ordering::Relaxed);
+            self.cpu = now;
+        }
+        self.since = Instant::now();
+    }
+}
+
+/// Whether the machine has had [`SPARE_CORES`] + `share` idle over the
+/// last [`IDLE_WINDOW`] (re-read when the window is over); shut for
+/// [`SHUT_AT_MOST`], it lets one batch through all the same. Open where the
+/// machine's idle time cannot be read.
+struct IdleGate {
+    last: Option<(Instant, u64)>,
+    open: bool,
+    shut_since: Option<Instant>,
+}
+
+impl Default for IdleGate {
+    fn default() -> IdleGate {
+        IdleGate {
+            last: None,
+            open: true,
+            shut_since: None,
+        }
+    }
+}
+
+impl IdleGate {
+    fn open(&mut self, share: f64) -> bool {
+        let now = Instant::now();
+        let stale = self
+            .last
+            .is_none_or(|(at, _)| now.duration_since(at) >= IDLE_WINDOW);
+        if stale {
+            let Some((idle, per_second)) = machine_idle_ticks() else {
+                return true;
+            };
+            if let Some((at, idle_then)) = self.last {
+                let wall = now.duration_since(at).as_secs_f64();
+                let idle_cores = idle.saturating_sub(idle_then) as f64 / per_second / wall;
+                self.open = idle_cores >= SPARE_CORES + share;
+            }
+            self.last = Some((now, idle));
+        }
+        if self.open {
+            self.shut_since = None;
+            return true;
+        }
+        // A shadow on a machine never idle still compares a batch now and
+        // then (a few milliseconds of CPU a second).
+        let since = *self.shut_since.get_or_insert(now);
+        if now.duration_since(since) >= SHUT_AT_MOST {
+            self.shut_since = Some(now);
+            return true;
+        }
+        false
+    }
+}
+
+/// The machine's idle and I/O-wait time in clock ticks (`/proc/stat`), and
+/// the ticks per second.
+#[cfg(target_os = "linux")]
+fn machine_idle_ticks() -> Option<(u64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| {
+        (
+            fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0),
+            per_second as f64,
+        )
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn machine_idle_ticks() -> Option<(u64, f64)> {
+    None
+}
+
+/// The calling thread's CPU time (user and system).
+#[cfg(target_os = "linux")]
+fn thread_cpu_time() -> Option<Duration> {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a plain syscall writing into a valid timespec.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
+    ok.then(|| Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_cpu_time() -> Option<Duration> {
+    None
 }
 
 /// Appends the rows of `from` to `into` (columns of the same input).
@@ -699,6 +935,14 @@ pub fn render_metrics(out: &mut String, endpoints: &[Arc<Generations>], reloads:
         "counter",
         Some(true),
         &|g| g.stats.abs_diff_sum().to_string(),
+    );
+    counter(
+        out,
+        "mesh_shadow_cpu_seconds_total",
+        "CPU time a shadow generation's scoring thread used (kept within limits.shadow_cpu of a core).",
+        "counter",
+        Some(true),
+        &|g| (g.stats.cpu_nanos.load(Ordering::Relaxed) as f64 / 1e9).to_string(),
     );
     counter(
         out,

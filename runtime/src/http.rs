@@ -477,8 +477,9 @@ async fn lookup_endpoints(
         let params = path_params(params)?;
         let name = params.iter().next().map_or("", |(_, v)| v);
         let service = service_named(&state, name)?;
+        let ctx = Ctx::of(&request, service.query_log.is_some());
         let body = json_body(request, state.inner.limits.max_body_bytes).await?;
-        lookup_endpoints_answer(&service, &body).await
+        lookup_endpoints_answer(&service, &body, &ctx).await
     };
     match answer.await {
         Ok(response) => response,
@@ -517,7 +518,13 @@ impl Serialize for EndpointRows<'_> {
     }
 }
 
-async fn lookup_endpoints_answer(service: &Service, body: &[u8]) -> Result<Response, AppError> {
+/// Query-logged like single lookups: a line per key per endpoint (once the
+/// request names its endpoints), in the lookup lines' shape.
+async fn lookup_endpoints_answer(
+    service: &Service,
+    body: &[u8],
+    ctx: &Ctx,
+) -> Result<Response, AppError> {
     let request: EndpointsRequest = serde_json::from_slice(body).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
             AppError::bad_request("malformed_json", e.to_string())
@@ -568,11 +575,16 @@ async fn lookup_endpoints_answer(service: &Service, body: &[u8]) -> Result<Respo
             })
         })
         .collect();
+    let log = ctx.logged(service);
     let mut items = Vec::with_capacity(request.items.len());
     for (item, keys) in keys.chunks(endpoints.len()).enumerate() {
         let mut rows = Vec::with_capacity(endpoints.len());
         for (ep, keys) in endpoints.iter().zip(keys) {
-            match crate::lookup::lookup(ep, keys).await {
+            let row = crate::lookup::lookup(ep, keys).await;
+            if let Some(log) = log {
+                ctx.log_lookup(log, ep, Some(keys), row.as_ref());
+            }
+            match row {
                 Ok(row) => rows.push(Some(row)),
                 Err(e) if e.status == StatusCode::NOT_FOUND => rows.push(None),
                 Err(mut e) => {

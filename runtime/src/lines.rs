@@ -5,15 +5,25 @@
 //! when the queue is full. The thread flushes whenever the queue runs empty
 //! and at least every [`FLUSH_EVERY`] under a steady stream, and on
 //! [`LineWriter::flush`] (graceful stop) before it answers.
+//!
+//! The thread polls its queue (sleeping [`POLL`] when it is empty) instead
+//! of blocking in `recv`: while a receiver waits, every `try_send` takes the
+//! channel's waker lock to wake it, and one sender is a shadow generation's
+//! idle-priority thread (see [`crate::generations`]), which may be
+//! descheduled holding that lock while serving threads queue behind it.
+//! Polling, no sender ever takes a lock (nor makes a wake-up syscall).
 
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 /// Longest a written line waits in the buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// How long the writer sleeps when its queue is empty.
+pub const POLL: Duration = Duration::from_millis(5);
 
 enum Message {
     Line(Vec<u8>),
@@ -97,10 +107,13 @@ fn write_lines(lines: Receiver<Message>, out: impl Write) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut last_flush = Instant::now();
     loop {
-        let message = match lines.recv_timeout(FLUSH_EVERY) {
+        let message = match lines.try_recv() {
             Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(TryRecvError::Disconnected) => break,
         };
         let mut answer = Vec::new();
         let mut next = Some(message);

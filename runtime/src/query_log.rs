@@ -1,5 +1,6 @@
 //! The query log (`query_log` in `service.json`): one JSON line per
-//! prediction (per item of a `predict-multi`) and per lookup key, a line per
+//! prediction (per item of a `predict-multi`) and per lookup key (per key
+//! per endpoint of a `lookup-endpoints` call, in the same shape), a line per
 //! shadow answer, and a line per authentication failure.
 //!
 //! ```text

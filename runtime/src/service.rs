@@ -937,7 +937,7 @@ fn plan_generations(
         declared,
         dispatch,
         &planned.class_names,
-        limits.shadow_queue(),
+        (limits.shadow_queue(), limits.shadow_cpu()),
         query_log,
     )
     .map_err(|e| LoadError::Endpoint {

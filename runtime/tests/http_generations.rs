@@ -1,7 +1,8 @@
 //! Generations over the real runtime: the weighted split, key dispatch that
 //! is sticky and moves only the keys it must when the split file changes
-//! (same process), the pin header, shadows that never answer and whose
-//! drops are counted, and the configurations the runtime refuses.
+//! (same process), SIGHUP reloading a change the poll cannot see, the pin
+//! header, shadows that never answer and whose drops are counted, a shadow
+//! kept within its CPU budget, and the configurations the runtime refuses.
 
 mod common;
 
@@ -215,6 +216,57 @@ fn key_dispatch_is_sticky_and_a_weight_change_moves_only_the_border_keys() {
 }
 
 #[test]
+fn sighup_reloads_a_split_change_polling_cannot_see() {
+    let b = bundle(
+        json!([
+            {"name": "v1", "model": "models/high_value.onnx"},
+            {"name": "v2", "model": "models/high_value_gbt.onnx"}
+        ]),
+        None,
+        |s| s["split_file"] = json!("split.json"),
+    );
+    write_split(b.path(), 90, 10);
+    let mut s = Server::start_ready(b.path(), &[]);
+    assert_eq!(weight(&s, "v2"), Some(10.0));
+    // 90/10 → 80/20 in place: the same inode, the same size, and the
+    // modification time put back, so the once-a-second poll sees no change.
+    let path = b.path().join("split.json");
+    let before = std::fs::metadata(&path).expect("split file");
+    let text = json!({"high-value": {"v1": 80, "v2": 20}}).to_string();
+    assert_eq!(text.len() as u64, before.len());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open split");
+    std::io::Write::write_all(&mut &file, text.as_bytes()).expect("write split");
+    file.set_modified(before.modified().expect("mtime"))
+        .expect("put the mtime back");
+    drop(file);
+    let after = std::fs::metadata(&path).expect("split file");
+    assert_eq!(after.modified().ok(), before.modified().ok());
+    // Three polls later: still the old weights.
+    std::thread::sleep(Duration::from_millis(3_000));
+    assert_eq!(weight(&s, "v2"), Some(10.0), "a poll saw the change");
+
+    s.signal("HUP");
+    wait_until(
+        &s,
+        "the new weight in /metrics after SIGHUP",
+        Duration::from_secs(10),
+        || match weight(&s, "v2") {
+            Some(20.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(
+        s.child.try_wait().expect("try_wait").is_none(),
+        "the same process serves on"
+    );
+    let answers = predict_all(&s, (0..200).map(predict_body).collect(), 4);
+    assert!(shares(&answers).contains_key("v2"));
+}
+
+#[test]
 fn a_missing_split_file_at_start_is_refused_with_the_reason() {
     let b = bundle(
         json!([
@@ -420,6 +472,95 @@ fn a_slow_shadow_with_a_full_queue_drops_copies_and_never_the_requests() {
     );
 }
 
+/// CPU seconds (user + system, from `/proc`) of the thread named `name` in
+/// process `pid`, if it runs.
+#[cfg(target_os = "linux")]
+fn thread_cpu_seconds(pid: u32, name: &str) -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let task = task.ok()?.path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+        // The fields after `(comm)` start at the 3rd; utime and stime are the 14th and 15th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().ok()? + fields[12].parse::<f64>().ok()?;
+        return Some(ticks / ticks_per_second);
+    }
+    None
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_shadow_keeps_within_its_cpu_budget_and_drops_what_it_cannot_score() {
+    let budget = 0.1;
+    let b = bundle(
+        json!([
+            generation("v1", "high_value.onnx", Some(100)),
+            generation("slow", "high_value_slow.onnx", None)
+        ]),
+        None,
+        |s| {
+            s["limits"]["shadow_cpu"] = json!(budget);
+            s["limits"]["shadow_queue"] = json!(4);
+        },
+    );
+    let s = Server::start_ready(b.path(), &[]);
+    let pid = s.child.id();
+    // Each request is one copy of 100 rows of the slow forest: far more
+    // work than a tenth of a core scores, while serving it is cheap.
+    let items: Vec<Value> = (0..100)
+        .map(|i| json!({"features": {"customer_id": customer(i)}}))
+        .collect();
+    let body = json!({ "items": items }).to_string();
+    let path = format!("/public/api/v1/{SERVICE}/high-value/predict-multi");
+    let load = |n: usize| {
+        let requests = (0..n).map(|_| (path.clone(), Vec::new(), body.clone()));
+        for (status, answer) in common::send_all(s.addr, requests.collect(), 2) {
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        }
+    };
+    load(4);
+    let shadow = "shadow-slow";
+    let before = thread_cpu_seconds(pid, shadow).expect("the shadow's thread runs");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        load(20);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let used = thread_cpu_seconds(pid, shadow).expect("the shadow's thread runs") - before;
+    // Slack: the batch a rest follows (256 rows), and /proc's clock ticks.
+    let slack = 0.3;
+    assert!(
+        used <= budget * wall + slack,
+        "the shadow used {used:.2} s of CPU in {wall:.2} s, over {budget} of a core (+{slack} s)"
+    );
+    let sample = |name: &str| format!("{name}{{endpoint=\"high-value\",generation=\"slow\"}}");
+    // It scores once the machine has idle time (at the latest, now).
+    wait_until(
+        &s,
+        "a copy compared",
+        Duration::from_secs(30),
+        || match metric(&metrics(&s), &sample("mesh_shadow_compared_total")) {
+            Some(n) if n > 0.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let text = metrics(&s);
+    let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).expect("dropped");
+    assert!(dropped > 0.0, "copies past the budget are dropped:\n{text}");
+    // The metric is the thread's own clock, read after each batch.
+    let reported = metric(&text, &sample("mesh_shadow_cpu_seconds_total")).expect("cpu metric");
+    let total = thread_cpu_seconds(pid, shadow).expect("the shadow's thread runs");
+    assert!(
+        reported > 0.0 && reported <= total + 0.05,
+        "mesh_shadow_cpu_seconds_total {reported} against {total} s in /proc"
+    );
+}
+
 /// `mesh-runtime check` of `service`: its stderr, having failed.
 fn refused(service: &Value) -> String {
     let b = BundleDir::new(service);
@@ -512,6 +653,16 @@ fn the_runtime_refuses_bad_generations_and_names_them() {
                 &|_| {},
             ),
             "generation `s` is a shadow: it scores the features its serving generation was given and takes no enrichments of its own",
+        ),
+        (
+            with(
+                json!([
+                    generation("v1", "high_value.onnx", Some(100)),
+                    generation("slow", "high_value_slow.onnx", None)
+                ]),
+                &|s| s["limits"]["shadow_cpu"] = json!(1.5),
+            ),
+            "limits.shadow_cpu 1.5 must be a share of one core in (0, 1]",
         ),
     ];
     for (service, expected) in cases {

@@ -1,5 +1,6 @@
 //! The query log over the real runtime: a 10,000-request run of
-//! predictions (with generations and a shadow) and lookups, then a graceful
+//! predictions (with generations and a shadow), lookups and multi-endpoint
+//! lookups (`lookup-endpoints`, a line per key per endpoint), then a graceful
 //! stop; every line is JSON, every query is in it or counted as dropped,
 //! every request id is there, redacted values appear nowhere, and
 //! authentication failures are logged without the key presented.
@@ -32,6 +33,9 @@ fn logged_bundle(sample: f64) -> BundleDir {
         {"name": "gbt-shadow", "model": "models/high_value_gbt.onnx", "shadow": true}
     ]);
     ep["dispatch"] = json!({"key": "customer_id"});
+    // What `lookup-endpoints` asks for, one dataset each.
+    service["endpoints"]["demographics"] = json!({"kind": "lookup", "datasets": ["customers"]});
+    service["endpoints"]["behavior"] = json!({"kind": "lookup", "datasets": ["behavior"]});
     service["api_keys"] = json!([{"caller": "operator", "verifier": {"file": "secrets/operator"}}]);
     service["known_callers"] = json!([{"caller": "batch", "verifier": {"file": "secrets/batch"}}]);
     service["query_log"] = json!({"path": "query.log", "sample": sample, "redact": REDACTED});
@@ -78,7 +82,16 @@ fn every_query_is_logged_or_counted_redacted_and_without_keys() {
                 headers.push(("X-Request-Id".into(), format!("req-{i}")));
             }
             let c = customer(i * 7);
-            if i % 10 < 7 {
+            if i % 10 == 9 {
+                let path = format!("/public/api/v1/{SERVICE}/lookup-endpoints");
+                (
+                    path,
+                    headers,
+                    format!(
+                        "{{\"endpoints\": [\"demographics\", \"behavior\"], \"items\": [{{\"data\": {{\"customer_id\": \"{c}\"}}}}]}}"
+                    ),
+                )
+            } else if i % 10 < 7 {
                 let path = format!("/public/api/v1/{SERVICE}/high-value/predict");
                 (
                     path,
@@ -112,6 +125,17 @@ fn every_query_is_logged_or_counted_redacted_and_without_keys() {
         );
         assert_eq!(r.status, status, "{}", r.text());
     }
+    // The shadow scores off the request path, once the machine has idle time.
+    let compared = "mesh_shadow_compared_total{endpoint=\"high-value\",generation=\"gbt-shadow\"}";
+    common::wait_until(
+        &s,
+        "a shadow copy compared",
+        Duration::from_secs(30),
+        || match metric(&metrics(&s), compared) {
+            Some(n) if n > 0.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
     let text = metrics(&s);
     let dropped = metric(&text, "mesh_query_log_dropped_total").expect("dropped counter");
     stop(s);
@@ -122,9 +146,11 @@ fn every_query_is_logged_or_counted_redacted_and_without_keys() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     let queries: Vec<&Value> = lines.iter().filter(|l| l["event"] == "query").collect();
+    // A `lookup-endpoints` request is a line per endpoint (two).
+    let multi = (0..n).filter(|i| i % 10 == 9).count();
     assert_eq!(
         queries.len() as f64 + dropped,
-        n as f64,
+        (n + multi) as f64,
         "queries logged + dropped"
     );
     if dropped == 0.0 {
@@ -134,6 +160,20 @@ fn every_query_is_logged_or_counted_redacted_and_without_keys() {
             .collect();
         for i in (0..n).step_by(3) {
             assert!(ids.contains(format!("req-{i}").as_str()), "req-{i} missing");
+        }
+        // Every multi-endpoint lookup: a line for each endpoint, its key.
+        for i in (0..n).filter(|i| i % 30 == 9) {
+            let id = format!("req-{i}");
+            let mut endpoints: Vec<&str> = queries
+                .iter()
+                .filter(|q| q["request_id"] == id.as_str())
+                .map(|q| {
+                    assert_eq!(q["key"], customer(i * 7).as_str(), "{q}");
+                    q["endpoint"].as_str().unwrap_or("")
+                })
+                .collect();
+            endpoints.sort_unstable();
+            assert_eq!(endpoints, ["behavior", "demographics"], "{id}");
         }
     }
     for q in &queries {
@@ -157,7 +197,14 @@ fn every_query_is_logged_or_counted_redacted_and_without_keys() {
             }
             Some("lookup") => {
                 assert!(q["key"].is_string(), "{q}");
-                for f in REDACTED {
+                // `customer` has both redacted fields, `demographics` and
+                // `behavior` one each.
+                let fields: Vec<&str> = REDACTED
+                    .into_iter()
+                    .filter(|f| q["row"].get(f).is_some())
+                    .collect();
+                assert!(!fields.is_empty(), "{q}");
+                for f in fields {
                     assert_eq!(q["row"][f], "[redacted]", "{q}");
                 }
             }
