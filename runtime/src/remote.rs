@@ -8,33 +8,35 @@
 //!
 //! Single-key requests (one prediction) are coalesced, then batched:
 //! concurrent requests for the same key share one in-flight fetch, and the
-//! keys of concurrent predictions travel together. An idle upstream is
-//! called at once, so batching adds no wait at low load. A key asked while a
-//! call is out waits for it to return, or for [`PATIENCE`] if it is slow
-//! (then a further call goes, up to [`MAX_IN_FLIGHT`]), and the next call
-//! takes every key waiting (up to [`MAX_BATCH`]). Under load one call
-//! answers many predictions, so both sides parse, route and answer one HTTP
-//! request instead of many; a slow upstream holds a key back by at most
-//! [`PATIENCE`].
+//! keys of concurrent predictions travel together. There is no batcher task:
+//! the request that finds no call out for its upstream sends the call itself
+//! (it leads), on its own task, so an idle upstream is called at once and a
+//! lone prediction makes no hop between tasks. A key asked while a call is
+//! out waits in the upstream's line; when a call returns, its leader hands
+//! the lead to one waiting request, which sends every key waiting (up to
+//! [`MAX_BATCH`]) in the next call and answers the others. A key that waited
+//! [`PATIENCE`] (a slow upstream) has its request lead a further call, up to
+//! [`MAX_IN_FLIGHT`] out. Under load one call answers many predictions, so
+//! both sides parse, route and answer one HTTP request instead of many; a
+//! slow upstream holds a key back by at most [`PATIENCE`]. A leader whose
+//! request goes away (its caller hung up) hands its keys and the lead on.
 //!
 //! A failing upstream becomes a 502 (bad answer, unreachable) or 504
 //! (timeout) for our caller, never a panic.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::http::{Method, Request, StatusCode, Uri, header};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::auth::PresentedKey;
 use crate::backend::LiveKey;
@@ -100,21 +102,42 @@ pub type RemoteRow = Option<Arc<Map<String, Value>>>;
 /// One upstream service: several of its lookup endpoints, read with one
 /// `lookup-endpoints` call per prediction (per batch), by one key field.
 pub struct Upstream {
-    call: Arc<Call>,
+    call: Call,
     /// Concurrent single-key fetches of the same endpoints, coalesced.
     flights: KeyCache<(LiveKey, u64), Arc<Vec<RemoteRow>>, AppError>,
-    /// Keys waiting for a batched call (the batcher starts on first use).
-    queue: OnceLock<mpsc::UnboundedSender<Waiting>>,
+    /// Single-key requests waiting for a call, and the calls out.
+    line: Line,
 }
 
-/// A key waiting for a batched call, and where its rows go.
+/// The single-key requests of an upstream (see the module).
+#[derive(Default)]
+struct Line {
+    state: Mutex<LineState>,
+}
+
+#[derive(Default)]
+struct LineState {
+    /// Calls out, each with its leader. Never 0 while keys wait: a leader
+    /// hands the lead on when keys wait.
+    out: usize,
+    waiting: Vec<Waiting>,
+}
+
+/// A key waiting for a call, and where its turn comes.
 struct Waiting {
     mask: u64,
     key: LiveKey,
-    reply: oneshot::Sender<Result<Vec<RemoteRow>, AppError>>,
+    reply: oneshot::Sender<Turn>,
 }
 
-/// How to call the upstream: shared by [`Upstream`] and its batcher.
+/// What a waiting request gets: its rows, or the lead of the next call
+/// (for the other keys given, and its own).
+enum Turn {
+    Rows(Result<Vec<RemoteRow>, AppError>),
+    Lead(Vec<Waiting>),
+}
+
+/// How to call the upstream.
 struct Call {
     /// The `lookup-endpoints` address.
     uri: Uri,
@@ -235,7 +258,7 @@ impl Upstream {
             _ => None,
         };
         Ok(Upstream {
-            call: Arc::new(Call {
+            call: Call {
                 uri,
                 plain,
                 display: base.to_string(),
@@ -245,9 +268,9 @@ impl Upstream {
                 endpoints,
                 requests_ok: AtomicU64::new(0),
                 requests_error: AtomicU64::new(0),
-            }),
+            },
             flights: KeyCache::new(None),
-            queue: OnceLock::new(),
+            line: Line::default(),
         })
     }
 
@@ -279,20 +302,103 @@ impl Upstream {
         let key = owned_key(key);
         self.flights
             .get((key.clone(), mask), || async move {
-                let (reply, answer) = oneshot::channel();
-                let waiting = Waiting { mask, key, reply };
-                self.queue
-                    .get_or_init(|| batcher(self.call.clone(), client.clone()))
-                    .send(waiting)
-                    .map_err(|_| AppError::internal("the lookup batcher stopped"))?;
-                // Waiting for a call and the call itself, within the timeout.
-                let rows = tokio::time::timeout(self.call.timeout, answer)
-                    .await
-                    .map_err(|_| self.call.timed_out())?
-                    .map_err(|_| AppError::internal("the lookup batcher dropped a key"))??;
-                Ok(Arc::new(rows))
+                self.fetch_key(client, mask, &key).await.map(Arc::new)
             })
             .await
+    }
+
+    /// One key's rows: sent at once when no call is out, else with the
+    /// keys waiting beside it (see the module).
+    async fn fetch_key(
+        &self,
+        client: &HttpClient,
+        mask: u64,
+        key: &LiveKey,
+    ) -> Result<Vec<RemoteRow>, AppError> {
+        let Some(turn) = self.line.join(mask, key) else {
+            return self.lead(client, mask, key, Vec::new()).await;
+        };
+        let mut ticket = Ticket {
+            line: &self.line,
+            turn,
+        };
+        let deadline = tokio::time::Instant::now() + self.call.timeout;
+        let turn = match tokio::time::timeout(PATIENCE, &mut ticket.turn).await {
+            Ok(turn) => turn,
+            Err(_) => {
+                // Patient enough: a further call for the keys waiting (this
+                // one among them unless a call took it), if there is room.
+                if let Some(keys) = self.line.take_for_another_call() {
+                    self.serve(client, keys).await;
+                }
+                tokio::time::timeout_at(deadline, &mut ticket.turn)
+                    .await
+                    .map_err(|_| self.call.timed_out())?
+            }
+        };
+        match turn.map_err(|_| AppError::internal("a lookup call dropped a waiting key"))? {
+            Turn::Rows(rows) => rows,
+            Turn::Lead(others) => self.lead(client, mask, key, others).await,
+        }
+    }
+
+    /// Leads a call for `key` and the `others` waiting (one call per
+    /// endpoint mask), answers the others, hands the lead on, and returns
+    /// this key's rows.
+    async fn lead(
+        &self,
+        client: &HttpClient,
+        mask: u64,
+        key: &LiveKey,
+        others: Vec<Waiting>,
+    ) -> Result<Vec<RemoteRow>, AppError> {
+        let mut lead = Leading {
+            line: &self.line,
+            pending: others,
+        };
+        lead.pending.sort_by_key(|w| w.mask);
+        let start = lead.pending.partition_point(|w| w.mask < mask);
+        let end = lead.pending.partition_point(|w| w.mask <= mask);
+        let keys: Vec<KeyRef<'_>> = std::iter::once(key.key_ref())
+            .chain(lead.pending[start..end].iter().map(|w| w.key.key_ref()))
+            .collect();
+        let result = self.call.fetch(client, mask, &keys).await;
+        drop(keys);
+        let group: Vec<Waiting> = lead.pending.drain(start..end).collect();
+        let mut rows = result.map(Vec::into_iter);
+        let mine = match &mut rows {
+            Ok(rows) => Ok(rows.next().unwrap_or_default()),
+            Err(e) => Err(e.clone()),
+        };
+        answer(group, rows);
+        self.call_for_rest(client, &mut lead).await;
+        mine
+    }
+
+    /// Leads calls for `keys`, taken from the line with a lead of their own.
+    async fn serve(&self, client: &HttpClient, mut keys: Vec<Waiting>) {
+        keys.sort_by_key(|w| w.mask);
+        let mut lead = Leading {
+            line: &self.line,
+            pending: keys,
+        };
+        self.call_for_rest(client, &mut lead).await;
+    }
+
+    /// One call per endpoint mask for the keys a lead still holds (sorted
+    /// by mask), answering each.
+    async fn call_for_rest(&self, client: &HttpClient, lead: &mut Leading<'_>) {
+        while let Some(mask) = lead.pending.last().map(|w| w.mask) {
+            let start = lead.pending.partition_point(|w| w.mask < mask);
+            let keys: Vec<KeyRef<'_>> = lead.pending[start..]
+                .iter()
+                .map(|w| w.key.key_ref())
+                .collect();
+            let result = self.call.fetch(client, mask, &keys).await;
+            drop(keys);
+            let group = lead.pending.split_off(start);
+            answer(group, result.map(Vec::into_iter));
+        }
     }
 
     /// Rows of the endpoints in `mask` for `keys` in one call: per key, per
@@ -308,88 +414,126 @@ impl Upstream {
     }
 }
 
-/// Starts the task that sends waiting keys in batches (see the module). The
-/// task drives its calls itself (at most [`MAX_IN_FLIGHT`]), so a call that
-/// returns and the keys that queued meanwhile are seen in one wake-up. It
-/// stops when its [`Upstream`] is dropped and its calls are answered.
-fn batcher(call: Arc<Call>, client: HttpClient) -> mpsc::UnboundedSender<Waiting> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Waiting>();
-    tokio::spawn(async move {
-        let mut calls = FuturesUnordered::new();
-        let mut waiting: Vec<Waiting> = Vec::new();
-        let mut open = true;
-        // When the oldest waiting key has been patient enough.
-        let patience = tokio::time::sleep(PATIENCE);
-        tokio::pin!(patience);
-        loop {
-            while waiting.len() < MAX_BATCH
-                && let Ok(w) = rx.try_recv()
-            {
-                if waiting.is_empty() {
-                    patience
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + PATIENCE);
-                }
-                waiting.push(w);
-            }
-            let send = !waiting.is_empty()
-                && (calls.is_empty() || (calls.len() < MAX_IN_FLIGHT && patience.is_elapsed()));
-            if send {
-                let batch = std::mem::take(&mut waiting);
-                calls.push(answer(call.clone(), client.clone(), batch));
-                continue;
-            }
-            if !open && waiting.is_empty() && calls.is_empty() {
-                break;
-            }
-            tokio::select! {
-                w = rx.recv(), if open && waiting.len() < MAX_BATCH => match w {
-                    Some(w) => {
-                        if waiting.is_empty() {
-                            patience.as_mut().reset(tokio::time::Instant::now() + PATIENCE);
-                        }
-                        waiting.push(w);
-                    }
-                    None => open = false,
-                },
-                Some(()) = calls.next(), if !calls.is_empty() => {}
-                () = &mut patience, if !waiting.is_empty() && calls.len() < MAX_IN_FLIGHT => {}
+/// Gives each waiting key its rows, or the call's error.
+fn answer(group: Vec<Waiting>, rows: Result<impl Iterator<Item = Vec<RemoteRow>>, AppError>) {
+    match rows {
+        Ok(rows) => {
+            for (w, rows) in group.into_iter().zip(rows) {
+                let _ = w.reply.send(Turn::Rows(Ok(rows)));
             }
         }
-    });
-    tx
-}
-
-/// [`Call::answer`] as an owned future, for the batcher's set of calls.
-async fn answer(call: Arc<Call>, client: HttpClient, batch: Vec<Waiting>) {
-    call.answer(&client, batch).await;
-}
-
-impl Call {
-    /// One call per endpoint mask for the keys of `batch`; each waiting key
-    /// gets its rows or the call's error.
-    async fn answer(&self, client: &HttpClient, mut batch: Vec<Waiting>) {
-        batch.sort_by_key(|w| w.mask);
-        while !batch.is_empty() {
-            let mask = batch[0].mask;
-            let n = batch.iter().take_while(|w| w.mask == mask).count();
-            let group: Vec<Waiting> = batch.drain(..n).collect();
-            let keys: Vec<KeyRef<'_>> = group.iter().map(|w| w.key.key_ref()).collect();
-            match self.fetch(client, mask, &keys).await {
-                Ok(rows) => {
-                    for (w, rows) in group.into_iter().zip(rows) {
-                        let _ = w.reply.send(Ok(rows));
-                    }
-                }
-                Err(e) => {
-                    for w in group {
-                        let _ = w.reply.send(Err(e.clone()));
-                    }
-                }
+        Err(e) => {
+            for w in group {
+                let _ = w.reply.send(Turn::Rows(Err(e.clone())));
             }
         }
     }
+}
 
+impl Line {
+    fn lock(&self) -> MutexGuard<'_, LineState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where `key`'s turn comes while a call is out; `None` when none is:
+    /// the caller leads one now.
+    fn join(&self, mask: u64, key: &LiveKey) -> Option<oneshot::Receiver<Turn>> {
+        let mut line = self.lock();
+        if line.out == 0 {
+            line.out = 1;
+            return None;
+        }
+        let (reply, turn) = oneshot::channel();
+        line.waiting.push(Waiting {
+            mask,
+            key: key.clone(),
+            reply,
+        });
+        Some(turn)
+    }
+
+    /// Keys for a further call, when fewer than [`MAX_IN_FLIGHT`] are out.
+    fn take_for_another_call(&self) -> Option<Vec<Waiting>> {
+        let mut line = self.lock();
+        if line.out >= MAX_IN_FLIGHT || line.waiting.is_empty() {
+            return None;
+        }
+        line.out += 1;
+        Some(line.take_batch())
+    }
+
+    /// A call ended: its lead goes to a waiting request with the keys
+    /// waiting (`unanswered` ones first: keys of a leader that went away),
+    /// or the calls out go down by one when no key waits.
+    fn hand_on(&self, unanswered: Vec<Waiting>) {
+        let mut front = unanswered;
+        loop {
+            let mut keys = {
+                let mut line = self.lock();
+                if !front.is_empty() {
+                    front.append(&mut line.waiting);
+                    line.waiting = std::mem::take(&mut front);
+                }
+                if line.waiting.is_empty() {
+                    line.out -= 1;
+                    return;
+                }
+                line.take_batch()
+            };
+            while let Some(w) = keys.pop() {
+                let Err(turn) = w.reply.send(Turn::Lead(keys)) else {
+                    return;
+                };
+                // That request went away: the next one.
+                keys = match turn {
+                    Turn::Lead(keys) => keys,
+                    Turn::Rows(_) => Vec::new(),
+                };
+            }
+        }
+    }
+}
+
+impl LineState {
+    fn take_batch(&mut self) -> Vec<Waiting> {
+        if self.waiting.len() <= MAX_BATCH {
+            std::mem::take(&mut self.waiting)
+        } else {
+            self.waiting.drain(..MAX_BATCH).collect()
+        }
+    }
+}
+
+/// The lead of a call: the keys it has yet to answer. Dropped, it hands the
+/// lead on (see [`Line::hand_on`]), also when its request went away.
+struct Leading<'a> {
+    line: &'a Line,
+    pending: Vec<Waiting>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.line.hand_on(std::mem::take(&mut self.pending));
+    }
+}
+
+/// A waiting request's place in the line. Dropped with a lead it did not
+/// take (its request went away), it hands the lead on.
+struct Ticket<'a> {
+    line: &'a Line,
+    turn: oneshot::Receiver<Turn>,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.turn.close();
+        if let Ok(Turn::Lead(keys)) = self.turn.try_recv() {
+            self.line.hand_on(keys);
+        }
+    }
+}
+
+impl Call {
     async fn fetch(
         &self,
         client: &HttpClient,

@@ -454,6 +454,43 @@ fn concurrent_predictions_for_different_keys_share_batched_upstream_calls() {
 }
 
 #[test]
+fn predictions_cut_short_while_their_upstream_calls_hang_leave_no_call_out() {
+    // Ten predictions (ten customers) whose upstream calls hang are cut by
+    // the request timeout: the requests leading those calls (up to 8) and
+    // the ones waiting for them go away mid-call. None of those calls may
+    // stay counted as out: once the upstream answers again, a prediction
+    // leads a call at once instead of waiting behind 8 calls that are gone.
+    let fb = two_endpoint_features();
+    let features = Server::start_ready(fb.path(), &[("MESH_API_KEY_FEATURES", FEATURES_KEY)]);
+    let proxy = proxy::Proxy::start(features.addr);
+    proxy.set(proxy::HANG);
+    let mut service = scoring_by_id(proxy.addr, None);
+    service["limits"] = json!({"request_timeout_ms": 300});
+    let sb = BundleDir::new(&service);
+    let scoring = Server::start_ready(sb.path(), &[("MESH_FEATURES_KEY", FEATURES_KEY)]);
+    let (_, rows) = read_csv("customers.csv");
+    std::thread::scope(|s| {
+        for i in 0..10 {
+            let body = format!(
+                r#"{{"features": {{"customer_id": "{}"}}}}"#,
+                rows[i * 37][0]
+            );
+            let scoring = &scoring;
+            s.spawn(move || {
+                scoring
+                    .api("high-value", "predict", &body)
+                    .assert_error(504, "request_timeout");
+            });
+        }
+    });
+    proxy.set(proxy::PASS);
+    assert_by_id_equals_explicit(&scoring, 5);
+    assert_by_id_equals_explicit(&scoring, 6);
+    features.assert_no_panic();
+    scoring.assert_no_panic();
+}
+
+#[test]
 fn cached_enrichments_skip_the_upstream_and_give_the_same_answer() {
     let fb = two_endpoint_features();
     let features = Server::start_ready(fb.path(), &[("MESH_API_KEY_FEATURES", FEATURES_KEY)]);
