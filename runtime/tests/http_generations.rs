@@ -37,6 +37,19 @@ fn bundle(generations: Value, dispatch: Option<&str>, edit: impl FnOnce(&mut Val
     b
 }
 
+/// Generations v1 (logistic) and v2 (gbt) whose weights come from the
+/// bundle's `split.json` (not written yet).
+fn split_bundle(dispatch: Option<&str>) -> BundleDir {
+    bundle(
+        json!([
+            {"name": "v1", "model": "models/high_value.onnx"},
+            {"name": "v2", "model": "models/high_value_gbt.onnx"}
+        ]),
+        dispatch,
+        |s| s["split_file"] = json!("split.json"),
+    )
+}
+
 fn generation(name: &str, model: &str, weight: Option<u32>) -> Value {
     match weight {
         Some(w) => json!({"name": name, "model": format!("models/{model}"), "weight": w}),
@@ -137,14 +150,7 @@ fn weight(s: &Server, g: &str) -> Option<f64> {
 
 #[test]
 fn key_dispatch_is_sticky_and_a_weight_change_moves_only_the_border_keys() {
-    let b = bundle(
-        json!([
-            {"name": "v1", "model": "models/high_value.onnx"},
-            {"name": "v2", "model": "models/high_value_gbt.onnx"}
-        ]),
-        Some("customer_id"),
-        |s| s["split_file"] = json!("split.json"),
-    );
+    let b = split_bundle(Some("customer_id"));
     write_split(b.path(), 90, 10);
     let s = Server::start_ready(b.path(), &[]);
     let pid = s.child.id();
@@ -217,14 +223,7 @@ fn key_dispatch_is_sticky_and_a_weight_change_moves_only_the_border_keys() {
 
 #[test]
 fn sighup_reloads_a_split_change_polling_cannot_see() {
-    let b = bundle(
-        json!([
-            {"name": "v1", "model": "models/high_value.onnx"},
-            {"name": "v2", "model": "models/high_value_gbt.onnx"}
-        ]),
-        None,
-        |s| s["split_file"] = json!("split.json"),
-    );
+    let b = split_bundle(None);
     write_split(b.path(), 90, 10);
     let mut s = Server::start_ready(b.path(), &[]);
     assert_eq!(weight(&s, "v2"), Some(10.0));
@@ -268,14 +267,7 @@ fn sighup_reloads_a_split_change_polling_cannot_see() {
 
 #[test]
 fn a_missing_split_file_at_start_is_refused_with_the_reason() {
-    let b = bundle(
-        json!([
-            {"name": "v1", "model": "models/high_value.onnx"},
-            {"name": "v2", "model": "models/high_value_gbt.onnx"}
-        ]),
-        None,
-        |s| s["split_file"] = json!("split.json"),
-    );
+    let b = split_bundle(None);
     let mut s = Server::start(b.path(), &[]);
     let status = s.wait_exit(Duration::from_secs(30));
     assert!(!status.success());
