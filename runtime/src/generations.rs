@@ -38,8 +38,8 @@
 //! waiting on a lock it holds would wait as long — priority inversion):
 //! - it never blocks in the queue's `recv` (a waiting receiver makes every
 //!   `try_send` of a serving thread take the channel's waker lock); it
-//!   polls with `try_recv` and sleeps [`SHADOW_POLL`] when the queue is
-//!   empty, and the query-log writer it sends lines to polls too
+//!   polls with `try_recv` and sleeps as [`crate::lines::Backoff`] says
+//!   when the queue is empty, and the query-log writer it sends lines to polls too
 //!   ([`crate::lines`]);
 //! - it does not free the copies serving threads allocated (a `free` into
 //!   another thread's malloc arena takes that arena's lock): it hands them
@@ -61,6 +61,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::config::SplitFile;
+use crate::lines::Backoff;
 use crate::metrics::{Histogram, esc};
 use crate::model::{Batch, Column, Model};
 use crate::query_log::{Probabilities, QueryLog};
@@ -70,9 +71,6 @@ pub const BUCKETS: u32 = 10_000;
 
 /// Rows a shadow thread scores at once when copies are waiting.
 const SHADOW_BATCH_ROWS: usize = 256;
-
-/// How long a shadow thread sleeps when its queue is empty.
-pub const SHADOW_POLL: Duration = Duration::from_millis(2);
 
 /// How often a shadow thread looks at the machine's idle time, and how long
 /// it waits when there was too little.
@@ -445,11 +443,8 @@ impl ShadowThread {
         let mut idle = IdleGate::default();
         let mut held: Vec<Arc<ShadowCopy>> = Vec::new();
         let mut open = true;
+        let mut backoff = Backoff::default();
         while open {
-            if !idle.open(self.cpu_share) {
-                std::thread::sleep(IDLE_WINDOW);
-                continue;
-            }
             let mut copies = Vec::new();
             let mut rows = 0;
             while rows < SHADOW_BATCH_ROWS {
@@ -467,9 +462,15 @@ impl ShadowThread {
             }
             if copies.is_empty() {
                 if open {
-                    std::thread::sleep(SHADOW_POLL);
+                    backoff.idle();
                 }
                 continue;
+            }
+            backoff.reset();
+            // The idle gate is asked only with copies to score: an idle
+            // service reads no `/proc/stat`.
+            while !idle.open(self.cpu_share) {
+                std::thread::sleep(IDLE_WINDOW);
             }
             self.score(&copies, rows);
             // Handed back, not dropped here (see the module docs); a full
@@ -592,7 +593,8 @@ impl Budget {
 }
 
 /// Whether the machine has had [`SPARE_CORES`] + `share` idle over the
-/// last [`IDLE_WINDOW`] (re-read when the window is over); shut for
+/// last [`IDLE_WINDOW`] (re-read when the window is over; a reading older
+/// than two windows is taken again first); shut for
 /// [`SHUT_AT_MOST`], it lets one batch through all the same. Open where the
 /// machine's idle time cannot be read.
 struct IdleGate {
@@ -621,12 +623,18 @@ impl IdleGate {
             let Some((idle, per_second)) = machine_idle_ticks() else {
                 return true;
             };
-            if let Some((at, idle_then)) = self.last {
-                let wall = now.duration_since(at).as_secs_f64();
-                let idle_cores = idle.saturating_sub(idle_then) as f64 / per_second / wall;
-                self.open = idle_cores >= SPARE_CORES + share;
+            let previous = self.last.replace((now, idle));
+            match previous {
+                // A first reading, or one of long ago (an idle stretch
+                // before copies came), says nothing of now: the next does.
+                None => return false,
+                Some((at, _)) if now.duration_since(at) >= 2 * IDLE_WINDOW => return false,
+                Some((at, idle_then)) => {
+                    let wall = now.duration_since(at).as_secs_f64();
+                    let idle_cores = idle.saturating_sub(idle_then) as f64 / per_second / wall;
+                    self.open = idle_cores >= SPARE_CORES + share;
+                }
             }
-            self.last = Some((now, idle));
         }
         if self.open {
             self.shut_since = None;

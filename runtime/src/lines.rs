@@ -6,8 +6,9 @@
 //! and at least every [`FLUSH_EVERY`] under a steady stream, and on
 //! [`LineWriter::flush`] (graceful stop) before it answers.
 //!
-//! The thread polls its queue (sleeping [`POLL`] when it is empty) instead
-//! of blocking in `recv`: while a receiver waits, every `try_send` takes the
+//! The thread polls its queue (sleeping as [`Backoff`] says when it is
+//! empty: 1 ms, doubling to [`POLL_AT_MOST`] while nothing comes, so an idle
+//! service wakes it 50 times a second) instead of blocking in `recv`: while a receiver waits, every `try_send` takes the
 //! channel's waker lock to wake it, and one sender is a shadow generation's
 //! idle-priority thread (see [`crate::generations`]), which may be
 //! descheduled holding that lock while serving threads queue behind it.
@@ -22,8 +23,38 @@ use std::time::{Duration, Instant};
 /// Longest a written line waits in the buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
-/// How long the writer sleeps when its queue is empty.
-pub const POLL: Duration = Duration::from_millis(5);
+/// Longest a thread polling an empty queue sleeps (see [`Backoff`]).
+pub const POLL_AT_MOST: Duration = Duration::from_millis(20);
+
+/// The sleeps of a thread polling a queue that may be empty: 1 ms after the
+/// first empty look, doubling up to [`POLL_AT_MOST`], and 1 ms again once
+/// something came. Busy, it polls every millisecond; idle, it wakes rarely.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            next: Backoff::FIRST,
+        }
+    }
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(1);
+
+    /// The queue was empty: sleep, longer than last time.
+    pub fn idle(&mut self) {
+        std::thread::sleep(self.next);
+        self.next = (self.next * 2).min(POLL_AT_MOST);
+    }
+
+    /// Something came: the next empty look sleeps briefly again.
+    pub fn reset(&mut self) {
+        self.next = Backoff::FIRST;
+    }
+}
 
 enum Message {
     Line(Vec<u8>),
@@ -106,11 +137,15 @@ impl LineWriter {
 fn write_lines(lines: Receiver<Message>, out: impl Write) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut last_flush = Instant::now();
+    let mut backoff = Backoff::default();
     loop {
         let message = match lines.try_recv() {
-            Ok(m) => m,
+            Ok(m) => {
+                backoff.reset();
+                m
+            }
             Err(TryRecvError::Empty) => {
-                std::thread::sleep(POLL);
+                backoff.idle();
                 continue;
             }
             Err(TryRecvError::Disconnected) => break,
