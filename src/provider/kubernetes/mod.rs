@@ -940,11 +940,8 @@ impl KubernetesProvider {
                 }
                 // The weights alone: the kubelet updates the pods' split file in
                 // place and the runtimes take it up; nothing rolls out.
-                let split_only = !change.fields.is_empty()
-                    && change
-                        .fields
-                        .iter()
-                        .all(|f| f.path == "split" || f.path.starts_with("split."));
+                let split_only =
+                    !change.fields.is_empty() && change.fields.iter().all(|f| f.path == "split");
                 if let (true, Some(live), Some(cm)) = (split_only, &change.live, &configmap) {
                     ctx.progress(
                         address,
