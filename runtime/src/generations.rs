@@ -53,7 +53,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -171,6 +171,9 @@ pub struct GenerationStats {
     abs_diff_sum: AtomicU64,
     /// Shadows: CPU time of the scoring thread, in nanoseconds.
     pub cpu_nanos: AtomicU64,
+    /// Shadows: copies waiting in the queue (added after a copy is queued,
+    /// taken when the thread takes it, so it may dip below 0 in between).
+    pub queued: AtomicI64,
 }
 
 impl GenerationStats {
@@ -393,7 +396,9 @@ impl Generations {
         for g in &self.list {
             let Some(queue) = &g.queue else { continue };
             match queue.try_send(copy.clone()) {
-                Ok(()) => {}
+                Ok(()) => {
+                    g.stats.queued.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                     g.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -450,6 +455,7 @@ impl ShadowThread {
             while rows < SHADOW_BATCH_ROWS {
                 match queue.try_recv() {
                     Ok(next) => {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                         rows += next.rows;
                         copies.push(next);
                     }
@@ -951,6 +957,14 @@ pub fn render_metrics(out: &mut String, endpoints: &[Arc<Generations>], reloads:
         "counter",
         Some(true),
         &|g| (g.stats.cpu_nanos.load(Ordering::Relaxed) as f64 / 1e9).to_string(),
+    );
+    counter(
+        out,
+        "mesh_shadow_queued",
+        "Request copies waiting in a shadow's queue (at most limits.shadow_queue).",
+        "gauge",
+        Some(true),
+        &|g| g.stats.queued.load(Ordering::Relaxed).max(0).to_string(),
     );
     counter(
         out,

@@ -462,6 +462,12 @@ fn a_slow_shadow_with_a_full_queue_drops_copies_and_never_the_requests() {
         dropped > 0.0,
         "a queue of 2 behind a slow forest drops copies:\n{text}"
     );
+    // Every copy taken: nothing waits in the queue any more.
+    assert_eq!(
+        metric(&text, &sample("mesh_shadow_queued")),
+        Some(0.0),
+        "{text}"
+    );
 }
 
 /// CPU seconds (user + system, from `/proc`) of the thread named `name` in
