@@ -158,6 +158,7 @@ pub fn bundle_for(
                                 weight: g.weight,
                                 shadow: g.weight.is_none(),
                                 enrichments: g.enrichments.as_deref().map(configs),
+                                cpu: g.cpu_millis.map(|m| m as f64 / 1000.0),
                             })
                             .collect(),
                         dispatch: match dispatch {

@@ -173,6 +173,13 @@ pub struct Limits {
     /// Absent: [`Limits::DEFAULT_SHADOW_CPU`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_cpu: Option<f64>,
+    /// Whether a shadow starts a batch only when the machine has had a core
+    /// to spare besides its share (`/proc/stat`). Absent: true. False where
+    /// the shadow's CPU is reserved for it, as in a pod that requests it: the
+    /// node's idle time is then other pods' business, and the budget alone
+    /// holds the shadow back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_idle_gate: Option<bool>,
 }
 
 impl Limits {
@@ -192,6 +199,11 @@ impl Limits {
     /// `shadow_cpu`, or [`Limits::DEFAULT_SHADOW_CPU`].
     pub fn shadow_cpu(&self) -> f64 {
         self.shadow_cpu.unwrap_or(Self::DEFAULT_SHADOW_CPU)
+    }
+
+    /// `shadow_idle_gate`, or true.
+    pub fn shadow_idle_gate(&self) -> bool {
+        self.shadow_idle_gate.unwrap_or(true)
     }
 
     /// `shadow_queue`, or 1024.
@@ -216,6 +228,7 @@ impl Default for Limits {
             request_timeout_ms: None,
             shadow_queue: None,
             shadow_cpu: None,
+            shadow_idle_gate: None,
         }
     }
 }
@@ -535,6 +548,10 @@ pub struct GenerationConfig {
     /// endpoint's. Its model still takes the same inputs as the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrichments: Option<Vec<EnrichmentConfig>>,
+    /// A shadow's CPU budget, a share of one core in `(0, 1]`, in place of
+    /// `limits.shadow_cpu`; never set on a serving generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
 }
 
 /// How a prediction endpoint with generations picks the serving one.
@@ -1072,6 +1089,17 @@ fn generation_problems(
                 "{at}: generation `{}` is a shadow: it scores the features its serving generation was given and takes no enrichments of its own",
                 g.name
             ));
+        }
+        match (g.shadow, g.cpu) {
+            (false, Some(_)) => out.push(format!(
+                "{at}: generation `{}` serves: only a shadow takes a `cpu` budget of its own",
+                g.name
+            )),
+            (true, Some(cpu)) if !(cpu > 0.0 && cpu <= 1.0) => out.push(format!(
+                "{at}: generation `{}`: cpu {cpu} must be a share of one core in (0, 1], e.g. 0.25",
+                g.name
+            )),
+            _ => {}
         }
         if !valid_name(&g.name) {
             out.push(format!(

@@ -240,17 +240,19 @@ pub struct Declared {
     pub shadow: bool,
     /// `None` when the split file gives it.
     pub weight: Option<u32>,
+    /// A shadow's own CPU share, in place of the endpoint's default.
+    pub cpu_share: Option<f64>,
 }
 
 impl Generations {
-    /// The generations of `endpoint`; a shadow's thread starts here, with
-    /// `queue` copies of room and `cpu_share` of one core.
+    /// The generations of `endpoint`; a shadow's thread starts here, within
+    /// `limits` (its own CPU share, if it has one, in place of theirs).
     pub fn new(
         endpoint: &str,
         declared: Vec<Declared>,
         dispatch: DispatchBy,
         class_names: &[String],
-        (queue, cpu_share): (usize, f64),
+        limits: ShadowLimits,
         log: Option<QueryLog>,
     ) -> std::io::Result<Generations> {
         let serving: Vec<usize> = (0..declared.len())
@@ -263,12 +265,12 @@ impl Generations {
         let shadows = declared.iter().filter(|d| d.shadow).count();
         // Room for every copy the shadows can hold: queued, in a batch, or
         // waiting to be handed back.
-        let (give_back, spent) = sync_channel(shadows * (2 * queue + SHADOW_BATCH_ROWS));
+        let (give_back, spent) = sync_channel(shadows * (2 * limits.queue + SHADOW_BATCH_ROWS));
         let mut list = Vec::with_capacity(declared.len());
         for d in declared {
             let stats = Arc::new(GenerationStats::default());
             let queue = if d.shadow {
-                let (send, receive) = sync_channel(queue);
+                let (send, receive) = sync_channel(limits.queue);
                 let shadow = ShadowThread {
                     endpoint: endpoint.to_string(),
                     generation: d.name.clone(),
@@ -276,7 +278,8 @@ impl Generations {
                     classes: class_names.to_vec(),
                     stats: stats.clone(),
                     log: log.clone(),
-                    cpu_share,
+                    cpu_share: d.cpu_share.unwrap_or(limits.cpu_share),
+                    idle_gate: limits.idle_gate,
                 };
                 let give_back = give_back.clone();
                 std::thread::Builder::new()
@@ -407,6 +410,17 @@ impl Generations {
     }
 }
 
+/// What holds the shadows of an endpoint back.
+#[derive(Clone, Copy, Debug)]
+pub struct ShadowLimits {
+    /// Copies each may have waiting.
+    pub queue: usize,
+    /// The share of one core each may use, unless its generation says.
+    pub cpu_share: f64,
+    /// Whether they wait for the machine's idle time.
+    pub idle_gate: bool,
+}
+
 /// A shadow's scoring thread.
 struct ShadowThread {
     endpoint: String,
@@ -417,6 +431,8 @@ struct ShadowThread {
     log: Option<QueryLog>,
     /// The share of one core it may use.
     cpu_share: f64,
+    /// Whether it waits for the machine's idle time (see [`IdleGate`]).
+    idle_gate: bool,
 }
 
 #[derive(Serialize)]
@@ -441,8 +457,15 @@ impl ShadowThread {
     fn run(self, queue: Receiver<Arc<ShadowCopy>>, give_back: SyncSender<Arc<ShadowCopy>>) {
         let how = lower_priority();
         crate::log::info(format_args!(
-            "endpoint `{}`: shadow generation `{}` scores at {how} priority, within {} of a core",
-            self.endpoint, self.generation, self.cpu_share
+            "endpoint `{}`: shadow generation `{}` scores at {how} priority, within {} of a core{}",
+            self.endpoint,
+            self.generation,
+            self.cpu_share,
+            if self.idle_gate {
+                ", when the machine has a core to spare"
+            } else {
+                ""
+            }
         ));
         let mut budget = Budget::start(self.cpu_share);
         let mut idle = IdleGate::default();
@@ -475,7 +498,7 @@ impl ShadowThread {
             backoff.reset();
             // The idle gate is asked only with copies to score: an idle
             // service reads no `/proc/stat`.
-            while !idle.open(self.cpu_share) {
+            while self.idle_gate && !idle.open(self.cpu_share) {
                 std::thread::sleep(IDLE_WINDOW);
             }
             self.score(&copies, rows);

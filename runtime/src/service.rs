@@ -20,7 +20,7 @@ use crate::config::{
 use crate::dataset::{Dataset, KeyRef, Schema, Value, ValueRef};
 use crate::error::AppError;
 use crate::freshness::{DatasetStatus, QueryTotal, Snapshot};
-use crate::generations::{Declared, DispatchBy, Generations, SplitReloads};
+use crate::generations::{Declared, DispatchBy, Generations, ShadowLimits, SplitReloads};
 use crate::input::FieldMap;
 use crate::log;
 use crate::model::{InputKind, InputSpec, Model};
@@ -925,6 +925,7 @@ fn plan_generations(
             model,
             shadow: g.shadow,
             weight: g.weight,
+            cpu_share: g.cpu,
         });
     }
     let dispatch = match dispatch {
@@ -937,7 +938,11 @@ fn plan_generations(
         declared,
         dispatch,
         &planned.class_names,
-        (limits.shadow_queue(), limits.shadow_cpu()),
+        ShadowLimits {
+            queue: limits.shadow_queue(),
+            cpu_share: limits.shadow_cpu(),
+            idle_gate: limits.shadow_idle_gate(),
+        },
         query_log,
     )
     .map_err(|e| LoadError::Endpoint {

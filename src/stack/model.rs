@@ -520,6 +520,23 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Millicores the shadow generations of this endpoint may use for
+    /// scoring (each its `cpu`, else [`DEFAULT_SHADOW_CPU_MILLIS`]); 0
+    /// without shadows.
+    pub fn shadow_cpu_millis(&self) -> u64 {
+        match self {
+            Endpoint::Prediction {
+                models: Models::Generations { generations, .. },
+                ..
+            } => generations
+                .iter()
+                .filter(|g| g.weight.is_none())
+                .map(|g| g.cpu_millis.unwrap_or(DEFAULT_SHADOW_CPU_MILLIS))
+                .sum(),
+            _ => 0,
+        }
+    }
+
     /// Every enrichment of a prediction endpoint: the endpoint's, then each
     /// generation's own, in declaration order (the order of
     /// `EndpointConfig::all_enrichments` in the runtime's config).
@@ -582,6 +599,43 @@ pub struct Generation {
     pub weight: Option<u32>,
     /// Its own `enrich`, in place of the endpoint's; `None`: the endpoint's.
     pub enrichments: Option<Vec<Enrichment>>,
+    /// A shadow's `cpu`: the millicores its scoring may use (its thread's
+    /// budget, and what a pod requests for it); `None`: the runtime's
+    /// default, [`DEFAULT_SHADOW_CPU_MILLIS`].
+    pub cpu_millis: Option<u64>,
+}
+
+/// A shadow's CPU when its generation gives none: the runtime's default
+/// budget (`limits.shadow_cpu`, a quarter core).
+pub const DEFAULT_SHADOW_CPU_MILLIS: u64 = 250;
+
+/// Millicores of a Kubernetes CPU quantity: `"250m"`, `"0.5"`, `"2"`;
+/// `None` when it is not one (or not a whole number of millicores).
+pub fn cpu_millis(quantity: &str) -> Option<u64> {
+    if let Some(m) = quantity.strip_suffix('m') {
+        return if !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit()) {
+            m.parse().ok()
+        } else {
+            None
+        };
+    }
+    let (whole, fraction) = quantity.split_once('.').unwrap_or((quantity, ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty()) || !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    if fraction.len() > 3 && fraction[3..].bytes().any(|b| b != b'0') {
+        return None;
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let fraction: u64 = format!("{:0<3}", &fraction[..fraction.len().min(3)])
+        .parse()
+        .ok()?;
+    whole.checked_mul(1000)?.checked_add(fraction)
 }
 
 /// How a request picks its serving generation.
@@ -697,6 +751,29 @@ pub enum Tls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_quantities_are_millicores() {
+        for (q, m) in [
+            ("250m", Some(250)),
+            ("0.5", Some(500)),
+            (".25", Some(250)),
+            ("2", Some(2000)),
+            ("1.5", Some(1500)),
+            ("0.1250", Some(125)),
+            ("0m", Some(0)),
+            ("0.0005", None),
+            ("m", None),
+            ("", None),
+            (".", None),
+            ("-1", None),
+            ("1e3", None),
+            ("250 m", None),
+            ("a quarter", None),
+        ] {
+            assert_eq!(cpu_millis(q), m, "{q:?}");
+        }
+    }
 
     fn network(nat: NatGateways, subnets: &[(&str, &str, bool)]) -> Network {
         Network {

@@ -320,6 +320,11 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
         // A cluster keeps the pods' stderr in its log pipeline: one line per request,
         // unless the stack says `access_log = false`.
         bundle.config.access_log = svc.access_log.unwrap_or(true);
+        // The pods request their shadows' CPU (`cpu_request`): that share is
+        // theirs whatever the node's idle time, which is other pods' business.
+        if svc.endpoints.values().any(|e| e.shadow_cpu_millis() > 0) {
+            bundle.config.limits.shadow_idle_gate = Some(false);
+        }
         // The query log goes to stdout, for the cluster's log pipeline.
         if let Some(q) = &mut bundle.config.query_log {
             q.path = None;
@@ -448,7 +453,7 @@ pub fn desired(stack: &Stack, inputs: &Inputs<'_>) -> Result<Vec<Desired>, Provi
             "image": image,
             "ports": [{ "name": PORT_NAME, "containerPort": RUNTIME_PORT, "protocol": "TCP" }],
             "resources": {
-                "requests": { "cpu": svc.resources.cpu, "memory": svc.resources.memory },
+                "requests": { "cpu": cpu_request(svc), "memory": svc.resources.memory },
                 "limits": { "memory": svc.resources.memory },
             },
             "securityContext": container_security(),
@@ -733,6 +738,22 @@ fn pod_security() -> J {
         "runAsNonRoot": true, "runAsUser": id, "runAsGroup": id, "fsGroup": id,
         "seccompProfile": { "type": "RuntimeDefault" },
     })
+}
+
+/// The CPU a service's pods request: `resources.cpu`, plus the budget of
+/// each shadow generation (its scoring thread runs in the same container,
+/// beside the serving ones), so the scheduler leaves the node room for it.
+/// Without shadows, `resources.cpu` as written.
+fn cpu_request(svc: &stack::Service) -> String {
+    let shadows: u64 = svc
+        .endpoints
+        .values()
+        .map(stack::Endpoint::shadow_cpu_millis)
+        .sum();
+    match stack::cpu_millis(&svc.resources.cpu) {
+        Some(serving) if shadows > 0 => format!("{}m", serving + shadows),
+        _ => svc.resources.cpu.clone(),
+    }
 }
 
 /// The runtime container's: it writes nothing (logs go to stderr, the
@@ -1155,6 +1176,58 @@ mod tests {
             assert!(!config.access_log, "{}", config.service);
             assert_eq!(config.limits.request_timeout_ms, Some(2500));
         }
+    }
+
+    #[test]
+    fn a_pod_requests_its_shadows_cpu_besides_the_services() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/customer-mesh");
+        let mut stack =
+            crate::stack::load(&root, Some("prod")).unwrap_or_else(|r| panic!("{}", r.render()));
+        let request = |stack: &Stack, service: &str| -> (J, rc::ServiceConfig) {
+            let objects = all(stack);
+            let address = format!("service.{service}.deployment");
+            let m = manifest(&objects, &address);
+            let d = objects.iter().find(|d| d.address.as_str() == address);
+            let json = d.expect("deployment").attrs[ATTR_BUNDLE].value.as_str();
+            (
+                m["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+                    .clone(),
+                serde_json::from_str(json.expect("bundle")).expect("service.json"),
+            )
+        };
+        // prod: customer-scoring's 500m, and 200m for its `gbt` shadow.
+        let (cpu, config) = request(&stack, "customer-scoring");
+        assert_eq!(cpu, json!("700m"));
+        let Some(rc::EndpointConfig::Prediction { generations, .. }) =
+            config.endpoints.get("high-value")
+        else {
+            panic!("no high-value endpoint")
+        };
+        let cpus: Vec<_> = generations.iter().map(|g| (&g.name[..], g.cpu)).collect();
+        assert_eq!(cpus, [("logistic", None), ("gbt", Some(0.2))]);
+        // Its share is reserved: it need not wait for the node's idle time.
+        assert_eq!(config.limits.shadow_idle_gate, Some(false));
+        // A service without shadows requests its CPU as written.
+        let (cpu, config) = request(&stack, "customer-features");
+        assert_eq!(cpu, json!("250m"));
+        assert_eq!(config.limits.shadow_idle_gate, None);
+        // A shadow without `cpu`: the runtime's default budget, a quarter core.
+        let scoring = stack.services.get_mut("customer-scoring").expect("svc");
+        scoring.resources.cpu = "1.5".into();
+        for e in scoring.endpoints.values_mut() {
+            if let stack::Endpoint::Prediction {
+                models: stack::Models::Generations { generations, .. },
+                ..
+            } = e
+            {
+                generations.iter_mut().for_each(|g| g.cpu_millis = None);
+            }
+        }
+        assert_eq!(request(&stack, "customer-scoring").0, json!("1750m"));
+        assert_eq!(
+            rc::Limits::DEFAULT_SHADOW_CPU,
+            stack::DEFAULT_SHADOW_CPU_MILLIS as f64 / 1000.0
+        );
     }
 
     /// Every desired object of `stack`, pushing to a registry by URL.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::stack::decode::{Fields, wrong_type};
 use crate::stack::diag::{Code, Diagnostic};
-use crate::stack::model::{Dispatch, Enrichment, Generation, Models};
+use crate::stack::model::{Dispatch, Enrichment, Generation, Models, cpu_millis};
 use crate::stack::source::{NodeKind, Span};
 
 use super::service::decode_enrich;
@@ -95,7 +95,10 @@ pub(super) fn decode_models(
                     continue;
                 };
                 let gf = Fields::new(t, it.span, format!("a generation of {what}"));
-                gf.allow(ctx.errors, &["name", "model", "weight", "shadow", "enrich"]);
+                gf.allow(
+                    ctx.errors,
+                    &["name", "model", "weight", "shadow", "enrich", "cpu"],
+                );
                 let name = gf.str_req(ctx.errors, "name", "\"v2\"");
                 if let Some((n, span)) = &name {
                     check_name(ctx, n, *span, "generation name");
@@ -183,12 +186,48 @@ pub(super) fn decode_models(
                     },
                     None => None,
                 };
+                let cpu_millis = match gf.str_opt(ctx.errors, "cpu") {
+                    Some((_, span)) if !shadow => {
+                        ctx.errors.push(
+                            Diagnostic::new(
+                                Code::InvalidValue,
+                                span,
+                                "only a shadow generation takes a `cpu` of its own",
+                            )
+                            .label("a serving generation runs on the service's CPU")
+                            .help("remove `cpu` here; the service's `resources = { cpu = \"...\" }` is the serving generations' CPU"),
+                        );
+                        ok = false;
+                        None
+                    }
+                    Some((q, span)) => match cpu_millis(&q) {
+                        Some(m) if (1..=1000).contains(&m) => Some(m),
+                        parsed => {
+                            ctx.errors.push(
+                                Diagnostic::new(
+                                    Code::InvalidValue,
+                                    span,
+                                    match parsed {
+                                        Some(m) => format!("a shadow's `cpu` must be more than 0 and at most one core: found {m}m"),
+                                        None => format!("`{q}` is not a CPU quantity"),
+                                    },
+                                )
+                                .label("expected 1m to 1000m (one core)")
+                                .help("the share of one core the shadow's scoring may use, e.g. cpu = \"250m\" or \"0.5\""),
+                            );
+                            ok = false;
+                            None
+                        }
+                    },
+                    None => None,
+                };
                 if let (Some((name, _)), Some((model, span))) = (name, model) {
                     generations.push(Generation {
                         name,
                         model,
                         weight,
                         enrichments,
+                        cpu_millis,
                     });
                     model_spans.push(span);
                 } else {

@@ -63,11 +63,22 @@ pub(super) fn decode_service(
         Some((rt, rspan)) => {
             let rf = Fields::new(rt, rspan, format!("service.{name}.resources"));
             rf.allow(ctx.errors, &["cpu", "memory"]);
+            let cpu = rf.str_opt(ctx.errors, "cpu");
+            if let Some((q, span)) = &cpu
+                && cpu_millis(q).is_none()
+            {
+                ctx.errors.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        *span,
+                        format!("`{q}` is not a CPU quantity"),
+                    )
+                    .label("expected millicores or cores")
+                    .help("e.g. cpu = \"250m\" (a quarter core), \"0.5\" or \"2\""),
+                );
+            }
             Resources {
-                cpu: rf
-                    .str_opt(ctx.errors, "cpu")
-                    .map(|v| v.0)
-                    .unwrap_or_else(|| "250m".into()),
+                cpu: cpu.map(|v| v.0).unwrap_or_else(|| "250m".into()),
                 memory: rf
                     .str_opt(ctx.errors, "memory")
                     .map(|v| v.0)
