@@ -194,6 +194,7 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
         (request.method().clone(), path.to_owned(), request_id)
     });
     let start = Instant::now();
+    let serving = crate::generations::Serving::enter();
     let response = match tokio::time::timeout(inner.request_timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
@@ -209,6 +210,7 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
             .into_response()
         }
     };
+    drop(serving);
     let latency = start.elapsed();
     let status = response.status().as_u16();
     inner.metrics.record(route, status, latency);

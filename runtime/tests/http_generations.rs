@@ -470,6 +470,59 @@ fn a_slow_shadow_with_a_full_queue_drops_copies_and_never_the_requests() {
     );
 }
 
+#[test]
+fn a_shadow_scores_between_requests() {
+    use std::io::Write;
+    let b = bundle(
+        json!([
+            generation("v1", "high_value.onnx", Some(100)),
+            generation("slow", "high_value_slow.onnx", None)
+        ]),
+        None,
+        // Only the wait for a moment between requests holds the shadow back.
+        |s| s["limits"]["shadow_idle_gate"] = json!(false),
+    );
+    let s = Server::start_ready(b.path(), &[]);
+    let sample = |name: &str| format!("{name}{{endpoint=\"high-value\",generation=\"slow\"}}");
+    let compared = || metric(&metrics(&s), &sample("mesh_shadow_compared_total")).unwrap_or(0.0);
+    // A request being answered: its body is still to come.
+    let mut held = std::net::TcpStream::connect(s.addr).expect("connect");
+    let path = format!("/public/api/v1/{SERVICE}/high-value/predict");
+    write!(
+        held,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 39\r\n\r\n{{"
+    )
+    .expect("head");
+    held.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(100));
+    let n = 200;
+    let answers = predict_all(&s, (0..n).map(predict_body).collect(), 4);
+    assert_eq!(shares(&answers).get("v1"), Some(&n));
+    // Queued, not scored while the held request is answered (but for a
+    // chunk of 4 rows a second, which waits no longer).
+    std::thread::sleep(Duration::from_millis(700));
+    let during = compared();
+    assert!(
+        during <= 8.0,
+        "{during} copies scored while a request was being answered"
+    );
+    // Once it is answered, the shadow catches up.
+    write!(held, "\"features\": {{\"customer_id\": \"C00042\"}}}}").expect("body");
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut held, &mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    wait_until(&s, "every copy compared", Duration::from_secs(30), || {
+        let c = compared();
+        if c == (n + 1) as f64 {
+            Ok(())
+        } else {
+            Err(format!("compared {c}"))
+        }
+    });
+}
+
 /// CPU seconds (user + system, from `/proc`) of the thread named `name` in
 /// process `pid`, if it runs.
 #[cfg(target_os = "linux")]
