@@ -595,8 +595,10 @@ fn a_shadow_keeps_within_its_cpu_budget_and_drops_what_it_cannot_score() {
         }
     };
     let started = std::time::Instant::now();
+    // Requests with pauses between them, when the shadow scores.
     while started.elapsed() < Duration::from_secs(4) {
-        load(20);
+        load(2);
+        std::thread::sleep(Duration::from_millis(20));
     }
     let wall = started.elapsed().as_secs_f64();
     let used = thread_cpu_seconds(pid, shadow).expect("the shadow's thread runs") - before;
