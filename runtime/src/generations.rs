@@ -62,7 +62,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -103,15 +103,23 @@ const BETWEEN_POLL: Duration = Duration::from_micros(250);
 /// Requests the process is answering now (see [`Serving`]).
 static SERVING: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether a shadow thread runs in this process (set before any request is
+/// served): without one, requests are not counted.
+static SHADOWS: AtomicBool = AtomicBool::new(false);
+
 /// One request being answered, counted while it lives: a shadow starts a
 /// chunk only when none is (or after [`SHUT_AT_MOST`] without a moment
 /// between requests). A guard, so a request given up midway is uncounted too.
 pub struct Serving(());
 
 impl Serving {
-    pub fn enter() -> Serving {
+    /// `None` (nothing counted) in a process without shadows.
+    pub fn enter() -> Option<Serving> {
+        if !SHADOWS.load(Ordering::Relaxed) {
+            return None;
+        }
         SERVING.fetch_add(1, Ordering::Relaxed);
-        Serving(())
+        Some(Serving(()))
     }
 }
 
@@ -333,6 +341,7 @@ impl Generations {
                     idle_gate: limits.idle_gate,
                 };
                 let give_back = give_back.clone();
+                SHADOWS.store(true, Ordering::Relaxed);
                 std::thread::Builder::new()
                     .name(format!("shadow-{}", d.name))
                     .spawn(move || shadow.run(receive, give_back))?;
