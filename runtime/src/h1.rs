@@ -45,6 +45,8 @@ pub struct Pool {
 struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// The thread that opened it: its runtime's I/O driver wakes its users.
+    home: std::thread::ThreadId,
 }
 
 /// An answer: its status and whole body.
@@ -101,14 +103,22 @@ impl Pool {
         }
     }
 
+    /// An idle connection, opened on this thread if there is one: a thread
+    /// that runs a runtime of its own (`serve` on worker threads) then
+    /// reads its answers through its own I/O driver.
     fn checkout(&self) -> Option<Conn> {
+        let here = std::thread::current().id();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.pop() {
+        loop {
+            let i = idle
+                .iter()
+                .rposition(|(conn, _)| conn.home == here)
+                .or_else(|| idle.len().checked_sub(1))?;
+            let (conn, since) = idle.swap_remove(i);
             if since.elapsed() < IDLE_FOR {
                 return Some(conn);
             }
         }
-        None
     }
 
     fn checkin(&self, conn: Conn) {
@@ -135,6 +145,7 @@ impl Pool {
         Ok(Conn {
             stream,
             buf: Vec::with_capacity(8 << 10),
+            home: std::thread::current().id(),
         })
     }
 }

@@ -11,7 +11,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use mesh_runtime::auth::KeyRing;
 use mesh_runtime::config::Bundle;
@@ -234,14 +233,116 @@ async fn run(
                 .with_graceful_shutdown(shutdown_signal(shutdown_timeout))
                 .await
         }
-        None => {
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown_signal(shutdown_timeout))
-                .await
+        None => serve_on_workers(listener, router, shutdown_timeout).await,
+    }
+}
+
+/// Plain HTTP, served by worker threads (one per core) that each run a
+/// current-thread runtime: connections are accepted here and handed to the
+/// workers in turn, and a worker serves each of its connections whole. A request, the
+/// upstream calls it makes on its own task (see `mesh_runtime::h1`) and its
+/// answer stay on one thread: no wake-up crosses threads, where the
+/// multi-thread runtime's work stealing moved a request between its
+/// workers (about a fifth of a prediction's CPU, issue 13). Background work
+/// (dataset refreshes, the split file) stays on the main runtime.
+async fn serve_on_workers(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown_timeout: Duration,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    // Every worker holds a sender: `recv` answers `None` once all are done.
+    let (done, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    let mut workers = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for i in 0..cores {
+        let (hand, handed) = tokio::sync::mpsc::unbounded_channel();
+        let (router, mut stopped, done) = (router.clone(), stopped.clone(), done.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .spawn(move || {
+                let listener = Handed { local, handed };
+                let stop = async move {
+                    let _ = stopped.changed().await;
+                };
+                let _ = runtime.block_on(async move {
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stop)
+                        .await
+                });
+                drop(done);
+            })?;
+        workers.push(hand);
+    }
+    drop(done);
+    let signal = shutdown_signal(shutdown_timeout);
+    tokio::pin!(signal);
+    for next in (0..workers.len()).cycle() {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut signal => break,
+        };
+        let stream = match accepted.and_then(|(tcp, _)| {
+            let _ = tcp.set_nodelay(true);
+            tcp.into_std()
+        }) {
+            Ok(stream) => stream,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(_) => {
+                // Out of descriptors and the like: back off, as axum does.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = workers[next].send(stream);
+    }
+    drop(listener);
+    let _ = stop.send(());
+    drop(workers);
+    let _ = all_done.recv().await;
+    Ok(())
+}
+
+/// An error of one connection (accepting goes on at once).
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    )
+}
+
+/// A worker's connections, handed to it by the accepting task.
+struct Handed {
+    local: SocketAddr,
+    handed: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+}
+
+impl axum::serve::Listener for Handed {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(stream) = self.handed.recv().await else {
+                // Accepting ended: the worker is stopping.
+                return std::future::pending().await;
+            };
+            // Registered with this worker's runtime.
+            if let Ok(tcp) = tokio::net::TcpStream::from_std(stream)
+                && let Ok(peer) = tcp.peer_addr()
+            {
+                return (tcp, peer);
+            }
         }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
     }
 }
 

@@ -564,31 +564,35 @@ async fn fetch_upstream(
         &[key] => {
             let mask = masks[asked[0]];
             let rows = upstream.fetch_one(&service.http, mask, key).await?;
-            (vec![rows.as_ref().clone()], mask)
+            (Fetched::One(rows), mask)
         }
         keys => {
             let union = asked.iter().fold(0, |m, &item| m | masks[item]);
             (
-                upstream.fetch_many(&service.http, union, keys).await?,
+                Fetched::Many(upstream.fetch_many(&service.http, union, keys).await?),
                 union,
             )
         }
     };
-    for ((&item, &key), item_rows) in asked.iter().zip(&keys).zip(rows) {
-        // `item_rows` holds the endpoints of `union`, in endpoint order.
-        let mut by_endpoint = vec![None; 64];
-        let bits = (0..64).filter(|b| union & (1 << b) != 0);
-        for (b, row) in bits.zip(item_rows) {
-            by_endpoint[b] = Some(row);
-        }
+    for (k, (&item, &key)) in asked.iter().zip(&keys).enumerate() {
+        // The item's rows: the endpoints of `union`, in endpoint order.
+        let item_rows = match &rows {
+            Fetched::One(rows) => rows.as_slice(),
+            Fetched::Many(rows) => rows[k].as_slice(),
+        };
         for &(j, remote) in &members {
-            let (Some(rows), Some(row)) = (fetched[j].as_mut(), &by_endpoint[remote.endpoint])
-            else {
+            let bit = 1u64 << remote.endpoint;
+            if union & bit == 0 {
+                continue;
+            }
+            // Endpoint `remote.endpoint`'s place among those of `union`.
+            let at = (union & (bit - 1)).count_ones() as usize;
+            let (Some(rows), Some(row)) = (fetched[j].as_mut(), item_rows.get(at)) else {
                 continue;
             };
             if rows[item].is_none() {
                 rows[item] = Some(row.clone());
-                if masks[item] & (1 << remote.endpoint) != 0
+                if masks[item] & bit != 0
                     && let Some(cache) = &remote.cache
                 {
                     cache.store(owned_key(key), row.clone());
@@ -597,6 +601,13 @@ async fn fetch_upstream(
         }
     }
     Ok(())
+}
+
+/// What an upstream answered: one key's rows (shared with the requests
+/// coalesced with it), or a batch's, per key.
+enum Fetched {
+    One(Arc<Vec<RemoteRow>>),
+    Many(Vec<Vec<RemoteRow>>),
 }
 
 fn item_err(single: bool, item: usize, mut e: AppError) -> AppError {

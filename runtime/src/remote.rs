@@ -9,17 +9,17 @@
 //! Single-key requests (one prediction) are coalesced, then batched:
 //! concurrent requests for the same key share one in-flight fetch, and the
 //! keys of concurrent predictions travel together. There is no batcher task:
-//! the request that finds no call out for its upstream sends the call itself
-//! (it leads), on its own task, so an idle upstream is called at once and a
-//! lone prediction makes no hop between tasks. A key asked while a call is
-//! out waits in the upstream's line; when a call returns, its leader hands
-//! the lead to one waiting request, which sends every key waiting (up to
-//! [`MAX_BATCH`]) in the next call and answers the others. A key that waited
-//! [`PATIENCE`] (a slow upstream) has its request lead a further call, up to
-//! [`MAX_IN_FLIGHT`] out. Under load one call answers many predictions, so
-//! both sides parse, route and answer one HTTP request instead of many; a
-//! slow upstream holds a key back by at most [`PATIENCE`]. A leader whose
-//! request goes away (its caller hung up) hands its keys and the lead on.
+//! a request that finds fewer than [`MAX_IN_FLIGHT`] calls out for its
+//! upstream sends its call itself (it leads), on its own task, so a key
+//! waits for no other call's round trip and a prediction makes no hop
+//! between tasks. A key asked while [`MAX_IN_FLIGHT`] calls are out waits in
+//! the upstream's line; when a call returns, its leader hands the lead to
+//! one waiting request, which sends every key waiting (up to [`MAX_BATCH`])
+//! in the next call and answers the others. Under a load beyond
+//! [`MAX_IN_FLIGHT`] concurrent predictions, one call answers many, so both
+//! sides parse, route and answer one HTTP request instead of many. A leader
+//! whose request goes away (its caller hung up) hands its keys and the lead
+//! on.
 //!
 //! A failing upstream becomes a 502 (bad answer, unreachable) or 504
 //! (timeout) for our caller, never a panic.
@@ -46,9 +46,6 @@ use crate::error::AppError;
 
 /// Largest upstream answer read (64 MiB).
 const MAX_ANSWER_BYTES: usize = 64 << 20;
-
-/// How long keys wait behind a call that is out before a further call goes.
-pub const PATIENCE: Duration = Duration::from_millis(1);
 
 /// Most calls to one upstream out at a time for single-key requests.
 pub const MAX_IN_FLIGHT: usize = 8;
@@ -117,8 +114,8 @@ struct Line {
 
 #[derive(Default)]
 struct LineState {
-    /// Calls out, each with its leader. Never 0 while keys wait: a leader
-    /// hands the lead on when keys wait.
+    /// Calls out, each with its leader. [`MAX_IN_FLIGHT`] while keys wait:
+    /// a leader hands the lead on when keys wait.
     out: usize,
     waiting: Vec<Waiting>,
 }
@@ -307,8 +304,8 @@ impl Upstream {
             .await
     }
 
-    /// One key's rows: sent at once when no call is out, else with the
-    /// keys waiting beside it (see the module).
+    /// One key's rows: sent at once while fewer than [`MAX_IN_FLIGHT`]
+    /// calls are out, else with the keys waiting beside it (see the module).
     async fn fetch_key(
         &self,
         client: &HttpClient,
@@ -322,20 +319,9 @@ impl Upstream {
             line: &self.line,
             turn,
         };
-        let deadline = tokio::time::Instant::now() + self.call.timeout;
-        let turn = match tokio::time::timeout(PATIENCE, &mut ticket.turn).await {
-            Ok(turn) => turn,
-            Err(_) => {
-                // Patient enough: a further call for the keys waiting (this
-                // one among them unless a call took it), if there is room.
-                if let Some(keys) = self.line.take_for_another_call() {
-                    self.serve(client, keys).await;
-                }
-                tokio::time::timeout_at(deadline, &mut ticket.turn)
-                    .await
-                    .map_err(|_| self.call.timed_out())?
-            }
-        };
+        let turn = tokio::time::timeout(self.call.timeout, &mut ticket.turn)
+            .await
+            .map_err(|_| self.call.timed_out())?;
         match turn.map_err(|_| AppError::internal("a lookup call dropped a waiting key"))? {
             Turn::Rows(rows) => rows,
             Turn::Lead(others) => self.lead(client, mask, key, others).await,
@@ -373,16 +359,6 @@ impl Upstream {
         answer(group, rows);
         self.call_for_rest(client, &mut lead).await;
         mine
-    }
-
-    /// Leads calls for `keys`, taken from the line with a lead of their own.
-    async fn serve(&self, client: &HttpClient, mut keys: Vec<Waiting>) {
-        keys.sort_by_key(|w| w.mask);
-        let mut lead = Leading {
-            line: &self.line,
-            pending: keys,
-        };
-        self.call_for_rest(client, &mut lead).await;
     }
 
     /// One call per endpoint mask for the keys a lead still holds (sorted
@@ -435,12 +411,12 @@ impl Line {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Where `key`'s turn comes while a call is out; `None` when none is:
-    /// the caller leads one now.
+    /// Where `key`'s turn comes while [`MAX_IN_FLIGHT`] calls are out;
+    /// `None` when fewer are: the caller leads one now.
     fn join(&self, mask: u64, key: &LiveKey) -> Option<oneshot::Receiver<Turn>> {
         let mut line = self.lock();
-        if line.out == 0 {
-            line.out = 1;
+        if line.out < MAX_IN_FLIGHT {
+            line.out += 1;
             return None;
         }
         let (reply, turn) = oneshot::channel();
@@ -450,16 +426,6 @@ impl Line {
             reply,
         });
         Some(turn)
-    }
-
-    /// Keys for a further call, when fewer than [`MAX_IN_FLIGHT`] are out.
-    fn take_for_another_call(&self) -> Option<Vec<Waiting>> {
-        let mut line = self.lock();
-        if line.out >= MAX_IN_FLIGHT || line.waiting.is_empty() {
-            return None;
-        }
-        line.out += 1;
-        Some(line.take_batch())
     }
 
     /// A call ended: its lead goes to a waiting request with the keys

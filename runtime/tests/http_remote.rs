@@ -442,8 +442,8 @@ fn concurrent_predictions_for_different_keys_share_batched_upstream_calls() {
             "customer {i}"
         );
     }
-    // At most 8 calls out while the upstream held them (1 ms of patience
-    // each), then one for every key that waited: far fewer than 50.
+    // 8 calls out while the upstream held them (one key each), then one for
+    // every key that waited: far fewer than 50.
     let calls = upstream_calls(&features);
     assert!(
         (2.0..=9.0).contains(&calls),
