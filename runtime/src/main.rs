@@ -208,6 +208,7 @@ async fn serve(
     match loaded {
         Ok(service) => {
             state.set_ready(service);
+            release_freed_memory();
             log::info(format_args!(
                 "ready in {:.1} ms",
                 started.elapsed().as_secs_f64() * 1e3
@@ -455,6 +456,15 @@ fn steer_here(listener: &tokio::net::TcpListener) -> std::io::Result<()> {
 #[cfg(not(target_os = "linux"))]
 fn steer_here(_listener: &tokio::net::TcpListener) -> std::io::Result<()> {
     Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// Gives the system back the memory freed so far. Loading datasets frees
+/// its buffers (CSV records, columns that grew) on the loading threads, which
+/// then go quiet; mimalloc would keep those pages: 23 MiB over 2 x 1,000,000
+/// rows (`scripts/bench-runtime`).
+fn release_freed_memory() {
+    // SAFETY: `mi_collect` takes no pointer; any thread may call it.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 fn write_ready_file(path: Option<&std::path::Path>) {
