@@ -30,8 +30,9 @@
 //! lowers). Measured on the 2-core VM of the benchmark, any busy
 //! idle-priority thread, even a bare loop, doubles the serving p99 of a
 //! saturated runtime: idle priority alone does not protect the tail, so a
-//! busy machine gets no shadow work but a batch every [`SHUT_AT_MOST`],
-//! and copies are dropped and counted instead.
+//! busy machine gets no shadow work but one chunk ([`SHADOW_CHUNK_ROWS`]
+//! rows) every [`SHUT_AT_MOST`], and the other copies are dropped and
+//! counted instead.
 //!
 //! Finally it scores [`SHADOW_CHUNK_ROWS`] rows at a time, each chunk
 //! started when the process is answering no request ([`Serving`]): on the
@@ -559,8 +560,31 @@ impl ShadowThread {
             backoff.reset();
             // The idle gate is asked only with copies to score: an idle
             // service reads no `/proc/stat`.
-            while self.idle_gate && !idle.open(self.cpu_share) {
-                std::thread::sleep(IDLE_WINDOW);
+            let mut forced = false;
+            while self.idle_gate {
+                match idle.open(self.cpu_share) {
+                    Gate::Open => break,
+                    Gate::Forced => {
+                        forced = true;
+                        break;
+                    }
+                    Gate::Shut => std::thread::sleep(IDLE_WINDOW),
+                }
+            }
+            if forced {
+                // A busy machine: one chunk, the rest dropped (counted).
+                let mut kept_rows = 0;
+                let kept = copies
+                    .iter()
+                    .take_while(|c| {
+                        let fits = kept_rows == 0 || kept_rows + c.rows <= SHADOW_CHUNK_ROWS;
+                        kept_rows += c.rows;
+                        fits
+                    })
+                    .count();
+                let dropped = (copies.len() - kept) as u64;
+                self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+                held.extend(copies.drain(kept..));
             }
             // A few rows at a time, each between requests.
             let mut from = 0;
@@ -699,8 +723,8 @@ impl Budget {
 /// Whether the machine has had [`SPARE_CORES`] + `share` idle over the
 /// last [`IDLE_WINDOW`] (re-read when the window is over; a reading older
 /// than two windows is taken again first); shut for
-/// [`SHUT_AT_MOST`], it lets one batch through all the same. Open where the
-/// machine's idle time cannot be read.
+/// [`SHUT_AT_MOST`], it lets one chunk through all the same
+/// ([`Gate::Forced`]). Open where the machine's idle time cannot be read.
 struct IdleGate {
     last: Option<(Instant, u64)>,
     open: bool,
@@ -717,22 +741,32 @@ impl Default for IdleGate {
     }
 }
 
+/// What the [`IdleGate`] says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    /// The machine has a core to spare.
+    Open,
+    /// It has not, for [`SHUT_AT_MOST`]: one chunk all the same.
+    Forced,
+    Shut,
+}
+
 impl IdleGate {
-    fn open(&mut self, share: f64) -> bool {
+    fn open(&mut self, share: f64) -> Gate {
         let now = Instant::now();
         let stale = self
             .last
             .is_none_or(|(at, _)| now.duration_since(at) >= IDLE_WINDOW);
         if stale {
             let Some((idle, per_second)) = machine_idle_ticks() else {
-                return true;
+                return Gate::Open;
             };
             let previous = self.last.replace((now, idle));
             match previous {
                 // A first reading, or one of long ago (an idle stretch
                 // before copies came), says nothing of now: the next does.
-                None => return false,
-                Some((at, _)) if now.duration_since(at) >= 2 * IDLE_WINDOW => return false,
+                None => return Gate::Shut,
+                Some((at, _)) if now.duration_since(at) >= 2 * IDLE_WINDOW => return Gate::Shut,
                 Some((at, idle_then)) => {
                     let wall = now.duration_since(at).as_secs_f64();
                     let idle_cores = idle.saturating_sub(idle_then) as f64 / per_second / wall;
@@ -742,16 +776,16 @@ impl IdleGate {
         }
         if self.open {
             self.shut_since = None;
-            return true;
+            return Gate::Open;
         }
-        // A shadow on a machine never idle still compares a batch now and
-        // then (a few milliseconds of CPU a second).
+        // A shadow on a machine never idle still compares a chunk now and
+        // then (well under a millisecond of CPU a second).
         let since = *self.shut_since.get_or_insert(now);
         if now.duration_since(since) >= SHUT_AT_MOST {
             self.shut_since = Some(now);
-            return true;
+            return Gate::Forced;
         }
-        false
+        Gate::Shut
     }
 }
 
@@ -1067,7 +1101,7 @@ pub fn render_metrics(out: &mut String, endpoints: &[Arc<Generations>], reloads:
     counter(
         out,
         "mesh_shadow_dropped_total",
-        "Request copies dropped because the shadow's queue was full.",
+        "Request copies dropped: the shadow's queue was full, or the machine too busy to score them.",
         "counter",
         Some(true),
         &|g| load(&g.stats.dropped),
