@@ -560,17 +560,14 @@ impl ShadowThread {
             backoff.reset();
             // The idle gate is asked only with copies to score: an idle
             // service reads no `/proc/stat`.
-            let mut forced = false;
-            while self.idle_gate {
-                match idle.open(self.cpu_share) {
-                    Gate::Open => break,
-                    Gate::Forced => {
-                        forced = true;
-                        break;
+            let forced = self.idle_gate
+                && loop {
+                    match idle.open(self.cpu_share) {
+                        Gate::Open => break false,
+                        Gate::Forced => break true,
+                        Gate::Shut => std::thread::sleep(IDLE_WINDOW),
                     }
-                    Gate::Shut => std::thread::sleep(IDLE_WINDOW),
-                }
-            }
+                };
             if forced {
                 // A busy machine: one chunk, the rest dropped (counted).
                 let mut kept_rows = 0;
