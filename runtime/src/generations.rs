@@ -20,7 +20,10 @@
 //! ([`Limits::shadow_queue`](crate::config::Limits) copies) drained by an
 //! OS thread of its own at `SCHED_IDLE` priority (nice 19 where that is
 //! refused), so it only takes CPU the serving path leaves. A full queue
-//! drops the copy and counts it; the caller never waits. Besides, the
+//! drops the copy and counts its predictions; the caller never waits, and
+//! when every shadow's queue is full the serving side does not even build
+//! the copy (a saturated service would otherwise build and free one per
+//! request for nothing). Besides, the
 //! thread keeps within a CPU budget ([`Limits::shadow_cpu`](crate::config::Limits),
 //! a share of one core): after each batch it reads its own CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`) and sleeps until its duty cycle is back
@@ -222,11 +225,12 @@ pub struct GenerationStats {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub latency: Histogram,
-    /// Shadows: copies compared, copies whose label agreed, dropped copies.
+    /// Shadows: predictions (rows of the copies) compared, compared with the
+    /// same label, and dropped unscored.
     pub compared: AtomicU64,
     pub agreed: AtomicU64,
     pub dropped: AtomicU64,
-    /// Sum over compared copies of the mean absolute difference of the
+    /// Sum over compared predictions of the mean absolute difference of the
     /// class probabilities, as `f64` bits (one writer: the shadow thread).
     abs_diff_sum: AtomicU64,
     /// Shadows: CPU time of the scoring thread, in nanoseconds.
@@ -272,6 +276,8 @@ pub struct Generations {
     /// (see the module docs). Only serving threads take this lock, and only
     /// with `try_lock`.
     spent: Mutex<Receiver<Arc<ShadowCopy>>>,
+    /// Copies each shadow's queue holds.
+    queue_capacity: usize,
 }
 
 /// What a shadow scores: the enriched features of the items one request's
@@ -365,6 +371,7 @@ impl Generations {
             serving,
             split: ArcSwap::from_pointee(Split::new(weights)),
             spent: Mutex::new(spent),
+            queue_capacity: limits.queue,
         })
     }
 
@@ -446,9 +453,13 @@ impl Generations {
             .collect()
     }
 
-    /// Hands `copy` to every shadow's queue; a full queue drops it (counted).
-    /// Frees a few copies the shadows are done with first; never waits.
-    pub fn shadow(&self, copy: ShadowCopy) {
+    /// Hands the copy of `rows` answered predictions that `make` builds to
+    /// every shadow's queue; a full queue drops it (its rows counted). When
+    /// every queue is full the copy is not built at all: under a load the
+    /// shadows cannot keep up with, a request pays for no copy it would
+    /// throw away. Frees a few copies the shadows are done with first;
+    /// never waits.
+    pub fn shadow(&self, rows: usize, make: impl FnOnce() -> ShadowCopy) {
         if let Ok(spent) = self.spent.try_lock() {
             for _ in 0..SPENT_DROPS_PER_CALL {
                 if spent.try_recv().is_err() {
@@ -456,7 +467,15 @@ impl Generations {
                 }
             }
         }
-        let copy = Arc::new(copy);
+        let room =
+            |g: &Generation| g.stats.queued.load(Ordering::Relaxed) < self.queue_capacity as i64;
+        if !self.list.iter().any(|g| g.queue.is_some() && room(g)) {
+            for g in self.list.iter().filter(|g| g.queue.is_some()) {
+                g.stats.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+            }
+            return;
+        }
+        let copy = Arc::new(make());
         for g in &self.list {
             let Some(queue) = &g.queue else { continue };
             match queue.try_send(copy.clone()) {
@@ -464,7 +483,7 @@ impl Generations {
                     g.stats.queued.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    g.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    g.stats.dropped.fetch_add(rows as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -579,8 +598,10 @@ impl ShadowThread {
                         fits
                     })
                     .count();
-                let dropped = (copies.len() - kept) as u64;
-                self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+                let dropped: usize = copies[kept..].iter().map(|c| c.rows).sum();
+                self.stats
+                    .dropped
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
                 held.extend(copies.drain(kept..));
             }
             // A few rows at a time, each between requests.
@@ -1058,7 +1079,7 @@ pub fn render_metrics(out: &mut String, endpoints: &[Arc<Generations>], reloads:
     counter(
         out,
         "mesh_shadow_compared_total",
-        "Copies a shadow generation scored and compared with the serving generation's answer.",
+        "Predictions a shadow generation scored and compared with the serving generation's answer.",
         "counter",
         Some(true),
         &|g| load(&g.stats.compared),
@@ -1066,7 +1087,7 @@ pub fn render_metrics(out: &mut String, endpoints: &[Arc<Generations>], reloads:
     counter(
         out,
         "mesh_shadow_agreed_total",
-        "Compared copies where the shadow's label equals the served one.",
+        "Compared predictions where the shadow's label equals the served one.",
         "counter",
         Some(true),
         &|g| load(&g.stats.agreed),
@@ -1098,7 +1119,7 @@ pub fn render_metrics(out: &mut String, endpoints: &[Arc<Generations>], reloads:
     counter(
         out,
         "mesh_shadow_dropped_total",
-        "Request copies dropped: the shadow's queue was full, or the machine too busy to score them.",
+        "Predictions a shadow dropped unscored: its queue was full, or the machine too busy to score them.",
         "counter",
         Some(true),
         &|g| load(&g.stats.dropped),

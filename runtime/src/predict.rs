@@ -154,51 +154,54 @@ fn shadow(
     results: &[Result<Scored, AppError>],
     call: &Call<'_>,
 ) {
-    let width = ep.fields.len();
-    let answered: Vec<(usize, &Scored)> = results
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| r.as_ref().ok().map(|s| (i, s)))
-        .collect();
-    if answered.is_empty() {
+    let rows = results.iter().filter(|r| r.is_ok()).count();
+    if rows == 0 {
         return;
     }
-    let columns = ep
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(slot, spec)| {
-            column(
-                spec.kind,
-                answered
-                    .iter()
-                    .map(|&(item, _)| &slots[item * width + slot]),
-            )
-        })
-        .collect();
-    let logged = call.logged.then(|| {
-        answered
+    gens.shadow(rows, || {
+        let width = ep.fields.len();
+        let answered: Vec<(usize, &Scored)> = results
             .iter()
-            .map(|&(item, scored)| ShadowLogRow {
-                key: ep
-                    .log_key_slot
-                    .map(|k| crate::query_log::input_json(&slots[item * width + k])),
-                request_id: call.request_id.map(str::to_owned),
-                served_by: scored
-                    .generation
-                    .map_or_else(String::new, |g| gens.list[g].name.clone()),
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().ok().map(|s| (i, s)))
+            .collect();
+        let columns = ep
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(slot, spec)| {
+                column(
+                    spec.kind,
+                    answered
+                        .iter()
+                        .map(|&(item, _)| &slots[item * width + slot]),
+                )
             })
-            .collect()
-    });
-    gens.shadow(ShadowCopy {
-        columns,
-        rows: answered.len(),
-        served_probabilities: answered
-            .iter()
-            .flat_map(|(_, s)| s.probabilities.iter().copied())
-            .collect(),
-        served_labels: answered.iter().map(|(_, s)| s.label.clone()).collect(),
-        logged,
+            .collect();
+        let logged = call.logged.then(|| {
+            answered
+                .iter()
+                .map(|&(item, scored)| ShadowLogRow {
+                    key: ep
+                        .log_key_slot
+                        .map(|k| crate::query_log::input_json(&slots[item * width + k])),
+                    request_id: call.request_id.map(str::to_owned),
+                    served_by: scored
+                        .generation
+                        .map_or_else(String::new, |g| gens.list[g].name.clone()),
+                })
+                .collect()
+        });
+        ShadowCopy {
+            columns,
+            rows: answered.len(),
+            served_probabilities: answered
+                .iter()
+                .flat_map(|(_, s)| s.probabilities.iter().copied())
+                .collect(),
+            served_labels: answered.iter().map(|(_, s)| s.label.clone()).collect(),
+            logged,
+        }
     });
 }
 

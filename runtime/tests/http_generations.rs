@@ -575,7 +575,9 @@ fn a_shadow_keeps_within_its_cpu_budget_and_drops_what_it_cannot_score() {
         .collect();
     let body = json!({ "items": items }).to_string();
     let path = format!("/public/api/v1/{SERVICE}/high-value/predict-multi");
+    let sent = std::cell::Cell::new(0);
     let load = |n: usize| {
+        sent.set(sent.get() + n);
         let requests = (0..n).map(|_| (path.clone(), Vec::new(), body.clone()));
         for (status, answer) in common::send_all(s.addr, requests.collect(), 2) {
             assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
@@ -617,6 +619,26 @@ fn a_shadow_keeps_within_its_cpu_budget_and_drops_what_it_cannot_score() {
         || match metric(&metrics(&s), &sample("mesh_shadow_compared_total")) {
             Some(n) if n > 0.0 => Ok(()),
             other => Err(format!("{other:?}")),
+        },
+    );
+    // Every prediction is compared or dropped, counted as predictions
+    // (100 per request), once the queue has drained.
+    let predictions = (100 * sent.get()) as f64;
+    wait_until(
+        &s,
+        "every prediction compared or dropped",
+        Duration::from_secs(60),
+        || {
+            let text = metrics(&s);
+            let compared = metric(&text, &sample("mesh_shadow_compared_total")).unwrap_or(0.0);
+            let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).unwrap_or(0.0);
+            if compared + dropped == predictions {
+                Ok(())
+            } else {
+                Err(format!(
+                    "compared {compared} + dropped {dropped} of {predictions}"
+                ))
+            }
         },
     );
     let text = metrics(&s);
