@@ -394,18 +394,10 @@ fn shadows_never_answer_and_are_compared() {
     let counts = shares(&answers);
     assert_eq!(counts.get("v1"), Some(&n), "{counts:?}");
     let sample = |name: &str| format!("{name}{{endpoint=\"high-value\",generation=\"gbt\"}}");
-    wait_until(&s, "every copy compared", Duration::from_secs(20), || {
-        let text = metrics(&s);
-        let compared = metric(&text, &sample("mesh_shadow_compared_total")).unwrap_or(0.0);
-        let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).unwrap_or(0.0);
-        if compared + dropped == n as f64 && compared > 0.0 {
-            Ok(())
-        } else {
-            Err(format!("compared {compared}, dropped {dropped}"))
-        }
-    });
+    wait_compared_or_dropped(&s, "gbt", n, Duration::from_secs(20));
     let text = metrics(&s);
     let compared = metric(&text, &sample("mesh_shadow_compared_total")).expect("compared");
+    assert!(compared > 0.0, "the gbt shadow compared nothing:\n{text}");
     let agreed = metric(&text, &sample("mesh_shadow_agreed_total")).expect("agreed");
     let diff = metric(&text, &sample("mesh_shadow_probability_abs_diff_sum")).expect("diff");
     // Two different models of the same data: mostly, not always, agreeing.
@@ -441,21 +433,7 @@ fn a_slow_shadow_with_a_full_queue_drops_copies_and_never_the_requests() {
     let counts = shares(&answers);
     assert_eq!(counts.get("v1"), Some(&n), "{counts:?}");
     let sample = |name: &str| format!("{name}{{endpoint=\"high-value\",generation=\"slow\"}}");
-    wait_until(
-        &s,
-        "every copy compared or dropped",
-        Duration::from_secs(60),
-        || {
-            let text = metrics(&s);
-            let compared = metric(&text, &sample("mesh_shadow_compared_total")).unwrap_or(0.0);
-            let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).unwrap_or(0.0);
-            if compared + dropped == n as f64 {
-                Ok(())
-            } else {
-                Err(format!("compared {compared}, dropped {dropped}"))
-            }
-        },
-    );
+    wait_compared_or_dropped(&s, "slow", n, Duration::from_secs(60));
     let text = metrics(&s);
     let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).expect("dropped");
     assert!(
@@ -623,24 +601,7 @@ fn a_shadow_keeps_within_its_cpu_budget_and_drops_what_it_cannot_score() {
     );
     // Every prediction is compared or dropped, counted as predictions
     // (100 per request), once the queue has drained.
-    let predictions = (100 * sent.get()) as f64;
-    wait_until(
-        &s,
-        "every prediction compared or dropped",
-        Duration::from_secs(60),
-        || {
-            let text = metrics(&s);
-            let compared = metric(&text, &sample("mesh_shadow_compared_total")).unwrap_or(0.0);
-            let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).unwrap_or(0.0);
-            if compared + dropped == predictions {
-                Ok(())
-            } else {
-                Err(format!(
-                    "compared {compared} + dropped {dropped} of {predictions}"
-                ))
-            }
-        },
-    );
+    wait_compared_or_dropped(&s, "slow", 100 * sent.get(), Duration::from_secs(60));
     let text = metrics(&s);
     let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).expect("dropped");
     assert!(dropped > 0.0, "copies past the budget are dropped:\n{text}");
@@ -651,6 +612,25 @@ fn a_shadow_keeps_within_its_cpu_budget_and_drops_what_it_cannot_score() {
         reported > 0.0 && reported <= total + 0.05,
         "mesh_shadow_cpu_seconds_total {reported} against {total} s in /proc"
     );
+}
+
+/// Waits until shadow `generation` of `high-value` has compared or dropped
+/// all of `predictions` (its queue drained).
+fn wait_compared_or_dropped(s: &Server, generation: &str, predictions: usize, within: Duration) {
+    let sample =
+        |name: &str| format!("{name}{{endpoint=\"high-value\",generation=\"{generation}\"}}");
+    wait_until(s, "every prediction compared or dropped", within, || {
+        let text = metrics(s);
+        let compared = metric(&text, &sample("mesh_shadow_compared_total")).unwrap_or(0.0);
+        let dropped = metric(&text, &sample("mesh_shadow_dropped_total")).unwrap_or(0.0);
+        if compared + dropped == predictions as f64 {
+            Ok(())
+        } else {
+            Err(format!(
+                "compared {compared} + dropped {dropped} of {predictions}"
+            ))
+        }
+    });
 }
 
 /// `mesh-runtime check` of `service`: its stderr, having failed.
